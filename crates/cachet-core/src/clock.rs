@@ -1,0 +1,109 @@
+//! Wall-clock time for TTLs and soft expiry, with a mock for tests.
+//!
+//! Times are Unix milliseconds because they are written into entries that other
+//! processes read (soft expiry); the in-process store also uses them for its TTLs,
+//! so a test can expire entries by advancing a [`MockClock`] instead of sleeping.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A source of the current time in Unix milliseconds.
+///
+/// Cloning is cheap. [`Clock::system`] reads the operating system's clock;
+/// [`Clock::mock`] returns a clock that only moves when told to.
+#[derive(Clone, Default)]
+pub struct Clock {
+    mock: Option<Arc<AtomicU64>>,
+}
+
+impl Clock {
+    /// The operating system's wall clock.
+    pub fn system() -> Self {
+        Self { mock: None }
+    }
+
+    /// A clock that starts at a fixed instant and moves only through the returned
+    /// [`MockClock`] handle.
+    pub fn mock() -> MockClock {
+        MockClock {
+            now: Arc::new(AtomicU64::new(MockClock::START_MS)),
+        }
+    }
+
+    /// The current time in milliseconds since the Unix epoch.
+    #[inline]
+    pub fn now_ms(&self) -> u64 {
+        match &self.mock {
+            None => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            Some(now) => now.load(Ordering::Acquire),
+        }
+    }
+
+    /// Whether this is a mock clock.
+    pub fn is_mock(&self) -> bool {
+        self.mock.is_some()
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.mock {
+            None => f.write_str("Clock::System"),
+            Some(now) => write!(f, "Clock::Mock({})", now.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// The handle that moves a mock [`Clock`].
+#[derive(Clone, Debug)]
+pub struct MockClock {
+    now: Arc<AtomicU64>,
+}
+
+impl MockClock {
+    /// Where every mock clock starts: 2023-11-14T22:13:20Z, far from zero so that
+    /// "zero means unset" fields are never confused with real times.
+    pub const START_MS: u64 = 1_700_000_000_000;
+
+    /// A [`Clock`] that reads this handle.
+    pub fn clock(&self) -> Clock {
+        Clock {
+            mock: Some(Arc::clone(&self.now)),
+        }
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, by: Duration) {
+        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        self.now.fetch_add(ms, Ordering::AcqRel);
+    }
+
+    /// The current mock time in Unix milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        self.now.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mock_moves_only_when_advanced() {
+        let mock = Clock::mock();
+        let clock = mock.clock();
+        assert_eq!(clock.now_ms(), MockClock::START_MS);
+        mock.advance(Duration::from_millis(1500));
+        assert_eq!(clock.now_ms(), MockClock::START_MS + 1500);
+        assert!(clock.is_mock());
+    }
+
+    #[test]
+    fn system_clock_is_after_2020() {
+        assert!(Clock::system().now_ms() > 1_577_836_800_000);
+    }
+}

@@ -1,0 +1,182 @@
+//! The entry envelope: a fixed header in front of every stored payload.
+//!
+//! Byte layout, version 1 (all integers big-endian):
+//!
+//! | offset | size | field                                                        |
+//! |-------:|-----:|--------------------------------------------------------------|
+//! | 0      | 1    | format version, `1`                                          |
+//! | 1      | 1    | flags: bit 0 = negative ("not found"); bits 1–7 must be 0    |
+//! | 2      | 8    | soft expiry, Unix milliseconds; `0` = none                   |
+//! | 10     | 8    | value version from the source of truth; `0` = unversioned    |
+//! | 18     | 4    | duration of the load that produced the value, microseconds   |
+//! | 22     | …    | payload as written by the cache's codec; empty when negative |
+//!
+//! The header costs [`HEADER_LEN`] = 22 bytes per entry. The fields sit at fixed
+//! offsets so that a Lua script can read them with `string.sub`. Anything that
+//! does not decode (too short, an unknown version or flag, a negative entry with
+//! a payload) is reported as a [`DecodeError`], which the cache treats as a miss.
+
+use bytes::{BufMut, Bytes};
+
+/// Length of the envelope header in bytes.
+pub const HEADER_LEN: usize = 22;
+
+/// The envelope format version this crate writes and reads.
+pub const FORMAT_VERSION: u8 = 1;
+
+const FLAG_NEGATIVE: u8 = 0b0000_0001;
+const KNOWN_FLAGS: u8 = FLAG_NEGATIVE;
+
+/// What the envelope says about an entry, apart from its payload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// The entry records that the source of truth has no value for the key.
+    pub negative: bool,
+    /// Unix milliseconds after which the entry is stale but still servable; `0` for none.
+    pub soft_expiry_ms: u64,
+    /// The value's version in the source of truth; `0` when unversioned.
+    pub version: u64,
+    /// How long the load that produced the value took, in microseconds (saturating).
+    pub load_time_us: u32,
+}
+
+/// Why stored bytes are not a valid entry.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Fewer bytes than the header needs.
+    #[error("entry is {0} bytes, shorter than the {HEADER_LEN}-byte header")]
+    Truncated(usize),
+    /// A format version this build does not know.
+    #[error("entry has format version {0}, this build reads version {FORMAT_VERSION}")]
+    Version(u8),
+    /// Flags this build does not know.
+    #[error("entry has unknown flags {0:#010b}")]
+    Flags(u8),
+    /// A negative entry that carries a payload.
+    #[error("negative entry carries a {0}-byte payload")]
+    NegativeWithPayload(usize),
+    /// The payload was not written by this cache's codec or value type.
+    #[error("payload does not decode: {0}")]
+    Payload(String),
+}
+
+/// Writes the envelope header for `meta` followed by `payload` into one buffer.
+pub fn encode(meta: &Meta, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.put_u8(FORMAT_VERSION);
+    out.put_u8(if meta.negative { FLAG_NEGATIVE } else { 0 });
+    out.put_u64(meta.soft_expiry_ms);
+    out.put_u64(meta.version);
+    out.put_u32(meta.load_time_us);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Splits stored bytes into their header and payload.
+///
+/// The payload is a zero-copy slice of `bytes`.
+pub fn decode(bytes: &Bytes) -> Result<(Meta, Bytes), DecodeError> {
+    let b = bytes.as_ref();
+    if b.len() < HEADER_LEN {
+        return Err(DecodeError::Truncated(b.len()));
+    }
+    if b[0] != FORMAT_VERSION {
+        return Err(DecodeError::Version(b[0]));
+    }
+    let flags = b[1];
+    if flags & !KNOWN_FLAGS != 0 {
+        return Err(DecodeError::Flags(flags));
+    }
+    let u64_at = |at: usize| {
+        let mut a = [0; 8];
+        a.copy_from_slice(&b[at..at + 8]);
+        u64::from_be_bytes(a)
+    };
+    let mut load = [0; 4];
+    load.copy_from_slice(&b[18..22]);
+    let meta = Meta {
+        negative: flags & FLAG_NEGATIVE != 0,
+        soft_expiry_ms: u64_at(2),
+        version: u64_at(10),
+        load_time_us: u32::from_be_bytes(load),
+    };
+    let payload_len = b.len() - HEADER_LEN;
+    if meta.negative && payload_len > 0 {
+        return Err(DecodeError::NegativeWithPayload(payload_len));
+    }
+    Ok((meta, bytes.slice(HEADER_LEN..)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn layout_is_as_documented() {
+        let meta = Meta {
+            negative: false,
+            soft_expiry_ms: 0x0102_0304_0506_0708,
+            version: 9,
+            load_time_us: 0x0A0B_0C0D,
+        };
+        let bytes = encode(&meta, b"xy");
+        assert_eq!(
+            bytes,
+            [
+                1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 9, 0x0A, 0x0B, 0x0C, 0x0D, b'x',
+                b'y'
+            ]
+        );
+    }
+
+    #[test]
+    fn negative_round_trip() {
+        let meta = Meta {
+            negative: true,
+            ..Meta::default()
+        };
+        let (m, p) = decode(&Bytes::from(encode(&meta, b""))).unwrap();
+        assert_eq!(m, meta);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert_eq!(
+            decode(&Bytes::from_static(b"")),
+            Err(DecodeError::Truncated(0))
+        );
+        assert_eq!(
+            decode(&Bytes::from_static(b"hello world, not an entry")),
+            Err(DecodeError::Version(b'h'))
+        );
+        let mut flags = encode(&Meta::default(), b"");
+        flags[1] = 0x80;
+        assert_eq!(decode(&Bytes::from(flags)), Err(DecodeError::Flags(0x80)));
+        let mut neg = encode(&Meta::default(), b"abc");
+        neg[1] = FLAG_NEGATIVE;
+        assert_eq!(
+            decode(&Bytes::from(neg)),
+            Err(DecodeError::NegativeWithPayload(3))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips(neg in any::<bool>(), soft in any::<u64>(), version in any::<u64>(),
+                       load in any::<u32>(), payload in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let payload = if neg { Vec::new() } else { payload };
+            let meta = Meta { negative: neg, soft_expiry_ms: soft, version, load_time_us: load };
+            let (m, p) = decode(&Bytes::from(encode(&meta, &payload))).unwrap();
+            prop_assert_eq!(m, meta);
+            prop_assert_eq!(&p[..], &payload[..]);
+        }
+
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode(&Bytes::from(bytes));
+        }
+    }
+}

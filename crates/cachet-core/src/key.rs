@@ -1,0 +1,436 @@
+//! How typed keys become store keys.
+//!
+//! Every key cachet writes has the shape
+//!
+//! ```text
+//! {prefix}{namespace}:{kind}:{{escaped key}}
+//! ```
+//!
+//! - `prefix` defaults to `cachet:` and `namespace` names one cache, so caches
+//!   never read each other's entries;
+//! - `kind` is one letter: `v` for the entry, `l` for its lease; system
+//!   structures (queues, generation counters) use the segment `:sys:` instead and
+//!   are the only keys allowed to live without a TTL;
+//! - the escaped key sits between `{` and `}`, a Redis Cluster hash tag, so an
+//!   entry and its lease always hash to the same slot and one script may touch both.
+//!
+//! The escaping keeps ASCII letters, digits and `-_.~:@/=+` as they are and writes
+//! every other byte as `%XX`, so spaces, newlines, `*`, braces and any Unicode are
+//! safe, the result is printable ASCII, and two different keys never share an
+//! escaped form. Components of a composite key (tuples) are joined by `,`, which is
+//! always escaped inside a component.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// A type usable as a cache key.
+///
+/// Implementations write the key's bytes through [`KeyWriter`], which escapes
+/// them. Two values that are not equal must write different bytes; the
+/// implementations provided here (strings, byte strings, integers, `bool`, `char`,
+/// tuples of keys, references) all do.
+///
+/// ```
+/// use cachet_core::{CacheKey, KeyWriter};
+///
+/// struct OrderId { shop: u32, seq: u64 }
+///
+/// impl CacheKey for OrderId {
+///     fn write_key(&self, out: &mut KeyWriter<'_>) {
+///         (self.shop, self.seq).write_key(out);
+///     }
+/// }
+/// ```
+pub trait CacheKey {
+    /// Writes this key's bytes.
+    fn write_key(&self, out: &mut KeyWriter<'_>);
+}
+
+/// Escapes key bytes into a store key. See the [module docs](self).
+#[derive(Debug)]
+pub struct KeyWriter<'a> {
+    out: &'a mut String,
+}
+
+impl<'a> KeyWriter<'a> {
+    /// Separates the components of a composite key.
+    pub const SEPARATOR: char = ',';
+
+    /// Writes bytes, escaping those outside the safe set.
+    pub fn write_bytes(&mut self, bytes: &[u8]) {
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+        let mut start = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            if !is_safe(b) {
+                // The safe run before `i` is ASCII, hence valid UTF-8.
+                self.out
+                    .push_str(std::str::from_utf8(&bytes[start..i]).unwrap_or_default());
+                self.out.push('%');
+                self.out.push(char::from(HEX[usize::from(b >> 4)]));
+                self.out.push(char::from(HEX[usize::from(b & 0xF)]));
+                start = i + 1;
+            }
+        }
+        self.out
+            .push_str(std::str::from_utf8(&bytes[start..]).unwrap_or_default());
+    }
+
+    /// Writes a string, escaping bytes outside the safe set.
+    pub fn write_str(&mut self, s: &str) {
+        self.write_bytes(s.as_bytes());
+    }
+
+    /// Writes the separator between two components of a composite key.
+    pub fn separator(&mut self) {
+        self.out.push(Self::SEPARATOR);
+    }
+
+    /// Writes an integer in decimal; digits and `-` need no escaping.
+    fn write_int(&mut self, n: impl itoa::Integer) {
+        self.out.push_str(itoa::Buffer::new().format(n));
+    }
+}
+
+fn is_safe(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'_' | b'.' | b'~' | b':' | b'@' | b'/' | b'=' | b'+'
+        )
+}
+
+impl CacheKey for str {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        out.write_str(self);
+    }
+}
+
+impl CacheKey for String {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        out.write_str(self);
+    }
+}
+
+impl CacheKey for [u8] {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        out.write_bytes(self);
+    }
+}
+
+impl CacheKey for Vec<u8> {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        out.write_bytes(self);
+    }
+}
+
+impl CacheKey for bool {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        out.write_str(if *self { "true" } else { "false" });
+    }
+}
+
+impl CacheKey for char {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        out.write_str(self.encode_utf8(&mut [0; 4]));
+    }
+}
+
+impl<T: CacheKey + ?Sized> CacheKey for &T {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        (**self).write_key(out);
+    }
+}
+
+impl<T: CacheKey + ?Sized> CacheKey for Box<T> {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        (**self).write_key(out);
+    }
+}
+
+impl<T: CacheKey + ?Sized> CacheKey for Arc<T> {
+    fn write_key(&self, out: &mut KeyWriter<'_>) {
+        (**self).write_key(out);
+    }
+}
+
+macro_rules! impl_int_key {
+    ($($t:ty),*) => {$(
+        impl CacheKey for $t {
+            #[inline]
+            fn write_key(&self, out: &mut KeyWriter<'_>) {
+                out.write_int(*self);
+            }
+        }
+    )*};
+}
+impl_int_key!(
+    u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize
+);
+
+macro_rules! impl_tuple_key {
+    ($first:ident $(, $rest:ident)*) => {
+        impl<$first: CacheKey, $($rest: CacheKey),*> CacheKey for ($first, $($rest,)*) {
+            #[allow(non_snake_case)]
+            fn write_key(&self, out: &mut KeyWriter<'_>) {
+                let ($first, $($rest,)*) = self;
+                $first.write_key(out);
+                $(
+                    out.separator();
+                    $rest.write_key(out);
+                )*
+            }
+        }
+    };
+}
+impl_tuple_key!(A, B);
+impl_tuple_key!(A, B, C);
+impl_tuple_key!(A, B, C, D);
+
+/// Why a prefix or namespace was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyLayoutError {
+    /// The namespace is empty, too long, uses characters outside `[A-Za-z0-9_.-]`,
+    /// or is the reserved word `sys`.
+    #[error("invalid namespace {0:?}: use 1 to 64 characters from [A-Za-z0-9_.-], and not \"sys\"")]
+    Namespace(String),
+    /// The prefix is too long or contains braces, whitespace or control characters.
+    #[error(
+        "invalid key prefix {0:?}: use at most 64 printable ASCII characters without braces or spaces"
+    )]
+    Prefix(String),
+}
+
+/// The key layout of one cache: its prefix and namespace.
+///
+/// Cloning is cheap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyLayout {
+    inner: Arc<LayoutInner>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct LayoutInner {
+    prefix: String,
+    namespace: String,
+    /// `{prefix}{namespace}:v:{`, the start of every entry key.
+    value_head: String,
+}
+
+impl KeyLayout {
+    /// The prefix used when none is configured.
+    pub const DEFAULT_PREFIX: &'static str = "cachet:";
+
+    /// A layout with the given prefix and namespace, validated.
+    pub fn new(prefix: &str, namespace: &str) -> Result<Self, KeyLayoutError> {
+        let ns_ok = !namespace.is_empty()
+            && namespace.len() <= 64
+            && namespace != "sys"
+            && namespace
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !ns_ok {
+            return Err(KeyLayoutError::Namespace(namespace.to_owned()));
+        }
+        let prefix_ok = prefix.len() <= 64
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
+        if !prefix_ok {
+            return Err(KeyLayoutError::Prefix(prefix.to_owned()));
+        }
+        Ok(Self {
+            inner: Arc::new(LayoutInner {
+                prefix: prefix.to_owned(),
+                namespace: namespace.to_owned(),
+                value_head: format!("{prefix}{namespace}:v:{{"),
+            }),
+        })
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// The store key of a typed key.
+    pub fn key<K: CacheKey + ?Sized>(&self, key: &K) -> StoreKey {
+        let head = &self.inner.value_head;
+        let mut s = String::with_capacity(head.len() + 24);
+        s.push_str(head);
+        let start = s.len();
+        key.write_key(&mut KeyWriter { out: &mut s });
+        if s.len() == start {
+            // An empty key would make `{}` an empty hash tag, which Redis Cluster
+            // ignores; a lone `%` cannot come from escaping, so it is unambiguous.
+            s.push('%');
+        }
+        let end = s.len();
+        s.push('}');
+        StoreKey {
+            key: s,
+            kind_at: head.len() - 3,
+            user: start..end,
+        }
+    }
+
+    /// The name of a system structure of this cache (`{prefix}{namespace}:sys:{name}`).
+    ///
+    /// System structures are the only keys allowed to live without a TTL.
+    pub fn sys_key(&self, name: &str) -> String {
+        format!("{}{}:sys:{name}", self.inner.prefix, self.inner.namespace)
+    }
+}
+
+/// A store key: the Redis key of an entry, from which its lease key derives.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct StoreKey {
+    key: String,
+    /// Byte index of the kind letter (`v` or `l`).
+    kind_at: usize,
+    /// Byte range of the escaped user key.
+    user: Range<usize>,
+}
+
+impl StoreKey {
+    /// The entry's key.
+    pub fn as_str(&self) -> &str {
+        &self.key
+    }
+
+    /// The key of the entry's lease: the same key with kind `l`, in the same slot.
+    pub fn lease_key(&self) -> String {
+        let mut s = String::with_capacity(self.key.len());
+        s.push_str(&self.key[..self.kind_at]);
+        s.push('l');
+        s.push_str(&self.key[self.kind_at + 1..]);
+        s
+    }
+
+    /// The escaped user key, as shown in error messages.
+    pub fn user_key(&self) -> &str {
+        &self.key[self.user.clone()]
+    }
+}
+
+impl fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.key, f)
+    }
+}
+
+impl fmt::Display for StoreKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn layout() -> KeyLayout {
+        KeyLayout::new("cachet:", "users").unwrap()
+    }
+
+    #[test]
+    fn shapes() {
+        let k = layout().key(&42u64);
+        assert_eq!(k.as_str(), "cachet:users:v:{42}");
+        assert_eq!(k.lease_key(), "cachet:users:l:{42}");
+        assert_eq!(k.user_key(), "42");
+        assert_eq!(layout().sys_key("queue"), "cachet:users:sys:queue");
+    }
+
+    #[test]
+    fn hostile_bytes_are_escaped() {
+        let k = layout().key("a b\n*{x}%é,");
+        assert_eq!(
+            k.as_str(),
+            "cachet:users:v:{a%20b%0A%2A%7Bx%7D%25%C3%A9%2C}"
+        );
+        assert!(k.as_str().bytes().all(|b| b.is_ascii_graphic()));
+    }
+
+    #[test]
+    fn readable_keys_stay_readable() {
+        assert_eq!(
+            layout().key("user:42/a@b=c+d").user_key(),
+            "user:42/a@b=c+d"
+        );
+        assert_eq!(layout().key(&-7i32).user_key(), "-7");
+        assert_eq!(layout().key(&("acme", 7u8)).user_key(), "acme,7");
+    }
+
+    #[test]
+    fn empty_key_keeps_a_hash_tag() {
+        let k = layout().key("");
+        assert_eq!(k.as_str(), "cachet:users:v:{%}");
+        assert_ne!(k, layout().key("%"));
+    }
+
+    #[test]
+    fn tuples_are_injective() {
+        assert_ne!(layout().key(&("a,b", "c")), layout().key(&("a", "b,c")));
+    }
+
+    #[test]
+    fn namespace_and_prefix_are_validated() {
+        assert!(KeyLayout::new("cachet:", "").is_err());
+        assert!(KeyLayout::new("cachet:", "sys").is_err());
+        assert!(KeyLayout::new("cachet:", "a:b").is_err());
+        assert!(KeyLayout::new("cachet:", "a b").is_err());
+        assert!(KeyLayout::new("ca{chet", "users").is_err());
+        assert!(KeyLayout::new("", "users").is_ok());
+        assert!(KeyLayout::new("app-1:", "users.v2").is_ok());
+    }
+
+    /// Hash tag rule of Redis Cluster: the substring between the first `{` and the
+    /// next `}` (if non-empty) is what gets hashed.
+    fn hash_tag(key: &str) -> &str {
+        let open = key.find('{').unwrap();
+        let close = open + 1 + key[open + 1..].find('}').unwrap();
+        &key[open + 1..close]
+    }
+
+    fn unescape(s: &str) -> Vec<u8> {
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn escaping_round_trips_and_tags_match(bytes in proptest::collection::vec(any::<u8>(), 1..64)) {
+            let k = layout().key(&bytes[..]);
+            prop_assert!(k.as_str().bytes().all(|b| b.is_ascii_graphic()));
+            prop_assert_eq!(unescape(k.user_key()), bytes);
+            let lease = k.lease_key();
+            prop_assert_eq!(hash_tag(k.as_str()), hash_tag(&lease));
+            prop_assert_eq!(hash_tag(k.as_str()), k.user_key());
+        }
+
+        #[test]
+        fn distinct_keys_stay_distinct(a in ".{0,16}", b in ".{0,16}") {
+            prop_assume!(a != b);
+            prop_assert_ne!(layout().key(a.as_str()), layout().key(b.as_str()));
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! The store protocol shared by every cachet store.
+//!
+//! This crate owns the pieces that a store implementation and the typed
+//! [`Cache`](https://docs.rs/cachet) front end must agree on, and nothing else:
+//!
+//! - [`key`]: how a typed key becomes a store key (`prefix + namespace + escaped key`),
+//!   including the hash tags that keep one entry's keys in one Redis Cluster slot;
+//! - [`envelope`]: the byte layout of an entry (format version, flags, soft expiry,
+//!   value version, load time) in front of the payload;
+//! - [`store`]: the [`Store`] trait with its atomic primitives (read, read-or-lease,
+//!   fill-if-lease-valid, release, set, invalidate) and lease tokens;
+//! - [`clock`]: wall-clock time in Unix milliseconds, with a mock for tests.
+//!
+//! Users normally depend on the `cachet` facade crate, which re-exports what they need.
+#![deny(missing_docs)]
+
+pub mod clock;
+pub mod envelope;
+pub mod key;
+pub mod store;
+
+pub use clock::{Clock, MockClock};
+pub use envelope::{DecodeError, Meta};
+pub use key::{CacheKey, KeyLayout, KeyLayoutError, KeyWriter, StoreKey};
+pub use store::{
+    Acquire, AcquireMode, Entry, Fill, LeaseToken, Payload, PayloadKind, Read, Store, StoreError,
+    StoreFuture, TokenSource, ttl_millis,
+};

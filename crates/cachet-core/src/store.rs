@@ -1,0 +1,342 @@
+//! The [`Store`] trait: the atomic primitives every cachet store provides.
+//!
+//! A fill is guarded by a *lease*, the idea of memcache at Facebook ("Scaling
+//! Memcache at Facebook", NSDI 2013):
+//!
+//! 1. a reader that misses calls [`Store::acquire`], which atomically either
+//!    returns the entry that is there now, or grants a lease token, or reports that
+//!    another caller holds the lease;
+//! 2. the lease holder reads the source of truth and calls [`Store::fill`], which
+//!    writes the entry (value and TTL in one command) only if the lease is still the
+//!    one it was granted, and consumes the lease;
+//! 3. a writer, after committing to the source of truth, calls
+//!    [`Store::invalidate`], which deletes the entry and revokes the lease.
+//!
+//! So a reader whose source read raced a writer's commit finds its lease revoked
+//! and its fill refused: the old value cannot come back. [`Store::set`] writes a
+//! value unconditionally and revokes the lease as well, for the same reason.
+//!
+//! Every key these primitives write carries a TTL: the entry its own, the lease
+//! the lease TTL. Tokens are unique per grant and are never derived from a clock,
+//! and only the holder's token can fill or release.
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::envelope::Meta;
+use crate::key::StoreKey;
+
+/// The future returned by [`Store`] methods.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A boxed error from a store's client library.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// How a store keeps payloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayloadKind {
+    /// Encoded bytes (a remote store such as Redis).
+    Bytes,
+    /// Decoded values shared by reference, so that a hit does not deserialize
+    /// (an in-process store).
+    Object,
+}
+
+/// A value's payload, in the representation its store keeps.
+#[derive(Clone)]
+pub enum Payload {
+    /// No payload: negative entries.
+    Empty,
+    /// Encoded bytes.
+    Bytes(Bytes),
+    /// A decoded value, type-erased.
+    Object(Arc<dyn Any + Send + Sync>),
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Payload::Empty => f.write_str("Empty"),
+            Payload::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            Payload::Object(_) => f.write_str("Object(..)"),
+        }
+    }
+}
+
+/// An entry: envelope metadata and payload.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// The envelope fields.
+    pub meta: Meta,
+    /// The value, absent for negative entries.
+    pub payload: Payload,
+}
+
+impl Entry {
+    /// A negative entry: the source of truth has no value for the key.
+    pub fn negative() -> Self {
+        Self {
+            meta: Meta {
+                negative: true,
+                ..Meta::default()
+            },
+            payload: Payload::Empty,
+        }
+    }
+}
+
+/// The result of a plain read.
+#[derive(Clone, Debug)]
+pub enum Read {
+    /// An entry is present.
+    Hit(Entry),
+    /// No entry.
+    Miss,
+    /// Bytes are present but are not a valid entry; treat as a miss and replace.
+    Corrupt,
+}
+
+/// What [`Store::acquire`] should do when an entry is present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcquireMode {
+    /// Return the entry if there is one; take a lease only when there is none.
+    IfAbsent,
+    /// Take a lease even if an entry is present, to replace it (a corrupt entry,
+    /// or a refresh of a stale one).
+    Replace,
+}
+
+/// The result of [`Store::acquire`].
+#[derive(Clone, Debug)]
+pub enum Acquire {
+    /// An entry is present ([`AcquireMode::IfAbsent`] only).
+    Hit(Entry),
+    /// Bytes are present but not a valid entry ([`AcquireMode::IfAbsent`] only).
+    Corrupt,
+    /// The caller now holds the lease and should load and [`Store::fill`].
+    Leased(LeaseToken),
+    /// Another caller holds the lease; it expires after at most this long.
+    Busy {
+        /// Remaining lifetime of the other caller's lease, if the store knows it.
+        expires_in: Option<Duration>,
+    },
+}
+
+/// The result of [`Store::fill`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// The lease was valid; the entry is written and the lease consumed.
+    Filled,
+    /// The lease was revoked, expired or replaced; nothing was written.
+    Refused,
+}
+
+/// A lease token: 16 bytes, unique per grant.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseToken([u8; 16]);
+
+impl LeaseToken {
+    /// A token from its bytes.
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+
+    /// The token's bytes.
+    pub const fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LeaseToken(")?;
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// Hands out unique lease tokens: a random 64-bit source id (from the operating
+/// system's entropy) followed by a 64-bit counter.
+///
+/// Two sources collide with probability 2⁻⁶⁴; one source never repeats a token.
+#[derive(Debug)]
+pub struct TokenSource {
+    source: [u8; 8],
+    next: AtomicU64,
+}
+
+impl TokenSource {
+    /// A source with a fresh random id.
+    pub fn new() -> Self {
+        Self {
+            source: rand::random(),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    /// The next token.
+    pub fn next_token(&self) -> LeaseToken {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut t = [0; 16];
+        t[..8].copy_from_slice(&self.source);
+        t[8..].copy_from_slice(&n.to_be_bytes());
+        LeaseToken(t)
+    }
+}
+
+impl Default for TokenSource {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store could not be reached or the connection broke.
+    #[error("store unreachable: {0}")]
+    Unavailable(#[source] BoxError),
+    /// The store did not answer in time.
+    #[error("store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The store answered with something the protocol does not expect.
+    #[error("unexpected store reply: {0}")]
+    Protocol(String),
+    /// The store cannot hold this payload (for example a decoded object given to a
+    /// byte store).
+    #[error("store cannot keep this payload: {0}")]
+    Unsupported(&'static str),
+    /// Any other failure reported by the store's client.
+    #[error(transparent)]
+    Other(BoxError),
+}
+
+impl StoreError {
+    /// Whether the failure is a timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, StoreError::Timeout(_))
+    }
+}
+
+/// A shared cache tier that speaks the lease protocol. See the [module docs](self).
+///
+/// Each method is one atomic step on the store (one Redis command or script).
+/// TTLs are whole milliseconds, at least one.
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// How this store keeps payloads.
+    fn payload_kind(&self) -> PayloadKind;
+
+    /// Reads an entry.
+    fn get<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Read>;
+
+    /// Reads an entry without waiting, for stores that never do IO; `None` for the
+    /// others, which the caller then asks through [`Store::get`].
+    fn get_now(&self, key: &StoreKey) -> Option<Read> {
+        let _ = key;
+        None
+    }
+
+    /// Atomically returns the entry, or grants a lease with TTL `lease_ttl`, or
+    /// reports that another caller holds the lease.
+    fn acquire<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        mode: AcquireMode,
+        lease_ttl: Duration,
+    ) -> StoreFuture<'a, Acquire>;
+
+    /// Writes `entry` with TTL `ttl` if `lease` is still the key's valid lease, and
+    /// consumes the lease.
+    fn fill<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        lease: &'a LeaseToken,
+        entry: Entry,
+        ttl: Duration,
+    ) -> StoreFuture<'a, Fill>;
+
+    /// Gives the lease up if `lease` still holds it; returns whether it did.
+    fn release<'a>(&'a self, key: &'a StoreKey, lease: &'a LeaseToken) -> StoreFuture<'a, bool>;
+
+    /// Writes `entry` with TTL `ttl` unconditionally and revokes any lease.
+    fn set<'a>(&'a self, key: &'a StoreKey, entry: Entry, ttl: Duration) -> StoreFuture<'a, ()>;
+
+    /// Deletes the entry and revokes any lease.
+    fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()>;
+}
+
+impl<S: Store + ?Sized> Store for Arc<S> {
+    fn payload_kind(&self) -> PayloadKind {
+        (**self).payload_kind()
+    }
+    fn get<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Read> {
+        (**self).get(key)
+    }
+    fn get_now(&self, key: &StoreKey) -> Option<Read> {
+        (**self).get_now(key)
+    }
+    fn acquire<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        mode: AcquireMode,
+        lease_ttl: Duration,
+    ) -> StoreFuture<'a, Acquire> {
+        (**self).acquire(key, mode, lease_ttl)
+    }
+    fn fill<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        lease: &'a LeaseToken,
+        entry: Entry,
+        ttl: Duration,
+    ) -> StoreFuture<'a, Fill> {
+        (**self).fill(key, lease, entry, ttl)
+    }
+    fn release<'a>(&'a self, key: &'a StoreKey, lease: &'a LeaseToken) -> StoreFuture<'a, bool> {
+        (**self).release(key, lease)
+    }
+    fn set<'a>(&'a self, key: &'a StoreKey, entry: Entry, ttl: Duration) -> StoreFuture<'a, ()> {
+        (**self).set(key, entry, ttl)
+    }
+    fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
+        (**self).invalidate(key)
+    }
+}
+
+/// Whole milliseconds of a TTL, at least one (stores reject a zero TTL).
+pub fn ttl_millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_unique() {
+        let a = TokenSource::new();
+        let b = TokenSource::new();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            assert!(seen.insert(a.next_token()));
+            assert!(seen.insert(b.next_token()));
+        }
+    }
+
+    #[test]
+    fn ttl_is_at_least_one_ms() {
+        assert_eq!(ttl_millis(Duration::ZERO), 1);
+        assert_eq!(ttl_millis(Duration::from_micros(1500)), 1);
+        assert_eq!(ttl_millis(Duration::from_secs(2)), 2000);
+    }
+}

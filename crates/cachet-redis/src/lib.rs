@@ -1,0 +1,370 @@
+//! The Redis store of cachet.
+//!
+//! [`RedisStore`] speaks the lease protocol of [`cachet_core::store`] to Redis ≥ 7
+//! (or Valkey) through one multiplexed, automatically reconnecting connection
+//! (redis-rs `ConnectionManager`). Each primitive is one round trip:
+//!
+//! | primitive | Redis command |
+//! |---|---|
+//! | `get` | `GET entry` |
+//! | `acquire` | `EVALSHA` of [`ACQUIRE`](scripts): `GET entry`, else `SET lease token NX PX ttl` |
+//! | `fill` | `EVALSHA` of `FILL`: compare the lease, `SET entry bytes PX ttl`, `DEL lease` |
+//! | `release` | `EVALSHA` of `RELEASE`: compare-and-delete of the lease |
+//! | `set` | `EVALSHA` of `SET`: `SET entry bytes PX ttl`, `DEL lease` |
+//! | `invalidate` | `DEL entry lease` |
+//!
+//! A hit is a plain `GET` rather than a script: on this workload a script round
+//! trip costs about 10% more latency and several times the server CPU of a `GET`
+//! (see `docs/decisions.md`), and misses, which pay one extra round trip for the
+//! lease, are the rarer case.
+//!
+//! Scripts run with `EVALSHA`; after a server restart or `SCRIPT FLUSH` the
+//! `NOSCRIPT` reply makes the client load the script and retry once. Every key
+//! written carries a TTL (`PX`). Entry and lease keys share a hash tag, so each
+//! script's keys lie in one Redis Cluster slot.
+#![deny(missing_docs)]
+
+mod scripts;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cachet_core::{
+    Acquire, AcquireMode, Entry, Fill, LeaseToken, Payload, PayloadKind, Read, Store, StoreError,
+    StoreFuture, StoreKey, TokenSource, envelope, ttl_millis,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+/// A [`Store`] on Redis. Cloning is cheap; clones share the connection.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), cachet_core::StoreError> {
+/// use std::time::Duration;
+/// use cachet_redis::RedisStore;
+///
+/// let store = RedisStore::builder("redis://127.0.0.1:6379/")
+///     .response_timeout(Duration::from_millis(200))
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    tokens: TokenSource,
+    response_timeout: Duration,
+    url: String,
+}
+
+/// Configures a [`RedisStore`]. Start with [`RedisStore::builder`].
+#[must_use = "a builder does nothing until .connect() is called"]
+#[derive(Clone, Debug)]
+pub struct RedisStoreBuilder {
+    url: String,
+    response_timeout: Duration,
+    connection_timeout: Duration,
+}
+
+impl RedisStoreBuilder {
+    /// How long to wait for a reply before failing the operation (default
+    /// 500 ms). A cache read that fails falls back to the source of truth, so this
+    /// bounds the latency a slow or unreachable Redis adds.
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How long to wait for a connection (default 1 s).
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// Connects.
+    ///
+    /// # Errors
+    /// When the URL is invalid or the server cannot be reached.
+    pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        let client = redis::Client::open(self.url.as_str())
+            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {e}").into()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(self.response_timeout))
+            .set_connection_timeout(Some(self.connection_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| map_err(e, self.response_timeout))?;
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                tokens: TokenSource::new(),
+                response_timeout: self.response_timeout,
+                url: redact(&self.url),
+            }),
+        })
+    }
+}
+
+impl RedisStore {
+    /// Connects with default settings.
+    ///
+    /// # Errors
+    /// When the URL is invalid or the server cannot be reached.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder(url).connect().await
+    }
+
+    /// A builder for a store on the server at `url` (`redis://host:port/db`).
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            url: url.into(),
+            response_timeout: Duration::from_millis(500),
+            connection_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// A handle on the underlying connection, for commands outside the protocol.
+    pub fn connection(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    fn err(&self, e: redis::RedisError) -> StoreError {
+        map_err(e, self.inner.response_timeout)
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("url", &self.inner.url)
+            .field("response_timeout", &self.inner.response_timeout)
+            .finish()
+    }
+}
+
+fn map_err(e: redis::RedisError, timeout: Duration) -> StoreError {
+    if e.is_timeout() {
+        StoreError::Timeout(timeout)
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        StoreError::Unavailable(Box::new(e))
+    } else {
+        StoreError::Other(Box::new(e))
+    }
+}
+
+/// The URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn encode(entry: &Entry) -> Result<Vec<u8>, StoreError> {
+    match &entry.payload {
+        Payload::Empty => Ok(envelope::encode(&entry.meta, &[])),
+        Payload::Bytes(b) => Ok(envelope::encode(&entry.meta, b)),
+        Payload::Object(_) => Err(StoreError::Unsupported(
+            "RedisStore keeps bytes; encode values with a codec",
+        )),
+    }
+}
+
+fn decode(bytes: Bytes) -> Option<Entry> {
+    match envelope::decode(&bytes) {
+        Ok((meta, payload)) => Some(Entry {
+            meta,
+            payload: if meta.negative {
+                Payload::Empty
+            } else {
+                Payload::Bytes(payload)
+            },
+        }),
+        Err(e) => {
+            tracing::debug!(error = %e, "undecodable entry in Redis");
+            None
+        }
+    }
+}
+
+fn read_of(bytes: Option<Bytes>) -> Read {
+    match bytes {
+        None => Read::Miss,
+        Some(b) => decode(b).map_or(Read::Corrupt, Read::Hit),
+    }
+}
+
+fn protocol(what: &str, reply: &redis::Value) -> StoreError {
+    StoreError::Protocol(format!("{what}: {reply:?}"))
+}
+
+fn parse_acquire(reply: redis::Value, token: LeaseToken) -> Result<Acquire, StoreError> {
+    use redis::Value;
+    let Value::Array(items) = &reply else {
+        return Err(protocol("acquire", &reply));
+    };
+    match items.as_slice() {
+        [Value::Int(1), Value::BulkString(b)] => {
+            Ok(decode(Bytes::copy_from_slice(b)).map_or(Acquire::Corrupt, Acquire::Hit))
+        }
+        [Value::Int(2)] => Ok(Acquire::Leased(token)),
+        [Value::Int(3), Value::Int(pttl)] => Ok(Acquire::Busy {
+            expires_in: u64::try_from(*pttl).ok().map(Duration::from_millis),
+        }),
+        _ => Err(protocol("acquire", &reply)),
+    }
+}
+
+impl Store for RedisStore {
+    fn payload_kind(&self) -> PayloadKind {
+        PayloadKind::Bytes
+    }
+
+    fn get<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Read> {
+        Box::pin(async move {
+            let bytes: Option<Bytes> = redis::cmd("GET")
+                .arg(key.as_str())
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(read_of(bytes))
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        mode: AcquireMode,
+        lease_ttl: Duration,
+    ) -> StoreFuture<'a, Acquire> {
+        Box::pin(async move {
+            let token = self.inner.tokens.next_token();
+            let reply: redis::Value = scripts::ACQUIRE
+                .key(key.as_str())
+                .key(key.lease_key())
+                .arg(&token.as_bytes()[..])
+                .arg(ttl_millis(lease_ttl))
+                .arg(match mode {
+                    AcquireMode::IfAbsent => "0",
+                    AcquireMode::Replace => "1",
+                })
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            parse_acquire(reply, token)
+        })
+    }
+
+    fn fill<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        lease: &'a LeaseToken,
+        entry: Entry,
+        ttl: Duration,
+    ) -> StoreFuture<'a, Fill> {
+        Box::pin(async move {
+            let bytes = encode(&entry)?;
+            let filled: i64 = scripts::FILL
+                .key(key.as_str())
+                .key(key.lease_key())
+                .arg(&lease.as_bytes()[..])
+                .arg(bytes)
+                .arg(ttl_millis(ttl))
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(if filled == 1 {
+                Fill::Filled
+            } else {
+                Fill::Refused
+            })
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a StoreKey, lease: &'a LeaseToken) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let released: i64 = scripts::RELEASE
+                .key(key.lease_key())
+                .arg(&lease.as_bytes()[..])
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(released == 1)
+        })
+    }
+
+    fn set<'a>(&'a self, key: &'a StoreKey, entry: Entry, ttl: Duration) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let bytes = encode(&entry)?;
+            let _: i64 = scripts::SET
+                .key(key.as_str())
+                .key(key.lease_key())
+                .arg(bytes)
+                .arg(ttl_millis(ttl))
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(())
+        })
+    }
+
+    fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let _: i64 = redis::cmd("DEL")
+                .arg(key.as_str())
+                .arg(key.lease_key())
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("redis://:secret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
+    }
+
+    #[test]
+    fn malformed_replies_are_protocol_errors() {
+        let t = LeaseToken::from_bytes([0; 16]);
+        assert!(parse_acquire(redis::Value::Nil, t).is_err());
+        assert!(parse_acquire(redis::Value::Array(vec![redis::Value::Int(9)]), t).is_err());
+        assert!(matches!(
+            parse_acquire(redis::Value::Array(vec![redis::Value::Int(2)]), t),
+            Ok(Acquire::Leased(_))
+        ));
+        assert!(matches!(
+            parse_acquire(
+                redis::Value::Array(vec![
+                    redis::Value::Int(1),
+                    redis::Value::BulkString(b"junk".to_vec())
+                ]),
+                t
+            ),
+            Ok(Acquire::Corrupt)
+        ));
+    }
+}

@@ -1,0 +1,76 @@
+//! The Lua scripts of the lease protocol: every multi-step operation on Redis is
+//! one of these, run with `EVALSHA` (and loaded again on `NOSCRIPT`).
+//!
+//! Each script touches only an entry key and its lease key, which share a hash tag
+//! and hence a Redis Cluster slot.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Read-or-lease.
+///
+/// `KEYS[1]` entry, `KEYS[2]` lease; `ARGV[1]` token, `ARGV[2]` lease TTL in ms,
+/// `ARGV[3]` mode (`0`: return the entry if present; `1`: take the lease even so).
+///
+/// Returns `{1, entry}` when the entry is present (mode 0), `{2}` when the lease
+/// was granted, `{3, pttl}` when another token holds it.
+pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if ARGV[3] == '0' then
+  local v = redis.call('GET', KEYS[1])
+  if v then return {1, v} end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {2}
+end
+return {3, redis.call('PTTL', KEYS[2])}
+",
+    )
+});
+
+/// Fill-if-lease-valid.
+///
+/// `KEYS[1]` entry, `KEYS[2]` lease; `ARGV[1]` token, `ARGV[2]` entry bytes,
+/// `ARGV[3]` entry TTL in ms. Writes value and TTL in one `SET … PX` and consumes
+/// the lease if `ARGV[1]` still holds it. Returns 1 if written, 0 if refused.
+pub(crate) static FILL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// Owner-only release: compare-and-delete of the lease.
+///
+/// `KEYS[1]` lease; `ARGV[1]` token. Returns 1 if released.
+pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+",
+    )
+});
+
+/// Unconditional set that revokes the lease.
+///
+/// `KEYS[1]` entry, `KEYS[2]` lease; `ARGV[1]` entry bytes, `ARGV[2]` TTL in ms.
+pub(crate) static SET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[2])
+return 1
+",
+    )
+});

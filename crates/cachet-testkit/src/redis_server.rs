@@ -1,0 +1,302 @@
+//! A throwaway `redis-server` for one test.
+
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Options for [`RedisServer::start_with`].
+#[derive(Clone, Debug, Default)]
+pub struct RedisServerOptions {
+    /// Turn on the append-only file (`appendonly yes`, `appendfsync always`).
+    pub append_only: bool,
+    /// Extra `--name value` arguments for `redis-server`.
+    pub extra_args: Vec<(String, String)>,
+}
+
+/// A `redis-server` process on a free loopback port with its own temporary
+/// directory, started with `--save ""` and, unless asked, `--appendonly no`.
+///
+/// Dropping it kills and reaps the process. If the thread is panicking at that
+/// point (a failed assertion), the server's log is printed to stderr.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    options: RedisServerOptions,
+}
+
+impl RedisServer {
+    /// How long to wait for a new server to answer `PING`.
+    const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Starts a server with default options.
+    ///
+    /// # Panics
+    /// If `redis-server` is not on `PATH` or does not answer within 10 seconds.
+    pub fn start() -> Self {
+        Self::start_with(RedisServerOptions::default())
+    }
+
+    /// Starts a server with the given options.
+    ///
+    /// # Panics
+    /// If `redis-server` is not on `PATH` or does not answer within 10 seconds.
+    pub fn start_with(options: RedisServerOptions) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("cachet-redis-")
+            .tempdir()
+            .expect("create a temporary directory for redis-server");
+        let mut server = Self {
+            child: None,
+            port: 0,
+            dir,
+            options,
+        };
+        // A port chosen by the OS can be taken by someone else before the server
+        // binds it; try a few.
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            server.port = free_port();
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(log) => last_log = log,
+            }
+        }
+        panic!("redis-server did not start after 5 attempts; last log:\n{last_log}");
+    }
+
+    /// The server's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// A `redis://` URL for the server.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The server's working directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Kills the server (SIGKILL) and reaps it. It can be started again on the
+    /// same port with [`RedisServer::restart`].
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and directory after [`kill`](Self::kill).
+    ///
+    /// # Panics
+    /// If it does not answer within 10 seconds.
+    pub fn restart(&mut self) {
+        self.kill();
+        if let Err(log) = self.spawn() {
+            panic!("redis-server did not restart on port {}:\n{log}", self.port);
+        }
+    }
+
+    /// Whether the server process is running.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Sends one command in the inline protocol and returns the raw reply, for
+    /// test assertions that must not depend on the client under test.
+    ///
+    /// # Panics
+    /// If the server cannot be reached.
+    pub fn command(&self, args: &[&str]) -> String {
+        let mut stream = TcpStream::connect(self.addr()).expect("connect to test redis-server");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("set read timeout");
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        stream.write_all(req.as_bytes()).expect("send command");
+        read_reply(&mut stream)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// Spawns the process and waits until it answers; on failure returns its log.
+    fn spawn(&mut self) -> Result<(), String> {
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--save")
+            .arg("")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.log_path())
+            .arg("--daemonize")
+            .arg("no");
+        if self.options.append_only {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        for (name, value) in &self.options.extra_args {
+            cmd.arg(format!("--{name}")).arg(value);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run redis-server (is it installed?): {e}"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Self::STARTUP_TIMEOUT;
+        let mut backoff = Duration::from_millis(5);
+        while Instant::now() < deadline {
+            if !self.is_running() {
+                break;
+            }
+            if ping(self.addr()) {
+                return Ok(());
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_millis(100));
+        }
+        let mut stderr = String::new();
+        if let Some(child) = &mut self.child
+            && let Some(mut e) = child.stderr.take()
+        {
+            let _ = child.kill();
+            let _ = e.read_to_string(&mut stderr);
+        }
+        self.kill();
+        Err(format!("{}{stderr}", self.log()))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- redis-server on port {} log ----\n{}---- end of log ----",
+                self.port,
+                self.log()
+            );
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral loopback port")
+}
+
+fn ping(addr: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// Reads one RESP reply and renders it as text: simple strings, errors and
+/// integers as they are, bulk strings as their content, arrays one element per line.
+fn read_reply(stream: &mut TcpStream) -> String {
+    let mut reader = std::io::BufReader::new(stream);
+    let mut out = String::new();
+    read_value(&mut reader, &mut out);
+    out
+}
+
+fn read_value(r: &mut impl std::io::BufRead, out: &mut String) {
+    let mut line = String::new();
+    if r.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let line = line.trim_end_matches(['\r', '\n']);
+    let (tag, rest) = line.split_at(1);
+    match tag {
+        "+" | "-" | ":" => out.push_str(rest),
+        "$" => {
+            let len: i64 = rest.parse().unwrap_or(-1);
+            if len >= 0 {
+                let mut buf = vec![0; usize::try_from(len).unwrap_or(0) + 2];
+                let _ = r.read_exact(&mut buf);
+                buf.truncate(buf.len() - 2);
+                out.push_str(&String::from_utf8_lossy(&buf));
+            }
+        }
+        "*" => {
+            let n: i64 = rest.parse().unwrap_or(0);
+            for i in 0..n {
+                if i > 0 {
+                    out.push('\n');
+                }
+                read_value(r, out);
+            }
+        }
+        _ => out.push_str(line),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_answers_and_restarts() {
+        let mut server = RedisServer::start();
+        assert_eq!(server.command(&["PING"]), "PONG");
+        assert_eq!(server.command(&["SET", "a", "b"]), "OK");
+        assert_eq!(server.command(&["GET", "a"]), "b");
+        assert_eq!(
+            server.command(&["CONFIG", "GET", "appendonly"]),
+            "appendonly\nno"
+        );
+        server.kill();
+        assert!(!ping(server.addr()));
+        server.restart();
+        assert_eq!(server.command(&["PING"]), "PONG");
+        // Nothing is persisted across restarts.
+        assert_eq!(server.command(&["EXISTS", "a"]), "0");
+    }
+
+    #[test]
+    fn two_servers_are_isolated() {
+        let a = RedisServer::start();
+        let b = RedisServer::start();
+        assert_ne!(a.port(), b.port());
+        a.command(&["SET", "k", "1"]);
+        assert_eq!(b.command(&["EXISTS", "k"]), "0");
+    }
+}

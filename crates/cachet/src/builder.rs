@@ -1,0 +1,190 @@
+//! [`CacheBuilder`]: configuration of a [`Cache`], validated at [`CacheBuilder::build`].
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cachet_core::{CacheKey, Clock, KeyLayout, PayloadKind, Store};
+
+use crate::cache::{Cache, Settings};
+use crate::codec::{Codec, Postcard};
+use crate::{Error, MemoryStore};
+
+/// Builds a [`Cache`]. Start with [`Cache::builder`].
+///
+/// | setting | default | meaning |
+/// |---|---|---|
+/// | [`ttl`](Self::ttl) | 60 s | base TTL of a value |
+/// | [`jitter`](Self::jitter) | 0.1 | TTLs are drawn uniformly from `ttl × (1 ± jitter)` |
+/// | [`negative_ttl`](Self::negative_ttl) | 10 s | TTL of a cached "not found"; zero disables negative caching |
+/// | [`lease_ttl`](Self::lease_ttl) | 5 s | how long a loader may take before its fill is refused and another caller may load |
+/// | [`lease_wait`](Self::lease_wait) | 2 s | how long a caller waits for another process's lease before loading without filling |
+/// | [`store`](Self::store) | a new [`MemoryStore`] | where entries live |
+/// | [`codec`](Self::codec) | [`Postcard`] | how values become bytes for byte stores |
+/// | [`prefix`](Self::prefix) | `cachet:` | first part of every key |
+#[must_use = "a builder does nothing until .build() is called"]
+#[derive(Debug)]
+pub struct CacheBuilder<K: ?Sized, V, C = Postcard> {
+    namespace: String,
+    prefix: String,
+    ttl: Duration,
+    jitter: f64,
+    negative_ttl: Duration,
+    lease_ttl: Duration,
+    lease_wait: Duration,
+    store: Option<Arc<dyn Store>>,
+    clock: Option<Clock>,
+    codec: C,
+    _types: PhantomData<fn(&K) -> V>,
+}
+
+impl<K: ?Sized, V> CacheBuilder<K, V, Postcard> {
+    pub(crate) fn new(namespace: String) -> Self {
+        Self {
+            namespace,
+            prefix: KeyLayout::DEFAULT_PREFIX.to_owned(),
+            ttl: Duration::from_secs(60),
+            jitter: 0.1,
+            negative_ttl: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(5),
+            lease_wait: Duration::from_secs(2),
+            store: None,
+            clock: None,
+            codec: Postcard,
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
+    /// The base TTL of values.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// The TTL spread: each fill draws its TTL uniformly from
+    /// `ttl × (1 - spread) ..= ttl × (1 + spread)`, so entries filled together do
+    /// not expire together. `0` turns jitter off; must be below `1`.
+    pub fn jitter(mut self, spread: f64) -> Self {
+        self.jitter = spread;
+        self
+    }
+
+    /// The TTL of negative entries ("not found"). `Duration::ZERO` turns negative
+    /// caching off.
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.negative_ttl = ttl;
+        self
+    }
+
+    /// The TTL of a lease. A loader slower than this has its fill refused, and
+    /// after it another caller may take the lease.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// How long a caller that finds another caller's lease (in another process)
+    /// waits for the value before loading for itself without filling.
+    pub fn lease_wait(mut self, wait: Duration) -> Self {
+        self.lease_wait = wait;
+        self
+    }
+
+    /// The key prefix, `cachet:` by default.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The store entries live in. Stores are cheap handles; one store may serve
+    /// many caches with different namespaces.
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// The store, already shared.
+    pub fn store_arc(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The clock of the default in-process store's TTLs (when no store is given).
+    /// Tests use [`Clock::mock`] to expire entries without sleeping.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// The codec values are stored with on byte stores.
+    pub fn codec<C2>(self, codec: C2) -> CacheBuilder<K, V, C2> {
+        CacheBuilder {
+            namespace: self.namespace,
+            prefix: self.prefix,
+            ttl: self.ttl,
+            jitter: self.jitter,
+            negative_ttl: self.negative_ttl,
+            lease_ttl: self.lease_ttl,
+            lease_wait: self.lease_wait,
+            store: self.store,
+            clock: self.clock,
+            codec,
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<K, V, C> CacheBuilder<K, V, C>
+where
+    K: CacheKey + ?Sized,
+    V: Clone + Send + Sync + 'static,
+    C: Codec<V>,
+{
+    /// Validates the settings and builds the cache.
+    ///
+    /// # Errors
+    /// An [`ErrorKind::Config`](crate::ErrorKind::Config) error naming the
+    /// setting that is wrong.
+    pub fn build(self) -> Result<Cache<K, V>, Error> {
+        let ns = &self.namespace;
+        let layout =
+            KeyLayout::new(&self.prefix, ns).map_err(|e| Error::config(ns, e.to_string()))?;
+        if self.ttl.is_zero() {
+            return Err(Error::config(ns, "ttl must be positive"));
+        }
+        if !(0.0..1.0).contains(&self.jitter) {
+            return Err(Error::config(
+                ns,
+                format!("jitter must be in [0, 1), got {}", self.jitter),
+            ));
+        }
+        if self.lease_ttl.is_zero() {
+            return Err(Error::config(ns, "lease_ttl must be positive"));
+        }
+        let clock = self.clock.unwrap_or_default();
+        let store = self.store.unwrap_or_else(|| {
+            Arc::new(MemoryStore::with_clock(
+                MemoryStore::DEFAULT_CAPACITY,
+                clock.clone(),
+            ))
+        });
+        if store.payload_kind() == PayloadKind::Bytes && !self.codec.can_encode() {
+            return Err(Error::config(
+                ns,
+                format!("{store:?} keeps bytes, so the cache needs a codec, not NoCodec"),
+            ));
+        }
+        Ok(Cache::from_settings(Settings {
+            layout,
+            ttl: self.ttl,
+            jitter: self.jitter,
+            negative_ttl: (!self.negative_ttl.is_zero()).then_some(self.negative_ttl),
+            lease_ttl: self.lease_ttl,
+            lease_wait: self.lease_wait,
+            store,
+            codec: Arc::new(self.codec),
+        }))
+    }
+}

@@ -1,0 +1,572 @@
+//! [`Cache`]: the typed front end over a [`Store`].
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cachet_core::{
+    Acquire, AcquireMode, CacheKey, Entry, Fill, KeyLayout, LeaseToken, Meta, Payload, PayloadKind,
+    Read, Store, StoreError, StoreKey,
+};
+use rand::Rng as _;
+
+use crate::Error;
+use crate::builder::CacheBuilder;
+use crate::codec::Codec;
+use crate::error::BoxError;
+use crate::flight::{self, Flights, Outcome, Role};
+use crate::stats::{Counters, Stats};
+
+/// How many times a caller starts over after the in-process leader it followed
+/// was cancelled, before it loads on its own.
+const MAX_FOLLOW_ROUNDS: usize = 8;
+/// Upper bound on acquire attempts in one load, on top of the `lease_wait` deadline.
+const MAX_ACQUIRE_ROUNDS: usize = 64;
+/// First and largest pause while another process holds the lease.
+const FIRST_BACKOFF: Duration = Duration::from_millis(2);
+const MAX_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A typed cache of `V` values under keys `K`, over a [`Store`].
+///
+/// Cloning is cheap; clones share everything, counters included.
+///
+/// See the [crate docs](crate) for the guarantees and for what concurrent
+/// callers of [`get_or_load`](Cache::get_or_load) see.
+pub struct Cache<K: ?Sized, V> {
+    inner: Arc<Inner<V>>,
+    _key: PhantomData<fn(&K)>,
+}
+
+pub(crate) struct Settings<V> {
+    pub(crate) layout: KeyLayout,
+    pub(crate) ttl: Duration,
+    pub(crate) jitter: f64,
+    pub(crate) negative_ttl: Option<Duration>,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) lease_wait: Duration,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) codec: Arc<dyn Codec<V>>,
+}
+
+struct Inner<V> {
+    s: Settings<V>,
+    kind: PayloadKind,
+    counters: Counters,
+    flights: Flights<V>,
+}
+
+/// What a lookup found.
+enum Lookup<V> {
+    /// A value, or a cached "not found".
+    Found(Option<V>),
+    /// Nothing usable; `corrupt` if undecodable bytes are in the way.
+    Missing { corrupt: bool },
+    /// The store failed.
+    Failed(StoreError),
+}
+
+impl<K: ?Sized, V> Clone for Cache<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            _key: PhantomData,
+        }
+    }
+}
+
+impl<K: ?Sized, V> fmt::Debug for Cache<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("namespace", &self.inner.s.layout.namespace())
+            .field("prefix", &self.inner.s.layout.prefix())
+            .field("ttl", &self.inner.s.ttl)
+            .field("jitter", &self.inner.s.jitter)
+            .field("negative_ttl", &self.inner.s.negative_ttl)
+            .field("lease_ttl", &self.inner.s.lease_ttl)
+            .field("store", &self.inner.s.store)
+            .field("codec", &self.inner.s.codec)
+            .finish()
+    }
+}
+
+impl<K, V> Cache<K, V>
+where
+    K: CacheKey + ?Sized,
+    V: Clone + Send + Sync + 'static,
+{
+    /// A builder for a cache whose keys live under `namespace`.
+    ///
+    /// The namespace is 1 to 64 characters from `[A-Za-z0-9_.-]`; it also labels
+    /// the cache's metrics.
+    pub fn builder(namespace: impl Into<String>) -> CacheBuilder<K, V> {
+        CacheBuilder::new(namespace.into())
+    }
+
+    pub(crate) fn from_settings(s: Settings<V>) -> Self {
+        let kind = s.store.payload_kind();
+        let counters = Counters::new(s.layout.namespace());
+        Self {
+            inner: Arc::new(Inner {
+                s,
+                kind,
+                counters,
+                flights: Flights::new(),
+            }),
+            _key: PhantomData,
+        }
+    }
+
+    /// Reads a value. `Ok(None)` when there is no entry or the entry is a cached
+    /// "not found"; undecodable entries count as misses.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn get(&self, key: &K) -> Result<Option<V>, Error> {
+        let skey = self.inner.s.layout.key(key);
+        match self.inner.lookup(&skey, true).await {
+            Lookup::Found(v) => Ok(v),
+            Lookup::Missing { .. } => Ok(None),
+            Lookup::Failed(e) => Err(self.inner.store_error(&skey, e)),
+        }
+    }
+
+    /// Like [`get`](Self::get), but not counted in the statistics.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn peek(&self, key: &K) -> Result<Option<V>, Error> {
+        let skey = self.inner.s.layout.key(key);
+        match self.inner.lookup(&skey, false).await {
+            Lookup::Found(v) => Ok(v),
+            Lookup::Missing { .. } => Ok(None),
+            Lookup::Failed(e) => Err(self.inner.store_error(&skey, e)),
+        }
+    }
+
+    /// Reads a value, and on a miss loads it with `loader` and fills the cache,
+    /// guarded by a lease. `loader` returns `Ok(None)` for "not found", which is
+    /// cached as a negative entry for the negative TTL.
+    ///
+    /// Concurrent calls for one key in one process run one loader; across
+    /// processes, one caller holds the lease and the others wait for its fill (at
+    /// most `lease_wait`). If the store fails, the loader's value is returned
+    /// without caching. See the [crate docs](crate#concurrent-calls-on-the-same-key).
+    ///
+    /// # Errors
+    /// When the loader fails, an [`ErrorKind::Load`](crate::ErrorKind::Load)
+    /// error naming the key, whose source is the loader's error. Store failures
+    /// are not errors here: the loader's value is returned instead.
+    pub async fn get_or_load<F, Fut, E>(&self, key: &K, loader: F) -> Result<Option<V>, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        let skey = self.inner.s.layout.key(key);
+        let (mode, store_up) = match self.inner.lookup(&skey, true).await {
+            Lookup::Found(v) => return Ok(v),
+            Lookup::Missing { corrupt: false } => (AcquireMode::IfAbsent, true),
+            Lookup::Missing { corrupt: true } => (AcquireMode::Replace, true),
+            Lookup::Failed(e) => {
+                tracing::warn!(cache = self.namespace(), key = skey.user_key(), error = %e,
+                    "store read failed; loading from the source without caching");
+                (AcquireMode::IfAbsent, false)
+            }
+        };
+        for _ in 0..MAX_FOLLOW_ROUNDS {
+            match self.inner.flights.join(skey.as_str()) {
+                Role::Leader(leader) => {
+                    let outcome = self.inner.load(&skey, mode, store_up, loader).await;
+                    leader.finish(&outcome);
+                    return outcome;
+                }
+                Role::Follower(rx) => {
+                    if let Some(outcome) = flight::follow(rx).await {
+                        return outcome;
+                    }
+                    // The leader was cancelled: start over, perhaps as leader.
+                }
+            }
+        }
+        self.inner.load(&skey, mode, store_up, loader).await
+    }
+
+    /// Writes a value with a (jittered) TTL, replacing any entry and revoking any
+    /// lease, so that a load that started before this write cannot overwrite it.
+    ///
+    /// # Errors
+    /// When the value cannot be encoded or the store fails.
+    pub async fn set(&self, key: &K, value: V) -> Result<(), Error> {
+        let skey = self.inner.s.layout.key(key);
+        let entry = self
+            .inner
+            .entry_for(Some(&value), Duration::ZERO)
+            .map_err(|e| Error::codec(self.namespace(), skey.user_key(), e))?;
+        self.inner.flights.detach(skey.as_str());
+        let ttl = self.inner.value_ttl();
+        self.inner
+            .s
+            .store
+            .set(&skey, entry, ttl)
+            .await
+            .map_err(|e| self.inner.store_error(&skey, e))
+    }
+
+    /// Deletes the entry and revokes any lease: a load that read the source before
+    /// the write that led to this call cannot fill. Call it after the write commits.
+    ///
+    /// # Errors
+    /// When the store fails; the entry may then still be there until its TTL.
+    pub async fn invalidate(&self, key: &K) -> Result<(), Error> {
+        let skey = self.inner.s.layout.key(key);
+        self.inner.flights.detach(skey.as_str());
+        self.inner
+            .s
+            .store
+            .invalidate(&skey)
+            .await
+            .map_err(|e| self.inner.store_error(&skey, e))
+    }
+
+    /// A snapshot of this cache's counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+
+    /// The cache's namespace.
+    pub fn namespace(&self) -> &str {
+        self.inner.s.layout.namespace()
+    }
+
+    /// The store key under which `key`'s entry lives.
+    pub fn store_key(&self, key: &K) -> StoreKey {
+        self.inner.s.layout.key(key)
+    }
+
+    /// The cache's key layout.
+    pub fn layout(&self) -> &KeyLayout {
+        &self.inner.s.layout
+    }
+
+    /// The store this cache uses.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.s.store
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> Inner<V> {
+    fn namespace(&self) -> &str {
+        self.s.layout.namespace()
+    }
+
+    fn store_error(&self, key: &StoreKey, e: StoreError) -> Error {
+        self.counters.store_errors.inc();
+        Error::store(self.namespace(), key.user_key(), e)
+    }
+
+    #[inline]
+    async fn lookup(&self, key: &StoreKey, count: bool) -> Lookup<V> {
+        let read = match self.s.store.get_now(key) {
+            Some(read) => Ok(read),
+            None => self.s.store.get(key).await,
+        };
+        let found = match read {
+            Ok(Read::Hit(entry)) => match self.decode(key, entry) {
+                Some(v) => v,
+                None => {
+                    if count {
+                        self.counters.misses.inc();
+                    }
+                    return Lookup::Missing { corrupt: true };
+                }
+            },
+            Ok(Read::Miss) => {
+                if count {
+                    self.counters.misses.inc();
+                }
+                return Lookup::Missing { corrupt: false };
+            }
+            Ok(Read::Corrupt) => {
+                self.decode_failed(key, &"stored bytes are not a cachet entry");
+                if count {
+                    self.counters.misses.inc();
+                }
+                return Lookup::Missing { corrupt: true };
+            }
+            Err(e) => {
+                self.counters.store_errors.inc();
+                return Lookup::Failed(e);
+            }
+        };
+        if count {
+            if found.is_some() {
+                self.counters.hits.inc();
+            } else {
+                self.counters.negative_hits.inc();
+            }
+        }
+        Lookup::Found(found)
+    }
+
+    /// Decodes an entry: `Some(None)` for a negative entry, `None` (counted) if it
+    /// does not decode.
+    #[inline]
+    fn decode(&self, key: &StoreKey, entry: Entry) -> Option<Option<V>> {
+        if entry.meta.negative {
+            return Some(None);
+        }
+        match entry.payload {
+            Payload::Object(obj) => match obj.downcast_ref::<V>() {
+                Some(v) => Some(Some(v.clone())),
+                None => {
+                    self.decode_failed(key, &"stored object has another type");
+                    None
+                }
+            },
+            Payload::Bytes(bytes) => match self.s.codec.decode(&bytes) {
+                Ok(v) => Some(Some(v)),
+                Err(e) => {
+                    self.decode_failed(key, &e);
+                    None
+                }
+            },
+            Payload::Empty => {
+                self.decode_failed(key, &"positive entry without payload");
+                None
+            }
+        }
+    }
+
+    fn decode_failed(&self, key: &StoreKey, why: &dyn fmt::Display) {
+        self.counters.decode_errors.inc();
+        tracing::debug!(cache = self.namespace(), key = key.user_key(), %why,
+            "undecodable entry treated as a miss");
+    }
+
+    fn entry_for(&self, value: Option<&V>, load_time: Duration) -> Result<Entry, BoxError> {
+        let meta = Meta {
+            negative: value.is_none(),
+            soft_expiry_ms: 0,
+            version: 0,
+            load_time_us: u32::try_from(load_time.as_micros()).unwrap_or(u32::MAX),
+        };
+        let payload = match value {
+            None => Payload::Empty,
+            Some(v) => match self.kind {
+                PayloadKind::Object => Payload::Object(Arc::new(v.clone())),
+                PayloadKind::Bytes => {
+                    let mut buf = Vec::new();
+                    self.s.codec.encode(v, &mut buf)?;
+                    Payload::Bytes(buf.into())
+                }
+            },
+        };
+        Ok(Entry { meta, payload })
+    }
+
+    /// A value's TTL, drawn uniformly from `ttl × (1 ± jitter)`.
+    fn value_ttl(&self) -> Duration {
+        if self.s.jitter == 0.0 {
+            return self.s.ttl;
+        }
+        let factor = rand::rng().random_range((1.0 - self.s.jitter)..=(1.0 + self.s.jitter));
+        self.s.ttl.mul_f64(factor)
+    }
+
+    /// Loads a missing value under a lease (or, with the store down, without).
+    async fn load<F, Fut, E>(
+        &self,
+        key: &StoreKey,
+        mut mode: AcquireMode,
+        store_up: bool,
+        loader: F,
+    ) -> Outcome<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        if !store_up {
+            return self.load_unfilled(key, loader).await;
+        }
+        let deadline = tokio::time::Instant::now() + self.s.lease_wait;
+        let mut backoff = FIRST_BACKOFF;
+        let mut waited = false;
+        for _ in 0..MAX_ACQUIRE_ROUNDS {
+            let acquired = match self.s.store.acquire(key, mode, self.s.lease_ttl).await {
+                Ok(a) => a,
+                Err(e) => {
+                    self.counters.store_errors.inc();
+                    tracing::warn!(cache = self.namespace(), key = key.user_key(), error = %e,
+                        "taking a lease failed; loading without caching");
+                    return self.load_unfilled(key, loader).await;
+                }
+            };
+            match acquired {
+                Acquire::Hit(entry) => match self.decode(key, entry) {
+                    Some(v) => return Ok(v),
+                    None => mode = AcquireMode::Replace,
+                },
+                Acquire::Corrupt => {
+                    self.decode_failed(key, &"stored bytes are not a cachet entry");
+                    mode = AcquireMode::Replace;
+                }
+                Acquire::Leased(token) => return self.load_and_fill(key, token, loader).await,
+                Acquire::Busy { expires_in } => {
+                    if !waited {
+                        self.counters.lease_waits.inc();
+                        waited = true;
+                    }
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        self.counters.lease_wait_timeouts.inc();
+                        return self.load_unfilled(key, loader).await;
+                    }
+                    let mut pause = backoff.min(deadline - now);
+                    if let Some(left) = expires_in {
+                        // No point sleeping past the holder's lease expiry.
+                        pause = pause.min(left.max(Duration::from_millis(1)));
+                    }
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    // The holder has probably filled by now; a plain read is cheaper
+                    // than another acquire.
+                    match self.s.store.get(key).await {
+                        Ok(Read::Hit(entry)) => match self.decode(key, entry) {
+                            Some(v) => return Ok(v),
+                            None => mode = AcquireMode::Replace,
+                        },
+                        Ok(Read::Corrupt) => {
+                            self.decode_failed(key, &"stored bytes are not a cachet entry");
+                            mode = AcquireMode::Replace;
+                        }
+                        Ok(Read::Miss) => {}
+                        Err(e) => {
+                            self.counters.store_errors.inc();
+                            tracing::warn!(cache = self.namespace(), key = key.user_key(), error = %e,
+                                "store read failed while waiting for a lease; loading without caching");
+                            return self.load_unfilled(key, loader).await;
+                        }
+                    }
+                }
+            }
+        }
+        self.load_unfilled(key, loader).await
+    }
+
+    async fn load_and_fill<F, Fut, E>(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        loader: F,
+    ) -> Outcome<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        let mut lease = LeaseGuard {
+            store: Arc::clone(&self.s.store),
+            key: key.clone(),
+            token,
+            armed: true,
+        };
+        let started = Instant::now();
+        let loaded = loader().await;
+        let load_time = started.elapsed();
+        let value = match loaded {
+            Ok(value) => value,
+            Err(e) => {
+                self.counters.load_errors.inc();
+                lease.release().await;
+                return Err(Error::load(self.namespace(), key.user_key(), e.into()));
+            }
+        };
+        self.counters.loads.inc();
+        let ttl = match value {
+            Some(_) => Some(self.value_ttl()),
+            None => self.s.negative_ttl,
+        };
+        let Some(ttl) = ttl else {
+            // Negative caching is off.
+            lease.release().await;
+            return Ok(value);
+        };
+        let entry = match self.entry_for(value.as_ref(), load_time) {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::error!(cache = self.namespace(), key = key.user_key(), error = %e,
+                    "the loaded value cannot be encoded; it is returned but not cached");
+                lease.release().await;
+                return Ok(value);
+            }
+        };
+        lease.armed = false;
+        match self.s.store.fill(key, &token, entry, ttl).await {
+            Ok(Fill::Filled) => {}
+            Ok(Fill::Refused) => self.counters.refused_fills.inc(),
+            Err(e) => {
+                self.counters.store_errors.inc();
+                tracing::warn!(cache = self.namespace(), key = key.user_key(), error = %e,
+                    "fill failed; the value is returned but not cached");
+            }
+        }
+        Ok(value)
+    }
+
+    async fn load_unfilled<F, Fut, E>(&self, key: &StoreKey, loader: F) -> Outcome<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        match loader().await {
+            Ok(v) => {
+                self.counters.loads.inc();
+                Ok(v)
+            }
+            Err(e) => {
+                self.counters.load_errors.inc();
+                Err(Error::load(self.namespace(), key.user_key(), e.into()))
+            }
+        }
+    }
+}
+
+/// Releases a lease when a load ends without filling, including when the
+/// loading future is dropped mid-way (then in a spawned task).
+struct LeaseGuard {
+    store: Arc<dyn Store>,
+    key: StoreKey,
+    token: LeaseToken,
+    armed: bool,
+}
+
+impl LeaseGuard {
+    async fn release(&mut self) {
+        self.armed = false;
+        if let Err(e) = self.store.release(&self.key, &self.token).await {
+            tracing::debug!(key = %self.key, error = %e, "releasing a lease failed; it expires by its TTL");
+        }
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // Cancelled mid-load: give the lease back so others need not wait for its
+        // TTL. Without a runtime the lease simply expires.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let store = Arc::clone(&self.store);
+            let key = self.key.clone();
+            let token = self.token;
+            rt.spawn(async move {
+                let _ = store.release(&key, &token).await;
+            });
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The cache's error type.
+
+use std::fmt;
+use std::sync::Arc;
+
+use cachet_core::StoreError;
+
+/// A boxed error, as loaders and codecs return them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What went wrong, broadly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The loader returned an error.
+    Load,
+    /// The store failed (unreachable, timed out, unexpected reply).
+    Store,
+    /// A value could not be encoded for the store.
+    Codec,
+    /// The cache was configured wrongly.
+    Config,
+}
+
+/// An error from a [`Cache`](crate::Cache) operation.
+///
+/// Cloning is cheap: concurrent callers of one load share the same error. The
+/// message names the cache, the key and the cause; [`source`] gives the cause
+/// itself (the loader's own error for [`ErrorKind::Load`], so it can be
+/// downcast).
+///
+/// [`source`]: std::error::Error::source
+#[derive(Clone)]
+pub struct Error {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    cache: Box<str>,
+    key: Option<Box<str>>,
+    message: Option<Box<str>>,
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl Error {
+    pub(crate) fn new(
+        kind: ErrorKind,
+        cache: &str,
+        key: Option<&str>,
+        source: Option<BoxError>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                kind,
+                cache: cache.into(),
+                key: key.map(Into::into),
+                message: None,
+                source: source.map(Arc::from),
+            }),
+        }
+    }
+
+    pub(crate) fn load(cache: &str, key: &str, source: BoxError) -> Self {
+        Self::new(ErrorKind::Load, cache, Some(key), Some(source))
+    }
+
+    pub(crate) fn store(cache: &str, key: &str, source: StoreError) -> Self {
+        Self::new(ErrorKind::Store, cache, Some(key), Some(Box::new(source)))
+    }
+
+    pub(crate) fn codec(cache: &str, key: &str, source: BoxError) -> Self {
+        Self::new(ErrorKind::Codec, cache, Some(key), Some(source))
+    }
+
+    pub(crate) fn config(cache: &str, message: impl Into<String>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                kind: ErrorKind::Config,
+                cache: cache.into(),
+                key: None,
+                message: Some(message.into().into()),
+                source: None,
+            }),
+        }
+    }
+
+    /// What went wrong, broadly.
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
+    /// The namespace of the cache that failed.
+    pub fn cache(&self) -> &str {
+        &self.inner.cache
+    }
+
+    /// The key the operation was for, escaped as in store keys.
+    pub fn key(&self) -> Option<&str> {
+        self.inner.key.as_deref()
+    }
+
+    /// Whether the loader failed.
+    pub fn is_load(&self) -> bool {
+        self.inner.kind == ErrorKind::Load
+    }
+
+    /// Whether the store failed.
+    pub fn is_store(&self) -> bool {
+        self.inner.kind == ErrorKind::Store
+    }
+
+    /// Whether the store timed out.
+    pub fn is_timeout(&self) -> bool {
+        self.inner
+            .source
+            .as_deref()
+            .and_then(|s| s.downcast_ref::<StoreError>())
+            .is_some_and(StoreError::is_timeout)
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.inner;
+        write!(f, "cache `{}`", i.cache)?;
+        let what = match i.kind {
+            ErrorKind::Load => "loading",
+            ErrorKind::Store => "store operation on",
+            ErrorKind::Codec => "encoding the value of",
+            ErrorKind::Config => "configuration",
+        };
+        match &i.key {
+            Some(key) => write!(f, ": {what} key `{key}` failed")?,
+            None => write!(f, ": invalid {what}")?,
+        }
+        if let Some(message) = &i.message {
+            write!(f, ": {message}")?;
+        }
+        if let Some(source) = &i.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error")
+            .field("kind", &self.inner.kind)
+            .field("cache", &self.inner.cache)
+            .field("key", &self.inner.key)
+            .field("message", &self.inner.message)
+            .field("source", &self.inner.source)
+            .finish()
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner
+            .source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct DbDown;
+    impl fmt::Display for DbDown {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("connection refused")
+        }
+    }
+    impl std::error::Error for DbDown {}
+
+    #[test]
+    fn messages_name_cache_key_and_cause() {
+        let e = Error::load("users", "42", Box::new(DbDown));
+        assert_eq!(
+            e.to_string(),
+            "cache `users`: loading key `42` failed: connection refused"
+        );
+        assert!(e.is_load());
+        let source = std::error::Error::source(&e).unwrap();
+        assert!(source.downcast_ref::<DbDown>().is_some());
+
+        let e = Error::store(
+            "users",
+            "42",
+            StoreError::Timeout(std::time::Duration::from_millis(5)),
+        );
+        assert!(e.is_timeout());
+        assert_eq!(
+            e.to_string(),
+            "cache `users`: store operation on key `42` failed: store did not answer within 5ms"
+        );
+
+        let e = Error::config("users", "ttl must be positive");
+        assert_eq!(
+            e.to_string(),
+            "cache `users`: invalid configuration: ttl must be positive"
+        );
+    }
+}

@@ -1,0 +1,144 @@
+//! A typed cache for services that put a shared cache in front of a database,
+//! built to keep the hard parts right: no stale value resurrected by a slow
+//! reader, one load per key however many callers, "not found" cached without
+//! being confused with a value, a TTL on everything.
+//!
+//! - [Quick start](#quick-start)
+//! - [The guarantee: lease-guarded fills](#the-guarantee-lease-guarded-fills)
+//! - [Concurrent calls on the same key](#concurrent-calls-on-the-same-key)
+//! - [Stores](#stores)
+//! - [Costs](#costs)
+//! - [Metrics](#metrics)
+//!
+//! # Quick start
+//!
+//! ```
+//! use std::time::Duration;
+//! use cachet::Cache;
+//!
+//! #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+//! struct User { id: u64, name: String }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), cachet::Error> {
+//! // The in-process store is the default; `.store(RedisStore::connect(url).await?)`
+//! // shares the cache between processes.
+//! let users: Cache<u64, User> = Cache::builder("users")
+//!     .ttl(Duration::from_secs(60))
+//!     .jitter(0.2)
+//!     .negative_ttl(Duration::from_secs(5))
+//!     .build()?;
+//!
+//! // Read-through: on a miss the loader runs once and its value is cached.
+//! let user = users
+//!     .get_or_load(&42, || async {
+//!         // SELECT ... WHERE id = 42
+//!         Ok::<_, std::io::Error>(Some(User { id: 42, name: "Ada".into() }))
+//!     })
+//!     .await?;
+//! assert_eq!(user.unwrap().name, "Ada");
+//!
+//! // "Not found" is cached too, as a negative entry.
+//! let missing = users.get_or_load(&7, || async { Ok::<_, std::io::Error>(None) }).await?;
+//! assert_eq!(missing, None);
+//!
+//! // After writing the database, invalidate: the entry is deleted and any load
+//! // in progress is prevented from filling.
+//! users.invalidate(&42).await?;
+//! assert_eq!(users.get(&42).await?, None);
+//! assert_eq!(users.stats().negative_hits, 0);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # The guarantee: lease-guarded fills
+//!
+//! Plain cache-aside has a race that leaves a stale value in the cache until its
+//! TTL: a reader misses and reads the old row; a writer commits the new row and
+//! deletes the key; the reader then writes the old row into the cache. cachet
+//! closes it with leases: a reader that misses takes a lease token *before* it
+//! reads the source; [`Cache::invalidate`] and [`Cache::set`] revoke the lease;
+//! the fill is one atomic store operation that writes only if the lease is still
+//! valid. So, **provided that**
+//!
+//! 1. loaders read the source of truth after the lease is taken, from the primary
+//!    (or any replica that has applied every write whose invalidation already ran);
+//! 2. every write to the source is followed, after its commit, by an
+//!    [`invalidate`](Cache::invalidate) (or [`set`](Cache::set)) that reaches the store,
+//!
+//! an entry filled by [`get_or_load`](Cache::get_or_load) never holds a value older
+//! than the last invalidation that completed before the fill. When condition 2
+//! fails (the process dies between commit and invalidate, the store is
+//! unreachable), the TTL is the backstop: every entry and every lease has one.
+//!
+//! A caller may still *receive* a value that a concurrent write is replacing: a
+//! read that overlaps a write can return either version. What cannot happen is the
+//! cache *keeping* the old version after the write's invalidation.
+//!
+//! # Concurrent calls on the same key
+//!
+//! For [`get_or_load`](Cache::get_or_load) on one key:
+//!
+//! - **In one process**, the first caller that misses runs its loader; callers
+//!   that arrive while it runs do not run theirs. They wait and receive a clone of
+//!   the same result, error included. If the running caller is cancelled (its
+//!   future dropped), its lease is released and one waiting caller runs its own
+//!   loader instead. A caller that arrives after an [`invalidate`](Cache::invalidate)
+//!   or [`set`](Cache::set) of the key in this process never joins a load that
+//!   started before it.
+//! - **Across processes** sharing a store, the first process to miss takes the
+//!   lease. Others find it taken, wait with exponential backoff (2 ms doubling to
+//!   50 ms) for the fill and read it; if `lease_wait` passes first, they load for
+//!   themselves and return the value without caching it. If the lease holder dies,
+//!   its lease expires after `lease_ttl` and the next caller takes over.
+//! - A loader slower than `lease_ttl` still returns its value to its callers, but
+//!   its fill is refused (counted in [`Stats::refused_fills`]).
+//!
+//! # Stores
+//!
+//! | store | where | payload | hit cost |
+//! |---|---|---|---|
+//! | [`MemoryStore`] | in process (the default) | decoded values, shared | a map lookup and a clone of `V` |
+//! | `RedisStore` (feature `redis`, on by default) | Redis ≥ 7 | envelope + codec bytes | one `GET` round trip and a decode |
+//!
+//! Both implement the same [`Store`] protocol and pass the same conformance suite.
+//!
+//! # Costs
+//!
+//! On Redis: a hit is one `GET`. A miss is the `GET`, one `EVALSHA` that takes
+//! the lease (or finds the value), the load, and one `EVALSHA` that fills (value
+//! and TTL in one `SET … PX`) and consumes the lease: one round trip more than
+//! naive cache-aside. [`invalidate`](Cache::invalidate) is one `DEL` of the entry and its
+//! lease; [`set`](Cache::set) one `EVALSHA`. Each entry carries a 22-byte envelope
+//! header (see [`envelope`](cachet_core::envelope)); a lease is a 16-byte token
+//! under its own key, alive only during a load.
+//!
+//! # Metrics
+//!
+//! [`Cache::stats`] returns the counters; the same counters go to the
+//! [`metrics`](https://docs.rs/metrics) facade, labelled `cache = <namespace>`. See
+//! [`Stats`] for their meaning and the metric names.
+#![deny(missing_docs)]
+
+mod builder;
+mod cache;
+pub mod codec;
+mod error;
+mod flight;
+mod memory;
+mod stats;
+
+pub use builder::CacheBuilder;
+pub use cache::Cache;
+pub use codec::{Codec, Json, NoCodec, Postcard};
+pub use error::{BoxError, Error, ErrorKind};
+pub use memory::MemoryStore;
+pub use stats::Stats;
+
+pub use cachet_core::{
+    Acquire, AcquireMode, CacheKey, Clock, Entry, Fill, KeyLayout, KeyWriter, LeaseToken, Meta,
+    MockClock, Payload, PayloadKind, Read, Store, StoreError, StoreFuture, StoreKey, envelope,
+};
+
+#[cfg(feature = "redis")]
+pub use cachet_redis::{RedisStore, RedisStoreBuilder};

@@ -1,0 +1,149 @@
+//! Hit-rate counters: kept in the cache for [`Cache::stats`](crate::Cache::stats)
+//! and emitted through the [`metrics`] facade with a `cache` label.
+//!
+//! Metric names (all counters): `cachet_hits_total`, `cachet_negative_hits_total`,
+//! `cachet_misses_total`, `cachet_loads_total`, `cachet_load_errors_total`,
+//! `cachet_lease_waits_total`, `cachet_lease_wait_timeouts_total`,
+//! `cachet_refused_fills_total`, `cachet_decode_errors_total`,
+//! `cachet_store_errors_total`. Without a `metrics` recorder installed, emitting
+//! costs a branch.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of a cache's counters, from [`Cache::stats`](crate::Cache::stats).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Lookups that found a value.
+    pub hits: u64,
+    /// Lookups that found a cached "not found".
+    pub negative_hits: u64,
+    /// Lookups that found nothing usable (absent, expired or undecodable).
+    pub misses: u64,
+    /// Loader calls that returned successfully.
+    pub loads: u64,
+    /// Loader calls that returned an error.
+    pub load_errors: u64,
+    /// Lookups that found another caller's lease and waited for it.
+    pub lease_waits: u64,
+    /// Waits for another caller's lease that gave up and loaded without filling.
+    pub lease_wait_timeouts: u64,
+    /// Fills refused because the lease was revoked or expired meanwhile.
+    pub refused_fills: u64,
+    /// Stored entries that did not decode (treated as misses and replaced).
+    pub decode_errors: u64,
+    /// Store operations that failed.
+    pub store_errors: u64,
+}
+
+impl Stats {
+    /// Lookups in all: hits, negative hits and misses.
+    pub fn lookups(&self) -> u64 {
+        self.hits + self.negative_hits + self.misses
+    }
+
+    /// The fraction of lookups answered by the cache (negative hits count as
+    /// hits: they spared the source a query), between 0 and 1; 0 with no lookups.
+    pub fn hit_rate(&self) -> f64 {
+        let lookups = self.lookups();
+        if lookups == 0 {
+            return 0.0;
+        }
+        // Counts below 2^53 convert exactly.
+        #[allow(clippy::cast_precision_loss)]
+        let rate = (self.hits + self.negative_hits) as f64 / lookups as f64;
+        rate
+    }
+}
+
+/// One counter, padded to its own cache line so that counters bumped by
+/// different threads do not share one.
+#[derive(Debug)]
+#[repr(align(64))]
+pub(crate) struct Counter {
+    local: AtomicU64,
+    metric: metrics::Counter,
+}
+
+impl Counter {
+    fn new(name: &'static str, cache: &str) -> Self {
+        Self {
+            local: AtomicU64::new(0),
+            metric: metrics::counter!(name, "cache" => cache.to_owned()),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn inc(&self) {
+        self.local.fetch_add(1, Ordering::Relaxed);
+        self.metric.increment(1);
+    }
+
+    fn get(&self) -> u64 {
+        self.local.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Counters {
+    pub(crate) hits: Counter,
+    pub(crate) negative_hits: Counter,
+    pub(crate) misses: Counter,
+    pub(crate) loads: Counter,
+    pub(crate) load_errors: Counter,
+    pub(crate) lease_waits: Counter,
+    pub(crate) lease_wait_timeouts: Counter,
+    pub(crate) refused_fills: Counter,
+    pub(crate) decode_errors: Counter,
+    pub(crate) store_errors: Counter,
+}
+
+impl Counters {
+    pub(crate) fn new(cache: &str) -> Self {
+        Self {
+            hits: Counter::new("cachet_hits_total", cache),
+            negative_hits: Counter::new("cachet_negative_hits_total", cache),
+            misses: Counter::new("cachet_misses_total", cache),
+            loads: Counter::new("cachet_loads_total", cache),
+            load_errors: Counter::new("cachet_load_errors_total", cache),
+            lease_waits: Counter::new("cachet_lease_waits_total", cache),
+            lease_wait_timeouts: Counter::new("cachet_lease_wait_timeouts_total", cache),
+            refused_fills: Counter::new("cachet_refused_fills_total", cache),
+            decode_errors: Counter::new("cachet_decode_errors_total", cache),
+            store_errors: Counter::new("cachet_store_errors_total", cache),
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        Stats {
+            hits: self.hits.get(),
+            negative_hits: self.negative_hits.get(),
+            misses: self.misses.get(),
+            loads: self.loads.get(),
+            load_errors: self.load_errors.get(),
+            lease_waits: self.lease_waits.get(),
+            lease_wait_timeouts: self.lease_wait_timeouts.get(),
+            refused_fills: self.refused_fills.get(),
+            decode_errors: self.decode_errors.get(),
+            store_errors: self.store_errors.get(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_rate() {
+        assert_eq!(Stats::default().hit_rate(), 0.0);
+        let s = Stats {
+            hits: 6,
+            negative_hits: 2,
+            misses: 2,
+            ..Stats::default()
+        };
+        assert_eq!(s.lookups(), 10);
+        assert!((s.hit_rate() - 0.8).abs() < 1e-12);
+    }
+}
