@@ -2,10 +2,13 @@
 //!
 //! - [`RedisServer`]: a throwaway `redis-server` on a free loopback port, killed
 //!   and reaped on drop, whose log is printed when the test fails;
+//! - [`PgDatabase`]: a fresh PostgreSQL database, dropped afterwards;
 //! - [`conformance`]: the protocol tests every [`Store`](cachet_core::Store) must pass.
 #![deny(missing_docs)]
 
 pub mod conformance;
+mod postgres;
 mod redis_server;
 
+pub use postgres::{DEFAULT_SERVER_URL, PgDatabase};
 pub use redis_server::{RedisServer, RedisServerOptions};
