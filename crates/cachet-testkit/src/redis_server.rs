@@ -121,21 +121,33 @@ impl RedisServer {
         }
     }
 
-    /// Sends one command in the inline protocol and returns the raw reply, for
-    /// test assertions that must not depend on the client under test.
+    /// Sends one command and returns the raw reply as text, for test assertions
+    /// that must not depend on the client under test. Arrays come back one
+    /// element per line.
     ///
     /// # Panics
     /// If the server cannot be reached.
     pub fn command(&self, args: &[&str]) -> String {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        self.command_bytes(&args)
+    }
+
+    /// [`command`](Self::command) with binary arguments.
+    ///
+    /// # Panics
+    /// If the server cannot be reached.
+    pub fn command_bytes(&self, args: &[&[u8]]) -> String {
         let mut stream = TcpStream::connect(self.addr()).expect("connect to test redis-server");
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .expect("set read timeout");
-        let mut req = format!("*{}\r\n", args.len());
+        let mut req = format!("*{}\r\n", args.len()).into_bytes();
         for a in args {
-            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a);
+            req.extend_from_slice(b"\r\n");
         }
-        stream.write_all(req.as_bytes()).expect("send command");
+        stream.write_all(&req).expect("send command");
         read_reply(&mut stream)
     }
 

@@ -1,0 +1,582 @@
+//! Behaviour of `Cache` on both stores: read-through, negative caching,
+//! single-flight, the reader/writer race, leases, corruption, TTLs, degradation.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use cachet::{Cache, ErrorKind, NoCodec, Stats};
+use support::{Fx, Gate, Row};
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct User {
+    id: u64,
+    name: String,
+}
+
+fn user(id: u64, name: &str) -> User {
+    User {
+        id,
+        name: name.into(),
+    }
+}
+
+type Res<T> = Result<T, std::io::Error>;
+
+on_both_stores!(
+    read_through_caches_values_and_negatives,
+    negative_caching_can_be_turned_off,
+    concurrent_callers_share_one_load,
+    concurrent_callers_share_one_error,
+    reader_writer_race_leaves_no_stale_entry,
+    naive_cache_aside_does_leave_a_stale_entry,
+    set_during_a_load_wins,
+    invalidate_detaches_a_load_in_flight,
+    cancelled_leader_hands_over,
+    hostile_keys_are_distinct,
+    two_connections_share_one_load,
+);
+
+async fn read_through_caches_values_and_negatives(fx: Fx) {
+    let cache: Cache<u64, User> = fx.builder("users").build().unwrap();
+    let loads = AtomicU64::new(0);
+    let load = |id: u64| {
+        let loads = &loads;
+        move || async move {
+            loads.fetch_add(1, Ordering::SeqCst);
+            Res::Ok((id == 1).then(|| user(1, "Ada")))
+        }
+    };
+    assert_eq!(
+        cache.get_or_load(&1, load(1)).await.unwrap(),
+        Some(user(1, "Ada"))
+    );
+    assert_eq!(
+        cache.get_or_load(&1, load(1)).await.unwrap(),
+        Some(user(1, "Ada"))
+    );
+    assert_eq!(cache.get_or_load(&2, load(2)).await.unwrap(), None);
+    assert_eq!(cache.get_or_load(&2, load(2)).await.unwrap(), None);
+    assert_eq!(loads.load(Ordering::SeqCst), 2, "one load per key");
+    // A cached "not found" reads as None, and a real value is never mistaken for one.
+    assert_eq!(cache.get(&2).await.unwrap(), None);
+    assert_eq!(cache.get(&1).await.unwrap(), Some(user(1, "Ada")));
+    let s = cache.stats();
+    assert_eq!(
+        (s.hits, s.negative_hits, s.misses, s.loads),
+        (2, 2, 2, 2),
+        "{s:?}"
+    );
+    assert!((s.hit_rate() - 4.0 / 6.0).abs() < 1e-9);
+}
+
+async fn negative_caching_can_be_turned_off(fx: Fx) {
+    let cache: Cache<u64, User> = fx
+        .builder("users")
+        .negative_ttl(Duration::ZERO)
+        .build()
+        .unwrap();
+    let loads = AtomicU64::new(0);
+    for _ in 0..3 {
+        let v = cache
+            .get_or_load(&9, || async {
+                loads.fetch_add(1, Ordering::SeqCst);
+                Res::Ok(None)
+            })
+            .await
+            .unwrap();
+        assert_eq!(v, None);
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 3);
+}
+
+async fn concurrent_callers_share_one_load(fx: Fx) {
+    const CALLERS: u64 = 500;
+    let cache: Cache<str, User> = fx.builder("users").build().unwrap();
+    let loads = Arc::new(AtomicU64::new(0));
+    let started = Arc::new(AtomicU64::new(0));
+    let gate = Gate::default();
+    let mut tasks = Vec::new();
+    for _ in 0..CALLERS {
+        let (cache, loads, started, gate) = (
+            cache.clone(),
+            Arc::clone(&loads),
+            Arc::clone(&started),
+            gate.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            if started.fetch_add(1, Ordering::SeqCst) + 1 == CALLERS {
+                gate.open();
+            }
+            cache
+                .get_or_load("hot", || async {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    // Hold the load until every caller has started.
+                    gate.wait().await;
+                    Res::Ok(Some(user(7, "hot")))
+                })
+                .await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), Some(user(7, "hot")));
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.stats().loads, 1);
+}
+
+async fn concurrent_callers_share_one_error(fx: Fx) {
+    const CALLERS: u64 = 50;
+    let cache: Cache<str, User> = fx.builder("users").build().unwrap();
+    let loads = Arc::new(AtomicU64::new(0));
+    let gate = Gate::default();
+    let started = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..CALLERS {
+        let (cache, loads, started, gate) = (
+            cache.clone(),
+            Arc::clone(&loads),
+            Arc::clone(&started),
+            gate.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            if started.fetch_add(1, Ordering::SeqCst) + 1 == CALLERS {
+                gate.open();
+            }
+            cache
+                .get_or_load("k", || async {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    gate.wait().await;
+                    Res::Err(std::io::Error::other("db down"))
+                })
+                .await
+        }));
+    }
+    let mut errors = 0;
+    for t in tasks {
+        let e = t.await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Load);
+        assert_eq!(
+            e.to_string(),
+            "cache `users`: loading key `k` failed: db down"
+        );
+        errors += 1;
+    }
+    assert_eq!(errors, CALLERS);
+    // Callers that arrived after the failed load finished run their own; the
+    // concurrent ones shared it. Nothing is cached after an error.
+    assert!(loads.load(Ordering::SeqCst) < CALLERS);
+    assert_eq!(cache.peek("k").await.unwrap(), None);
+}
+
+/// The essay's race through the public API: the reader's loader reads the old
+/// row, the writer commits and invalidates before the reader fills.
+async fn reader_writer_race_leaves_no_stale_entry(fx: Fx) {
+    let cache: Cache<u64, User> = fx.builder("users").build().unwrap();
+    let db = Arc::new(Row::new("old"));
+    let read_done = Gate::default();
+    let write_done = Gate::default();
+
+    let reader = {
+        let (cache, db, read_done, write_done) = (
+            cache.clone(),
+            Arc::clone(&db),
+            read_done.clone(),
+            write_done.clone(),
+        );
+        tokio::spawn(async move {
+            cache
+                .get_or_load(&42, || async {
+                    let row = db.read();
+                    read_done.open();
+                    write_done.wait().await;
+                    Res::Ok(Some(user(42, &row)))
+                })
+                .await
+        })
+    };
+    read_done.wait().await;
+    db.write("new");
+    cache.invalidate(&42).await.unwrap();
+    write_done.open();
+
+    // The reader still returns what it read: its read overlapped the write.
+    assert_eq!(reader.await.unwrap().unwrap(), Some(user(42, "old")));
+    // But the cache did not keep it.
+    assert_eq!(cache.peek(&42).await.unwrap(), None);
+    assert_eq!(cache.stats().refused_fills, 1);
+    let fresh = cache
+        .get_or_load(&42, || async { Res::Ok(Some(user(42, &db.read()))) })
+        .await
+        .unwrap();
+    assert_eq!(fresh, Some(user(42, "new")));
+    assert_eq!(cache.peek(&42).await.unwrap(), Some(user(42, "new")));
+}
+
+/// The same interleaving with plain get/set/invalidate does leave the old value:
+/// the test above can tell the difference.
+async fn naive_cache_aside_does_leave_a_stale_entry(fx: Fx) {
+    let cache: Cache<u64, User> = fx.builder("users").build().unwrap();
+    let db = Row::new("old");
+    assert_eq!(cache.get(&42).await.unwrap(), None);
+    let row = db.read();
+    db.write("new");
+    cache.invalidate(&42).await.unwrap();
+    cache.set(&42, user(42, &row)).await.unwrap();
+    assert_eq!(cache.peek(&42).await.unwrap(), Some(user(42, "old")));
+}
+
+async fn set_during_a_load_wins(fx: Fx) {
+    let cache: Cache<u64, User> = fx.builder("users").build().unwrap();
+    let read_done = Gate::default();
+    let write_done = Gate::default();
+    let reader = {
+        let (cache, read_done, write_done) = (cache.clone(), read_done.clone(), write_done.clone());
+        tokio::spawn(async move {
+            cache
+                .get_or_load(&1, || async {
+                    read_done.open();
+                    write_done.wait().await;
+                    Res::Ok(Some(user(1, "old")))
+                })
+                .await
+        })
+    };
+    read_done.wait().await;
+    cache.set(&1, user(1, "new")).await.unwrap();
+    write_done.open();
+    reader.await.unwrap().unwrap();
+    assert_eq!(cache.peek(&1).await.unwrap(), Some(user(1, "new")));
+    assert_eq!(cache.stats().refused_fills, 1);
+}
+
+/// A caller arriving after an invalidation does not join a load that started
+/// before it: it loads the new row itself.
+async fn invalidate_detaches_a_load_in_flight(fx: Fx) {
+    let cache: Cache<u64, User> = fx.builder("users").build().unwrap();
+    let db = Arc::new(Row::new("old"));
+    let read_done = Gate::default();
+    let release_old = Gate::default();
+    let old = {
+        let (cache, db, read_done, release_old) = (
+            cache.clone(),
+            Arc::clone(&db),
+            read_done.clone(),
+            release_old.clone(),
+        );
+        tokio::spawn(async move {
+            cache
+                .get_or_load(&1, || async {
+                    let row = db.read();
+                    read_done.open();
+                    release_old.wait().await;
+                    Res::Ok(Some(user(1, &row)))
+                })
+                .await
+        })
+    };
+    read_done.wait().await;
+    db.write("new");
+    cache.invalidate(&1).await.unwrap();
+    let late = cache
+        .get_or_load(&1, || async { Res::Ok(Some(user(1, &db.read()))) })
+        .await
+        .unwrap();
+    assert_eq!(late, Some(user(1, "new")));
+    release_old.open();
+    assert_eq!(old.await.unwrap().unwrap(), Some(user(1, "old")));
+    assert_eq!(cache.peek(&1).await.unwrap(), Some(user(1, "new")));
+    assert_eq!(cache.stats().loads, 2);
+}
+
+async fn cancelled_leader_hands_over(fx: Fx) {
+    let cache: Cache<u64, User> = fx.builder("users").build().unwrap();
+    let leader_started = Gate::default();
+    let leader = {
+        let (cache, leader_started) = (cache.clone(), leader_started.clone());
+        tokio::spawn(async move {
+            cache
+                .get_or_load(&1, || async {
+                    leader_started.open();
+                    std::future::pending::<()>().await;
+                    Res::Ok(Some(user(1, "never")))
+                })
+                .await
+        })
+    };
+    leader_started.wait().await;
+    let follower = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_or_load(&1, || async { Res::Ok(Some(user(1, "follower"))) })
+                .await
+        })
+    };
+    leader.abort();
+    assert!(leader.await.unwrap_err().is_cancelled());
+    let got = tokio::time::timeout(Duration::from_secs(10), follower)
+        .await
+        .expect("the follower takes over well before the lease TTL")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, Some(user(1, "follower")));
+    assert_eq!(cache.peek(&1).await.unwrap(), Some(user(1, "follower")));
+}
+
+async fn hostile_keys_are_distinct(fx: Fx) {
+    let cache: Cache<str, String> = fx.builder("strings").build().unwrap();
+    let keys = [
+        "a b", "a\nb", "*", "{", "}", "{x}", "é", "日本", "", "%", "a,b", "a%2Cb",
+    ];
+    for k in keys {
+        cache.set(k, format!("value of {k:?}")).await.unwrap();
+    }
+    for k in keys {
+        assert_eq!(
+            cache.get(k).await.unwrap(),
+            Some(format!("value of {k:?}")),
+            "{k:?}"
+        );
+    }
+    cache.invalidate("{").await.unwrap();
+    assert_eq!(cache.get("{").await.unwrap(), None);
+    assert_eq!(
+        cache.get("{x}").await.unwrap(),
+        Some("value of \"{x}\"".into())
+    );
+}
+
+/// Two caches with their own store handles (their own connections, on Redis)
+/// behave like two processes: one loads, the other waits for its fill.
+async fn two_connections_share_one_load(fx: Fx) {
+    let second_store = match &fx {
+        Fx::Memory { store, .. } => Arc::new(store.clone()) as Arc<dyn cachet::Store>,
+        Fx::Redis { server, .. } => {
+            Arc::new(cachet::RedisStore::connect(&server.url()).await.unwrap())
+        }
+    };
+    let a: Cache<u64, User> = fx.builder("users").build().unwrap();
+    let b: Cache<u64, User> = Cache::builder("users")
+        .store_arc(second_store)
+        .build()
+        .unwrap();
+    let loads = Arc::new(AtomicU64::new(0));
+    let a_loading = Gate::default();
+    let release = Gate::default();
+    let first = {
+        let (a, loads, a_loading, release) = (
+            a.clone(),
+            Arc::clone(&loads),
+            a_loading.clone(),
+            release.clone(),
+        );
+        tokio::spawn(async move {
+            a.get_or_load(&5, || async {
+                loads.fetch_add(1, Ordering::SeqCst);
+                a_loading.open();
+                release.wait().await;
+                Res::Ok(Some(user(5, "a")))
+            })
+            .await
+        })
+    };
+    a_loading.wait().await;
+    let second = {
+        let (b, loads) = (b.clone(), Arc::clone(&loads));
+        tokio::spawn(async move {
+            b.get_or_load(&5, || async {
+                loads.fetch_add(1, Ordering::SeqCst);
+                Res::Ok(Some(user(5, "b")))
+            })
+            .await
+        })
+    };
+    // Let `b` find the lease taken before releasing `a`'s load: wait until it counted a lease wait.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while b.stats().lease_waits == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b never waited for the lease"
+        );
+        tokio::task::yield_now().await;
+    }
+    release.open();
+    assert_eq!(first.await.unwrap().unwrap(), Some(user(5, "a")));
+    assert_eq!(second.await.unwrap().unwrap(), Some(user(5, "a")));
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    let s: Stats = b.stats();
+    assert_eq!((s.lease_waits, s.lease_wait_timeouts, s.loads), (1, 0, 0));
+}
+
+#[tokio::test]
+async fn loader_slower_than_its_lease_is_refused() {
+    let fx = Fx::memory();
+    let Fx::Memory { clock, .. } = &fx else {
+        unreachable!()
+    };
+    let cache: Cache<u64, User> = fx
+        .builder("users")
+        .lease_ttl(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let v = cache
+        .get_or_load(&1, || async {
+            clock.advance(Duration::from_millis(250));
+            Res::Ok(Some(user(1, "slow")))
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, Some(user(1, "slow")), "the caller still gets its value");
+    assert_eq!(cache.peek(&1).await.unwrap(), None, "but it is not cached");
+    assert_eq!(cache.stats().refused_fills, 1);
+}
+
+#[tokio::test]
+async fn jitter_spreads_ttls_uniformly_within_bounds() {
+    let fx = Fx::memory();
+    let Fx::Memory { store, .. } = &fx else {
+        unreachable!()
+    };
+    let ttl = Duration::from_secs(100);
+    let jittered: Cache<u64, u64> = fx.builder("j").ttl(ttl).jitter(0.2).build().unwrap();
+    let fixed: Cache<u64, u64> = fx.builder("f").ttl(ttl).jitter(0.0).build().unwrap();
+    let mut seen = Vec::new();
+    for k in 0..500u64 {
+        jittered.set(&k, k).await.unwrap();
+        fixed.set(&k, k).await.unwrap();
+        let t = store.ttl(&jittered.store_key(&k)).unwrap();
+        assert!(
+            t >= Duration::from_secs(80) && t <= Duration::from_secs(120),
+            "{t:?}"
+        );
+        seen.push(t.as_millis());
+        assert_eq!(store.ttl(&fixed.store_key(&k)).unwrap(), ttl);
+    }
+    // Uniform over 80..120 s: both halves are populated.
+    let low = seen.iter().filter(|&&ms| ms < 100_000).count();
+    assert!((150..350).contains(&low), "{low} of 500 below the base TTL");
+}
+
+#[tokio::test]
+async fn entries_expire_with_the_clock() {
+    let fx = Fx::memory();
+    let Fx::Memory { clock, .. } = &fx else {
+        unreachable!()
+    };
+    let cache: Cache<u64, u64> = fx
+        .builder("t")
+        .ttl(Duration::from_secs(10))
+        .jitter(0.0)
+        .negative_ttl(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    cache.set(&1, 1).await.unwrap();
+    cache
+        .get_or_load(&2, || async { Res::Ok(None) })
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(3));
+    assert_eq!(cache.get(&1).await.unwrap(), Some(1));
+    let reloaded = cache
+        .get_or_load(&2, || async { Res::Ok(Some(2)) })
+        .await
+        .unwrap();
+    assert_eq!(
+        reloaded,
+        Some(2),
+        "the negative entry expired after its own TTL"
+    );
+    clock.advance(Duration::from_secs(8));
+    assert_eq!(cache.get(&1).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn builder_rejects_bad_settings_with_clear_messages() {
+    let e = Cache::<u64, u64>::builder("bad name").build().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert!(
+        e.to_string().contains("invalid namespace \"bad name\""),
+        "{e}"
+    );
+    let e = Cache::<u64, u64>::builder("ok")
+        .jitter(1.0)
+        .build()
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("jitter must be in [0, 1), got 1"),
+        "{e}"
+    );
+    let e = Cache::<u64, u64>::builder("ok")
+        .ttl(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("ttl must be positive"), "{e}");
+    let e = Cache::<u64, u64>::builder("ok")
+        .prefix("a{b")
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("invalid key prefix"), "{e}");
+}
+
+#[tokio::test]
+async fn no_codec_works_in_process_and_is_refused_on_redis() {
+    #[derive(Clone, Debug, PartialEq)]
+    struct NotSerde(u8);
+    let cache: Cache<u64, NotSerde> = Cache::builder("objects").codec(NoCodec).build().unwrap();
+    cache.set(&1, NotSerde(1)).await.unwrap();
+    assert_eq!(cache.get(&1).await.unwrap(), Some(NotSerde(1)));
+
+    let fx = Fx::redis().await;
+    let e = fx
+        .builder::<u64, NotSerde>("objects")
+        .codec(NoCodec)
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("needs a codec"), "{e}");
+}
+
+#[tokio::test]
+async fn metrics_facade_receives_the_same_counters() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let cache: Cache<u64, u64> =
+        metrics::with_local_recorder(&recorder, || Cache::builder("metered").build().unwrap());
+    cache
+        .get_or_load(&1, || async { Res::Ok(Some(1)) })
+        .await
+        .unwrap();
+    cache
+        .get_or_load(&1, || async { Res::Ok(Some(1)) })
+        .await
+        .unwrap();
+    cache
+        .get_or_load(&2, || async { Res::Ok(None) })
+        .await
+        .unwrap();
+    cache.get(&2).await.unwrap();
+    let stats = cache.stats();
+    let mut seen = std::collections::HashMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let labels: Vec<_> = key
+            .key()
+            .labels()
+            .map(|l| (l.key().to_owned(), l.value().to_owned()))
+            .collect();
+        assert_eq!(labels, vec![("cache".to_owned(), "metered".to_owned())]);
+        if let DebugValue::Counter(n) = value {
+            seen.insert(key.key().name().to_owned(), n);
+        }
+    }
+    assert_eq!(seen["cachet_hits_total"], stats.hits);
+    assert_eq!(seen["cachet_misses_total"], stats.misses);
+    assert_eq!(seen["cachet_negative_hits_total"], stats.negative_hits);
+    assert_eq!(seen["cachet_loads_total"], stats.loads);
+    assert_eq!(
+        (stats.hits, stats.misses, stats.negative_hits, stats.loads),
+        (1, 2, 1, 2)
+    );
+}

@@ -1,0 +1,216 @@
+//! Redis-only behaviour: corrupt bytes, TTLs on every key, the commands never
+//! sent, and degradation when the server goes away.
+
+mod support;
+
+use std::time::Duration;
+
+use cachet::{Cache, Json, Meta, envelope};
+use support::Fx;
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct User {
+    id: u64,
+    name: String,
+}
+
+type Res<T> = Result<T, std::io::Error>;
+
+fn keys(server: &cachet_testkit::RedisServer) -> Vec<String> {
+    let mut all = Vec::new();
+    let mut cursor = "0".to_owned();
+    for _ in 0..10_000 {
+        let reply = server.command(&["SCAN", &cursor, "COUNT", "1000"]);
+        let mut lines = reply.lines();
+        cursor = lines.next().unwrap().to_owned();
+        all.extend(lines.map(str::to_owned));
+        if cursor == "0" {
+            return all;
+        }
+    }
+    panic!("SCAN did not finish");
+}
+
+#[tokio::test]
+async fn corrupt_and_foreign_bytes_are_misses_then_replaced() {
+    let fx = Fx::redis().await;
+    let server = fx.server().unwrap();
+    let cache: Cache<u64, User> = fx.builder("users").build().unwrap();
+    let good = || async {
+        Res::Ok(Some(User {
+            id: 1,
+            name: "Ada".into(),
+        }))
+    };
+
+    // Not an envelope at all, and without a TTL: someone else's write.
+    let key = cache.store_key(&1);
+    assert_eq!(server.command(&["SET", key.as_str(), "garbage"]), "OK");
+    assert_eq!(cache.get(&1).await.unwrap(), None);
+    assert_eq!(cache.stats().decode_errors, 1);
+    assert!(cache.get_or_load(&1, good).await.unwrap().is_some());
+    assert_eq!(cache.peek(&1).await.unwrap().unwrap().name, "Ada");
+    let pttl: i64 = server.command(&["PTTL", key.as_str()]).parse().unwrap();
+    assert!(pttl > 0, "the replacement carries a TTL");
+
+    // A valid envelope whose payload the codec cannot read (a changed type).
+    let foreign = envelope::encode(&Meta::default(), b"\xff\xff\xff\xff");
+    let key2 = cache.store_key(&2);
+    server.command_bytes(&[b"SET", key2.as_str().as_bytes(), &foreign, b"PX", b"60000"]);
+    assert_eq!(cache.get(&2).await.unwrap(), None);
+    assert!(cache.get_or_load(&2, good).await.unwrap().is_some());
+    assert!(cache.peek(&2).await.unwrap().is_some());
+    // Each lookup that met the bad bytes counted: get and get_or_load, twice.
+    assert_eq!(cache.stats().decode_errors, 4, "{:?}", cache.stats());
+}
+
+#[tokio::test]
+async fn values_written_with_one_codec_are_misses_for_another() {
+    let fx = Fx::redis().await;
+    let postcard: Cache<u64, User> = fx.builder("users").build().unwrap();
+    let json: Cache<u64, User> = fx.builder("users").codec(Json).build().unwrap();
+    postcard
+        .set(
+            &1,
+            User {
+                id: 1,
+                name: "Ada".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(json.get(&1).await.unwrap(), None);
+    assert_eq!(json.stats().decode_errors, 1);
+}
+
+/// After a mixed workload, every key in Redis has a TTL, and the server never
+/// received KEYS, FLUSHDB or FLUSHALL.
+#[tokio::test]
+async fn every_key_has_a_ttl_and_no_forbidden_command_is_sent() {
+    let fx = Fx::redis().await;
+    let server = fx.server().unwrap();
+    let cache: Cache<u64, User> = fx.builder("users").build().unwrap();
+    for id in 0..200u64 {
+        cache
+            .get_or_load(&id, || async move {
+                Res::Ok((id % 3 != 0).then(|| User {
+                    id,
+                    name: format!("u{id}"),
+                }))
+            })
+            .await
+            .unwrap();
+        if id % 5 == 0 {
+            cache.invalidate(&id).await.unwrap();
+        }
+        if id % 7 == 0 {
+            cache
+                .set(
+                    &id,
+                    User {
+                        id,
+                        name: "set".into(),
+                    },
+                )
+                .await
+                .unwrap();
+        }
+    }
+    // Leave a lease behind too: a load cancelled mid-way.
+    let stuck = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_or_load(&9999, || async {
+                    std::future::pending::<()>().await;
+                    Res::Ok(None)
+                })
+                .await
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !server
+        .command(&["EXISTS", &cache.store_key(&9999).lease_key()])
+        .starts_with('1')
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease never appeared"
+        );
+        tokio::task::yield_now().await;
+    }
+    let all = keys(server);
+    assert!(all.len() > 100, "{} keys", all.len());
+    for key in &all {
+        let pttl: i64 = server.command(&["PTTL", key]).parse().unwrap();
+        assert!(pttl > 0, "{key} has PTTL {pttl}");
+    }
+    stuck.abort();
+    let stats = server.command(&["INFO", "commandstats"]);
+    for forbidden in ["cmdstat_keys:", "cmdstat_flushdb:", "cmdstat_flushall:"] {
+        assert!(!stats.contains(forbidden), "{forbidden} in\n{stats}");
+    }
+    assert!(
+        stats.contains("cmdstat_evalsha:"),
+        "scripts run by SHA:\n{stats}"
+    );
+}
+
+/// Scripts are loaded again after the server forgets them (a restart, SCRIPT FLUSH).
+#[tokio::test]
+async fn scripts_survive_script_flush() {
+    let fx = Fx::redis().await;
+    let server = fx.server().unwrap();
+    let cache: Cache<u64, u64> = fx.builder("n").build().unwrap();
+    cache
+        .get_or_load(&1, || async { Res::Ok(Some(1)) })
+        .await
+        .unwrap();
+    assert_eq!(server.command(&["SCRIPT", "FLUSH"]), "OK");
+    cache
+        .get_or_load(&2, || async { Res::Ok(Some(2)) })
+        .await
+        .unwrap();
+    assert_eq!(cache.peek(&2).await.unwrap(), Some(2));
+}
+
+/// With Redis gone, reads fall through to the loader with bounded latency and
+/// no error; writes report the failure; everything works again after a restart.
+#[tokio::test]
+async fn a_dead_server_degrades_to_the_source_and_recovers() {
+    let mut fx = Fx::redis().await;
+    let store = cachet::RedisStore::builder(fx.server().unwrap().url())
+        .response_timeout(Duration::from_millis(200))
+        .connection_timeout(Duration::from_millis(200))
+        .connect()
+        .await
+        .unwrap();
+    let cache: Cache<u64, u64> = Cache::builder("n").store(store).build().unwrap();
+    cache.set(&1, 1).await.unwrap();
+
+    fx.server_mut().unwrap().kill();
+    let v = tokio::time::timeout(
+        Duration::from_secs(10),
+        cache.get_or_load(&1, || async { Res::Ok(Some(10)) }),
+    )
+    .await
+    .expect("bounded by the timeouts")
+    .unwrap();
+    assert_eq!(v, Some(10), "served by the loader");
+    let e = cache.get(&1).await.unwrap_err();
+    assert!(e.is_store(), "{e}");
+    assert!(e.to_string().contains("key `1`"), "{e}");
+    assert!(cache.invalidate(&1).await.unwrap_err().is_store());
+    assert!(cache.stats().store_errors >= 3);
+
+    fx.server_mut().unwrap().restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if cache.set(&2, 2).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never reconnected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cache.get(&2).await.unwrap(), Some(2));
+}
