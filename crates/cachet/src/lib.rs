@@ -142,3 +142,8 @@ pub use cachet_core::{
 
 #[cfg(feature = "redis")]
 pub use cachet_redis::{RedisStore, RedisStoreBuilder};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
