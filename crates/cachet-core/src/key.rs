@@ -21,6 +21,7 @@
 //! always escaped inside a component.
 
 use std::fmt;
+use std::hash::Hash;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -29,11 +30,14 @@ use std::sync::Arc;
 /// Implementations write the key's bytes through [`KeyWriter`], which escapes
 /// them. Two values that are not equal must write different bytes; the
 /// implementations provided here (strings, byte strings, integers, `bool`, `char`,
-/// tuples of keys, references) all do.
+/// tuples of keys) all do. Keys are also hashed and compared directly by the
+/// in-process store, hence the `Hash + Eq + ToOwned` bounds: a `Cache<str, V>`
+/// looks up `&str` and stores `String`.
 ///
 /// ```
 /// use cachet_core::{CacheKey, KeyWriter};
 ///
+/// #[derive(Clone, Hash, PartialEq, Eq)]
 /// struct OrderId { shop: u32, seq: u64 }
 ///
 /// impl CacheKey for OrderId {
@@ -42,7 +46,7 @@ use std::sync::Arc;
 ///     }
 /// }
 /// ```
-pub trait CacheKey {
+pub trait CacheKey: Hash + Eq + ToOwned<Owned: Hash + Eq + Send + Sync + 'static> {
     /// Writes this key's bytes.
     fn write_key(&self, out: &mut KeyWriter<'_>);
 }
@@ -136,21 +140,21 @@ impl CacheKey for char {
     }
 }
 
-impl<T: CacheKey + ?Sized> CacheKey for &T {
+impl CacheKey for &'static str {
     fn write_key(&self, out: &mut KeyWriter<'_>) {
-        (**self).write_key(out);
+        out.write_str(self);
     }
 }
 
-impl<T: CacheKey + ?Sized> CacheKey for Box<T> {
+impl CacheKey for Box<str> {
     fn write_key(&self, out: &mut KeyWriter<'_>) {
-        (**self).write_key(out);
+        out.write_str(self);
     }
 }
 
-impl<T: CacheKey + ?Sized> CacheKey for Arc<T> {
+impl CacheKey for Arc<str> {
     fn write_key(&self, out: &mut KeyWriter<'_>) {
-        (**self).write_key(out);
+        out.write_str(self);
     }
 }
 
@@ -170,7 +174,11 @@ impl_int_key!(
 
 macro_rules! impl_tuple_key {
     ($first:ident $(, $rest:ident)*) => {
-        impl<$first: CacheKey, $($rest: CacheKey),*> CacheKey for ($first, $($rest,)*) {
+        impl<$first, $($rest),*> CacheKey for ($first, $($rest,)*)
+        where
+            $first: CacheKey + Clone + Send + Sync + 'static,
+            $($rest: CacheKey + Clone + Send + Sync + 'static,)*
+        {
             #[allow(non_snake_case)]
             fn write_key(&self, out: &mut KeyWriter<'_>) {
                 let ($first, $($rest,)*) = self;

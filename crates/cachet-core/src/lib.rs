@@ -24,5 +24,5 @@ pub use envelope::{DecodeError, Meta};
 pub use key::{CacheKey, KeyLayout, KeyLayoutError, KeyWriter, StoreKey};
 pub use store::{
     Acquire, AcquireMode, Entry, Fill, LeaseToken, Payload, PayloadKind, Read, Store, StoreError,
-    StoreFuture, TokenSource, ttl_millis,
+    StoreFuture, TokenSource, Ttls, ttl_millis,
 };

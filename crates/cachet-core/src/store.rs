@@ -138,6 +138,16 @@ pub enum Fill {
     Refused,
 }
 
+/// The remaining lifetimes of an entry and of its lease, from [`Store::ttl`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ttls {
+    /// The entry's remaining TTL; `None` when there is no entry (or, for a key
+    /// written by something else without a TTL, [`Duration::MAX`]).
+    pub entry: Option<Duration>,
+    /// The lease's remaining TTL; `None` when no lease is held.
+    pub lease: Option<Duration>,
+}
+
 /// A lease token: 16 bytes, unique per grant.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LeaseToken([u8; 16]);
@@ -273,6 +283,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes the entry and revokes any lease.
     fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()>;
+
+    /// The remaining TTLs of the entry and its lease, for inspection.
+    fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls>;
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -310,6 +323,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
         (**self).invalidate(key)
+    }
+    fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
+        (**self).ttl(key)
     }
 }
 

@@ -33,7 +33,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cachet_core::{
     Acquire, AcquireMode, Entry, Fill, LeaseToken, Payload, PayloadKind, Read, Store, StoreError,
-    StoreFuture, StoreKey, TokenSource, envelope, ttl_millis,
+    StoreFuture, StoreKey, TokenSource, Ttls, envelope, ttl_millis,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
@@ -331,6 +331,31 @@ impl Store for RedisStore {
                 .map_err(|e| self.err(e))?;
             Ok(())
         })
+    }
+
+    fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
+        Box::pin(async move {
+            let (entry, lease): (i64, i64) = redis::pipe()
+                .cmd("PTTL")
+                .arg(key.as_str())
+                .cmd("PTTL")
+                .arg(key.lease_key())
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(Ttls {
+                entry: pttl(entry),
+                lease: pttl(lease),
+            })
+        })
+    }
+}
+
+/// A `PTTL` reply: -2 for no key, -1 for a key without TTL.
+fn pttl(ms: i64) -> Option<Duration> {
+    match ms {
+        -1 => Some(Duration::MAX),
+        ms => u64::try_from(ms).ok().map(Duration::from_millis),
     }
 }
 

@@ -35,7 +35,7 @@ impl Harness for RedisHarness {
         Box::pin(tokio::time::sleep(by))
     }
 
-    fn ttl(&self, key: &StoreKey, lease: bool) -> BoxFuture<'_, KeyTtl> {
+    fn ttl<'a>(&'a self, key: &'a StoreKey, lease: bool) -> BoxFuture<'a, KeyTtl> {
         let name = if lease {
             key.lease_key()
         } else {

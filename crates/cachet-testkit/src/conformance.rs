@@ -44,7 +44,7 @@ pub trait Harness: Send + Sync {
     fn advance(&self, by: Duration) -> BoxFuture<'_, ()>;
 
     /// The remaining TTL of an entry key, or of its lease key when `lease` is set.
-    fn ttl(&self, key: &StoreKey, lease: bool) -> BoxFuture<'_, KeyTtl>;
+    fn ttl<'a>(&'a self, key: &'a StoreKey, lease: bool) -> BoxFuture<'a, KeyTtl>;
 
     /// Writes raw bytes under an entry key, bypassing the protocol, to simulate
     /// corruption; `None` for stores that keep decoded objects.

@@ -1,5 +1,6 @@
 //! [`CacheBuilder`]: configuration of a [`Cache`], validated at [`CacheBuilder::build`].
 
+use std::any::Any;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +34,7 @@ pub struct CacheBuilder<K: ?Sized, V, C = Postcard> {
     lease_ttl: Duration,
     lease_wait: Duration,
     store: Option<Arc<dyn Store>>,
+    memory: Option<MemoryStore>,
     clock: Option<Clock>,
     codec: C,
     _types: PhantomData<fn(&K) -> V>,
@@ -49,6 +51,7 @@ impl<K: ?Sized, V> CacheBuilder<K, V, Postcard> {
             lease_ttl: Duration::from_secs(5),
             lease_wait: Duration::from_secs(2),
             store: None,
+            memory: None,
             clock: None,
             codec: Postcard,
             _types: PhantomData,
@@ -100,13 +103,20 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
 
     /// The store entries live in. Stores are cheap handles; one store may serve
     /// many caches with different namespaces.
-    pub fn store(mut self, store: impl Store) -> Self {
+    ///
+    /// On a [`MemoryStore`] the cache keeps its entries in a typed table of its
+    /// own, so a hit is one map lookup and a clone of `V`.
+    pub fn store<S: Store>(mut self, store: S) -> Self {
+        self.memory = (&store as &dyn Any).downcast_ref::<MemoryStore>().cloned();
         self.store = Some(Arc::new(store));
         self
     }
 
-    /// The store, already shared.
+    /// The store, already shared. The cache speaks the [`Store`] protocol to it,
+    /// even if it is a [`MemoryStore`] (use [`store`](Self::store) for the typed
+    /// fast path).
     pub fn store_arc(mut self, store: Arc<dyn Store>) -> Self {
+        self.memory = None;
         self.store = Some(store);
         self
     }
@@ -129,6 +139,7 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
             lease_ttl: self.lease_ttl,
             lease_wait: self.lease_wait,
             store: self.store,
+            memory: self.memory,
             clock: self.clock,
             codec,
             _types: PhantomData,
@@ -163,28 +174,40 @@ where
         if self.lease_ttl.is_zero() {
             return Err(Error::config(ns, "lease_ttl must be positive"));
         }
-        let clock = self.clock.unwrap_or_default();
-        let store = self.store.unwrap_or_else(|| {
-            Arc::new(MemoryStore::with_clock(
-                MemoryStore::DEFAULT_CAPACITY,
-                clock.clone(),
-            ))
-        });
+        let (store, memory) = match self.store {
+            Some(store) => (store, self.memory),
+            None => {
+                let clock = self.clock.unwrap_or_default();
+                let memory = MemoryStore::with_clock(MemoryStore::DEFAULT_CAPACITY, clock);
+                (Arc::new(memory.clone()) as Arc<dyn Store>, Some(memory))
+            }
+        };
+        let local = match memory {
+            Some(memory) => Some(
+                memory
+                    .table::<K, V>(layout.namespace())
+                    .map_err(|e| Error::config(ns, e))?,
+            ),
+            None => None,
+        };
         if store.payload_kind() == PayloadKind::Bytes && !self.codec.can_encode() {
             return Err(Error::config(
                 ns,
                 format!("{store:?} keeps bytes, so the cache needs a codec, not NoCodec"),
             ));
         }
-        Ok(Cache::from_settings(Settings {
-            layout,
-            ttl: self.ttl,
-            jitter: self.jitter,
-            negative_ttl: (!self.negative_ttl.is_zero()).then_some(self.negative_ttl),
-            lease_ttl: self.lease_ttl,
-            lease_wait: self.lease_wait,
-            store,
-            codec: Arc::new(self.codec),
-        }))
+        Ok(Cache::from_settings(
+            Settings {
+                layout,
+                ttl: self.ttl,
+                jitter: self.jitter,
+                negative_ttl: (!self.negative_ttl.is_zero()).then_some(self.negative_ttl),
+                lease_ttl: self.lease_ttl,
+                lease_wait: self.lease_wait,
+                store,
+                codec: Arc::new(self.codec),
+            },
+            local,
+        ))
     }
 }

@@ -1,8 +1,13 @@
-//! [`Cache`]: the typed front end over a [`Store`].
+//! [`Cache`]: the typed front end over a store.
+//!
+//! The read-through algorithm (lookup, single-flight, acquire, load, fill) is
+//! written once, in [`Cache::get_or_load`] and the `Inner::load*` methods; the
+//! `Inner` primitives below it (`lookup`, `acquire`, `fill`, `release`, …) are the
+//! only places that know whether the store is a cache's typed in-process table or
+//! a [`Store`] reached through the protocol.
 
 use std::fmt;
 use std::future::Future;
-use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +22,7 @@ use crate::builder::CacheBuilder;
 use crate::codec::Codec;
 use crate::error::BoxError;
 use crate::flight::{self, Flights, Outcome, Role};
+use crate::memory::{Acquired, LocalTier, Slot};
 use crate::stats::{Counters, Stats};
 
 /// How many times a caller starts over after the in-process leader it followed
@@ -28,15 +34,14 @@ const MAX_ACQUIRE_ROUNDS: usize = 64;
 const FIRST_BACKOFF: Duration = Duration::from_millis(2);
 const MAX_BACKOFF: Duration = Duration::from_millis(50);
 
-/// A typed cache of `V` values under keys `K`, over a [`Store`].
+/// A typed cache of `V` values under keys `K`, over a store.
 ///
 /// Cloning is cheap; clones share everything, counters included.
 ///
 /// See the [crate docs](crate) for the guarantees and for what concurrent
 /// callers of [`get_or_load`](Cache::get_or_load) see.
 pub struct Cache<K: ?Sized, V> {
-    inner: Arc<Inner<V>>,
-    _key: PhantomData<fn(&K)>,
+    inner: Arc<Inner<K, V>>,
 }
 
 pub(crate) struct Settings<V> {
@@ -50,8 +55,10 @@ pub(crate) struct Settings<V> {
     pub(crate) codec: Arc<dyn Codec<V>>,
 }
 
-struct Inner<V> {
+struct Inner<K: ?Sized, V> {
     s: Settings<V>,
+    /// The cache's typed table when the store is a `MemoryStore`.
+    local: Option<Arc<dyn LocalTier<K, V>>>,
     kind: PayloadKind,
     counters: Counters,
     flights: Flights<V>,
@@ -67,26 +74,35 @@ enum Lookup<V> {
     Failed(StoreError),
 }
 
+/// What a read-or-lease found, decoded.
+enum Claim<V> {
+    Hit(Option<V>),
+    Corrupt,
+    Leased(LeaseToken),
+    Busy(Option<Duration>),
+}
+
 impl<K: ?Sized, V> Clone for Cache<K, V> {
     fn clone(&self) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
-            _key: PhantomData,
         }
     }
 }
 
 impl<K: ?Sized, V> fmt::Debug for Cache<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.inner.s;
         f.debug_struct("Cache")
-            .field("namespace", &self.inner.s.layout.namespace())
-            .field("prefix", &self.inner.s.layout.prefix())
-            .field("ttl", &self.inner.s.ttl)
-            .field("jitter", &self.inner.s.jitter)
-            .field("negative_ttl", &self.inner.s.negative_ttl)
-            .field("lease_ttl", &self.inner.s.lease_ttl)
-            .field("store", &self.inner.s.store)
-            .field("codec", &self.inner.s.codec)
+            .field("namespace", &s.layout.namespace())
+            .field("prefix", &s.layout.prefix())
+            .field("ttl", &s.ttl)
+            .field("jitter", &s.jitter)
+            .field("negative_ttl", &s.negative_ttl)
+            .field("lease_ttl", &s.lease_ttl)
+            .field("lease_wait", &s.lease_wait)
+            .field("store", &s.store)
+            .field("codec", &s.codec)
             .finish()
     }
 }
@@ -104,17 +120,17 @@ where
         CacheBuilder::new(namespace.into())
     }
 
-    pub(crate) fn from_settings(s: Settings<V>) -> Self {
+    pub(crate) fn from_settings(s: Settings<V>, local: Option<Arc<dyn LocalTier<K, V>>>) -> Self {
         let kind = s.store.payload_kind();
         let counters = Counters::new(s.layout.namespace());
         Self {
             inner: Arc::new(Inner {
                 s,
+                local,
                 kind,
                 counters,
                 flights: Flights::new(),
             }),
-            _key: PhantomData,
         }
     }
 
@@ -123,13 +139,9 @@ where
     ///
     /// # Errors
     /// When the store fails.
+    #[inline]
     pub async fn get(&self, key: &K) -> Result<Option<V>, Error> {
-        let skey = self.inner.s.layout.key(key);
-        match self.inner.lookup(&skey, true).await {
-            Lookup::Found(v) => Ok(v),
-            Lookup::Missing { .. } => Ok(None),
-            Lookup::Failed(e) => Err(self.inner.store_error(&skey, e)),
-        }
+        self.read(key, true).await
     }
 
     /// Like [`get`](Self::get), but not counted in the statistics.
@@ -137,11 +149,23 @@ where
     /// # Errors
     /// When the store fails.
     pub async fn peek(&self, key: &K) -> Result<Option<V>, Error> {
-        let skey = self.inner.s.layout.key(key);
-        match self.inner.lookup(&skey, false).await {
+        self.read(key, false).await
+    }
+
+    #[inline]
+    async fn read(&self, key: &K, count: bool) -> Result<Option<V>, Error> {
+        let inner = &*self.inner;
+        if let Some(local) = &inner.local {
+            return Ok(match inner.lookup_local(&**local, key, count) {
+                Lookup::Found(v) => v,
+                _ => None,
+            });
+        }
+        let skey = inner.s.layout.key(key);
+        match inner.lookup_shared(&skey, count).await {
             Lookup::Found(v) => Ok(v),
             Lookup::Missing { .. } => Ok(None),
-            Lookup::Failed(e) => Err(self.inner.store_error(&skey, e)),
+            Lookup::Failed(e) => Err(inner.store_error(&skey, e)),
         }
     }
 
@@ -164,10 +188,22 @@ where
         Fut: Future<Output = Result<Option<V>, E>>,
         E: Into<BoxError>,
     {
-        let skey = self.inner.s.layout.key(key);
-        let (mode, store_up) = match self.inner.lookup(&skey, true).await {
-            Lookup::Found(v) => return Ok(v),
-            Lookup::Missing { corrupt: false } => (AcquireMode::IfAbsent, true),
+        let inner = &*self.inner;
+        let (skey, first) = match &inner.local {
+            Some(local) => match inner.lookup_local(&**local, key, true) {
+                Lookup::Found(v) => return Ok(v),
+                other => (inner.s.layout.key(key), other),
+            },
+            None => {
+                let skey = inner.s.layout.key(key);
+                match inner.lookup_shared(&skey, true).await {
+                    Lookup::Found(v) => return Ok(v),
+                    other => (skey, other),
+                }
+            }
+        };
+        let (mode, store_up) = match first {
+            Lookup::Found(_) | Lookup::Missing { corrupt: false } => (AcquireMode::IfAbsent, true),
             Lookup::Missing { corrupt: true } => (AcquireMode::Replace, true),
             Lookup::Failed(e) => {
                 tracing::warn!(cache = self.namespace(), key = skey.user_key(), error = %e,
@@ -176,9 +212,9 @@ where
             }
         };
         for _ in 0..MAX_FOLLOW_ROUNDS {
-            match self.inner.flights.join(skey.as_str()) {
+            match inner.flights.join(skey.as_str()) {
                 Role::Leader(leader) => {
-                    let outcome = self.inner.load(&skey, mode, store_up, loader).await;
+                    let outcome = inner.load(key, &skey, mode, store_up, loader).await;
                     leader.finish(&outcome);
                     return outcome;
                 }
@@ -190,7 +226,7 @@ where
                 }
             }
         }
-        self.inner.load(&skey, mode, store_up, loader).await
+        inner.load(key, &skey, mode, store_up, loader).await
     }
 
     /// Writes a value with a (jittered) TTL, replacing any entry and revoking any
@@ -199,19 +235,23 @@ where
     /// # Errors
     /// When the value cannot be encoded or the store fails.
     pub async fn set(&self, key: &K, value: V) -> Result<(), Error> {
-        let skey = self.inner.s.layout.key(key);
-        let entry = self
-            .inner
-            .entry_for(Some(&value), Duration::ZERO)
+        let inner = &*self.inner;
+        let skey = inner.s.layout.key(key);
+        inner.flights.detach(skey.as_str());
+        let ttl = inner.value_ttl();
+        if let Some(local) = &inner.local {
+            local.set(key, Slot { value: Some(value) }, ttl);
+            return Ok(());
+        }
+        let entry = inner
+            .entry_for(Meta::default(), Some(&value))
             .map_err(|e| Error::codec(self.namespace(), skey.user_key(), e))?;
-        self.inner.flights.detach(skey.as_str());
-        let ttl = self.inner.value_ttl();
-        self.inner
+        inner
             .s
             .store
             .set(&skey, entry, ttl)
             .await
-            .map_err(|e| self.inner.store_error(&skey, e))
+            .map_err(|e| inner.store_error(&skey, e))
     }
 
     /// Deletes the entry and revokes any lease: a load that read the source before
@@ -220,14 +260,35 @@ where
     /// # Errors
     /// When the store fails; the entry may then still be there until its TTL.
     pub async fn invalidate(&self, key: &K) -> Result<(), Error> {
-        let skey = self.inner.s.layout.key(key);
-        self.inner.flights.detach(skey.as_str());
-        self.inner
+        let inner = &*self.inner;
+        let skey = inner.s.layout.key(key);
+        inner.flights.detach(skey.as_str());
+        if let Some(local) = &inner.local {
+            local.invalidate(key);
+            return Ok(());
+        }
+        inner
             .s
             .store
             .invalidate(&skey)
             .await
-            .map_err(|e| self.inner.store_error(&skey, e))
+            .map_err(|e| inner.store_error(&skey, e))
+    }
+
+    /// The remaining TTL of `key`'s entry, `None` if there is none.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn ttl(&self, key: &K) -> Result<Option<Duration>, Error> {
+        let inner = &*self.inner;
+        if let Some(local) = &inner.local {
+            return Ok(local.ttls(key).entry);
+        }
+        let skey = inner.s.layout.key(key);
+        match inner.s.store.ttl(&skey).await {
+            Ok(ttls) => Ok(ttls.entry),
+            Err(e) => Err(inner.store_error(&skey, e)),
+        }
     }
 
     /// A snapshot of this cache's counters.
@@ -250,13 +311,17 @@ where
         &self.inner.s.layout
     }
 
-    /// The store this cache uses.
+    /// The store this cache was built on.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.s.store
     }
 }
 
-impl<V: Clone + Send + Sync + 'static> Inner<V> {
+impl<K, V> Inner<K, V>
+where
+    K: CacheKey + ?Sized,
+    V: Clone + Send + Sync + 'static,
+{
     fn namespace(&self) -> &str {
         self.s.layout.namespace()
     }
@@ -266,40 +331,7 @@ impl<V: Clone + Send + Sync + 'static> Inner<V> {
         Error::store(self.namespace(), key.user_key(), e)
     }
 
-    #[inline]
-    async fn lookup(&self, key: &StoreKey, count: bool) -> Lookup<V> {
-        let read = match self.s.store.get_now(key) {
-            Some(read) => Ok(read),
-            None => self.s.store.get(key).await,
-        };
-        let found = match read {
-            Ok(Read::Hit(entry)) => match self.decode(key, entry) {
-                Some(v) => v,
-                None => {
-                    if count {
-                        self.counters.misses.inc();
-                    }
-                    return Lookup::Missing { corrupt: true };
-                }
-            },
-            Ok(Read::Miss) => {
-                if count {
-                    self.counters.misses.inc();
-                }
-                return Lookup::Missing { corrupt: false };
-            }
-            Ok(Read::Corrupt) => {
-                self.decode_failed(key, &"stored bytes are not a cachet entry");
-                if count {
-                    self.counters.misses.inc();
-                }
-                return Lookup::Missing { corrupt: true };
-            }
-            Err(e) => {
-                self.counters.store_errors.inc();
-                return Lookup::Failed(e);
-            }
-        };
+    fn count_found(&self, found: &Option<V>, count: bool) {
         if count {
             if found.is_some() {
                 self.counters.hits.inc();
@@ -307,12 +339,62 @@ impl<V: Clone + Send + Sync + 'static> Inner<V> {
                 self.counters.negative_hits.inc();
             }
         }
-        Lookup::Found(found)
+    }
+
+    fn count_miss(&self, count: bool) {
+        if count {
+            self.counters.misses.inc();
+        }
+    }
+
+    #[inline]
+    fn lookup_local(&self, local: &dyn LocalTier<K, V>, key: &K, count: bool) -> Lookup<V> {
+        match local.get(key) {
+            Some(slot) => {
+                self.count_found(&slot.value, count);
+                Lookup::Found(slot.value)
+            }
+            None => {
+                self.count_miss(count);
+                Lookup::Missing { corrupt: false }
+            }
+        }
+    }
+
+    async fn lookup_shared(&self, key: &StoreKey, count: bool) -> Lookup<V> {
+        let read = match self.s.store.get_now(key) {
+            Some(read) => Ok(read),
+            None => self.s.store.get(key).await,
+        };
+        match read {
+            Ok(Read::Hit(entry)) => match self.decode(key, entry) {
+                Some(v) => {
+                    self.count_found(&v, count);
+                    Lookup::Found(v)
+                }
+                None => {
+                    self.count_miss(count);
+                    Lookup::Missing { corrupt: true }
+                }
+            },
+            Ok(Read::Miss) => {
+                self.count_miss(count);
+                Lookup::Missing { corrupt: false }
+            }
+            Ok(Read::Corrupt) => {
+                self.decode_failed(key, &"stored bytes are not a cachet entry");
+                self.count_miss(count);
+                Lookup::Missing { corrupt: true }
+            }
+            Err(e) => {
+                self.counters.store_errors.inc();
+                Lookup::Failed(e)
+            }
+        }
     }
 
     /// Decodes an entry: `Some(None)` for a negative entry, `None` (counted) if it
     /// does not decode.
-    #[inline]
     fn decode(&self, key: &StoreKey, entry: Entry) -> Option<Option<V>> {
         if entry.meta.negative {
             return Some(None);
@@ -345,13 +427,7 @@ impl<V: Clone + Send + Sync + 'static> Inner<V> {
             "undecodable entry treated as a miss");
     }
 
-    fn entry_for(&self, value: Option<&V>, load_time: Duration) -> Result<Entry, BoxError> {
-        let meta = Meta {
-            negative: value.is_none(),
-            soft_expiry_ms: 0,
-            version: 0,
-            load_time_us: u32::try_from(load_time.as_micros()).unwrap_or(u32::MAX),
-        };
+    fn entry_for(&self, meta: Meta, value: Option<&V>) -> Result<Entry, BoxError> {
         let payload = match value {
             None => Payload::Empty,
             Some(v) => match self.kind {
@@ -375,10 +451,95 @@ impl<V: Clone + Send + Sync + 'static> Inner<V> {
         self.s.ttl.mul_f64(factor)
     }
 
+    /// Read-or-lease.
+    async fn acquire(
+        &self,
+        key: &K,
+        skey: &StoreKey,
+        mode: AcquireMode,
+    ) -> Result<Claim<V>, StoreError> {
+        if let Some(local) = &self.local {
+            return Ok(match local.acquire(key, mode, self.s.lease_ttl) {
+                Acquired::Hit(slot) => Claim::Hit(slot.value),
+                Acquired::Leased(token) => Claim::Leased(token),
+                Acquired::Busy(left) => Claim::Busy(Some(left)),
+            });
+        }
+        Ok(
+            match self.s.store.acquire(skey, mode, self.s.lease_ttl).await? {
+                Acquire::Hit(entry) => match self.decode(skey, entry) {
+                    Some(v) => Claim::Hit(v),
+                    None => Claim::Corrupt,
+                },
+                Acquire::Corrupt => {
+                    self.decode_failed(skey, &"stored bytes are not a cachet entry");
+                    Claim::Corrupt
+                }
+                Acquire::Leased(token) => Claim::Leased(token),
+                Acquire::Busy { expires_in } => Claim::Busy(expires_in),
+            },
+        )
+    }
+
+    /// A plain read while waiting for another caller's lease; not counted.
+    async fn reread(&self, key: &K, skey: &StoreKey) -> Lookup<V> {
+        match &self.local {
+            Some(local) => self.lookup_local(&**local, key, false),
+            None => self.lookup_shared(skey, false).await,
+        }
+    }
+
+    /// Fill-if-lease-valid. `Err` carries a codec or store failure, already logged.
+    async fn fill(
+        &self,
+        key: &K,
+        skey: &StoreKey,
+        token: &LeaseToken,
+        meta: Meta,
+        value: &Option<V>,
+        ttl: Duration,
+    ) -> Result<Fill, ()> {
+        if let Some(local) = &self.local {
+            let slot = Slot {
+                value: value.clone(),
+            };
+            return Ok(local.fill(key, token, slot, ttl));
+        }
+        let entry = match self.entry_for(meta, value.as_ref()) {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::error!(cache = self.namespace(), key = skey.user_key(), error = %e,
+                    "the loaded value cannot be encoded; it is returned but not cached");
+                return Err(());
+            }
+        };
+        self.s
+            .store
+            .fill(skey, token, entry, ttl)
+            .await
+            .map_err(|e| {
+                self.counters.store_errors.inc();
+                tracing::warn!(cache = self.namespace(), key = skey.user_key(), error = %e,
+                    "fill failed; the value is returned but not cached");
+            })
+    }
+
+    async fn release(&self, key: &K, skey: &StoreKey, token: &LeaseToken) {
+        if let Some(local) = &self.local {
+            local.release(key, token);
+            return;
+        }
+        if let Err(e) = self.s.store.release(skey, token).await {
+            self.counters.store_errors.inc();
+            tracing::debug!(key = %skey, error = %e, "releasing a lease failed; it expires by its TTL");
+        }
+    }
+
     /// Loads a missing value under a lease (or, with the store down, without).
     async fn load<F, Fut, E>(
         &self,
-        key: &StoreKey,
+        key: &K,
+        skey: &StoreKey,
         mut mode: AcquireMode,
         store_up: bool,
         loader: F,
@@ -389,32 +550,26 @@ impl<V: Clone + Send + Sync + 'static> Inner<V> {
         E: Into<BoxError>,
     {
         if !store_up {
-            return self.load_unfilled(key, loader).await;
+            return self.load_unfilled(skey, loader).await;
         }
         let deadline = tokio::time::Instant::now() + self.s.lease_wait;
         let mut backoff = FIRST_BACKOFF;
         let mut waited = false;
         for _ in 0..MAX_ACQUIRE_ROUNDS {
-            let acquired = match self.s.store.acquire(key, mode, self.s.lease_ttl).await {
-                Ok(a) => a,
+            let claim = match self.acquire(key, skey, mode).await {
+                Ok(claim) => claim,
                 Err(e) => {
                     self.counters.store_errors.inc();
-                    tracing::warn!(cache = self.namespace(), key = key.user_key(), error = %e,
+                    tracing::warn!(cache = self.namespace(), key = skey.user_key(), error = %e,
                         "taking a lease failed; loading without caching");
-                    return self.load_unfilled(key, loader).await;
+                    return self.load_unfilled(skey, loader).await;
                 }
             };
-            match acquired {
-                Acquire::Hit(entry) => match self.decode(key, entry) {
-                    Some(v) => return Ok(v),
-                    None => mode = AcquireMode::Replace,
-                },
-                Acquire::Corrupt => {
-                    self.decode_failed(key, &"stored bytes are not a cachet entry");
-                    mode = AcquireMode::Replace;
-                }
-                Acquire::Leased(token) => return self.load_and_fill(key, token, loader).await,
-                Acquire::Busy { expires_in } => {
+            match claim {
+                Claim::Hit(v) => return Ok(v),
+                Claim::Corrupt => mode = AcquireMode::Replace,
+                Claim::Leased(token) => return self.load_and_fill(key, skey, token, loader).await,
+                Claim::Busy(expires_in) => {
                     if !waited {
                         self.counters.lease_waits.inc();
                         waited = true;
@@ -422,7 +577,7 @@ impl<V: Clone + Send + Sync + 'static> Inner<V> {
                     let now = tokio::time::Instant::now();
                     if now >= deadline {
                         self.counters.lease_wait_timeouts.inc();
-                        return self.load_unfilled(key, loader).await;
+                        return self.load_unfilled(skey, loader).await;
                     }
                     let mut pause = backoff.min(deadline - now);
                     if let Some(left) = expires_in {
@@ -433,32 +588,26 @@ impl<V: Clone + Send + Sync + 'static> Inner<V> {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     // The holder has probably filled by now; a plain read is cheaper
                     // than another acquire.
-                    match self.s.store.get(key).await {
-                        Ok(Read::Hit(entry)) => match self.decode(key, entry) {
-                            Some(v) => return Ok(v),
-                            None => mode = AcquireMode::Replace,
-                        },
-                        Ok(Read::Corrupt) => {
-                            self.decode_failed(key, &"stored bytes are not a cachet entry");
-                            mode = AcquireMode::Replace;
-                        }
-                        Ok(Read::Miss) => {}
-                        Err(e) => {
-                            self.counters.store_errors.inc();
-                            tracing::warn!(cache = self.namespace(), key = key.user_key(), error = %e,
+                    match self.reread(key, skey).await {
+                        Lookup::Found(v) => return Ok(v),
+                        Lookup::Missing { corrupt: true } => mode = AcquireMode::Replace,
+                        Lookup::Missing { corrupt: false } => {}
+                        Lookup::Failed(e) => {
+                            tracing::warn!(cache = self.namespace(), key = skey.user_key(), error = %e,
                                 "store read failed while waiting for a lease; loading without caching");
-                            return self.load_unfilled(key, loader).await;
+                            return self.load_unfilled(skey, loader).await;
                         }
                     }
                 }
             }
         }
-        self.load_unfilled(key, loader).await
+        self.load_unfilled(skey, loader).await
     }
 
     async fn load_and_fill<F, Fut, E>(
         &self,
-        key: &StoreKey,
+        key: &K,
+        skey: &StoreKey,
         token: LeaseToken,
         loader: F,
     ) -> Outcome<V>
@@ -468,8 +617,9 @@ impl<V: Clone + Send + Sync + 'static> Inner<V> {
         E: Into<BoxError>,
     {
         let mut lease = LeaseGuard {
-            store: Arc::clone(&self.s.store),
-            key: key.clone(),
+            inner: self,
+            key,
+            skey,
             token,
             armed: true,
         };
@@ -480,43 +630,36 @@ impl<V: Clone + Send + Sync + 'static> Inner<V> {
             Ok(value) => value,
             Err(e) => {
                 self.counters.load_errors.inc();
-                lease.release().await;
-                return Err(Error::load(self.namespace(), key.user_key(), e.into()));
+                lease.armed = false;
+                self.release(key, skey, &token).await;
+                return Err(Error::load(self.namespace(), skey.user_key(), e.into()));
             }
         };
         self.counters.loads.inc();
+        lease.armed = false;
         let ttl = match value {
             Some(_) => Some(self.value_ttl()),
             None => self.s.negative_ttl,
         };
         let Some(ttl) = ttl else {
             // Negative caching is off.
-            lease.release().await;
+            self.release(key, skey, &token).await;
             return Ok(value);
         };
-        let entry = match self.entry_for(value.as_ref(), load_time) {
-            Ok(entry) => entry,
-            Err(e) => {
-                tracing::error!(cache = self.namespace(), key = key.user_key(), error = %e,
-                    "the loaded value cannot be encoded; it is returned but not cached");
-                lease.release().await;
-                return Ok(value);
-            }
+        let meta = Meta {
+            negative: value.is_none(),
+            load_time_us: u32::try_from(load_time.as_micros()).unwrap_or(u32::MAX),
+            ..Meta::default()
         };
-        lease.armed = false;
-        match self.s.store.fill(key, &token, entry, ttl).await {
+        match self.fill(key, skey, &token, meta, &value, ttl).await {
             Ok(Fill::Filled) => {}
             Ok(Fill::Refused) => self.counters.refused_fills.inc(),
-            Err(e) => {
-                self.counters.store_errors.inc();
-                tracing::warn!(cache = self.namespace(), key = key.user_key(), error = %e,
-                    "fill failed; the value is returned but not cached");
-            }
+            Err(()) => self.release(key, skey, &token).await,
         }
         Ok(value)
     }
 
-    async fn load_unfilled<F, Fut, E>(&self, key: &StoreKey, loader: F) -> Outcome<V>
+    async fn load_unfilled<F, Fut, E>(&self, skey: &StoreKey, loader: F) -> Outcome<V>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<V>, E>>,
@@ -529,40 +672,35 @@ impl<V: Clone + Send + Sync + 'static> Inner<V> {
             }
             Err(e) => {
                 self.counters.load_errors.inc();
-                Err(Error::load(self.namespace(), key.user_key(), e.into()))
+                Err(Error::load(self.namespace(), skey.user_key(), e.into()))
             }
         }
     }
 }
 
-/// Releases a lease when a load ends without filling, including when the
-/// loading future is dropped mid-way (then in a spawned task).
-struct LeaseGuard {
-    store: Arc<dyn Store>,
-    key: StoreKey,
+/// Releases a lease if the load holding it is dropped before it ends (the
+/// caller's future was cancelled), so that others need not wait for its TTL.
+struct LeaseGuard<'a, K: ?Sized, V> {
+    inner: &'a Inner<K, V>,
+    key: &'a K,
+    skey: &'a StoreKey,
     token: LeaseToken,
     armed: bool,
 }
 
-impl LeaseGuard {
-    async fn release(&mut self) {
-        self.armed = false;
-        if let Err(e) = self.store.release(&self.key, &self.token).await {
-            tracing::debug!(key = %self.key, error = %e, "releasing a lease failed; it expires by its TTL");
-        }
-    }
-}
-
-impl Drop for LeaseGuard {
+impl<K: ?Sized, V> Drop for LeaseGuard<'_, K, V> {
     fn drop(&mut self) {
         if !self.armed {
             return;
         }
-        // Cancelled mid-load: give the lease back so others need not wait for its
-        // TTL. Without a runtime the lease simply expires.
+        if let Some(local) = &self.inner.local {
+            local.release(self.key, &self.token);
+            return;
+        }
+        // Without a runtime the lease simply expires.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let store = Arc::clone(&self.store);
-            let key = self.key.clone();
+            let store = Arc::clone(&self.inner.s.store);
+            let key = self.skey.clone();
             let token = self.token;
             rt.spawn(async move {
                 let _ = store.release(&key, &token).await;

@@ -98,7 +98,7 @@
 //!
 //! | store | where | payload | hit cost |
 //! |---|---|---|---|
-//! | [`MemoryStore`] | in process (the default) | decoded values, shared | a map lookup and a clone of `V` |
+//! | [`MemoryStore`] | in process (the default) | decoded values in a typed table per cache | one map lookup and a clone of `V`; no key formatting, no decoding |
 //! | `RedisStore` (feature `redis`, on by default) | Redis ≥ 7 | envelope + codec bytes | one `GET` round trip and a decode |
 //!
 //! Both implement the same [`Store`] protocol and pass the same conformance suite.

@@ -1,108 +1,334 @@
-//! The in-process store: the lease protocol over a bounded concurrent map.
+//! The in-process store: the lease protocol over bounded concurrent maps.
 //!
-//! Entries live in a [`quick_cache`] map (bounded by entry count, evicting with
-//! its CLOCK-Pro policy) holding decoded values, so a hit clones an `Arc` and
-//! never deserializes. TTLs are checked against the store's [`Clock`] on every
-//! read; expired entries are ignored and replaced by the next fill or evicted.
+//! [`MemTable`] is the protocol, written once and generic over the key and item
+//! types. Entries live in a [`quick_cache`] map (bounded by entry count, evicting
+//! with its CLOCK-Pro policy); leases live in a striped table beside it. Every
+//! operation that must be atomic with respect to a lease (`acquire`, `fill`,
+//! `release`, `set`, `invalidate`) holds the key's stripe lock while it touches
+//! both; plain reads take no stripe lock. TTLs are checked against the coarse
+//! clock on every read; an expired entry is ignored and later replaced or evicted.
 //!
-//! Leases live in a striped table next to the map. Every operation that must be
-//! atomic with respect to a lease (`acquire`, `fill`, `release`, `set`,
-//! `invalidate`) holds the key's stripe lock while it touches both; plain reads
-//! take no stripe lock.
+//! [`MemoryStore`] holds two kinds of tables:
+//!
+//! - one *typed* table per cache namespace, `MemTable<K::Owned, Slot<V>>`, used by
+//!   [`Cache`](crate::Cache): a hit is a typed map lookup and a clone of `V`, with
+//!   no key formatting and no deserialization;
+//! - one table keyed by [`StoreKey`] holding [`Entry`] values, used by code that
+//!   speaks the [`Store`] protocol directly (and by the conformance suite).
 
+use std::any::Any;
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
 use std::fmt;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 use std::time::Duration;
 
 use cachet_core::{
-    Acquire, AcquireMode, Clock, Entry, Fill, LeaseToken, PayloadKind, Read, Store, StoreFuture,
-    StoreKey, TokenSource, ttl_millis,
+    Acquire, AcquireMode, CacheKey, Clock, Entry, Fill, LeaseToken, PayloadKind, Read, Store,
+    StoreFuture, StoreKey, TokenSource, Ttls, ttl_millis,
 };
 use parking_lot::Mutex;
 
-/// Number of lease stripes; a power of two.
+/// Number of lease stripes per table; a power of two.
 const STRIPES: usize = 64;
 /// A stripe sweeps its expired leases when it grows past this many.
 const SWEEP_AT: usize = 1024;
 
-/// An in-process [`Store`]: the embedded default, no server needed.
-///
-/// Cloning is cheap and clones share the same entries, so several caches (with
-/// different namespaces) can share one store.
-///
-/// ```
-/// use cachet::MemoryStore;
-///
-/// let store = MemoryStore::new(10_000);
-/// assert_eq!(store.capacity(), 10_000);
-/// ```
-#[derive(Clone)]
-pub struct MemoryStore {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    entries: quick_cache::sync::Cache<Box<str>, Slot>,
-    leases: Box<[Stripe]>,
-    hasher: std::collections::hash_map::RandomState,
-    tokens: TokenSource,
+/// One protocol table. See the [module docs](self).
+pub(crate) struct MemTable<Q, P> {
+    entries: quick_cache::sync::Cache<Q, Timed<P>>,
+    leases: Box<[Stripe<Q>]>,
+    hasher: RandomState,
+    tokens: Arc<TokenSource>,
     clock: Clock,
-    capacity: usize,
 }
+
+type Stripe<Q> = Mutex<HashMap<Q, LeaseSlot>>;
 
 #[derive(Clone)]
-struct Slot {
-    entry: Entry,
+struct Timed<P> {
     expires_at_ms: u64,
+    item: P,
 }
-
-type Stripe = Mutex<HashMap<Box<str>, LeaseSlot>>;
 
 struct LeaseSlot {
     token: LeaseToken,
     expires_at_ms: u64,
 }
 
+/// The result of [`MemTable::acquire`].
+pub(crate) enum Acquired<P> {
+    Hit(P),
+    Leased(LeaseToken),
+    Busy(Duration),
+}
+
+impl<Q, P> MemTable<Q, P>
+where
+    Q: Hash + Eq + Send + Sync + 'static,
+    P: Clone + Send + Sync + 'static,
+{
+    fn new(capacity: usize, clock: Clock, tokens: Arc<TokenSource>) -> Self {
+        Self {
+            entries: quick_cache::sync::Cache::new(capacity.max(1)),
+            leases: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            tokens,
+            clock,
+        }
+    }
+
+    fn stripe<B: Hash + ?Sized>(&self, key: &B) -> &Stripe<Q> {
+        // Truncation is intended: only the low bits pick the stripe.
+        #[allow(clippy::cast_possible_truncation)]
+        let i = self.hasher.hash_one(key) as usize & (STRIPES - 1);
+        &self.leases[i]
+    }
+
+    /// The live item under `key`.
+    #[inline]
+    pub(crate) fn get<B>(&self, key: &B) -> Option<P>
+    where
+        Q: Borrow<B>,
+        B: Hash + Eq + ?Sized,
+    {
+        self.live(key, self.clock.coarse_ms())
+    }
+
+    #[inline]
+    fn live<B>(&self, key: &B, now: u64) -> Option<P>
+    where
+        Q: Borrow<B>,
+        B: Hash + Eq + ?Sized,
+    {
+        match self.entries.get(key) {
+            Some(t) if t.expires_at_ms > now => Some(t.item),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn acquire<B>(&self, key: &B, mode: AcquireMode, lease_ttl: Duration) -> Acquired<P>
+    where
+        Q: Borrow<B>,
+        B: Hash + Eq + ToOwned<Owned = Q> + ?Sized,
+    {
+        let now = self.clock.coarse_ms();
+        let mut stripe = self.stripe(key).lock();
+        if mode == AcquireMode::IfAbsent
+            && let Some(item) = self.live(key, now)
+        {
+            return Acquired::Hit(item);
+        }
+        if let Some(lease) = stripe.get(key)
+            && lease.expires_at_ms > now
+        {
+            return Acquired::Busy(Duration::from_millis(lease.expires_at_ms - now));
+        }
+        if stripe.len() >= SWEEP_AT {
+            stripe.retain(|_, l| l.expires_at_ms > now);
+        }
+        let token = self.tokens.next_token();
+        stripe.insert(
+            key.to_owned(),
+            LeaseSlot {
+                token,
+                expires_at_ms: now.saturating_add(ttl_millis(lease_ttl)),
+            },
+        );
+        Acquired::Leased(token)
+    }
+
+    pub(crate) fn fill<B>(&self, key: &B, token: &LeaseToken, item: P, ttl: Duration) -> Fill
+    where
+        Q: Borrow<B>,
+        B: Hash + Eq + ToOwned<Owned = Q> + ?Sized,
+    {
+        let now = self.clock.coarse_ms();
+        let mut stripe = self.stripe(key).lock();
+        let valid = match stripe.get(key) {
+            Some(lease) => lease.token == *token && lease.expires_at_ms > now,
+            None => return Fill::Refused,
+        };
+        if valid {
+            stripe.remove(key);
+            self.insert(key.to_owned(), item, ttl, now);
+            Fill::Filled
+        } else {
+            if stripe.get(key).is_some_and(|l| l.expires_at_ms <= now) {
+                stripe.remove(key);
+            }
+            Fill::Refused
+        }
+    }
+
+    pub(crate) fn release<B>(&self, key: &B, token: &LeaseToken) -> bool
+    where
+        Q: Borrow<B>,
+        B: Hash + Eq + ?Sized,
+    {
+        let mut stripe = self.stripe(key).lock();
+        if stripe.get(key).is_some_and(|l| l.token == *token) {
+            stripe.remove(key);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub(crate) fn set<B>(&self, key: &B, item: P, ttl: Duration)
+    where
+        Q: Borrow<B>,
+        B: Hash + Eq + ToOwned<Owned = Q> + ?Sized,
+    {
+        let now = self.clock.coarse_ms();
+        let mut stripe = self.stripe(key).lock();
+        stripe.remove(key);
+        self.insert(key.to_owned(), item, ttl, now);
+    }
+
+    pub(crate) fn invalidate<B>(&self, key: &B)
+    where
+        Q: Borrow<B>,
+        B: Hash + Eq + ?Sized,
+    {
+        let mut stripe = self.stripe(key).lock();
+        stripe.remove(key);
+        self.entries.remove(key);
+    }
+
+    pub(crate) fn ttls<B>(&self, key: &B) -> Ttls
+    where
+        Q: Borrow<B>,
+        B: Hash + Eq + ?Sized,
+    {
+        let now = self.clock.coarse_ms();
+        let left = |at: u64| (at > now).then(|| Duration::from_millis(at - now));
+        let entry = self.entries.peek(key).and_then(|t| left(t.expires_at_ms));
+        let lease = self
+            .stripe(key)
+            .lock()
+            .get(key)
+            .and_then(|l| left(l.expires_at_ms));
+        Ttls { entry, lease }
+    }
+
+    fn insert(&self, key: Q, item: P, ttl: Duration, now: u64) {
+        self.entries.insert(
+            key,
+            Timed {
+                expires_at_ms: now.saturating_add(ttl_millis(ttl)),
+                item,
+            },
+        );
+    }
+}
+
+/// An item of a cache's typed table: the decoded value, `None` for a negative
+/// entry.
+#[derive(Clone, Debug)]
+pub(crate) struct Slot<V> {
+    pub(crate) value: Option<V>,
+}
+
+/// A cache's typed table, seen through its borrowed key type so that `Cache`
+/// need not name `K::Owned`.
+pub(crate) trait LocalTier<K: ?Sized, V>: Send + Sync {
+    fn get(&self, key: &K) -> Option<Slot<V>>;
+    fn acquire(&self, key: &K, mode: AcquireMode, lease_ttl: Duration) -> Acquired<Slot<V>>;
+    fn fill(&self, key: &K, token: &LeaseToken, slot: Slot<V>, ttl: Duration) -> Fill;
+    fn release(&self, key: &K, token: &LeaseToken) -> bool;
+    fn set(&self, key: &K, slot: Slot<V>, ttl: Duration);
+    fn invalidate(&self, key: &K);
+    fn ttls(&self, key: &K) -> Ttls;
+}
+
+impl<K, V> LocalTier<K, V> for MemTable<K::Owned, Slot<V>>
+where
+    K: CacheKey + ?Sized,
+    V: Clone + Send + Sync + 'static,
+{
+    #[inline]
+    fn get(&self, key: &K) -> Option<Slot<V>> {
+        MemTable::get(self, key)
+    }
+    fn acquire(&self, key: &K, mode: AcquireMode, lease_ttl: Duration) -> Acquired<Slot<V>> {
+        MemTable::acquire(self, key, mode, lease_ttl)
+    }
+    fn fill(&self, key: &K, token: &LeaseToken, slot: Slot<V>, ttl: Duration) -> Fill {
+        MemTable::fill(self, key, token, slot, ttl)
+    }
+    fn release(&self, key: &K, token: &LeaseToken) -> bool {
+        MemTable::release(self, key, token)
+    }
+    fn set(&self, key: &K, slot: Slot<V>, ttl: Duration) {
+        MemTable::set(self, key, slot, ttl);
+    }
+    fn invalidate(&self, key: &K) {
+        MemTable::invalidate(self, key);
+    }
+    fn ttls(&self, key: &K) -> Ttls {
+        MemTable::ttls(self, key)
+    }
+}
+
+/// An in-process [`Store`]: the embedded default, no server needed.
+///
+/// Cloning is cheap and clones share the same tables. Each cache built on a
+/// `MemoryStore` gets its own typed table for its namespace, bounded by
+/// `capacity` entries; two caches with the same namespace and types on one store
+/// share their entries (and leases), like two processes sharing one Redis.
+///
+/// ```
+/// use cachet::{Cache, MemoryStore};
+///
+/// let store = MemoryStore::new(10_000);
+/// let users: Cache<u64, String> = Cache::builder("users").store(store.clone()).build()?;
+/// let orders: Cache<u64, Vec<u64>> = Cache::builder("orders").store(store).build()?;
+/// # Ok::<(), cachet::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<StoreInner>,
+}
+
+struct StoreInner {
+    capacity: usize,
+    clock: Clock,
+    tokens: Arc<TokenSource>,
+    raw: MemTable<String, Entry>,
+    typed: Mutex<HashMap<String, Arc<dyn Any + Send + Sync>>>,
+}
+
 impl MemoryStore {
     /// The capacity used by [`MemoryStore::default`].
     pub const DEFAULT_CAPACITY: usize = 100_000;
 
-    /// A store holding at most `capacity` entries, on the system clock.
+    /// A store whose tables hold at most `capacity` entries each, on the system clock.
     pub fn new(capacity: usize) -> Self {
         Self::with_clock(capacity, Clock::system())
     }
 
-    /// A store holding at most `capacity` entries whose TTLs follow `clock`
-    /// (use [`Clock::mock`] in tests to expire entries without sleeping).
+    /// A store whose TTLs follow `clock` (use [`Clock::mock`] in tests to expire
+    /// entries without sleeping).
     pub fn with_clock(capacity: usize, clock: Clock) -> Self {
         let capacity = capacity.max(1);
+        let tokens = Arc::new(TokenSource::new());
         Self {
-            inner: Arc::new(Inner {
-                entries: quick_cache::sync::Cache::new(capacity),
-                leases: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
-                hasher: std::collections::hash_map::RandomState::new(),
-                tokens: TokenSource::new(),
-                clock,
+            inner: Arc::new(StoreInner {
                 capacity,
+                raw: MemTable::new(capacity, clock.clone(), Arc::clone(&tokens)),
+                clock,
+                tokens,
+                typed: Mutex::new(HashMap::new()),
             }),
         }
     }
 
-    /// The maximum number of entries.
+    /// The maximum number of entries of each table.
     pub fn capacity(&self) -> usize {
         self.inner.capacity
-    }
-
-    /// The number of entries held, including expired ones not yet replaced.
-    pub fn len(&self) -> usize {
-        self.inner.entries.len()
-    }
-
-    /// Whether the store holds no entries.
-    pub fn is_empty(&self) -> bool {
-        self.inner.entries.is_empty()
     }
 
     /// The clock this store's TTLs follow.
@@ -110,19 +336,33 @@ impl MemoryStore {
         &self.inner.clock
     }
 
-    /// The remaining TTL of an entry, if it is present and live.
-    pub fn ttl(&self, key: &StoreKey) -> Option<Duration> {
-        let now = self.inner.clock.now_ms();
-        let slot = self.inner.entries.peek(key.as_str())?;
-        (slot.expires_at_ms > now).then(|| Duration::from_millis(slot.expires_at_ms - now))
-    }
-
-    /// The remaining TTL of a key's lease, if one is held.
-    pub fn lease_ttl(&self, key: &StoreKey) -> Option<Duration> {
-        let now = self.inner.clock.now_ms();
-        let stripe = self.inner.stripe(key).lock();
-        let lease = stripe.get(key.as_str())?;
-        (lease.expires_at_ms > now).then(|| Duration::from_millis(lease.expires_at_ms - now))
+    /// The typed table of a cache namespace, created on first use.
+    pub(crate) fn table<K, V>(&self, namespace: &str) -> Result<Arc<dyn LocalTier<K, V>>, String>
+    where
+        K: CacheKey + ?Sized,
+        V: Clone + Send + Sync + 'static,
+    {
+        let mut typed = self.inner.typed.lock();
+        if let Some(existing) = typed.get(namespace) {
+            return Arc::clone(existing)
+                .downcast::<MemTable<K::Owned, Slot<V>>>()
+                .map(|t| t as Arc<dyn LocalTier<K, V>>)
+                .map_err(|_| {
+                    format!(
+                        "namespace {namespace:?} of this MemoryStore already holds another key or value type"
+                    )
+                });
+        }
+        let table = Arc::new(MemTable::<K::Owned, Slot<V>>::new(
+            self.inner.capacity,
+            self.inner.clock.clone(),
+            Arc::clone(&self.inner.tokens),
+        ));
+        typed.insert(
+            namespace.to_owned(),
+            Arc::clone(&table) as Arc<dyn Any + Send + Sync>,
+        );
+        Ok(table)
     }
 }
 
@@ -136,113 +376,14 @@ impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
             .field("capacity", &self.inner.capacity)
-            .field("len", &self.inner.entries.len())
+            .field("namespaces", &self.inner.typed.lock().len())
             .field("clock", &self.inner.clock)
             .finish()
     }
 }
 
-impl Inner {
-    fn stripe(&self, key: &StoreKey) -> &Stripe {
-        // Truncation is intended: only the low bits pick the stripe.
-        #[allow(clippy::cast_possible_truncation)]
-        let i = self.hasher.hash_one(key.as_str()) as usize & (STRIPES - 1);
-        &self.leases[i]
-    }
-
-    fn read(&self, key: &StoreKey) -> Read {
-        match self.entries.get(key.as_str()) {
-            Some(slot) if slot.expires_at_ms > self.clock.now_ms() => Read::Hit(slot.entry),
-            _ => Read::Miss,
-        }
-    }
-
-    fn live_entry(&self, key: &StoreKey, now: u64) -> Option<Entry> {
-        self.entries
-            .get(key.as_str())
-            .filter(|slot| slot.expires_at_ms > now)
-            .map(|slot| slot.entry)
-    }
-
-    fn acquire(&self, key: &StoreKey, mode: AcquireMode, lease_ttl: Duration) -> Acquire {
-        let now = self.clock.now_ms();
-        let mut stripe = self.stripe(key).lock();
-        if mode == AcquireMode::IfAbsent
-            && let Some(entry) = self.live_entry(key, now)
-        {
-            return Acquire::Hit(entry);
-        }
-        if let Some(lease) = stripe.get(key.as_str())
-            && lease.expires_at_ms > now
-        {
-            return Acquire::Busy {
-                expires_in: Some(Duration::from_millis(lease.expires_at_ms - now)),
-            };
-        }
-        if stripe.len() >= SWEEP_AT {
-            stripe.retain(|_, l| l.expires_at_ms > now);
-        }
-        let token = self.tokens.next_token();
-        stripe.insert(
-            key.as_str().into(),
-            LeaseSlot {
-                token,
-                expires_at_ms: now.saturating_add(ttl_millis(lease_ttl)),
-            },
-        );
-        Acquire::Leased(token)
-    }
-
-    fn fill(&self, key: &StoreKey, token: &LeaseToken, entry: Entry, ttl: Duration) -> Fill {
-        let now = self.clock.now_ms();
-        let mut stripe = self.stripe(key).lock();
-        match stripe.get(key.as_str()) {
-            Some(lease) if lease.token == *token && lease.expires_at_ms > now => {
-                stripe.remove(key.as_str());
-                self.insert(key, entry, ttl, now);
-                Fill::Filled
-            }
-            Some(lease) if lease.expires_at_ms <= now => {
-                stripe.remove(key.as_str());
-                Fill::Refused
-            }
-            _ => Fill::Refused,
-        }
-    }
-
-    fn release(&self, key: &StoreKey, token: &LeaseToken) -> bool {
-        let mut stripe = self.stripe(key).lock();
-        match stripe.get(key.as_str()) {
-            Some(lease) if lease.token == *token => {
-                stripe.remove(key.as_str());
-                true
-            }
-            _ => false,
-        }
-    }
-
-    fn set(&self, key: &StoreKey, entry: Entry, ttl: Duration) {
-        let now = self.clock.now_ms();
-        let mut stripe = self.stripe(key).lock();
-        stripe.remove(key.as_str());
-        self.insert(key, entry, ttl, now);
-    }
-
-    fn invalidate(&self, key: &StoreKey) {
-        let mut stripe = self.stripe(key).lock();
-        stripe.remove(key.as_str());
-        self.entries.remove(key.as_str());
-    }
-
-    fn insert(&self, key: &StoreKey, entry: Entry, ttl: Duration, now: u64) {
-        self.entries.insert(
-            key.as_str().into(),
-            Slot {
-                entry,
-                expires_at_ms: now.saturating_add(ttl_millis(ttl)),
-            },
-        );
-    }
+fn ready<'a, T: Send + 'a>(value: T) -> StoreFuture<'a, T> {
+    Box::pin(std::future::ready(Ok(value)))
 }
 
 impl Store for MemoryStore {
@@ -251,13 +392,16 @@ impl Store for MemoryStore {
     }
 
     fn get<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Read> {
-        let read = self.inner.read(key);
-        Box::pin(async move { Ok(read) })
+        ready(self.get_now(key).unwrap_or(Read::Miss))
     }
 
-    #[inline]
     fn get_now(&self, key: &StoreKey) -> Option<Read> {
-        Some(self.inner.read(key))
+        Some(
+            self.inner
+                .raw
+                .get(key.as_str())
+                .map_or(Read::Miss, Read::Hit),
+        )
     }
 
     fn acquire<'a>(
@@ -266,8 +410,15 @@ impl Store for MemoryStore {
         mode: AcquireMode,
         lease_ttl: Duration,
     ) -> StoreFuture<'a, Acquire> {
-        let r = self.inner.acquire(key, mode, lease_ttl);
-        Box::pin(async move { Ok(r) })
+        ready(
+            match self.inner.raw.acquire(key.as_str(), mode, lease_ttl) {
+                Acquired::Hit(entry) => Acquire::Hit(entry),
+                Acquired::Leased(token) => Acquire::Leased(token),
+                Acquired::Busy(left) => Acquire::Busy {
+                    expires_in: Some(left),
+                },
+            },
+        )
     }
 
     fn fill<'a>(
@@ -277,22 +428,24 @@ impl Store for MemoryStore {
         entry: Entry,
         ttl: Duration,
     ) -> StoreFuture<'a, Fill> {
-        let r = self.inner.fill(key, lease, entry, ttl);
-        Box::pin(async move { Ok(r) })
+        ready(self.inner.raw.fill(key.as_str(), lease, entry, ttl))
     }
 
     fn release<'a>(&'a self, key: &'a StoreKey, lease: &'a LeaseToken) -> StoreFuture<'a, bool> {
-        let r = self.inner.release(key, lease);
-        Box::pin(async move { Ok(r) })
+        ready(self.inner.raw.release(key.as_str(), lease))
     }
 
     fn set<'a>(&'a self, key: &'a StoreKey, entry: Entry, ttl: Duration) -> StoreFuture<'a, ()> {
-        self.inner.set(key, entry, ttl);
-        Box::pin(async move { Ok(()) })
+        self.inner.raw.set(key.as_str(), entry, ttl);
+        ready(())
     }
 
     fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
-        self.inner.invalidate(key);
-        Box::pin(async move { Ok(()) })
+        self.inner.raw.invalidate(key.as_str());
+        ready(())
+    }
+
+    fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
+        ready(self.inner.raw.ttls(key.as_str()))
     }
 }

@@ -35,13 +35,12 @@ impl Harness for MemoryHarness {
         Box::pin(async {})
     }
 
-    fn ttl(&self, key: &StoreKey, lease: bool) -> BoxFuture<'_, KeyTtl> {
-        let ttl = if lease {
-            self.store.lease_ttl(key)
-        } else {
-            self.store.ttl(key)
-        };
-        Box::pin(async move { ttl.map_or(KeyTtl::Absent, KeyTtl::Expires) })
+    fn ttl<'a>(&'a self, key: &'a StoreKey, lease: bool) -> BoxFuture<'a, KeyTtl> {
+        Box::pin(async move {
+            let ttls = self.store.ttl(key).await.unwrap();
+            let ttl = if lease { ttls.lease } else { ttls.entry };
+            ttl.map_or(KeyTtl::Absent, KeyTtl::Expires)
+        })
     }
 
     fn write_raw<'a>(&'a self, _: &'a StoreKey, _: &'a [u8]) -> Option<BoxFuture<'a, ()>> {

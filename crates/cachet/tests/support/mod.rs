@@ -46,7 +46,10 @@ impl Fx {
         &self,
         namespace: &str,
     ) -> CacheBuilder<K, V> {
-        Cache::builder(namespace).store_arc(self.store())
+        match self {
+            Fx::Memory { store, .. } => Cache::builder(namespace).store(store.clone()),
+            Fx::Redis { store, .. } => Cache::builder(namespace).store(store.clone()),
+        }
     }
 
     pub fn server(&self) -> Option<&RedisServer> {
