@@ -37,6 +37,7 @@ on_both_stores!(
     cancelled_leader_hands_over,
     hostile_keys_are_distinct,
     two_connections_share_one_load,
+    a_holder_slower_than_its_lease_cannot_touch_the_next_holders_work,
 );
 
 async fn read_through_caches_values_and_negatives(fx: Fx) {
@@ -575,4 +576,70 @@ async fn metrics_facade_receives_the_same_counters() {
         (stats.hits, stats.misses, stats.negative_hits, stats.loads),
         (1, 2, 1, 2)
     );
+}
+
+/// A loader slower than its lease: its lease expires, another process takes a
+/// new lease and loads; the slow holder's fill is refused and does not disturb
+/// the new holder, whose fill lands.
+async fn a_holder_slower_than_its_lease_cannot_touch_the_next_holders_work(fx: Fx) {
+    let lease_ttl = Duration::from_millis(100);
+    let other_process = |fx: &Fx| match fx {
+        Fx::Memory { store, .. } => Cache::builder("users").store(store.clone()),
+        Fx::Redis { store, .. } => Cache::builder("users").store(store.clone()),
+    };
+    let slow: Cache<u64, User> = fx.builder("users").lease_ttl(lease_ttl).build().unwrap();
+    let next: Cache<u64, User> = other_process(&fx).lease_ttl(lease_ttl).build().unwrap();
+
+    let slow_loading = Gate::default();
+    let slow_release = Gate::default();
+    let slow_task = {
+        let (slow, slow_loading, slow_release) =
+            (slow.clone(), slow_loading.clone(), slow_release.clone());
+        tokio::spawn(async move {
+            slow.get_or_load(&1, || async {
+                slow_loading.open();
+                slow_release.wait().await;
+                Res::Ok(Some(user(1, "slow")))
+            })
+            .await
+        })
+    };
+    slow_loading.wait().await;
+    // Let the slow holder's lease expire.
+    match &fx {
+        Fx::Memory { clock, .. } => clock.advance(Duration::from_millis(150)),
+        Fx::Redis { .. } => tokio::time::sleep(Duration::from_millis(150)).await,
+    }
+    let next_loading = Gate::default();
+    let next_release = Gate::default();
+    let next_task = {
+        let (next, next_loading, next_release) =
+            (next.clone(), next_loading.clone(), next_release.clone());
+        tokio::spawn(async move {
+            next.get_or_load(&1, || async {
+                next_loading.open();
+                next_release.wait().await;
+                Res::Ok(Some(user(1, "next")))
+            })
+            .await
+        })
+    };
+    next_loading.wait().await;
+    // The slow holder finishes while the next one holds its (new) lease.
+    slow_release.open();
+    assert_eq!(slow_task.await.unwrap().unwrap(), Some(user(1, "slow")));
+    assert_eq!(slow.stats().refused_fills, 1);
+    assert_eq!(
+        slow.peek(&1).await.unwrap(),
+        None,
+        "the slow fill wrote nothing"
+    );
+    next_release.open();
+    assert_eq!(next_task.await.unwrap().unwrap(), Some(user(1, "next")));
+    assert_eq!(
+        next.stats().refused_fills,
+        0,
+        "the next holder's lease survived"
+    );
+    assert_eq!(next.peek(&1).await.unwrap(), Some(user(1, "next")));
 }
