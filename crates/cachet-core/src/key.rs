@@ -49,6 +49,45 @@ use std::sync::Arc;
 pub trait CacheKey: Hash + Eq + ToOwned<Owned: Hash + Eq + Send + Sync + 'static> {
     /// Writes this key's bytes.
     fn write_key(&self, out: &mut KeyWriter<'_>);
+
+    /// The key whose escaped form is `escaped`, the inverse of
+    /// [`write_key`](Self::write_key); `None` if `escaped` is not such a form.
+    ///
+    /// Only needed to reach an in-process cache's entries by store key (an outbox
+    /// relay, a deferred invalidation on a `MemoryStore`); the default returns
+    /// `None`, and such invalidations then do not reach the typed entries.
+    fn decode_key(escaped: &str) -> Option<Self::Owned> {
+        let _ = escaped;
+        None
+    }
+}
+
+/// Reverses the escaping of [`KeyWriter`]: `%XX` becomes the byte `XX`, and a
+/// lone `%` (the form of the empty key) becomes nothing.
+pub fn unescape(escaped: &str) -> Option<Vec<u8>> {
+    if escaped == "%" {
+        return Some(Vec::new());
+    }
+    let b = escaped.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = escaped.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else if is_safe(b[i]) || b[i] == b',' {
+            out.push(b[i]);
+            i += 1;
+        } else {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+fn decode_string(escaped: &str) -> Option<String> {
+    String::from_utf8(unescape(escaped)?).ok()
 }
 
 /// Escapes key bytes into a store key. See the [module docs](self).
@@ -108,11 +147,17 @@ impl CacheKey for str {
     fn write_key(&self, out: &mut KeyWriter<'_>) {
         out.write_str(self);
     }
+    fn decode_key(escaped: &str) -> Option<String> {
+        decode_string(escaped)
+    }
 }
 
 impl CacheKey for String {
     fn write_key(&self, out: &mut KeyWriter<'_>) {
         out.write_str(self);
+    }
+    fn decode_key(escaped: &str) -> Option<String> {
+        decode_string(escaped)
     }
 }
 
@@ -120,11 +165,17 @@ impl CacheKey for [u8] {
     fn write_key(&self, out: &mut KeyWriter<'_>) {
         out.write_bytes(self);
     }
+    fn decode_key(escaped: &str) -> Option<Vec<u8>> {
+        unescape(escaped)
+    }
 }
 
 impl CacheKey for Vec<u8> {
     fn write_key(&self, out: &mut KeyWriter<'_>) {
         out.write_bytes(self);
+    }
+    fn decode_key(escaped: &str) -> Option<Vec<u8>> {
+        unescape(escaped)
     }
 }
 
@@ -132,11 +183,24 @@ impl CacheKey for bool {
     fn write_key(&self, out: &mut KeyWriter<'_>) {
         out.write_str(if *self { "true" } else { "false" });
     }
+    fn decode_key(escaped: &str) -> Option<bool> {
+        match escaped {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        }
+    }
 }
 
 impl CacheKey for char {
     fn write_key(&self, out: &mut KeyWriter<'_>) {
         out.write_str(self.encode_utf8(&mut [0; 4]));
+    }
+    fn decode_key(escaped: &str) -> Option<char> {
+        let s = decode_string(escaped)?;
+        let mut chars = s.chars();
+        let c = chars.next()?;
+        chars.next().is_none().then_some(c)
     }
 }
 
@@ -150,11 +214,17 @@ impl CacheKey for Box<str> {
     fn write_key(&self, out: &mut KeyWriter<'_>) {
         out.write_str(self);
     }
+    fn decode_key(escaped: &str) -> Option<Box<str>> {
+        decode_string(escaped).map(Into::into)
+    }
 }
 
 impl CacheKey for Arc<str> {
     fn write_key(&self, out: &mut KeyWriter<'_>) {
         out.write_str(self);
+    }
+    fn decode_key(escaped: &str) -> Option<Arc<str>> {
+        decode_string(escaped).map(Into::into)
     }
 }
 
@@ -164,6 +234,15 @@ macro_rules! impl_int_key {
             #[inline]
             fn write_key(&self, out: &mut KeyWriter<'_>) {
                 out.write_int(*self);
+            }
+            fn decode_key(escaped: &str) -> Option<$t> {
+                // `parse` accepts a leading `+`, which `write_key` never writes.
+                if escaped.starts_with('+') {
+                    return None;
+                }
+                let n: $t = escaped.parse().ok()?;
+                // Only the canonical form decodes (no leading zeros, no "-0").
+                (itoa::Buffer::new().format(n) == escaped).then_some(n)
             }
         }
     )*};
@@ -176,8 +255,8 @@ macro_rules! impl_tuple_key {
     ($first:ident $(, $rest:ident)*) => {
         impl<$first, $($rest),*> CacheKey for ($first, $($rest,)*)
         where
-            $first: CacheKey + Clone + Send + Sync + 'static,
-            $($rest: CacheKey + Clone + Send + Sync + 'static,)*
+            $first: CacheKey + ToOwned<Owned = $first> + Clone + Send + Sync + 'static,
+            $($rest: CacheKey + ToOwned<Owned = $rest> + Clone + Send + Sync + 'static,)*
         {
             #[allow(non_snake_case)]
             fn write_key(&self, out: &mut KeyWriter<'_>) {
@@ -188,9 +267,26 @@ macro_rules! impl_tuple_key {
                     $rest.write_key(out);
                 )*
             }
+
+            #[allow(non_snake_case)]
+            fn decode_key(escaped: &str) -> Option<Self> {
+                let mut parts = escaped.split(KeyWriter::SEPARATOR);
+                let $first = component::<$first>(parts.next()?)?;
+                $(let $rest = component::<$rest>(parts.next()?)?;)*
+                parts.next().is_none().then_some(($first, $($rest,)*))
+            }
         }
     };
 }
+/// Decodes one component of a composite key. An empty component is written as
+/// nothing (not as the lone `%` of a whole empty key), so it is decoded as `%`.
+fn component<T: CacheKey + Clone>(escaped: &str) -> Option<T>
+where
+    T: ToOwned<Owned = T>,
+{
+    T::decode_key(if escaped.is_empty() { "%" } else { escaped })
+}
+
 impl_tuple_key!(A, B);
 impl_tuple_key!(A, B, C);
 impl_tuple_key!(A, B, C, D);
@@ -325,6 +421,28 @@ impl StoreKey {
     pub fn user_key(&self) -> &str {
         &self.key[self.user.clone()]
     }
+
+    /// `{prefix}{namespace}`: what all keys of one cache start with.
+    pub fn head(&self) -> &str {
+        &self.key[..self.kind_at - 1]
+    }
+
+    /// Parses an entry key written by [`KeyLayout::key`], for instance one read
+    /// back from an outbox or a delay queue. `None` if `key` does not have that shape.
+    pub fn parse(key: &str) -> Option<StoreKey> {
+        // Prefixes and namespaces contain no `{`, so the first `:v:{` ends them.
+        let at = key.find(":v:{")?;
+        let start = at + 4;
+        let end = start + key[start..].find('}')?;
+        if end + 1 != key.len() || end == start || !key.is_ascii() {
+            return None;
+        }
+        Some(StoreKey {
+            key: key.to_owned(),
+            kind_at: at + 1,
+            user: start..end,
+        })
+    }
 }
 
 impl fmt::Debug for StoreKey {
@@ -408,28 +526,77 @@ mod tests {
         &key[open + 1..close]
     }
 
-    fn unescape(s: &str) -> Vec<u8> {
-        let b = s.as_bytes();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < b.len() {
-            if b[i] == b'%' {
-                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-                i += 3;
-            } else {
-                out.push(b[i]);
-                i += 1;
+    #[test]
+    fn store_keys_parse_back() {
+        for layout in [
+            layout(),
+            KeyLayout::new("", "n").unwrap(),
+            KeyLayout::new("a:v:b:", "ns").unwrap(),
+        ] {
+            for k in ["42", "", "a b{}", "x,y"] {
+                let key = layout.key(k);
+                let parsed = StoreKey::parse(key.as_str()).unwrap();
+                assert_eq!(parsed, key);
+                assert_eq!(parsed.lease_key(), key.lease_key());
+                assert_eq!(
+                    parsed.head(),
+                    format!("{}{}", layout.prefix(), layout.namespace())
+                );
             }
         }
-        out
+        for bad in [
+            "",
+            "cachet:users:v:{",
+            "cachet:users:v:{}",
+            "cachet:users:v:{a}x",
+            "cachet:users:l:{a}",
+        ] {
+            assert_eq!(StoreKey::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn keys_decode_back() {
+        let l = layout();
+        assert_eq!(u64::decode_key(l.key(&42u64).user_key()), Some(42));
+        assert_eq!(i32::decode_key(l.key(&-7i32).user_key()), Some(-7));
+        assert_eq!(u64::decode_key("042"), None, "only the canonical form");
+        assert_eq!(u64::decode_key("+4"), None);
+        assert_eq!(str::decode_key(l.key("").user_key()).as_deref(), Some(""));
+        assert_eq!(bool::decode_key("true"), Some(true));
+        assert_eq!(char::decode_key(l.key(&'é').user_key()), Some('é'));
+        type Pair = (String, u64);
+        let pair: Pair = ("a,b".into(), 7);
+        assert_eq!(Pair::decode_key(l.key(&pair).user_key()), Some(pair));
+        let empty: (String, String) = (String::new(), String::new());
+        assert_eq!(
+            <(String, String)>::decode_key(l.key(&empty).user_key()),
+            Some(empty)
+        );
+        assert_eq!(Pair::decode_key("a,7,8"), None);
+        assert_eq!(
+            <&'static str>::decode_key("a"),
+            None,
+            "no decoding into borrowed data"
+        );
+        assert_eq!(unescape("%G0"), None);
+        assert_eq!(unescape("a b"), None);
     }
 
     proptest! {
         #[test]
+        fn strings_and_tuples_decode_back(a in ".{0,12}", b in any::<i64>(), c in proptest::collection::vec(any::<u8>(), 0..12)) {
+            let l = layout();
+            prop_assert_eq!(String::decode_key(l.key(a.as_str()).user_key()), Some(a.clone()));
+            let t = (a.clone(), b, c.clone());
+            prop_assert_eq!(<(String, i64, Vec<u8>)>::decode_key(l.key(&t).user_key()), Some(t));
+        }
+
+        #[test]
         fn escaping_round_trips_and_tags_match(bytes in proptest::collection::vec(any::<u8>(), 1..64)) {
             let k = layout().key(&bytes[..]);
             prop_assert!(k.as_str().bytes().all(|b| b.is_ascii_graphic()));
-            prop_assert_eq!(unescape(k.user_key()), bytes);
+            prop_assert_eq!(unescape(k.user_key()), Some(bytes));
             let lease = k.lease_key();
             prop_assert_eq!(hash_tag(k.as_str()), hash_tag(&lease));
             prop_assert_eq!(hash_tag(k.as_str()), k.user_key());

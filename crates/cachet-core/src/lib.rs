@@ -21,7 +21,7 @@ pub mod store;
 
 pub use clock::{Clock, MockClock};
 pub use envelope::{DecodeError, Meta};
-pub use key::{CacheKey, KeyLayout, KeyLayoutError, KeyWriter, StoreKey};
+pub use key::{CacheKey, KeyLayout, KeyLayoutError, KeyWriter, StoreKey, unescape};
 pub use store::{
     Acquire, AcquireMode, Entry, Fill, LeaseToken, Payload, PayloadKind, Read, Store, StoreError,
     StoreFuture, TokenSource, Ttls, ttl_millis,

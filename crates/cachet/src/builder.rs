@@ -185,7 +185,7 @@ where
         let local = match memory {
             Some(memory) => Some(
                 memory
-                    .table::<K, V>(layout.namespace())
+                    .table::<K, V>(&format!("{}{}", layout.prefix(), layout.namespace()))
                     .map_err(|e| Error::config(ns, e))?,
             ),
             None => None,

@@ -15,6 +15,11 @@
 //!   no key formatting and no deserialization;
 //! - one table keyed by [`StoreKey`] holding [`Entry`] values, used by code that
 //!   speaks the [`Store`] protocol directly (and by the conformance suite).
+//!
+//! [`Store::invalidate`] reaches both: the typed table is found by the key's
+//! `{prefix}{namespace}` and the key decoded with [`CacheKey::decode_key`], so a
+//! relay or a deferred invalidation that knows only the store key still removes
+//! the entry a cache holds.
 
 use std::any::Any;
 use std::borrow::Borrow;
@@ -244,32 +249,62 @@ pub(crate) trait LocalTier<K: ?Sized, V>: Send + Sync {
     fn ttls(&self, key: &K) -> Ttls;
 }
 
-impl<K, V> LocalTier<K, V> for MemTable<K::Owned, Slot<V>>
+/// A cache's typed table, with the decoder of its keys so that an invalidation
+/// by store key can find the typed key.
+struct Typed<Q, V> {
+    table: MemTable<Q, Slot<V>>,
+    decode: fn(&str) -> Option<Q>,
+}
+
+/// What the store needs of a typed table without knowing its types.
+trait Routable: Send + Sync {
+    /// Invalidates the entry whose escaped user key is `escaped`; false if the
+    /// key type cannot decode it.
+    fn invalidate_escaped(&self, escaped: &str) -> bool;
+}
+
+impl<Q, V> Routable for Typed<Q, V>
+where
+    Q: Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn invalidate_escaped(&self, escaped: &str) -> bool {
+        match (self.decode)(escaped) {
+            Some(owned) => {
+                self.table.invalidate(&owned);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl<K, V> LocalTier<K, V> for Typed<K::Owned, V>
 where
     K: CacheKey + ?Sized,
     V: Clone + Send + Sync + 'static,
 {
     #[inline]
     fn get(&self, key: &K) -> Option<Slot<V>> {
-        MemTable::get(self, key)
+        self.table.get(key)
     }
     fn acquire(&self, key: &K, mode: AcquireMode, lease_ttl: Duration) -> Acquired<Slot<V>> {
-        MemTable::acquire(self, key, mode, lease_ttl)
+        self.table.acquire(key, mode, lease_ttl)
     }
     fn fill(&self, key: &K, token: &LeaseToken, slot: Slot<V>, ttl: Duration) -> Fill {
-        MemTable::fill(self, key, token, slot, ttl)
+        self.table.fill(key, token, slot, ttl)
     }
     fn release(&self, key: &K, token: &LeaseToken) -> bool {
-        MemTable::release(self, key, token)
+        self.table.release(key, token)
     }
     fn set(&self, key: &K, slot: Slot<V>, ttl: Duration) {
-        MemTable::set(self, key, slot, ttl);
+        self.table.set(key, slot, ttl);
     }
     fn invalidate(&self, key: &K) {
-        MemTable::invalidate(self, key);
+        self.table.invalidate(key);
     }
     fn ttls(&self, key: &K) -> Ttls {
-        MemTable::ttls(self, key)
+        self.table.ttls(key)
     }
 }
 
@@ -298,7 +333,14 @@ struct StoreInner {
     clock: Clock,
     tokens: Arc<TokenSource>,
     raw: MemTable<String, Entry>,
-    typed: Mutex<HashMap<String, Arc<dyn Any + Send + Sync>>>,
+    /// Typed tables by `{prefix}{namespace}`, as `Typed<K, V>` twice: once to
+    /// downcast, once to route invalidations by store key.
+    typed: Mutex<HashMap<String, TypedEntry>>,
+}
+
+struct TypedEntry {
+    any: Arc<dyn Any + Send + Sync>,
+    routable: Arc<dyn Routable>,
 }
 
 impl MemoryStore {
@@ -336,31 +378,38 @@ impl MemoryStore {
         &self.inner.clock
     }
 
-    /// The typed table of a cache namespace, created on first use.
-    pub(crate) fn table<K, V>(&self, namespace: &str) -> Result<Arc<dyn LocalTier<K, V>>, String>
+    /// The typed table of the cache whose keys start with `head`
+    /// (`{prefix}{namespace}`), created on first use.
+    pub(crate) fn table<K, V>(&self, head: &str) -> Result<Arc<dyn LocalTier<K, V>>, String>
     where
         K: CacheKey + ?Sized,
         V: Clone + Send + Sync + 'static,
     {
         let mut typed = self.inner.typed.lock();
-        if let Some(existing) = typed.get(namespace) {
-            return Arc::clone(existing)
-                .downcast::<MemTable<K::Owned, Slot<V>>>()
+        if let Some(existing) = typed.get(head) {
+            return Arc::clone(&existing.any)
+                .downcast::<Typed<K::Owned, V>>()
                 .map(|t| t as Arc<dyn LocalTier<K, V>>)
                 .map_err(|_| {
                     format!(
-                        "namespace {namespace:?} of this MemoryStore already holds another key or value type"
+                        "the keys {head:?}... of this MemoryStore already hold another key or value type"
                     )
                 });
         }
-        let table = Arc::new(MemTable::<K::Owned, Slot<V>>::new(
-            self.inner.capacity,
-            self.inner.clock.clone(),
-            Arc::clone(&self.inner.tokens),
-        ));
+        let table = Arc::new(Typed::<K::Owned, V> {
+            table: MemTable::new(
+                self.inner.capacity,
+                self.inner.clock.clone(),
+                Arc::clone(&self.inner.tokens),
+            ),
+            decode: K::decode_key,
+        });
         typed.insert(
-            namespace.to_owned(),
-            Arc::clone(&table) as Arc<dyn Any + Send + Sync>,
+            head.to_owned(),
+            TypedEntry {
+                any: Arc::clone(&table) as Arc<dyn Any + Send + Sync>,
+                routable: Arc::clone(&table) as Arc<dyn Routable>,
+            },
         );
         Ok(table)
     }
@@ -440,8 +489,22 @@ impl Store for MemoryStore {
         ready(())
     }
 
+    /// Deletes the entry and lease under `key`, both in the table behind this
+    /// trait and in the typed table of the cache the key belongs to (when its key
+    /// type can decode the key; see [`CacheKey::decode_key`]).
     fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
         self.inner.raw.invalidate(key.as_str());
+        let routable = self
+            .inner
+            .typed
+            .lock()
+            .get(key.head())
+            .map(|t| Arc::clone(&t.routable));
+        if let Some(table) = routable
+            && !table.invalidate_escaped(key.user_key())
+        {
+            tracing::warn!(key = %key, "cannot decode the key of a typed in-process cache; its entry stays until its TTL");
+        }
         ready(())
     }
 

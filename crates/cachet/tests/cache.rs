@@ -38,6 +38,7 @@ on_both_stores!(
     hostile_keys_are_distinct,
     two_connections_share_one_load,
     a_holder_slower_than_its_lease_cannot_touch_the_next_holders_work,
+    store_level_invalidate_reaches_the_cache,
 );
 
 async fn read_through_caches_values_and_negatives(fx: Fx) {
@@ -642,4 +643,41 @@ async fn a_holder_slower_than_its_lease_cannot_touch_the_next_holders_work(fx: F
         "the next holder's lease survived"
     );
     assert_eq!(next.peek(&1).await.unwrap(), Some(user(1, "next")));
+}
+
+/// An invalidation that knows only the store key (an outbox relay, a deferred
+/// delete) removes the entry a cache holds, in process too, and revokes a lease.
+async fn store_level_invalidate_reaches_the_cache(fx: Fx) {
+    let store = fx.store();
+    let users: Cache<(String, u64), User> = fx.builder("users").build().unwrap();
+    let key = ("acme,inc".to_owned(), 42);
+    users.set(&key, user(42, "Ada")).await.unwrap();
+    let other = ("acme,inc".to_owned(), 43);
+    users.set(&other, user(43, "Bob")).await.unwrap();
+    let parsed = cachet::StoreKey::parse(users.store_key(&key).as_str()).unwrap();
+    store.invalidate(&parsed).await.unwrap();
+    assert_eq!(users.get(&key).await.unwrap(), None);
+    assert_eq!(users.get(&other).await.unwrap(), Some(user(43, "Bob")));
+
+    // A load in flight when the store-level invalidation lands cannot fill.
+    let loading = Gate::default();
+    let release = Gate::default();
+    let reader = {
+        let (users, key, loading, release) =
+            (users.clone(), key.clone(), loading.clone(), release.clone());
+        tokio::spawn(async move {
+            users
+                .get_or_load(&key, || async {
+                    loading.open();
+                    release.wait().await;
+                    Res::Ok(Some(user(42, "old")))
+                })
+                .await
+        })
+    };
+    loading.wait().await;
+    store.invalidate(&parsed).await.unwrap();
+    release.open();
+    reader.await.unwrap().unwrap();
+    assert_eq!(users.peek(&key).await.unwrap(), None);
 }
