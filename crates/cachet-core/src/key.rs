@@ -280,10 +280,7 @@ macro_rules! impl_tuple_key {
 }
 /// Decodes one component of a composite key. An empty component is written as
 /// nothing (not as the lone `%` of a whole empty key), so it is decoded as `%`.
-fn component<T: CacheKey + Clone>(escaped: &str) -> Option<T>
-where
-    T: ToOwned<Owned = T>,
-{
+fn component<T: CacheKey + ToOwned<Owned = T>>(escaped: &str) -> Option<T> {
     T::decode_key(if escaped.is_empty() { "%" } else { escaped })
 }
 
