@@ -23,6 +23,6 @@ pub use clock::{Clock, MockClock};
 pub use envelope::{DecodeError, Meta};
 pub use key::{CacheKey, KeyLayout, KeyLayoutError, KeyWriter, StoreKey, unescape};
 pub use store::{
-    Acquire, AcquireMode, Entry, Fill, LeaseToken, Payload, PayloadKind, Read, Store, StoreError,
-    StoreFuture, TokenSource, Ttls, ttl_millis,
+    Acquire, AcquireMode, Deferred, Entry, Fill, LeaseToken, Payload, PayloadKind, Read, Store,
+    StoreError, StoreFuture, TokenSource, Ttls, ttl_millis,
 };

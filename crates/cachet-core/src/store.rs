@@ -148,6 +148,15 @@ pub struct Ttls {
     pub lease: Option<Duration>,
 }
 
+/// What one [`Store::run_deferred`] call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Deferred {
+    /// Deferred invalidations executed (and acknowledged) by this call.
+    pub ran: usize,
+    /// When the next queued invalidation falls due, if any is queued.
+    pub next_due_in: Option<Duration>,
+}
+
 /// A lease token: 16 bytes, unique per grant.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LeaseToken([u8; 16]);
@@ -286,6 +295,31 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// The remaining TTLs of the entry and its lease, for inspection.
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls>;
+
+    /// Queues an [`invalidate`](Store::invalidate) of `key` to run after `delay`,
+    /// in a queue kept by the store itself: it survives the caller's process on a
+    /// store that outlives it (Redis), not on an in-process store. Executed by
+    /// [`run_deferred`](Store::run_deferred), at least once.
+    ///
+    /// The default reports [`StoreError::Unsupported`].
+    fn defer_invalidate<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()> {
+        let _ = (key, delay);
+        Box::pin(std::future::ready(Err(StoreError::Unsupported(
+            "deferred invalidation",
+        ))))
+    }
+
+    /// Claims up to `max` due deferred invalidations, runs them and acknowledges
+    /// them. A claimed item that is not acknowledged (its worker died) becomes due
+    /// again after a visibility timeout, so each runs at least once.
+    ///
+    /// The default reports [`StoreError::Unsupported`].
+    fn run_deferred(&self, max: usize) -> StoreFuture<'_, Deferred> {
+        let _ = max;
+        Box::pin(std::future::ready(Err(StoreError::Unsupported(
+            "deferred invalidation",
+        ))))
+    }
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -326,6 +360,12 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
         (**self).ttl(key)
+    }
+    fn defer_invalidate<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()> {
+        (**self).defer_invalidate(key, delay)
+    }
+    fn run_deferred(&self, max: usize) -> StoreFuture<'_, Deferred> {
+        (**self).run_deferred(max)
     }
 }
 

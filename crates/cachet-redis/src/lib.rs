@@ -12,6 +12,8 @@
 //! | `release` | `EVALSHA` of `RELEASE`: compare-and-delete of the lease |
 //! | `set` | `EVALSHA` of `SET`: `SET entry bytes PX ttl`, `DEL lease` |
 //! | `invalidate` | `DEL entry lease` |
+//! | `defer_invalidate` | `EVALSHA` of `DEFER`: `ZADD` to a due set scored by server time + delay |
+//! | `run_deferred` | `EVALSHA` of `CLAIM` per shard, one `DEL` per item, one `ZREM` to acknowledge |
 //!
 //! A hit is a plain `GET` rather than a script: on this workload a script round
 //! trip costs about 10% more latency and several times the server CPU of a `GET`
@@ -28,12 +30,13 @@ mod scripts;
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use cachet_core::{
-    Acquire, AcquireMode, Entry, Fill, LeaseToken, Payload, PayloadKind, Read, Store, StoreError,
-    StoreFuture, StoreKey, TokenSource, Ttls, envelope, ttl_millis,
+    Acquire, AcquireMode, Deferred, Entry, Fill, LeaseToken, Payload, PayloadKind, Read, Store,
+    StoreError, StoreFuture, StoreKey, TokenSource, Ttls, envelope, ttl_millis,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
@@ -60,6 +63,16 @@ struct Inner {
     tokens: TokenSource,
     response_timeout: Duration,
     url: String,
+    deferred: Box<[QueueShard]>,
+    deferred_visibility: Duration,
+    /// Where the next `run_deferred` starts, so shards take turns.
+    next_shard: AtomicUsize,
+}
+
+/// One shard of the deferred-invalidation queue: two sorted sets in one slot.
+struct QueueShard {
+    due: String,
+    claimed: String,
 }
 
 /// Configures a [`RedisStore`]. Start with [`RedisStore::builder`].
@@ -69,6 +82,9 @@ pub struct RedisStoreBuilder {
     url: String,
     response_timeout: Duration,
     connection_timeout: Duration,
+    system_prefix: String,
+    deferred_shards: u16,
+    deferred_visibility: Duration,
 }
 
 impl RedisStoreBuilder {
@@ -83,6 +99,29 @@ impl RedisStoreBuilder {
     /// How long to wait for a connection (default 1 s).
     pub fn connection_timeout(mut self, timeout: Duration) -> Self {
         self.connection_timeout = timeout;
+        self
+    }
+
+    /// The prefix of the store's own `:sys:` structures (default `cachet:`): the
+    /// deferred-invalidation queue lives at `{prefix}sys:deferred:{N}:due` and
+    /// `…:claimed`. These keys have no TTL; they are the store's durable state.
+    pub fn system_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.system_prefix = prefix.into();
+        self
+    }
+
+    /// How many shards the deferred-invalidation queue has (default 1). Each shard
+    /// is one pair of sorted sets in its own hash slot; on Redis Cluster, more
+    /// shards spread the queue over more nodes.
+    pub fn deferred_shards(mut self, shards: u16) -> Self {
+        self.deferred_shards = shards.max(1);
+        self
+    }
+
+    /// How long a claimed deferred invalidation may stay unacknowledged before
+    /// another worker runs it again (default 10 s).
+    pub fn deferred_visibility(mut self, timeout: Duration) -> Self {
+        self.deferred_visibility = timeout;
         self
     }
 
@@ -101,12 +140,21 @@ impl RedisStoreBuilder {
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|e| map_err(e, self.response_timeout))?;
+        let shards = (0..self.deferred_shards)
+            .map(|i| QueueShard {
+                due: format!("{}sys:deferred:{{{i}}}:due", self.system_prefix),
+                claimed: format!("{}sys:deferred:{{{i}}}:claimed", self.system_prefix),
+            })
+            .collect();
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn,
                 tokens: TokenSource::new(),
                 response_timeout: self.response_timeout,
                 url: redact(&self.url),
+                deferred: shards,
+                deferred_visibility: self.deferred_visibility,
+                next_shard: AtomicUsize::new(0),
             }),
         })
     }
@@ -127,6 +175,9 @@ impl RedisStore {
             url: url.into(),
             response_timeout: Duration::from_millis(500),
             connection_timeout: Duration::from_secs(1),
+            system_prefix: "cachet:".to_owned(),
+            deferred_shards: 1,
+            deferred_visibility: Duration::from_secs(10),
         }
     }
 
@@ -141,6 +192,83 @@ impl RedisStore {
 
     fn err(&self, e: redis::RedisError) -> StoreError {
         map_err(e, self.inner.response_timeout)
+    }
+
+    /// The names of the deferred-invalidation queue's sorted sets, shard by shard.
+    pub fn deferred_queue_keys(&self) -> Vec<(String, String)> {
+        self.inner
+            .deferred
+            .iter()
+            .map(|s| (s.due.clone(), s.claimed.clone()))
+            .collect()
+    }
+
+    fn shard_of(&self, key: &StoreKey) -> &QueueShard {
+        // FNV-1a: stable across processes, unlike the std hasher.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key.as_str().bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let n = self.inner.deferred.len() as u64;
+        // The remainder is below the shard count, a u16.
+        #[allow(clippy::cast_possible_truncation)]
+        let i = (h % n) as usize;
+        &self.inner.deferred[i]
+    }
+
+    /// Claims, runs and acknowledges due items of one shard.
+    async fn run_shard(
+        &self,
+        shard: &QueueShard,
+        max: usize,
+    ) -> Result<(usize, Option<Duration>), StoreError> {
+        let mut conn = self.conn();
+        let (members, next_due, now): (Vec<Vec<u8>>, i64, i64) = scripts::CLAIM
+            .key(&shard.due)
+            .key(&shard.claimed)
+            .arg(max)
+            .arg(ttl_millis(self.inner.deferred_visibility))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut done = Vec::with_capacity(members.len());
+        let mut failure = None;
+        for member in members {
+            let key = std::str::from_utf8(&member)
+                .ok()
+                .and_then(|m| m.split_once('|'))
+                .and_then(|(_, key)| StoreKey::parse(key));
+            match key {
+                Some(key) => match self.invalidate(&key).await {
+                    Ok(()) => done.push(member),
+                    // Left claimed: it runs again after the visibility timeout.
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                },
+                None => {
+                    tracing::error!(member = %String::from_utf8_lossy(&member),
+                        "dropping a malformed deferred invalidation");
+                    done.push(member);
+                }
+            }
+        }
+        let ran = done.len();
+        if !done.is_empty() {
+            let _: i64 = redis::cmd("ZREM")
+                .arg(&shard.claimed)
+                .arg(done)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let next = (next_due >= 0)
+            .then(|| Duration::from_millis(u64::try_from(next_due - now).unwrap_or(0)));
+        Ok((ran, next))
     }
 }
 
@@ -333,6 +461,14 @@ impl Store for RedisStore {
         })
     }
 
+    fn defer_invalidate<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()> {
+        self.defer(key, delay)
+    }
+
+    fn run_deferred(&self, max: usize) -> StoreFuture<'_, Deferred> {
+        self.run_all_shards(max)
+    }
+
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
         Box::pin(async move {
             let (entry, lease): (i64, i64) = redis::pipe()
@@ -351,6 +487,54 @@ impl Store for RedisStore {
     }
 }
 
+impl RedisStore {
+    fn defer<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let token = self.inner.tokens.next_token();
+            let mut member = String::with_capacity(33 + key.as_str().len());
+            for b in token.as_bytes() {
+                member.push_str(&format!("{b:02x}"));
+            }
+            member.push('|');
+            member.push_str(key.as_str());
+            let _: i64 = scripts::DEFER
+                .key(&self.shard_of(key).due)
+                .arg(member)
+                .arg(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(())
+        })
+    }
+
+    fn run_all_shards(&self, max: usize) -> StoreFuture<'_, Deferred> {
+        Box::pin(async move {
+            let shards = &self.inner.deferred;
+            let start = self.inner.next_shard.fetch_add(1, Ordering::Relaxed);
+            let mut ran = 0;
+            let mut next_due_in: Option<Duration> = None;
+            for i in 0..shards.len() {
+                let shard = &shards[(start + i) % shards.len()];
+                let (n, next) = self
+                    .run_shard(shard, max.saturating_sub(ran).max(1))
+                    .await?;
+                ran += n;
+                next_due_in = match (next_due_in, next) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if ran >= max {
+                    // More may be due right now.
+                    next_due_in = Some(Duration::ZERO);
+                    break;
+                }
+            }
+            Ok(Deferred { ran, next_due_in })
+        })
+    }
+}
+
 /// A `PTTL` reply: -2 for no key, -1 for a key without TTL.
 fn pttl(ms: i64) -> Option<Duration> {
     match ms {
@@ -362,6 +546,97 @@ fn pttl(ms: i64) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cachet_core::{KeyLayout, Meta};
+    use cachet_testkit::RedisServer;
+
+    fn value() -> Entry {
+        Entry {
+            meta: Meta::default(),
+            payload: Payload::Bytes(Bytes::from_static(b"v")),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_whose_worker_died_runs_again_after_the_visibility_timeout() {
+        let server = RedisServer::start();
+        let store = RedisStore::builder(server.url())
+            .deferred_visibility(Duration::from_millis(100))
+            .deferred_shards(3)
+            .connect()
+            .await
+            .unwrap();
+        let key = KeyLayout::new("cachet:", "t").unwrap().key("k");
+        store
+            .set(&key, value(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        store.defer_invalidate(&key, Duration::ZERO).await.unwrap();
+        // A worker claims the item, then dies before deleting.
+        let shard = store.shard_of(&key);
+        let (claimed, _, _): (Vec<Vec<u8>>, i64, i64) = scripts::CLAIM
+            .key(&shard.due)
+            .key(&shard.claimed)
+            .arg(10)
+            .arg(100)
+            .invoke_async(&mut store.conn())
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(
+            store.run_deferred(10).await.unwrap().ran,
+            0,
+            "still claimed"
+        );
+        assert_eq!(server.command(&["EXISTS", key.as_str()]), "1");
+        // Redis expires the claim on its own clock; let it pass.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(store.run_deferred(10).await.unwrap().ran, 1);
+        assert_eq!(server.command(&["EXISTS", key.as_str()]), "0");
+        for (due, claimed) in store.deferred_queue_keys() {
+            assert_eq!(server.command(&["EXISTS", &due, &claimed]), "0");
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_workers_run_each_item_once() {
+        let server = RedisServer::start();
+        let a = RedisStore::builder(server.url())
+            .deferred_shards(4)
+            .connect()
+            .await
+            .unwrap();
+        let b = RedisStore::builder(server.url())
+            .deferred_shards(4)
+            .connect()
+            .await
+            .unwrap();
+        let layout = KeyLayout::new("cachet:", "t").unwrap();
+        for i in 0..300 {
+            a.defer_invalidate(&layout.key(&i), Duration::ZERO)
+                .await
+                .unwrap();
+        }
+        let (ra, rb) = tokio::join!(
+            async {
+                let mut n = 0;
+                for _ in 0..100 {
+                    n += a.run_deferred(7).await.unwrap().ran;
+                }
+                n
+            },
+            async {
+                let mut n = 0;
+                for _ in 0..100 {
+                    n += b.run_deferred(7).await.unwrap().ran;
+                }
+                n
+            }
+        );
+        assert_eq!(ra + rb, 300, "{ra} + {rb}");
+        assert!(ra > 0 && rb > 0, "both workers took part: {ra} + {rb}");
+        let stats = server.command(&["INFO", "keyspace"]);
+        assert!(!stats.contains("keys="), "queue left behind: {stats}");
+    }
 
     #[test]
     fn redacts_passwords() {

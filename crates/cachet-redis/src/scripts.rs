@@ -74,3 +74,52 @@ return 1
 ",
     )
 });
+
+/// Queue a deferred invalidation.
+///
+/// `KEYS[1]` the due set of a queue shard; `ARGV[1]` the member (a unique id,
+/// `|`, the entry key), `ARGV[2]` the delay in ms. The due time is taken from the
+/// server's clock, like every time in the queue, so client clocks do not matter.
+pub(crate) static DEFER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return now
+",
+    )
+});
+
+/// Claim due deferred invalidations.
+///
+/// `KEYS[1]` the due set, `KEYS[2]` the claimed set of one queue shard (same
+/// hash tag); `ARGV[1]` the most to claim, `ARGV[2]` the visibility timeout in ms.
+/// First, claims whose visibility timeout passed (their worker died) become due
+/// again; then up to `ARGV[1]` due members move to the claimed set, scored with
+/// their visibility deadline. An item is always in exactly one of the two sets,
+/// and moves between them only here, so two workers never claim it at once and
+/// none is skipped. Returns `{claimed members, next due time or -1, now}`.
+pub(crate) static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local max = tonumber(ARGV[1])
+local stuck = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, max)
+for _, m in ipairs(stuck) do
+  redis.call('ZREM', KEYS[2], m)
+  redis.call('ZADD', KEYS[1], now, m)
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, max)
+for _, m in ipairs(due) do
+  redis.call('ZREM', KEYS[1], m)
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), m)
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local next_due = -1
+if first[2] then next_due = tonumber(first[2]) end
+return {due, next_due, now}
+",
+    )
+});

@@ -71,7 +71,8 @@ macro_rules! conformance_tests {
             invalidate_is_idempotent,
             corrupt_bytes_are_reported_and_replaceable,
             concurrent_acquires_grant_one_lease,
-            hostile_keys_are_distinct
+            hostile_keys_are_distinct,
+            deferred_invalidations_run_when_due
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
@@ -469,4 +470,51 @@ pub async fn hostile_keys_are_distinct(h: &dyn Harness) {
             "key {k:?}"
         );
     }
+}
+
+/// A deferred invalidation waits for its due time, then deletes the entry and
+/// revokes the lease; each runs once and the queue is then empty.
+pub async fn deferred_invalidations_run_when_due(h: &dyn Harness) {
+    let store = h.store();
+    let layout = h.layout();
+    let soon = layout.key("soon");
+    let later = layout.key("later");
+    store.set(&soon, entry(b"v"), TTL).await.unwrap();
+    store.set(&later, entry(b"v"), TTL).await.unwrap();
+    store
+        .defer_invalidate(&soon, Duration::from_millis(100))
+        .await
+        .unwrap();
+    store
+        .defer_invalidate(&later, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let nothing_due = store.run_deferred(10).await.unwrap();
+    assert_eq!(nothing_due.ran, 0);
+    let next = nothing_due.next_due_in.expect("two items are queued");
+    assert!(next <= Duration::from_millis(100), "{next:?}");
+    assert!(matches!(store.get(&soon).await.unwrap(), Read::Hit(_)));
+
+    h.advance(Duration::from_millis(150)).await;
+    // A lease taken meanwhile is revoked by the deferred invalidation too.
+    let reader = store
+        .acquire(&soon, AcquireMode::Replace, LEASE_TTL)
+        .await
+        .unwrap();
+    let done = store.run_deferred(10).await.unwrap();
+    assert_eq!(done.ran, 1);
+    assert!(matches!(store.get(&soon).await.unwrap(), Read::Miss));
+    if let Acquire::Leased(t) = reader {
+        assert_eq!(
+            store.fill(&soon, &t, entry(b"old"), TTL).await.unwrap(),
+            Fill::Refused
+        );
+    }
+    assert!(matches!(store.get(&later).await.unwrap(), Read::Hit(_)));
+    let left = done.next_due_in.expect("the later item is still queued");
+    assert!(
+        left > Duration::from_secs(20) && left <= Duration::from_secs(30),
+        "{left:?}"
+    );
+    assert_eq!(store.run_deferred(10).await.unwrap().ran, 0, "ran once");
 }

@@ -275,6 +275,28 @@ where
             .map_err(|e| inner.store_error(&skey, e))
     }
 
+    /// A delayed double-delete: queues a second invalidation of `key` to run after
+    /// `delay`, then invalidates now.
+    ///
+    /// The second delete clobbers a value that a writer or reader *without* a
+    /// lease (legacy code, another service, plain `set` after a stale read) put
+    /// back after the first one. Fills through [`get_or_load`](Self::get_or_load)
+    /// do not need it. The queue lives in the store, so on Redis the second
+    /// delete survives this process; a [`DeferredWorker`](crate::DeferredWorker)
+    /// must run somewhere to execute it. The delete is queued before the first
+    /// one runs, so a crash in between still leaves the queued one.
+    ///
+    /// # Errors
+    /// When the store fails to queue or to delete; the other step is still tried.
+    pub async fn invalidate_twice(&self, key: &K, delay: Duration) -> Result<(), Error> {
+        let inner = &*self.inner;
+        let skey = inner.s.layout.key(key);
+        let queued = inner.s.store.defer_invalidate(&skey, delay).await;
+        let now = self.invalidate(key).await;
+        queued.map_err(|e| inner.store_error(&skey, e))?;
+        now
+    }
+
     /// The remaining TTL of `key`'s entry, `None` if there is none.
     ///
     /// # Errors

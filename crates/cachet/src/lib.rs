@@ -123,6 +123,7 @@
 mod builder;
 mod cache;
 pub mod codec;
+mod deferred;
 mod error;
 mod flight;
 mod memory;
@@ -131,13 +132,15 @@ mod stats;
 pub use builder::CacheBuilder;
 pub use cache::Cache;
 pub use codec::{Codec, Json, NoCodec, Postcard};
+pub use deferred::{DeferredWorker, DeferredWorkerOptions};
 pub use error::{BoxError, Error, ErrorKind};
 pub use memory::MemoryStore;
 pub use stats::Stats;
 
 pub use cachet_core::{
-    Acquire, AcquireMode, CacheKey, Clock, Entry, Fill, KeyLayout, KeyWriter, LeaseToken, Meta,
-    MockClock, Payload, PayloadKind, Read, Store, StoreError, StoreFuture, StoreKey, envelope,
+    Acquire, AcquireMode, CacheKey, Clock, Deferred, Entry, Fill, KeyLayout, KeyWriter, LeaseToken,
+    Meta, MockClock, Payload, PayloadKind, Read, Store, StoreError, StoreFuture, StoreKey,
+    envelope,
 };
 
 #[cfg(feature = "redis")]

@@ -23,16 +23,17 @@
 
 use std::any::Any;
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cachet_core::{
-    Acquire, AcquireMode, CacheKey, Clock, Entry, Fill, LeaseToken, PayloadKind, Read, Store,
-    StoreFuture, StoreKey, TokenSource, Ttls, ttl_millis,
+    Acquire, AcquireMode, CacheKey, Clock, Deferred, Entry, Fill, LeaseToken, PayloadKind, Read,
+    Store, StoreFuture, StoreKey, TokenSource, Ttls, ttl_millis,
 };
 use parking_lot::Mutex;
 
@@ -336,6 +337,10 @@ struct StoreInner {
     /// Typed tables by `{prefix}{namespace}`, as `Typed<K, V>` twice: once to
     /// downcast, once to route invalidations by store key.
     typed: Mutex<HashMap<String, TypedEntry>>,
+    /// Deferred invalidations by (due time, sequence number). In memory only:
+    /// they are lost with the process, as are the entries they would delete.
+    deferred: Mutex<BTreeMap<(u64, u64), StoreKey>>,
+    deferred_seq: AtomicU64,
 }
 
 struct TypedEntry {
@@ -364,6 +369,8 @@ impl MemoryStore {
                 clock,
                 tokens,
                 typed: Mutex::new(HashMap::new()),
+                deferred: Mutex::new(BTreeMap::new()),
+                deferred_seq: AtomicU64::new(0),
             }),
         }
     }
@@ -493,6 +500,52 @@ impl Store for MemoryStore {
     /// trait and in the typed table of the cache the key belongs to (when its key
     /// type can decode the key; see [`CacheKey::decode_key`]).
     fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
+        self.invalidate_now(key);
+        ready(())
+    }
+
+    fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
+        ready(self.inner.raw.ttls(key.as_str()))
+    }
+
+    /// Queues the invalidation in memory: it does not survive the process (nor
+    /// do the entries it would delete).
+    fn defer_invalidate<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()> {
+        let due = self
+            .inner
+            .clock
+            .coarse_ms()
+            .saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        let seq = self.inner.deferred_seq.fetch_add(1, Ordering::Relaxed);
+        self.inner.deferred.lock().insert((due, seq), key.clone());
+        ready(())
+    }
+
+    fn run_deferred(&self, max: usize) -> StoreFuture<'_, Deferred> {
+        let now = self.inner.clock.coarse_ms();
+        let mut ran = 0;
+        let next_due_in = loop {
+            let due = {
+                let mut queue = self.inner.deferred.lock();
+                match queue.first_key_value() {
+                    Some((&(at, _), _)) if at <= now && ran < max => queue.pop_first(),
+                    Some((&(at, _), _)) => {
+                        break Some(Duration::from_millis(at.saturating_sub(now)));
+                    }
+                    None => break None,
+                }
+            };
+            if let Some((_, key)) = due {
+                self.invalidate_now(&key);
+                ran += 1;
+            }
+        };
+        ready(Deferred { ran, next_due_in })
+    }
+}
+
+impl MemoryStore {
+    fn invalidate_now(&self, key: &StoreKey) {
         self.inner.raw.invalidate(key.as_str());
         let routable = self
             .inner
@@ -505,10 +558,5 @@ impl Store for MemoryStore {
         {
             tracing::warn!(key = %key, "cannot decode the key of a typed in-process cache; its entry stays until its TTL");
         }
-        ready(())
-    }
-
-    fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
-        ready(self.inner.raw.ttls(key.as_str()))
     }
 }
