@@ -139,12 +139,17 @@ pub use stats::Stats;
 
 pub use cachet_core::{
     Acquire, AcquireMode, CacheKey, Clock, Deferred, Entry, Fill, KeyLayout, KeyWriter, LeaseToken,
-    Meta, MockClock, Payload, PayloadKind, Read, Store, StoreError, StoreFuture, StoreKey,
+    Meta, MockClock, Payload, PayloadKind, Read, Store, StoreError, StoreFuture, StoreKey, Ttls,
     envelope,
 };
 
 #[cfg(feature = "redis")]
 pub use cachet_redis::{RedisStore, RedisStoreBuilder};
+
+/// The transactional outbox for PostgreSQL (feature `outbox`): invalidations
+/// recorded in the writer's transaction and delivered by a relay.
+#[cfg(feature = "outbox")]
+pub use cachet_outbox as outbox;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]
