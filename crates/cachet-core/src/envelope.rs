@@ -9,9 +9,10 @@
 //! | 2      | 8    | soft expiry, Unix milliseconds; `0` = none                   |
 //! | 10     | 8    | value version from the source of truth; `0` = unversioned    |
 //! | 18     | 4    | duration of the load that produced the value, microseconds   |
-//! | 22     | …    | payload as written by the cache's codec; empty when negative |
+//! | 22     | 8    | group generation the entry was filled under; `0` = no group  |
+//! | 30     | …    | payload as written by the cache's codec; empty when negative |
 //!
-//! The header costs [`HEADER_LEN`] = 22 bytes per entry. The fields sit at fixed
+//! The header costs [`HEADER_LEN`] = 30 bytes per entry. The fields sit at fixed
 //! offsets so that a Lua script can read them with `string.sub`. Anything that
 //! does not decode (too short, an unknown version or flag, a negative entry with
 //! a payload) is reported as a [`DecodeError`], which the cache treats as a miss.
@@ -19,7 +20,7 @@
 use bytes::{BufMut, Bytes};
 
 /// Length of the envelope header in bytes.
-pub const HEADER_LEN: usize = 22;
+pub const HEADER_LEN: usize = 30;
 
 /// The envelope format version this crate writes and reads.
 pub const FORMAT_VERSION: u8 = 1;
@@ -38,6 +39,10 @@ pub struct Meta {
     pub version: u64,
     /// How long the load that produced the value took, in microseconds (saturating).
     pub load_time_us: u32,
+    /// The generation of the entry's group when it was filled; `0` when the cache
+    /// has no groups. An entry whose generation is not its group's current one is
+    /// orphaned: a miss.
+    pub generation: u64,
 }
 
 /// Why stored bytes are not a valid entry.
@@ -69,6 +74,7 @@ pub fn encode(meta: &Meta, payload: &[u8]) -> Vec<u8> {
     out.put_u64(meta.soft_expiry_ms);
     out.put_u64(meta.version);
     out.put_u32(meta.load_time_us);
+    out.put_u64(meta.generation);
     out.extend_from_slice(payload);
     out
 }
@@ -100,6 +106,7 @@ pub fn decode(bytes: &Bytes) -> Result<(Meta, Bytes), DecodeError> {
         soft_expiry_ms: u64_at(2),
         version: u64_at(10),
         load_time_us: u32::from_be_bytes(load),
+        generation: u64_at(22),
     };
     let payload_len = b.len() - HEADER_LEN;
     if meta.negative && payload_len > 0 {
@@ -120,13 +127,14 @@ mod tests {
             soft_expiry_ms: 0x0102_0304_0506_0708,
             version: 9,
             load_time_us: 0x0A0B_0C0D,
+            generation: 0x1112_1314_1516_1718,
         };
         let bytes = encode(&meta, b"xy");
         assert_eq!(
             bytes,
             [
-                1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 9, 0x0A, 0x0B, 0x0C, 0x0D, b'x',
-                b'y'
+                1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 9, 0x0A, 0x0B, 0x0C, 0x0D, 0x11,
+                0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, b'x', b'y'
             ]
         );
     }
@@ -149,7 +157,7 @@ mod tests {
             Err(DecodeError::Truncated(0))
         );
         assert_eq!(
-            decode(&Bytes::from_static(b"hello world, not an entry")),
+            decode(&Bytes::from_static(b"hello world, this is not an entry")),
             Err(DecodeError::Version(b'h'))
         );
         let mut flags = encode(&Meta::default(), b"");
@@ -166,9 +174,10 @@ mod tests {
     proptest! {
         #[test]
         fn round_trips(neg in any::<bool>(), soft in any::<u64>(), version in any::<u64>(),
-                       load in any::<u32>(), payload in proptest::collection::vec(any::<u8>(), 0..64)) {
+                       load in any::<u32>(), generation in any::<u64>(),
+                       payload in proptest::collection::vec(any::<u8>(), 0..64)) {
             let payload = if neg { Vec::new() } else { payload };
-            let meta = Meta { negative: neg, soft_expiry_ms: soft, version, load_time_us: load };
+            let meta = Meta { negative: neg, soft_expiry_ms: soft, version, load_time_us: load, generation };
             let (m, p) = decode(&Bytes::from(encode(&meta, &payload))).unwrap();
             prop_assert_eq!(m, meta);
             prop_assert_eq!(&p[..], &payload[..]);

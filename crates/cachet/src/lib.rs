@@ -109,7 +109,7 @@
 //! the lease (or finds the value), the load, and one `EVALSHA` that fills (value
 //! and TTL in one `SET … PX`) and consumes the lease: one round trip more than
 //! naive cache-aside. [`invalidate`](Cache::invalidate) is one `DEL` of the entry and its
-//! lease; [`set`](Cache::set) one `EVALSHA`. Each entry carries a 22-byte envelope
+//! lease; [`set`](Cache::set) one `EVALSHA`. Each entry carries a 30-byte envelope
 //! header (see [`envelope`](cachet_core::envelope)); a lease is a 16-byte token
 //! under its own key, alive only during a load.
 //!
