@@ -14,6 +14,13 @@
 //! - the escaped key sits between `{` and `}`, a Redis Cluster hash tag, so an
 //!   entry and its lease always hash to the same slot and one script may touch both.
 //!
+//! A cache with groups (see [`KeyLayout::grouped_key`]) puts the escaped *group*
+//! in the hash tag instead, followed by the key:
+//! `{prefix}{namespace}:{kind}:{{group}}{key}`, and keeps the group's generation at
+//! `{prefix}{namespace}:sys:gen:{{group}}` — all in the group's slot, so one script
+//! reads an entry and its generation. The price: a group's keys share one slot,
+//! so a very hot group is a hot slot on Redis Cluster.
+//!
 //! The escaping keeps ASCII letters, digits and `-_.~:@/=+` as they are and writes
 //! every other byte as `%XX`, so spaces, newlines, `*`, braces and any Unicode are
 //! safe, the result is printable ASCII, and two different keys never share an
@@ -366,18 +373,67 @@ impl KeyLayout {
         let mut s = String::with_capacity(head.len() + 24);
         s.push_str(head);
         let start = s.len();
-        key.write_key(&mut KeyWriter { out: &mut s });
-        if s.len() == start {
-            // An empty key would make `{}` an empty hash tag, which Redis Cluster
-            // ignores; a lone `%` cannot come from escaping, so it is unambiguous.
-            s.push('%');
-        }
+        write_nonempty(key, &mut s);
         let end = s.len();
         s.push('}');
         StoreKey {
             key: s,
             kind_at: head.len() - 3,
             user: start..end,
+            group: None,
+        }
+    }
+
+    /// The store key of a typed key in a group: the group is the hash tag.
+    pub fn grouped_key<G, K>(&self, group: &G, key: &K) -> StoreKey
+    where
+        G: CacheKey + ?Sized,
+        K: CacheKey + ?Sized,
+    {
+        self.grouped(|s| write_nonempty(group, s), key)
+    }
+
+    fn grouped<K: CacheKey + ?Sized>(
+        &self,
+        write_group: impl FnOnce(&mut String),
+        key: &K,
+    ) -> StoreKey {
+        let head = &self.inner.value_head;
+        let mut s = String::with_capacity(head.len() + 32);
+        s.push_str(head);
+        let group_start = s.len();
+        write_group(&mut s);
+        let group_end = s.len();
+        s.push('}');
+        let start = s.len();
+        write_nonempty(key, &mut s);
+        let end = s.len();
+        StoreKey {
+            key: s,
+            kind_at: head.len() - 3,
+            user: start..end,
+            group: Some(group_start..group_end),
+        }
+    }
+
+    /// [`grouped_key`](Self::grouped_key) with a group already escaped by
+    /// [`escape_key`].
+    pub fn key_in_group<K: CacheKey + ?Sized>(&self, escaped_group: &str, key: &K) -> StoreKey {
+        self.grouped(|s| s.push_str(escaped_group), key)
+    }
+
+    /// The key of a group's generation counter.
+    pub fn group_key<G: CacheKey + ?Sized>(&self, group: &G) -> GroupKey {
+        let mut s = format!("{}{}:sys:gen:{{", self.inner.prefix, self.inner.namespace);
+        let head = self.inner.prefix.len() + self.inner.namespace.len();
+        let start = s.len();
+        write_nonempty(group, &mut s);
+        let end = s.len();
+        s.push('}');
+        GroupKey {
+            key: s,
+            head,
+            group: start..end,
         }
     }
 
@@ -389,6 +445,49 @@ impl KeyLayout {
     }
 }
 
+/// A key's escaped form, as it appears in store keys (the empty key as `%`).
+pub fn escape_key<K: CacheKey + ?Sized>(key: &K) -> String {
+    let mut s = String::new();
+    write_nonempty(key, &mut s);
+    s
+}
+
+/// Writes an escaped key; the empty key becomes a lone `%`, which escaping never
+/// produces, so that it is unambiguous and never makes an empty hash tag (which
+/// Redis Cluster ignores).
+fn write_nonempty<K: CacheKey + ?Sized>(key: &K, s: &mut String) {
+    let start = s.len();
+    key.write_key(&mut KeyWriter { out: s });
+    if s.len() == start {
+        s.push('%');
+    }
+}
+
+/// The generation counter of one group of a cache's keys.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GroupKey {
+    key: String,
+    head: usize,
+    group: Range<usize>,
+}
+
+impl GroupKey {
+    /// The generation counter's key, `{prefix}{namespace}:sys:gen:{{group}}`.
+    pub fn as_str(&self) -> &str {
+        &self.key
+    }
+
+    /// `{prefix}{namespace}` of the cache the group belongs to.
+    pub fn head(&self) -> &str {
+        &self.key[..self.head]
+    }
+
+    /// The escaped group.
+    pub fn group(&self) -> &str {
+        &self.key[self.group.clone()]
+    }
+}
+
 /// A store key: the Redis key of an entry, from which its lease key derives.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct StoreKey {
@@ -397,6 +496,8 @@ pub struct StoreKey {
     kind_at: usize,
     /// Byte range of the escaped user key.
     user: Range<usize>,
+    /// Byte range of the escaped group, for grouped keys.
+    group: Option<Range<usize>>,
 }
 
 impl StoreKey {
@@ -424,20 +525,50 @@ impl StoreKey {
         &self.key[..self.kind_at - 1]
     }
 
-    /// Parses an entry key written by [`KeyLayout::key`], for instance one read
-    /// back from an outbox or a delay queue. `None` if `key` does not have that shape.
+    /// The escaped group of a grouped key.
+    pub fn group(&self) -> Option<&str> {
+        self.group.clone().map(|g| &self.key[g])
+    }
+
+    /// The generation counter of a grouped key's group.
+    pub fn group_key(&self) -> Option<GroupKey> {
+        let group = self.group()?;
+        let head = self.head();
+        Some(GroupKey {
+            key: format!("{head}:sys:gen:{{{group}}}"),
+            head: head.len(),
+            group: head.len() + 10..head.len() + 10 + group.len(),
+        })
+    }
+
+    /// Parses an entry key written by [`KeyLayout::key`] or
+    /// [`KeyLayout::grouped_key`], for instance one read back from an outbox or a
+    /// delay queue. `None` if `key` does not have either shape.
     pub fn parse(key: &str) -> Option<StoreKey> {
-        // Prefixes and namespaces contain no `{`, so the first `:v:{` ends them.
-        let at = key.find(":v:{")?;
-        let start = at + 4;
-        let end = start + key[start..].find('}')?;
-        if end + 1 != key.len() || end == start || !key.is_ascii() {
+        if !key.is_ascii() {
             return None;
         }
+        // Prefixes and namespaces contain no `{`, so the first `:v:{` ends them.
+        let at = key.find(":v:{")?;
+        let tag = at + 4;
+        let close = tag + key[tag..].find('}')?;
+        if close == tag {
+            return None;
+        }
+        let (user, group) = if close + 1 == key.len() {
+            (tag..close, None)
+        } else {
+            // Grouped: `{group}key`; escaped keys contain no braces.
+            if key[close + 1..].contains(['{', '}']) {
+                return None;
+            }
+            (close + 1..key.len(), Some(tag..close))
+        };
         Some(StoreKey {
             key: key.to_owned(),
             kind_at: at + 1,
-            user: start..end,
+            user,
+            group,
         })
     }
 }
@@ -523,6 +654,30 @@ mod tests {
         &key[open + 1..close]
     }
 
+    fn l_grouped() -> StoreKey {
+        layout().grouped_key("acme,1", &42u64)
+    }
+
+    #[test]
+    fn grouped_keys_share_the_groups_slot() {
+        let k = l_grouped();
+        assert_eq!(k.as_str(), "cachet:users:v:{acme%2C1}42");
+        assert_eq!(k.lease_key(), "cachet:users:l:{acme%2C1}42");
+        let g = k.group_key().unwrap();
+        assert_eq!(g.as_str(), "cachet:users:sys:gen:{acme%2C1}");
+        assert_eq!(g, layout().group_key("acme,1"));
+        assert_eq!(g.group(), "acme%2C1");
+        assert_eq!(g.head(), "cachet:users");
+        assert_eq!(hash_tag(k.as_str()), hash_tag(g.as_str()));
+        assert_eq!(layout().grouped_key("", "").as_str(), "cachet:users:v:{%}%");
+        assert_eq!(layout().key("x").group_key(), None);
+        let parsed = StoreKey::parse(k.as_str()).unwrap();
+        assert_eq!(parsed, k);
+        assert_eq!(parsed.group(), Some("acme%2C1"));
+        assert_eq!(parsed.user_key(), "42");
+        assert_eq!(parsed.group_key(), Some(g));
+    }
+
     #[test]
     fn store_keys_parse_back() {
         for layout in [
@@ -545,7 +700,7 @@ mod tests {
             "",
             "cachet:users:v:{",
             "cachet:users:v:{}",
-            "cachet:users:v:{a}x",
+            "cachet:users:v:{a}x{",
             "cachet:users:l:{a}",
         ] {
             assert_eq!(StoreKey::parse(bad), None, "{bad:?}");

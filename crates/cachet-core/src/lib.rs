@@ -21,7 +21,9 @@ pub mod store;
 
 pub use clock::{Clock, MockClock};
 pub use envelope::{DecodeError, Meta};
-pub use key::{CacheKey, KeyLayout, KeyLayoutError, KeyWriter, StoreKey, unescape};
+pub use key::{
+    CacheKey, GroupKey, KeyLayout, KeyLayoutError, KeyWriter, StoreKey, escape_key, unescape,
+};
 pub use store::{
     Acquire, AcquireMode, Deferred, Entry, Fill, LeaseToken, Payload, PayloadKind, Read, Store,
     StoreError, StoreFuture, TokenSource, Ttls, ttl_millis,

@@ -19,6 +19,12 @@
 //! Every key these primitives write carries a TTL: the entry its own, the lease
 //! the lease TTL. Tokens are unique per grant and are never derived from a clock,
 //! and only the holder's token can fill or release.
+//!
+//! Keys of a cache with groups ([`StoreKey::group`]) follow the same protocol,
+//! and in addition every primitive checks the group's *generation*: a read
+//! ignores an entry filled under an older generation, `acquire` records the
+//! current generation in the token, and `fill` is refused if the generation
+//! changed. [`Store::invalidate_group`] moves the generation on.
 
 use std::any::Any;
 use std::fmt;
@@ -31,7 +37,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::envelope::Meta;
-use crate::key::StoreKey;
+use crate::key::{GroupKey, StoreKey};
 
 /// The future returned by [`Store`] methods.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -157,27 +163,52 @@ pub struct Deferred {
     pub next_due_in: Option<Duration>,
 }
 
-/// A lease token: 16 bytes, unique per grant.
+/// A lease token: 16 bytes, unique per grant, and, for a grouped key, the
+/// group's generation when the lease was granted (a fill is refused if the group
+/// was invalidated since).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct LeaseToken([u8; 16]);
+pub struct LeaseToken {
+    bytes: [u8; 16],
+    generation: u64,
+}
 
 impl LeaseToken {
-    /// A token from its bytes.
+    /// A token from its bytes, for an ungrouped key.
     pub const fn from_bytes(bytes: [u8; 16]) -> Self {
-        Self(bytes)
+        Self {
+            bytes,
+            generation: 0,
+        }
+    }
+
+    /// The same token, carrying the group generation it was granted under.
+    #[must_use]
+    pub const fn with_generation(self, generation: u64) -> Self {
+        Self {
+            bytes: self.bytes,
+            generation,
+        }
     }
 
     /// The token's bytes.
     pub const fn as_bytes(&self) -> &[u8; 16] {
-        &self.0
+        &self.bytes
+    }
+
+    /// The group generation the lease was granted under; `0` for ungrouped keys.
+    pub const fn generation(&self) -> u64 {
+        self.generation
     }
 }
 
 impl fmt::Debug for LeaseToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("LeaseToken(")?;
-        for b in self.0 {
+        for b in self.bytes {
             write!(f, "{b:02x}")?;
+        }
+        if self.generation != 0 {
+            write!(f, " @{}", self.generation)?;
         }
         f.write_str(")")
     }
@@ -208,7 +239,7 @@ impl TokenSource {
         let mut t = [0; 16];
         t[..8].copy_from_slice(&self.source);
         t[8..].copy_from_slice(&n.to_be_bytes());
-        LeaseToken(t)
+        LeaseToken::from_bytes(t)
     }
 }
 
@@ -296,6 +327,19 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The remaining TTLs of the entry and its lease, for inspection.
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls>;
 
+    /// Invalidates a whole group of keys in O(1): gives the group a new
+    /// generation, which no earlier generation of it had, so every entry filled
+    /// under an older one reads as a miss (and expires by its TTL), and leases
+    /// granted before cannot fill.
+    ///
+    /// The default reports [`StoreError::Unsupported`].
+    fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()> {
+        let _ = group;
+        Box::pin(std::future::ready(Err(StoreError::Unsupported(
+            "group invalidation",
+        ))))
+    }
+
     /// Queues an [`invalidate`](Store::invalidate) of `key` to run after `delay`,
     /// in a queue kept by the store itself: it survives the caller's process on a
     /// store that outlives it (Redis), not on an in-process store. Executed by
@@ -360,6 +404,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
         (**self).ttl(key)
+    }
+    fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()> {
+        (**self).invalidate_group(group)
     }
     fn defer_invalidate<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()> {
         (**self).defer_invalidate(key, delay)

@@ -12,6 +12,7 @@
 //! | `release` | `EVALSHA` of `RELEASE`: compare-and-delete of the lease |
 //! | `set` | `EVALSHA` of `SET`: `SET entry bytes PX ttl`, `DEL lease` |
 //! | `invalidate` | `DEL entry lease` |
+//! | `invalidate_group` | `EVALSHA` of `BUMP`: `SET` the group's generation to a value it never had |
 //! | `defer_invalidate` | `EVALSHA` of `DEFER`: `ZADD` to a due set scored by server time + delay |
 //! | `run_deferred` | `EVALSHA` of `CLAIM` per shard, one `DEL` per item, one `ZREM` to acknowledge |
 //!
@@ -19,6 +20,10 @@
 //! trip costs about 10% more latency and several times the server CPU of a `GET`
 //! (see `docs/decisions.md`), and misses, which pay one extra round trip for the
 //! lease, are the rarer case.
+//!
+//! On a cache with groups, every primitive on an entry is a script that also
+//! reads the group's generation (in the same slot): a hit is then one `EVALSHA`
+//! instead of a `GET`.
 //!
 //! Scripts run with `EVALSHA`; after a server restart or `SCRIPT FLUSH` the
 //! `NOSCRIPT` reply makes the client load the script and retry once. Every key
@@ -35,8 +40,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cachet_core::{
-    Acquire, AcquireMode, Deferred, Entry, Fill, LeaseToken, Payload, PayloadKind, Read, Store,
-    StoreError, StoreFuture, StoreKey, TokenSource, Ttls, envelope, ttl_millis,
+    Acquire, AcquireMode, Deferred, Entry, Fill, GroupKey, LeaseToken, Payload, PayloadKind, Read,
+    Store, StoreError, StoreFuture, StoreKey, TokenSource, Ttls, envelope, ttl_millis,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
@@ -335,6 +340,29 @@ fn read_of(bytes: Option<Bytes>) -> Read {
     }
 }
 
+/// A read of a grouped key: an entry filled under an older generation is orphaned.
+fn current(read: Read, generation: u64) -> Read {
+    match read {
+        Read::Hit(entry) if entry.meta.generation != generation => Read::Miss,
+        other => other,
+    }
+}
+
+/// Takes the generation off the end of a grouped script's reply.
+fn split_generation(reply: &mut redis::Value) -> Result<u64, StoreError> {
+    let bad = |reply: &redis::Value| protocol("generation", reply);
+    let redis::Value::Array(items) = reply else {
+        return Err(bad(reply));
+    };
+    let generation = match items.pop() {
+        Some(redis::Value::BulkString(g)) => {
+            std::str::from_utf8(&g).ok().and_then(|g| g.parse().ok())
+        }
+        _ => None,
+    };
+    generation.ok_or_else(|| bad(reply))
+}
+
 fn protocol(what: &str, reply: &redis::Value) -> StoreError {
     StoreError::Protocol(format!("{what}: {reply:?}"))
 }
@@ -362,6 +390,17 @@ impl Store for RedisStore {
     }
 
     fn get<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Read> {
+        if let Some(group) = key.group_key() {
+            return Box::pin(async move {
+                let (bytes, generation): (Option<Bytes>, u64) = scripts::GET_GROUPED
+                    .key(key.as_str())
+                    .key(group.as_str())
+                    .invoke_async(&mut self.conn())
+                    .await
+                    .map_err(|e| self.err(e))?;
+                Ok(current(read_of(bytes), generation))
+            });
+        }
         Box::pin(async move {
             let bytes: Option<Bytes> = redis::cmd("GET")
                 .arg(key.as_str())
@@ -380,19 +419,47 @@ impl Store for RedisStore {
     ) -> StoreFuture<'a, Acquire> {
         Box::pin(async move {
             let token = self.inner.tokens.next_token();
-            let reply: redis::Value = scripts::ACQUIRE
-                .key(key.as_str())
-                .key(key.lease_key())
-                .arg(&token.as_bytes()[..])
-                .arg(ttl_millis(lease_ttl))
-                .arg(match mode {
-                    AcquireMode::IfAbsent => "0",
-                    AcquireMode::Replace => "1",
-                })
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(|e| self.err(e))?;
-            parse_acquire(reply, token)
+            let mode_arg = |mode| match mode {
+                AcquireMode::IfAbsent => "0",
+                AcquireMode::Replace => "1",
+            };
+            let Some(group) = key.group_key() else {
+                let reply: redis::Value = scripts::ACQUIRE
+                    .key(key.as_str())
+                    .key(key.lease_key())
+                    .arg(&token.as_bytes()[..])
+                    .arg(ttl_millis(lease_ttl))
+                    .arg(mode_arg(mode))
+                    .invoke_async(&mut self.conn())
+                    .await
+                    .map_err(|e| self.err(e))?;
+                return parse_acquire(reply, token);
+            };
+            let mut mode = mode;
+            // At most twice: an entry of an older generation is orphaned, and
+            // the second attempt replaces it.
+            for _ in 0..2 {
+                let mut reply: redis::Value = scripts::ACQUIRE_GROUPED
+                    .key(key.as_str())
+                    .key(key.lease_key())
+                    .key(group.as_str())
+                    .arg(&token.as_bytes()[..])
+                    .arg(ttl_millis(lease_ttl))
+                    .arg(mode_arg(mode))
+                    .invoke_async(&mut self.conn())
+                    .await
+                    .map_err(|e| self.err(e))?;
+                let generation = split_generation(&mut reply)?;
+                match parse_acquire(reply, token.with_generation(generation))? {
+                    Acquire::Hit(entry) if entry.meta.generation != generation => {
+                        mode = AcquireMode::Replace;
+                    }
+                    other => return Ok(other),
+                }
+            }
+            Err(StoreError::Protocol(
+                "acquire in Replace mode returned an entry".into(),
+            ))
         })
     }
 
@@ -404,13 +471,30 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> StoreFuture<'a, Fill> {
         Box::pin(async move {
+            let mut entry = entry;
+            entry.meta.generation = lease.generation();
             let bytes = encode(&entry)?;
-            let filled: i64 = scripts::FILL
-                .key(key.as_str())
-                .key(key.lease_key())
+            let script = match key.group_key() {
+                Some(group) => {
+                    let mut s = scripts::FILL_GROUPED.key(key.as_str());
+                    s.key(key.lease_key()).key(group.as_str());
+                    s
+                }
+                None => {
+                    let mut s = scripts::FILL.key(key.as_str());
+                    s.key(key.lease_key());
+                    s
+                }
+            };
+            let mut script = script;
+            script
                 .arg(&lease.as_bytes()[..])
                 .arg(bytes)
-                .arg(ttl_millis(ttl))
+                .arg(ttl_millis(ttl));
+            if key.group().is_some() {
+                script.arg(lease.generation());
+            }
+            let filled: i64 = script
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(|e| self.err(e))?;
@@ -437,9 +521,19 @@ impl Store for RedisStore {
     fn set<'a>(&'a self, key: &'a StoreKey, entry: Entry, ttl: Duration) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let bytes = encode(&entry)?;
-            let _: i64 = scripts::SET
-                .key(key.as_str())
-                .key(key.lease_key())
+            let mut script = match key.group_key() {
+                Some(group) => {
+                    let mut s = scripts::SET_GROUPED.key(key.as_str());
+                    s.key(key.lease_key()).key(group.as_str());
+                    s
+                }
+                None => {
+                    let mut s = scripts::SET.key(key.as_str());
+                    s.key(key.lease_key());
+                    s
+                }
+            };
+            let _: i64 = script
                 .arg(bytes)
                 .arg(ttl_millis(ttl))
                 .invoke_async(&mut self.conn())
@@ -455,6 +549,17 @@ impl Store for RedisStore {
                 .arg(key.as_str())
                 .arg(key.lease_key())
                 .query_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(())
+        })
+    }
+
+    fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let _: String = scripts::BUMP
+                .key(group.as_str())
+                .invoke_async(&mut self.conn())
                 .await
                 .map_err(|e| self.err(e))?;
             Ok(())

@@ -123,3 +123,104 @@ return {due, next_due, now}
 ",
     )
 });
+
+/// Reads a group's generation, creating it if it is missing. A new generation is
+/// the server's time in microseconds: later than any generation the group had
+/// before it was evicted or lost, so entries filled under those stay orphaned.
+/// Generations are kept as decimal strings (exact: they stay below 2^53).
+const GENERATION: &str = r"
+local function generation(key)
+  local g = redis.call('GET', key)
+  if not g then
+    local t = redis.call('TIME')
+    g = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+    redis.call('SET', key, g)
+  end
+  return g
+end
+";
+
+fn with_generation(body: &str) -> Script {
+    Script::new(&format!("{GENERATION}{body}"))
+}
+
+/// Read of a grouped key: the entry and its group's generation, in one round trip.
+///
+/// `KEYS[1]` entry, `KEYS[2]` generation. Returns `{entry or nil, generation}`.
+pub(crate) static GET_GROUPED: LazyLock<Script> = LazyLock::new(|| {
+    with_generation(
+        r"
+return {redis.call('GET', KEYS[1]) or false, generation(KEYS[2])}
+",
+    )
+});
+
+/// [`ACQUIRE`] for a grouped key; every reply ends with the group's generation.
+///
+/// `KEYS[1]` entry, `KEYS[2]` lease, `KEYS[3]` generation; `ARGV` as `ACQUIRE`.
+pub(crate) static ACQUIRE_GROUPED: LazyLock<Script> = LazyLock::new(|| {
+    with_generation(
+        r"
+local g = generation(KEYS[3])
+if ARGV[3] == '0' then
+  local v = redis.call('GET', KEYS[1])
+  if v then return {1, v, g} end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {2, g}
+end
+return {3, redis.call('PTTL', KEYS[2]), g}
+",
+    )
+});
+
+/// [`FILL`] for a grouped key: also refused if the group's generation is no
+/// longer the one the lease was granted under (`ARGV[4]`).
+///
+/// `KEYS[1]` entry, `KEYS[2]` lease, `KEYS[3]` generation.
+pub(crate) static FILL_GROUPED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[2]) == ARGV[1] and redis.call('GET', KEYS[3]) == ARGV[4] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// [`SET`] for a grouped key: stamps the group's current generation into the
+/// envelope (bytes 23–30, see `cachet_core::envelope`) before writing.
+///
+/// `KEYS[1]` entry, `KEYS[2]` lease, `KEYS[3]` generation; `ARGV[1]` entry
+/// bytes, `ARGV[2]` TTL in ms.
+pub(crate) static SET_GROUPED: LazyLock<Script> = LazyLock::new(|| {
+    with_generation(
+        r"
+local g = generation(KEYS[3])
+local v = string.sub(ARGV[1], 1, 22) .. struct.pack('>I8', tonumber(g)) .. string.sub(ARGV[1], 31)
+redis.call('SET', KEYS[1], v, 'PX', ARGV[2])
+redis.call('DEL', KEYS[2])
+return 1
+",
+    )
+});
+
+/// Group invalidation: moves a group's generation to a value it never had.
+///
+/// `KEYS[1]` generation. The new generation is the later of the server's time
+/// in microseconds and the old generation plus one.
+pub(crate) static BUMP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local old = tonumber(redis.call('GET', KEYS[1]) or '0')
+local new = string.format('%.0f', math.max(now, old + 1))
+redis.call('SET', KEYS[1], new)
+return new
+",
+    )
+});

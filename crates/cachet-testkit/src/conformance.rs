@@ -72,7 +72,8 @@ macro_rules! conformance_tests {
             corrupt_bytes_are_reported_and_replaceable,
             concurrent_acquires_grant_one_lease,
             hostile_keys_are_distinct,
-            deferred_invalidations_run_when_due
+            deferred_invalidations_run_when_due,
+            groups_orphan_old_entries_and_refuse_old_leases
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
@@ -517,4 +518,63 @@ pub async fn deferred_invalidations_run_when_due(h: &dyn Harness) {
         "{left:?}"
     );
     assert_eq!(store.run_deferred(10).await.unwrap().ran, 0, "ran once");
+}
+
+/// Group invalidation: entries filled under an older generation read as
+/// misses, a lease granted before cannot fill, other groups are untouched, and
+/// a new entry in the group works as usual.
+pub async fn groups_orphan_old_entries_and_refuse_old_leases(h: &dyn Harness) {
+    let store = h.store();
+    let layout = h.layout();
+    let a1 = layout.grouped_key("tenant a", "1");
+    let a2 = layout.grouped_key("tenant a", "2");
+    let b1 = layout.grouped_key("tenant b", "1");
+    let t = lease(&*store, &a1, LEASE_TTL).await;
+    assert_eq!(
+        store.fill(&a1, &t, entry(b"a1"), TTL).await.unwrap(),
+        Fill::Filled
+    );
+    store.set(&b1, entry(b"b1"), TTL).await.unwrap();
+    assert!(matches!(store.get(&a1).await.unwrap(), Read::Hit(_)));
+    let slow = lease(&*store, &a2, LEASE_TTL).await;
+
+    store
+        .invalidate_group(&a1.group_key().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        matches!(store.get(&a1).await.unwrap(), Read::Miss),
+        "orphaned"
+    );
+    assert_eq!(
+        store.fill(&a2, &slow, entry(b"old"), TTL).await.unwrap(),
+        Fill::Refused,
+        "a lease granted before the invalidation"
+    );
+    assert!(matches!(store.get(&a2).await.unwrap(), Read::Miss));
+    assert_eq!(
+        payload_of(&store.get(&b1).await.unwrap()).as_deref(),
+        Some(&b"b1"[..]),
+        "another group"
+    );
+    // The orphan is replaced by a normal load.
+    let t = lease(&*store, &a1, LEASE_TTL).await;
+    assert_eq!(
+        store.fill(&a1, &t, entry(b"new"), TTL).await.unwrap(),
+        Fill::Filled
+    );
+    assert_eq!(
+        payload_of(&store.get(&a1).await.unwrap()).as_deref(),
+        Some(&b"new"[..])
+    );
+    // An unconditional set lands in the current generation.
+    store
+        .invalidate_group(&a1.group_key().unwrap())
+        .await
+        .unwrap();
+    store.set(&a2, entry(b"set"), TTL).await.unwrap();
+    assert_eq!(
+        payload_of(&store.get(&a2).await.unwrap()).as_deref(),
+        Some(&b"set"[..])
+    );
 }

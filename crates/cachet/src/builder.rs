@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cachet_core::{CacheKey, Clock, KeyLayout, PayloadKind, Store};
 
-use crate::cache::{Cache, Settings};
+use crate::cache::{Cache, GroupFn, Settings};
 use crate::codec::{Codec, Postcard};
 use crate::{Error, MemoryStore};
 
@@ -24,7 +24,6 @@ use crate::{Error, MemoryStore};
 /// | [`codec`](Self::codec) | [`Postcard`] | how values become bytes for byte stores |
 /// | [`prefix`](Self::prefix) | `cachet:` | first part of every key |
 #[must_use = "a builder does nothing until .build() is called"]
-#[derive(Debug)]
 pub struct CacheBuilder<K: ?Sized, V, C = Postcard> {
     namespace: String,
     prefix: String,
@@ -36,8 +35,26 @@ pub struct CacheBuilder<K: ?Sized, V, C = Postcard> {
     store: Option<Arc<dyn Store>>,
     memory: Option<MemoryStore>,
     clock: Option<Clock>,
+    group: Option<GroupFn<K>>,
     codec: C,
     _types: PhantomData<fn(&K) -> V>,
+}
+
+impl<K: ?Sized, V, C: std::fmt::Debug> std::fmt::Debug for CacheBuilder<K, V, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("namespace", &self.namespace)
+            .field("prefix", &self.prefix)
+            .field("ttl", &self.ttl)
+            .field("jitter", &self.jitter)
+            .field("negative_ttl", &self.negative_ttl)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("lease_wait", &self.lease_wait)
+            .field("store", &self.store)
+            .field("grouped", &self.group.is_some())
+            .field("codec", &self.codec)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<K: ?Sized, V> CacheBuilder<K, V, Postcard> {
@@ -53,6 +70,7 @@ impl<K: ?Sized, V> CacheBuilder<K, V, Postcard> {
             store: None,
             memory: None,
             clock: None,
+            group: None,
             codec: Postcard,
             _types: PhantomData,
         }
@@ -128,6 +146,22 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
         self
     }
 
+    /// Puts every key in a group (a tenant, a user…) so that
+    /// [`Cache::invalidate_group`] drops the whole group in O(1).
+    ///
+    /// On Redis the group is the hash tag of its keys: a group's entries, leases
+    /// and generation share one slot, so a read is one script that checks the
+    /// generation too (a hit costs one `EVALSHA` instead of a `GET`), and a very
+    /// hot group is a hot slot on Redis Cluster. Pick groups that spread load.
+    pub fn group_by<G, F>(mut self, group: F) -> Self
+    where
+        G: CacheKey,
+        F: Fn(&K) -> G + Send + Sync + 'static,
+    {
+        self.group = Some(Arc::new(move |k: &K| cachet_core::escape_key(&group(k))));
+        self
+    }
+
     /// The codec values are stored with on byte stores.
     pub fn codec<C2>(self, codec: C2) -> CacheBuilder<K, V, C2> {
         CacheBuilder {
@@ -141,6 +175,7 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
             store: self.store,
             memory: self.memory,
             clock: self.clock,
+            group: self.group,
             codec,
             _types: PhantomData,
         }
@@ -207,6 +242,7 @@ where
                 store,
                 codec: Arc::new(self.codec),
             },
+            self.group,
             local,
         ))
     }

@@ -55,8 +55,13 @@ pub(crate) struct Settings<V> {
     pub(crate) codec: Arc<dyn Codec<V>>,
 }
 
+/// Maps a key to its escaped group.
+pub(crate) type GroupFn<K> = Arc<dyn Fn(&K) -> String + Send + Sync>;
+
 struct Inner<K: ?Sized, V> {
     s: Settings<V>,
+    /// The key's group, for caches with groups.
+    group: Option<GroupFn<K>>,
     /// The cache's typed table when the store is a `MemoryStore`.
     local: Option<Arc<dyn LocalTier<K, V>>>,
     kind: PayloadKind,
@@ -120,12 +125,17 @@ where
         CacheBuilder::new(namespace.into())
     }
 
-    pub(crate) fn from_settings(s: Settings<V>, local: Option<Arc<dyn LocalTier<K, V>>>) -> Self {
+    pub(crate) fn from_settings(
+        s: Settings<V>,
+        group: Option<GroupFn<K>>,
+        local: Option<Arc<dyn LocalTier<K, V>>>,
+    ) -> Self {
         let kind = s.store.payload_kind();
         let counters = Counters::new(s.layout.namespace());
         Self {
             inner: Arc::new(Inner {
                 s,
+                group,
                 local,
                 kind,
                 counters,
@@ -156,12 +166,15 @@ where
     async fn read(&self, key: &K, count: bool) -> Result<Option<V>, Error> {
         let inner = &*self.inner;
         if let Some(local) = &inner.local {
-            return Ok(match inner.lookup_local(&**local, key, count) {
-                Lookup::Found(v) => v,
-                _ => None,
-            });
+            let group = inner.group_of(key);
+            return Ok(
+                match inner.lookup_local(&**local, key, group.as_deref(), count) {
+                    Lookup::Found(v) => v,
+                    _ => None,
+                },
+            );
         }
-        let skey = inner.s.layout.key(key);
+        let skey = inner.key_of(key);
         match inner.lookup_shared(&skey, count).await {
             Lookup::Found(v) => Ok(v),
             Lookup::Missing { .. } => Ok(None),
@@ -190,12 +203,15 @@ where
     {
         let inner = &*self.inner;
         let (skey, first) = match &inner.local {
-            Some(local) => match inner.lookup_local(&**local, key, true) {
-                Lookup::Found(v) => return Ok(v),
-                other => (inner.s.layout.key(key), other),
-            },
+            Some(local) => {
+                let group = inner.group_of(key);
+                match inner.lookup_local(&**local, key, group.as_deref(), true) {
+                    Lookup::Found(v) => return Ok(v),
+                    other => (inner.key_with(key, group.as_deref()), other),
+                }
+            }
             None => {
-                let skey = inner.s.layout.key(key);
+                let skey = inner.key_of(key);
                 match inner.lookup_shared(&skey, true).await {
                     Lookup::Found(v) => return Ok(v),
                     other => (skey, other),
@@ -236,11 +252,11 @@ where
     /// When the value cannot be encoded or the store fails.
     pub async fn set(&self, key: &K, value: V) -> Result<(), Error> {
         let inner = &*self.inner;
-        let skey = inner.s.layout.key(key);
+        let skey = inner.key_of(key);
         inner.flights.detach(skey.as_str());
         let ttl = inner.value_ttl();
         if let Some(local) = &inner.local {
-            local.set(key, Slot { value: Some(value) }, ttl);
+            local.set(key, skey.group(), Slot::new(Some(value)), ttl);
             return Ok(());
         }
         let entry = inner
@@ -261,7 +277,7 @@ where
     /// When the store fails; the entry may then still be there until its TTL.
     pub async fn invalidate(&self, key: &K) -> Result<(), Error> {
         let inner = &*self.inner;
-        let skey = inner.s.layout.key(key);
+        let skey = inner.key_of(key);
         inner.flights.detach(skey.as_str());
         if let Some(local) = &inner.local {
             local.invalidate(key);
@@ -290,11 +306,46 @@ where
     /// When the store fails to queue or to delete; the other step is still tried.
     pub async fn invalidate_twice(&self, key: &K, delay: Duration) -> Result<(), Error> {
         let inner = &*self.inner;
-        let skey = inner.s.layout.key(key);
+        let skey = inner.key_of(key);
         let queued = inner.s.store.defer_invalidate(&skey, delay).await;
         let now = self.invalidate(key).await;
         queued.map_err(|e| inner.store_error(&skey, e))?;
         now
+    }
+
+    /// Invalidates every key of `group` at once, in O(1): the group gets a new
+    /// generation, entries of older ones read as misses and expire by their TTL,
+    /// and loads that took their lease before cannot fill. The group's
+    /// generation is a `:sys:` key; if it is evicted, it comes back as a value it
+    /// never had, so old entries never reappear.
+    ///
+    /// `group` must be written like the values the cache's
+    /// [`group_by`](crate::CacheBuilder::group_by) function returns.
+    ///
+    /// # Errors
+    /// When the cache has no groups, or the store fails.
+    pub async fn invalidate_group<G: CacheKey + ?Sized>(&self, group: &G) -> Result<(), Error> {
+        let inner = &*self.inner;
+        if inner.group.is_none() {
+            return Err(Error::config(
+                self.namespace(),
+                "invalidate_group needs a cache built with group_by",
+            ));
+        }
+        let gkey = inner.s.layout.group_key(group);
+        if let Some(local) = &inner.local {
+            local.invalidate_group(gkey.group());
+            return Ok(());
+        }
+        inner.s.store.invalidate_group(&gkey).await.map_err(|e| {
+            inner.counters.store_errors.inc();
+            Error::new(
+                crate::ErrorKind::Store,
+                self.namespace(),
+                Some(gkey.as_str()),
+                Some(Box::new(e)),
+            )
+        })
     }
 
     /// The remaining TTL of `key`'s entry, `None` if there is none.
@@ -306,7 +357,7 @@ where
         if let Some(local) = &inner.local {
             return Ok(local.ttls(key).entry);
         }
-        let skey = inner.s.layout.key(key);
+        let skey = inner.key_of(key);
         match inner.s.store.ttl(&skey).await {
             Ok(ttls) => Ok(ttls.entry),
             Err(e) => Err(inner.store_error(&skey, e)),
@@ -325,7 +376,7 @@ where
 
     /// The store key under which `key`'s entry lives.
     pub fn store_key(&self, key: &K) -> StoreKey {
-        self.inner.s.layout.key(key)
+        self.inner.key_of(key)
     }
 
     /// The cache's key layout.
@@ -346,6 +397,22 @@ where
 {
     fn namespace(&self) -> &str {
         self.s.layout.namespace()
+    }
+
+    #[inline]
+    fn group_of(&self, key: &K) -> Option<String> {
+        self.group.as_ref().map(|g| g(key))
+    }
+
+    fn key_with(&self, key: &K, group: Option<&str>) -> StoreKey {
+        match group {
+            Some(group) => self.s.layout.key_in_group(group, key),
+            None => self.s.layout.key(key),
+        }
+    }
+
+    fn key_of(&self, key: &K) -> StoreKey {
+        self.key_with(key, self.group_of(key).as_deref())
     }
 
     fn store_error(&self, key: &StoreKey, e: StoreError) -> Error {
@@ -370,8 +437,14 @@ where
     }
 
     #[inline]
-    fn lookup_local(&self, local: &dyn LocalTier<K, V>, key: &K, count: bool) -> Lookup<V> {
-        match local.get(key) {
+    fn lookup_local(
+        &self,
+        local: &dyn LocalTier<K, V>,
+        key: &K,
+        group: Option<&str>,
+        count: bool,
+    ) -> Lookup<V> {
+        match local.get(key, group) {
             Some(slot) => {
                 self.count_found(&slot.value, count);
                 Lookup::Found(slot.value)
@@ -481,11 +554,13 @@ where
         mode: AcquireMode,
     ) -> Result<Claim<V>, StoreError> {
         if let Some(local) = &self.local {
-            return Ok(match local.acquire(key, mode, self.s.lease_ttl) {
-                Acquired::Hit(slot) => Claim::Hit(slot.value),
-                Acquired::Leased(token) => Claim::Leased(token),
-                Acquired::Busy(left) => Claim::Busy(Some(left)),
-            });
+            return Ok(
+                match local.acquire(key, skey.group(), mode, self.s.lease_ttl) {
+                    Acquired::Hit(slot) => Claim::Hit(slot.value),
+                    Acquired::Leased(token) => Claim::Leased(token),
+                    Acquired::Busy(left) => Claim::Busy(Some(left)),
+                },
+            );
         }
         Ok(
             match self.s.store.acquire(skey, mode, self.s.lease_ttl).await? {
@@ -506,7 +581,7 @@ where
     /// A plain read while waiting for another caller's lease; not counted.
     async fn reread(&self, key: &K, skey: &StoreKey) -> Lookup<V> {
         match &self.local {
-            Some(local) => self.lookup_local(&**local, key, false),
+            Some(local) => self.lookup_local(&**local, key, skey.group(), false),
             None => self.lookup_shared(skey, false).await,
         }
     }
@@ -522,10 +597,8 @@ where
         ttl: Duration,
     ) -> Result<Fill, ()> {
         if let Some(local) = &self.local {
-            let slot = Slot {
-                value: value.clone(),
-            };
-            return Ok(local.fill(key, token, slot, ttl));
+            let slot = Slot::new(value.clone());
+            return Ok(local.fill(key, skey.group(), token, slot, ttl));
         }
         let entry = match self.entry_for(meta, value.as_ref()) {
             Ok(entry) => entry,

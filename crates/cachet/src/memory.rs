@@ -32,8 +32,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cachet_core::{
-    Acquire, AcquireMode, CacheKey, Clock, Deferred, Entry, Fill, LeaseToken, PayloadKind, Read,
-    Store, StoreFuture, StoreKey, TokenSource, Ttls, ttl_millis,
+    Acquire, AcquireMode, CacheKey, Clock, Deferred, Entry, Fill, GroupKey, LeaseToken,
+    PayloadKind, Read, Store, StoreFuture, StoreKey, TokenSource, Ttls, ttl_millis,
 };
 use parking_lot::Mutex;
 
@@ -43,12 +43,35 @@ const STRIPES: usize = 64;
 const SWEEP_AT: usize = 1024;
 
 /// One protocol table. See the [module docs](self).
+///
+/// Groups: each item records the generation of its group when it was written;
+/// a read that finds another generation current treats the item as absent. A
+/// group's generation is drawn from a counter that never repeats, so a
+/// generation evicted from the bounded map comes back as a new value and never
+/// revives old items.
 pub(crate) struct MemTable<Q, P> {
     entries: quick_cache::sync::Cache<Q, Timed<P>>,
     leases: Box<[Stripe<Q>]>,
+    generations: quick_cache::sync::Cache<String, u64>,
+    next_generation: AtomicU64,
     hasher: RandomState,
     tokens: Arc<TokenSource>,
     clock: Clock,
+}
+
+/// An item that records its group generation.
+pub(crate) trait Generational {
+    fn generation(&self) -> u64;
+    fn set_generation(&mut self, generation: u64);
+}
+
+impl Generational for Entry {
+    fn generation(&self) -> u64 {
+        self.meta.generation
+    }
+    fn set_generation(&mut self, generation: u64) {
+        self.meta.generation = generation;
+    }
 }
 
 type Stripe<Q> = Mutex<HashMap<Q, LeaseSlot>>;
@@ -74,16 +97,43 @@ pub(crate) enum Acquired<P> {
 impl<Q, P> MemTable<Q, P>
 where
     Q: Hash + Eq + Send + Sync + 'static,
-    P: Clone + Send + Sync + 'static,
+    P: Clone + Generational + Send + Sync + 'static,
 {
     fn new(capacity: usize, clock: Clock, tokens: Arc<TokenSource>) -> Self {
         Self {
             entries: quick_cache::sync::Cache::new(capacity.max(1)),
             leases: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            generations: quick_cache::sync::Cache::new(capacity.max(1)),
+            next_generation: AtomicU64::new(1),
             hasher: RandomState::new(),
             tokens,
             clock,
         }
+    }
+
+    /// The current generation of `group`, or a new one if it has none.
+    fn generation(&self, group: &str) -> u64 {
+        if let Some(g) = self.generations.get(group) {
+            return g;
+        }
+        let g = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        self.generations.insert(group.to_owned(), g);
+        g
+    }
+
+    /// Whether `item` belongs to its group's current generation.
+    #[inline]
+    fn current(&self, item: &P, group: Option<&str>) -> bool {
+        match group {
+            None => true,
+            Some(group) => self.generations.get(group) == Some(item.generation()),
+        }
+    }
+
+    /// Gives `group` a generation it never had: its items become absent.
+    pub(crate) fn invalidate_group(&self, group: &str) {
+        let g = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        self.generations.insert(group.to_owned(), g);
     }
 
     fn stripe<B: Hash + ?Sized>(&self, key: &B) -> &Stripe<Q> {
@@ -93,14 +143,15 @@ where
         &self.leases[i]
     }
 
-    /// The live item under `key`.
+    /// The live item under `key` (of the current generation of `group`).
     #[inline]
-    pub(crate) fn get<B>(&self, key: &B) -> Option<P>
+    pub(crate) fn get<B>(&self, key: &B, group: Option<&str>) -> Option<P>
     where
         Q: Borrow<B>,
         B: Hash + Eq + ?Sized,
     {
         self.live(key, self.clock.coarse_ms())
+            .filter(|item| self.current(item, group))
     }
 
     #[inline]
@@ -115,15 +166,23 @@ where
         }
     }
 
-    pub(crate) fn acquire<B>(&self, key: &B, mode: AcquireMode, lease_ttl: Duration) -> Acquired<P>
+    pub(crate) fn acquire<B>(
+        &self,
+        key: &B,
+        group: Option<&str>,
+        mode: AcquireMode,
+        lease_ttl: Duration,
+    ) -> Acquired<P>
     where
         Q: Borrow<B>,
         B: Hash + Eq + ToOwned<Owned = Q> + ?Sized,
     {
         let now = self.clock.coarse_ms();
+        let generation = group.map_or(0, |g| self.generation(g));
         let mut stripe = self.stripe(key).lock();
         if mode == AcquireMode::IfAbsent
             && let Some(item) = self.live(key, now)
+            && (group.is_none() || item.generation() == generation)
         {
             return Acquired::Hit(item);
         }
@@ -135,7 +194,7 @@ where
         if stripe.len() >= SWEEP_AT {
             stripe.retain(|_, l| l.expires_at_ms > now);
         }
-        let token = self.tokens.next_token();
+        let token = self.tokens.next_token().with_generation(generation);
         stripe.insert(
             key.to_owned(),
             LeaseSlot {
@@ -146,7 +205,14 @@ where
         Acquired::Leased(token)
     }
 
-    pub(crate) fn fill<B>(&self, key: &B, token: &LeaseToken, item: P, ttl: Duration) -> Fill
+    pub(crate) fn fill<B>(
+        &self,
+        key: &B,
+        group: Option<&str>,
+        token: &LeaseToken,
+        mut item: P,
+        ttl: Duration,
+    ) -> Fill
     where
         Q: Borrow<B>,
         B: Hash + Eq + ToOwned<Owned = Q> + ?Sized,
@@ -154,11 +220,16 @@ where
         let now = self.clock.coarse_ms();
         let mut stripe = self.stripe(key).lock();
         let valid = match stripe.get(key) {
-            Some(lease) => lease.token == *token && lease.expires_at_ms > now,
+            Some(lease) => {
+                lease.token == *token
+                    && lease.expires_at_ms > now
+                    && group.is_none_or(|g| self.generations.get(g) == Some(token.generation()))
+            }
             None => return Fill::Refused,
         };
         if valid {
             stripe.remove(key);
+            item.set_generation(token.generation());
             self.insert(key.to_owned(), item, ttl, now);
             Fill::Filled
         } else {
@@ -183,12 +254,13 @@ where
         }
     }
 
-    pub(crate) fn set<B>(&self, key: &B, item: P, ttl: Duration)
+    pub(crate) fn set<B>(&self, key: &B, group: Option<&str>, mut item: P, ttl: Duration)
     where
         Q: Borrow<B>,
         B: Hash + Eq + ToOwned<Owned = Q> + ?Sized,
     {
         let now = self.clock.coarse_ms();
+        item.set_generation(group.map_or(0, |g| self.generation(g)));
         let mut stripe = self.stripe(key).lock();
         stripe.remove(key);
         self.insert(key.to_owned(), item, ttl, now);
@@ -232,21 +304,56 @@ where
 }
 
 /// An item of a cache's typed table: the decoded value, `None` for a negative
-/// entry.
+/// entry, and the generation of its group.
 #[derive(Clone, Debug)]
 pub(crate) struct Slot<V> {
     pub(crate) value: Option<V>,
+    pub(crate) generation: u64,
+}
+
+impl<V> Slot<V> {
+    pub(crate) fn new(value: Option<V>) -> Self {
+        Self {
+            value,
+            generation: 0,
+        }
+    }
+}
+
+impl<V> Generational for Slot<V> {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+    fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
+    }
 }
 
 /// A cache's typed table, seen through its borrowed key type so that `Cache`
 /// need not name `K::Owned`.
+///
+/// `group` is the escaped group of the key, for caches with groups.
 pub(crate) trait LocalTier<K: ?Sized, V>: Send + Sync {
-    fn get(&self, key: &K) -> Option<Slot<V>>;
-    fn acquire(&self, key: &K, mode: AcquireMode, lease_ttl: Duration) -> Acquired<Slot<V>>;
-    fn fill(&self, key: &K, token: &LeaseToken, slot: Slot<V>, ttl: Duration) -> Fill;
+    fn get(&self, key: &K, group: Option<&str>) -> Option<Slot<V>>;
+    fn acquire(
+        &self,
+        key: &K,
+        group: Option<&str>,
+        mode: AcquireMode,
+        lease_ttl: Duration,
+    ) -> Acquired<Slot<V>>;
+    fn fill(
+        &self,
+        key: &K,
+        group: Option<&str>,
+        token: &LeaseToken,
+        slot: Slot<V>,
+        ttl: Duration,
+    ) -> Fill;
     fn release(&self, key: &K, token: &LeaseToken) -> bool;
-    fn set(&self, key: &K, slot: Slot<V>, ttl: Duration);
+    fn set(&self, key: &K, group: Option<&str>, slot: Slot<V>, ttl: Duration);
     fn invalidate(&self, key: &K);
+    fn invalidate_group(&self, group: &str);
     fn ttls(&self, key: &K) -> Ttls;
 }
 
@@ -262,6 +369,9 @@ trait Routable: Send + Sync {
     /// Invalidates the entry whose escaped user key is `escaped`; false if the
     /// key type cannot decode it.
     fn invalidate_escaped(&self, escaped: &str) -> bool;
+
+    /// Invalidates a group, by its escaped name.
+    fn invalidate_group(&self, group: &str);
 }
 
 impl<Q, V> Routable for Typed<Q, V>
@@ -278,6 +388,10 @@ where
             None => false,
         }
     }
+
+    fn invalidate_group(&self, group: &str) {
+        self.table.invalidate_group(group);
+    }
 }
 
 impl<K, V> LocalTier<K, V> for Typed<K::Owned, V>
@@ -286,23 +400,39 @@ where
     V: Clone + Send + Sync + 'static,
 {
     #[inline]
-    fn get(&self, key: &K) -> Option<Slot<V>> {
-        self.table.get(key)
+    fn get(&self, key: &K, group: Option<&str>) -> Option<Slot<V>> {
+        self.table.get(key, group)
     }
-    fn acquire(&self, key: &K, mode: AcquireMode, lease_ttl: Duration) -> Acquired<Slot<V>> {
-        self.table.acquire(key, mode, lease_ttl)
+    fn acquire(
+        &self,
+        key: &K,
+        group: Option<&str>,
+        mode: AcquireMode,
+        lease_ttl: Duration,
+    ) -> Acquired<Slot<V>> {
+        self.table.acquire(key, group, mode, lease_ttl)
     }
-    fn fill(&self, key: &K, token: &LeaseToken, slot: Slot<V>, ttl: Duration) -> Fill {
-        self.table.fill(key, token, slot, ttl)
+    fn fill(
+        &self,
+        key: &K,
+        group: Option<&str>,
+        token: &LeaseToken,
+        slot: Slot<V>,
+        ttl: Duration,
+    ) -> Fill {
+        self.table.fill(key, group, token, slot, ttl)
     }
     fn release(&self, key: &K, token: &LeaseToken) -> bool {
         self.table.release(key, token)
     }
-    fn set(&self, key: &K, slot: Slot<V>, ttl: Duration) {
-        self.table.set(key, slot, ttl);
+    fn set(&self, key: &K, group: Option<&str>, slot: Slot<V>, ttl: Duration) {
+        self.table.set(key, group, slot, ttl);
     }
     fn invalidate(&self, key: &K) {
         self.table.invalidate(key);
+    }
+    fn invalidate_group(&self, group: &str) {
+        self.table.invalidate_group(group);
     }
     fn ttls(&self, key: &K) -> Ttls {
         self.table.ttls(key)
@@ -455,7 +585,7 @@ impl Store for MemoryStore {
         Some(
             self.inner
                 .raw
-                .get(key.as_str())
+                .get(key.as_str(), key.group())
                 .map_or(Read::Miss, Read::Hit),
         )
     }
@@ -467,7 +597,11 @@ impl Store for MemoryStore {
         lease_ttl: Duration,
     ) -> StoreFuture<'a, Acquire> {
         ready(
-            match self.inner.raw.acquire(key.as_str(), mode, lease_ttl) {
+            match self
+                .inner
+                .raw
+                .acquire(key.as_str(), key.group(), mode, lease_ttl)
+            {
                 Acquired::Hit(entry) => Acquire::Hit(entry),
                 Acquired::Leased(token) => Acquire::Leased(token),
                 Acquired::Busy(left) => Acquire::Busy {
@@ -484,7 +618,11 @@ impl Store for MemoryStore {
         entry: Entry,
         ttl: Duration,
     ) -> StoreFuture<'a, Fill> {
-        ready(self.inner.raw.fill(key.as_str(), lease, entry, ttl))
+        ready(
+            self.inner
+                .raw
+                .fill(key.as_str(), key.group(), lease, entry, ttl),
+        )
     }
 
     fn release<'a>(&'a self, key: &'a StoreKey, lease: &'a LeaseToken) -> StoreFuture<'a, bool> {
@@ -492,7 +630,7 @@ impl Store for MemoryStore {
     }
 
     fn set<'a>(&'a self, key: &'a StoreKey, entry: Entry, ttl: Duration) -> StoreFuture<'a, ()> {
-        self.inner.raw.set(key.as_str(), entry, ttl);
+        self.inner.raw.set(key.as_str(), key.group(), entry, ttl);
         ready(())
     }
 
@@ -506,6 +644,22 @@ impl Store for MemoryStore {
 
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
         ready(self.inner.raw.ttls(key.as_str()))
+    }
+
+    /// Moves the group on both in the table behind this trait and in the typed
+    /// table of the cache the group belongs to.
+    fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()> {
+        self.inner.raw.invalidate_group(group.group());
+        let routable = self
+            .inner
+            .typed
+            .lock()
+            .get(group.head())
+            .map(|t| Arc::clone(&t.routable));
+        if let Some(table) = routable {
+            table.invalidate_group(group.group());
+        }
+        ready(())
     }
 
     /// Queues the invalidation in memory: it does not survive the process (nor
