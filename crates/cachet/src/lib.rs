@@ -5,7 +5,10 @@
 //!
 //! - [Quick start](#quick-start)
 //! - [The guarantee: lease-guarded fills](#the-guarantee-lease-guarded-fills)
+//! - [Closing the remaining holes](#closing-the-remaining-holes)
+//! - [How the guarantee is checked](#how-the-guarantee-is-checked)
 //! - [Concurrent calls on the same key](#concurrent-calls-on-the-same-key)
+//! - [Group invalidation](#group-invalidation)
 //! - [Stores](#stores)
 //! - [Costs](#costs)
 //! - [Metrics](#metrics)
@@ -75,6 +78,46 @@
 //! read that overlaps a write can return either version. What cannot happen is the
 //! cache *keeping* the old version after the write's invalidation.
 //!
+//! The conditions, spelled out:
+//!
+//! - **Primary reads.** A loader that reads a lagging replica can read a row older
+//!   than an invalidation that already ran, and fill it with a valid lease. Read
+//!   the primary in loaders (or accept replica lag as extra staleness).
+//! - **The invalidation must run.** Through [`Cache::invalidate`] after the commit,
+//!   through the [`outbox`](#closing-the-remaining-holes) in the same transaction,
+//!   or through [`Cache::invalidate_group`] for a whole group.
+//! - **Redis keeps what it acknowledged.** A lease or an invalidation lost in a
+//!   Redis crash or failover (no persistence, asynchronous replication) is lost:
+//!   a failover to a replica that missed the `DEL` can bring an old entry back.
+//!   The TTL bounds it.
+//! - **Clocks.** Lease and entry TTLs run on the store's clock (Redis, or this
+//!   process for [`MemoryStore`]); no correctness property depends on clients'
+//!   clocks agreeing.
+//!
+//! # Closing the remaining holes
+//!
+//! - **A writer that dies between its commit and its invalidation**: record the
+//!   invalidation in the same transaction with the transactional outbox (feature
+//!   `outbox`, `cachet::outbox`): a relay delivers it at least once, after a
+//!   restart too.
+//! - **Writers or readers outside cachet** (legacy code that does `GET`/`SET`
+//!   without leases): [`Cache::invalidate_twice`] deletes now and again after a
+//!   delay, from a durable queue in the store run by a [`DeferredWorker`], so the
+//!   second delete survives the writer's process.
+//!
+//! # How the guarantee is checked
+//!
+//! - A model of readers, writers, the database and the cache, checked
+//!   exhaustively with stateright (crate `cachet-model`): it finds the stale
+//!   entry of naive cache-aside, finds none with leases (with lease expiry, 2
+//!   readers and 2 writers), finds the crash hole, and finds none with the outbox.
+//! - One conformance suite runs the protocol's tests against both stores, the
+//!   reader/writer race included.
+//! - A torture test on a real Redis and PostgreSQL runs readers and writers with
+//!   random delays between the load and the fill, and counts stale entries after
+//!   quiescence: zero with leases, and more than zero for naive cache-aside in the
+//!   same run, so the harness can see staleness.
+//!
 //! # Concurrent calls on the same key
 //!
 //! For [`get_or_load`](Cache::get_or_load) on one key:
@@ -94,6 +137,21 @@
 //! - A loader slower than `lease_ttl` still returns its value to its callers, but
 //!   its fill is refused (counted in [`Stats::refused_fills`]).
 //!
+//! # Group invalidation
+//!
+//! A cache built with [`CacheBuilder::group_by`] puts every key in a group (a
+//! tenant, a user). [`Cache::invalidate_group`] then drops the whole group in one
+//! O(1) step: the group's generation moves on, entries filled under older
+//! generations read as misses and expire by their TTL, and loads that took their
+//! lease earlier cannot fill. No `SCAN`, no `KEYS`. A generation that is evicted
+//! or lost comes back as a value it never had (server time in microseconds on
+//! Redis, a never-repeating counter in process), so old entries never reappear.
+//!
+//! On Redis a group is the hash tag of its keys, so an entry and its generation
+//! are read by one script in one round trip (a hit costs an `EVALSHA` instead of
+//! a `GET`), and all of a group's keys live in one slot: a very hot group is a hot
+//! slot on Redis Cluster.
+//!
 //! # Stores
 //!
 //! | store | where | payload | hit cost |
@@ -110,7 +168,7 @@
 //! and TTL in one `SET … PX`) and consumes the lease: one round trip more than
 //! naive cache-aside. [`invalidate`](Cache::invalidate) is one `DEL` of the entry and its
 //! lease; [`set`](Cache::set) one `EVALSHA`. Each entry carries a 30-byte envelope
-//! header (see [`envelope`](cachet_core::envelope)); a lease is a 16-byte token
+//! header (see [`envelope`]); a lease is a 16-byte token
 //! under its own key, alive only during a load.
 //!
 //! # Metrics
