@@ -1,0 +1,1 @@
+//! Benchmarks for cachet; see `benches/`.
