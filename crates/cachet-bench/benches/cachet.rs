@@ -1,0 +1,281 @@
+//! cachet against the raw baselines it is built on, measured in the same run:
+//!
+//! - `memory_hit`: a hit through `Cache::get` on the in-process store vs a bare
+//!   `quick_cache::sync::Cache::get` of the same values (target ratio ≤ 1.3);
+//! - `redis_hit`: a hit through `Cache::get` on Redis vs a bare redis-rs `GET` of
+//!   the same bytes on the same kind of connection (target ratio ≤ 1.05), one
+//!   request at a time and 64 tasks sharing the connection;
+//! - `redis_miss`: a miss that loads (≈1 ms, like a primary-key query) and fills,
+//!   through `get_or_load` (GET, lease script, load, fill script) vs naive
+//!   cache-aside (GET, load, SET) (target ratio ≤ 1.15).
+//!
+//! `scripts/bench-ratios` prints the ratios from criterion's results.
+
+use std::hint::black_box;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use cachet::{Cache, MemoryStore, NoCodec, RedisStore};
+use cachet_testkit::RedisServer;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const KEYS: u64 = 10_000;
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Value {
+    id: u64,
+    name: String,
+    email: String,
+    score: i64,
+}
+
+fn value(id: u64) -> Value {
+    Value {
+        id,
+        name: format!("user {id}"),
+        email: format!("user{id}@example.com"),
+        score: -7,
+    }
+}
+
+/// A pre-drawn, seeded sequence of keys so that drawing is not timed.
+fn keys(n: usize) -> Vec<u64> {
+    let mut rng = StdRng::seed_from_u64(42);
+    (0..n).map(|_| rng.random_range(0..KEYS)).collect()
+}
+
+/// Runs a future that completes without waiting (an in-process hit), without
+/// a runtime: the cost measured is the cache's, not an executor's.
+fn now<F: Future>(f: F) -> F::Output {
+    let mut cx = Context::from_waker(Waker::noop());
+    match pin!(f).poll(&mut cx) {
+        Poll::Ready(v) => v,
+        Poll::Pending => unreachable!("an in-process hit never waits"),
+    }
+}
+
+fn memory_hit(c: &mut Criterion) {
+    let keys = keys(1 << 16);
+    let bare: quick_cache::sync::Cache<u64, Arc<Value>> = quick_cache::sync::Cache::new(20_000);
+    let cache: Cache<u64, Arc<Value>> = Cache::builder("bench")
+        .codec(NoCodec)
+        .store(MemoryStore::new(20_000))
+        .build()
+        .unwrap();
+    for k in 0..KEYS {
+        bare.insert(k, Arc::new(value(k)));
+        now(cache.set(&k, Arc::new(value(k)))).unwrap();
+    }
+    let mut g = c.benchmark_group("memory_hit");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0;
+    g.bench_function("quick_cache_get", |b| {
+        b.iter(|| {
+            i = (i + 1) & (keys.len() - 1);
+            black_box(bare.get(&keys[i]).unwrap().id)
+        });
+    });
+    g.bench_function("cachet_get", |b| {
+        b.iter(|| {
+            i = (i + 1) & (keys.len() - 1);
+            black_box(now(cache.get(&keys[i])).unwrap().unwrap().id)
+        });
+    });
+    g.finish();
+}
+
+struct Redis {
+    _server: RedisServer,
+    rt: tokio::runtime::Runtime,
+    conn: redis::aio::ConnectionManager,
+    cache: Cache<u64, Value>,
+}
+
+fn redis() -> Redis {
+    let server = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (conn, cache) = rt.block_on(async {
+        let client = redis::Client::open(server.url()).unwrap();
+        let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        let cache: Cache<u64, Value> = Cache::builder("bench")
+            .ttl(Duration::from_secs(3600))
+            .store(store)
+            .build()
+            .unwrap();
+        (conn, cache)
+    });
+    Redis {
+        _server: server,
+        rt,
+        conn,
+        cache,
+    }
+}
+
+fn redis_hit(c: &mut Criterion) {
+    let r = redis();
+    let keys = keys(1 << 12);
+    // The bare baseline reads exactly the bytes cachet stored: the same key, the
+    // same envelope and payload.
+    r.rt.block_on(async {
+        for k in 0..KEYS {
+            r.cache.set(&k, value(k)).await.unwrap();
+        }
+    });
+    let raw_keys: Vec<String> = keys
+        .iter()
+        .map(|k| r.cache.store_key(k).as_str().to_owned())
+        .collect();
+
+    let mut g = c.benchmark_group("redis_hit");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0;
+    g.bench_function("redis_get", |b| {
+        b.to_async(&r.rt).iter(|| {
+            i = (i + 1) & (keys.len() - 1);
+            let key = &raw_keys[i];
+            let mut conn = r.conn.clone();
+            async move {
+                let v: Option<bytes::Bytes> = redis::cmd("GET")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                black_box(v.unwrap().len())
+            }
+        });
+    });
+    g.bench_function("cachet_get", |b| {
+        b.to_async(&r.rt).iter(|| {
+            i = (i + 1) & (keys.len() - 1);
+            let key = keys[i];
+            let cache = &r.cache;
+            async move { black_box(cache.get(&key).await.unwrap().unwrap().id) }
+        });
+    });
+    g.finish();
+
+    // 64 tasks sharing the one connection, 100 reads each.
+    const TASKS: u64 = 64;
+    const PER_TASK: u64 = 100;
+    let mut g = c.benchmark_group("redis_hit_64_tasks");
+    g.throughput(Throughput::Elements(TASKS * PER_TASK));
+    let raw_keys = Arc::new(raw_keys);
+    let keys = Arc::new(keys);
+    g.bench_function("redis_get", |b| {
+        b.to_async(&r.rt).iter_custom(|iters| {
+            let (conn, raw_keys) = (r.conn.clone(), Arc::clone(&raw_keys));
+            async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let tasks: Vec<_> = (0..TASKS)
+                        .map(|t| {
+                            let (mut conn, raw_keys) = (conn.clone(), Arc::clone(&raw_keys));
+                            tokio::spawn(async move {
+                                for j in 0..PER_TASK {
+                                    let key = &raw_keys[((t * PER_TASK + j) as usize) % raw_keys.len()];
+                                    let v: Option<bytes::Bytes> =
+                                        redis::cmd("GET").arg(key).query_async(&mut conn).await.unwrap();
+                                    black_box(v);
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                }
+                start.elapsed()
+            }
+        });
+    });
+    g.bench_function("cachet_get", |b| {
+        b.to_async(&r.rt).iter_custom(|iters| {
+            let (cache, keys) = (r.cache.clone(), Arc::clone(&keys));
+            async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let tasks: Vec<_> = (0..TASKS)
+                        .map(|t| {
+                            let (cache, keys) = (cache.clone(), Arc::clone(&keys));
+                            tokio::spawn(async move {
+                                for j in 0..PER_TASK {
+                                    let key = keys[((t * PER_TASK + j) as usize) % keys.len()];
+                                    black_box(cache.get(&key).await.unwrap());
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                }
+                start.elapsed()
+            }
+        });
+    });
+    g.finish();
+}
+
+/// The source of truth: about 1 ms per query, like a primary-key lookup over a
+/// network. A sleep, so that it costs the same in both strategies.
+async fn load(id: u64) -> Result<Option<Value>, std::io::Error> {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    Ok(Some(value(id)))
+}
+
+fn redis_miss(c: &mut Criterion) {
+    let r = redis();
+    // Every iteration reads a key never read before: a miss each time.
+    let next = AtomicU64::new(1_000_000);
+    let mut g = c.benchmark_group("redis_miss");
+    g.sample_size(30);
+    g.measurement_time(Duration::from_secs(5));
+    g.bench_function(BenchmarkId::new("naive_cache_aside", "1ms_load"), |b| {
+        b.to_async(&r.rt).iter(|| {
+            let id = next.fetch_add(1, Ordering::Relaxed);
+            let key = r.cache.store_key(&id).as_str().to_owned();
+            let mut conn = r.conn.clone();
+            async move {
+                let hit: Option<bytes::Bytes> =
+                    redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+                assert!(hit.is_none());
+                let v = load(id).await.unwrap().unwrap();
+                let bytes = postcard::to_allocvec(&v).unwrap();
+                let _: () = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(bytes)
+                    .arg("PX")
+                    .arg(3_600_000)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                black_box(v.id)
+            }
+        });
+    });
+    g.bench_function(BenchmarkId::new("cachet_get_or_load", "1ms_load"), |b| {
+        b.to_async(&r.rt).iter(|| {
+            let id = next.fetch_add(1, Ordering::Relaxed);
+            let cache = &r.cache;
+            async move {
+                let v = cache.get_or_load(&id, || load(id)).await.unwrap().unwrap();
+                black_box(v.id)
+            }
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, memory_hit, redis_hit, redis_miss);
+criterion_main!(benches);
