@@ -183,9 +183,13 @@ fn redis_hit(c: &mut Criterion) {
                             let (mut conn, raw_keys) = (conn.clone(), Arc::clone(&raw_keys));
                             tokio::spawn(async move {
                                 for j in 0..PER_TASK {
-                                    let key = &raw_keys[((t * PER_TASK + j) as usize) % raw_keys.len()];
-                                    let v: Option<bytes::Bytes> =
-                                        redis::cmd("GET").arg(key).query_async(&mut conn).await.unwrap();
+                                    let key =
+                                        &raw_keys[((t * PER_TASK + j) as usize) % raw_keys.len()];
+                                    let v: Option<bytes::Bytes> = redis::cmd("GET")
+                                        .arg(key)
+                                        .query_async(&mut conn)
+                                        .await
+                                        .unwrap();
                                     black_box(v);
                                 }
                             })
@@ -247,8 +251,11 @@ fn redis_miss(c: &mut Criterion) {
             let key = r.cache.store_key(&id).as_str().to_owned();
             let mut conn = r.conn.clone();
             async move {
-                let hit: Option<bytes::Bytes> =
-                    redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+                let hit: Option<bytes::Bytes> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
                 assert!(hit.is_none());
                 let v = load(id).await.unwrap().unwrap();
                 let bytes = postcard::to_allocvec(&v).unwrap();

@@ -9,16 +9,19 @@
 //!   value version, load time) in front of the payload;
 //! - [`store`]: the [`Store`] trait with its atomic primitives (read, read-or-lease,
 //!   fill-if-lease-valid, release, set, invalidate) and lease tokens;
-//! - [`clock`]: wall-clock time in Unix milliseconds, with a mock for tests.
+//! - [`clock`]: wall-clock time in Unix milliseconds, with a mock for tests;
+//! - [`bloom`]: the name and shape of a cache's Bloom filter in a store.
 //!
 //! Users normally depend on the `cachet` facade crate, which re-exports what they need.
 #![deny(missing_docs)]
 
+pub mod bloom;
 pub mod clock;
 pub mod envelope;
 pub mod key;
 pub mod store;
 
+pub use bloom::BloomKey;
 pub use clock::{Clock, MockClock};
 pub use envelope::{DecodeError, Meta};
 pub use key::{

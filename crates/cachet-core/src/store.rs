@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::bloom::BloomKey;
 use crate::envelope::Meta;
 use crate::key::{GroupKey, StoreKey};
 
@@ -364,6 +365,48 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
             "deferred invalidation",
         ))))
     }
+
+    /// Whether every bit at `positions` of the Bloom filter `filter` is set.
+    ///
+    /// A filter that is not built (see [`crate::bloom`]) rules nothing out: the
+    /// answer is then `true`. Positions at or past [`BloomKey::bits`] are an error.
+    ///
+    /// The default reports [`StoreError::Unsupported`].
+    fn bloom_check<'a>(
+        &'a self,
+        filter: &'a BloomKey,
+        positions: &'a [u64],
+    ) -> StoreFuture<'a, bool> {
+        let _ = (filter, positions);
+        Box::pin(std::future::ready(Err(StoreError::Unsupported(
+            "bloom filter",
+        ))))
+    }
+
+    /// Sets the bits at `positions` of the Bloom filter `filter`, in one atomic
+    /// step. A filter that is not built is left alone (it is not created).
+    ///
+    /// The default reports [`StoreError::Unsupported`].
+    fn bloom_add<'a>(&'a self, filter: &'a BloomKey, positions: &'a [u64]) -> StoreFuture<'a, ()> {
+        let _ = (filter, positions);
+        Box::pin(std::future::ready(Err(StoreError::Unsupported(
+            "bloom filter",
+        ))))
+    }
+
+    /// Replaces the whole bitmap of the Bloom filter `filter` with `bits`
+    /// ([`BloomKey::byte_len`] bytes; bit `i` is bit `7 - i % 8` of byte `i / 8`,
+    /// as Redis's `SETBIT`/`GETBIT` number them), atomically: a concurrent check
+    /// sees the old filter or the new one, never a mix. The filter is then built,
+    /// and has no TTL.
+    ///
+    /// The default reports [`StoreError::Unsupported`].
+    fn bloom_replace<'a>(&'a self, filter: &'a BloomKey, bits: Bytes) -> StoreFuture<'a, ()> {
+        let _ = (filter, bits);
+        Box::pin(std::future::ready(Err(StoreError::Unsupported(
+            "bloom filter",
+        ))))
+    }
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -413,6 +456,19 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn run_deferred(&self, max: usize) -> StoreFuture<'_, Deferred> {
         (**self).run_deferred(max)
+    }
+    fn bloom_check<'a>(
+        &'a self,
+        filter: &'a BloomKey,
+        positions: &'a [u64],
+    ) -> StoreFuture<'a, bool> {
+        (**self).bloom_check(filter, positions)
+    }
+    fn bloom_add<'a>(&'a self, filter: &'a BloomKey, positions: &'a [u64]) -> StoreFuture<'a, ()> {
+        (**self).bloom_add(filter, positions)
+    }
+    fn bloom_replace<'a>(&'a self, filter: &'a BloomKey, bits: Bytes) -> StoreFuture<'a, ()> {
+        (**self).bloom_replace(filter, bits)
     }
 }
 

@@ -7,7 +7,7 @@
 //! | primitive | Redis command |
 //! |---|---|
 //! | `get` | `GET entry` |
-//! | `acquire` | `EVALSHA` of [`ACQUIRE`](scripts): `GET entry`, else `SET lease token NX PX ttl` |
+//! | `acquire` | `EVALSHA` of `ACQUIRE`: `GET entry`, else `SET lease token NX PX ttl` |
 //! | `fill` | `EVALSHA` of `FILL`: compare the lease, `SET entry bytes PX ttl`, `DEL lease` |
 //! | `release` | `EVALSHA` of `RELEASE`: compare-and-delete of the lease |
 //! | `set` | `EVALSHA` of `SET`: `SET entry bytes PX ttl`, `DEL lease` |
@@ -15,6 +15,9 @@
 //! | `invalidate_group` | `EVALSHA` of `BUMP`: `SET` the group's generation to a value it never had |
 //! | `defer_invalidate` | `EVALSHA` of `DEFER`: `ZADD` to a due set scored by server time + delay |
 //! | `run_deferred` | `EVALSHA` of `CLAIM` per shard, one `DEL` per item, one `ZREM` to acknowledge |
+//! | `bloom_check` | `EVALSHA` of `BLOOM_CHECK`: `STRLEN` of the filter, then `GETBIT` per position until one is clear |
+//! | `bloom_add` | `EVALSHA` of `BLOOM_ADD`: `STRLEN` of the filter, then `SETBIT` per position (of every key in the batch) |
+//! | `bloom_replace` | `EVALSHA` of `BLOOM_UPLOAD` per MiB of bitmap but the last (`SETRANGE` of a temporary key in the filter's slot), then `EVALSHA` of `BLOOM_COMMIT`: the last `SETRANGE`, `RENAME` over the filter, `PERSIST` |
 //!
 //! A hit is a plain `GET` rather than a script: on this workload a script round
 //! trip costs about 10% more latency and several times the server CPU of a `GET`
@@ -29,8 +32,14 @@
 //! `NOSCRIPT` reply makes the client load the script and retry once. Every key
 //! written carries a TTL (`PX`). Entry and lease keys share a hash tag, so each
 //! script's keys lie in one Redis Cluster slot.
+//!
+//! A Bloom filter is one Redis string of `ceil(bits / 8)` bytes under a `:sys:`
+//! key without TTL (see [`cachet_core::bloom`]), in the slot of its rebuild's
+//! temporary key; a filter that is missing or of another size counts as not
+//! built and rules nothing out.
 #![deny(missing_docs)]
 
+mod bloom;
 mod scripts;
 
 use std::fmt;
@@ -39,6 +48,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use cachet_core::BloomKey;
 use cachet_core::{
     Acquire, AcquireMode, Deferred, Entry, Fill, GroupKey, LeaseToken, Payload, PayloadKind, Read,
     Store, StoreError, StoreFuture, StoreKey, TokenSource, Ttls, envelope, ttl_millis,
@@ -572,6 +582,22 @@ impl Store for RedisStore {
 
     fn run_deferred(&self, max: usize) -> StoreFuture<'_, Deferred> {
         self.run_all_shards(max)
+    }
+
+    fn bloom_check<'a>(
+        &'a self,
+        filter: &'a BloomKey,
+        positions: &'a [u64],
+    ) -> StoreFuture<'a, bool> {
+        self.bloom_check_at(filter, positions)
+    }
+
+    fn bloom_add<'a>(&'a self, filter: &'a BloomKey, positions: &'a [u64]) -> StoreFuture<'a, ()> {
+        self.bloom_add_at(filter, positions)
+    }
+
+    fn bloom_replace<'a>(&'a self, filter: &'a BloomKey, bits: Bytes) -> StoreFuture<'a, ()> {
+        self.bloom_replace_with(filter, bits)
     }
 
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {

@@ -224,3 +224,82 @@ return new
 ",
     )
 });
+
+/// Bloom filter check: whether every given bit of the bitmap is set.
+///
+/// `KEYS[1]` the filter; `ARGV[1]` its size in bytes, `ARGV[2..]` bit positions.
+/// Returns 0 at the first bit that is clear, 1 if all are set, and -1 if the
+/// filter is not built (missing, or of another size), which rules nothing out.
+pub(crate) static BLOOM_CHECK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[1]) then return -1 end
+for i = 2, #ARGV do
+  if redis.call('GETBIT', KEYS[1], ARGV[i]) == 0 then return 0 end
+end
+return 1
+",
+    )
+});
+
+/// Bloom filter insertion: sets the given bits, all at once.
+///
+/// `KEYS[1]` the filter; `ARGV[1]` its size in bytes, `ARGV[2..]` bit positions.
+/// A filter that is not built is left alone: setting bits would create a
+/// filter that lacks every other key. Returns 1 if the bits were set, 0 if not.
+pub(crate) static BLOOM_ADD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[1]) then return 0 end
+for i = 2, #ARGV do
+  redis.call('SETBIT', KEYS[1], ARGV[i], 1)
+end
+return 1
+",
+    )
+});
+
+/// One chunk of a Bloom filter rebuild, written into the rebuild's temporary key.
+///
+/// `KEYS[1]` the temporary key; `ARGV[1]` the chunk's byte offset, `ARGV[2]` its
+/// bytes, `ARGV[3]` the temporary key's TTL in ms. Chunks arrive in order, so the
+/// key must hold exactly `ARGV[1]` bytes: if it expired between two chunks, the
+/// rebuild fails instead of building a bitmap with a hole of zeros.
+pub(crate) static BLOOM_UPLOAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[1]) then
+  return redis.error_reply('cachet: the temporary key of a Bloom filter rebuild expired')
+end
+redis.call('SETRANGE', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+",
+    )
+});
+
+/// The last chunk of a Bloom filter rebuild, and the swap.
+///
+/// `KEYS[1]` the filter, `KEYS[2]` the temporary key (same hash tag); `ARGV[1]`
+/// the last chunk's byte offset, `ARGV[2]` its bytes, `ARGV[3]` the filter's
+/// size in bytes. Writes the chunk as [`BLOOM_UPLOAD`] does, then `RENAME`s the
+/// complete bitmap over the filter and removes the temporary key's TTL, so a
+/// check sees the old filter or the new one, never a partial one. A small
+/// filter is a single chunk: its whole rebuild is this one script.
+pub(crate) static BLOOM_COMMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('STRLEN', KEYS[2]) ~= tonumber(ARGV[1]) then
+  return redis.error_reply('cachet: the temporary key of a Bloom filter rebuild expired')
+end
+redis.call('SETRANGE', KEYS[2], ARGV[1], ARGV[2])
+if redis.call('STRLEN', KEYS[2]) ~= tonumber(ARGV[3]) then
+  redis.call('DEL', KEYS[2])
+  return redis.error_reply('cachet: a Bloom filter rebuild of the wrong size')
+end
+redis.call('RENAME', KEYS[2], KEYS[1])
+redis.call('PERSIST', KEYS[1])
+return 1
+",
+    )
+});

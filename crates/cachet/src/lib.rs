@@ -178,6 +178,7 @@
 //! [`Stats`] for their meaning and the metric names.
 #![deny(missing_docs)]
 
+pub mod bloom;
 mod builder;
 mod cache;
 pub mod codec;
@@ -187,6 +188,7 @@ mod flight;
 mod memory;
 mod stats;
 
+pub use bloom::{BloomFilter, BloomOptions};
 pub use builder::CacheBuilder;
 pub use cache::Cache;
 pub use codec::{Codec, Json, NoCodec, Postcard};
@@ -196,9 +198,9 @@ pub use memory::MemoryStore;
 pub use stats::Stats;
 
 pub use cachet_core::{
-    Acquire, AcquireMode, CacheKey, Clock, Deferred, Entry, Fill, KeyLayout, KeyWriter, LeaseToken,
-    Meta, MockClock, Payload, PayloadKind, Read, Store, StoreError, StoreFuture, StoreKey, Ttls,
-    envelope,
+    Acquire, AcquireMode, BloomKey, CacheKey, Clock, Deferred, Entry, Fill, KeyLayout, KeyWriter,
+    LeaseToken, Meta, MockClock, Payload, PayloadKind, Read, Store, StoreError, StoreFuture,
+    StoreKey, Ttls, envelope,
 };
 
 #[cfg(feature = "redis")]

@@ -31,11 +31,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
+use cachet_core::BloomKey;
 use cachet_core::{
     Acquire, AcquireMode, CacheKey, Clock, Deferred, Entry, Fill, GroupKey, LeaseToken,
     PayloadKind, Read, Store, StoreFuture, StoreKey, TokenSource, Ttls, ttl_millis,
 };
 use parking_lot::Mutex;
+
+mod bloom;
 
 /// Number of lease stripes per table; a power of two.
 const STRIPES: usize = 64;
@@ -471,6 +475,8 @@ struct StoreInner {
     /// they are lost with the process, as are the entries they would delete.
     deferred: Mutex<BTreeMap<(u64, u64), StoreKey>>,
     deferred_seq: AtomicU64,
+    /// Bloom filters by key.
+    blooms: bloom::Blooms,
 }
 
 struct TypedEntry {
@@ -501,6 +507,7 @@ impl MemoryStore {
                 typed: Mutex::new(HashMap::new()),
                 deferred: Mutex::new(BTreeMap::new()),
                 deferred_seq: AtomicU64::new(0),
+                blooms: bloom::Blooms::default(),
             }),
         }
     }
@@ -695,6 +702,24 @@ impl Store for MemoryStore {
             }
         };
         ready(Deferred { ran, next_due_in })
+    }
+
+    fn bloom_check<'a>(
+        &'a self,
+        filter: &'a BloomKey,
+        positions: &'a [u64],
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(std::future::ready(
+            self.inner.blooms.check(filter, positions),
+        ))
+    }
+
+    fn bloom_add<'a>(&'a self, filter: &'a BloomKey, positions: &'a [u64]) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(self.inner.blooms.add(filter, positions)))
+    }
+
+    fn bloom_replace<'a>(&'a self, filter: &'a BloomKey, bits: Bytes) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(self.inner.blooms.replace(filter, &bits)))
     }
 }
 
