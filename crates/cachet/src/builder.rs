@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use cachet_core::{CacheKey, Clock, KeyLayout, PayloadKind, Store};
 
+use crate::bloom::{BloomFilter, BloomOptions};
 use crate::cache::{Cache, GroupFn, Settings};
 use crate::codec::{Codec, Postcard};
 use crate::{Error, MemoryStore};
@@ -36,6 +37,7 @@ pub struct CacheBuilder<K: ?Sized, V, C = Postcard> {
     memory: Option<MemoryStore>,
     clock: Option<Clock>,
     group: Option<GroupFn<K>>,
+    bloom: Option<BloomOptions>,
     codec: C,
     _types: PhantomData<fn(&K) -> V>,
 }
@@ -52,6 +54,7 @@ impl<K: ?Sized, V, C: std::fmt::Debug> std::fmt::Debug for CacheBuilder<K, V, C>
             .field("lease_wait", &self.lease_wait)
             .field("store", &self.store)
             .field("grouped", &self.group.is_some())
+            .field("bloom", &self.bloom)
             .field("codec", &self.codec)
             .finish_non_exhaustive()
     }
@@ -71,6 +74,7 @@ impl<K: ?Sized, V> CacheBuilder<K, V, Postcard> {
             memory: None,
             clock: None,
             group: None,
+            bloom: None,
             codec: Postcard,
             _types: PhantomData,
         }
@@ -162,6 +166,20 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
         self
     }
 
+    /// Guards loads with a Bloom filter of the keys that exist: a miss whose key
+    /// the filter rules out returns "not found" without calling the loader
+    /// (counted in [`Stats::bloom_rejections`](crate::Stats::bloom_rejections)).
+    ///
+    /// The filter rules nothing out until it is built with
+    /// [`BloomFilter::rebuild`] from the source's keys (reach it through
+    /// [`Cache::bloom`]); after that, every new key must be inserted
+    /// ([`Cache::set`] does it), or lookups of that key answer "not found". See
+    /// the [`bloom`](crate::bloom) module for costs and conditions.
+    pub fn bloom(mut self, options: BloomOptions) -> Self {
+        self.bloom = Some(options);
+        self
+    }
+
     /// The codec values are stored with on byte stores.
     pub fn codec<C2>(self, codec: C2) -> CacheBuilder<K, V, C2> {
         CacheBuilder {
@@ -176,6 +194,7 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
             memory: self.memory,
             clock: self.clock,
             group: self.group,
+            bloom: self.bloom,
             codec,
             _types: PhantomData,
         }
@@ -231,6 +250,10 @@ where
                 format!("{store:?} keeps bytes, so the cache needs a codec, not NoCodec"),
             ));
         }
+        let bloom = match self.bloom {
+            Some(options) => Some(BloomFilter::new(&layout, Arc::clone(&store), options)?),
+            None => None,
+        };
         Ok(Cache::from_settings(
             Settings {
                 layout,
@@ -244,6 +267,7 @@ where
             },
             self.group,
             local,
+            bloom,
         ))
     }
 }

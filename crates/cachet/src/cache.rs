@@ -18,6 +18,7 @@ use cachet_core::{
 use rand::Rng as _;
 
 use crate::Error;
+use crate::bloom::BloomFilter;
 use crate::builder::CacheBuilder;
 use crate::codec::Codec;
 use crate::error::BoxError;
@@ -60,6 +61,8 @@ pub(crate) type GroupFn<K> = Arc<dyn Fn(&K) -> String + Send + Sync>;
 
 struct Inner<K: ?Sized, V> {
     s: Settings<V>,
+    /// The filter of keys that exist, when configured.
+    bloom: Option<BloomFilter>,
     /// The key's group, for caches with groups.
     group: Option<GroupFn<K>>,
     /// The cache's typed table when the store is a `MemoryStore`.
@@ -129,12 +132,14 @@ where
         s: Settings<V>,
         group: Option<GroupFn<K>>,
         local: Option<Arc<dyn LocalTier<K, V>>>,
+        bloom: Option<BloomFilter>,
     ) -> Self {
         let kind = s.store.payload_kind();
         let counters = Counters::new(s.layout.namespace());
         Self {
             inner: Arc::new(Inner {
                 s,
+                bloom,
                 group,
                 local,
                 kind,
@@ -218,6 +223,23 @@ where
                 }
             }
         };
+        if let Some(bloom) = &inner.bloom
+            && !matches!(first, Lookup::Failed(_))
+        {
+            match bloom.might_contain(key).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    inner.counters.bloom_rejections.inc();
+                    return Ok(None);
+                }
+                // Unknown: the load goes on.
+                Err(e) => {
+                    inner.counters.store_errors.inc();
+                    tracing::debug!(cache = self.namespace(), key = skey.user_key(), error = %e,
+                        "Bloom filter check failed; loading");
+                }
+            }
+        }
         let (mode, store_up) = match first {
             Lookup::Found(_) | Lookup::Missing { corrupt: false } => (AcquireMode::IfAbsent, true),
             Lookup::Missing { corrupt: true } => (AcquireMode::Replace, true),
@@ -254,6 +276,11 @@ where
         let inner = &*self.inner;
         let skey = inner.key_of(key);
         inner.flights.detach(skey.as_str());
+        if let Some(bloom) = &inner.bloom
+            && let Err(e) = bloom.insert(key).await
+        {
+            return Err(inner.store_error(&skey, e));
+        }
         let ttl = inner.value_ttl();
         if let Some(local) = &inner.local {
             local.set(key, skey.group(), Slot::new(Some(value)), ttl);
@@ -387,6 +414,12 @@ where
     /// The store this cache was built on.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.s.store
+    }
+
+    /// The cache's Bloom filter, when built with [`bloom`](crate::CacheBuilder::bloom):
+    /// insert new keys into it and rebuild it from the source.
+    pub fn bloom(&self) -> Option<&BloomFilter> {
+        self.inner.bloom.as_ref()
     }
 }
 

@@ -5,7 +5,7 @@
 //! `cachet_misses_total`, `cachet_loads_total`, `cachet_load_errors_total`,
 //! `cachet_lease_waits_total`, `cachet_lease_wait_timeouts_total`,
 //! `cachet_refused_fills_total`, `cachet_decode_errors_total`,
-//! `cachet_store_errors_total`. Without a `metrics` recorder installed, emitting
+//! `cachet_store_errors_total`, `cachet_bloom_rejections_total`. Without a `metrics` recorder installed, emitting
 //! costs a branch.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +34,8 @@ pub struct Stats {
     pub decode_errors: u64,
     /// Store operations that failed.
     pub store_errors: u64,
+    /// Misses answered "not found" by the Bloom filter, without a load.
+    pub bloom_rejections: u64,
 }
 
 impl Stats {
@@ -96,6 +98,7 @@ pub(crate) struct Counters {
     pub(crate) refused_fills: Counter,
     pub(crate) decode_errors: Counter,
     pub(crate) store_errors: Counter,
+    pub(crate) bloom_rejections: Counter,
 }
 
 impl Counters {
@@ -111,6 +114,7 @@ impl Counters {
             refused_fills: Counter::new("cachet_refused_fills_total", cache),
             decode_errors: Counter::new("cachet_decode_errors_total", cache),
             store_errors: Counter::new("cachet_store_errors_total", cache),
+            bloom_rejections: Counter::new("cachet_bloom_rejections_total", cache),
         }
     }
 
@@ -126,6 +130,7 @@ impl Counters {
             refused_fills: self.refused_fills.get(),
             decode_errors: self.decode_errors.get(),
             store_errors: self.store_errors.get(),
+            bloom_rejections: self.bloom_rejections.get(),
         }
     }
 }

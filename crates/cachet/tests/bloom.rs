@@ -424,3 +424,51 @@ async fn processes_share_the_filter() {
     assert!(there.might_contain("a").await.unwrap());
     assert!(!there.might_contain("c").await.unwrap());
 }
+
+on_both_stores!(a_cache_with_a_filter_skips_loads_of_keys_that_do_not_exist);
+
+async fn a_cache_with_a_filter_skips_loads_of_keys_that_do_not_exist(fx: Fx) {
+    let cache: cachet::Cache<u64, String> = fx
+        .builder("users")
+        .bloom(BloomOptions::new(1_000, 0.01))
+        .build()
+        .unwrap();
+    let loads = Arc::new(AtomicU64::new(0));
+    let load = |id: u64| {
+        let loads = Arc::clone(&loads);
+        move || async move {
+            loads.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>((id < 100).then(|| format!("user {id}")))
+        }
+    };
+    // Not built yet: nothing is ruled out.
+    assert_eq!(cache.get_or_load(&5_000, load(5_000)).await.unwrap(), None);
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+
+    cache.bloom().unwrap().rebuild(0..100u64).await.unwrap();
+    for id in 0..100u64 {
+        assert!(cache.get_or_load(&id, load(id)).await.unwrap().is_some());
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 101);
+    for id in 10_000..11_000u64 {
+        assert_eq!(cache.get_or_load(&id, load(id)).await.unwrap(), None);
+    }
+    let absent_loads = loads.load(Ordering::SeqCst) - 101;
+    assert!(
+        absent_loads < 50,
+        "{absent_loads} of 1000 absent keys loaded"
+    );
+    assert_eq!(cache.stats().bloom_rejections, 1000 - absent_loads);
+
+    // A key written through the cache joins the filter.
+    cache.set(&20_000, "new".into()).await.unwrap();
+    cache.invalidate(&20_000).await.unwrap();
+    assert!(
+        cache
+            .bloom()
+            .unwrap()
+            .might_contain(&20_000u64)
+            .await
+            .unwrap()
+    );
+}
