@@ -1,0 +1,421 @@
+//! `cachet lab`: runs failure modes of caching side by side, naive vs
+//! protected, and reports them as one table.
+//!
+//! This module owns the command's flags, the run's shared context ([`Lab`]: the
+//! store, the source of truth, the run id that keeps keys and schemas apart) and
+//! the order of scenarios. Each scenario lives in a module of its own with the
+//! same two entry points, `run(&Lab) -> Vec<Row>` and `summary(&[Row]) -> String`;
+//! adding one means adding a module and a [`Scenario`] variant.
+
+mod hit_rate;
+mod penetration;
+mod race;
+mod report;
+mod source;
+mod stampede;
+
+use std::io::{IsTerminal as _, Write as _};
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow};
+use cachet::{Cache, MemoryStore, RedisStore, Store};
+use clap::{Args, ValueEnum};
+use tokio::task::JoinSet;
+
+use report::{Row, RowContext};
+use source::{Item, Source, redact_url};
+
+/// Flags of `cachet lab`.
+#[derive(Debug, Args)]
+#[command(
+    about = "Run caching failure modes side by side, naive vs protected",
+    long_about = "Run caching failure modes side by side, naive vs protected, and print one table.\n\n\
+        Without flags the lab runs embedded: an in-process store and a temporary SQLite \
+        database. --redis-url and --database-url run it against real servers; it then keeps \
+        to a namespace (Redis) and a schema (PostgreSQL) of its own, and removes them at the end."
+)]
+pub(crate) struct LabArgs {
+    /// Scenario to run; repeat for several [default: all, in the order shown]
+    #[arg(long = "scenario", value_name = "NAME", value_enum)]
+    scenarios: Vec<Scenario>,
+
+    /// Use the Redis server at URL as the cache store instead of the in-process one
+    #[arg(long, value_name = "URL")]
+    redis_url: Option<String>,
+
+    /// Use the PostgreSQL database at URL as the source of truth instead of SQLite
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+
+    /// Print one JSON object per row on stdout, and nothing else
+    #[arg(long)]
+    json: bool,
+
+    /// Seed of the workloads' random choices [default: random]
+    #[arg(long)]
+    seed: Option<u64>,
+
+    /// Count-based scenarios (penetration, hit-rate): concurrent workers
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    concurrency: u32,
+
+    #[command(flatten)]
+    race: race::RaceArgs,
+    #[command(flatten)]
+    stampede: stampede::StampedeArgs,
+    #[command(flatten)]
+    penetration: penetration::PenetrationArgs,
+    #[command(flatten)]
+    hit_rate: hit_rate::HitRateArgs,
+}
+
+/// The scenarios, in their default order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Scenario {
+    /// A slow reader fills an old value after a writer's invalidation
+    Race,
+    /// Many callers miss one cold key at once
+    Stampede,
+    /// Lookups of IDs that do not exist
+    Penetration,
+    /// A skewed read workload with a few writes
+    HitRate,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 4] = [
+        Scenario::Race,
+        Scenario::Stampede,
+        Scenario::Penetration,
+        Scenario::HitRate,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Race => race::NAME,
+            Scenario::Stampede => stampede::NAME,
+            Scenario::Penetration => penetration::NAME,
+            Scenario::HitRate => hit_rate::NAME,
+        }
+    }
+
+    async fn run(self, lab: &Lab) -> Result<Vec<Row>> {
+        match self {
+            Scenario::Race => race::run(lab).await,
+            Scenario::Stampede => stampede::run(lab).await,
+            Scenario::Penetration => penetration::run(lab).await,
+            Scenario::HitRate => hit_rate::run(lab).await,
+        }
+    }
+
+    fn summary(self, rows: &[Row]) -> String {
+        match self {
+            Scenario::Race => race::summary(rows),
+            Scenario::Stampede => stampede::summary(rows),
+            Scenario::Penetration => penetration::summary(rows),
+            Scenario::HitRate => hit_rate::summary(rows),
+        }
+    }
+}
+
+/// What every scenario of one run shares.
+#[derive(Debug)]
+pub(crate) struct Lab {
+    args: LabArgs,
+    store: Arc<dyn Store>,
+    store_kind: &'static str,
+    source: Source,
+    /// Random, so that a run never touches another run's keys or schema.
+    run_id: String,
+    seed: u64,
+    /// Caches whose keys are still to be invalidated.
+    written: std::sync::Mutex<Vec<Written>>,
+}
+
+/// Entry TTLs outlast any run, so nothing expires mid-scenario and skews it;
+/// they still bound what a killed run leaves in a shared Redis.
+const ENTRY_TTL: Duration = Duration::from_secs(120);
+const LEASE_TTL: Duration = Duration::from_secs(5);
+/// Invalidations in flight at once while cleaning up a Redis namespace.
+const CLEANUP_CONCURRENCY: usize = 64;
+/// How long cleaning up one cache may take.
+const CLEANUP_TIME_LIMIT: Duration = Duration::from_secs(15);
+
+impl Lab {
+    /// The lab's cache for one scenario and strategy, in a namespace of its own.
+    /// `keys` are all the keys the scenario may write; they are invalidated by
+    /// [`forget`](Self::forget), or at the end of the run if the scenario does not
+    /// get that far.
+    fn cache(
+        &self,
+        scenario: &str,
+        strategy: &str,
+        keys: RangeInclusive<i64>,
+    ) -> Result<Cache<i64, Item>> {
+        let namespace = format!("lab-{scenario}-{strategy}-{}", self.run_id);
+        let cache = Cache::builder(namespace)
+            .ttl(ENTRY_TTL)
+            .jitter(0.1)
+            .negative_ttl(ENTRY_TTL)
+            .lease_ttl(LEASE_TTL)
+            .store_arc(Arc::clone(&self.store))
+            .build()
+            .context("cannot build the lab's cache")?;
+        self.written().push((cache.clone(), keys));
+        Ok(cache)
+    }
+
+    fn written(&self) -> std::sync::MutexGuard<'_, Vec<Written>> {
+        // The list stays consistent even if a holder panicked: pushes and
+        // removals are single operations.
+        self.written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn row(&self, scenario: &'static str, strategy: &'static str) -> Row {
+        Row::new(
+            scenario,
+            strategy,
+            RowContext {
+                store: self.store_kind,
+                database: self.source.kind(),
+                seed: self.seed,
+            },
+        )
+    }
+
+    /// A per-task seed derived from the run's seed, so tasks draw different but
+    /// reproducible sequences.
+    fn seed_for(&self, scenario: &str, task: u64) -> u64 {
+        let mut h = self.seed ^ 0x9E37_79B9_7F4A_7C15;
+        for b in scenario.bytes().chain(task.to_le_bytes()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3);
+        }
+        h
+    }
+
+    /// Invalidates every key the lab may have written under `cache`, so a shared
+    /// Redis keeps nothing of the run (entry TTLs cover what a failure here leaves).
+    async fn forget(&self, cache: &Cache<i64, Item>) {
+        let keys = {
+            let mut written = self.written();
+            let Some(i) = written
+                .iter()
+                .position(|(c, _)| c.namespace() == cache.namespace())
+            else {
+                return;
+            };
+            written.swap_remove(i).1
+        };
+        forget_keys(cache, keys).await;
+    }
+
+    /// Forgets the caches of scenarios that ended early (an error, Ctrl-C).
+    async fn forget_remaining(&self) {
+        let remaining = std::mem::take(&mut *self.written());
+        for (cache, keys) in remaining {
+            forget_keys(&cache, keys).await;
+        }
+    }
+}
+
+/// A cache and the keys a scenario may have written under it.
+type Written = (Cache<i64, Item>, RangeInclusive<i64>);
+
+async fn forget_keys(cache: &Cache<i64, Item>, keys: RangeInclusive<i64>) {
+    // A store that stopped answering must not hold the run hostage; the TTLs
+    // remove whatever is left.
+    if tokio::time::timeout(CLEANUP_TIME_LIMIT, invalidate_all(cache, keys))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            cache = cache.namespace(),
+            "invalidating the lab's keys took too long; the rest expire by their TTL"
+        );
+    }
+}
+
+async fn invalidate_all(cache: &Cache<i64, Item>, keys: RangeInclusive<i64>) {
+    let mut failed = 0_u64;
+    let mut first_error = None;
+    let mut pending = JoinSet::new();
+    for id in keys {
+        if pending.len() >= CLEANUP_CONCURRENCY
+            && let Some(Ok(Err(e))) = pending.join_next().await
+        {
+            failed += 1;
+            first_error.get_or_insert(e);
+        }
+        let cache = cache.clone();
+        pending.spawn(async move { cache.invalidate(&id).await });
+    }
+    while let Some(done) = pending.join_next().await {
+        if let Ok(Err(e)) = done {
+            failed += 1;
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_error {
+        tracing::warn!(cache = cache.namespace(), failed, error = %e,
+            "some lab keys could not be invalidated; they expire by their TTL");
+    }
+}
+
+/// Runs `cachet lab`.
+pub(crate) async fn run(args: LabArgs) -> Result<()> {
+    let run_id = format!("{:08x}", rand::random::<u32>());
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let scenarios = selected(&args.scenarios);
+
+    let (store, store_kind, store_description): (Arc<dyn Store>, _, _) = match &args.redis_url {
+        None => (
+            Arc::new(MemoryStore::new(1_000_000)),
+            "memory",
+            "memory (in-process)".to_owned(),
+        ),
+        Some(url) => {
+            let shown = redact_url(url);
+            let store = RedisStore::connect(url)
+                .await
+                .with_context(|| format!("cannot connect to Redis at {shown}"))?;
+            (Arc::new(store), "redis", format!("redis ({shown})"))
+        }
+    };
+    let source = Source::open(args.database_url.as_deref(), &run_id).await?;
+
+    let json = args.json;
+    let progress = !json && std::io::stderr().is_terminal();
+    if !json {
+        write_stdout(&format!(
+            "cachet lab: store {store_description}, source of truth {}, seed {seed}\n\n",
+            source.description()
+        ))?;
+    }
+    let lab = Lab {
+        args,
+        store,
+        store_kind,
+        source,
+        run_id,
+        seed,
+        written: std::sync::Mutex::default(),
+    };
+
+    let outcome = tokio::select! {
+        r = run_scenarios(&lab, &scenarios, json, progress) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+    };
+    // Tear down also after a failure: neither keys nor schema may outlive the run.
+    let teardown = async {
+        lab.forget_remaining().await;
+        lab.source.close().await
+    };
+    let closed = tokio::select! {
+        r = teardown => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted again; the lab's schema may remain")),
+    };
+    let rows = outcome?;
+    closed?;
+
+    if !json {
+        let mut out = report::table(&rows);
+        out.push('\n');
+        for scenario in &scenarios {
+            out.push_str(&scenario.summary(&rows));
+            out.push('\n');
+        }
+        write_stdout(&out)?;
+    }
+    Ok(())
+}
+
+async fn run_scenarios(
+    lab: &Lab,
+    scenarios: &[Scenario],
+    json: bool,
+    progress: bool,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for scenario in scenarios {
+        if progress {
+            eprintln!("running {} …", scenario.name());
+        }
+        let new = scenario
+            .run(lab)
+            .await
+            .with_context(|| format!("scenario {} failed", scenario.name()))?;
+        if json {
+            let mut out = String::new();
+            for row in &new {
+                out.push_str(&report::json_line(row));
+                out.push('\n');
+            }
+            write_stdout(&out)?;
+        }
+        rows.extend(new);
+    }
+    Ok(rows)
+}
+
+/// The scenarios asked for, each once, in the order first asked; all by default.
+fn selected(asked: &[Scenario]) -> Vec<Scenario> {
+    if asked.is_empty() {
+        return Scenario::ALL.to_vec();
+    }
+    let mut out = Vec::new();
+    for s in asked {
+        if !out.contains(s) {
+            out.push(*s);
+        }
+    }
+    out
+}
+
+/// Splits `total` operations among `parts` workers, as evenly as possible.
+fn shares(total: u64, parts: u32) -> Vec<u64> {
+    let parts = u64::from(parts.max(1));
+    (0..parts)
+        .map(|i| total / parts + u64::from(i < total % parts))
+        .filter(|&n| n > 0)
+        .collect()
+}
+
+fn write_stdout(s: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(s.as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write to stdout")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_keeps_order_and_drops_repeats() {
+        assert_eq!(selected(&[]), Scenario::ALL.to_vec());
+        assert_eq!(
+            selected(&[Scenario::HitRate, Scenario::Race, Scenario::HitRate]),
+            vec![Scenario::HitRate, Scenario::Race]
+        );
+    }
+
+    #[test]
+    fn shares_add_up() {
+        assert_eq!(shares(10, 3), vec![4, 3, 3]);
+        assert_eq!(shares(2, 8), vec![1, 1]);
+        assert_eq!(shares(0, 4), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn scenario_names_match_the_flag_values() {
+        for s in Scenario::ALL {
+            let value = s.to_possible_value().unwrap();
+            assert_eq!(value.get_name(), s.name());
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The lab's results: one [`Row`] per scenario and strategy, the latency
+//! histogram rows are built from, and the two renderings, JSON lines and an
+//! aligned table.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// The outcome of one strategy in one scenario.
+///
+/// Fields that do not apply to a scenario are `None` and render as JSON `null`,
+/// so every row has the same shape for scripts.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Row {
+    pub(crate) scenario: &'static str,
+    pub(crate) strategy: &'static str,
+    pub(crate) store: &'static str,
+    pub(crate) database: &'static str,
+    /// Operations the workload issued: reads and writes.
+    pub(crate) requests: u64,
+    /// Of which writes (UPDATE, then invalidate when there is a cache).
+    pub(crate) writes: u64,
+    /// Read queries sent to the source of truth.
+    pub(crate) db_queries: u64,
+    /// Loader runs the cache counted (`None` for rows not using `get_or_load`).
+    pub(crate) loads: Option<u64>,
+    /// Hot rows whose cached value differs from the database after quiescing.
+    pub(crate) stale_entries: Option<u64>,
+    /// Operations that returned an error.
+    pub(crate) errors: u64,
+    pub(crate) p50_us: Option<u64>,
+    pub(crate) p99_us: Option<u64>,
+    /// Fraction of cache lookups answered by the cache, 0 to 1.
+    pub(crate) hit_rate: Option<f64>,
+    /// Read queries this row spared the database compared with sending every
+    /// read to it.
+    pub(crate) db_queries_saved: Option<u64>,
+    /// Fills the cache refused because an invalidation revoked the lease.
+    pub(crate) refused_fills: Option<u64>,
+    pub(crate) elapsed_ms: u64,
+    pub(crate) seed: u64,
+}
+
+impl Row {
+    /// A row with the identity fields set and every measurement empty.
+    pub(crate) fn new(scenario: &'static str, strategy: &'static str, ctx: RowContext) -> Self {
+        Self {
+            scenario,
+            strategy,
+            store: ctx.store,
+            database: ctx.database,
+            requests: 0,
+            writes: 0,
+            db_queries: 0,
+            loads: None,
+            stale_entries: None,
+            errors: 0,
+            p50_us: None,
+            p99_us: None,
+            hit_rate: None,
+            db_queries_saved: None,
+            refused_fills: None,
+            elapsed_ms: 0,
+            seed: ctx.seed,
+        }
+    }
+
+    /// Fills the latency columns.
+    pub(crate) fn with_latency(mut self, latency: &Latency) -> Self {
+        self.p50_us = latency.quantile_us(0.50);
+        self.p99_us = latency.quantile_us(0.99);
+        self
+    }
+
+    pub(crate) fn elapsed(mut self, elapsed: Duration) -> Self {
+        self.elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+}
+
+/// What every row of one run shares.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowContext {
+    pub(crate) store: &'static str,
+    pub(crate) database: &'static str,
+    pub(crate) seed: u64,
+}
+
+/// Finds a scenario's row by a word of its strategy name.
+pub(crate) fn find<'a>(rows: &'a [Row], scenario: &str, word: &str) -> Option<&'a Row> {
+    rows.iter()
+        .find(|r| r.scenario == scenario && r.strategy.contains(word))
+}
+
+/// A latency histogram in microseconds.
+#[derive(Clone, Debug)]
+pub(crate) struct Latency {
+    hist: Histogram<u64>,
+}
+
+impl Latency {
+    /// One hour is far past any bounded lab operation; larger values saturate.
+    const MAX_US: u64 = 3_600_000_000;
+
+    pub(crate) fn new() -> Self {
+        Self {
+            // Bounds and precision are constants known to be valid.
+            hist: Histogram::new_with_bounds(1, Self::MAX_US, 3).expect("valid histogram bounds"),
+        }
+    }
+
+    pub(crate) fn record(&mut self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros())
+            .unwrap_or(u64::MAX)
+            .clamp(1, Self::MAX_US);
+        self.hist.saturating_record(us);
+    }
+
+    pub(crate) fn merge(&mut self, other: &Self) {
+        // Same bounds on both sides, so adding cannot fail.
+        let _ = self.hist.add(&other.hist);
+    }
+
+    fn quantile_us(&self, q: f64) -> Option<u64> {
+        (!self.hist.is_empty()).then(|| self.hist.value_at_quantile(q))
+    }
+}
+
+/// One JSON object, on one line.
+pub(crate) fn json_line(row: &Row) -> String {
+    // A struct of numbers and strings always serializes.
+    serde_json::to_string(row).expect("rows serialize")
+}
+
+/// The aligned table, rows grouped by scenario in the order given.
+pub(crate) fn table(rows: &[Row]) -> String {
+    const HEADERS: [&str; 11] = [
+        "scenario",
+        "strategy",
+        "requests",
+        "db_queries",
+        "loads",
+        "stale",
+        "errors",
+        "p50",
+        "p99",
+        "hit_rate",
+        "saved",
+    ];
+    // Text columns are left-aligned, numbers right-aligned.
+    const LEFT: [bool; 11] = [
+        true, true, false, false, false, false, false, false, false, false, false,
+    ];
+    let cells: Vec<[String; 11]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.scenario.to_owned(),
+                r.strategy.to_owned(),
+                r.requests.to_string(),
+                r.db_queries.to_string(),
+                opt(r.loads),
+                opt(r.stale_entries),
+                r.errors.to_string(),
+                r.p50_us.map_or_else(|| "-".to_owned(), format_us),
+                r.p99_us.map_or_else(|| "-".to_owned(), format_us),
+                r.hit_rate
+                    .map_or_else(|| "-".to_owned(), |h| format!("{:.1}%", h * 100.0)),
+                opt(r.db_queries_saved),
+            ]
+        })
+        .collect();
+    let mut widths = HEADERS.map(str::len);
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cols: &[String; 11]| {
+        let mut s = String::new();
+        for (i, c) in cols.iter().enumerate() {
+            if i > 0 {
+                s.push_str("  ");
+            }
+            let pad = widths[i] - c.chars().count();
+            if LEFT[i] {
+                s.push_str(c);
+                s.extend(std::iter::repeat_n(' ', pad));
+            } else {
+                s.extend(std::iter::repeat_n(' ', pad));
+                s.push_str(c);
+            }
+        }
+        out.push_str(s.trim_end());
+        out.push('\n');
+    };
+    line(&mut out, &HEADERS.map(str::to_owned));
+    let rule_len = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
+    let rule = "-".repeat(rule_len);
+    let mut previous: Option<&str> = None;
+    for (row, cols) in rows.iter().zip(&cells) {
+        if previous != Some(row.scenario) {
+            let _ = writeln!(out, "{rule}");
+            previous = Some(row.scenario);
+        }
+        line(&mut out, cols);
+    }
+    out
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// Microseconds as a short human duration.
+pub(crate) fn format_us(us: u64) -> String {
+    // Display only: precision loss past 2^53 µs is irrelevant.
+    #[allow(clippy::cast_precision_loss)]
+    let f = us as f64;
+    if us < 1_000 {
+        format!("{us}µs")
+    } else if us < 1_000_000 {
+        format!("{:.1}ms", f / 1e3)
+    } else {
+        format!("{:.2}s", f / 1e6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> RowContext {
+        RowContext {
+            store: "memory",
+            database: "sqlite",
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn table_aligns_and_groups() {
+        let mut a = Row::new("race", "naive cache-aside", ctx());
+        a.requests = 12_345;
+        a.stale_entries = Some(3);
+        let mut b = Row::new("race", "lease-guarded", ctx());
+        b.requests = 7;
+        b.stale_entries = Some(0);
+        let c = Row::new("stampede", "naive cache-aside", ctx());
+        let t = table(&[a, b, c]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 6, "{t}");
+        assert!(lines[0].starts_with("scenario"));
+        assert!(lines[1].starts_with("---"));
+        assert!(lines[4].starts_with("---"));
+        // Right-aligned numbers end in the same column.
+        let end = |l: &str, needle: &str| l.find(needle).map(|i| i + needle.len());
+        assert_eq!(end(lines[2], "12345"), end(lines[3], " 7"));
+    }
+
+    #[test]
+    fn json_uses_null_for_missing_fields() {
+        let row = Row::new("penetration", "negative caching", ctx());
+        let v: serde_json::Value = serde_json::from_str(&json_line(&row)).unwrap();
+        assert_eq!(v["scenario"], "penetration");
+        assert!(v["stale_entries"].is_null());
+        assert!(v["hit_rate"].is_null());
+        assert_eq!(v["errors"], 0);
+    }
+
+    #[test]
+    fn latency_quantiles() {
+        let mut l = Latency::new();
+        assert_eq!(l.quantile_us(0.5), None);
+        for ms in 1..=100 {
+            l.record(Duration::from_millis(ms));
+        }
+        let mut other = Latency::new();
+        other.record(Duration::ZERO);
+        l.merge(&other);
+        let p50 = l.quantile_us(0.5).unwrap();
+        assert!((49_000..=51_000).contains(&p50), "{p50}");
+        assert_eq!(format_us(999), "999µs");
+        assert_eq!(format_us(50_300), "50.3ms");
+        assert_eq!(format_us(2_500_000), "2.50s");
+    }
+}

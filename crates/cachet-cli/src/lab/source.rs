@@ -1,0 +1,331 @@
+//! The lab's source of truth: an `items` table in a private SQLite file or in a
+//! schema of its own on PostgreSQL, and [`Db`], the counted handle scenarios
+//! read and write it through.
+//!
+//! Every scenario measures `db_queries` by counting the queries its [`Db`]
+//! issues, never by asking the database, so the numbers mean the same on both
+//! backends.
+
+use std::str::FromStr as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions as _, Connection as _, Executor as _};
+
+/// A row of the source of truth, and the value the lab caches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Item {
+    pub(crate) id: i64,
+    pub(crate) value: i64,
+    pub(crate) payload: String,
+}
+
+const CREATE_TABLE: &str =
+    "CREATE TABLE items (id BIGINT PRIMARY KEY, value BIGINT NOT NULL, payload TEXT NOT NULL)";
+const SELECT_ITEM: &str = "SELECT id, value, payload FROM items WHERE id = $1";
+const BUMP_ITEM: &str = "UPDATE items SET value = value + 1 WHERE id = $1";
+const SEED_SQLITE: &str = "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < $1) \
+     INSERT INTO items (id, value, payload) SELECT i, 0, 'item-' || i FROM seq";
+const SEED_POSTGRES: &str = "INSERT INTO items (id, value, payload) \
+     SELECT i, 0, 'item-' || i FROM generate_series(1::bigint, $1::bigint) AS s(i)";
+
+/// Enough connections that readers rarely queue behind each other, few enough
+/// that the lab is a polite guest on a shared PostgreSQL.
+const PG_CONNECTIONS: u32 = 8;
+/// SQLite serialises writers anyway; more connections only add threads.
+const SQLITE_CONNECTIONS: u32 = 4;
+/// Long enough that two writers never see `SQLITE_BUSY`, bounded so a stuck
+/// database still ends the run.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same expression against whichever pool is in use: the SQL is shared,
+/// only the static types differ.
+macro_rules! on_pool {
+    ($pool:expr, $p:ident => $body:expr) => {
+        match $pool {
+            Pool::Sqlite($p) => $body,
+            Pool::Postgres($p) => $body,
+        }
+    };
+}
+
+/// The source of truth of one lab run, torn down by [`Source::close`].
+#[derive(Debug)]
+pub(crate) struct Source {
+    pool: Pool,
+    description: String,
+    /// The PostgreSQL schema this run created and must drop, and how to connect
+    /// to drop it.
+    schema: Option<(String, PgConnectOptions)>,
+    /// Keeps the SQLite file alive for the run and deletes it afterwards.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Source {
+    /// Opens a private SQLite database in a temporary directory, or, given a
+    /// `postgres://` URL, a fresh schema on that server.
+    pub(crate) async fn open(database_url: Option<&str>, run_id: &str) -> Result<Self> {
+        match database_url {
+            None => Self::open_sqlite().await,
+            Some(url) => Self::open_postgres(url, run_id).await,
+        }
+    }
+
+    async fn open_sqlite() -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("cachet-lab-")
+            .tempdir()
+            .context("cannot create a temporary directory for the SQLite database")?;
+        let path = dir.path().join("lab.db");
+        // WAL lets readers run while a writer commits; synchronous=OFF because the
+        // file is thrown away, so durability buys nothing but fsync latency.
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Off)
+            .busy_timeout(SQLITE_BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(SQLITE_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .with_context(|| format!("cannot open SQLite database {}", path.display()))?;
+        pool.execute(CREATE_TABLE)
+            .await
+            .context("cannot create the items table in SQLite")?;
+        Ok(Self {
+            pool: Pool::Sqlite(pool),
+            description: "sqlite (temporary file)".to_owned(),
+            schema: None,
+            _dir: Some(dir),
+        })
+    }
+
+    async fn open_postgres(url: &str, run_id: &str) -> Result<Self> {
+        let shown = redact_url(url);
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            bail!("unsupported database URL {shown}: expected postgres://…");
+        }
+        let options = PgConnectOptions::from_str(url)
+            .with_context(|| format!("invalid PostgreSQL URL {shown}"))?;
+        let schema = format!("cachet_lab_{run_id}");
+        let mut admin = options
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to PostgreSQL at {shown}"))?;
+        admin
+            .execute(format!("CREATE SCHEMA {schema}").as_str())
+            .await
+            .with_context(|| format!("cannot create schema {schema} on {shown}"))?;
+        let _ = admin.close().await;
+
+        // Every connection works in the run's schema. The data is thrown away at
+        // the end, so commits need not wait for the WAL flush: the lab measures
+        // caching, not the server's disk.
+        let session: Arc<str> =
+            format!("SET search_path TO {schema}; SET synchronous_commit TO off").into();
+        let pool = PgPoolOptions::new()
+            .max_connections(PG_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(move |conn, _meta| {
+                let session = Arc::clone(&session);
+                Box::pin(async move {
+                    conn.execute(&*session).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options.clone())
+            .await;
+        let created =
+            match pool {
+                Ok(pool) => pool
+                    .execute(CREATE_TABLE)
+                    .await
+                    .map(|_| pool)
+                    .with_context(|| format!("cannot create {schema}.items on {shown}")),
+                Err(e) => Err(anyhow::Error::new(e)
+                    .context(format!("cannot connect to PostgreSQL at {shown}"))),
+            };
+        match created {
+            Ok(pool) => Ok(Self {
+                pool: Pool::Postgres(pool),
+                description: format!("postgres ({shown}, schema {schema})"),
+                schema: Some((schema, options)),
+                _dir: None,
+            }),
+            Err(e) => {
+                // The schema exists already; do not leave it behind.
+                if let Ok(mut admin) = options.connect().await {
+                    let _ = admin
+                        .execute(format!("DROP SCHEMA IF EXISTS {schema} CASCADE").as_str())
+                        .await;
+                    let _ = admin.close().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// `sqlite` or `postgres`.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => "sqlite",
+            Pool::Postgres(_) => "postgres",
+        }
+    }
+
+    /// What the source is, for the report header.
+    pub(crate) fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// Replaces the table's contents with rows `1..=rows`, each with value 0.
+    pub(crate) async fn reset(&self, rows: u64) -> Result<()> {
+        let rows = i64::try_from(rows).context("too many rows")?;
+        on_pool!(&self.pool, p => {
+            p.execute("DELETE FROM items").await.context("cannot empty the items table")?;
+        });
+        let seeded = match &self.pool {
+            Pool::Sqlite(p) => sqlx::query(SEED_SQLITE)
+                .bind(rows)
+                .execute(p)
+                .await
+                .map(drop),
+            Pool::Postgres(p) => sqlx::query(SEED_POSTGRES)
+                .bind(rows)
+                .execute(p)
+                .await
+                .map(drop),
+        };
+        seeded.with_context(|| format!("cannot insert {rows} rows into the items table"))?;
+        Ok(())
+    }
+
+    /// Reads a row without counting it: for checking the cache against the
+    /// truth, not part of any workload.
+    pub(crate) async fn read(&self, id: i64) -> Result<Option<Item>> {
+        fetch(&self.pool, id)
+            .await
+            .with_context(|| format!("cannot read item {id}"))
+    }
+
+    /// A handle whose queries are counted apart from every other handle's.
+    pub(crate) fn counted(&self) -> Db {
+        Db {
+            pool: self.pool.clone(),
+            reads: Arc::default(),
+        }
+    }
+
+    /// Drops what the run created: the PostgreSQL schema, or the SQLite file.
+    pub(crate) async fn close(self) -> Result<()> {
+        // Closing waits for every connection to come back, so no query of an
+        // interrupted scenario runs against a schema that is gone.
+        on_pool!(&self.pool, p => p.close().await);
+        let Some((schema, options)) = &self.schema else {
+            return Ok(());
+        };
+        let mut conn = options
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to drop schema {schema}"))?;
+        let dropped = conn
+            .execute(format!("DROP SCHEMA IF EXISTS {schema} CASCADE").as_str())
+            .await
+            .map(drop)
+            .with_context(|| format!("cannot drop schema {schema}"));
+        let _ = conn.close().await;
+        dropped
+    }
+}
+
+/// A counted handle on the source of truth. Cheap to clone; clones share counts.
+#[derive(Clone, Debug)]
+pub(crate) struct Db {
+    pool: Pool,
+    reads: Arc<AtomicU64>,
+}
+
+impl Db {
+    /// `SELECT` one item; counted in [`reads`](Self::reads).
+    pub(crate) async fn load(&self, id: i64) -> Result<Option<Item>, sqlx::Error> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        fetch(&self.pool, id).await
+    }
+
+    /// Increments an item's value. Writes are counted by the workloads, which
+    /// know which of their operations are writes.
+    pub(crate) async fn bump(&self, id: i64) -> Result<(), sqlx::Error> {
+        on_pool!(&self.pool, p => sqlx::query(BUMP_ITEM).bind(id).execute(p).await.map(drop))
+    }
+
+    /// Read queries issued so far.
+    pub(crate) fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+}
+
+async fn fetch(pool: &Pool, id: i64) -> Result<Option<Item>, sqlx::Error> {
+    let row: Option<(i64, i64, String)> = on_pool!(pool, p => {
+        sqlx::query_as(SELECT_ITEM).bind(id).fetch_optional(p).await?
+    });
+    Ok(row.map(|(id, value, payload)| Item { id, value, payload }))
+}
+
+/// `url` with any password replaced, for messages.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            redact_url("redis://:secret@h:6379/"),
+            "redis://:***@h:6379/"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h:5432/db"),
+            "postgres://u@h:5432/db"
+        );
+        assert_eq!(redact_url("redis://h:6379/"), "redis://h:6379/");
+    }
+}

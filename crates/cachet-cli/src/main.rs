@@ -1,0 +1,112 @@
+//! `cachet`, the command-line tool of the cachet caching library.
+//!
+//! Today it has one subcommand, `cachet lab`, which runs caching failure modes
+//! side by side (see [`lab`]). This module owns argument parsing, logging, the
+//! runtime and how errors reach the user.
+
+mod lab;
+
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cachet",
+    version,
+    about = "Tools for the cachet cache",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Lab(lab::LabArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Library warnings (a store that stopped answering, say) go to stderr, so
+    // that stdout stays machine-readable under --json.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Lab(args) => lab::run(args).await,
+        }
+    });
+    // Client connections may still hold background tasks; do not wait on them.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, one per line. Many errors repeat their cause in
+/// their own message; a cause already shown is skipped.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut shown = String::new();
+    for (i, cause) in e.chain().enumerate() {
+        let msg = cause.to_string();
+        if i > 0 {
+            if shown.contains(&msg) {
+                continue;
+            }
+            out.push_str("\n  caused by: ");
+        }
+        out.push_str(&msg);
+        shown.push_str(&msg);
+        shown.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chain_skips_repeated_causes() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = anyhow::Error::new(io)
+            .context("store unreachable: refused")
+            .context("cannot connect");
+        assert_eq!(
+            error_chain(&e),
+            "cannot connect\n  caused by: store unreachable: refused"
+        );
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+}

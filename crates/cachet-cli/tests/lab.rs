@@ -1,0 +1,91 @@
+//! `cachet lab` end to end: embedded, and against real Redis and PostgreSQL.
+
+use cachet_testkit::{PgDatabase, RedisServer};
+use sqlx::Connection as _;
+
+use crate::util::{Cachet, SMALL};
+
+#[test]
+fn embedded_run_shows_each_failure_and_its_fix() {
+    let rows = Cachet::lab().args(SMALL).rows();
+    rows.assert_lab_properties(2000, 50);
+    for row in &rows.rows {
+        assert_eq!(row["store"], "memory");
+        assert_eq!(row["database"], "sqlite");
+    }
+}
+
+#[test]
+fn table_output_has_a_row_per_strategy_and_a_line_per_scenario() {
+    let output = Cachet::lab()
+        .args(SMALL)
+        .args(["--scenario", "penetration", "--scenario", "stampede"])
+        .output();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("penetration ") || l.starts_with("stampede "))
+        .collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
+    // Scenarios run in the order asked for.
+    assert!(rows[0].starts_with("penetration"), "{stdout}");
+    assert!(stdout.contains("\npenetration: "), "{stdout}");
+    assert!(stdout.contains("\nstampede: "), "{stdout}");
+    assert!(!stdout.contains("race"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn redis_and_postgres_run_cleans_up_after_itself() {
+    let redis = RedisServer::start();
+    let db = PgDatabase::create().await;
+    let (redis_url, db_url) = (redis.url(), db.url().to_owned());
+    let rows = tokio::task::spawn_blocking(move || {
+        Cachet::lab()
+            .args(SMALL)
+            .args(["--redis-url", &redis_url, "--database-url", &db_url])
+            .rows()
+    })
+    .await
+    .unwrap();
+    rows.assert_lab_properties(2000, 50);
+    for row in &rows.rows {
+        assert_eq!(row["store"], "redis");
+        assert_eq!(row["database"], "postgres");
+    }
+
+    // Every key left behind expires.
+    let mut cursor = "0".to_owned();
+    for _ in 0..10_000 {
+        let reply = redis.command(&["SCAN", &cursor, "COUNT", "1000"]);
+        let mut lines = reply.lines();
+        cursor = lines.next().unwrap_or("0").to_owned();
+        for key in lines {
+            let pttl = redis.command(&["PTTL", key]);
+            assert_ne!(pttl, "-1", "key {key} has no TTL");
+        }
+        if cursor == "0" {
+            break;
+        }
+    }
+    assert_eq!(cursor, "0", "SCAN did not finish");
+
+    let stats = redis.command(&["INFO", "commandstats"]);
+    for forbidden in ["cmdstat_keys", "cmdstat_flushdb", "cmdstat_flushall"] {
+        assert!(
+            !stats.contains(forbidden),
+            "the lab ran {forbidden}:\n{stats}"
+        );
+    }
+
+    // The lab's schema is gone.
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let (left,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE 'cachet_lab_%'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "the lab left its schema behind");
+    conn.close().await.unwrap();
+}

@@ -1,0 +1,240 @@
+//! Running the built `cachet` binary and reading what it prints.
+
+use std::io::Read as _;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// No test run of the binary is allowed longer than this.
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Sizes that keep every scenario to a second or two while preserving the
+/// differences the tests look for. The stale entries naive cache-aside leaves
+/// are bounded by the loads in flight when writes stop, and a load is stale only
+/// if its row is written during its delay; so the race gets more readers and a
+/// longer delay than by default, which keeps a zero out of reach even for an
+/// unoptimised binary on a busy machine.
+pub(crate) const SMALL: &[&str] = &[
+    "--readers",
+    "16",
+    "--hot-rows",
+    "32",
+    "--race-ms",
+    "400",
+    "--max-delay-ms",
+    "50",
+    "--callers",
+    "200",
+    "--load-ms",
+    "20",
+    "--lookups",
+    "2000",
+    "--missing-ids",
+    "50",
+    "--keys",
+    "1000",
+    "--ops",
+    "10000",
+];
+
+/// A `cachet` command line under construction.
+#[derive(Debug)]
+pub(crate) struct Cachet {
+    cmd: Command,
+}
+
+impl Cachet {
+    /// `cachet lab`.
+    pub(crate) fn lab() -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachet"));
+        cmd.arg("lab").env_remove("RUST_LOG");
+        Self { cmd }
+    }
+
+    pub(crate) fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.cmd.args(args);
+        self
+    }
+
+    /// Runs the command to completion (killing it after [`TIMEOUT`]).
+    pub(crate) fn output(mut self) -> Output {
+        let shown = format!("{:?}", self.cmd);
+        let mut child = self
+            .cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+        // Drain the pipes on threads so a chatty child never blocks on a full pipe.
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = out.read_to_end(&mut v);
+            v
+        });
+        let err = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = err.read_to_end(&mut v);
+            v
+        });
+        let deadline = Instant::now() + TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{shown} did not finish within {TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Output {
+            status,
+            stdout: out.join().unwrap(),
+            stderr: err.join().unwrap(),
+        }
+    }
+
+    /// Runs with `--json`, expects success, and parses each stdout line.
+    pub(crate) fn rows(self) -> Rows {
+        let output = self.args(["--json"]).output();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "cachet failed with {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+            output.status
+        );
+        let rows = stdout
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line:?}"))
+            })
+            .collect();
+        Rows {
+            rows,
+            stderr: stderr.into_owned(),
+        }
+    }
+
+    /// Runs and expects failure without a panic; returns stderr.
+    pub(crate) fn failure(self) -> String {
+        let output = self.output();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(
+            !output.status.success(),
+            "cachet succeeded but should have failed; stderr:\n{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "cachet panicked:\n{stderr}");
+        stderr
+    }
+}
+
+/// The JSON rows of one run.
+#[derive(Debug)]
+pub(crate) struct Rows {
+    pub(crate) rows: Vec<Value>,
+    pub(crate) stderr: String,
+}
+
+impl Rows {
+    /// The row of `scenario` whose strategy contains `word`.
+    pub(crate) fn find(&self, scenario: &str, word: &str) -> &Value {
+        self.rows
+            .iter()
+            .find(|r| {
+                r["scenario"] == scenario && r["strategy"].as_str().unwrap_or("").contains(word)
+            })
+            .unwrap_or_else(|| panic!("no {scenario} row with {word:?} in {:#?}", self.rows))
+    }
+
+    /// An unsigned field of a row.
+    pub(crate) fn u64(&self, scenario: &str, word: &str, field: &str) -> u64 {
+        let row = self.find(scenario, word);
+        row[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{field} of {row} is not a count"))
+    }
+
+    /// The properties every full run must show, whatever the backends.
+    pub(crate) fn assert_lab_properties(&self, lookups: u64, missing_ids: u64) {
+        let scenarios: Vec<&str> = self
+            .rows
+            .iter()
+            .map(|r| r["scenario"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            scenarios,
+            [
+                "race",
+                "race",
+                "stampede",
+                "stampede",
+                "penetration",
+                "penetration",
+                "hit-rate",
+                "hit-rate"
+            ],
+            "stderr:\n{}",
+            self.stderr
+        );
+        for row in &self.rows {
+            assert_eq!(row["errors"], 0, "errors in {row}");
+            for field in [
+                "scenario",
+                "strategy",
+                "requests",
+                "db_queries",
+                "stale_entries",
+                "errors",
+                "p50_us",
+                "p99_us",
+                "hit_rate",
+                "db_queries_saved",
+                "loads",
+            ] {
+                assert!(row.get(field).is_some(), "{field} missing from {row}");
+            }
+        }
+
+        assert!(
+            self.u64("race", "naive", "stale_entries") > 0,
+            "naive cache-aside left no stale entry: {:#?}",
+            self.rows
+        );
+        assert_eq!(self.u64("race", "lease", "stale_entries"), 0);
+
+        let protected = self.u64("stampede", "single-flight", "db_queries");
+        let naive = self.u64("stampede", "naive", "db_queries");
+        assert_eq!(protected, 1);
+        assert!(
+            naive >= 50 * protected,
+            "stampede: naive sent only {naive} queries"
+        );
+
+        assert_eq!(self.u64("penetration", "naive", "db_queries"), lookups);
+        let negative = self.u64("penetration", "negative", "db_queries");
+        assert!(
+            (1..=missing_ids).contains(&negative),
+            "negative caching sent {negative} queries for {missing_ids} missing IDs"
+        );
+
+        let cached = self.find("hit-rate", "lease");
+        let hit_rate = cached["hit_rate"].as_f64().unwrap();
+        assert!(hit_rate > 0.5, "hit rate {hit_rate}");
+        assert!(self.u64("hit-rate", "lease", "db_queries_saved") > 0);
+        assert!(
+            self.u64("hit-rate", "lease", "db_queries")
+                < self.u64("hit-rate", "naive", "db_queries")
+        );
+    }
+}
