@@ -276,7 +276,11 @@ fn redis_miss(c: &mut Criterion) {
             let id = next.fetch_add(1, Ordering::Relaxed);
             let cache = &r.cache;
             async move {
-                let v = cache.get_or_load(&id, || load(id)).await.unwrap().unwrap();
+                let v = cache
+                    .get_or_load(&id, move || load(id))
+                    .await
+                    .unwrap()
+                    .unwrap();
                 black_box(v.id)
             }
         });

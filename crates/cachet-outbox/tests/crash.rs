@@ -61,7 +61,10 @@ async fn a_writer_killed_after_commit_is_covered_by_the_relay() {
     let fx = Fx::with_outbox(Outbox::new(), create_users).await;
     let cache = users(fx.store.clone());
     let loaded = cache
-        .get_or_load(&1, || load_name(&fx.pool, 1))
+        .get_or_load(&1, {
+            let pool = fx.pool.clone();
+            move || async move { load_name(&pool, 1).await }
+        })
         .await
         .unwrap();
     assert_eq!(loaded.as_deref(), Some("old"));
@@ -95,7 +98,10 @@ async fn a_writer_killed_after_commit_is_covered_by_the_relay() {
     })
     .await;
     let fresh = cache
-        .get_or_load(&1, || load_name(&fx.pool, 1))
+        .get_or_load(&1, {
+            let pool = fx.pool.clone();
+            move || async move { load_name(&pool, 1).await }
+        })
         .await
         .unwrap();
     assert_eq!(fresh.as_deref(), Some("new"));

@@ -8,7 +8,7 @@ use std::time::Duration;
 use cachet_core::{CacheKey, Clock, KeyLayout, PayloadKind, Store};
 
 use crate::bloom::{BloomFilter, BloomOptions};
-use crate::cache::{Cache, GroupFn, Settings};
+use crate::cache::{Cache, FailSafe, Freshness, GroupFn, RefreshAhead, Settings};
 use crate::codec::{Codec, Postcard};
 use crate::{Error, MemoryStore};
 
@@ -38,6 +38,9 @@ pub struct CacheBuilder<K: ?Sized, V, C = Postcard> {
     clock: Option<Clock>,
     group: Option<GroupFn<K>>,
     bloom: Option<BloomOptions>,
+    fresh: Freshness,
+    soft_timeout: Option<Duration>,
+    hard_timeout: Option<Duration>,
     codec: C,
     _types: PhantomData<fn(&K) -> V>,
 }
@@ -55,6 +58,9 @@ impl<K: ?Sized, V, C: std::fmt::Debug> std::fmt::Debug for CacheBuilder<K, V, C>
             .field("store", &self.store)
             .field("grouped", &self.group.is_some())
             .field("bloom", &self.bloom)
+            .field("freshness", &self.fresh)
+            .field("soft_timeout", &self.soft_timeout)
+            .field("hard_timeout", &self.hard_timeout)
             .field("codec", &self.codec)
             .finish_non_exhaustive()
     }
@@ -75,6 +81,9 @@ impl<K: ?Sized, V> CacheBuilder<K, V, Postcard> {
             clock: None,
             group: None,
             bloom: None,
+            fresh: Freshness::default(),
+            soft_timeout: None,
+            hard_timeout: None,
             codec: Postcard,
             _types: PhantomData,
         }
@@ -143,8 +152,10 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
         self
     }
 
-    /// The clock of the default in-process store's TTLs (when no store is given).
-    /// Tests use [`Clock::mock`] to expire entries without sleeping.
+    /// The clock of soft expiry (stale-while-revalidate, fail-safe), and of the
+    /// default in-process store's TTLs when no store is given. Defaults to the
+    /// in-process store's clock, or the system clock. Tests use [`Clock::mock`]
+    /// to expire entries without sleeping.
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = Some(clock);
         self
@@ -163,6 +174,54 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
         F: Fn(&K) -> G + Send + Sync + 'static,
     {
         self.group = Some(Arc::new(move |k: &K| cachet_core::escape_key(&group(k))));
+        self
+    }
+
+    /// Stale-while-revalidate: for `window` past an entry's fresh life (the
+    /// TTL), [`Cache::get_or_load`] returns it at once and refreshes it in the
+    /// background, one refresh per key across all processes (the refresh takes
+    /// the key's lease). Past the window, callers wait for a load. Entries are
+    /// kept in the store for the window on top of their TTL.
+    pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
+        self.fresh.stale_for = window;
+        self
+    }
+
+    /// Fail-safe: when a load fails or hits the hard timeout and the cache holds
+    /// a value at most `max_staleness` past its fresh life, serve it instead of
+    /// the error, and for `throttle` serve it in this process without asking the
+    /// source again. Entries are kept `max_staleness` past their TTL.
+    pub fn fail_safe(mut self, max_staleness: Duration, throttle: Duration) -> Self {
+        self.fresh.fail_safe = Some(FailSafe::new(max_staleness, throttle));
+        self
+    }
+
+    /// Refresh-ahead: keys read often near the end of their fresh life are
+    /// reloaded in the background before it ends. See [`RefreshAhead`].
+    pub fn refresh_ahead(mut self, policy: RefreshAhead) -> Self {
+        self.fresh.refresh_ahead = Some(policy);
+        self
+    }
+
+    /// Probabilistic early refresh (XFetch, Vattani et al., VLDB 2015): a hit
+    /// refreshes the entry in the background with a probability that rises as
+    /// its fresh life ends and as its load was slow: when
+    /// `now − load_time·beta·ln(random) ≥ expiry`. `beta` is usually 1; larger
+    /// refreshes earlier.
+    pub fn early_refresh(mut self, beta: f64) -> Self {
+        self.fresh.early_refresh = Some(beta);
+        self
+    }
+
+    /// Default soft timeout of loads (see [`LoadOptions::soft_timeout`](crate::LoadOptions::soft_timeout)).
+    pub fn soft_timeout(mut self, timeout: Duration) -> Self {
+        self.soft_timeout = Some(timeout);
+        self
+    }
+
+    /// Default hard timeout of loads (see [`LoadOptions::hard_timeout`](crate::LoadOptions::hard_timeout)).
+    pub fn hard_timeout(mut self, timeout: Duration) -> Self {
+        self.hard_timeout = Some(timeout);
         self
     }
 
@@ -195,6 +254,9 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
             clock: self.clock,
             group: self.group,
             bloom: self.bloom,
+            fresh: self.fresh,
+            soft_timeout: self.soft_timeout,
+            hard_timeout: self.hard_timeout,
             codec,
             _types: PhantomData,
         }
@@ -203,7 +265,7 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
 
 impl<K, V, C> CacheBuilder<K, V, C>
 where
-    K: CacheKey + ?Sized,
+    K: CacheKey + ?Sized + Sync + 'static,
     V: Clone + Send + Sync + 'static,
     C: Codec<V>,
 {
@@ -228,13 +290,27 @@ where
         if self.lease_ttl.is_zero() {
             return Err(Error::config(ns, "lease_ttl must be positive"));
         }
+        if let Some(beta) = self.fresh.early_refresh
+            && !(beta > 0.0 && beta.is_finite())
+        {
+            return Err(Error::config(
+                ns,
+                format!("early_refresh beta must be positive, got {beta}"),
+            ));
+        }
         let (store, memory) = match self.store {
             Some(store) => (store, self.memory),
             None => {
-                let clock = self.clock.unwrap_or_default();
+                let clock = self.clock.clone().unwrap_or_default();
                 let memory = MemoryStore::with_clock(MemoryStore::DEFAULT_CAPACITY, clock);
                 (Arc::new(memory.clone()) as Arc<dyn Store>, Some(memory))
             }
+        };
+        // Soft expiry is read against the store's clock when it has one.
+        let clock = match (&self.clock, &memory) {
+            (Some(clock), _) => clock.clone(),
+            (None, Some(memory)) => memory.clock().clone(),
+            (None, None) => Clock::system(),
         };
         let local = match memory {
             Some(memory) => Some(
@@ -262,6 +338,10 @@ where
                 negative_ttl: (!self.negative_ttl.is_zero()).then_some(self.negative_ttl),
                 lease_ttl: self.lease_ttl,
                 lease_wait: self.lease_wait,
+                fresh: self.fresh,
+                soft_timeout: self.soft_timeout,
+                hard_timeout: self.hard_timeout,
+                clock,
                 store,
                 codec: Arc::new(self.codec),
             },

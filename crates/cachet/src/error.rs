@@ -14,6 +14,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub enum ErrorKind {
     /// The loader returned an error.
     Load,
+    /// The loader did not finish within the hard timeout.
+    Timeout,
     /// The store failed (unreachable, timed out, unexpected reply).
     Store,
     /// A value could not be encoded for the store.
@@ -65,6 +67,15 @@ impl Error {
         Self::new(ErrorKind::Load, cache, Some(key), Some(source))
     }
 
+    pub(crate) fn timeout(cache: &str, key: &str, after: std::time::Duration) -> Self {
+        Self::new(
+            ErrorKind::Timeout,
+            cache,
+            Some(key),
+            Some(format!("the loader did not finish within {after:?}").into()),
+        )
+    }
+
     pub(crate) fn store(cache: &str, key: &str, source: StoreError) -> Self {
         Self::new(ErrorKind::Store, cache, Some(key), Some(Box::new(source)))
     }
@@ -110,13 +121,15 @@ impl Error {
         self.inner.kind == ErrorKind::Store
     }
 
-    /// Whether the store timed out.
+    /// Whether the loader or the store timed out.
     pub fn is_timeout(&self) -> bool {
-        self.inner
-            .source
-            .as_deref()
-            .and_then(|s| s.downcast_ref::<StoreError>())
-            .is_some_and(StoreError::is_timeout)
+        self.inner.kind == ErrorKind::Timeout
+            || self
+                .inner
+                .source
+                .as_deref()
+                .and_then(|s| s.downcast_ref::<StoreError>())
+                .is_some_and(StoreError::is_timeout)
     }
 }
 
@@ -125,7 +138,7 @@ impl fmt::Display for Error {
         let i = &self.inner;
         write!(f, "cache `{}`", i.cache)?;
         let what = match i.kind {
-            ErrorKind::Load => "loading",
+            ErrorKind::Load | ErrorKind::Timeout => "loading",
             ErrorKind::Store => "store operation on",
             ErrorKind::Codec => "encoding the value of",
             ErrorKind::Config => "configuration",

@@ -1,10 +1,11 @@
 //! In-process single-flight: one load per key at a time within a process.
 //!
-//! The first caller for a key becomes the *leader* and runs the load in its own
-//! task; callers that arrive while it runs become *followers* and wait for the
-//! leader's outcome, which they receive as a clone (errors included). If the
-//! leader is cancelled before it finishes, its followers wake up and start over,
-//! one of them becoming the new leader.
+//! The first caller for a key becomes the *leader*: it owns the flight and
+//! hands it to the task that runs the load. Callers that arrive while it runs
+//! become *followers* and wait for the outcome, which they receive as a clone
+//! (errors included). If the flight ends without an outcome (the load task
+//! panicked, or a background refresh gave up), its followers wake up and start
+//! over, one of them becoming the new leader.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -28,16 +29,16 @@ pub(crate) struct Flights<V> {
     hasher: std::collections::hash_map::RandomState,
 }
 
-pub(crate) enum Role<'a, V> {
-    Leader(Leader<'a, V>),
+pub(crate) enum Role<V> {
+    Leader(Leader<V>),
     Follower(watch::Receiver<Option<Outcome<V>>>),
 }
 
 /// The leader's handle; dropping it without [`Leader::finish`] wakes the
 /// followers so they can start over.
-pub(crate) struct Leader<'a, V> {
-    flights: &'a Flights<V>,
-    key: &'a str,
+pub(crate) struct Leader<V> {
+    flights: Arc<Flights<V>>,
+    key: Box<str>,
     slot: Arc<Slot<V>>,
 }
 
@@ -57,7 +58,7 @@ impl<V> Flights<V> {
     }
 
     /// Joins the load in flight for `key`, or leads a new one.
-    pub(crate) fn join<'a>(&'a self, key: &'a str) -> Role<'a, V> {
+    pub(crate) fn join(self: &Arc<Self>, key: &str) -> Role<V> {
         let mut shard = self.shard(key).lock();
         if let Some(slot) = shard.get(key) {
             return Role::Follower(slot.subscribe());
@@ -65,8 +66,8 @@ impl<V> Flights<V> {
         let slot = Arc::new(watch::Sender::new(None));
         shard.insert(key.into(), Arc::clone(&slot));
         Role::Leader(Leader {
-            flights: self,
-            key,
+            flights: Arc::clone(self),
+            key: key.into(),
             slot,
         })
     }
@@ -93,7 +94,12 @@ impl<V> Flights<V> {
     }
 }
 
-impl<V: Clone> Leader<'_, V> {
+impl<V: Clone> Leader<V> {
+    /// A receiver of this flight's outcome, for the leader's own caller.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Option<Outcome<V>>> {
+        self.slot.subscribe()
+    }
+
     /// Publishes the outcome to the followers and ends the flight.
     pub(crate) fn finish(self, outcome: &Outcome<V>) {
         self.slot.send_replace(Some(outcome.clone()));
@@ -101,9 +107,9 @@ impl<V: Clone> Leader<'_, V> {
     }
 }
 
-impl<V> Drop for Leader<'_, V> {
+impl<V> Drop for Leader<V> {
     fn drop(&mut self) {
-        self.flights.remove_if_same(self.key, &self.slot);
+        self.flights.remove_if_same(&self.key, &self.slot);
     }
 }
 
@@ -123,7 +129,7 @@ mod tests {
 
     #[tokio::test]
     async fn followers_get_the_leaders_outcome() {
-        let flights = Flights::<u32>::new();
+        let flights = Arc::new(Flights::<u32>::new());
         let Role::Leader(leader) = flights.join("k") else {
             panic!("first caller leads")
         };
@@ -137,7 +143,7 @@ mod tests {
 
     #[tokio::test]
     async fn followers_start_over_when_the_leader_is_dropped() {
-        let flights = Flights::<u32>::new();
+        let flights = Arc::new(Flights::<u32>::new());
         let leader = flights.join("k");
         let Role::Follower(rx) = flights.join("k") else {
             panic!("second caller follows")
@@ -149,7 +155,7 @@ mod tests {
 
     #[tokio::test]
     async fn detach_lets_later_callers_lead() {
-        let flights = Flights::<u32>::new();
+        let flights = Arc::new(Flights::<u32>::new());
         let Role::Leader(old) = flights.join("k") else {
             panic!("first caller leads")
         };

@@ -8,6 +8,7 @@
 //! - [Closing the remaining holes](#closing-the-remaining-holes)
 //! - [How the guarantee is checked](#how-the-guarantee-is-checked)
 //! - [Concurrent calls on the same key](#concurrent-calls-on-the-same-key)
+//! - [Freshness: stale-while-revalidate, refresh-ahead, fail-safe](#freshness-stale-while-revalidate-refresh-ahead-fail-safe)
 //! - [Group invalidation](#group-invalidation)
 //! - [Stores](#stores)
 //! - [Costs](#costs)
@@ -122,20 +123,43 @@
 //!
 //! For [`get_or_load`](Cache::get_or_load) on one key:
 //!
-//! - **In one process**, the first caller that misses runs its loader; callers
-//!   that arrive while it runs do not run theirs. They wait and receive a clone of
-//!   the same result, error included. If the running caller is cancelled (its
-//!   future dropped), its lease is released and one waiting caller runs its own
-//!   loader instead. A caller that arrives after an [`invalidate`](Cache::invalidate)
-//!   or [`set`](Cache::set) of the key in this process never joins a load that
-//!   started before it.
+//! - **In one process**, the first caller that misses starts its loader in a
+//!   task of its own; callers that arrive while it runs do not run theirs. They
+//!   wait and receive a clone of the same result, error included (counted in
+//!   [`Stats::coalesced`]). Cancelling a caller does not cancel the load: it
+//!   completes, fills, and serves the callers still waiting. A caller that
+//!   arrives after an [`invalidate`](Cache::invalidate) or [`set`](Cache::set) of
+//!   the key in this process never joins a load that started before it.
 //! - **Across processes** sharing a store, the first process to miss takes the
 //!   lease. Others find it taken, wait with exponential backoff (2 ms doubling to
 //!   50 ms) for the fill and read it; if `lease_wait` passes first, they load for
 //!   themselves and return the value without caching it. If the lease holder dies,
 //!   its lease expires after `lease_ttl` and the next caller takes over.
 //! - A loader slower than `lease_ttl` still returns its value to its callers, but
-//!   its fill is refused (counted in [`Stats::refused_fills`]).
+//!   its fill is refused (counted in [`Stats::refused_fills`]). A loader slower
+//!   than the hard timeout ([`LoadOptions::hard_timeout`]) is abandoned: its
+//!   callers get a timeout error (or the fail-safe value) and its lease is released.
+//!
+//! # Freshness: stale-while-revalidate, refresh-ahead, fail-safe
+//!
+//! | feature | builder | what callers see | cost |
+//! |---|---|---|---|
+//! | stale-while-revalidate | [`stale_while_revalidate`](CacheBuilder::stale_while_revalidate) | past the TTL and within the window, the stale value at once; one background refresh per key across all processes (it takes the lease) | entries kept `window` longer in the store; one load per refresh |
+//! | refresh-ahead | [`refresh_ahead`](CacheBuilder::refresh_ahead) | hot keys reloaded before their TTL ends, so their readers never wait | a read counter per key near expiry, in process; one load per refresh |
+//! | early refresh (XFetch) | [`early_refresh`](CacheBuilder::early_refresh) | entries refreshed early with a probability rising near expiry and with load time | one random draw and a logarithm per hit |
+//! | fail-safe | [`fail_safe`](CacheBuilder::fail_safe) | when a load fails or times out, the last value (up to a maximum staleness), then that value without asking the source for a throttle period | entries kept `max_staleness` longer; one fallback per key in process during a throttle |
+//! | soft timeout | [`LoadOptions::soft_timeout`], [`soft_timeout`](CacheBuilder::soft_timeout) | after it, the stale value if there is one; the load goes on in the background and fills | — |
+//! | hard timeout | [`LoadOptions::hard_timeout`], [`hard_timeout`](CacheBuilder::hard_timeout) | after it, a timeout error (or the fail-safe value) | — |
+//!
+//! An entry's fresh life (its soft expiry) is in its envelope; its TTL in the
+//! store covers the stale window and the fail-safe staleness on top. Background
+//! refreshes are lease-guarded like any fill, so an invalidation that lands
+//! during a refresh wins. Soft expiry compares the envelope's time with this
+//! process's clock: clocks that disagree shift when entries turn stale, never
+//! what an invalidation removes. Fail-safe throttling is per process: after a
+//! failed load, a process may serve the fallback for up to the throttle period
+//! even if another process invalidated the key meanwhile (this process's own
+//! invalidations drop it).
 //!
 //! # Group invalidation
 //!
@@ -190,7 +214,7 @@ mod stats;
 
 pub use bloom::{BloomFilter, BloomOptions};
 pub use builder::CacheBuilder;
-pub use cache::Cache;
+pub use cache::{Cache, FailSafe, LoadOptions, RefreshAhead};
 pub use codec::{Codec, Json, NoCodec, Postcard};
 pub use deferred::{DeferredWorker, DeferredWorkerOptions};
 pub use error::{BoxError, Error, ErrorKind};

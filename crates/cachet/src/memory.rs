@@ -34,7 +34,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cachet_core::BloomKey;
 use cachet_core::{
-    Acquire, AcquireMode, CacheKey, Clock, Deferred, Entry, Fill, GroupKey, LeaseToken,
+    Acquire, AcquireMode, CacheKey, Clock, Deferred, Entry, Fill, GroupKey, LeaseToken, Meta,
     PayloadKind, Read, Store, StoreFuture, StoreKey, TokenSource, Ttls, ttl_millis,
 };
 use parking_lot::Mutex;
@@ -308,28 +308,19 @@ where
 }
 
 /// An item of a cache's typed table: the decoded value, `None` for a negative
-/// entry, and the generation of its group.
+/// entry, and the envelope fields (soft expiry, load time, group generation).
 #[derive(Clone, Debug)]
 pub(crate) struct Slot<V> {
     pub(crate) value: Option<V>,
-    pub(crate) generation: u64,
-}
-
-impl<V> Slot<V> {
-    pub(crate) fn new(value: Option<V>) -> Self {
-        Self {
-            value,
-            generation: 0,
-        }
-    }
+    pub(crate) meta: Meta,
 }
 
 impl<V> Generational for Slot<V> {
     fn generation(&self) -> u64 {
-        self.generation
+        self.meta.generation
     }
     fn set_generation(&mut self, generation: u64) {
-        self.generation = generation;
+        self.meta.generation = generation;
     }
 }
 

@@ -5,7 +5,10 @@
 //! `cachet_misses_total`, `cachet_loads_total`, `cachet_load_errors_total`,
 //! `cachet_lease_waits_total`, `cachet_lease_wait_timeouts_total`,
 //! `cachet_refused_fills_total`, `cachet_decode_errors_total`,
-//! `cachet_store_errors_total`, `cachet_bloom_rejections_total`. Without a `metrics` recorder installed, emitting
+//! `cachet_store_errors_total`, `cachet_bloom_rejections_total`,
+//! `cachet_stale_hits_total`, `cachet_refreshes_total`,
+//! `cachet_fail_safe_serves_total`, `cachet_soft_timeouts_total`,
+//! `cachet_load_timeouts_total`, `cachet_coalesced_total`. Without a `metrics` recorder installed, emitting
 //! costs a branch.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +39,23 @@ pub struct Stats {
     pub store_errors: u64,
     /// Misses answered "not found" by the Bloom filter, without a load.
     pub bloom_rejections: u64,
+    /// Hits on entries past their soft expiry, served while being refreshed
+    /// (stale-while-revalidate); also counted in `hits`.
+    pub stale_hits: u64,
+    /// Background refreshes started (stale-while-revalidate, refresh-ahead,
+    /// early refresh).
+    pub refreshes: u64,
+    /// Calls answered with an expired value because the load failed or timed
+    /// out (fail-safe), or because a recent load failed (its throttle).
+    pub fail_safe_serves: u64,
+    /// Calls answered with the stale value after the soft timeout; the load went
+    /// on in the background.
+    pub soft_timeouts: u64,
+    /// Loader calls abandoned at the hard timeout.
+    pub load_timeouts: u64,
+    /// Calls that joined another caller's load in this process instead of
+    /// running their own.
+    pub coalesced: u64,
 }
 
 impl Stats {
@@ -99,6 +119,12 @@ pub(crate) struct Counters {
     pub(crate) decode_errors: Counter,
     pub(crate) store_errors: Counter,
     pub(crate) bloom_rejections: Counter,
+    pub(crate) stale_hits: Counter,
+    pub(crate) refreshes: Counter,
+    pub(crate) fail_safe_serves: Counter,
+    pub(crate) soft_timeouts: Counter,
+    pub(crate) load_timeouts: Counter,
+    pub(crate) coalesced: Counter,
 }
 
 impl Counters {
@@ -115,6 +141,12 @@ impl Counters {
             decode_errors: Counter::new("cachet_decode_errors_total", cache),
             store_errors: Counter::new("cachet_store_errors_total", cache),
             bloom_rejections: Counter::new("cachet_bloom_rejections_total", cache),
+            stale_hits: Counter::new("cachet_stale_hits_total", cache),
+            refreshes: Counter::new("cachet_refreshes_total", cache),
+            fail_safe_serves: Counter::new("cachet_fail_safe_serves_total", cache),
+            soft_timeouts: Counter::new("cachet_soft_timeouts_total", cache),
+            load_timeouts: Counter::new("cachet_load_timeouts_total", cache),
+            coalesced: Counter::new("cachet_coalesced_total", cache),
         }
     }
 
@@ -131,6 +163,12 @@ impl Counters {
             decode_errors: self.decode_errors.get(),
             store_errors: self.store_errors.get(),
             bloom_rejections: self.bloom_rejections.get(),
+            stale_hits: self.stale_hits.get(),
+            refreshes: self.refreshes.get(),
+            fail_safe_serves: self.fail_safe_serves.get(),
+            soft_timeouts: self.soft_timeouts.get(),
+            load_timeouts: self.load_timeouts.get(),
+            coalesced: self.coalesced.get(),
         }
     }
 }

@@ -34,7 +34,8 @@ on_both_stores!(
     naive_cache_aside_does_leave_a_stale_entry,
     set_during_a_load_wins,
     invalidate_detaches_a_load_in_flight,
-    cancelled_leader_hands_over,
+    a_cancelled_caller_does_not_cancel_its_load,
+    a_hung_loader_times_out,
     hostile_keys_are_distinct,
     two_connections_share_one_load,
     a_holder_slower_than_its_lease_cannot_touch_the_next_holders_work,
@@ -43,9 +44,9 @@ on_both_stores!(
 
 async fn read_through_caches_values_and_negatives(fx: Fx) {
     let cache: Cache<u64, User> = fx.builder("users").build().unwrap();
-    let loads = AtomicU64::new(0);
+    let loads = Arc::new(AtomicU64::new(0));
     let load = |id: u64| {
-        let loads = &loads;
+        let loads = Arc::clone(&loads);
         move || async move {
             loads.fetch_add(1, Ordering::SeqCst);
             Res::Ok((id == 1).then(|| user(1, "Ada")))
@@ -80,10 +81,11 @@ async fn negative_caching_can_be_turned_off(fx: Fx) {
         .negative_ttl(Duration::ZERO)
         .build()
         .unwrap();
-    let loads = AtomicU64::new(0);
+    let loads = Arc::new(AtomicU64::new(0));
     for _ in 0..3 {
+        let loads = Arc::clone(&loads);
         let v = cache
-            .get_or_load(&9, || async {
+            .get_or_load(&9, move || async move {
                 loads.fetch_add(1, Ordering::SeqCst);
                 Res::Ok(None)
             })
@@ -113,7 +115,7 @@ async fn concurrent_callers_share_one_load(fx: Fx) {
                 gate.open();
             }
             cache
-                .get_or_load("hot", || async {
+                .get_or_load("hot", move || async move {
                     loads.fetch_add(1, Ordering::SeqCst);
                     // Hold the load until every caller has started.
                     gate.wait().await;
@@ -148,7 +150,7 @@ async fn concurrent_callers_share_one_error(fx: Fx) {
                 gate.open();
             }
             cache
-                .get_or_load("k", || async {
+                .get_or_load("k", move || async move {
                     loads.fetch_add(1, Ordering::SeqCst);
                     gate.wait().await;
                     Res::Err(std::io::Error::other("db down"))
@@ -190,7 +192,7 @@ async fn reader_writer_race_leaves_no_stale_entry(fx: Fx) {
         );
         tokio::spawn(async move {
             cache
-                .get_or_load(&42, || async {
+                .get_or_load(&42, move || async move {
                     let row = db.read();
                     read_done.open();
                     write_done.wait().await;
@@ -210,7 +212,10 @@ async fn reader_writer_race_leaves_no_stale_entry(fx: Fx) {
     assert_eq!(cache.peek(&42).await.unwrap(), None);
     assert_eq!(cache.stats().refused_fills, 1);
     let fresh = cache
-        .get_or_load(&42, || async { Res::Ok(Some(user(42, &db.read()))) })
+        .get_or_load(
+            &42,
+            move || async move { Res::Ok(Some(user(42, &db.read()))) },
+        )
         .await
         .unwrap();
     assert_eq!(fresh, Some(user(42, "new")));
@@ -238,7 +243,7 @@ async fn set_during_a_load_wins(fx: Fx) {
         let (cache, read_done, write_done) = (cache.clone(), read_done.clone(), write_done.clone());
         tokio::spawn(async move {
             cache
-                .get_or_load(&1, || async {
+                .get_or_load(&1, move || async move {
                     read_done.open();
                     write_done.wait().await;
                     Res::Ok(Some(user(1, "old")))
@@ -270,7 +275,7 @@ async fn invalidate_detaches_a_load_in_flight(fx: Fx) {
         );
         tokio::spawn(async move {
             cache
-                .get_or_load(&1, || async {
+                .get_or_load(&1, move || async move {
                     let row = db.read();
                     read_done.open();
                     release_old.wait().await;
@@ -283,7 +288,10 @@ async fn invalidate_detaches_a_load_in_flight(fx: Fx) {
     db.write("new");
     cache.invalidate(&1).await.unwrap();
     let late = cache
-        .get_or_load(&1, || async { Res::Ok(Some(user(1, &db.read()))) })
+        .get_or_load(
+            &1,
+            move || async move { Res::Ok(Some(user(1, &db.read()))) },
+        )
         .await
         .unwrap();
     assert_eq!(late, Some(user(1, "new")));
@@ -293,39 +301,83 @@ async fn invalidate_detaches_a_load_in_flight(fx: Fx) {
     assert_eq!(cache.stats().loads, 2);
 }
 
-async fn cancelled_leader_hands_over(fx: Fx) {
+/// A caller that is cancelled does not cancel its load: the load goes on in its
+/// task, its followers get its value, and it fills the cache.
+async fn a_cancelled_caller_does_not_cancel_its_load(fx: Fx) {
     let cache: Cache<u64, User> = fx.builder("users").build().unwrap();
-    let leader_started = Gate::default();
+    let loads = Arc::new(AtomicU64::new(0));
+    let started = Gate::default();
+    let release = Gate::default();
     let leader = {
-        let (cache, leader_started) = (cache.clone(), leader_started.clone());
+        let (cache, loads, started, release) = (
+            cache.clone(),
+            Arc::clone(&loads),
+            started.clone(),
+            release.clone(),
+        );
         tokio::spawn(async move {
             cache
-                .get_or_load(&1, || async {
-                    leader_started.open();
-                    std::future::pending::<()>().await;
-                    Res::Ok(Some(user(1, "never")))
+                .get_or_load(&1, move || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    started.open();
+                    release.wait().await;
+                    Res::Ok(Some(user(1, "loaded")))
                 })
                 .await
         })
     };
-    leader_started.wait().await;
+    started.wait().await;
     let follower = {
-        let cache = cache.clone();
+        let (cache, loads) = (cache.clone(), Arc::clone(&loads));
         tokio::spawn(async move {
             cache
-                .get_or_load(&1, || async { Res::Ok(Some(user(1, "follower"))) })
+                .get_or_load(&1, move || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    Res::Ok(Some(user(1, "follower")))
+                })
                 .await
         })
     };
     leader.abort();
     assert!(leader.await.unwrap_err().is_cancelled());
-    let got = tokio::time::timeout(Duration::from_secs(10), follower)
-        .await
-        .expect("the follower takes over well before the lease TTL")
-        .unwrap()
+    release.open();
+    assert_eq!(
+        follower.await.unwrap().unwrap(),
+        Some(user(1, "loaded")),
+        "the follower got the load the cancelled caller started"
+    );
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.peek(&1).await.unwrap(), Some(user(1, "loaded")));
+}
+
+/// A loader that never returns is abandoned at the hard timeout; its lease is
+/// released and the next call loads.
+async fn a_hung_loader_times_out(fx: Fx) {
+    let cache: Cache<u64, User> = fx
+        .builder("users")
+        .hard_timeout(Duration::from_millis(50))
+        .build()
         .unwrap();
-    assert_eq!(got, Some(user(1, "follower")));
-    assert_eq!(cache.peek(&1).await.unwrap(), Some(user(1, "follower")));
+    let e = cache
+        .get_or_load(&1, move || async move {
+            std::future::pending::<()>().await;
+            Res::Ok(Some(user(1, "never")))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+    assert!(e.is_timeout());
+    assert_eq!(
+        e.to_string(),
+        "cache `users`: loading key `1` failed: the loader did not finish within 50ms"
+    );
+    assert_eq!(cache.stats().load_timeouts, 1);
+    let v = cache
+        .get_or_load(&1, move || async move { Res::Ok(Some(user(1, "next"))) })
+        .await
+        .unwrap();
+    assert_eq!(v, Some(user(1, "next")));
+    assert_eq!(cache.stats().lease_waits, 0, "the lease was released");
 }
 
 async fn hostile_keys_are_distinct(fx: Fx) {
@@ -375,7 +427,7 @@ async fn two_connections_share_one_load(fx: Fx) {
             release.clone(),
         );
         tokio::spawn(async move {
-            a.get_or_load(&5, || async {
+            a.get_or_load(&5, move || async move {
                 loads.fetch_add(1, Ordering::SeqCst);
                 a_loading.open();
                 release.wait().await;
@@ -388,7 +440,7 @@ async fn two_connections_share_one_load(fx: Fx) {
     let second = {
         let (b, loads) = (b.clone(), Arc::clone(&loads));
         tokio::spawn(async move {
-            b.get_or_load(&5, || async {
+            b.get_or_load(&5, move || async move {
                 loads.fetch_add(1, Ordering::SeqCst);
                 Res::Ok(Some(user(5, "b")))
             })
@@ -418,13 +470,14 @@ async fn loader_slower_than_its_lease_is_refused() {
     let Fx::Memory { clock, .. } = &fx else {
         unreachable!()
     };
+    let clock = clock.clone();
     let cache: Cache<u64, User> = fx
         .builder("users")
         .lease_ttl(Duration::from_millis(100))
         .build()
         .unwrap();
     let v = cache
-        .get_or_load(&1, || async {
+        .get_or_load(&1, move || async move {
             clock.advance(Duration::from_millis(250));
             Res::Ok(Some(user(1, "slow")))
         })
@@ -473,13 +526,13 @@ async fn entries_expire_with_the_clock() {
         .unwrap();
     cache.set(&1, 1).await.unwrap();
     cache
-        .get_or_load(&2, || async { Res::Ok(None) })
+        .get_or_load(&2, move || async move { Res::Ok(None) })
         .await
         .unwrap();
     clock.advance(Duration::from_secs(3));
     assert_eq!(cache.get(&1).await.unwrap(), Some(1));
     let reloaded = cache
-        .get_or_load(&2, || async { Res::Ok(Some(2)) })
+        .get_or_load(&2, move || async move { Res::Ok(Some(2)) })
         .await
         .unwrap();
     assert_eq!(
@@ -544,15 +597,15 @@ async fn metrics_facade_receives_the_same_counters() {
     let cache: Cache<u64, u64> =
         metrics::with_local_recorder(&recorder, || Cache::builder("metered").build().unwrap());
     cache
-        .get_or_load(&1, || async { Res::Ok(Some(1)) })
+        .get_or_load(&1, move || async move { Res::Ok(Some(1)) })
         .await
         .unwrap();
     cache
-        .get_or_load(&1, || async { Res::Ok(Some(1)) })
+        .get_or_load(&1, move || async move { Res::Ok(Some(1)) })
         .await
         .unwrap();
     cache
-        .get_or_load(&2, || async { Res::Ok(None) })
+        .get_or_load(&2, move || async move { Res::Ok(None) })
         .await
         .unwrap();
     cache.get(&2).await.unwrap();
@@ -597,7 +650,7 @@ async fn a_holder_slower_than_its_lease_cannot_touch_the_next_holders_work(fx: F
         let (slow, slow_loading, slow_release) =
             (slow.clone(), slow_loading.clone(), slow_release.clone());
         tokio::spawn(async move {
-            slow.get_or_load(&1, || async {
+            slow.get_or_load(&1, move || async move {
                 slow_loading.open();
                 slow_release.wait().await;
                 Res::Ok(Some(user(1, "slow")))
@@ -617,7 +670,7 @@ async fn a_holder_slower_than_its_lease_cannot_touch_the_next_holders_work(fx: F
         let (next, next_loading, next_release) =
             (next.clone(), next_loading.clone(), next_release.clone());
         tokio::spawn(async move {
-            next.get_or_load(&1, || async {
+            next.get_or_load(&1, move || async move {
                 next_loading.open();
                 next_release.wait().await;
                 Res::Ok(Some(user(1, "next")))
@@ -667,7 +720,7 @@ async fn store_level_invalidate_reaches_the_cache(fx: Fx) {
             (users.clone(), key.clone(), loading.clone(), release.clone());
         tokio::spawn(async move {
             users
-                .get_or_load(&key, || async {
+                .get_or_load(&key, move || async move {
                     loading.open();
                     release.wait().await;
                     Res::Ok(Some(user(42, "old")))

@@ -19,7 +19,7 @@ async fn fill(cache: &TenantCache, tenant: u64, ids: std::ops::Range<u64>, tag: 
     for id in ids {
         let v = format!("{tag}-{tenant}-{id}");
         let got = cache
-            .get_or_load(&(tenant, id), || async move { Res::Ok(Some(v)) })
+            .get_or_load(&(tenant, id), move || async move { Res::Ok(Some(v)) })
             .await
             .unwrap();
         assert!(got.is_some());
@@ -61,7 +61,7 @@ async fn a_group_invalidation_during_a_load_refuses_the_fill(fx: Fx) {
         let (cache, loading, release) = (cache.clone(), loading.clone(), release.clone());
         tokio::spawn(async move {
             cache
-                .get_or_load(&(1, 1), || async {
+                .get_or_load(&(1, 1), move || async move {
                     loading.open();
                     release.wait().await;
                     Res::Ok(Some("old".to_owned()))

@@ -36,7 +36,7 @@ async fn corrupt_and_foreign_bytes_are_misses_then_replaced() {
     let fx = Fx::redis().await;
     let server = fx.server().unwrap();
     let cache: Cache<u64, User> = fx.builder("users").build().unwrap();
-    let good = || async {
+    let good = move || async move {
         Res::Ok(Some(User {
             id: 1,
             name: "Ada".into(),
@@ -92,7 +92,7 @@ async fn every_key_has_a_ttl_and_no_forbidden_command_is_sent() {
     let cache: Cache<u64, User> = fx.builder("users").build().unwrap();
     for id in 0..200u64 {
         cache
-            .get_or_load(&id, || async move {
+            .get_or_load(&id, move || async move {
                 Res::Ok((id % 3 != 0).then(|| User {
                     id,
                     name: format!("u{id}"),
@@ -127,7 +127,7 @@ async fn every_key_has_a_ttl_and_no_forbidden_command_is_sent() {
         let cache = cache.clone();
         tokio::spawn(async move {
             cache
-                .get_or_load(&9999, || async {
+                .get_or_load(&9999, move || async move {
                     std::future::pending::<()>().await;
                     Res::Ok(None)
                 })
@@ -176,12 +176,12 @@ async fn scripts_survive_script_flush() {
     let server = fx.server().unwrap();
     let cache: Cache<u64, u64> = fx.builder("n").build().unwrap();
     cache
-        .get_or_load(&1, || async { Res::Ok(Some(1)) })
+        .get_or_load(&1, move || async move { Res::Ok(Some(1)) })
         .await
         .unwrap();
     assert_eq!(server.command(&["SCRIPT", "FLUSH"]), "OK");
     cache
-        .get_or_load(&2, || async { Res::Ok(Some(2)) })
+        .get_or_load(&2, move || async move { Res::Ok(Some(2)) })
         .await
         .unwrap();
     assert_eq!(cache.peek(&2).await.unwrap(), Some(2));
@@ -204,7 +204,7 @@ async fn a_dead_server_degrades_to_the_source_and_recovers() {
     fx.server_mut().unwrap().kill();
     let v = tokio::time::timeout(
         Duration::from_secs(10),
-        cache.get_or_load(&1, || async { Res::Ok(Some(10)) }),
+        cache.get_or_load(&1, move || async move { Res::Ok(Some(10)) }),
     )
     .await
     .expect("bounded by the timeouts")

@@ -27,7 +27,7 @@ async fn stampede(cache: Cache<str, String>) -> (u64, Vec<String>) {
             let (cache, loads) = (cache.clone(), Arc::clone(&loads));
             tokio::spawn(async move {
                 cache
-                    .get_or_load("home", || async {
+                    .get_or_load("home", move || async move {
                         loads.fetch_add(1, Ordering::SeqCst);
                         // The expensive query.
                         tokio::time::sleep(LOAD_TIME).await;

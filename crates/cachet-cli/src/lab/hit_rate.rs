@@ -171,7 +171,10 @@ async fn run_strategy(lab: &Lab, cached: bool) -> Result<Row> {
 async fn read(cache: Option<&Cache<i64, Item>>, db: &Db, id: i64) -> Result<Option<Item>> {
     match cache {
         Some(cache) => Ok(cache
-            .get_or_load(&id, || async move { db.load(id).await })
+            .get_or_load(&id, {
+                let db = db.clone();
+                move || async move { db.load(id).await }
+            })
             .await?),
         None => Ok(db.load(id).await?),
     }

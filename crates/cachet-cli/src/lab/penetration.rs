@@ -135,7 +135,10 @@ async fn lookup(
 ) -> Result<Option<Item>> {
     if negative {
         return Ok(cache
-            .get_or_load(&id, || async move { db.load(id).await })
+            .get_or_load(&id, {
+                let db = db.clone();
+                move || async move { db.load(id).await }
+            })
             .await?);
     }
     if let Some(item) = cache.get(&id).await? {

@@ -274,10 +274,10 @@ impl Task {
     }
 
     async fn lease_read(&self, id: i64, delay: Duration) -> Result<Option<Item>> {
-        let db = &self.db;
+        let db = self.db.clone();
         let item = self
             .cache
-            .get_or_load(&id, || async move {
+            .get_or_load(&id, move || async move {
                 let item = db.load(id).await?;
                 tokio::time::sleep(delay).await;
                 Ok::<_, sqlx::Error>(item)

@@ -113,7 +113,8 @@ async fn call(
     load_time: Duration,
     single_flight: bool,
 ) -> Result<Option<Item>> {
-    let load = || async move {
+    let db = db.clone();
+    let load = move || async move {
         let item = db.load(KEY).await?;
         tokio::time::sleep(load_time).await;
         Ok::<_, sqlx::Error>(item)

@@ -42,7 +42,7 @@ impl Fx {
         }
     }
 
-    pub fn builder<K: CacheKey + ?Sized, V: Clone + Send + Sync + 'static>(
+    pub fn builder<K: CacheKey + ?Sized + Sync + 'static, V: Clone + Send + Sync + 'static>(
         &self,
         namespace: &str,
     ) -> CacheBuilder<K, V> {

@@ -1,0 +1,423 @@
+//! The primitives under [`Cache`](super::Cache): the only code that knows
+//! whether the store is the cache's typed in-process table or a [`Store`]
+//! reached through the protocol.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cachet_core::{
+    Acquire, AcquireMode, CacheKey, Clock, Entry, Fill, KeyLayout, LeaseToken, Meta, Payload,
+    PayloadKind, Read, Store, StoreError, StoreKey,
+};
+use rand::Rng as _;
+
+use super::fresh::{AheadReads, Freshness, State};
+use crate::Error;
+use crate::bloom::BloomFilter;
+use crate::codec::Codec;
+use crate::error::BoxError;
+use crate::flight::Flights;
+use crate::memory::{Acquired, LocalTier, Slot};
+use crate::stats::Counters;
+
+pub(crate) struct Settings<V> {
+    pub(crate) layout: KeyLayout,
+    pub(crate) ttl: Duration,
+    pub(crate) jitter: f64,
+    pub(crate) negative_ttl: Option<Duration>,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) lease_wait: Duration,
+    pub(crate) fresh: Freshness,
+    pub(crate) soft_timeout: Option<Duration>,
+    pub(crate) hard_timeout: Option<Duration>,
+    pub(crate) clock: Clock,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) codec: Arc<dyn Codec<V>>,
+}
+
+/// Maps a key to its escaped group.
+pub(crate) type GroupFn<K> = Arc<dyn Fn(&K) -> String + Send + Sync>;
+
+pub(crate) struct Inner<K: ?Sized, V> {
+    pub(crate) s: Settings<V>,
+    /// The filter of keys that exist, when configured.
+    pub(crate) bloom: Option<BloomFilter>,
+    /// The key's group, for caches with groups.
+    pub(crate) group: Option<GroupFn<K>>,
+    /// The cache's typed table when the store is a `MemoryStore`.
+    pub(crate) local: Option<Arc<dyn LocalTier<K, V>>>,
+    pub(crate) kind: PayloadKind,
+    pub(crate) counters: Counters,
+    pub(crate) flights: Arc<Flights<V>>,
+    /// Reads of keys near their soft expiry, for refresh-ahead.
+    pub(crate) ahead_reads: AheadReads,
+    /// Fail-safe fallbacks served without asking the source again until the
+    /// time (Unix ms) they hold, after a failed load.
+    pub(crate) throttled: quick_cache::sync::Cache<Box<str>, (u64, Option<V>)>,
+}
+
+/// What a lookup found.
+pub(crate) enum Lookup<V> {
+    /// A fresh value, or a cached "not found".
+    Fresh(Option<V>, Meta),
+    /// A value past its soft expiry, within the stale-while-revalidate window.
+    Stale(Option<V>),
+    /// A value past the window, this long past its soft expiry: a miss, kept as
+    /// the fail-safe fallback.
+    Expired(Option<V>, Duration),
+    /// Nothing usable; `corrupt` if undecodable bytes are in the way.
+    Missing { corrupt: bool },
+    /// The store failed.
+    Failed(StoreError),
+}
+
+/// What a read-or-lease found, decoded.
+pub(crate) enum Claim<V> {
+    Hit(Option<V>),
+    Corrupt,
+    Leased(LeaseToken),
+    Busy(Option<Duration>),
+}
+
+impl<K, V> Inner<K, V>
+where
+    K: CacheKey + ?Sized,
+    V: Clone + Send + Sync + 'static,
+{
+    pub(crate) fn new(
+        s: Settings<V>,
+        group: Option<GroupFn<K>>,
+        local: Option<Arc<dyn LocalTier<K, V>>>,
+        bloom: Option<BloomFilter>,
+    ) -> Self {
+        let kind = s.store.payload_kind();
+        let counters = Counters::new(s.layout.namespace());
+        Self {
+            s,
+            bloom,
+            group,
+            local,
+            kind,
+            counters,
+            flights: Arc::new(Flights::new()),
+            ahead_reads: AheadReads::new(),
+            throttled: quick_cache::sync::Cache::new(1_000),
+        }
+    }
+
+    pub(crate) fn namespace(&self) -> &str {
+        self.s.layout.namespace()
+    }
+
+    #[inline]
+    pub(crate) fn group_of(&self, key: &K) -> Option<String> {
+        self.group.as_ref().map(|g| g(key))
+    }
+
+    pub(crate) fn key_with(&self, key: &K, group: Option<&str>) -> StoreKey {
+        match group {
+            Some(group) => self.s.layout.key_in_group(group, key),
+            None => self.s.layout.key(key),
+        }
+    }
+
+    pub(crate) fn key_of(&self, key: &K) -> StoreKey {
+        self.key_with(key, self.group_of(key).as_deref())
+    }
+
+    pub(crate) fn store_error(&self, key: &StoreKey, e: StoreError) -> Error {
+        self.counters.store_errors.inc();
+        Error::store(self.namespace(), key.user_key(), e)
+    }
+
+    /// Classifies and counts what a lookup found.
+    #[inline]
+    fn found(&self, value: Option<V>, meta: Meta, count: bool) -> Lookup<V> {
+        let state = if meta.soft_expiry_ms == 0 {
+            State::Fresh
+        } else {
+            self.s.fresh.state(&meta, self.s.clock.coarse_ms())
+        };
+        match state {
+            State::Fresh => {
+                if count {
+                    if value.is_some() {
+                        self.counters.hits.inc();
+                    } else {
+                        self.counters.negative_hits.inc();
+                    }
+                }
+                Lookup::Fresh(value, meta)
+            }
+            State::Stale => {
+                if count {
+                    self.counters.hits.inc();
+                    self.counters.stale_hits.inc();
+                }
+                Lookup::Stale(value)
+            }
+            State::Expired(past) => {
+                self.count_miss(count);
+                Lookup::Expired(value, past)
+            }
+        }
+    }
+
+    fn count_miss(&self, count: bool) {
+        if count {
+            self.counters.misses.inc();
+        }
+    }
+
+    #[inline]
+    pub(crate) fn lookup_local(
+        &self,
+        local: &dyn LocalTier<K, V>,
+        key: &K,
+        group: Option<&str>,
+        count: bool,
+    ) -> Lookup<V> {
+        match local.get(key, group) {
+            Some(slot) => self.found(slot.value, slot.meta, count),
+            None => {
+                self.count_miss(count);
+                Lookup::Missing { corrupt: false }
+            }
+        }
+    }
+
+    pub(crate) async fn lookup_shared(&self, key: &StoreKey, count: bool) -> Lookup<V> {
+        let read = match self.s.store.get_now(key) {
+            Some(read) => Ok(read),
+            None => self.s.store.get(key).await,
+        };
+        match read {
+            Ok(Read::Hit(entry)) => {
+                let meta = entry.meta;
+                match self.decode(key, entry) {
+                    Some(v) => self.found(v, meta, count),
+                    None => {
+                        self.count_miss(count);
+                        Lookup::Missing { corrupt: true }
+                    }
+                }
+            }
+            Ok(Read::Miss) => {
+                self.count_miss(count);
+                Lookup::Missing { corrupt: false }
+            }
+            Ok(Read::Corrupt) => {
+                self.decode_failed(key, &"stored bytes are not a cachet entry");
+                self.count_miss(count);
+                Lookup::Missing { corrupt: true }
+            }
+            Err(e) => {
+                self.counters.store_errors.inc();
+                Lookup::Failed(e)
+            }
+        }
+    }
+
+    /// A lookup on whichever store the cache has.
+    pub(crate) async fn lookup(&self, key: &K, skey: &StoreKey, count: bool) -> Lookup<V> {
+        match &self.local {
+            Some(local) => self.lookup_local(&**local, key, skey.group(), count),
+            None => self.lookup_shared(skey, count).await,
+        }
+    }
+
+    /// Decodes an entry: `Some(None)` for a negative entry, `None` (counted) if it
+    /// does not decode.
+    fn decode(&self, key: &StoreKey, entry: Entry) -> Option<Option<V>> {
+        if entry.meta.negative {
+            return Some(None);
+        }
+        match entry.payload {
+            Payload::Object(obj) => match obj.downcast_ref::<V>() {
+                Some(v) => Some(Some(v.clone())),
+                None => {
+                    self.decode_failed(key, &"stored object has another type");
+                    None
+                }
+            },
+            Payload::Bytes(bytes) => match self.s.codec.decode(&bytes) {
+                Ok(v) => Some(Some(v)),
+                Err(e) => {
+                    self.decode_failed(key, &e);
+                    None
+                }
+            },
+            Payload::Empty => {
+                self.decode_failed(key, &"positive entry without payload");
+                None
+            }
+        }
+    }
+
+    fn decode_failed(&self, key: &StoreKey, why: &dyn fmt::Display) {
+        self.counters.decode_errors.inc();
+        tracing::debug!(cache = self.namespace(), key = key.user_key(), %why,
+            "undecodable entry treated as a miss");
+    }
+
+    pub(crate) fn entry_for(&self, meta: Meta, value: Option<&V>) -> Result<Entry, BoxError> {
+        let payload = match value {
+            None => Payload::Empty,
+            Some(v) => match self.kind {
+                PayloadKind::Object => Payload::Object(Arc::new(v.clone())),
+                PayloadKind::Bytes => {
+                    let mut buf = Vec::new();
+                    self.s.codec.encode(v, &mut buf)?;
+                    Payload::Bytes(buf.into())
+                }
+            },
+        };
+        Ok(Entry { meta, payload })
+    }
+
+    /// A value's fresh life, drawn uniformly from `ttl × (1 ± jitter)`.
+    fn fresh_ttl(&self) -> Duration {
+        if self.s.jitter == 0.0 {
+            return self.s.ttl;
+        }
+        let factor = rand::rng().random_range((1.0 - self.s.jitter)..=(1.0 + self.s.jitter));
+        self.s.ttl.mul_f64(factor)
+    }
+
+    /// The envelope and store TTL for writing `value` now; `None` when it is not
+    /// to be cached (a "not found" with negative caching off).
+    pub(crate) fn placement(
+        &self,
+        value: &Option<V>,
+        load_time: Duration,
+    ) -> Option<(Meta, Duration)> {
+        let mut meta = Meta {
+            negative: value.is_none(),
+            load_time_us: u32::try_from(load_time.as_micros()).unwrap_or(u32::MAX),
+            ..Meta::default()
+        };
+        if value.is_none() {
+            return self.s.negative_ttl.map(|ttl| (meta, ttl));
+        }
+        let fresh = self.fresh_ttl();
+        if !self.s.fresh.soft() {
+            return Some((meta, fresh));
+        }
+        let fresh_ms = u64::try_from(fresh.as_millis()).unwrap_or(u64::MAX);
+        meta.soft_expiry_ms = self.s.clock.now_ms().saturating_add(fresh_ms).max(1);
+        Some((meta, fresh + self.s.fresh.retention()))
+    }
+
+    /// Read-or-lease.
+    pub(crate) async fn acquire(
+        &self,
+        key: &K,
+        skey: &StoreKey,
+        mode: AcquireMode,
+    ) -> Result<Claim<V>, StoreError> {
+        if let Some(local) = &self.local {
+            return Ok(
+                match local.acquire(key, skey.group(), mode, self.s.lease_ttl) {
+                    Acquired::Hit(slot) => Claim::Hit(slot.value),
+                    Acquired::Leased(token) => Claim::Leased(token),
+                    Acquired::Busy(left) => Claim::Busy(Some(left)),
+                },
+            );
+        }
+        Ok(
+            match self.s.store.acquire(skey, mode, self.s.lease_ttl).await? {
+                Acquire::Hit(entry) => match self.decode(skey, entry) {
+                    Some(v) => Claim::Hit(v),
+                    None => Claim::Corrupt,
+                },
+                Acquire::Corrupt => {
+                    self.decode_failed(skey, &"stored bytes are not a cachet entry");
+                    Claim::Corrupt
+                }
+                Acquire::Leased(token) => Claim::Leased(token),
+                Acquire::Busy { expires_in } => Claim::Busy(expires_in),
+            },
+        )
+    }
+
+    /// Fill-if-lease-valid. `Err` carries a codec or store failure, already logged.
+    pub(crate) async fn fill(
+        &self,
+        key: &K,
+        skey: &StoreKey,
+        token: &LeaseToken,
+        meta: Meta,
+        value: &Option<V>,
+        ttl: Duration,
+    ) -> Result<Fill, ()> {
+        if let Some(local) = &self.local {
+            let slot = Slot {
+                value: value.clone(),
+                meta,
+            };
+            return Ok(local.fill(key, skey.group(), token, slot, ttl));
+        }
+        let entry = match self.entry_for(meta, value.as_ref()) {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::error!(cache = self.namespace(), key = skey.user_key(), error = %e,
+                    "the loaded value cannot be encoded; it is returned but not cached");
+                return Err(());
+            }
+        };
+        self.s
+            .store
+            .fill(skey, token, entry, ttl)
+            .await
+            .map_err(|e| {
+                self.counters.store_errors.inc();
+                tracing::warn!(cache = self.namespace(), key = skey.user_key(), error = %e,
+                    "fill failed; the value is returned but not cached");
+            })
+    }
+
+    pub(crate) async fn release(&self, key: &K, skey: &StoreKey, token: &LeaseToken) {
+        if let Some(local) = &self.local {
+            local.release(key, token);
+            return;
+        }
+        if let Err(e) = self.s.store.release(skey, token).await {
+            self.counters.store_errors.inc();
+            tracing::debug!(key = %skey, error = %e, "releasing a lease failed; it expires by its TTL");
+        }
+    }
+
+    /// A fail-safe fallback this process serves without asking the source,
+    /// after a failed load of `skey`.
+    pub(crate) fn throttled_fallback(&self, skey: &StoreKey) -> Option<Option<V>> {
+        let (until, value) = self.throttled.get(skey.as_str())?;
+        if self.s.clock.coarse_ms() < until {
+            Some(value)
+        } else {
+            self.throttled.remove(skey.as_str());
+            None
+        }
+    }
+
+    /// Serves `fallback` for `skey` without loading, for the fail-safe throttle.
+    pub(crate) fn throttle(&self, skey: &StoreKey, fallback: Option<V>) {
+        if let Some(fs) = self.s.fresh.fail_safe
+            && !fs.throttle.is_zero()
+        {
+            let ms = u64::try_from(fs.throttle.as_millis()).unwrap_or(u64::MAX);
+            let until = self.s.clock.coarse_ms().saturating_add(ms);
+            self.throttled
+                .insert(skey.as_str().into(), (until, fallback));
+        }
+    }
+
+    /// Forgets everything this process holds about `skey` besides the store: a
+    /// load in flight (later callers start a new one) and a throttled fallback.
+    pub(crate) fn forget(&self, skey: &StoreKey) {
+        self.flights.detach(skey.as_str());
+        if self.s.fresh.fail_safe.is_some() {
+            self.throttled.remove(skey.as_str());
+        }
+    }
+}

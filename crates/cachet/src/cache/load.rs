@@ -1,0 +1,324 @@
+//! Loading: under a lease, in a task of its own, with timeouts, fail-safe and
+//! background refreshes.
+//!
+//! A load always runs in a spawned task that owns the in-process flight of its
+//! key, so that it completes and fills even when every caller waiting for it
+//! has gone (cancelled, or served a stale value after the soft timeout).
+
+use std::borrow::Borrow;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cachet_core::{AcquireMode, CacheKey, Fill, LeaseToken, StoreKey};
+
+use super::inner::{Claim, Inner, Lookup};
+use crate::Error;
+use crate::error::BoxError;
+use crate::flight::{Leader, Outcome, Role};
+
+/// Upper bound on acquire attempts in one load, on top of the `lease_wait` deadline.
+const MAX_ACQUIRE_ROUNDS: usize = 64;
+/// First and largest pause while another process holds the lease.
+const FIRST_BACKOFF: Duration = Duration::from_millis(2);
+const MAX_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A value the cache may serve instead of a failed load, and how far past its
+/// soft expiry it is.
+pub(crate) type Fallback<V> = Option<(Option<V>, Duration)>;
+
+/// How the load of one flight goes about it.
+pub(crate) struct LoadPlan<V> {
+    pub(crate) mode: AcquireMode,
+    /// False when the store just failed: load without caching.
+    pub(crate) store_up: bool,
+    pub(crate) hard_timeout: Option<Duration>,
+    pub(crate) fallback: Fallback<V>,
+}
+
+impl<K, V> Inner<K, V>
+where
+    K: CacheKey + ?Sized + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Runs the load of a flight this caller leads in a task of its own, and
+    /// publishes its outcome to the flight.
+    pub(crate) fn spawn_load<F, Fut, E>(
+        self: &Arc<Self>,
+        key: &K,
+        skey: StoreKey,
+        plan: LoadPlan<V>,
+        loader: F,
+        leader: Leader<V>,
+    ) where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+    {
+        let inner = Arc::clone(self);
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            let key: &K = key.borrow();
+            let outcome = inner
+                .load(
+                    key,
+                    &skey,
+                    plan.mode,
+                    plan.store_up,
+                    plan.hard_timeout,
+                    loader,
+                )
+                .await;
+            let outcome = match (outcome, plan.fallback) {
+                (Err(e), Some((value, past)))
+                    if (e.is_load() || e.is_timeout()) && inner.s.fresh.fail_safe_allows(past) =>
+                {
+                    inner.counters.fail_safe_serves.inc();
+                    inner.throttle(&skey, value.clone());
+                    tracing::warn!(cache = inner.namespace(), key = skey.user_key(), error = %e,
+                        stale_for = ?past, "load failed; serving the last value (fail-safe)");
+                    Ok(value)
+                }
+                (outcome, _) => outcome,
+            };
+            leader.finish(&outcome);
+        });
+    }
+
+    /// Refreshes a present entry in the background (stale-while-revalidate,
+    /// refresh-ahead, early refresh): at most one refresh per key in this
+    /// process, and none while another process holds the key's lease. The fill
+    /// is lease-guarded like any other, so an invalidation during the refresh wins.
+    pub(crate) fn spawn_refresh<F, Fut, E>(self: &Arc<Self>, key: &K, skey: StoreKey, loader: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+    {
+        let Role::Leader(leader) = self.flights.join(skey.as_str()) else {
+            return; // A load or refresh of this key is already running here.
+        };
+        let inner = Arc::clone(self);
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            let key: &K = key.borrow();
+            match inner.acquire(key, &skey, AcquireMode::Replace).await {
+                Ok(Claim::Leased(token)) => {
+                    inner.counters.refreshes.inc();
+                    let outcome = inner
+                        .load_and_fill(key, &skey, token, inner.s.hard_timeout, loader)
+                        .await;
+                    if let Err(e) = &outcome {
+                        tracing::debug!(cache = inner.namespace(), key = skey.user_key(), error = %e,
+                            "background refresh failed; the entry stays until it expires");
+                    }
+                    leader.finish(&outcome);
+                }
+                // Another process is refreshing it; dropping the flight lets any
+                // caller that joined it start over.
+                Ok(_) => {}
+                Err(e) => {
+                    inner.counters.store_errors.inc();
+                    tracing::debug!(cache = inner.namespace(), key = skey.user_key(), error = %e,
+                        "background refresh could not take the lease");
+                }
+            }
+        });
+    }
+
+    /// Loads a missing value under a lease (or, with the store down, without).
+    pub(crate) async fn load<F, Fut, E>(
+        &self,
+        key: &K,
+        skey: &StoreKey,
+        mut mode: AcquireMode,
+        store_up: bool,
+        hard_timeout: Option<Duration>,
+        loader: F,
+    ) -> Outcome<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        if !store_up {
+            return self.load_unfilled(skey, hard_timeout, loader).await;
+        }
+        let deadline = tokio::time::Instant::now() + self.s.lease_wait;
+        let mut backoff = FIRST_BACKOFF;
+        let mut waited = false;
+        for _ in 0..MAX_ACQUIRE_ROUNDS {
+            let claim = match self.acquire(key, skey, mode).await {
+                Ok(claim) => claim,
+                Err(e) => {
+                    self.counters.store_errors.inc();
+                    tracing::warn!(cache = self.namespace(), key = skey.user_key(), error = %e,
+                        "taking a lease failed; loading without caching");
+                    return self.load_unfilled(skey, hard_timeout, loader).await;
+                }
+            };
+            match claim {
+                Claim::Hit(v) => return Ok(v),
+                Claim::Corrupt => mode = AcquireMode::Replace,
+                Claim::Leased(token) => {
+                    return self
+                        .load_and_fill(key, skey, token, hard_timeout, loader)
+                        .await;
+                }
+                Claim::Busy(expires_in) => {
+                    if !waited {
+                        self.counters.lease_waits.inc();
+                        waited = true;
+                    }
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        self.counters.lease_wait_timeouts.inc();
+                        return self.load_unfilled(skey, hard_timeout, loader).await;
+                    }
+                    let mut pause = backoff.min(deadline - now);
+                    if let Some(left) = expires_in {
+                        // No point sleeping past the holder's lease expiry.
+                        pause = pause.min(left.max(Duration::from_millis(1)));
+                    }
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    // The holder has probably filled by now; a plain read is cheaper
+                    // than another acquire.
+                    match self.lookup(key, skey, false).await {
+                        Lookup::Fresh(v, _) | Lookup::Stale(v) => return Ok(v),
+                        Lookup::Missing { corrupt: true } => mode = AcquireMode::Replace,
+                        Lookup::Missing { corrupt: false } | Lookup::Expired(..) => {}
+                        Lookup::Failed(e) => {
+                            tracing::warn!(cache = self.namespace(), key = skey.user_key(), error = %e,
+                                "store read failed while waiting for a lease; loading without caching");
+                            return self.load_unfilled(skey, hard_timeout, loader).await;
+                        }
+                    }
+                }
+            }
+        }
+        self.load_unfilled(skey, hard_timeout, loader).await
+    }
+
+    /// Calls the loader within the hard timeout, timing it.
+    async fn call<F, Fut, E>(
+        &self,
+        skey: &StoreKey,
+        hard_timeout: Option<Duration>,
+        loader: F,
+    ) -> Result<(Option<V>, Duration), Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        let started = Instant::now();
+        let loaded = match hard_timeout {
+            None => loader().await,
+            Some(limit) => match tokio::time::timeout(limit, loader()).await {
+                Ok(loaded) => loaded,
+                Err(_) => {
+                    self.counters.load_timeouts.inc();
+                    return Err(Error::timeout(self.namespace(), skey.user_key(), limit));
+                }
+            },
+        };
+        match loaded {
+            Ok(value) => {
+                self.counters.loads.inc();
+                Ok((value, started.elapsed()))
+            }
+            Err(e) => {
+                self.counters.load_errors.inc();
+                Err(Error::load(self.namespace(), skey.user_key(), e.into()))
+            }
+        }
+    }
+
+    pub(crate) async fn load_and_fill<F, Fut, E>(
+        &self,
+        key: &K,
+        skey: &StoreKey,
+        token: LeaseToken,
+        hard_timeout: Option<Duration>,
+        loader: F,
+    ) -> Outcome<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        let mut lease = LeaseGuard {
+            inner: self,
+            key,
+            skey,
+            token,
+            armed: true,
+        };
+        let loaded = self.call(skey, hard_timeout, loader).await;
+        lease.armed = false;
+        let (value, load_time) = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                self.release(key, skey, &token).await;
+                return Err(e);
+            }
+        };
+        let Some((meta, ttl)) = self.placement(&value, load_time) else {
+            // Negative caching is off.
+            self.release(key, skey, &token).await;
+            return Ok(value);
+        };
+        match self.fill(key, skey, &token, meta, &value, ttl).await {
+            Ok(Fill::Filled) => {}
+            Ok(Fill::Refused) => self.counters.refused_fills.inc(),
+            Err(()) => self.release(key, skey, &token).await,
+        }
+        Ok(value)
+    }
+
+    async fn load_unfilled<F, Fut, E>(
+        &self,
+        skey: &StoreKey,
+        hard_timeout: Option<Duration>,
+        loader: F,
+    ) -> Outcome<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        self.call(skey, hard_timeout, loader).await.map(|(v, _)| v)
+    }
+}
+
+/// Releases a lease if the load holding it is dropped before it ends (its task
+/// was aborted by a runtime shutdown), so that others need not wait for its TTL.
+struct LeaseGuard<'a, K: ?Sized, V> {
+    inner: &'a Inner<K, V>,
+    key: &'a K,
+    skey: &'a StoreKey,
+    token: LeaseToken,
+    armed: bool,
+}
+
+impl<K: ?Sized, V> Drop for LeaseGuard<'_, K, V> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(local) = &self.inner.local {
+            local.release(self.key, &self.token);
+            return;
+        }
+        // Without a runtime the lease simply expires.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let store = Arc::clone(&self.inner.s.store);
+            let key = self.skey.clone();
+            let token = self.token;
+            rt.spawn(async move {
+                let _ = store.release(&key, &token).await;
+            });
+        }
+    }
+}

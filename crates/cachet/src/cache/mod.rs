@@ -1,0 +1,536 @@
+//! [`Cache`]: the typed front end over a store.
+//!
+//! The read-through algorithm (lookup, freshness, single-flight, acquire,
+//! load, fill) is written once: [`Cache::get_or_load_with`] here and the load
+//! tasks in `load.rs`. The primitives in `inner.rs` are the only code that knows
+//! whether the store is the cache's typed in-process table or a [`Store`]
+//! reached through the protocol; `fresh.rs` decides what is fresh or stale.
+
+mod fresh;
+mod inner;
+mod load;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cachet_core::{AcquireMode, CacheKey, KeyLayout, Meta, Store, StoreKey};
+
+pub(crate) use fresh::Freshness;
+pub use fresh::{FailSafe, RefreshAhead};
+pub(crate) use inner::{GroupFn, Settings};
+
+use inner::{Inner, Lookup};
+use load::LoadPlan;
+
+use crate::Error;
+use crate::bloom::BloomFilter;
+use crate::builder::CacheBuilder;
+use crate::error::BoxError;
+use crate::flight::{self, Role};
+use crate::memory::{LocalTier, Slot};
+use crate::stats::Stats;
+
+/// How many times a caller starts over after the flight it followed ended
+/// without an outcome, before it loads on its own.
+const MAX_FOLLOW_ROUNDS: usize = 8;
+
+/// Per-call settings of [`Cache::get_or_load_with`]; unset fields take the
+/// cache's defaults.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LoadOptions {
+    /// Once this long has passed waiting for a load, return the stale value if
+    /// the cache holds one (the load goes on in the background and fills).
+    pub soft_timeout: Option<Duration>,
+    /// Give up on a loader after this long: the call fails with a timeout
+    /// error, or serves the fail-safe fallback.
+    pub hard_timeout: Option<Duration>,
+}
+
+impl LoadOptions {
+    /// Options that take every setting from the cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the soft timeout.
+    #[must_use]
+    pub fn soft_timeout(mut self, timeout: Duration) -> Self {
+        self.soft_timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the hard timeout.
+    #[must_use]
+    pub fn hard_timeout(mut self, timeout: Duration) -> Self {
+        self.hard_timeout = Some(timeout);
+        self
+    }
+}
+
+/// A typed cache of `V` values under keys `K`, over a store.
+///
+/// Cloning is cheap; clones share everything, counters included.
+///
+/// See the [crate docs](crate) for the guarantees and for what concurrent
+/// callers of [`get_or_load`](Cache::get_or_load) see.
+pub struct Cache<K: ?Sized, V> {
+    inner: Arc<Inner<K, V>>,
+}
+
+impl<K: ?Sized, V> Clone for Cache<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<K: ?Sized, V> fmt::Debug for Cache<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.inner.s;
+        f.debug_struct("Cache")
+            .field("namespace", &s.layout.namespace())
+            .field("prefix", &s.layout.prefix())
+            .field("ttl", &s.ttl)
+            .field("jitter", &s.jitter)
+            .field("negative_ttl", &s.negative_ttl)
+            .field("lease_ttl", &s.lease_ttl)
+            .field("lease_wait", &s.lease_wait)
+            .field("freshness", &s.fresh)
+            .field("store", &s.store)
+            .field("codec", &s.codec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, V> Cache<K, V>
+where
+    K: CacheKey + ?Sized + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// A builder for a cache whose keys live under `namespace`.
+    ///
+    /// The namespace is 1 to 64 characters from `[A-Za-z0-9_.-]`; it also labels
+    /// the cache's metrics.
+    pub fn builder(namespace: impl Into<String>) -> CacheBuilder<K, V> {
+        CacheBuilder::new(namespace.into())
+    }
+
+    pub(crate) fn from_settings(
+        s: Settings<V>,
+        group: Option<GroupFn<K>>,
+        local: Option<Arc<dyn LocalTier<K, V>>>,
+        bloom: Option<BloomFilter>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner::new(s, group, local, bloom)),
+        }
+    }
+
+    /// Reads a value. `Ok(None)` when there is no entry, the entry is a cached
+    /// "not found", or it is past its stale-while-revalidate window; undecodable
+    /// entries count as misses. A stale entry within the window is returned (and
+    /// counted in [`Stats::stale_hits`]); `get` never loads.
+    ///
+    /// # Errors
+    /// When the store fails.
+    #[inline]
+    pub async fn get(&self, key: &K) -> Result<Option<V>, Error> {
+        self.read(key, true).await
+    }
+
+    /// Like [`get`](Self::get), but not counted in the statistics.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn peek(&self, key: &K) -> Result<Option<V>, Error> {
+        self.read(key, false).await
+    }
+
+    #[inline]
+    async fn read(&self, key: &K, count: bool) -> Result<Option<V>, Error> {
+        let inner = &*self.inner;
+        let found = if let Some(local) = &inner.local {
+            let group = inner.group_of(key);
+            inner.lookup_local(&**local, key, group.as_deref(), count)
+        } else {
+            let skey = inner.key_of(key);
+            match inner.lookup_shared(&skey, count).await {
+                Lookup::Failed(e) => return Err(inner.store_error(&skey, e)),
+                other => other,
+            }
+        };
+        Ok(match found {
+            Lookup::Fresh(v, _) | Lookup::Stale(v) => v,
+            _ => None,
+        })
+    }
+
+    /// Reads a value, and on a miss loads it with `loader` and fills the cache,
+    /// guarded by a lease. `loader` returns `Ok(None)` for "not found", which is
+    /// cached as a negative entry for the negative TTL.
+    ///
+    /// Concurrent calls for one key in one process run one loader; across
+    /// processes, one caller holds the lease and the others wait for its fill (at
+    /// most `lease_wait`). If the store fails, the loader's value is returned
+    /// without caching. See the [crate docs](crate#concurrent-calls-on-the-same-key).
+    ///
+    /// The loader runs in a task of its own on the current tokio runtime, so
+    /// that it completes and fills even if this call is cancelled; hence the
+    /// `'static` bounds (move owned handles, such as a cloned pool, into it).
+    ///
+    /// # Errors
+    /// When the loader fails or times out (and no fail-safe value applies), an
+    /// error naming the key whose source is the loader's error. Store failures
+    /// are not errors here: the loader's value is returned instead.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, like `tokio::spawn`.
+    pub async fn get_or_load<F, Fut, E>(&self, key: &K, loader: F) -> Result<Option<V>, Error>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+    {
+        self.get_or_load_with(key, LoadOptions::default(), loader)
+            .await
+    }
+
+    /// [`get_or_load`](Self::get_or_load) with per-call [`LoadOptions`].
+    ///
+    /// # Errors
+    /// As [`get_or_load`](Self::get_or_load).
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, like `tokio::spawn`.
+    pub async fn get_or_load_with<F, Fut, E>(
+        &self,
+        key: &K,
+        options: LoadOptions,
+        loader: F,
+    ) -> Result<Option<V>, Error>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+    {
+        let inner = &self.inner;
+        let (skey, first) = match &inner.local {
+            Some(local) => {
+                let group = inner.group_of(key);
+                match inner.lookup_local(&**local, key, group.as_deref(), true) {
+                    Lookup::Fresh(v, meta) => {
+                        self.maybe_refresh_early(
+                            key,
+                            &meta,
+                            || inner.key_with(key, group.as_deref()),
+                            loader,
+                        );
+                        return Ok(v);
+                    }
+                    other => (inner.key_with(key, group.as_deref()), other),
+                }
+            }
+            None => {
+                let skey = inner.key_of(key);
+                match inner.lookup_shared(&skey, true).await {
+                    Lookup::Fresh(v, meta) => {
+                        self.maybe_refresh_early(key, &meta, || skey, loader);
+                        return Ok(v);
+                    }
+                    other => (skey, other),
+                }
+            }
+        };
+        let mut fallback = None;
+        let (mode, store_up) = match first {
+            Lookup::Stale(v) => {
+                inner.spawn_refresh(key, skey, loader);
+                return Ok(v);
+            }
+            Lookup::Expired(v, past) => {
+                if let Some(v) = inner.throttled_fallback(&skey) {
+                    inner.counters.fail_safe_serves.inc();
+                    return Ok(v);
+                }
+                fallback = Some((v, past));
+                (AcquireMode::Replace, true)
+            }
+            Lookup::Fresh(..) | Lookup::Missing { corrupt: false } => (AcquireMode::IfAbsent, true),
+            Lookup::Missing { corrupt: true } => (AcquireMode::Replace, true),
+            Lookup::Failed(e) => {
+                tracing::warn!(cache = self.namespace(), key = skey.user_key(), error = %e,
+                    "store read failed; loading from the source without caching");
+                (AcquireMode::IfAbsent, false)
+            }
+        };
+        if store_up
+            && fallback.is_none()
+            && let Some(bloom) = &inner.bloom
+        {
+            match bloom.might_contain(key).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    inner.counters.bloom_rejections.inc();
+                    return Ok(None);
+                }
+                // Unknown: the load goes on.
+                Err(e) => {
+                    inner.counters.store_errors.inc();
+                    tracing::debug!(cache = self.namespace(), key = skey.user_key(), error = %e,
+                        "Bloom filter check failed; loading");
+                }
+            }
+        }
+        let soft_timeout = options.soft_timeout.or(inner.s.soft_timeout);
+        let hard_timeout = options.hard_timeout.or(inner.s.hard_timeout);
+        let stale = fallback.as_ref().map(|(v, _)| v.clone());
+        let mut loader = Some(loader);
+        for _ in 0..MAX_FOLLOW_ROUNDS {
+            let rx = match inner.flights.join(skey.as_str()) {
+                Role::Leader(leader) => {
+                    let rx = leader.subscribe();
+                    let Some(loader) = loader.take() else {
+                        unreachable!("a caller leads at most once: it then waits for the outcome")
+                    };
+                    let plan = LoadPlan {
+                        mode,
+                        store_up,
+                        hard_timeout,
+                        fallback: fallback.take(),
+                    };
+                    inner.spawn_load(key, skey.clone(), plan, loader, leader);
+                    rx
+                }
+                Role::Follower(rx) => {
+                    inner.counters.coalesced.inc();
+                    rx
+                }
+            };
+            let outcome = match (soft_timeout, &stale) {
+                (Some(limit), Some(stale)) => {
+                    match tokio::time::timeout(limit, flight::follow(rx)).await {
+                        Ok(outcome) => outcome,
+                        Err(_) => {
+                            inner.counters.soft_timeouts.inc();
+                            return Ok(stale.clone());
+                        }
+                    }
+                }
+                _ => flight::follow(rx).await,
+            };
+            if let Some(outcome) = outcome {
+                return outcome;
+            }
+            // The flight ended without an outcome: start over, perhaps as leader.
+        }
+        match loader {
+            Some(loader) => {
+                inner
+                    .load(key, &skey, mode, store_up, hard_timeout, loader)
+                    .await
+            }
+            None => Err(Error::new(
+                crate::ErrorKind::Load,
+                self.namespace(),
+                Some(skey.user_key()),
+                Some("the load was abandoned repeatedly".into()),
+            )),
+        }
+    }
+
+    /// Starts a background refresh of a fresh entry when refresh-ahead or early
+    /// refresh asks for one.
+    #[inline]
+    fn maybe_refresh_early<F, Fut, E>(
+        &self,
+        key: &K,
+        meta: &Meta,
+        skey: impl FnOnce() -> StoreKey,
+        loader: F,
+    ) where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+    {
+        if meta.soft_expiry_ms == 0 {
+            return;
+        }
+        let inner = &self.inner;
+        let now = inner.s.clock.coarse_ms();
+        let fresh = &inner.s.fresh;
+        if fresh.refresh_early(meta, now) {
+            inner.spawn_refresh(key, skey(), loader);
+        } else if fresh.in_ahead_zone(meta, now)
+            && let Some(ra) = &fresh.refresh_ahead
+        {
+            let skey = skey();
+            if inner.ahead_reads.hot(skey.as_str(), ra, now) {
+                inner.spawn_refresh(key, skey, loader);
+            }
+        }
+    }
+
+    /// Writes a value with a (jittered) TTL, replacing any entry and revoking any
+    /// lease, so that a load that started before this write cannot overwrite it.
+    ///
+    /// # Errors
+    /// When the value cannot be encoded or the store fails.
+    pub async fn set(&self, key: &K, value: V) -> Result<(), Error> {
+        let inner = &*self.inner;
+        let skey = inner.key_of(key);
+        inner.forget(&skey);
+        if let Some(bloom) = &inner.bloom
+            && let Err(e) = bloom.insert(key).await
+        {
+            return Err(inner.store_error(&skey, e));
+        }
+        let value = Some(value);
+        let Some((meta, ttl)) = inner.placement(&value, Duration::ZERO) else {
+            unreachable!("a value always has a placement")
+        };
+        if let Some(local) = &inner.local {
+            local.set(key, skey.group(), Slot { value, meta }, ttl);
+            return Ok(());
+        }
+        let entry = inner
+            .entry_for(meta, value.as_ref())
+            .map_err(|e| Error::codec(self.namespace(), skey.user_key(), e))?;
+        inner
+            .s
+            .store
+            .set(&skey, entry, ttl)
+            .await
+            .map_err(|e| inner.store_error(&skey, e))
+    }
+
+    /// Deletes the entry and revokes any lease: a load that read the source before
+    /// the write that led to this call cannot fill. Call it after the write commits.
+    ///
+    /// # Errors
+    /// When the store fails; the entry may then still be there until its TTL.
+    pub async fn invalidate(&self, key: &K) -> Result<(), Error> {
+        let inner = &*self.inner;
+        let skey = inner.key_of(key);
+        inner.forget(&skey);
+        if let Some(local) = &inner.local {
+            local.invalidate(key);
+            return Ok(());
+        }
+        inner
+            .s
+            .store
+            .invalidate(&skey)
+            .await
+            .map_err(|e| inner.store_error(&skey, e))
+    }
+
+    /// A delayed double-delete: queues a second invalidation of `key` to run after
+    /// `delay`, then invalidates now.
+    ///
+    /// The second delete clobbers a value that a writer or reader *without* a
+    /// lease (legacy code, another service, plain `set` after a stale read) put
+    /// back after the first one. Fills through [`get_or_load`](Self::get_or_load)
+    /// do not need it. The queue lives in the store, so on Redis the second
+    /// delete survives this process; a [`DeferredWorker`](crate::DeferredWorker)
+    /// must run somewhere to execute it. The delete is queued before the first
+    /// one runs, so a crash in between still leaves the queued one.
+    ///
+    /// # Errors
+    /// When the store fails to queue or to delete; the other step is still tried.
+    pub async fn invalidate_twice(&self, key: &K, delay: Duration) -> Result<(), Error> {
+        let inner = &*self.inner;
+        let skey = inner.key_of(key);
+        let queued = inner.s.store.defer_invalidate(&skey, delay).await;
+        let now = self.invalidate(key).await;
+        queued.map_err(|e| inner.store_error(&skey, e))?;
+        now
+    }
+
+    /// Invalidates every key of `group` at once, in O(1): the group gets a new
+    /// generation, entries of older ones read as misses and expire by their TTL,
+    /// and loads that took their lease before cannot fill. The group's
+    /// generation is a `:sys:` key; if it is evicted, it comes back as a value it
+    /// never had, so old entries never reappear.
+    ///
+    /// `group` must be written like the values the cache's
+    /// [`group_by`](crate::CacheBuilder::group_by) function returns.
+    ///
+    /// # Errors
+    /// When the cache has no groups, or the store fails.
+    pub async fn invalidate_group<G: CacheKey + ?Sized>(&self, group: &G) -> Result<(), Error> {
+        let inner = &*self.inner;
+        if inner.group.is_none() {
+            return Err(Error::config(
+                self.namespace(),
+                "invalidate_group needs a cache built with group_by",
+            ));
+        }
+        let gkey = inner.s.layout.group_key(group);
+        if let Some(local) = &inner.local {
+            local.invalidate_group(gkey.group());
+            return Ok(());
+        }
+        inner.s.store.invalidate_group(&gkey).await.map_err(|e| {
+            inner.counters.store_errors.inc();
+            Error::new(
+                crate::ErrorKind::Store,
+                self.namespace(),
+                Some(gkey.as_str()),
+                Some(Box::new(e)),
+            )
+        })
+    }
+
+    /// The remaining TTL of `key`'s entry in the store, `None` if there is none.
+    /// With stale-while-revalidate or fail-safe this includes the time the entry
+    /// is kept past its soft expiry.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn ttl(&self, key: &K) -> Result<Option<Duration>, Error> {
+        let inner = &*self.inner;
+        if let Some(local) = &inner.local {
+            return Ok(local.ttls(key).entry);
+        }
+        let skey = inner.key_of(key);
+        match inner.s.store.ttl(&skey).await {
+            Ok(ttls) => Ok(ttls.entry),
+            Err(e) => Err(inner.store_error(&skey, e)),
+        }
+    }
+
+    /// A snapshot of this cache's counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+
+    /// The cache's namespace.
+    pub fn namespace(&self) -> &str {
+        self.inner.s.layout.namespace()
+    }
+
+    /// The store key under which `key`'s entry lives.
+    pub fn store_key(&self, key: &K) -> StoreKey {
+        self.inner.key_of(key)
+    }
+
+    /// The cache's key layout.
+    pub fn layout(&self) -> &KeyLayout {
+        &self.inner.s.layout
+    }
+
+    /// The store this cache was built on.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.s.store
+    }
+
+    /// The cache's Bloom filter, when built with [`bloom`](crate::CacheBuilder::bloom):
+    /// insert new keys into it and rebuild it from the source.
+    pub fn bloom(&self) -> Option<&BloomFilter> {
+        self.inner.bloom.as_ref()
+    }
+}
