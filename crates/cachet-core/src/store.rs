@@ -263,6 +263,9 @@ pub enum StoreError {
     /// The store answered with something the protocol does not expect.
     #[error("unexpected store reply: {0}")]
     Protocol(String),
+    /// The store was configured wrongly (an invalid URL, a bad option).
+    #[error("invalid store configuration: {0}")]
+    Config(String),
     /// The store cannot hold this payload (for example a decoded object given to a
     /// byte store).
     #[error("store cannot keep this payload: {0}")]

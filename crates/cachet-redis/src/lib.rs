@@ -145,8 +145,9 @@ impl RedisStoreBuilder {
     /// # Errors
     /// When the URL is invalid or the server cannot be reached.
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(self.url.as_str())
-            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {e}").into()))?;
+        let client = redis::Client::open(self.url.as_str()).map_err(|e| {
+            StoreError::Config(format!("invalid Redis URL {:?}: {e}", redact(&self.url)))
+        })?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.response_timeout))
             .set_connection_timeout(Some(self.connection_timeout))
@@ -797,5 +798,21 @@ mod tests {
             ),
             Ok(Acquire::Corrupt)
         ));
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_invalid_url_is_a_configuration_error() {
+        let e = RedisStore::connect("not a url").await.unwrap_err();
+        assert!(matches!(e, StoreError::Config(_)), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("invalid store configuration: invalid Redis URL \"not a url\""),
+            "{e}"
+        );
     }
 }
