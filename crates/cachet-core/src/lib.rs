@@ -28,6 +28,6 @@ pub use key::{
     CacheKey, GroupKey, KeyLayout, KeyLayoutError, KeyWriter, StoreKey, escape_key, unescape,
 };
 pub use store::{
-    Acquire, AcquireMode, Deferred, Entry, Fill, LeaseToken, Payload, PayloadKind, Read, Store,
-    StoreError, StoreFuture, TokenSource, Ttls, ttl_millis,
+    Acquire, AcquireMode, BusEvent, Deferred, Entry, Fill, LeaseToken, Notice, Payload,
+    PayloadKind, Read, Store, StoreError, StoreFuture, TokenSource, Ttls, ttl_millis,
 };

@@ -164,6 +164,31 @@ pub struct Deferred {
     pub next_due_in: Option<Duration>,
 }
 
+/// What a store's invalidation bus tells the near caches of one cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Notice {
+    /// The entry under this key was invalidated or rewritten.
+    Key(StoreKey),
+    /// This group was invalidated.
+    Group(GroupKey),
+}
+
+/// An event of an invalidation bus subscription, from
+/// [`Store::subscribe_invalidations`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BusEvent {
+    /// The subscription is (again) in place: notices from now on arrive. Any
+    /// notice sent before may have been missed.
+    Connected,
+    /// Notices, in the order they were published.
+    Notices(Vec<Notice>),
+    /// The subscription broke: notices are being missed until the next
+    /// [`BusEvent::Connected`].
+    Lost,
+}
+
 /// A lease token: 16 bytes, unique per grant, and, for a grouped key, the
 /// group's generation when the lease was granted (a fill is refused if the group
 /// was invalidated since).
@@ -344,6 +369,23 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         ))))
     }
 
+    /// Subscribes to the invalidation notices of the cache whose keys start with
+    /// `head` (`{prefix}{namespace}`): every invalidation, write and group
+    /// invalidation made through a store with the bus enabled, in any process.
+    /// The store keeps the subscription up (reconnecting) until the receiver is
+    /// dropped, and reports each loss and recovery.
+    ///
+    /// The default reports [`StoreError::Unsupported`].
+    fn subscribe_invalidations<'a>(
+        &'a self,
+        head: &'a str,
+    ) -> StoreFuture<'a, tokio::sync::mpsc::Receiver<BusEvent>> {
+        let _ = head;
+        Box::pin(std::future::ready(Err(StoreError::Unsupported(
+            "invalidation bus",
+        ))))
+    }
+
     /// Queues an [`invalidate`](Store::invalidate) of `key` to run after `delay`,
     /// in a queue kept by the store itself: it survives the caller's process on a
     /// store that outlives it (Redis), not on an in-process store. Executed by
@@ -453,6 +495,12 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()> {
         (**self).invalidate_group(group)
+    }
+    fn subscribe_invalidations<'a>(
+        &'a self,
+        head: &'a str,
+    ) -> StoreFuture<'a, tokio::sync::mpsc::Receiver<BusEvent>> {
+        (**self).subscribe_invalidations(head)
     }
     fn defer_invalidate<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()> {
         (**self).defer_invalidate(key, delay)

@@ -10,6 +10,7 @@ use cachet_core::{CacheKey, Clock, KeyLayout, PayloadKind, Store};
 use crate::bloom::{BloomFilter, BloomOptions};
 use crate::cache::{Cache, FailSafe, Freshness, GroupFn, RefreshAhead, Settings};
 use crate::codec::{Codec, Postcard};
+use crate::near::NearCache;
 use crate::{Error, MemoryStore};
 
 /// Builds a [`Cache`]. Start with [`Cache::builder`].
@@ -38,6 +39,7 @@ pub struct CacheBuilder<K: ?Sized, V, C = Postcard> {
     clock: Option<Clock>,
     group: Option<GroupFn<K>>,
     bloom: Option<BloomOptions>,
+    near: Option<NearCache>,
     fresh: Freshness,
     soft_timeout: Option<Duration>,
     hard_timeout: Option<Duration>,
@@ -81,6 +83,7 @@ impl<K: ?Sized, V> CacheBuilder<K, V, Postcard> {
             clock: None,
             group: None,
             bloom: None,
+            near: None,
             fresh: Freshness::default(),
             soft_timeout: None,
             hard_timeout: None,
@@ -177,6 +180,16 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
         self
     }
 
+    /// A near cache (L1): decoded values in this process in front of a shared
+    /// store, kept coherent by the store's invalidation bus. See
+    /// [`NearCache`] for what it guarantees. Only for a shared store (an
+    /// in-process store needs none); the cache must be built inside a tokio
+    /// runtime, which runs the bus subscription.
+    pub fn near_cache(mut self, options: NearCache) -> Self {
+        self.near = Some(options);
+        self
+    }
+
     /// Stale-while-revalidate: for `window` past an entry's fresh life (the
     /// TTL), [`Cache::get_or_load`] returns it at once and refreshes it in the
     /// background, one refresh per key across all processes (the refresh takes
@@ -254,6 +267,7 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
             clock: self.clock,
             group: self.group,
             bloom: self.bloom,
+            near: self.near,
             fresh: self.fresh,
             soft_timeout: self.soft_timeout,
             hard_timeout: self.hard_timeout,
@@ -326,6 +340,20 @@ where
                 format!("{store:?} keeps bytes, so the cache needs a codec, not NoCodec"),
             ));
         }
+        if self.near.is_some() {
+            if local.is_some() {
+                return Err(Error::config(
+                    ns,
+                    "near_cache is for a shared store; the in-process store needs none",
+                ));
+            }
+            if tokio::runtime::Handle::try_current().is_err() {
+                return Err(Error::config(
+                    ns,
+                    "near_cache needs a tokio runtime when the cache is built (it runs the bus subscription)",
+                ));
+            }
+        }
         let bloom = match self.bloom {
             Some(options) => Some(BloomFilter::new(&layout, Arc::clone(&store), options)?),
             None => None,
@@ -348,6 +376,7 @@ where
             self.group,
             local,
             bloom,
+            self.near,
         ))
     }
 }

@@ -100,10 +100,12 @@ impl<V: Clone> Leader<V> {
         self.slot.subscribe()
     }
 
-    /// Publishes the outcome to the followers and ends the flight.
+    /// Ends the flight and publishes the outcome to its followers. The flight
+    /// leaves the table first, so that no caller arriving later joins a load
+    /// that is already over.
     pub(crate) fn finish(self, outcome: &Outcome<V>) {
+        self.flights.remove_if_same(&self.key, &self.slot);
         self.slot.send_replace(Some(outcome.clone()));
-        // `Drop` removes the flight from the table.
     }
 }
 
@@ -150,6 +152,18 @@ mod tests {
         };
         drop(leader);
         assert!(follow(rx).await.is_none());
+        assert!(matches!(flights.join("k"), Role::Leader(_)));
+    }
+
+    #[tokio::test]
+    async fn a_finished_flight_is_not_joined() {
+        let flights = Arc::new(Flights::<u32>::new());
+        let Role::Leader(leader) = flights.join("k") else {
+            panic!("first caller leads")
+        };
+        let rx = leader.subscribe();
+        leader.finish(&Ok(Some(1)));
+        assert_eq!(follow(rx).await.unwrap().unwrap(), Some(1));
         assert!(matches!(flights.join("k"), Role::Leader(_)));
     }
 

@@ -210,6 +210,7 @@ mod deferred;
 mod error;
 mod flight;
 mod memory;
+mod near;
 mod stats;
 
 pub use bloom::{BloomFilter, BloomOptions};
@@ -219,6 +220,7 @@ pub use codec::{Codec, Json, NoCodec, Postcard};
 pub use deferred::{DeferredWorker, DeferredWorkerOptions};
 pub use error::{BoxError, Error, ErrorKind};
 pub use memory::MemoryStore;
+pub use near::NearCache;
 pub use stats::Stats;
 
 pub use cachet_core::{

@@ -296,6 +296,14 @@ where
         Ttls { entry, lease }
     }
 
+    /// Drops every entry and lease.
+    pub(crate) fn clear(&self) {
+        for stripe in &self.leases {
+            stripe.lock().clear();
+        }
+        self.entries.clear();
+    }
+
     fn insert(&self, key: Q, item: P, ttl: Duration, now: u64) {
         self.entries.insert(
             key,
@@ -350,6 +358,23 @@ pub(crate) trait LocalTier<K: ?Sized, V>: Send + Sync {
     fn invalidate(&self, key: &K);
     fn invalidate_group(&self, group: &str);
     fn ttls(&self, key: &K) -> Ttls;
+    /// Drops every entry (a near cache whose invalidation bus was interrupted).
+    fn clear(&self);
+    /// Invalidates the entry whose escaped key is `escaped`; false if the key
+    /// type cannot decode it.
+    fn invalidate_escaped(&self, escaped: &str) -> bool;
+}
+
+/// A typed table of its own, outside any store: a near cache's L1.
+pub(crate) fn standalone<K, V>(capacity: usize, clock: Clock) -> Arc<dyn LocalTier<K, V>>
+where
+    K: CacheKey + ?Sized,
+    V: Clone + Send + Sync + 'static,
+{
+    Arc::new(Typed::<K::Owned, V> {
+        table: MemTable::new(capacity, clock, Arc::new(TokenSource::new())),
+        decode: K::decode_key,
+    })
 }
 
 /// A cache's typed table, with the decoder of its keys so that an invalidation
@@ -431,6 +456,12 @@ where
     }
     fn ttls(&self, key: &K) -> Ttls {
         self.table.ttls(key)
+    }
+    fn clear(&self) {
+        self.table.clear();
+    }
+    fn invalidate_escaped(&self, escaped: &str) -> bool {
+        Routable::invalidate_escaped(self, escaped)
     }
 }
 

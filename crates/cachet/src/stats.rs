@@ -56,6 +56,12 @@ pub struct Stats {
     /// Calls that joined another caller's load in this process instead of
     /// running their own.
     pub coalesced: u64,
+    /// Hits answered by the near cache (L1), without a store round trip; also
+    /// counted in `hits` or `negative_hits`.
+    pub near_hits: u64,
+    /// Times the near cache was emptied because its invalidation bus broke or
+    /// came back.
+    pub near_clears: u64,
 }
 
 impl Stats {
@@ -169,6 +175,8 @@ impl Counters {
             soft_timeouts: self.soft_timeouts.get(),
             load_timeouts: self.load_timeouts.get(),
             coalesced: self.coalesced.get(),
+            near_hits: 0,
+            near_clears: 0,
         }
     }
 }

@@ -19,6 +19,7 @@ use crate::codec::Codec;
 use crate::error::BoxError;
 use crate::flight::Flights;
 use crate::memory::{Acquired, LocalTier, Slot};
+use crate::near::{Near, NearCache};
 use crate::stats::Counters;
 
 pub(crate) struct Settings<V> {
@@ -55,6 +56,10 @@ pub(crate) struct Inner<K: ?Sized, V> {
     /// Fail-safe fallbacks served without asking the source again until the
     /// time (Unix ms) they hold, after a failed load.
     pub(crate) throttled: quick_cache::sync::Cache<Box<str>, (u64, Option<V>)>,
+    /// The near cache (L1) in front of a shared store, when configured.
+    pub(crate) near: Option<Arc<Near<K, V>>>,
+    /// Dropped with the cache, which ends its bus task.
+    pub(crate) _bus_stop: tokio::sync::watch::Sender<()>,
 }
 
 /// What a lookup found.
@@ -90,9 +95,11 @@ where
         group: Option<GroupFn<K>>,
         local: Option<Arc<dyn LocalTier<K, V>>>,
         bloom: Option<BloomFilter>,
+        near: Option<NearCache>,
     ) -> Self {
         let kind = s.store.payload_kind();
         let counters = Counters::new(s.layout.namespace());
+        let s_clock = s.clock.clone();
         Self {
             s,
             bloom,
@@ -103,6 +110,16 @@ where
             flights: Arc::new(Flights::new()),
             ahead_reads: AheadReads::new(),
             throttled: quick_cache::sync::Cache::new(1_000),
+            near: near.map(|options| Arc::new(Near::new(options, s_clock))),
+            _bus_stop: tokio::sync::watch::Sender::new(()),
+        }
+    }
+
+    /// How long a value read or loaded now may stay in the near cache.
+    pub(crate) fn near_ttl(&self, value: &Option<V>) -> Duration {
+        match value {
+            Some(_) => self.s.ttl.mul_f64(1.0 - self.s.jitter),
+            None => self.s.negative_ttl.unwrap_or(Duration::ZERO),
         }
     }
 
@@ -412,12 +429,50 @@ where
         }
     }
 
-    /// Forgets everything this process holds about `skey` besides the store: a
-    /// load in flight (later callers start a new one) and a throttled fallback.
-    pub(crate) fn forget(&self, skey: &StoreKey) {
+    /// Forgets everything this process holds about `key` besides the store: a
+    /// load in flight (later callers start a new one), a throttled fallback,
+    /// the near cache's entry.
+    pub(crate) fn forget(&self, key: &K, skey: &StoreKey) {
         self.flights.detach(skey.as_str());
         if self.s.fresh.fail_safe.is_some() {
             self.throttled.remove(skey.as_str());
+        }
+        if let Some(near) = &self.near {
+            near.invalidate(key, skey);
+        }
+    }
+
+    /// A near-cache hit, counted.
+    #[inline]
+    pub(crate) fn near_hit(&self, key: &K, group: Option<&str>, count: bool) -> Option<Option<V>> {
+        let v = self.near.as_ref()?.get(key, group)?;
+        if count {
+            if v.is_some() {
+                self.counters.hits.inc();
+            } else {
+                self.counters.negative_hits.inc();
+            }
+        }
+        Some(v)
+    }
+
+    /// Fills the near cache with a fresh value, if the ticket still holds.
+    pub(crate) fn near_put(
+        &self,
+        key: &K,
+        skey: &StoreKey,
+        ticket: Option<crate::near::Ticket>,
+        value: &Option<V>,
+        soft_expiry_ms: u64,
+    ) {
+        if let (Some(near), Some(ticket)) = (&self.near, ticket) {
+            let mut ttl = self.near_ttl(value);
+            if soft_expiry_ms != 0 {
+                // L1 never serves a value past its soft expiry.
+                let left = soft_expiry_ms.saturating_sub(self.s.clock.coarse_ms());
+                ttl = ttl.min(Duration::from_millis(left));
+            }
+            near.put(key, skey.group(), ticket, value.clone(), ttl);
         }
     }
 }

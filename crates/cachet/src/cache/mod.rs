@@ -30,7 +30,46 @@ use crate::builder::CacheBuilder;
 use crate::error::BoxError;
 use crate::flight::{self, Role};
 use crate::memory::{LocalTier, Slot};
+use crate::near::NearCache;
 use crate::stats::Stats;
+
+/// Applies a store's invalidation notices to a cache's near cache, until the
+/// cache is dropped.
+async fn follow_bus<K, V>(
+    inner: std::sync::Weak<Inner<K, V>>,
+    store: Arc<dyn Store>,
+    head: String,
+    mut stop: tokio::sync::watch::Receiver<()>,
+) where
+    K: CacheKey + ?Sized + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let mut events = tokio::select! {
+        subscribed = store.subscribe_invalidations(&head) => match subscribed {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::error!(cache = %head, error = %e,
+                    "the store offers no invalidation bus; the near cache stays unused");
+                return;
+            }
+        },
+        _ = stop.changed() => return,
+    };
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = stop.changed() => return,
+        };
+        let (Some(event), Some(inner)) = (event, inner.upgrade()) else {
+            return;
+        };
+        if let Some(near) = &inner.near {
+            for skey in near.apply(event) {
+                inner.flights.detach(skey.as_str());
+            }
+        }
+    }
+}
 
 /// How many times a caller starts over after the flight it followed ended
 /// without an outcome, before it loads on its own.
@@ -124,10 +163,20 @@ where
         group: Option<GroupFn<K>>,
         local: Option<Arc<dyn LocalTier<K, V>>>,
         bloom: Option<BloomFilter>,
+        near: Option<NearCache>,
     ) -> Self {
-        Self {
-            inner: Arc::new(Inner::new(s, group, local, bloom)),
+        let inner = Arc::new(Inner::new(s, group, local, bloom, near));
+        if inner.near.is_some() {
+            let stop = inner._bus_stop.subscribe();
+            let head = format!("{}{}", inner.s.layout.prefix(), inner.namespace());
+            tokio::spawn(follow_bus(
+                Arc::downgrade(&inner),
+                Arc::clone(&inner.s.store),
+                head,
+                stop,
+            ));
         }
+        Self { inner }
     }
 
     /// Reads a value. `Ok(None)` when there is no entry, the entry is a cached
@@ -157,9 +206,18 @@ where
             let group = inner.group_of(key);
             inner.lookup_local(&**local, key, group.as_deref(), count)
         } else {
-            let skey = inner.key_of(key);
+            let group = inner.group_of(key);
+            if let Some(v) = inner.near_hit(key, group.as_deref(), count) {
+                return Ok(v);
+            }
+            let skey = inner.key_with(key, group.as_deref());
+            let ticket = inner.near.as_ref().and_then(|n| n.ticket(&skey));
             match inner.lookup_shared(&skey, count).await {
                 Lookup::Failed(e) => return Err(inner.store_error(&skey, e)),
+                Lookup::Fresh(v, meta) => {
+                    inner.near_put(key, &skey, ticket, &v, meta.soft_expiry_ms);
+                    Lookup::Fresh(v, meta)
+                }
                 other => other,
             }
         };
@@ -218,6 +276,7 @@ where
         E: Into<BoxError> + Send + 'static,
     {
         let inner = &self.inner;
+        let mut ticket = None;
         let (skey, first) = match &inner.local {
             Some(local) => {
                 let group = inner.group_of(key);
@@ -235,9 +294,15 @@ where
                 }
             }
             None => {
-                let skey = inner.key_of(key);
+                let group = inner.group_of(key);
+                if let Some(v) = inner.near_hit(key, group.as_deref(), true) {
+                    return Ok(v);
+                }
+                let skey = inner.key_with(key, group.as_deref());
+                ticket = inner.near.as_ref().and_then(|n| n.ticket(&skey));
                 match inner.lookup_shared(&skey, true).await {
                     Lookup::Fresh(v, meta) => {
+                        inner.near_put(key, &skey, ticket, &v, meta.soft_expiry_ms);
                         self.maybe_refresh_early(key, &meta, || skey, loader);
                         return Ok(v);
                     }
@@ -323,6 +388,10 @@ where
                 _ => flight::follow(rx).await,
             };
             if let Some(outcome) = outcome {
+                // A fail-safe fallback is not fresh: it stays out of L1.
+                if let (Ok(v), None) = (&outcome, &stale) {
+                    inner.near_put(key, &skey, ticket, v, 0);
+                }
                 return outcome;
             }
             // The flight ended without an outcome: start over, perhaps as leader.
@@ -382,7 +451,7 @@ where
     pub async fn set(&self, key: &K, value: V) -> Result<(), Error> {
         let inner = &*self.inner;
         let skey = inner.key_of(key);
-        inner.forget(&skey);
+        inner.forget(key, &skey);
         if let Some(bloom) = &inner.bloom
             && let Err(e) = bloom.insert(key).await
         {
@@ -399,12 +468,15 @@ where
         let entry = inner
             .entry_for(meta, value.as_ref())
             .map_err(|e| Error::codec(self.namespace(), skey.user_key(), e))?;
-        inner
+        let written = inner
             .s
             .store
             .set(&skey, entry, ttl)
             .await
-            .map_err(|e| inner.store_error(&skey, e))
+            .map_err(|e| inner.store_error(&skey, e));
+        // A read of the old value may have filled L1 meanwhile.
+        inner.forget(key, &skey);
+        written
     }
 
     /// Deletes the entry and revokes any lease: a load that read the source before
@@ -415,17 +487,20 @@ where
     pub async fn invalidate(&self, key: &K) -> Result<(), Error> {
         let inner = &*self.inner;
         let skey = inner.key_of(key);
-        inner.forget(&skey);
+        inner.forget(key, &skey);
         if let Some(local) = &inner.local {
             local.invalidate(key);
             return Ok(());
         }
-        inner
+        let deleted = inner
             .s
             .store
             .invalidate(&skey)
             .await
-            .map_err(|e| inner.store_error(&skey, e))
+            .map_err(|e| inner.store_error(&skey, e));
+        // A read of the old value may have filled L1 meanwhile.
+        inner.forget(key, &skey);
+        deleted
     }
 
     /// A delayed double-delete: queues a second invalidation of `key` to run after
@@ -505,7 +580,12 @@ where
 
     /// A snapshot of this cache's counters.
     pub fn stats(&self) -> Stats {
-        self.inner.counters.snapshot()
+        let mut stats = self.inner.counters.snapshot();
+        if let Some(near) = &self.inner.near {
+            stats.near_hits = near.hits.load(std::sync::atomic::Ordering::Relaxed);
+            stats.near_clears = near.clears.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        stats
     }
 
     /// The cache's namespace.
