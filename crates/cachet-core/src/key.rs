@@ -486,6 +486,26 @@ impl GroupKey {
     pub fn group(&self) -> &str {
         &self.key[self.group.clone()]
     }
+
+    /// Parses a generation key written by [`KeyLayout::group_key`]; `None` if
+    /// `key` does not have that shape.
+    pub fn parse(key: &str) -> Option<GroupKey> {
+        let at = key.find(":sys:gen:{")?;
+        let start = at + ":sys:gen:{".len();
+        let end = key.len().checked_sub(1)?;
+        if !key.is_ascii()
+            || !key.ends_with('}')
+            || end <= start
+            || key[start..end].contains(['{', '}'])
+        {
+            return None;
+        }
+        Some(GroupKey {
+            key: key.to_owned(),
+            head: at,
+            group: start..end,
+        })
+    }
 }
 
 /// A store key: the Redis key of an entry, from which its lease key derives.
@@ -675,7 +695,10 @@ mod tests {
         assert_eq!(parsed, k);
         assert_eq!(parsed.group(), Some("acme%2C1"));
         assert_eq!(parsed.user_key(), "42");
-        assert_eq!(parsed.group_key(), Some(g));
+        assert_eq!(parsed.group_key(), Some(g.clone()));
+        assert_eq!(GroupKey::parse(g.as_str()), Some(g));
+        assert_eq!(GroupKey::parse("cachet:users:sys:gen:{}"), None);
+        assert_eq!(GroupKey::parse("cachet:users:sys:gen:{a}b"), None);
     }
 
     #[test]
