@@ -29,5 +29,5 @@ pub use key::{
 };
 pub use store::{
     Acquire, AcquireMode, BusEvent, Deferred, Entry, Fill, LeaseToken, Notice, Payload,
-    PayloadKind, Read, Store, StoreError, StoreFuture, TokenSource, Ttls, ttl_millis,
+    PayloadKind, Read, Store, StoreError, StoreFuture, TokenSource, Ttls, Versioned, ttl_millis,
 };

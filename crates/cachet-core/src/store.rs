@@ -155,6 +155,18 @@ pub struct Ttls {
     pub lease: Option<Duration>,
 }
 
+/// The result of [`Store::set_versioned`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Versioned {
+    /// The entry was written.
+    Written,
+    /// An entry with this version, not older than the one offered, was kept.
+    Stale {
+        /// The version of the entry that stays.
+        current: u64,
+    },
+}
+
 /// What one [`Store::run_deferred`] call did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Deferred {
@@ -356,6 +368,25 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The remaining TTLs of the entry and its lease, for inspection.
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls>;
 
+    /// Writes `entry` like [`set`](Store::set) (revoking any lease), unless the
+    /// entry already there has a version (`Meta::version`) at least as new as
+    /// `entry`'s: then nothing is written. Versions come from the source of
+    /// truth, so a writer that lost a race to a newer write cannot put its older
+    /// value in the cache. An absent entry is always written.
+    ///
+    /// The default reports [`StoreError::Unsupported`].
+    fn set_versioned<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        entry: Entry,
+        ttl: Duration,
+    ) -> StoreFuture<'a, Versioned> {
+        let _ = (key, entry, ttl);
+        Box::pin(std::future::ready(Err(StoreError::Unsupported(
+            "versioned set",
+        ))))
+    }
+
     /// Invalidates a whole group of keys in O(1): gives the group a new
     /// generation, which no earlier generation of it had, so every entry filled
     /// under an older one reads as a miss (and expires by its TTL), and leases
@@ -495,6 +526,14 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()> {
         (**self).invalidate_group(group)
+    }
+    fn set_versioned<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        entry: Entry,
+        ttl: Duration,
+    ) -> StoreFuture<'a, Versioned> {
+        (**self).set_versioned(key, entry, ttl)
     }
     fn subscribe_invalidations<'a>(
         &'a self,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use cachet_core::{CacheKey, Clock, KeyLayout, PayloadKind, Store};
 
 use crate::bloom::{BloomFilter, BloomOptions};
-use crate::cache::{Cache, FailSafe, Freshness, GroupFn, RefreshAhead, Settings};
+use crate::cache::{Cache, FailSafe, Freshness, GroupFn, RefreshAhead, Settings, VersionFn};
 use crate::codec::{Codec, Postcard};
 use crate::near::NearCache;
 use crate::{Error, MemoryStore};
@@ -40,6 +40,7 @@ pub struct CacheBuilder<K: ?Sized, V, C = Postcard> {
     group: Option<GroupFn<K>>,
     bloom: Option<BloomOptions>,
     near: Option<NearCache>,
+    version_of: Option<VersionFn<V>>,
     fresh: Freshness,
     soft_timeout: Option<Duration>,
     hard_timeout: Option<Duration>,
@@ -84,6 +85,7 @@ impl<K: ?Sized, V> CacheBuilder<K, V, Postcard> {
             group: None,
             bloom: None,
             near: None,
+            version_of: None,
             fresh: Freshness::default(),
             soft_timeout: None,
             hard_timeout: None,
@@ -180,6 +182,15 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
         self
     }
 
+    /// How to read a value's version in the source of truth (a row version,
+    /// `updated_at` in microseconds, a sequence): stored with every entry, and
+    /// checked by [`Cache::write_through`] so that an older write never
+    /// overwrites a newer one.
+    pub fn version_by(mut self, version: impl Fn(&V) -> u64 + Send + Sync + 'static) -> Self {
+        self.version_of = Some(Arc::new(version));
+        self
+    }
+
     /// A near cache (L1): decoded values in this process in front of a shared
     /// store, kept coherent by the store's invalidation bus. See
     /// [`NearCache`] for what it guarantees. Only for a shared store (an
@@ -268,6 +279,7 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
             group: self.group,
             bloom: self.bloom,
             near: self.near,
+            version_of: self.version_of,
             fresh: self.fresh,
             soft_timeout: self.soft_timeout,
             hard_timeout: self.hard_timeout,
@@ -370,6 +382,7 @@ where
                 soft_timeout: self.soft_timeout,
                 hard_timeout: self.hard_timeout,
                 clock,
+                version_of: self.version_of,
                 store,
                 codec: Arc::new(self.codec),
             },

@@ -16,6 +16,8 @@ pub enum ErrorKind {
     Load,
     /// The loader did not finish within the hard timeout.
     Timeout,
+    /// A write to the source of truth (write-through) failed.
+    Write,
     /// The store failed (unreachable, timed out, unexpected reply).
     Store,
     /// A value could not be encoded for the store.
@@ -74,6 +76,10 @@ impl Error {
             Some(key),
             Some(format!("the loader did not finish within {after:?}").into()),
         )
+    }
+
+    pub(crate) fn write(cache: &str, key: &str, source: BoxError) -> Self {
+        Self::new(ErrorKind::Write, cache, Some(key), Some(source))
     }
 
     pub(crate) fn store(cache: &str, key: &str, source: StoreError) -> Self {
@@ -139,6 +145,7 @@ impl fmt::Display for Error {
         write!(f, "cache `{}`", i.cache)?;
         let what = match i.kind {
             ErrorKind::Load | ErrorKind::Timeout => "loading",
+            ErrorKind::Write => "writing",
             ErrorKind::Store => "store operation on",
             ErrorKind::Codec => "encoding the value of",
             ErrorKind::Config => "configuration",

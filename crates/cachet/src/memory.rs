@@ -35,7 +35,7 @@ use bytes::Bytes;
 use cachet_core::BloomKey;
 use cachet_core::{
     Acquire, AcquireMode, CacheKey, Clock, Deferred, Entry, Fill, GroupKey, LeaseToken, Meta,
-    PayloadKind, Read, Store, StoreFuture, StoreKey, TokenSource, Ttls, ttl_millis,
+    PayloadKind, Read, Store, StoreFuture, StoreKey, TokenSource, Ttls, Versioned, ttl_millis,
 };
 use parking_lot::Mutex;
 
@@ -63,10 +63,11 @@ pub(crate) struct MemTable<Q, P> {
     clock: Clock,
 }
 
-/// An item that records its group generation.
+/// An item that records its group generation and its source version.
 pub(crate) trait Generational {
     fn generation(&self) -> u64;
     fn set_generation(&mut self, generation: u64);
+    fn version(&self) -> u64;
 }
 
 impl Generational for Entry {
@@ -75,6 +76,9 @@ impl Generational for Entry {
     }
     fn set_generation(&mut self, generation: u64) {
         self.meta.generation = generation;
+    }
+    fn version(&self) -> u64 {
+        self.meta.version
     }
 }
 
@@ -270,6 +274,35 @@ where
         self.insert(key.to_owned(), item, ttl, now);
     }
 
+    /// [`set`](Self::set), unless the live item is at least as new.
+    pub(crate) fn set_versioned<B>(
+        &self,
+        key: &B,
+        group: Option<&str>,
+        mut item: P,
+        ttl: Duration,
+    ) -> Versioned
+    where
+        Q: Borrow<B>,
+        B: Hash + Eq + ToOwned<Owned = Q> + ?Sized,
+    {
+        let now = self.clock.coarse_ms();
+        let generation = group.map_or(0, |g| self.generation(g));
+        let mut stripe = self.stripe(key).lock();
+        if let Some(current) = self.live(key, now)
+            && (group.is_none() || current.generation() == generation)
+            && current.version() >= item.version()
+        {
+            return Versioned::Stale {
+                current: current.version(),
+            };
+        }
+        item.set_generation(generation);
+        stripe.remove(key);
+        self.insert(key.to_owned(), item, ttl, now);
+        Versioned::Written
+    }
+
     pub(crate) fn invalidate<B>(&self, key: &B)
     where
         Q: Borrow<B>,
@@ -330,6 +363,9 @@ impl<V> Generational for Slot<V> {
     fn set_generation(&mut self, generation: u64) {
         self.meta.generation = generation;
     }
+    fn version(&self) -> u64 {
+        self.meta.version
+    }
 }
 
 /// A cache's typed table, seen through its borrowed key type so that `Cache`
@@ -355,6 +391,13 @@ pub(crate) trait LocalTier<K: ?Sized, V>: Send + Sync {
     ) -> Fill;
     fn release(&self, key: &K, token: &LeaseToken) -> bool;
     fn set(&self, key: &K, group: Option<&str>, slot: Slot<V>, ttl: Duration);
+    fn set_versioned(
+        &self,
+        key: &K,
+        group: Option<&str>,
+        slot: Slot<V>,
+        ttl: Duration,
+    ) -> Versioned;
     fn invalidate(&self, key: &K);
     fn invalidate_group(&self, group: &str);
     fn ttls(&self, key: &K) -> Ttls;
@@ -447,6 +490,15 @@ where
     }
     fn set(&self, key: &K, group: Option<&str>, slot: Slot<V>, ttl: Duration) {
         self.table.set(key, group, slot, ttl);
+    }
+    fn set_versioned(
+        &self,
+        key: &K,
+        group: Option<&str>,
+        slot: Slot<V>,
+        ttl: Duration,
+    ) -> Versioned {
+        self.table.set_versioned(key, group, slot, ttl)
     }
     fn invalidate(&self, key: &K) {
         self.table.invalidate(key);
@@ -661,6 +713,19 @@ impl Store for MemoryStore {
     fn set<'a>(&'a self, key: &'a StoreKey, entry: Entry, ttl: Duration) -> StoreFuture<'a, ()> {
         self.inner.raw.set(key.as_str(), key.group(), entry, ttl);
         ready(())
+    }
+
+    fn set_versioned<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        entry: Entry,
+        ttl: Duration,
+    ) -> StoreFuture<'a, Versioned> {
+        ready(
+            self.inner
+                .raw
+                .set_versioned(key.as_str(), key.group(), entry, ttl),
+        )
     }
 
     /// Deletes the entry and lease under `key`, both in the table behind this

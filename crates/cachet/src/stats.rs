@@ -8,7 +8,8 @@
 //! `cachet_store_errors_total`, `cachet_bloom_rejections_total`,
 //! `cachet_stale_hits_total`, `cachet_refreshes_total`,
 //! `cachet_fail_safe_serves_total`, `cachet_soft_timeouts_total`,
-//! `cachet_load_timeouts_total`, `cachet_coalesced_total`. Without a `metrics` recorder installed, emitting
+//! `cachet_load_timeouts_total`, `cachet_coalesced_total`,
+//! `cachet_stale_writes_total`. Without a `metrics` recorder installed, emitting
 //! costs a branch.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +57,9 @@ pub struct Stats {
     /// Calls that joined another caller's load in this process instead of
     /// running their own.
     pub coalesced: u64,
+    /// Write-through values not cached because the cache held a version at
+    /// least as new.
+    pub stale_writes: u64,
     /// Hits answered by the near cache (L1), without a store round trip; also
     /// counted in `hits` or `negative_hits`.
     pub near_hits: u64,
@@ -131,6 +135,7 @@ pub(crate) struct Counters {
     pub(crate) soft_timeouts: Counter,
     pub(crate) load_timeouts: Counter,
     pub(crate) coalesced: Counter,
+    pub(crate) stale_writes: Counter,
 }
 
 impl Counters {
@@ -153,6 +158,7 @@ impl Counters {
             soft_timeouts: Counter::new("cachet_soft_timeouts_total", cache),
             load_timeouts: Counter::new("cachet_load_timeouts_total", cache),
             coalesced: Counter::new("cachet_coalesced_total", cache),
+            stale_writes: Counter::new("cachet_stale_writes_total", cache),
         }
     }
 
@@ -175,6 +181,7 @@ impl Counters {
             soft_timeouts: self.soft_timeouts.get(),
             load_timeouts: self.load_timeouts.get(),
             coalesced: self.coalesced.get(),
+            stale_writes: self.stale_writes.get(),
             near_hits: 0,
             near_clears: 0,
         }

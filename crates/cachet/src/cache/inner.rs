@@ -33,9 +33,14 @@ pub(crate) struct Settings<V> {
     pub(crate) soft_timeout: Option<Duration>,
     pub(crate) hard_timeout: Option<Duration>,
     pub(crate) clock: Clock,
+    /// The source version of a value, for version-checked writes.
+    pub(crate) version_of: Option<VersionFn<V>>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) codec: Arc<dyn Codec<V>>,
 }
+
+/// A value's version in the source of truth.
+pub(crate) type VersionFn<V> = Arc<dyn Fn(&V) -> u64 + Send + Sync>;
 
 /// Maps a key to its escaped group.
 pub(crate) type GroupFn<K> = Arc<dyn Fn(&K) -> String + Send + Sync>;
@@ -312,6 +317,10 @@ where
         let mut meta = Meta {
             negative: value.is_none(),
             load_time_us: u32::try_from(load_time.as_micros()).unwrap_or(u32::MAX),
+            version: match (value, &self.s.version_of) {
+                (Some(v), Some(version_of)) => version_of(v),
+                _ => 0,
+            },
             ..Meta::default()
         };
         if value.is_none() {

@@ -19,7 +19,7 @@ use cachet_core::{AcquireMode, CacheKey, KeyLayout, Meta, Store, StoreKey};
 
 pub(crate) use fresh::Freshness;
 pub use fresh::{FailSafe, RefreshAhead};
-pub(crate) use inner::{GroupFn, Settings};
+pub(crate) use inner::{GroupFn, Settings, VersionFn};
 
 use inner::{Inner, Lookup};
 use load::LoadPlan;
@@ -477,6 +477,68 @@ where
         // A read of the old value may have filled L1 meanwhile.
         inner.forget(key, &skey);
         written
+    }
+
+    /// Write-through: runs `write` against the source of truth, then caches the
+    /// value it returns, version-checked: if the cache already holds a version
+    /// at least as new (a concurrent writer that committed later got there
+    /// first), the older value is not written (counted in
+    /// [`Stats::stale_writes`]). Like [`set`](Self::set), it revokes any lease,
+    /// so a load that read the row before the write cannot fill afterwards.
+    ///
+    /// `write` returns the value as stored (for instance from
+    /// `UPDATE … RETURNING *`), whose version the cache's
+    /// [`version_by`](crate::CacheBuilder::version_by) function reads.
+    ///
+    /// # Errors
+    /// When the cache has no `version_by`, `write` fails (nothing is cached
+    /// then), or the store fails (the source was written; the cache entry is
+    /// then left to its TTL).
+    pub async fn write_through<F, Fut, E>(&self, key: &K, write: F) -> Result<V, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+        E: Into<BoxError>,
+    {
+        let inner = &*self.inner;
+        if inner.s.version_of.is_none() {
+            return Err(Error::config(
+                self.namespace(),
+                "write_through needs a cache built with version_by",
+            ));
+        }
+        let skey = inner.key_of(key);
+        let value = write()
+            .await
+            .map_err(|e| Error::write(self.namespace(), skey.user_key(), e.into()))?;
+        inner.forget(key, &skey);
+        if let Some(bloom) = &inner.bloom
+            && let Err(e) = bloom.insert(key).await
+        {
+            return Err(inner.store_error(&skey, e));
+        }
+        let stored = Some(value.clone());
+        let Some((meta, ttl)) = inner.placement(&stored, Duration::ZERO) else {
+            unreachable!("a value always has a placement")
+        };
+        let outcome = if let Some(local) = &inner.local {
+            local.set_versioned(key, skey.group(), Slot { value: stored, meta }, ttl)
+        } else {
+            let entry = inner
+                .entry_for(meta, stored.as_ref())
+                .map_err(|e| Error::codec(self.namespace(), skey.user_key(), e))?;
+            inner
+                .s
+                .store
+                .set_versioned(&skey, entry, ttl)
+                .await
+                .map_err(|e| inner.store_error(&skey, e))?
+        };
+        if matches!(outcome, cachet_core::Versioned::Stale { .. }) {
+            inner.counters.stale_writes.inc();
+        }
+        inner.forget(key, &skey);
+        Ok(value)
     }
 
     /// Deletes the entry and revokes any lease: a load that read the source before
