@@ -72,7 +72,7 @@ pub(crate) enum Lookup<V> {
     /// A fresh value, or a cached "not found".
     Fresh(Option<V>, Meta),
     /// A value past its soft expiry, within the stale-while-revalidate window.
-    Stale(Option<V>),
+    Stale(Option<V>, Meta),
     /// A value past the window, this long past its soft expiry: a miss, kept as
     /// the fail-safe fallback.
     Expired(Option<V>, Duration),
@@ -177,7 +177,7 @@ where
                     self.counters.hits.inc();
                     self.counters.stale_hits.inc();
                 }
-                Lookup::Stale(value)
+                Lookup::Stale(value, meta)
             }
             State::Expired(past) => {
                 self.count_miss(count);

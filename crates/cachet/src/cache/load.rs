@@ -89,8 +89,17 @@ where
     /// refresh-ahead, early refresh): at most one refresh per key in this
     /// process, and none while another process holds the key's lease. The fill
     /// is lease-guarded like any other, so an invalidation during the refresh wins.
-    pub(crate) fn spawn_refresh<F, Fut, E>(self: &Arc<Self>, key: &K, skey: StoreKey, loader: F)
-    where
+    ///
+    /// `seen` is the soft expiry of the entry that prompted the refresh: if the
+    /// entry has a later one by the time the task runs, another process
+    /// refreshed it and this refresh is skipped.
+    pub(crate) fn spawn_refresh<F, Fut, E>(
+        self: &Arc<Self>,
+        key: &K,
+        skey: StoreKey,
+        seen: u64,
+        loader: F,
+    ) where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: Into<BoxError> + Send + 'static,
@@ -102,6 +111,12 @@ where
         let key = key.to_owned();
         tokio::spawn(async move {
             let key: &K = key.borrow();
+            // Another process may have refreshed it since this one saw it.
+            if let Lookup::Fresh(_, meta) = inner.lookup(key, &skey, false).await
+                && meta.soft_expiry_ms > seen
+            {
+                return;
+            }
             match inner.acquire(key, &skey, AcquireMode::Replace).await {
                 Ok(Claim::Leased(token)) => {
                     inner.counters.refreshes.inc();
@@ -185,7 +200,7 @@ where
                     // The holder has probably filled by now; a plain read is cheaper
                     // than another acquire.
                     match self.lookup(key, skey, false).await {
-                        Lookup::Fresh(v, _) | Lookup::Stale(v) => return Ok(v),
+                        Lookup::Fresh(v, _) | Lookup::Stale(v, _) => return Ok(v),
                         Lookup::Missing { corrupt: true } => mode = AcquireMode::Replace,
                         Lookup::Missing { corrupt: false } | Lookup::Expired(..) => {}
                         Lookup::Failed(e) => {

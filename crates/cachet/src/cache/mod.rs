@@ -222,7 +222,7 @@ where
             }
         };
         Ok(match found {
-            Lookup::Fresh(v, _) | Lookup::Stale(v) => v,
+            Lookup::Fresh(v, _) | Lookup::Stale(v, _) => v,
             _ => None,
         })
     }
@@ -312,8 +312,8 @@ where
         };
         let mut fallback = None;
         let (mode, store_up) = match first {
-            Lookup::Stale(v) => {
-                inner.spawn_refresh(key, skey, loader);
+            Lookup::Stale(v, meta) => {
+                inner.spawn_refresh(key, skey, meta.soft_expiry_ms, loader);
                 return Ok(v);
             }
             Lookup::Expired(v, past) => {
@@ -432,13 +432,13 @@ where
         let now = inner.s.clock.coarse_ms();
         let fresh = &inner.s.fresh;
         if fresh.refresh_early(meta, now) {
-            inner.spawn_refresh(key, skey(), loader);
+            inner.spawn_refresh(key, skey(), meta.soft_expiry_ms, loader);
         } else if fresh.in_ahead_zone(meta, now)
             && let Some(ra) = &fresh.refresh_ahead
         {
             let skey = skey();
             if inner.ahead_reads.hot(skey.as_str(), ra, now) {
-                inner.spawn_refresh(key, skey, loader);
+                inner.spawn_refresh(key, skey, meta.soft_expiry_ms, loader);
             }
         }
     }
@@ -522,7 +522,15 @@ where
             unreachable!("a value always has a placement")
         };
         let outcome = if let Some(local) = &inner.local {
-            local.set_versioned(key, skey.group(), Slot { value: stored, meta }, ttl)
+            local.set_versioned(
+                key,
+                skey.group(),
+                Slot {
+                    value: stored,
+                    meta,
+                },
+                ttl,
+            )
         } else {
             let entry = inner
                 .entry_for(meta, stored.as_ref())
