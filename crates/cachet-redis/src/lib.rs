@@ -2,7 +2,8 @@
 //!
 //! [`RedisStore`] speaks the lease protocol of [`cachet_core::store`] to Redis ≥ 7
 //! (or Valkey) through one multiplexed, automatically reconnecting connection
-//! (redis-rs `ConnectionManager`). Each primitive is one round trip:
+//! (redis-rs `ConnectionManager`), or to a [Redis Cluster](#redis-cluster).
+//! Each primitive is one round trip:
 //!
 //! | primitive | Redis command |
 //! |---|---|
@@ -37,10 +38,82 @@
 //! key without TTL (see [`cachet_core::bloom`]), in the slot of its rebuild's
 //! temporary key; a filter that is missing or of another size counts as not
 //! built and rules nothing out.
+//!
+//! # Redis Cluster
+//!
+//! Give the store the URL of one or more nodes of the cluster; it discovers the
+//! others, sends each command to the master serving its keys' slot, and follows
+//! `MOVED` and `ASK` redirections (redis-rs `cluster_async::ClusterConnection`):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cachet_core::StoreError> {
+//! use std::time::Duration;
+//! use cachet_redis::RedisStore;
+//!
+//! let store = RedisStore::connect_cluster(&[
+//!     "redis://10.0.0.1:6379/",
+//!     "redis://10.0.0.2:6379/",
+//! ])
+//! .await?;
+//!
+//! // With the options of `RedisStore::builder`:
+//! let store = RedisStore::cluster_builder(["redis://10.0.0.1:6379/"])
+//!     .response_timeout(Duration::from_millis(200))
+//!     .deferred_shards(32)
+//!     .connect()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The response timeout bounds a whole request, redirections and retries
+//! included. Everything else works as on one server: a hit is still one `GET`.
+//!
+//! **Cross-slot operations are never sent.** Every primitive is one command, one
+//! script or one pipeline whose keys share a hash tag (`{…}`), hence a slot:
+//!
+//! | keys sent together | their hash tag |
+//! |---|---|
+//! | an entry and its lease (`…:v:{key}`, `…:l:{key}`) | the key |
+//! | an entry of a group, its lease, the group's generation (`…:sys:gen:{group}`) | the group |
+//! | one shard of the deferred queue: its due and claimed sets | the shard's number, `{N}` |
+//! | a Bloom filter and the temporary key of its rebuild | the cache's namespace |
+//!
+//! So a script only ever touches one slot, and a `ttl` is one pipeline of two
+//! `PTTL`s to the entry's node. Nothing is batched across keys: a deferred
+//! invalidation is claimed from its shard by one script, then deleted by its
+//! own `DEL` on its entry's slot.
+//!
+//! Scripts run with `EVALSHA` on the keys' node. A node that does not have a
+//! script (a new or restarted node, a failover, `SCRIPT FLUSH`) answers
+//! `NOSCRIPT`, and the script is loaded on that node alone and the call
+//! retried, so that a reload never waits for the other nodes; each node loads
+//! each script the first time it runs it.
+//!
+//! **Hot slots.** A slot lives on one master, so all traffic to one hash tag
+//! lands on one node, whatever the size of the cluster:
+//!
+//! - *a hot key* is one node's load, as on any Redis: a cluster does not spread
+//!   it;
+//! - *a hot group*: every entry of a group shares the group's slot, so that one
+//!   script reads an entry with its generation, and a group invalidation is one
+//!   `SET`. A group that takes a large share of the traffic (a big tenant) puts
+//!   that share on one node. Keep groups to sets of keys of moderate traffic, or
+//!   split a big tenant into several groups and invalidate each;
+//! - *a Bloom filter* is one key per cache: every miss checks it (one script)
+//!   and every write adds to it, all on the node serving the namespace's slot.
+//!   On a cache with heavy miss traffic that node carries it all;
+//! - *the deferred queue* defaults to 16 shards on a cluster (1 on one server),
+//!   two sorted sets each in its own slot, so that deferred invalidations spread
+//!   over the nodes; a [`run_deferred`](Store::run_deferred) then costs one
+//!   round trip per shard when nothing is due. The shards' hash tags are
+//!   their numbers alone, so keep braces out of the system prefix.
 #![deny(missing_docs)]
 
 mod bloom;
+mod cluster;
 mod scripts;
+
+pub use cluster::RedisConnection;
 
 use std::fmt;
 use std::sync::Arc;
@@ -53,9 +126,11 @@ use cachet_core::{
     Acquire, AcquireMode, Deferred, Entry, Fill, GroupKey, LeaseToken, Payload, PayloadKind, Read,
     Store, StoreError, StoreFuture, StoreKey, TokenSource, Ttls, envelope, ttl_millis,
 };
+use cluster::Target;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-/// A [`Store`] on Redis. Cloning is cheap; clones share the connection.
+/// A [`Store`] on Redis or on a [Redis Cluster](crate#redis-cluster). Cloning is
+/// cheap; clones share the connection.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), cachet_core::StoreError> {
@@ -74,10 +149,11 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     tokens: TokenSource,
     response_timeout: Duration,
-    url: String,
+    /// Redacted.
+    target: Target,
     deferred: Box<[QueueShard]>,
     deferred_visibility: Duration,
     /// Where the next `run_deferred` starts, so shards take turns.
@@ -94,7 +170,7 @@ struct QueueShard {
 #[must_use = "a builder does nothing until .connect() is called"]
 #[derive(Clone, Debug)]
 pub struct RedisStoreBuilder {
-    url: String,
+    target: Target,
     response_timeout: Duration,
     connection_timeout: Duration,
     system_prefix: String,
@@ -125,9 +201,12 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// How many shards the deferred-invalidation queue has (default 1). Each shard
-    /// is one pair of sorted sets in its own hash slot; on Redis Cluster, more
-    /// shards spread the queue over more nodes.
+    /// How many shards the deferred-invalidation queue has (default 1 on one
+    /// server, 16 on a cluster). Each shard is one pair of sorted sets in its own
+    /// hash slot; on Redis Cluster, more shards spread the queue over more nodes,
+    /// so that no single slot takes every deferred invalidation. A
+    /// [`run_deferred`](Store::run_deferred) visits the shards one after another:
+    /// one round trip per shard when nothing is due.
     pub fn deferred_shards(mut self, shards: u16) -> Self {
         self.deferred_shards = shards.max(1);
         self
@@ -143,19 +222,15 @@ impl RedisStoreBuilder {
     /// Connects.
     ///
     /// # Errors
-    /// When the URL is invalid or the server cannot be reached.
+    /// When a URL is invalid, or the server (on a cluster, every node given)
+    /// cannot be reached.
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(self.url.as_str()).map_err(|e| {
-            StoreError::Config(format!("invalid Redis URL {:?}: {e}", redact(&self.url)))
-        })?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(self.response_timeout))
-            .set_connection_timeout(Some(self.connection_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| map_err(e, self.response_timeout))?;
+        let conn = match &self.target {
+            Target::Server(url) => self.connect_server(url).await?,
+            Target::Cluster(urls) => {
+                cluster::connect(urls, self.response_timeout, self.connection_timeout).await?
+            }
+        };
         let shards = (0..self.deferred_shards)
             .map(|i| QueueShard {
                 due: format!("{}sys:deferred:{{{i}}}:due", self.system_prefix),
@@ -167,12 +242,26 @@ impl RedisStoreBuilder {
                 conn,
                 tokens: TokenSource::new(),
                 response_timeout: self.response_timeout,
-                url: redact(&self.url),
+                target: self.target.redacted(),
                 deferred: shards,
                 deferred_visibility: self.deferred_visibility,
                 next_shard: AtomicUsize::new(0),
             }),
         })
+    }
+
+    async fn connect_server(&self, url: &str) -> Result<RedisConnection, StoreError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Config(format!("invalid Redis URL {:?}: {e}", redact(url))))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(self.response_timeout))
+            .set_connection_timeout(Some(self.connection_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| map_err(e, self.response_timeout))?;
+        Ok(RedisConnection::server(conn))
     }
 }
 
@@ -188,7 +277,7 @@ impl RedisStore {
     /// A builder for a store on the server at `url` (`redis://host:port/db`).
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
         RedisStoreBuilder {
-            url: url.into(),
+            target: Target::Server(url.into()),
             response_timeout: Duration::from_millis(500),
             connection_timeout: Duration::from_secs(1),
             system_prefix: "cachet:".to_owned(),
@@ -197,12 +286,45 @@ impl RedisStore {
         }
     }
 
-    /// A handle on the underlying connection, for commands outside the protocol.
-    pub fn connection(&self) -> ConnectionManager {
+    /// Connects to a Redis Cluster through any of its nodes
+    /// (`redis://host:port/` each), with default settings. See
+    /// [Redis Cluster](crate#redis-cluster).
+    ///
+    /// # Errors
+    /// When a URL is invalid, no node can be reached, or they are not cluster nodes.
+    pub async fn connect_cluster<S: AsRef<str>>(urls: &[S]) -> Result<Self, StoreError> {
+        Self::cluster_builder(urls.iter().map(AsRef::as_ref))
+            .connect()
+            .await
+    }
+
+    /// A builder for a store on the Redis Cluster that these nodes belong to
+    /// (any of its nodes will do; the others are discovered). Its deferred
+    /// queue has 16 shards unless set otherwise.
+    pub fn cluster_builder<I>(urls: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        RedisStoreBuilder {
+            target: Target::Cluster(urls.into_iter().map(Into::into).collect()),
+            deferred_shards: 16,
+            ..Self::builder(String::new())
+        }
+    }
+
+    /// A handle on the underlying connection, for commands outside the protocol
+    /// (on a cluster, each with its keys in one slot).
+    pub fn connection(&self) -> RedisConnection {
         self.inner.conn.clone()
     }
 
-    fn conn(&self) -> ConnectionManager {
+    /// Whether the store is on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.inner.conn.is_cluster()
+    }
+
+    fn conn(&self) -> RedisConnection {
         self.inner.conn.clone()
     }
 
@@ -290,9 +412,14 @@ impl RedisStore {
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisStore")
-            .field("url", &self.inner.url)
-            .field("response_timeout", &self.inner.response_timeout)
+        let mut d = f.debug_struct("RedisStore");
+        match &self.inner.target {
+            Target::Server(url) => d.field("url", url),
+            Target::Cluster(urls) => d
+                .field("cluster", urls)
+                .field("deferred_shards", &self.inner.deferred.len()),
+        };
+        d.field("response_timeout", &self.inner.response_timeout)
             .finish()
     }
 }
