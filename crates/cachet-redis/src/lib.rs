@@ -110,6 +110,7 @@
 #![deny(missing_docs)]
 
 mod bloom;
+mod bus;
 mod cluster;
 mod scripts;
 
@@ -123,8 +124,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use cachet_core::BloomKey;
 use cachet_core::{
-    Acquire, AcquireMode, Deferred, Entry, Fill, GroupKey, LeaseToken, Payload, PayloadKind, Read,
-    Store, StoreError, StoreFuture, StoreKey, TokenSource, Ttls, envelope, ttl_millis,
+    Acquire, AcquireMode, BusEvent, Deferred, Entry, Fill, GroupKey, LeaseToken, Payload,
+    PayloadKind, Read, Store, StoreError, StoreFuture, StoreKey, TokenSource, Ttls, Versioned,
+    envelope, ttl_millis,
 };
 use cluster::Target;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -158,6 +160,10 @@ struct Inner {
     deferred_visibility: Duration,
     /// Where the next `run_deferred` starts, so shards take turns.
     next_shard: AtomicUsize,
+    /// Sends invalidation notices, when the bus is on.
+    publisher: Option<bus::Publisher>,
+    /// The server (or a cluster node) subscriptions connect to. Not redacted.
+    bus_url: String,
 }
 
 /// One shard of the deferred-invalidation queue: two sorted sets in one slot.
@@ -176,9 +182,19 @@ pub struct RedisStoreBuilder {
     system_prefix: String,
     deferred_shards: u16,
     deferred_visibility: Duration,
+    invalidation_bus: bool,
 }
 
 impl RedisStoreBuilder {
+    /// Whether the store publishes a notice on the invalidation bus after every
+    /// invalidation, write and group invalidation (default: yes). Near caches
+    /// in other processes rely on it; turn it off only where no near cache is
+    /// used. See [the bus](crate#the-invalidation-bus).
+    pub fn invalidation_bus(mut self, on: bool) -> Self {
+        self.invalidation_bus = on;
+        self
+    }
+
     /// How long to wait for a reply before failing the operation (default
     /// 500 ms). A cache read that fails falls back to the source of truth, so this
     /// bounds the latency a slow or unreachable Redis adds.
@@ -237,8 +253,17 @@ impl RedisStoreBuilder {
                 claimed: format!("{}sys:deferred:{{{i}}}:claimed", self.system_prefix),
             })
             .collect();
+        let bus_url = match &self.target {
+            Target::Server(url) => url.clone(),
+            Target::Cluster(urls) => urls.first().cloned().unwrap_or_default(),
+        };
+        let publisher = self
+            .invalidation_bus
+            .then(|| bus::Publisher::spawn(conn.clone()));
         Ok(RedisStore {
             inner: Arc::new(Inner {
+                publisher,
+                bus_url,
                 conn,
                 tokens: TokenSource::new(),
                 response_timeout: self.response_timeout,
@@ -283,6 +308,7 @@ impl RedisStore {
             system_prefix: "cachet:".to_owned(),
             deferred_shards: 1,
             deferred_visibility: Duration::from_secs(10),
+            invalidation_bus: true,
         }
     }
 
@@ -326,6 +352,13 @@ impl RedisStore {
 
     fn conn(&self) -> RedisConnection {
         self.inner.conn.clone()
+    }
+
+    /// Tells near caches that `key` changed.
+    fn notify_key(&self, key: &StoreKey) {
+        if let Some(publisher) = &self.inner.publisher {
+            publisher.key(key);
+        }
     }
 
     fn err(&self, e: redis::RedisError) -> StoreError {
@@ -677,7 +710,54 @@ impl Store for RedisStore {
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(|e| self.err(e))?;
+            self.notify_key(key);
             Ok(())
+        })
+    }
+
+    fn set_versioned<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        entry: Entry,
+        ttl: Duration,
+    ) -> StoreFuture<'a, Versioned> {
+        Box::pin(async move {
+            let bytes = encode(&entry)?;
+            let mut script = match key.group_key() {
+                Some(group) => {
+                    let mut s = scripts::SET_VERSIONED_GROUPED.key(key.as_str());
+                    s.key(key.lease_key()).key(group.as_str());
+                    s
+                }
+                None => {
+                    let mut s = scripts::SET_VERSIONED.key(key.as_str());
+                    s.key(key.lease_key());
+                    s
+                }
+            };
+            let reply: redis::Value = script
+                .arg(bytes)
+                .arg(ttl_millis(ttl))
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            match &reply {
+                redis::Value::Array(items) => match items.as_slice() {
+                    [redis::Value::Int(1)] => {
+                        self.notify_key(key);
+                        Ok(Versioned::Written)
+                    }
+                    [redis::Value::Int(0), redis::Value::BulkString(v)] if v.len() == 8 => {
+                        let mut b = [0; 8];
+                        b.copy_from_slice(v);
+                        Ok(Versioned::Stale {
+                            current: u64::from_be_bytes(b),
+                        })
+                    }
+                    _ => Err(protocol("set_versioned", &reply)),
+                },
+                _ => Err(protocol("set_versioned", &reply)),
+            }
         })
     }
 
@@ -689,6 +769,7 @@ impl Store for RedisStore {
                 .query_async(&mut self.conn())
                 .await
                 .map_err(|e| self.err(e))?;
+            self.notify_key(key);
             Ok(())
         })
     }
@@ -700,8 +781,19 @@ impl Store for RedisStore {
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(|e| self.err(e))?;
+            if let Some(publisher) = &self.inner.publisher {
+                publisher.group(group);
+            }
             Ok(())
         })
+    }
+
+    fn subscribe_invalidations<'a>(
+        &'a self,
+        head: &'a str,
+    ) -> StoreFuture<'a, tokio::sync::mpsc::Receiver<BusEvent>> {
+        let events = bus::subscribe(self.inner.bus_url.clone(), head);
+        Box::pin(std::future::ready(Ok(events)))
     }
 
     fn defer_invalidate<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()> {

@@ -303,3 +303,58 @@ return 1
 ",
     )
 });
+
+/// Compares the versions of two envelopes (bytes 11–18, big-endian), as two
+/// 32-bit halves so that Lua's doubles stay exact.
+const NEWER: &str = r"
+local function at_least_as_new(current, offered)
+  local ch, cl = struct.unpack('>I4I4', string.sub(current, 11, 18))
+  local oh, ol = struct.unpack('>I4I4', string.sub(offered, 11, 18))
+  return ch > oh or (ch == oh and cl >= ol)
+end
+local function envelope(v)
+  return v and string.len(v) >= 30 and string.byte(v, 1) == 1
+end
+";
+
+/// Version-checked set: [`SET`], unless the entry there is at least as new.
+///
+/// `KEYS[1]` entry, `KEYS[2]` lease; `ARGV[1]` entry bytes, `ARGV[2]` TTL in
+/// ms. Returns `{1}` when written, `{0, current version bytes}` when not.
+pub(crate) static SET_VERSIONED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{NEWER}{}",
+        r"
+local current = redis.call('GET', KEYS[1])
+if envelope(current) and at_least_as_new(current, ARGV[1]) then
+  return {0, string.sub(current, 11, 18)}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[2])
+return {1}
+"
+    ))
+});
+
+/// [`SET_VERSIONED`] for a grouped key: an entry of an older generation does not
+/// count, and the written entry gets the current generation.
+///
+/// `KEYS[1]` entry, `KEYS[2]` lease, `KEYS[3]` generation.
+pub(crate) static SET_VERSIONED_GROUPED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{GENERATION}{NEWER}{}",
+        r"
+local g = generation(KEYS[3])
+local current = redis.call('GET', KEYS[1])
+if envelope(current)
+  and struct.unpack('>I8', string.sub(current, 23, 30)) == tonumber(g)
+  and at_least_as_new(current, ARGV[1]) then
+  return {0, string.sub(current, 11, 18)}
+end
+local v = string.sub(ARGV[1], 1, 22) .. struct.pack('>I8', tonumber(g)) .. string.sub(ARGV[1], 31)
+redis.call('SET', KEYS[1], v, 'PX', ARGV[2])
+redis.call('DEL', KEYS[2])
+return {1}
+"
+    ))
+});

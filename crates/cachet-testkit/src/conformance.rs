@@ -73,7 +73,8 @@ macro_rules! conformance_tests {
             concurrent_acquires_grant_one_lease,
             hostile_keys_are_distinct,
             deferred_invalidations_run_when_due,
-            groups_orphan_old_entries_and_refuse_old_leases
+            groups_orphan_old_entries_and_refuse_old_leases,
+            versioned_sets_keep_the_newest
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
@@ -576,5 +577,94 @@ pub async fn groups_orphan_old_entries_and_refuse_old_leases(h: &dyn Harness) {
     assert_eq!(
         payload_of(&store.get(&a2).await.unwrap()).as_deref(),
         Some(&b"set"[..])
+    );
+}
+
+fn versioned(payload: &'static [u8], version: u64) -> Entry {
+    Entry {
+        meta: Meta {
+            version,
+            ..Meta::default()
+        },
+        payload: Payload::Bytes(Bytes::from_static(payload)),
+    }
+}
+
+/// A version-checked set writes only over an older (or no, or orphaned)
+/// entry, and revokes the lease like `set`.
+pub async fn versioned_sets_keep_the_newest(h: &dyn Harness) {
+    use cachet_core::Versioned;
+    let store = h.store();
+    let layout = h.layout();
+    let key = layout.key("row");
+    let reader = lease(&*store, &key, LEASE_TTL).await;
+    assert_eq!(
+        store
+            .set_versioned(&key, versioned(b"v5", 5), TTL)
+            .await
+            .unwrap(),
+        Versioned::Written
+    );
+    assert_eq!(
+        store.fill(&key, &reader, entry(b"old"), TTL).await.unwrap(),
+        Fill::Refused,
+        "the lease was revoked"
+    );
+    assert_eq!(
+        store
+            .set_versioned(&key, versioned(b"v3", 3), TTL)
+            .await
+            .unwrap(),
+        Versioned::Stale { current: 5 }
+    );
+    assert_eq!(
+        store
+            .set_versioned(&key, versioned(b"v5b", 5), TTL)
+            .await
+            .unwrap(),
+        Versioned::Stale { current: 5 },
+        "an equal version is not newer"
+    );
+    assert_eq!(
+        payload_of(&store.get(&key).await.unwrap()).as_deref(),
+        Some(&b"v5"[..])
+    );
+    // Versions are compared whole, beyond 2^32 and 2^53.
+    let big = (1u64 << 60) + 1;
+    assert_eq!(
+        store
+            .set_versioned(&key, versioned(b"big", big), TTL)
+            .await
+            .unwrap(),
+        Versioned::Written
+    );
+    assert_eq!(
+        store
+            .set_versioned(&key, versioned(b"big-1", big - 1), TTL)
+            .await
+            .unwrap(),
+        Versioned::Stale { current: big }
+    );
+    assert!(matches!(h.ttl(&key, false).await, KeyTtl::Expires(_)));
+    // In a group, an orphaned entry does not block an older version.
+    let g = layout.grouped_key("tenant", "row");
+    store
+        .set_versioned(&g, versioned(b"g9", 9), TTL)
+        .await
+        .unwrap();
+    store
+        .invalidate_group(&g.group_key().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .set_versioned(&g, versioned(b"g2", 2), TTL)
+            .await
+            .unwrap(),
+        Versioned::Written
+    );
+    assert_eq!(
+        payload_of(&store.get(&g).await.unwrap()).as_deref(),
+        Some(&b"g2"[..])
     );
 }

@@ -1,0 +1,220 @@
+//! The invalidation bus: notices of invalidations and writes, for near caches,
+//! over Redis pub/sub.
+//!
+//! Each cache has a channel, `{prefix}{namespace}:sys:bus` (a channel, not a
+//! key: it takes no memory when nobody listens). A store with the bus on sends a
+//! notice after every invalidation, write and group invalidation that succeeds
+//! — from `Cache` calls, an outbox relay, a deferred-invalidation worker alike.
+//! Notices are one line each (`k <entry key>` or `g <generation key>`) and are
+//! batched: a background task gathers what arrives within a millisecond (at most
+//! 512 notices) and sends one `PUBLISH` per channel, so a burst of writes costs
+//! a few messages, not one each.
+//!
+//! Pub/sub is fire-and-forget: a subscriber that is disconnected misses
+//! messages. Subscribers therefore report every loss and every recovery, and the
+//! near cache empties itself on both. While connected, a subscriber pings every
+//! second and treats a ping that goes unanswered for a second as a loss.
+//!
+//! Why pub/sub rather than RESP3 client tracking: tracking makes the server
+//! remember every key each client read (memory on the server, and an
+//! invalidation per key read), needs RESP3 on the data connection, and its
+//! broadcast mode sends every key of a prefix to everyone; pub/sub sends exactly
+//! the notices of the caches a process subscribed to, works the same on Redis
+//! Cluster (`PUBLISH` reaches every node), and batches.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cachet_core::{BusEvent, GroupKey, Notice, StoreKey};
+use futures::StreamExt as _;
+use tokio::sync::mpsc;
+
+use crate::RedisConnection;
+
+/// The most notices in one batch.
+const BATCH: usize = 512;
+/// How long a batch waits for more notices after its first one.
+const LINGER: Duration = Duration::from_millis(1);
+/// Ping period and timeout of a subscription.
+const PING: Duration = Duration::from_secs(1);
+
+/// The channel of the cache whose keys start with `head`.
+pub(crate) fn channel(head: &str) -> String {
+    format!("{head}:sys:bus")
+}
+
+/// The sending side: a queue in front of the batching task.
+#[derive(Debug)]
+pub(crate) struct Publisher {
+    tx: mpsc::UnboundedSender<(String, String)>,
+}
+
+impl Publisher {
+    /// Starts the batching task on the current tokio runtime.
+    pub(crate) fn spawn(conn: RedisConnection) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(publish(conn, rx));
+        Self { tx }
+    }
+
+    pub(crate) fn key(&self, key: &StoreKey) {
+        let _ = self
+            .tx
+            .send((channel(key.head()), format!("k {}", key.as_str())));
+    }
+
+    pub(crate) fn group(&self, group: &GroupKey) {
+        let _ = self
+            .tx
+            .send((channel(group.head()), format!("g {}", group.as_str())));
+    }
+}
+
+/// Gathers notices into batches and publishes them, until every sender is gone.
+async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<(String, String)>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch: HashMap<String, Vec<String>> = HashMap::new();
+        batch.entry(first.0).or_default().push(first.1);
+        let mut n = 1;
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while n < BATCH {
+            let next = match rx.try_recv() {
+                Ok(notice) => notice,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(notice)) => notice,
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            };
+            batch.entry(next.0).or_default().push(next.1);
+            n += 1;
+        }
+        for (channel, lines) in batch {
+            let published: Result<i64, _> = redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(lines.join("\n"))
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = published {
+                // Subscribers whose connection is fine would miss these: their
+                // near caches rely on their TTL for them.
+                tracing::warn!(%channel, notices = lines.len(), error = %e,
+                    "publishing invalidation notices failed");
+            }
+        }
+    }
+}
+
+/// Parses one published message.
+fn parse(payload: &str) -> Vec<Notice> {
+    payload
+        .lines()
+        .filter_map(|line| match line.split_once(' ') {
+            Some(("k", key)) => StoreKey::parse(key).map(Notice::Key),
+            Some(("g", key)) => GroupKey::parse(key).map(Notice::Group),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Subscribes to `head`'s channel on the server at `url`, keeping the
+/// subscription up until the receiver is dropped.
+pub(crate) fn subscribe(url: String, head: &str) -> mpsc::Receiver<BusEvent> {
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(follow(url, channel(head), tx));
+    rx
+}
+
+async fn follow(url: String, channel: String, tx: mpsc::Sender<BusEvent>) {
+    let mut backoff = Duration::from_millis(50);
+    while !tx.is_closed() {
+        match listen(&url, &channel, &tx).await {
+            Listened::ReceiverGone => return,
+            Listened::Lost { was_connected } => {
+                if was_connected {
+                    backoff = Duration::from_millis(50);
+                    if tx.send(BusEvent::Lost).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+enum Listened {
+    ReceiverGone,
+    Lost { was_connected: bool },
+}
+
+/// One subscription, until it breaks.
+async fn listen(url: &str, channel: &str, tx: &mpsc::Sender<BusEvent>) -> Listened {
+    let lost = Listened::Lost {
+        was_connected: false,
+    };
+    let Ok(client) = redis::Client::open(url) else {
+        return lost;
+    };
+    let pubsub = match tokio::time::timeout(PING, client.get_async_pubsub()).await {
+        Ok(Ok(pubsub)) => pubsub,
+        Ok(Err(e)) => {
+            tracing::debug!(%channel, error = %e, "invalidation bus: cannot connect");
+            return lost;
+        }
+        Err(_) => return lost,
+    };
+    let (mut sink, mut stream) = pubsub.split();
+    match tokio::time::timeout(PING, sink.subscribe(channel)).await {
+        Ok(Ok(())) => {}
+        _ => return lost,
+    }
+    if tx.send(BusEvent::Connected).await.is_err() {
+        return Listened::ReceiverGone;
+    }
+    let lost = Listened::Lost {
+        was_connected: true,
+    };
+    let mut ping = tokio::time::interval(PING);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            message = stream.next() => {
+                let Some(message) = message else { return lost };
+                let payload: String = message.get_payload().unwrap_or_default();
+                let notices = parse(&payload);
+                if !notices.is_empty() && tx.send(BusEvent::Notices(notices)).await.is_err() {
+                    return Listened::ReceiverGone;
+                }
+            }
+            _ = ping.tick() => {
+                let pong: Result<Result<redis::Value, _>, _> =
+                    tokio::time::timeout(PING, sink.ping()).await;
+                if !matches!(pong, Ok(Ok(_))) {
+                    tracing::debug!(%channel, "invalidation bus: ping unanswered");
+                    return lost;
+                }
+            }
+            () = tx.closed() => return Listened::ReceiverGone,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cachet_core::KeyLayout;
+
+    #[test]
+    fn messages_parse_back() {
+        let layout = KeyLayout::new("cachet:", "users").unwrap();
+        let k = layout.key("a b\nc");
+        let g = layout.group_key("acme");
+        let payload = format!("k {}\ng {}\nx junk\nk not-a-key", k.as_str(), g.as_str());
+        assert_eq!(parse(&payload), vec![Notice::Key(k), Notice::Group(g)]);
+        assert_eq!(channel("cachet:users"), "cachet:users:sys:bus");
+    }
+}

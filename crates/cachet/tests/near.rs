@@ -1,0 +1,174 @@
+//! The near cache (L1) over Redis: coherent across processes, cleared when its
+//! invalidation bus breaks.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use cachet::{Cache, NearCache, RedisStore};
+use cachet_testkit::RedisServer;
+
+type Db = Arc<std::sync::Mutex<std::collections::HashMap<u64, String>>>;
+
+async fn instance(server: &RedisServer) -> Cache<u64, String> {
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    Cache::builder("near")
+        .store(store)
+        .near_cache(NearCache::new(1_000, Duration::from_secs(30)))
+        .build()
+        .unwrap()
+}
+
+type Loaded =
+    std::pin::Pin<Box<dyn Future<Output = Result<Option<String>, std::io::Error>> + Send>>;
+
+fn loader(db: &Db, key: u64) -> impl FnOnce() -> Loaded + Send + 'static {
+    let db = Arc::clone(db);
+    move || Box::pin(async move { Ok(db.lock().unwrap().get(&key).cloned()) })
+}
+
+/// Waits (bounded) until every instance's bus subscription is up.
+async fn connected(caches: &[Cache<u64, String>]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while caches.iter().any(|c| c.stats().near_clears == 0) {
+        assert!(tokio::time::Instant::now() < deadline, "never subscribed");
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Reads `key` through every instance until all return `want`, within `bound`.
+async fn converge(caches: &[Cache<u64, String>], db: &Db, key: u64, want: &str, bound: Duration) {
+    let deadline = tokio::time::Instant::now() + bound;
+    for c in caches {
+        loop {
+            let got = c.get_or_load(&key, loader(db, key)).await.unwrap();
+            if got.as_deref() == Some(want) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "an instance still serves {got:?} instead of {want:?} after {bound:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_reach_every_near_cache_and_reconnects_clear_them() {
+    let server = RedisServer::start();
+    let caches = vec![
+        instance(&server).await,
+        instance(&server).await,
+        instance(&server).await,
+    ];
+    connected(&caches).await;
+    let db: Db = Arc::default();
+    let writes = AtomicU64::new(0);
+    for round in 0..60u64 {
+        let key = round % 5;
+        let value = format!("v{round}");
+        let writer = &caches[(round % 3) as usize];
+        // Everyone has the old value in L1.
+        for c in &caches {
+            c.get_or_load(&key, loader(&db, key)).await.unwrap();
+        }
+        db.lock().unwrap().insert(key, value.clone());
+        writer.invalidate(&key).await.unwrap();
+        writes.fetch_add(1, Ordering::Relaxed);
+        // After the invalidation completes and a small bounded delay, nobody
+        // serves the old value.
+        converge(&caches, &db, key, &value, Duration::from_millis(500)).await;
+        if round == 30 {
+            // Break every subscription: each near cache must clear itself
+            // (once on the loss, once on the recovery).
+            let before: Vec<u64> = caches.iter().map(|c| c.stats().near_clears).collect();
+            server.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            for (c, b) in caches.iter().zip(&before) {
+                while c.stats().near_clears < b + 2 {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "no clear after a reconnect"
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+    let hits: u64 = caches.iter().map(|c| c.stats().near_hits).sum();
+    assert!(hits > 100, "L1 answered reads: {hits}");
+    println!(
+        "near hits {hits}, clears {:?}",
+        caches
+            .iter()
+            .map(|c| c.stats().near_clears)
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_invalidations_and_writes_reach_other_near_caches() {
+    let server = RedisServer::start();
+    let make = |store: RedisStore| {
+        Cache::<(u64, u64), String>::builder("tenants")
+            .store(store)
+            .group_by(|k: &(u64, u64)| k.0)
+            .near_cache(NearCache::new(1_000, Duration::from_secs(30)))
+            .build()
+            .unwrap()
+    };
+    let a = make(RedisStore::connect(&server.url()).await.unwrap());
+    let b = make(RedisStore::connect(&server.url()).await.unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while a.stats().near_clears == 0 || b.stats().near_clears == 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::task::yield_now().await;
+    }
+    for id in 0..10 {
+        b.get_or_load(&(1, id), move || async move {
+            Ok::<_, std::io::Error>(Some(format!("old {id}")))
+        })
+        .await
+        .unwrap();
+    }
+    assert!(b.get(&(1, 3)).await.unwrap().is_some());
+    let hits = b.stats().near_hits;
+    assert!(b.get(&(1, 3)).await.unwrap().is_some());
+    assert_eq!(b.stats().near_hits, hits + 1, "served from L1");
+    a.invalidate_group(&1u64).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while b.get(&(1, 3)).await.unwrap().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the group stays in b's L1"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // A plain write in one process drops the entry from the other's L1.
+    b.get_or_load(&(2, 1), || async {
+        Ok::<_, std::io::Error>(Some("old".to_owned()))
+    })
+    .await
+    .unwrap();
+    a.set(&(2, 1), "new".into()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while b.get(&(2, 1)).await.unwrap().as_deref() != Some("new") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b still serves the old value"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_near_cache_needs_a_shared_store() {
+    let e = Cache::<u64, String>::builder("x")
+        .near_cache(NearCache::new(10, Duration::from_secs(1)))
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("shared store"), "{e}");
+}
