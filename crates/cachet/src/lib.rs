@@ -10,6 +10,8 @@
 //! - [Concurrent calls on the same key](#concurrent-calls-on-the-same-key)
 //! - [Freshness: stale-while-revalidate, refresh-ahead, fail-safe](#freshness-stale-while-revalidate-refresh-ahead-fail-safe)
 //! - [Group invalidation](#group-invalidation)
+//! - [Two tiers: the near cache](#two-tiers-the-near-cache)
+//! - [Write paths](#write-paths)
 //! - [Stores](#stores)
 //! - [Costs](#costs)
 //! - [Metrics](#metrics)
@@ -175,6 +177,32 @@
 //! are read by one script in one round trip (a hit costs an `EVALSHA` instead of
 //! a `GET`), and all of a group's keys live in one slot: a very hot group is a hot
 //! slot on Redis Cluster.
+//!
+//! # Two tiers: the near cache
+//!
+//! [`CacheBuilder::near_cache`] puts an in-process tier (L1, decoded values, a
+//! hit is a map lookup) in front of a shared store (L2, Redis). It stays
+//! coherent through the store's invalidation bus: every invalidation, write and
+//! group invalidation made through a store with the bus on, in any process,
+//! removes the entry from every L1 within milliseconds; an invalidation that
+//! lands while an L1 fill is in flight wins; L1 is emptied whenever the bus
+//! subscription breaks or comes back (a lost message must not become a stale
+//! L1), and is neither read nor filled while it is down. Every L1 entry also
+//! has a short TTL, the bound on staleness should a notice be lost while the
+//! subscription stays up. See [`NearCache`].
+//!
+//! # Write paths
+//!
+//! | path | call | the write returns after | guarantee |
+//! |---|---|---|---|
+//! | delete-on-write | [`Cache::invalidate`] after the commit | the commit and one `DEL` | the next read loads the new row; leases stop older loads from filling |
+//! | write-through | [`Cache::write_through`] | the commit and one versioned `SET` | the cache holds the newest version; an older concurrent write never overwrites it |
+//! | write-behind | crate `cachet-writebehind` | the write is in a durable Redis stream | applied to the source later, batched, at least once, idempotent by version |
+//!
+//! Delete-on-write is the default and the cheapest to get right. Write-through
+//! suits values read right after they are written. Write-behind absorbs write
+//! bursts, at the cost of the source lagging behind and of depending on Redis's
+//! durability (AOF) for acknowledged writes.
 //!
 //! # Stores
 //!
