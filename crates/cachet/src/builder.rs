@@ -8,6 +8,7 @@ use std::time::Duration;
 use cachet_core::{CacheKey, Clock, KeyLayout, PayloadKind, Store};
 
 use crate::bloom::{BloomFilter, BloomOptions};
+use crate::breaker::{CircuitBreaker, Guarded};
 use crate::cache::{Cache, FailSafe, Freshness, GroupFn, RefreshAhead, Settings, VersionFn};
 use crate::codec::{Codec, Postcard};
 use crate::near::NearCache;
@@ -40,6 +41,7 @@ pub struct CacheBuilder<K: ?Sized, V, C = Postcard> {
     group: Option<GroupFn<K>>,
     bloom: Option<BloomOptions>,
     near: Option<NearCache>,
+    breaker: Option<CircuitBreaker>,
     version_of: Option<VersionFn<V>>,
     fresh: Freshness,
     soft_timeout: Option<Duration>,
@@ -85,6 +87,7 @@ impl<K: ?Sized, V> CacheBuilder<K, V, Postcard> {
             group: None,
             bloom: None,
             near: None,
+            breaker: Some(CircuitBreaker::default()),
             version_of: None,
             fresh: Freshness::default(),
             soft_timeout: None,
@@ -179,6 +182,16 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
         F: Fn(&K) -> G + Send + Sync + 'static,
     {
         self.group = Some(Arc::new(move |k: &K| cachet_core::escape_key(&group(k))));
+        self
+    }
+
+    /// The circuit breaker in front of a shared store (on by default, see
+    /// [`CircuitBreaker`]): after repeated failures, operations skip the store
+    /// for a cooldown instead of each paying the response timeout, and
+    /// invalidations that could not reach the store are retried until they do.
+    /// `None` turns it off.
+    pub fn circuit_breaker(mut self, breaker: Option<CircuitBreaker>) -> Self {
+        self.breaker = breaker;
         self
     }
 
@@ -279,6 +292,7 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
             group: self.group,
             bloom: self.bloom,
             near: self.near,
+            breaker: self.breaker,
             version_of: self.version_of,
             fresh: self.fresh,
             soft_timeout: self.soft_timeout,
@@ -352,6 +366,16 @@ where
                 format!("{store:?} keeps bytes, so the cache needs a codec, not NoCodec"),
             ));
         }
+        let breaker = match (&local, self.breaker) {
+            (None, Some(settings)) => {
+                Some(Guarded::new(Arc::clone(&store), settings, clock.clone()))
+            }
+            _ => None,
+        };
+        let store = match &breaker {
+            Some(guarded) => Arc::clone(guarded) as Arc<dyn Store>,
+            None => store,
+        };
         if self.near.is_some() {
             if local.is_some() {
                 return Err(Error::config(
@@ -390,6 +414,7 @@ where
             local,
             bloom,
             self.near,
+            breaker,
         ))
     }
 }

@@ -231,6 +231,7 @@
 #![deny(missing_docs)]
 
 pub mod bloom;
+mod breaker;
 mod builder;
 mod cache;
 pub mod codec;
@@ -242,6 +243,7 @@ mod near;
 mod stats;
 
 pub use bloom::{BloomFilter, BloomOptions};
+pub use breaker::CircuitBreaker;
 pub use builder::CacheBuilder;
 pub use cache::{Cache, FailSafe, LoadOptions, RefreshAhead};
 pub use codec::{Codec, Json, NoCodec, Postcard};

@@ -66,6 +66,16 @@ pub struct Stats {
     /// Times the near cache was emptied because its invalidation bus broke or
     /// came back.
     pub near_clears: u64,
+    /// Times the circuit breaker opened (the store failed repeatedly).
+    pub breaker_opens: u64,
+    /// Store operations skipped because the breaker was open.
+    pub short_circuits: u64,
+    /// Invalidations that failed, were kept, and later reached the store.
+    pub retried_invalidations: u64,
+    /// Invalidations that failed and could not be kept (beyond the bound).
+    pub dropped_invalidations: u64,
+    /// Invalidations kept now, waiting for the store.
+    pub pending_invalidations: u64,
 }
 
 impl Stats {
@@ -184,6 +194,11 @@ impl Counters {
             stale_writes: self.stale_writes.get(),
             near_hits: 0,
             near_clears: 0,
+            breaker_opens: 0,
+            short_circuits: 0,
+            retried_invalidations: 0,
+            dropped_invalidations: 0,
+            pending_invalidations: 0,
         }
     }
 }

@@ -15,6 +15,7 @@ use rand::Rng as _;
 use super::fresh::{AheadReads, Freshness, State};
 use crate::Error;
 use crate::bloom::BloomFilter;
+use crate::breaker::Guarded;
 use crate::codec::Codec;
 use crate::error::BoxError;
 use crate::flight::Flights;
@@ -65,6 +66,8 @@ pub(crate) struct Inner<K: ?Sized, V> {
     pub(crate) near: Option<Arc<Near<K, V>>>,
     /// Dropped with the cache, which ends its bus task.
     pub(crate) _bus_stop: tokio::sync::watch::Sender<()>,
+    /// The circuit breaker in front of a shared store (also `s.store`).
+    pub(crate) breaker: Option<Arc<Guarded>>,
 }
 
 /// What a lookup found.
@@ -101,6 +104,7 @@ where
         local: Option<Arc<dyn LocalTier<K, V>>>,
         bloom: Option<BloomFilter>,
         near: Option<NearCache>,
+        breaker: Option<Arc<Guarded>>,
     ) -> Self {
         let kind = s.store.payload_kind();
         let counters = Counters::new(s.layout.namespace());
@@ -117,6 +121,7 @@ where
             throttled: quick_cache::sync::Cache::new(1_000),
             near: near.map(|options| Arc::new(Near::new(options, s_clock))),
             _bus_stop: tokio::sync::watch::Sender::new(()),
+            breaker,
         }
     }
 

@@ -26,6 +26,7 @@ use load::LoadPlan;
 
 use crate::Error;
 use crate::bloom::BloomFilter;
+use crate::breaker::Guarded;
 use crate::builder::CacheBuilder;
 use crate::error::BoxError;
 use crate::flight::{self, Role};
@@ -164,8 +165,9 @@ where
         local: Option<Arc<dyn LocalTier<K, V>>>,
         bloom: Option<BloomFilter>,
         near: Option<NearCache>,
+        breaker: Option<Arc<Guarded>>,
     ) -> Self {
-        let inner = Arc::new(Inner::new(s, group, local, bloom, near));
+        let inner = Arc::new(Inner::new(s, group, local, bloom, near, breaker));
         if inner.near.is_some() {
             let stop = inner._bus_stop.subscribe();
             let head = format!("{}{}", inner.s.layout.prefix(), inner.namespace());
@@ -651,9 +653,17 @@ where
     /// A snapshot of this cache's counters.
     pub fn stats(&self) -> Stats {
         let mut stats = self.inner.counters.snapshot();
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
         if let Some(near) = &self.inner.near {
-            stats.near_hits = near.hits.load(std::sync::atomic::Ordering::Relaxed);
-            stats.near_clears = near.clears.load(std::sync::atomic::Ordering::Relaxed);
+            stats.near_hits = near.hits.load(relaxed);
+            stats.near_clears = near.clears.load(relaxed);
+        }
+        if let Some(breaker) = &self.inner.breaker {
+            stats.breaker_opens = breaker.counts.opens.load(relaxed);
+            stats.short_circuits = breaker.counts.short_circuits.load(relaxed);
+            stats.retried_invalidations = breaker.counts.retried_invalidations.load(relaxed);
+            stats.dropped_invalidations = breaker.counts.dropped_invalidations.load(relaxed);
+            stats.pending_invalidations = breaker.pending() as u64;
         }
         stats
     }

@@ -1,0 +1,162 @@
+//! A Redis outage during a steady workload: reads fall through to the source
+//! with bounded latency, the breaker stops paying timeouts, invalidations that
+//! failed are retried, and nothing is stale after recovery.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cachet::{Cache, CircuitBreaker, RedisStore};
+use cachet_testkit::{RedisServer, RedisServerOptions};
+use rand::Rng as _;
+
+const KEYS: u64 = 20;
+type Db = Arc<std::sync::Mutex<HashMap<u64, u64>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_survive_an_outage_and_nothing_is_stale_after_it() {
+    // Persistence on, so entries written before the outage are still there after it.
+    let mut server = RedisServer::start_with(RedisServerOptions {
+        append_only: true,
+        ..RedisServerOptions::default()
+    });
+    let store = RedisStore::builder(server.url())
+        .response_timeout(Duration::from_millis(100))
+        .connection_timeout(Duration::from_millis(100))
+        .connect()
+        .await
+        .unwrap();
+    let cache: Cache<u64, u64> = Cache::builder("outage")
+        .store(store)
+        .circuit_breaker(Some(CircuitBreaker::new(3, Duration::from_millis(300))))
+        .build()
+        .unwrap();
+    let db: Db = Arc::new(std::sync::Mutex::new((0..KEYS).map(|k| (k, 0)).collect()));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let read_errors = Arc::new(AtomicU64::new(0));
+    let reads = Arc::new(AtomicU64::new(0));
+    let slowest_us = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (cache, db, stop, read_errors, reads, slowest_us) = (
+            cache.clone(),
+            Arc::clone(&db),
+            Arc::clone(&stop),
+            Arc::clone(&read_errors),
+            Arc::clone(&reads),
+            Arc::clone(&slowest_us),
+        );
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..1_000_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let key = rand::rng().random_range(0..KEYS);
+                let db = Arc::clone(&db);
+                let started = Instant::now();
+                let got = cache
+                    .get_or_load(&key, move || async move {
+                        Ok::<_, std::io::Error>(db.lock().unwrap().get(&key).copied())
+                    })
+                    .await;
+                let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                slowest_us.fetch_max(us, Ordering::Relaxed);
+                reads.fetch_add(1, Ordering::Relaxed);
+                if got.is_err() {
+                    read_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    let writer = {
+        let (cache, db, stop) = (cache.clone(), Arc::clone(&db), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut failed = 0u64;
+            for _ in 0..1_000_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let key = rand::rng().random_range(0..KEYS);
+                *db.lock().unwrap().entry(key).or_default() += 1;
+                if cache.invalidate(&key).await.is_err() {
+                    failed += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            failed
+        })
+    };
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let during = cache.stats();
+    server.restart();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let failed_invalidations = writer.await.unwrap();
+
+    // Invalidations that failed during the outage reach the store after it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cache.stats().pending_invalidations > 0 {
+        assert!(Instant::now() < deadline, "invalidations never retried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut stale = 0;
+    for key in 0..KEYS {
+        let cached = cache.peek(&key).await.unwrap();
+        let truth = db.lock().unwrap().get(&key).copied();
+        if cached.is_some() && cached != truth {
+            stale += 1;
+        }
+    }
+    let s = cache.stats();
+    println!(
+        "reads {}, read errors {}, slowest read {} µs, failed invalidations {failed_invalidations}, \
+         breaker opens {}, short circuits {}, retried invalidations {}, stale {stale}",
+        reads.load(Ordering::Relaxed),
+        read_errors.load(Ordering::Relaxed),
+        slowest_us.load(Ordering::Relaxed),
+        s.breaker_opens,
+        s.short_circuits,
+        s.retried_invalidations,
+    );
+    assert_eq!(
+        read_errors.load(Ordering::Relaxed),
+        0,
+        "reads fell through to the source"
+    );
+    assert!(
+        during.breaker_opens >= 1,
+        "the breaker opened during the outage"
+    );
+    assert!(during.short_circuits > 0, "and spared the timeouts");
+    assert!(failed_invalidations > 0, "the outage was felt by writers");
+    assert!(s.retried_invalidations > 0);
+    assert_eq!(stale, 0, "nothing stale after recovery");
+    // No read waited much longer than one store timeout (100 ms); the bound is
+    // loose for a loaded machine, and catches reads stuck behind a dead server.
+    assert!(
+        slowest_us.load(Ordering::Relaxed) < 2_000_000,
+        "a read took {} µs",
+        slowest_us.load(Ordering::Relaxed)
+    );
+    // Recovered: reads are served by the store again.
+    let hits = cache.stats().hits;
+    for _ in 0..50 {
+        cache
+            .get_or_load(&0, || async { Ok::<_, std::io::Error>(Some(0)) })
+            .await
+            .unwrap();
+    }
+    assert!(
+        cache.stats().hits > hits,
+        "the store serves hits after recovery"
+    );
+}
