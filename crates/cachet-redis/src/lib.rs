@@ -134,6 +134,7 @@
 mod bloom;
 mod bus;
 mod cluster;
+mod info;
 mod scripts;
 
 pub use cluster::RedisConnection;
@@ -151,6 +152,7 @@ use cachet_core::{
     envelope, ttl_millis,
 };
 use cluster::Target;
+pub use info::ServerInfo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 /// A [`Store`] on Redis or on a [Redis Cluster](crate#redis-cluster). Cloning is
@@ -205,9 +207,18 @@ pub struct RedisStoreBuilder {
     deferred_shards: u16,
     deferred_visibility: Duration,
     invalidation_bus: bool,
+    eviction_check: bool,
 }
 
 impl RedisStoreBuilder {
+    /// Whether to read the server's `maxmemory` and `maxmemory-policy` when
+    /// connecting and warn (one `tracing` line) about settings that break the
+    /// guarantees (default: yes). See [`ServerInfo::warnings`].
+    pub fn eviction_check(mut self, on: bool) -> Self {
+        self.eviction_check = on;
+        self
+    }
+
     /// Whether the store publishes a notice on the invalidation bus after every
     /// invalidation, write and group invalidation (default: yes). Near caches
     /// in other processes rely on it; turn it off only where no near cache is
@@ -282,7 +293,8 @@ impl RedisStoreBuilder {
         let publisher = self
             .invalidation_bus
             .then(|| bus::Publisher::spawn(conn.clone()));
-        Ok(RedisStore {
+        let eviction_check = self.eviction_check;
+        let store = RedisStore {
             inner: Arc::new(Inner {
                 publisher,
                 bus_url,
@@ -294,7 +306,11 @@ impl RedisStoreBuilder {
                 deferred_visibility: self.deferred_visibility,
                 next_shard: AtomicUsize::new(0),
             }),
-        })
+        };
+        if eviction_check {
+            store.check_eviction_settings().await;
+        }
+        Ok(store)
     }
 
     async fn connect_server(&self, url: &str) -> Result<RedisConnection, StoreError> {
@@ -331,6 +347,7 @@ impl RedisStore {
             deferred_shards: 1,
             deferred_visibility: Duration::from_secs(10),
             invalidation_bus: true,
+            eviction_check: true,
         }
     }
 
@@ -372,8 +389,57 @@ impl RedisStore {
         self.inner.conn.is_cluster()
     }
 
+    /// Memory, eviction and hit counters of the server (on a cluster, of the
+    /// node that answers). `CONFIG` may be forbidden by ACLs: those fields are
+    /// then `None`.
+    ///
+    /// # Errors
+    /// When the server cannot be reached or `INFO` fails.
+    pub async fn server_info(&self) -> Result<ServerInfo, StoreError> {
+        let mut conn = self.conn();
+        let config = |name: &'static str| {
+            let mut conn = self.conn();
+            async move {
+                let reply: Result<Vec<String>, _> = redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg(name)
+                    .query_async(&mut conn)
+                    .await;
+                reply.ok().and_then(|kv| kv.into_iter().nth(1))
+            }
+        };
+        let maxmemory = config("maxmemory").await.and_then(|v| v.parse().ok());
+        let policy = config("maxmemory-policy").await;
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .arg("stats")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(ServerInfo {
+            maxmemory,
+            policy,
+            ..ServerInfo::default()
+        }
+        .with_info(&info))
+    }
+
     fn conn(&self) -> RedisConnection {
         self.inner.conn.clone()
+    }
+
+    async fn check_eviction_settings(&self) {
+        match self.server_info().await {
+            Ok(info) => {
+                let warnings = info.warnings();
+                if !warnings.is_empty() {
+                    tracing::warn!(store = ?self, "Redis settings weaken cachet's guarantees: {}", warnings.join("; "));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(store = ?self, error = %e, "could not read the Redis eviction settings")
+            }
+        }
     }
 
     /// Tells near caches that `key` changed.
@@ -1055,5 +1121,56 @@ mod config_tests {
                 .starts_with("invalid store configuration: invalid Redis URL \"not a url\""),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod eviction_tests {
+    use super::*;
+    use cachet_testkit::{RedisServer, RedisServerOptions};
+
+    #[tokio::test]
+    async fn reads_the_eviction_settings_and_counters() {
+        let server = RedisServer::start_with(RedisServerOptions {
+            extra_args: vec![
+                ("maxmemory".into(), "64mb".into()),
+                ("maxmemory-policy".into(), "noeviction".into()),
+            ],
+            ..RedisServerOptions::default()
+        });
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        let info = store.server_info().await.unwrap();
+        assert_eq!(info.maxmemory, Some(64 * 1024 * 1024));
+        assert_eq!(info.policy.as_deref(), Some("noeviction"));
+        assert!(info.used_memory.unwrap() > 0);
+        assert_eq!(info.evicted_keys, Some(0));
+        assert!(info.warnings()[0].contains("noeviction"), "{info}");
+
+        let fine = RedisServer::start_with(RedisServerOptions {
+            extra_args: vec![
+                ("maxmemory".into(), "64mb".into()),
+                ("maxmemory-policy".into(), "allkeys-lru".into()),
+            ],
+            ..RedisServerOptions::default()
+        });
+        let store = RedisStore::connect(&fine.url()).await.unwrap();
+        assert!(store.server_info().await.unwrap().warnings().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_config_is_tolerated() {
+        let server = RedisServer::start();
+        // A user that may do everything but CONFIG.
+        assert_eq!(
+            server.command(&[
+                "ACL", "SETUSER", "app", "on", ">secret", "~*", "&*", "+@all", "-config"
+            ]),
+            "OK"
+        );
+        let url = format!("redis://app:secret@127.0.0.1:{}/", server.port());
+        let store = RedisStore::connect(&url).await.unwrap();
+        let info = store.server_info().await.unwrap();
+        assert_eq!(info.policy, None);
+        assert!(info.warnings()[0].contains("CONFIG not allowed"));
     }
 }

@@ -260,7 +260,7 @@ pub use cachet_core::{
 };
 
 #[cfg(feature = "redis")]
-pub use cachet_redis::{RedisStore, RedisStoreBuilder};
+pub use cachet_redis::{RedisConnection, RedisStore, RedisStoreBuilder, ServerInfo};
 
 /// The transactional outbox for PostgreSQL (feature `outbox`): invalidations
 /// recorded in the writer's transaction and delivered by a relay.
