@@ -1,8 +1,9 @@
 //! `cachet`, the command-line tool of the cachet caching library.
 //!
 //! Today it has one subcommand, `cachet lab`, which runs caching failure modes
-//! side by side (see [`lab`]). This module owns argument parsing, logging, the
-//! runtime and how errors reach the user.
+//! side by side (see [`lab`]), and a hidden one, `cachet __child`, which the lab
+//! starts to run work in processes of its own (see `lab::child`). This module
+//! owns argument parsing, logging, the runtime and how errors reach the user.
 
 mod lab;
 
@@ -26,7 +27,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    Lab(lab::LabArgs),
+    // Boxed: the lab has many flags, and the other commands would pay for them.
+    Lab(Box<lab::LabArgs>),
+    /// Work the lab runs in a process of its own, to kill it mid-way
+    #[command(name = "__child", hide = true)]
+    Child(lab::child::ChildArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,7 +59,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Lab(args) => lab::run(args).await,
+            Command::Lab(args) => lab::run(*args).await,
+            Command::Child(args) => lab::child::run(args).await,
         }
     });
     // Client connections may still hold background tasks; do not wait on them.

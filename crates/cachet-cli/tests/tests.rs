@@ -1,6 +1,14 @@
 //! Tests of the `cachet` binary, run as a user runs it: a child process whose
 //! exit status, stdout and stderr are checked.
 
+mod avalanche;
 mod bad_input;
+mod bloom;
+mod durability;
+mod groups;
 mod lab;
+mod real_backends;
+mod redis_checks;
+mod torture;
 mod util;
+mod vanish;

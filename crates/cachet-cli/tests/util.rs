@@ -36,6 +36,28 @@ pub(crate) const SMALL: &[&str] = &[
     "1000",
     "--ops",
     "10000",
+    "--avalanche-keys",
+    "300",
+    "--avalanche-ttl-ms",
+    "300",
+    "--avalanche-ms",
+    "700",
+    "--vanish-keys",
+    "300",
+    "--vanish-ms",
+    "400",
+    "--tenants",
+    "4",
+    "--keys-per-tenant",
+    "100",
+    // The second delete of the race's double-delete row, far past the slowest
+    // reader (see `race`), and the double-delete scenario's, short.
+    "--second-delete-ms",
+    "300",
+    "--double-delete-keys",
+    "50",
+    "--double-delete-delay-ms",
+    "300",
 ];
 
 /// A `cachet` command line under construction.
@@ -172,18 +194,14 @@ impl Rows {
             .iter()
             .map(|r| r["scenario"].as_str().unwrap())
             .collect();
+        // The scenarios checked here, in their order; other scenarios and rows
+        // (penetration's random-ID rows) have tests of their own.
+        let mut order = scenarios.clone();
+        order.dedup();
+        order.retain(|s| ["race", "stampede", "penetration", "hit-rate"].contains(s));
         assert_eq!(
-            scenarios,
-            [
-                "race",
-                "race",
-                "stampede",
-                "stampede",
-                "penetration",
-                "penetration",
-                "hit-rate",
-                "hit-rate"
-            ],
+            order,
+            ["race", "stampede", "penetration", "hit-rate"],
             "stderr:\n{}",
             self.stderr
         );

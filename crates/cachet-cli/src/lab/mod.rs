@@ -7,12 +7,21 @@
 //! same two entry points, `run(&Lab) -> Vec<Row>` and `summary(&[Row]) -> String`;
 //! adding one means adding a module and a [`Scenario`] variant.
 
+mod admin;
+mod avalanche;
+pub(crate) mod child;
+mod double_delete;
+mod groups;
 mod hit_rate;
+mod outbox;
 mod penetration;
+mod plot;
 mod race;
 mod report;
 mod source;
 mod stampede;
+mod vanish;
+mod workload;
 
 use std::io::{IsTerminal as _, Write as _};
 use std::ops::RangeInclusive;
@@ -53,6 +62,11 @@ pub(crate) struct LabArgs {
     #[arg(long)]
     json: bool,
 
+    /// Write one SVG per scenario with database queries per 100 ms over time
+    /// (avalanche, vanish) into DIR
+    #[arg(long, value_name = "DIR")]
+    plot: Option<std::path::PathBuf>,
+
     /// Seed of the workloads' random choices [default: random]
     #[arg(long)]
     seed: Option<u64>,
@@ -64,11 +78,19 @@ pub(crate) struct LabArgs {
     #[command(flatten)]
     race: race::RaceArgs,
     #[command(flatten)]
+    double_delete: double_delete::DoubleDeleteArgs,
+    #[command(flatten)]
     stampede: stampede::StampedeArgs,
     #[command(flatten)]
     penetration: penetration::PenetrationArgs,
     #[command(flatten)]
     hit_rate: hit_rate::HitRateArgs,
+    #[command(flatten)]
+    avalanche: avalanche::AvalancheArgs,
+    #[command(flatten)]
+    vanish: vanish::VanishArgs,
+    #[command(flatten)]
+    groups: groups::GroupsArgs,
 }
 
 /// The scenarios, in their default order.
@@ -76,46 +98,70 @@ pub(crate) struct LabArgs {
 pub(crate) enum Scenario {
     /// A slow reader fills an old value after a writer's invalidation
     Race,
+    /// A writer killed between the two deletes of a delayed double-delete (needs Redis)
+    DoubleDelete,
     /// Many callers miss one cold key at once
     Stampede,
     /// Lookups of IDs that do not exist
     Penetration,
     /// A skewed read workload with a few writes
     HitRate,
+    /// Many keys filled at once expire at once
+    Avalanche,
+    /// Entries deleted behind the cache's back during reads
+    Vanish,
+    /// Invalidating every key of one tenant
+    Groups,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 4] = [
+    const ALL: [Scenario; 8] = [
         Scenario::Race,
+        Scenario::DoubleDelete,
         Scenario::Stampede,
         Scenario::Penetration,
         Scenario::HitRate,
+        Scenario::Avalanche,
+        Scenario::Vanish,
+        Scenario::Groups,
     ];
 
     fn name(self) -> &'static str {
         match self {
             Scenario::Race => race::NAME,
+            Scenario::DoubleDelete => double_delete::NAME,
             Scenario::Stampede => stampede::NAME,
             Scenario::Penetration => penetration::NAME,
             Scenario::HitRate => hit_rate::NAME,
+            Scenario::Avalanche => avalanche::NAME,
+            Scenario::Vanish => vanish::NAME,
+            Scenario::Groups => groups::NAME,
         }
     }
 
     async fn run(self, lab: &Lab) -> Result<Vec<Row>> {
         match self {
             Scenario::Race => race::run(lab).await,
+            Scenario::DoubleDelete => double_delete::run(lab).await,
             Scenario::Stampede => stampede::run(lab).await,
             Scenario::Penetration => penetration::run(lab).await,
             Scenario::HitRate => hit_rate::run(lab).await,
+            Scenario::Avalanche => avalanche::run(lab).await,
+            Scenario::Vanish => vanish::run(lab).await,
+            Scenario::Groups => groups::run(lab).await,
         }
     }
 
     fn summary(self, rows: &[Row]) -> String {
         match self {
             Scenario::Race => race::summary(rows),
+            Scenario::DoubleDelete => double_delete::summary(rows),
             Scenario::Stampede => stampede::summary(rows),
             Scenario::Penetration => penetration::summary(rows),
             Scenario::HitRate => hit_rate::summary(rows),
+            Scenario::Avalanche => avalanche::summary(rows),
+            Scenario::Vanish => vanish::summary(rows),
+            Scenario::Groups => groups::summary(rows),
         }
     }
 }
@@ -288,6 +334,7 @@ pub(crate) async fn run(args: LabArgs) -> Result<()> {
     let source = Source::open(args.database_url.as_deref(), &run_id).await?;
 
     let json = args.json;
+    let plot_dir = args.plot.clone();
     let progress = !json && std::io::stderr().is_terminal();
     if !json {
         write_stdout(&format!(
@@ -320,6 +367,10 @@ pub(crate) async fn run(args: LabArgs) -> Result<()> {
     };
     let rows = outcome?;
     closed?;
+    let plots = match &plot_dir {
+        Some(dir) => plot::write(dir, &rows)?,
+        None => Vec::new(),
+    };
 
     if !json {
         let mut out = report::table(&rows);
@@ -327,6 +378,9 @@ pub(crate) async fn run(args: LabArgs) -> Result<()> {
         for scenario in &scenarios {
             out.push_str(&scenario.summary(&rows));
             out.push('\n');
+        }
+        for path in &plots {
+            out.push_str(&format!("plot: {}\n", path.display()));
         }
         write_stdout(&out)?;
     }

@@ -4,33 +4,58 @@
 //!
 //! Naive cache-aside then writes the value it read before the write into the
 //! cache after the invalidation, and the cache keeps that stale value until its
-//! TTL. The lease-guarded cache refuses such fills. After the run quiesces, the
-//! scenario counts the hot rows whose cached value differs from the database.
+//! TTL. The lease-guarded cache refuses such fills. A delayed double-delete keeps
+//! the naive readers and deletes a second time, later than the slowest reader's
+//! delay. Two more rows let a share of the writers die between COMMIT and their
+//! invalidation: with leases and a transactional outbox (the invalidation is
+//! recorded in the write's transaction and a relay delivers it), and with
+//! leases alone. Their writers pause for a random delay between writes
+//! (`--crash-pause-ms`), so that loads fill and entries stay cached for a while:
+//! a crashed writer's missing invalidation only matters to an entry that is
+//! there. After the run quiesces
+//! (second deletes run, outbox drained), the scenario counts the hot rows whose
+//! cached value differs from the database.
+//!
+//! By default writers write for `--race-ms`; `--race-ops` runs a fixed number of
+//! operations instead, and with `--lease-ttl-ms` below the loaders' delay leases
+//! expire mid-load: the torture configuration.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use cachet::Cache;
-use clap::Args;
+use cachet::{Cache, DeferredWorker};
+use clap::{Args, ValueEnum};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::Lab;
+use super::double_delete::{await_deferred, cache_on_store, deferred_store};
+use super::outbox::LabOutbox;
 use super::report::{Latency, Row, find};
 use super::source::{Db, Item};
+use super::{LEASE_TTL, Lab};
 
 pub(super) const NAME: &str = "race";
 const NAIVE: &str = "naive cache-aside";
 const LEASE: &str = "lease-guarded";
+const DOUBLE_DELETE: &str = "delayed double-delete";
+const OUTBOX: &str = "lease + outbox (writer crash)";
+const NO_OUTBOX: &str = "lease (writer crash, no outbox)";
 
 /// Bounds each reader's and writer's loop on top of the clock.
 const MAX_OPS_PER_TASK: u64 = 50_000_000;
 /// How long past the planned end a task may run before it is considered stuck.
 const GRACE: Duration = Duration::from_secs(30);
+/// With `--race-ops`, how long a row may run before its tasks stop short.
+const OPS_TIME_LIMIT: Duration = Duration::from_secs(600);
+/// How long past their due time the second deletes may take to run.
+const DEFERRED_GRACE: Duration = Duration::from_secs(10);
+/// How much longer than the slowest reader's delay the second delete waits by default.
+const SECOND_DELETE_MARGIN_MS: u64 = 50;
 
 /// Flags of the `race` scenario.
 ///
@@ -58,19 +83,71 @@ pub(super) struct RaceArgs {
     /// Upper bound of the random delay between a load's read and its fill, in milliseconds
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     max_delay_ms: u64,
+    /// Run each row for this many operations (reads and writes) instead of --race-ms
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    race_ops: Option<u64>,
+    /// Lease TTL of the lease-guarded rows, in milliseconds; below the loaders'
+    /// delay, leases expire mid-load
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    lease_ttl_ms: u64,
+    /// Delay of the second delete of the double-delete row, in milliseconds
+    /// [default: --max-delay-ms + 50]
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    second_delete_ms: Option<u64>,
+    /// Share of writes, in percent, whose writer dies after COMMIT without
+    /// invalidating (the writer-crash rows)
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=100))]
+    crash_percent: u32,
+    /// Upper bound of the random pause of a writer after each write in the
+    /// writer-crash rows, in milliseconds [default: --max-delay-ms]
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    crash_pause_ms: Option<u64>,
+    /// Row of the race to run; repeat for several [default: all, in the order shown]
+    #[arg(long = "race-row", value_name = "ROW", value_enum)]
+    race_rows: Vec<Strategy>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Strategy {
+impl RaceArgs {
+    fn second_delete(&self) -> Duration {
+        Duration::from_millis(
+            self.second_delete_ms
+                .unwrap_or(self.max_delay_ms + SECOND_DELETE_MARGIN_MS),
+        )
+    }
+}
+
+/// The rows of the race.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(super) enum Strategy {
+    /// Naive cache-aside: get, read the database, set
     Naive,
+    /// Lease-guarded fills (get_or_load)
     Lease,
+    /// Naive readers, writers invalidate twice (the second after a delay)
+    DoubleDelete,
+    /// Leases, writes record their invalidation in an outbox; some writers crash
+    Outbox,
+    /// Leases, some writers crash, no outbox
+    #[value(name = "no-outbox")]
+    CrashNoOutbox,
 }
 
 impl Strategy {
+    const ALL: [Strategy; 5] = [
+        Strategy::Naive,
+        Strategy::Lease,
+        Strategy::DoubleDelete,
+        Strategy::Outbox,
+        Strategy::CrashNoOutbox,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Strategy::Naive => NAIVE,
             Strategy::Lease => LEASE,
+            Strategy::DoubleDelete => DOUBLE_DELETE,
+            Strategy::Outbox => OUTBOX,
+            Strategy::CrashNoOutbox => NO_OUTBOX,
         }
     }
 
@@ -78,14 +155,33 @@ impl Strategy {
         match self {
             Strategy::Naive => "naive",
             Strategy::Lease => "lease",
+            Strategy::DoubleDelete => "double-delete",
+            Strategy::Outbox => "outbox",
+            Strategy::CrashNoOutbox => "no-outbox",
         }
+    }
+
+    /// Whether readers fill through `get_or_load` (leases) rather than `set`.
+    fn leases(self) -> bool {
+        matches!(
+            self,
+            Strategy::Lease | Strategy::Outbox | Strategy::CrashNoOutbox
+        )
+    }
+
+    /// Whether some writers die between COMMIT and invalidate.
+    fn crashes(self) -> bool {
+        matches!(self, Strategy::Outbox | Strategy::CrashNoOutbox)
     }
 }
 
 pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
+    let asked = &lab.args.race.race_rows;
     let mut rows = Vec::new();
-    for strategy in [Strategy::Naive, Strategy::Lease] {
-        rows.push(run_strategy(lab, strategy).await?);
+    for strategy in Strategy::ALL {
+        if asked.is_empty() || asked.contains(&strategy) {
+            rows.push(run_strategy(lab, strategy).await?);
+        }
     }
     Ok(rows)
 }
@@ -96,13 +192,46 @@ pub(super) fn summary(rows: &[Row]) -> String {
             .and_then(|r| r.stale_entries)
             .map_or_else(|| "?".to_owned(), |n| n.to_string())
     };
-    format!(
+    let mut out = format!(
         "race: hot rows left holding an old value once writes stopped: naive {} \
          (a slow fill landed after the writer's invalidation), lease-guarded {} \
          (the invalidation revoked the lease, so the late fill was refused).",
         stale(NAIVE),
         stale(LEASE)
-    )
+    );
+    if let Some(dd) = find(rows, NAME, DOUBLE_DELETE) {
+        out.push_str(&format!(
+            "\nrace, delayed double-delete: {} stale with the same naive readers: a second \
+             delete, later than the slowest reader's delay, removed what slow readers put back \
+             ({} second deletes ran). A probabilistic fix bounded by that delay: a reader \
+             slower than it still leaves a stale value, which leases rule out.",
+            stale(DOUBLE_DELETE),
+            dd.deferred_ran.unwrap_or(0)
+        ));
+    }
+    if let Some(with) = find(rows, NAME, OUTBOX) {
+        out.push_str(&format!(
+            "\nrace, lease + outbox: {} of {} writes' writers died after COMMIT without \
+             invalidating; {} stale: each invalidation was recorded in its write's transaction \
+             and a relay delivered it ({} records; {}).",
+            with.crashed_writes.unwrap_or(0),
+            with.writes,
+            stale(OUTBOX),
+            with.outbox_delivered.unwrap_or(0),
+            LabOutbox::describe(with.database),
+        ));
+    }
+    if let Some(without) = find(rows, NAME, NO_OUTBOX) {
+        out.push_str(&format!(
+            "\nrace, writer crash without outbox: {} of {} writes' writers died after COMMIT \
+             without invalidating; {} stale, kept until their TTL (leases cannot help with an \
+             invalidation that never comes).",
+            without.crashed_writes.unwrap_or(0),
+            without.writes,
+            stale(NO_OUTBOX),
+        ));
+    }
+    out
 }
 
 #[derive(Debug, Default)]
@@ -110,6 +239,10 @@ struct TaskOutcome {
     reads: u64,
     writes: u64,
     errors: u64,
+    /// Writes whose writer "died" before invalidating.
+    crashed: u64,
+    /// Second deletes queued.
+    queued: u64,
     latency: Option<Latency>,
 }
 
@@ -118,56 +251,147 @@ async fn run_strategy(lab: &Lab, strategy: Strategy) -> Result<Row> {
     lab.source.reset(a.hot_rows).await?;
     let hot_rows = i64::try_from(a.hot_rows).context("too many hot rows")?;
     let db = lab.source.counted();
-    let cache = lab.cache(NAME, strategy.slug(), 1..=hot_rows)?;
+    let (store, lease_ttl) = match strategy {
+        Strategy::DoubleDelete => (deferred_store(lab).await?, LEASE_TTL),
+        s if s.leases() => (
+            Arc::clone(&lab.store),
+            Duration::from_millis(a.lease_ttl_ms),
+        ),
+        _ => (Arc::clone(&lab.store), LEASE_TTL),
+    };
+    let cache = cache_on_store(lab, NAME, strategy.slug(), 1..=hot_rows, store, lease_ttl)?;
     let max_delay = Duration::from_millis(a.max_delay_ms);
     let race_for = Duration::from_millis(a.race_ms);
     // Long enough for every fill begun before the last write to land, and for
     // readers to see what the cache kept.
     let settle = (max_delay * 4).max(Duration::from_millis(50));
     let started = Instant::now();
-    let deadline = started + race_for + settle + GRACE;
+    let (deadline, budget) = match a.race_ops {
+        Some(ops) => (
+            started + OPS_TIME_LIMIT,
+            Some(Arc::new(Budget {
+                total: ops,
+                claimed: AtomicU64::new(0),
+            })),
+        ),
+        None => (started + race_for + settle + GRACE, None),
+    };
+
+    let second_delete = a.second_delete();
+    let worker = (strategy == Strategy::DoubleDelete)
+        .then(|| DeferredWorker::spawn(Arc::clone(cache.store())));
+    let outbox = match strategy {
+        Strategy::Outbox => Some(Arc::new(
+            LabOutbox::open(&lab.source, &lab.run_id, Arc::clone(cache.store())).await?,
+        )),
+        _ => None,
+    };
+    let (stop_relay, relay_stopped) = watch::channel(false);
+    let relay = outbox.as_ref().map(|outbox| {
+        let outbox = Arc::clone(outbox);
+        let limit = deadline.saturating_duration_since(Instant::now());
+        // Aborted if this row fails before stopping it.
+        AbortOnDrop(Some(tokio::spawn(async move {
+            outbox.run_relay(relay_stopped, limit).await;
+        })))
+    });
+    let writer = match strategy {
+        Strategy::Naive | Strategy::Lease => Writer::Invalidate,
+        Strategy::DoubleDelete => Writer::Twice(second_delete),
+        Strategy::Outbox => Writer::Outbox(outbox.clone().context("the outbox is open")?),
+        Strategy::CrashNoOutbox => Writer::NoOutbox,
+    };
+    let crash_percent = if strategy.crashes() {
+        a.crash_percent
+    } else {
+        0
+    };
 
     let stop_writers = Arc::new(AtomicBool::new(false));
     let stop_readers = Arc::new(AtomicBool::new(false));
+    let task = |role: &str, i: u32, stop: &Arc<AtomicBool>| Task {
+        cache: cache.clone(),
+        db: db.clone(),
+        hot_rows,
+        max_delay,
+        rng: StdRng::seed_from_u64(lab.seed_for(role, u64::from(i))),
+        stop: Arc::clone(stop),
+        deadline,
+        budget: budget.clone(),
+        writer: writer.clone(),
+        crash_percent,
+        pause: if strategy.crashes() {
+            Duration::from_millis(a.crash_pause_ms.unwrap_or(a.max_delay_ms))
+        } else {
+            Duration::ZERO
+        },
+    };
     let mut writers = JoinSet::new();
     for w in 0..a.writers {
-        let task = Task {
-            cache: cache.clone(),
-            db: db.clone(),
-            hot_rows,
-            max_delay,
-            rng: StdRng::seed_from_u64(lab.seed_for("race-writer", u64::from(w))),
-            stop: Arc::clone(&stop_writers),
-            deadline,
-        };
-        writers.spawn(task.write_loop());
+        writers.spawn(task("race-writer", w, &stop_writers).write_loop());
     }
     let mut readers = JoinSet::new();
     for r in 0..a.readers {
-        let task = Task {
-            cache: cache.clone(),
-            db: db.clone(),
-            hot_rows,
-            max_delay,
-            rng: StdRng::seed_from_u64(lab.seed_for("race-reader", u64::from(r))),
-            stop: Arc::clone(&stop_readers),
-            deadline,
-        };
-        readers.spawn(task.read_loop(strategy));
+        readers.spawn(task("race-reader", r, &stop_readers).read_loop(strategy));
     }
 
-    tokio::time::sleep(race_for).await;
-    stop_writers.store(true, Ordering::Relaxed);
     let mut total = TaskOutcome {
         latency: Some(Latency::new()),
         ..TaskOutcome::default()
     };
-    collect(&mut writers, &mut total).await?;
-    tokio::time::sleep(settle).await;
-    stop_readers.store(true, Ordering::Relaxed);
-    // Readers finish the operation they are in, so every load in flight has
-    // filled (or been refused) once they are all joined.
-    collect(&mut readers, &mut total).await?;
+    if budget.is_some() {
+        // Every task stops by itself once the operations are spent.
+        collect(&mut writers, &mut total).await?;
+        collect(&mut readers, &mut total).await?;
+    } else {
+        tokio::time::sleep(race_for).await;
+        stop_writers.store(true, Ordering::Relaxed);
+        collect(&mut writers, &mut total).await?;
+        tokio::time::sleep(settle).await;
+        stop_readers.store(true, Ordering::Relaxed);
+        // Readers finish the operation they are in, so every load in flight has
+        // filled (or been refused) once they are all joined.
+        collect(&mut readers, &mut total).await?;
+    }
+
+    if let Some(budget) = &budget
+        && total.reads + total.writes < budget.total
+    {
+        tracing::warn!(
+            done = total.reads + total.writes,
+            asked = budget.total,
+            "the race stopped short of --race-ops at its time limit"
+        );
+        total.errors += 1;
+    }
+
+    // Quiescence: every second delete runs, the outbox is drained.
+    let mut deferred_ran = None;
+    if let Some(worker) = worker {
+        // Every second delete was queued before its writer was joined.
+        let due = Instant::now() + second_delete;
+        let (ran, complete) = await_deferred(worker, total.queued, due, DEFERRED_GRACE).await;
+        if !complete {
+            tracing::warn!(
+                ran,
+                queued = total.queued,
+                "not every second delete ran in time"
+            );
+            total.errors += 1;
+        }
+        deferred_ran = Some(ran);
+    }
+    if let Some(mut relay) = relay
+        && let Some(task) = relay.0.take()
+    {
+        stop_relay.send_replace(true);
+        task.await.context("the outbox relay panicked")?;
+    }
+    if let Some(outbox) = &outbox
+        && !outbox.drain().await
+    {
+        total.errors += 1;
+    }
     let elapsed = started.elapsed();
 
     let mut stale = 0;
@@ -189,10 +413,15 @@ async fn run_strategy(lab: &Lab, strategy: Strategy) -> Result<Row> {
     row.stale_entries = Some(stale);
     row.errors = total.errors;
     row.hit_rate = Some(stats.hit_rate());
-    if strategy == Strategy::Lease {
+    if strategy.leases() {
         row.loads = Some(stats.loads);
         row.refused_fills = Some(stats.refused_fills);
     }
+    if strategy.crashes() {
+        row.crashed_writes = Some(total.crashed);
+    }
+    row.deferred_ran = deferred_ran;
+    row.outbox_delivered = outbox.as_ref().map(|o| o.delivered());
     let latency = total.latency.unwrap_or_else(Latency::new);
     Ok(row.with_latency(&latency).elapsed(elapsed))
 }
@@ -203,11 +432,59 @@ async fn collect(set: &mut JoinSet<TaskOutcome>, total: &mut TaskOutcome) -> Res
         total.reads += t.reads;
         total.writes += t.writes;
         total.errors += t.errors;
+        total.crashed += t.crashed;
+        total.queued += t.queued;
         if let (Some(sum), Some(l)) = (&mut total.latency, &t.latency) {
             sum.merge(l);
         }
     }
     Ok(())
+}
+
+/// A task aborted when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Operations of a `--race-ops` row, claimed one at a time by every task.
+#[derive(Debug)]
+struct Budget {
+    total: u64,
+    claimed: AtomicU64,
+}
+
+impl Budget {
+    fn claim(&self) -> bool {
+        self.claimed.fetch_add(1, Ordering::Relaxed) < self.total
+    }
+}
+
+/// What a writer does after its UPDATE.
+#[derive(Clone, Debug)]
+enum Writer {
+    /// Invalidate once: the order the library asks for.
+    Invalidate,
+    /// Invalidate now and again after the delay (queued in the store).
+    Twice(Duration),
+    /// Record the invalidation in the UPDATE's transaction, then invalidate
+    /// unless the writer dies.
+    Outbox(Arc<LabOutbox>),
+    /// Invalidate unless the writer dies.
+    NoOutbox,
+}
+
+/// How one write ended.
+enum Written {
+    Invalidated,
+    Queued,
+    Crashed,
 }
 
 struct Task {
@@ -218,6 +495,11 @@ struct Task {
     rng: StdRng,
     stop: Arc<AtomicBool>,
     deadline: Instant,
+    budget: Option<Arc<Budget>>,
+    writer: Writer,
+    crash_percent: u32,
+    /// Upper bound of a writer's random pause after each write.
+    pause: Duration,
 }
 
 impl Task {
@@ -225,10 +507,15 @@ impl Task {
         !self.stop.load(Ordering::Relaxed)
             && ops < MAX_OPS_PER_TASK
             && Instant::now() < self.deadline
+            && self.budget.as_ref().is_none_or(|b| b.claim())
     }
 
     fn delay(&mut self) -> Duration {
-        let max = u64::try_from(self.max_delay.as_micros()).unwrap_or(u64::MAX);
+        self.random_up_to(self.max_delay)
+    }
+
+    fn random_up_to(&mut self, max: Duration) -> Duration {
+        let max = u64::try_from(max.as_micros()).unwrap_or(u64::MAX);
         Duration::from_micros(self.rng.random_range(0..=max))
     }
 
@@ -241,9 +528,10 @@ impl Task {
             let id = self.rng.random_range(1..=self.hot_rows);
             let delay = self.delay();
             let t = Instant::now();
-            let read = match strategy {
-                Strategy::Naive => self.naive_read(id, delay).await,
-                Strategy::Lease => self.lease_read(id, delay).await,
+            let read = if strategy.leases() {
+                self.lease_read(id, delay).await
+            } else {
+                self.naive_read(id, delay).await
             };
             if let Some(l) = &mut out.latency {
                 l.record(t.elapsed());
@@ -286,27 +574,60 @@ impl Task {
         Ok(item)
     }
 
-    /// Writes the database, then invalidates: the order the library asks for.
+    /// Writes the database, then invalidates as the strategy says.
     async fn write_loop(mut self) -> TaskOutcome {
         let mut out = TaskOutcome::default();
         while self.go_on(out.writes) {
             let id = self.rng.random_range(1..=self.hot_rows);
+            let crash =
+                self.crash_percent > 0 && self.rng.random_range(0..100) < self.crash_percent;
             out.writes += 1;
-            let written = match self.db.bump(id).await {
-                Ok(()) => self
-                    .cache
-                    .invalidate(&id)
-                    .await
-                    .map_err(anyhow::Error::from),
-                Err(e) => Err(e.into()),
-            };
-            if written.is_err() {
-                out.errors += 1;
+            match self.write(id, crash).await {
+                Ok(Written::Invalidated) => {}
+                Ok(Written::Queued) => out.queued += 1,
+                Ok(Written::Crashed) => out.crashed += 1,
+                Err(_) => out.errors += 1,
             }
-            // Back to back: each hot row is rewritten well within one load's
-            // delay, so loads in flight when writes stop are likely to be stale.
-            tokio::task::yield_now().await;
+            if !self.pause.is_zero() {
+                let pause = self.random_up_to(self.pause);
+                tokio::time::sleep(pause).await;
+            } else {
+                // Back to back: each hot row is rewritten well within one load's
+                // delay, so loads in flight when writes stop are likely to be stale.
+                tokio::task::yield_now().await;
+            }
         }
         out
+    }
+
+    async fn write(&self, id: i64, crash: bool) -> Result<Written> {
+        match &self.writer {
+            Writer::Invalidate => {
+                self.db.bump(id).await?;
+                self.cache.invalidate(&id).await?;
+                Ok(Written::Invalidated)
+            }
+            Writer::Twice(delay) => {
+                self.db.bump(id).await?;
+                self.cache.invalidate_twice(&id, *delay).await?;
+                Ok(Written::Queued)
+            }
+            Writer::Outbox(outbox) => {
+                outbox.write(id, &self.cache.store_key(&id)).await?;
+                if crash {
+                    return Ok(Written::Crashed);
+                }
+                self.cache.invalidate(&id).await?;
+                Ok(Written::Invalidated)
+            }
+            Writer::NoOutbox => {
+                self.db.bump(id).await?;
+                if crash {
+                    return Ok(Written::Crashed);
+                }
+                self.cache.invalidate(&id).await?;
+                Ok(Written::Invalidated)
+            }
+        }
     }
 }

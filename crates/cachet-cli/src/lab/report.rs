@@ -39,6 +39,29 @@ pub(crate) struct Row {
     pub(crate) db_queries_saved: Option<u64>,
     /// Fills the cache refused because an invalidation revoked the lease.
     pub(crate) refused_fills: Option<u64>,
+    /// Writes that committed but whose writer died before invalidating.
+    pub(crate) crashed_writes: Option<u64>,
+    /// Deferred second deletes (delayed double-delete) that ran.
+    pub(crate) deferred_ran: Option<u64>,
+    /// Invalidations an outbox relay delivered.
+    pub(crate) outbox_delivered: Option<u64>,
+    /// The most read queries sent to the source of truth in any 100 ms of the
+    /// run (a sliding window).
+    pub(crate) peak_db_queries_per_100ms: Option<u64>,
+    /// Read queries sent to the source of truth in each 100 ms of the run.
+    pub(crate) db_queries_per_100ms: Option<Vec<u64>>,
+    /// How long the row's invalidation took, in microseconds.
+    pub(crate) invalidate_us: Option<u64>,
+    /// Commands the store executed while that invalidation ran: on Redis the
+    /// change in `INFO commandstats` (commands inside scripts and any other
+    /// client's included), in process the calls made to the store.
+    pub(crate) store_commands: Option<u64>,
+    /// Round trips to the store that invalidation took.
+    pub(crate) round_trips: Option<u64>,
+    /// Entries of other groups that were no longer readable afterwards.
+    pub(crate) other_groups_lost: Option<u64>,
+    /// Entries deleted behind the cache's back (evicted, flushed, deleted by hand).
+    pub(crate) vanished: Option<u64>,
     pub(crate) elapsed_ms: u64,
     pub(crate) seed: u64,
 }
@@ -62,6 +85,16 @@ impl Row {
             hit_rate: None,
             db_queries_saved: None,
             refused_fills: None,
+            crashed_writes: None,
+            deferred_ran: None,
+            outbox_delivered: None,
+            peak_db_queries_per_100ms: None,
+            db_queries_per_100ms: None,
+            invalidate_us: None,
+            store_commands: None,
+            round_trips: None,
+            other_groups_lost: None,
+            vanished: None,
             elapsed_ms: 0,
             seed: ctx.seed,
         }
@@ -136,7 +169,7 @@ pub(crate) fn json_line(row: &Row) -> String {
 
 /// The aligned table, rows grouped by scenario in the order given.
 pub(crate) fn table(rows: &[Row]) -> String {
-    const HEADERS: [&str; 11] = [
+    const HEADERS: [&str; 12] = [
         "scenario",
         "strategy",
         "requests",
@@ -148,12 +181,13 @@ pub(crate) fn table(rows: &[Row]) -> String {
         "p99",
         "hit_rate",
         "saved",
+        "detail",
     ];
     // Text columns are left-aligned, numbers right-aligned.
-    const LEFT: [bool; 11] = [
-        true, true, false, false, false, false, false, false, false, false, false,
+    const LEFT: [bool; 12] = [
+        true, true, false, false, false, false, false, false, false, false, false, true,
     ];
-    let cells: Vec<[String; 11]> = rows
+    let cells: Vec<[String; 12]> = rows
         .iter()
         .map(|r| {
             [
@@ -169,6 +203,7 @@ pub(crate) fn table(rows: &[Row]) -> String {
                 r.hit_rate
                     .map_or_else(|| "-".to_owned(), |h| format!("{:.1}%", h * 100.0)),
                 opt(r.db_queries_saved),
+                detail(r),
             ]
         })
         .collect();
@@ -179,7 +214,7 @@ pub(crate) fn table(rows: &[Row]) -> String {
         }
     }
     let mut out = String::new();
-    let line = |out: &mut String, cols: &[String; 11]| {
+    let line = |out: &mut String, cols: &[String; 12]| {
         let mut s = String::new();
         for (i, c) in cols.iter().enumerate() {
             if i > 0 {
@@ -213,6 +248,46 @@ pub(crate) fn table(rows: &[Row]) -> String {
 
 fn opt(v: Option<u64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// `n` and a noun, plural unless `n` is 1.
+pub(crate) fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// The measurements only some scenarios have, as short text.
+fn detail(r: &Row) -> String {
+    let mut parts = Vec::new();
+    if let Some(peak) = r.peak_db_queries_per_100ms {
+        parts.push(format!("peak {peak} queries/100ms"));
+    }
+    if let Some(us) = r.invalidate_us {
+        let mut s = format!("invalidation {}", format_us(us));
+        if let Some(c) = r.store_commands {
+            let _ = write!(s, ", {}", count(c, "command"));
+        }
+        if let Some(rt) = r.round_trips {
+            let _ = write!(s, ", {}", count(rt, "round trip"));
+        }
+        parts.push(s);
+    }
+    if let Some(lost) = r.other_groups_lost {
+        parts.push(format!("other groups lost {lost}"));
+    }
+    if let Some(crashed) = r.crashed_writes {
+        parts.push(format!("crashed writes {crashed}"));
+    }
+    if let Some(delivered) = r.outbox_delivered {
+        parts.push(format!("outbox delivered {delivered}"));
+    }
+    if let Some(ran) = r.deferred_ran {
+        parts.push(format!("second deletes run {ran}"));
+    }
+    parts.join("; ")
 }
 
 /// Microseconds as a short human duration.

@@ -27,6 +27,8 @@ pub(crate) struct Item {
     pub(crate) payload: String,
 }
 
+/// The SQLite database's file name, in its temporary directory.
+const SQLITE_FILE: &str = "lab.db";
 const CREATE_TABLE: &str =
     "CREATE TABLE items (id BIGINT PRIMARY KEY, value BIGINT NOT NULL, payload TEXT NOT NULL)";
 const SELECT_ITEM: &str = "SELECT id, value, payload FROM items WHERE id = $1";
@@ -90,7 +92,7 @@ impl Source {
             .prefix("cachet-lab-")
             .tempdir()
             .context("cannot create a temporary directory for the SQLite database")?;
-        let path = dir.path().join("lab.db");
+        let path = dir.path().join(SQLITE_FILE);
         // WAL lets readers run while a writer commits; synchronous=OFF because the
         // file is thrown away, so durability buys nothing but fsync latency.
         let options = SqliteConnectOptions::new()
@@ -222,6 +224,36 @@ impl Source {
         fetch(&self.pool, id)
             .await
             .with_context(|| format!("cannot read item {id}"))
+    }
+
+    /// The PostgreSQL pool, for scenarios that run their own transactions on the
+    /// run's schema (the outbox); `None` on SQLite.
+    pub(crate) fn postgres_pool(&self) -> Option<&PgPool> {
+        match &self.pool {
+            Pool::Postgres(p) => Some(p),
+            Pool::Sqlite(_) => None,
+        }
+    }
+
+    /// The SQLite pool, for scenarios that run their own transactions on the
+    /// run's file (the outbox); `None` on PostgreSQL.
+    pub(crate) fn sqlite_pool(&self) -> Option<&SqlitePool> {
+        match &self.pool {
+            Pool::Sqlite(p) => Some(p),
+            Pool::Postgres(_) => None,
+        }
+    }
+
+    /// The run's PostgreSQL schema, for processes of the lab's own that read
+    /// the source (`None` on SQLite).
+    pub(crate) fn schema_name(&self) -> Option<&str> {
+        self.schema.as_ref().map(|(name, _)| name.as_str())
+    }
+
+    /// The run's SQLite file, for processes of the lab's own that read the
+    /// source (`None` on PostgreSQL).
+    pub(crate) fn sqlite_file(&self) -> Option<std::path::PathBuf> {
+        self._dir.as_ref().map(|dir| dir.path().join(SQLITE_FILE))
     }
 
     /// A handle whose queries are counted apart from every other handle's.

@@ -2,25 +2,43 @@
 //! and its load is slow.
 //!
 //! Naive cache-aside sends every caller to the database; the single-flight
-//! cache lets one caller load while the others wait for its result.
+//! cache lets one caller load while the others wait for its result. A third row
+//! splits the callers over several independent caches on the same namespace,
+//! each with its own store handle (its own Redis connection; in process, its own
+//! cache over the shared store), as separate service instances would be: each
+//! cache's in-process single-flight lets one of its callers through, and the
+//! store's lease then lets only one of those load. On Redis, a fourth row runs
+//! the callers in separate processes (`cachet __child stampede`), each reading
+//! the source of truth itself.
 
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
-use cachet::Cache;
+use anyhow::{Context as _, Result, bail};
+use cachet::{Cache, Store};
 use clap::Args;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::Lab;
+use super::child::{DONE, READY};
+use super::double_delete::cache_in;
 use super::report::{Latency, Row, find};
 use super::source::{Db, Item};
+use super::{LEASE_TTL, Lab, shares};
 
 pub(super) const NAME: &str = "stampede";
 const NAIVE: &str = "naive cache-aside";
 const SINGLE_FLIGHT: &str = "single-flight (lease)";
+const CONNECTIONS: &str = "single-flight across 4 connections";
+const PROCESSES: &str = "single-flight across 4 processes";
+/// Independent caches of the connections row, and processes of the processes row.
+const INSTANCES: usize = 4;
+/// How long a caller process may take to start and connect.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The one key every caller asks for.
 const KEY: i64 = 1;
@@ -39,10 +57,22 @@ pub(super) struct StampedeArgs {
     load_ms: u64,
 }
 
+/// How callers reach the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Naive,
+    SingleFlight,
+    /// Single-flight, callers split over [`INSTANCES`] independent caches.
+    Connections,
+}
+
 pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for single_flight in [false, true] {
-        rows.push(run_strategy(lab, single_flight).await?);
+    for mode in [Mode::Naive, Mode::SingleFlight, Mode::Connections] {
+        rows.push(run_strategy(lab, mode).await?);
+    }
+    if let Some(url) = &lab.args.redis_url {
+        rows.push(run_processes(lab, url).await?);
     }
     Ok(rows)
 }
@@ -51,32 +81,62 @@ pub(super) fn summary(rows: &[Row]) -> String {
     let queries =
         |word| find(rows, NAME, word).map_or_else(|| "?".to_owned(), |r| r.db_queries.to_string());
     let callers = find(rows, NAME, "naive").map_or(0, |r| r.requests);
-    format!(
+    let mut out = format!(
         "stampede: {callers} callers missed one cold key at once: naive sent {} queries to the \
          database, single-flight {} (the others waited for that one load).",
         queries("naive"),
         queries("single-flight")
-    )
+    );
+    if find(rows, NAME, CONNECTIONS).is_some() {
+        out.push_str(&format!(
+            "\nstampede, {INSTANCES} connections: the same callers split over {INSTANCES} \
+             independent caches, each with its own store handle and its own in-process \
+             single-flight: database queries {} (one cache took the store's lease, the others \
+             waited for its fill).",
+            queries(CONNECTIONS)
+        ));
+    }
+    if find(rows, NAME, PROCESSES).is_some() {
+        out.push_str(&format!(
+            "\nstampede, {INSTANCES} processes: the callers in {INSTANCES} processes sharing \
+             Redis, each reading the database itself: database queries {} (the lease works \
+             across processes).",
+            queries(PROCESSES)
+        ));
+    }
+    out
 }
 
-async fn run_strategy(lab: &Lab, single_flight: bool) -> Result<Row> {
+async fn run_strategy(lab: &Lab, mode: Mode) -> Result<Row> {
     let a = &lab.args.stampede;
     lab.source.reset(1).await?;
     let db = lab.source.counted();
-    let (name, slug) = if single_flight {
-        (SINGLE_FLIGHT, "single-flight")
-    } else {
-        (NAIVE, "naive")
+    let (name, slug) = match mode {
+        Mode::Naive => (NAIVE, "naive"),
+        Mode::SingleFlight => (SINGLE_FLIGHT, "single-flight"),
+        Mode::Connections => (CONNECTIONS, "connections"),
     };
+    let single_flight = mode != Mode::Naive;
     let cache = lab.cache(NAME, slug, KEY..=KEY)?;
+    let mut caches = vec![cache.clone()];
+    if mode == Mode::Connections {
+        for _ in 1..INSTANCES {
+            let store = instance_store(lab).await?;
+            caches.push(cache_in(cache.namespace().to_owned(), store, LEASE_TTL)?);
+        }
+    }
     let load_time = Duration::from_millis(a.load_ms);
     let callers = usize::try_from(a.callers).context("too many callers")?;
     // Everyone starts together, or the first fill would turn late callers into hits.
     let barrier = Arc::new(Barrier::new(callers));
     let started = Instant::now();
     let mut tasks = JoinSet::new();
-    for _ in 0..callers {
-        let (cache, db, barrier) = (cache.clone(), db.clone(), Arc::clone(&barrier));
+    for i in 0..callers {
+        let (cache, db, barrier) = (
+            caches[i % caches.len()].clone(),
+            db.clone(),
+            Arc::clone(&barrier),
+        );
         tasks.spawn(async move {
             barrier.wait().await;
             let t = Instant::now();
@@ -102,9 +162,26 @@ async fn run_strategy(lab: &Lab, single_flight: bool) -> Result<Row> {
     row.db_queries = db.reads();
     row.errors = errors;
     if single_flight {
-        row.loads = Some(cache.stats().loads);
+        row.loads = Some(caches.iter().map(|c| c.stats().loads).sum());
     }
     Ok(row.with_latency(&latency).elapsed(elapsed))
+}
+
+/// A store handle of its own for one more cache instance: a new Redis
+/// connection, or in process the lab's store (the cache is what is separate).
+async fn instance_store(lab: &Lab) -> Result<Arc<dyn Store>> {
+    match &lab.args.redis_url {
+        Some(url) => {
+            let store = cachet::RedisStore::connect(url).await.with_context(|| {
+                format!(
+                    "cannot connect to Redis at {}",
+                    super::source::redact_url(url)
+                )
+            })?;
+            Ok(Arc::new(store))
+        }
+        None => Ok(Arc::clone(&lab.store)),
+    }
 }
 
 async fn call(
@@ -130,4 +207,124 @@ async fn call(
         cache.set(&KEY, item.clone()).await?;
     }
     Ok(item)
+}
+
+/// The callers split over [`INSTANCES`] processes of `cachet __child stampede`,
+/// started together once all have connected.
+async fn run_processes(lab: &Lab, redis_url: &str) -> Result<Row> {
+    let a = &lab.args.stampede;
+    lab.source.reset(1).await?;
+    let cache = lab.cache(NAME, "processes", KEY..=KEY)?;
+    let source: Vec<String> = match (lab.source.schema_name(), &lab.args.database_url) {
+        (Some(schema), Some(url)) => vec![
+            "--database-url".into(),
+            url.clone(),
+            "--schema".into(),
+            schema.into(),
+        ],
+        _ => match lab.source.sqlite_file() {
+            Some(file) => vec!["--sqlite-file".into(), file.display().to_string()],
+            None => bail!("the source of truth cannot be shared with other processes"),
+        },
+    };
+    let exe = std::env::current_exe().context("cannot find the cachet executable")?;
+    let parts = u32::try_from(INSTANCES).unwrap_or(1);
+    let mut callers = Vec::new();
+    for n in shares(u64::from(a.callers), parts) {
+        let mut child = tokio::process::Command::new(&exe)
+            .args(["__child", "stampede", "--redis-url", redis_url])
+            .args(["--namespace", cache.namespace()])
+            .args(["--key", &KEY.to_string(), "--callers", &n.to_string()])
+            .args(["--load-ms", &a.load_ms.to_string()])
+            .args(["--timeout-ms", &CALL_TIMEOUT.as_millis().to_string()])
+            .args(&source)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start a caller process")?;
+        let stdin = child
+            .stdin
+            .take()
+            .context("no stdin for a caller process")?;
+        let stdout = child
+            .stdout
+            .take()
+            .context("no stdout from a caller process")?;
+        callers.push(CallerProcess {
+            child,
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+        });
+    }
+    for c in &mut callers {
+        let line = c.line(START_TIMEOUT).await?;
+        if line != READY {
+            bail!("unexpected line from a caller process: {line:?}");
+        }
+    }
+    let started = Instant::now();
+    for c in &mut callers {
+        c.stdin
+            .write_all(b"go\n")
+            .await
+            .context("cannot start a caller process")?;
+    }
+    let (mut queries, mut loads, mut errors) = (0, 0, 0);
+    let mut latency = Latency::new();
+    for c in &mut callers {
+        let line = c.line(CALL_TIMEOUT + START_TIMEOUT).await?;
+        let report = line
+            .strip_prefix(DONE)
+            .with_context(|| format!("unexpected line from a caller process: {line:?}"))?;
+        let mut fields = report.split(' ').map(str::parse::<u64>);
+        let mut next = || -> Result<u64> {
+            fields
+                .next()
+                .context("short report from a caller process")?
+                .context("bad number in a caller process's report")
+        };
+        queries += next()?;
+        loads += next()?;
+        errors += next()?;
+        while let Ok(us) = next() {
+            latency.record(Duration::from_micros(us));
+        }
+    }
+    let elapsed = started.elapsed();
+    for mut c in callers {
+        drop(c.stdin);
+        let status = tokio::time::timeout(START_TIMEOUT, c.child.wait()).await;
+        if !matches!(status, Ok(Ok(s)) if s.success()) {
+            errors += 1;
+        }
+    }
+    lab.forget(&cache).await;
+
+    let mut row = lab.row(NAME, PROCESSES);
+    row.requests = u64::from(a.callers);
+    row.db_queries = queries;
+    row.loads = Some(loads);
+    row.errors = errors;
+    Ok(row.with_latency(&latency).elapsed(elapsed))
+}
+
+/// One `cachet __child stampede` process and its pipes.
+#[derive(Debug)]
+struct CallerProcess {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl CallerProcess {
+    async fn line(&mut self, timeout: Duration) -> Result<String> {
+        match tokio::time::timeout(timeout, self.lines.next_line()).await {
+            Ok(Ok(Some(line))) => Ok(line),
+            Ok(Ok(None)) => bail!("a caller process exited without reporting"),
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context("cannot read a caller process")),
+            Err(_) => bail!("a caller process did not answer within {timeout:?}"),
+        }
+    }
 }

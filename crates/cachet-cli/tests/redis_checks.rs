@@ -1,0 +1,33 @@
+//! What a lab run must leave behind on a Redis it was given.
+
+use cachet_testkit::RedisServer;
+
+/// Every key left on `redis` expires, except the store's `:sys:` structures,
+/// and no command that scans or flushes a whole database ran.
+pub(crate) fn assert_clean(redis: &RedisServer) {
+    let mut cursor = "0".to_owned();
+    for _ in 0..10_000 {
+        let reply = redis.command(&["SCAN", &cursor, "COUNT", "1000"]);
+        let mut lines = reply.lines();
+        cursor = lines.next().unwrap_or("0").to_owned();
+        for key in lines {
+            if key.contains(":sys:") {
+                continue;
+            }
+            let pttl = redis.command(&["PTTL", key]);
+            assert_ne!(pttl, "-1", "key {key} has no TTL");
+        }
+        if cursor == "0" {
+            break;
+        }
+    }
+    assert_eq!(cursor, "0", "SCAN did not finish");
+
+    let stats = redis.command(&["INFO", "commandstats"]);
+    for forbidden in ["cmdstat_keys", "cmdstat_flushdb", "cmdstat_flushall"] {
+        assert!(
+            !stats.contains(forbidden),
+            "the lab ran {forbidden}:\n{stats}"
+        );
+    }
+}
