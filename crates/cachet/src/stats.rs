@@ -79,6 +79,40 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// The counts between `earlier` and this snapshot (each counter's
+    /// difference; `pending_invalidations`, a level, is kept as it is now).
+    #[must_use]
+    pub fn since(&self, earlier: &Stats) -> Stats {
+        let d = |now: u64, then: u64| now.saturating_sub(then);
+        Stats {
+            hits: d(self.hits, earlier.hits),
+            negative_hits: d(self.negative_hits, earlier.negative_hits),
+            misses: d(self.misses, earlier.misses),
+            loads: d(self.loads, earlier.loads),
+            load_errors: d(self.load_errors, earlier.load_errors),
+            lease_waits: d(self.lease_waits, earlier.lease_waits),
+            lease_wait_timeouts: d(self.lease_wait_timeouts, earlier.lease_wait_timeouts),
+            refused_fills: d(self.refused_fills, earlier.refused_fills),
+            decode_errors: d(self.decode_errors, earlier.decode_errors),
+            store_errors: d(self.store_errors, earlier.store_errors),
+            bloom_rejections: d(self.bloom_rejections, earlier.bloom_rejections),
+            stale_hits: d(self.stale_hits, earlier.stale_hits),
+            refreshes: d(self.refreshes, earlier.refreshes),
+            fail_safe_serves: d(self.fail_safe_serves, earlier.fail_safe_serves),
+            soft_timeouts: d(self.soft_timeouts, earlier.soft_timeouts),
+            load_timeouts: d(self.load_timeouts, earlier.load_timeouts),
+            coalesced: d(self.coalesced, earlier.coalesced),
+            stale_writes: d(self.stale_writes, earlier.stale_writes),
+            near_hits: d(self.near_hits, earlier.near_hits),
+            near_clears: d(self.near_clears, earlier.near_clears),
+            breaker_opens: d(self.breaker_opens, earlier.breaker_opens),
+            short_circuits: d(self.short_circuits, earlier.short_circuits),
+            retried_invalidations: d(self.retried_invalidations, earlier.retried_invalidations),
+            dropped_invalidations: d(self.dropped_invalidations, earlier.dropped_invalidations),
+            pending_invalidations: self.pending_invalidations,
+        }
+    }
+
     /// Lookups in all: hits, negative hits and misses.
     pub fn lookups(&self) -> u64 {
         self.hits + self.negative_hits + self.misses
@@ -206,6 +240,28 @@ impl Counters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn since() {
+        let before = Stats {
+            hits: 5,
+            misses: 2,
+            pending_invalidations: 9,
+            ..Stats::default()
+        };
+        let now = Stats {
+            hits: 8,
+            misses: 2,
+            loads: 1,
+            pending_invalidations: 3,
+            ..Stats::default()
+        };
+        let d = now.since(&before);
+        assert_eq!(
+            (d.hits, d.misses, d.loads, d.pending_invalidations),
+            (3, 0, 1, 3)
+        );
+    }
 
     #[test]
     fn hit_rate() {

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cachet_core::{
@@ -68,6 +69,10 @@ pub(crate) struct Inner<K: ?Sized, V> {
     pub(crate) _bus_stop: tokio::sync::watch::Sender<()>,
     /// The circuit breaker in front of a shared store (also `s.store`).
     pub(crate) breaker: Option<Arc<Guarded>>,
+    /// Rate limit of store-failure warnings: when the last one was logged
+    /// (Unix ms), and how many were held back since.
+    last_warning_ms: AtomicU64,
+    held_back: AtomicU64,
 }
 
 /// What a lookup found.
@@ -122,6 +127,8 @@ where
             near: near.map(|options| Arc::new(Near::new(options, s_clock))),
             _bus_stop: tokio::sync::watch::Sender::new(()),
             breaker,
+            last_warning_ms: AtomicU64::new(0),
+            held_back: AtomicU64::new(0),
         }
     }
 
@@ -151,6 +158,26 @@ where
 
     pub(crate) fn key_of(&self, key: &K) -> StoreKey {
         self.key_with(key, self.group_of(key).as_deref())
+    }
+
+    /// Logs a store failure that the cache worked around, at most once a second
+    /// per cache: an outage would otherwise log once per operation. The count of
+    /// warnings held back goes with the next one.
+    pub(crate) fn warn_store(&self, what: &str, key: &StoreKey, e: &StoreError) {
+        let now = self.s.clock.coarse_ms();
+        let last = self.last_warning_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < 1_000
+            || self
+                .last_warning_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let held_back = self.held_back.swap(0, Ordering::Relaxed);
+        tracing::warn!(cache = self.namespace(), key = key.user_key(), error = %e, held_back,
+            "{what}");
     }
 
     pub(crate) fn store_error(&self, key: &StoreKey, e: StoreError) -> Error {
@@ -403,8 +430,11 @@ where
             .await
             .map_err(|e| {
                 self.counters.store_errors.inc();
-                tracing::warn!(cache = self.namespace(), key = skey.user_key(), error = %e,
-                    "fill failed; the value is returned but not cached");
+                self.warn_store(
+                    "fill failed; the value is returned but not cached",
+                    skey,
+                    &e,
+                );
             })
     }
 

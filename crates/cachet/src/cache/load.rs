@@ -167,8 +167,7 @@ where
                 Ok(claim) => claim,
                 Err(e) => {
                     self.counters.store_errors.inc();
-                    tracing::warn!(cache = self.namespace(), key = skey.user_key(), error = %e,
-                        "taking a lease failed; loading without caching");
+                    self.warn_store("taking a lease failed; loading without caching", skey, &e);
                     return self.load_unfilled(skey, hard_timeout, loader).await;
                 }
             };
@@ -204,8 +203,11 @@ where
                         Lookup::Missing { corrupt: true } => mode = AcquireMode::Replace,
                         Lookup::Missing { corrupt: false } | Lookup::Expired(..) => {}
                         Lookup::Failed(e) => {
-                            tracing::warn!(cache = self.namespace(), key = skey.user_key(), error = %e,
-                                "store read failed while waiting for a lease; loading without caching");
+                            self.warn_store(
+                                "store read failed while waiting for a lease; loading without caching",
+                                skey,
+                                &e,
+                            );
                             return self.load_unfilled(skey, hard_timeout, loader).await;
                         }
                     }

@@ -329,8 +329,11 @@ where
             Lookup::Fresh(..) | Lookup::Missing { corrupt: false } => (AcquireMode::IfAbsent, true),
             Lookup::Missing { corrupt: true } => (AcquireMode::Replace, true),
             Lookup::Failed(e) => {
-                tracing::warn!(cache = self.namespace(), key = skey.user_key(), error = %e,
-                    "store read failed; loading from the source without caching");
+                inner.warn_store(
+                    "store read failed; loading from the source without caching",
+                    &skey,
+                    &e,
+                );
                 (AcquireMode::IfAbsent, false)
             }
         };
