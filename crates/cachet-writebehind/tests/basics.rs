@@ -1,0 +1,422 @@
+//! Writes are cached at once, reach PostgreSQL after a flush, and leave the
+//! stream; writes of one key coalesce; the sink is idempotent; the cache stays
+//! in line with the flushed versions.
+
+mod support;
+
+use std::time::Duration;
+
+use cachet::{AcquireMode, Cache, Entry, Fill, Store};
+use cachet_writebehind::{Error, Sink, Write, WriteBehind, WriteOutcome};
+use support::{Fx, Item, PgSink, Running, eventually, rows, sink_stats};
+
+#[tokio::test]
+async fn writes_are_readable_at_once_and_reach_postgres_after_a_flush() {
+    let fx = Fx::new().await;
+    let cache = fx.cache();
+    let wb = fx.write_behind(|b| b).await;
+    assert_eq!(wb.stream(), "cachet:items:sys:wb");
+    assert_eq!(wb.dead_letter_stream(), "cachet:items:sys:wb:dead");
+
+    for id in 0..20u64 {
+        let queued = wb
+            .write_behind(&id, Item::new(1, format!("v{id}")))
+            .await
+            .unwrap();
+        assert!(matches!(queued, WriteOutcome::Queued { .. }), "{queued:?}");
+        // Readable from the cache at once, through the cache's own path.
+        assert_eq!(
+            cache.get(&id).await.unwrap(),
+            Some(Item::new(1, format!("v{id}")))
+        );
+    }
+    let ttl = cache.ttl(&3).await.unwrap().unwrap();
+    assert!(ttl > Duration::from_secs(3000), "the cache's TTL: {ttl:?}");
+    assert_eq!(wb.backlog().await.unwrap(), 20);
+    assert!(rows(&fx.pool).await.is_empty(), "nothing flushed yet");
+
+    let flusher = fx.flusher(&wb, fx.sink(), |f| f).await;
+    assert_eq!(flusher.flush_once().await.unwrap(), 20);
+    let rows = rows(&fx.pool).await;
+    assert_eq!(rows.len(), 20);
+    for id in 0..20u64 {
+        assert_eq!(rows[&id], (1, format!("v{id}")));
+    }
+    assert_eq!(
+        wb.backlog().await.unwrap(),
+        0,
+        "flushed entries are deleted"
+    );
+    assert_eq!(fx.pending(&wb), 0);
+    let stats = flusher.stats();
+    assert_eq!(
+        (
+            stats.flushed,
+            stats.batches,
+            stats.coalesced,
+            stats.sink_errors
+        ),
+        (20, 1, 0, 0)
+    );
+    // The flush left the (current) entries alone.
+    assert_eq!(cache.get(&7).await.unwrap(), Some(Item::new(1, "v7")));
+    assert_eq!(flusher.flush_once().await.unwrap(), 0, "nothing left");
+}
+
+#[tokio::test]
+async fn many_writes_of_one_key_in_a_batch_become_one_row_with_the_last_version() {
+    let fx = Fx::new().await;
+    let wb = fx.write_behind(|b| b).await;
+    for v in 1..=50u64 {
+        let _ = wb
+            .write_behind(&1, Item::new(v, format!("value {v}")))
+            .await
+            .unwrap();
+    }
+    let _ = wb.write_behind(&2, Item::new(1, "other")).await.unwrap();
+    assert_eq!(wb.backlog().await.unwrap(), 51);
+
+    let flusher = fx.flusher(&wb, fx.sink(), |f| f).await;
+    assert_eq!(flusher.flush_once().await.unwrap(), 51);
+    let rows = rows(&fx.pool).await;
+    assert_eq!(rows[&1], (50, "value 50".to_owned()));
+    assert_eq!(rows[&2], (1, "other".to_owned()));
+    let (batches, offered, changed) = sink_stats(&fx.pool).await;
+    assert_eq!(
+        (batches, offered, changed),
+        (1, 2, 2),
+        "one sink call, one write per key"
+    );
+    let stats = flusher.stats();
+    assert_eq!((stats.flushed, stats.coalesced), (51, 49));
+    assert_eq!(wb.backlog().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_write_older_than_the_cached_version_is_not_queued() {
+    let fx = Fx::new().await;
+    let cache = fx.cache();
+    let wb = fx.write_behind(|b| b).await;
+    let _ = wb.write_behind(&1, Item::new(5, "five")).await.unwrap();
+    assert_eq!(
+        wb.write_behind(&1, Item::new(3, "three")).await.unwrap(),
+        WriteOutcome::Stale { current: 5 }
+    );
+    assert_eq!(
+        wb.write_behind(&1, Item::new(5, "five again"))
+            .await
+            .unwrap(),
+        WriteOutcome::Stale { current: 5 },
+        "the same version is not newer"
+    );
+    assert_eq!(cache.get(&1).await.unwrap(), Some(Item::new(5, "five")));
+    assert_eq!(wb.backlog().await.unwrap(), 1);
+    assert!(matches!(
+        wb.write_behind(&1, Item::new(6, "six")).await.unwrap(),
+        WriteOutcome::Queued { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_load_that_took_the_lease_before_the_write_cannot_fill_over_it() {
+    let fx = Fx::new().await;
+    let cache = fx.cache();
+    let wb = fx.write_behind(|b| b).await;
+    let key = cache.store_key(&9);
+    // A reader misses and takes the lease, then reads the old row...
+    let cachet::Acquire::Leased(lease) = fx
+        .store
+        .acquire(&key, AcquireMode::IfAbsent, Duration::from_secs(5))
+        .await
+        .unwrap()
+    else {
+        panic!("expected a lease")
+    };
+    // ...the write lands...
+    let _ = wb.write_behind(&9, Item::new(2, "new")).await.unwrap();
+    // ...and the reader's fill of the old row is refused.
+    let mut old = Vec::new();
+    cachet::Codec::encode(&cachet::Postcard, &Item::new(1, "old"), &mut old).unwrap();
+    let entry = Entry {
+        meta: cachet::Meta {
+            version: 1,
+            ..cachet::Meta::default()
+        },
+        payload: cachet::Payload::Bytes(old.into()),
+    };
+    let filled = fx
+        .store
+        .fill(&key, &lease, entry, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(filled, Fill::Refused);
+    assert_eq!(cache.get(&9).await.unwrap(), Some(Item::new(2, "new")));
+}
+
+#[tokio::test]
+async fn a_flush_drops_an_older_entry_refilled_before_it() {
+    let fx = Fx::new().await;
+    let cache = fx.cache();
+    let wb = fx.write_behind(|b| b).await;
+    let _ = wb.write_behind(&4, Item::new(2, "new")).await.unwrap();
+    let _ = wb.write_behind(&5, Item::new(2, "new")).await.unwrap();
+    // Key 4's entry expired before the flush and a reader refilled it from the
+    // old row; key 5 has been written again since.
+    cache.set(&4, Item::new(1, "old")).await.unwrap();
+    let _ = wb.write_behind(&5, Item::new(3, "newer")).await.unwrap();
+    let flusher = fx.flusher(&wb, fx.sink(), |f| f.batch_size(2)).await;
+    // Only the first two entries (keys 4 and 5 at version 2) in this batch.
+    assert_eq!(flusher.flush_once().await.unwrap(), 2);
+    assert_eq!(
+        cache.get(&4).await.unwrap(),
+        None,
+        "the old refill is gone: the next read loads the flushed row"
+    );
+    assert_eq!(
+        cache.get(&5).await.unwrap(),
+        Some(Item::new(3, "newer")),
+        "a newer entry stays"
+    );
+    assert_eq!(flusher.flush_once().await.unwrap(), 1);
+    assert_eq!(rows(&fx.pool).await[&5], (3, "newer".to_owned()));
+}
+
+#[tokio::test]
+async fn the_sink_is_idempotent_by_version() {
+    let fx = Fx::new().await;
+    let sink = fx.sink();
+    let batch = vec![
+        Write::new(1u64, 3, Item::new(3, "c")),
+        Write::new(2u64, 1, Item::new(1, "a")),
+    ];
+    sink.apply(&batch).await.unwrap();
+    let after_once = rows(&fx.pool).await;
+    sink.apply(&batch).await.unwrap();
+    assert_eq!(rows(&fx.pool).await, after_once, "applied twice");
+    sink.apply(&[Write::new(1u64, 2, Item::new(2, "b"))])
+        .await
+        .unwrap();
+    assert_eq!(rows(&fx.pool).await, after_once, "an older version");
+    assert_eq!(after_once[&1], (3, "c".to_owned()));
+    let (_, offered, changed) = sink_stats(&fx.pool).await;
+    assert_eq!((offered, changed), (5, 2));
+}
+
+#[tokio::test]
+async fn a_running_flusher_flushes_as_writes_arrive_and_stops_on_request() {
+    let fx = Fx::new().await;
+    let wb = fx.write_behind(|b| b).await;
+    let running = Running::start(fx.flusher(&wb, fx.sink(), |f| f).await);
+    for round in 1..=3u64 {
+        for id in 0..10u64 {
+            let _ = wb
+                .write_behind(&id, Item::new(round, format!("{id}@{round}")))
+                .await
+                .unwrap();
+        }
+        eventually("the round is flushed", Duration::from_secs(10), || async {
+            let rows = rows(&fx.pool).await;
+            (0..10).all(|id| rows.get(&id).is_some_and(|r| r.0 == round))
+        })
+        .await;
+    }
+    let flusher = running.stop().await;
+    assert_eq!(flusher.stats().flushed, 30);
+    assert_eq!(wb.backlog().await.unwrap(), 0);
+    assert_eq!(fx.pending(&wb), 0);
+}
+
+#[tokio::test]
+async fn a_grouped_cache_gets_the_groups_generation() {
+    let fx = Fx::new().await;
+    let cache: Cache<u64, Item> = Cache::builder(support::NS)
+        .store(fx.store.clone())
+        .ttl(support::TTL)
+        .version_by(|i: &Item| i.version)
+        .group_by(|id: &u64| id % 2)
+        .build()
+        .unwrap();
+    let wb = support::builder(fx.store.clone(), &cache)
+        .build()
+        .await
+        .unwrap();
+    let _ = wb.write_behind(&3, Item::new(1, "odd")).await.unwrap();
+    assert_eq!(cache.get(&3).await.unwrap(), Some(Item::new(1, "odd")));
+    // A group invalidation drops it like any entry of the group.
+    cache.invalidate_group(&1u64).await.unwrap();
+    assert_eq!(cache.get(&3).await.unwrap(), None);
+    // And a newer write after it is cached under the new generation.
+    let _ = wb.write_behind(&3, Item::new(2, "odd 2")).await.unwrap();
+    assert_eq!(cache.get(&3).await.unwrap(), Some(Item::new(2, "odd 2")));
+    let flusher = fx.flusher(&wb, fx.sink(), |f| f).await;
+    assert_eq!(flusher.flush_once().await.unwrap(), 2);
+    assert_eq!(rows(&fx.pool).await[&3], (2, "odd 2".to_owned()));
+}
+
+#[tokio::test]
+async fn idle_consumers_without_pending_entries_are_pruned() {
+    let fx = Fx::new().await;
+    let wb = fx.write_behind(|b| b).await;
+    let old = fx.flusher(&wb, fx.sink(), |f| f.consumer("old")).await;
+    let _ = wb.write_behind(&1, Item::new(1, "x")).await.unwrap();
+    assert_eq!(old.flush_once().await.unwrap(), 1);
+    // A consumer that still holds entries is kept, whatever its idle time.
+    let _ = wb.write_behind(&2, Item::new(1, "y")).await.unwrap();
+    fx.redis.command(&[
+        "XREADGROUP",
+        "GROUP",
+        "flushers",
+        "keeper",
+        "COUNT",
+        "1",
+        "STREAMS",
+        wb.stream(),
+        ">",
+    ]);
+    let consumers = || {
+        fx.redis
+            .command(&["XINFO", "CONSUMERS", wb.stream(), "flushers"])
+    };
+    assert!(consumers().contains("old") && consumers().contains("keeper"));
+    let new = fx
+        .flusher(&wb, fx.sink(), |f| {
+            f.consumer("new").prune_idle(Duration::ZERO)
+        })
+        .await;
+    assert_eq!(new.flush_once().await.unwrap(), 0);
+    let after = consumers();
+    assert!(!after.contains("old"), "{after}");
+    assert!(after.contains("keeper"), "{after}");
+}
+
+#[tokio::test]
+async fn misconfigurations_are_refused_with_a_clear_error() {
+    let fx = Fx::new().await;
+    let cache = fx.cache();
+    let e = WriteBehind::builder(fx.store.clone(), &cache)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Config(_)), "{e:?}");
+    assert!(e.to_string().contains("version_by"), "{e}");
+
+    let in_process: Cache<u64, Item> = Cache::builder("local").build().unwrap();
+    let e = support::builder(fx.store.clone(), &in_process)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("in process"), "{e}");
+
+    let e = support::builder(fx.store.clone(), &cache)
+        .stream_name("a b")
+        .build()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("invalid stream name"), "{e}");
+
+    let cluster = cachet_testkit::RedisCluster::start();
+    let on_cluster = cachet::RedisStore::connect_cluster(&cluster.urls())
+        .await
+        .unwrap();
+    let e = support::builder(on_cluster.clone(), &support::cache(on_cluster))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("single Redis node"), "{e}");
+}
+
+/// A key type that cannot be read back from its store key.
+#[derive(Clone, Hash, PartialEq, Eq)]
+struct Opaque(u32);
+
+impl cachet::CacheKey for Opaque {
+    fn write_key(&self, out: &mut cachet::KeyWriter<'_>) {
+        self.0.write_key(out);
+    }
+}
+
+#[tokio::test]
+async fn a_key_type_that_does_not_decode_is_refused_at_write_time() {
+    let fx = Fx::new().await;
+    let cache: Cache<Opaque, Item> = Cache::builder("opaque")
+        .store(fx.store.clone())
+        .build()
+        .unwrap();
+    let wb = WriteBehind::builder(fx.store.clone(), &cache)
+        .version_by(|i: &Item| i.version)
+        .build()
+        .await
+        .unwrap();
+    let e = wb
+        .write_behind(&Opaque(1), Item::new(1, "x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::KeyNotDecodable { .. }), "{e:?}");
+    assert!(e.to_string().contains("decode_key"), "{e}");
+    assert_eq!(wb.backlog().await.unwrap(), 0);
+}
+
+/// The sink of the docs' example compiles with `async fn`, and `PgSink`
+/// classifies connection failures as transient.
+#[tokio::test]
+async fn pool_failures_are_transient() {
+    let fx = Fx::new().await;
+    let sink = PgSink::new(fx.pool.clone());
+    fx.pool.close().await;
+    let e = sink
+        .apply(&[Write::new(1u64, 1, Item::new(1, "x"))])
+        .await
+        .unwrap_err();
+    assert!(sink.is_transient(&e), "{e}");
+    assert!(!sink.is_transient(&"a constraint violation".into()));
+}
+
+/// Near caches (L1) of other processes hear of write-behind writes, and of
+/// the entries a flush deletes, through the invalidation bus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_caches_elsewhere_drop_what_write_behind_replaces() {
+    let fx = Fx::new().await;
+    let elsewhere: Cache<u64, Item> = Cache::builder(support::NS)
+        .store(support::store(&fx.redis.url()).await)
+        .ttl(support::TTL)
+        .version_by(|i: &Item| i.version)
+        .near_cache(cachet::NearCache::new(100, Duration::from_secs(600)))
+        .build()
+        .unwrap();
+    eventually("the bus is subscribed", Duration::from_secs(10), || async {
+        elsewhere.stats().near_clears > 0
+    })
+    .await;
+    let wb = fx.write_behind(|b| b).await;
+    let _ = wb.write_behind(&1, Item::new(1, "one")).await.unwrap();
+    let _ = wb.write_behind(&2, Item::new(1, "two")).await.unwrap();
+    // Key 2's entry expired before the flush and was refilled from the old row.
+    fx.cache().set(&2, Item::new(0, "old")).await.unwrap();
+    eventually("L1 holds both", Duration::from_secs(10), || async {
+        elsewhere.get(&1).await.unwrap() == Some(Item::new(1, "one"))
+            && elsewhere.get(&2).await.unwrap() == Some(Item::new(0, "old"))
+    })
+    .await;
+    let hits = elsewhere.stats().near_hits;
+    let _ = elsewhere.get(&1).await.unwrap();
+    assert_eq!(elsewhere.stats().near_hits, hits + 1, "served from L1");
+
+    let _ = wb
+        .write_behind(&1, Item::new(2, "one, again"))
+        .await
+        .unwrap();
+    eventually(
+        "L1 drops the replaced value",
+        Duration::from_secs(2),
+        || async { elsewhere.get(&1).await.unwrap() == Some(Item::new(2, "one, again")) },
+    )
+    .await;
+    let flusher = fx.flusher(&wb, fx.sink(), |f| f).await;
+    assert_eq!(flusher.flush_once().await.unwrap(), 3);
+    eventually(
+        "L1 drops the entry the flush deleted",
+        Duration::from_secs(2),
+        || async { elsewhere.get(&2).await.unwrap().is_none() },
+    )
+    .await;
+}
