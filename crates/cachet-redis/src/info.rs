@@ -72,10 +72,17 @@ impl ServerInfo {
                     ));
                 } else if policy.starts_with("volatile-") {
                     out.push(format!(
-                        "maxmemory-policy {policy}: only keys with a TTL are evicted; cachet's \
-                         entries all have one, but its :sys: structures (queues, generations, Bloom \
-                         filters) and other applications' keys without TTL can fill memory until \
-                         writes fail; prefer allkeys-lru or allkeys-lfu"
+                        "maxmemory-policy {policy}: only keys with a TTL are evicted; every cachet \
+                         entry has one, but keys without a TTL (cachet's :sys: structures, other \
+                         applications' keys) are never evicted and can fill memory until writes \
+                         fail; watch used memory"
+                    ));
+                } else if policy.starts_with("allkeys-") {
+                    out.push(format!(
+                        "maxmemory-policy {policy}: any key may be evicted, including cachet's \
+                         durable :sys: structures (the deferred-invalidation queue, write-behind \
+                         streams), which would lose queued second deletes or writes; if you use \
+                         them, a volatile-* policy keeps them (every cachet entry has a TTL)"
                     ));
                 }
                 if max == 0 && policy != "noeviction" {
@@ -122,7 +129,11 @@ mod tests {
 
     #[test]
     fn classifies_settings() {
-        assert!(info(1 << 30, "allkeys-lru").warnings().is_empty());
+        let w = info(1 << 30, "allkeys-lru").warnings();
+        assert!(
+            w.len() == 1 && w[0].contains("durable :sys: structures"),
+            "{w:?}"
+        );
         let w = info(1 << 30, "noeviction").warnings();
         assert_eq!(w.len(), 1);
         assert!(
@@ -131,7 +142,7 @@ mod tests {
         );
         assert!(info(1 << 30, "volatile-lru").warnings()[0].contains("volatile-lru"));
         let w = info(0, "allkeys-lfu").warnings();
-        assert!(w[0].contains("no limit"), "{w:?}");
+        assert!(w.iter().any(|w| w.contains("no limit")), "{w:?}");
         assert!(ServerInfo::default().warnings()[0].contains("CONFIG not allowed"));
     }
 
