@@ -10,7 +10,7 @@
 //! few milliseconds behind. An entry may therefore outlive its TTL by that much.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -80,37 +80,50 @@ fn system_ms() -> u64 {
 
 /// The shared coarse clock: one thread stores the time every millisecond.
 mod coarse {
-    use super::{AtomicBool, AtomicU64, Once, Ordering, system_ms};
+    use super::{AtomicU64, Once, Ordering, system_ms};
     use std::time::Duration;
 
+    /// The time the ticker last stored; `0` before it started, `u64::MAX` if it
+    /// could not start (then every read asks the system clock).
     static NOW_MS: AtomicU64 = AtomicU64::new(0);
-    static TICKING: AtomicBool = AtomicBool::new(false);
     static START: Once = Once::new();
 
     const TICK: Duration = Duration::from_millis(1);
+    const NO_TICKER: u64 = u64::MAX;
 
     #[inline]
     pub(super) fn now_ms() -> u64 {
-        START.call_once(start);
-        if TICKING.load(Ordering::Relaxed) {
-            NOW_MS.load(Ordering::Relaxed)
-        } else {
-            system_ms()
+        match NOW_MS.load(Ordering::Relaxed) {
+            0 => {
+                START.call_once(start);
+                now_ms_slow()
+            }
+            NO_TICKER => system_ms(),
+            now => now,
+        }
+    }
+
+    #[cold]
+    fn now_ms_slow() -> u64 {
+        match NOW_MS.load(Ordering::Relaxed) {
+            NO_TICKER => system_ms(),
+            now => now,
         }
     }
 
     fn start() {
-        NOW_MS.store(system_ms(), Ordering::Relaxed);
+        NOW_MS.store(system_ms().max(1), Ordering::Relaxed);
         let spawned = std::thread::Builder::new()
             .name("cachet-clock".into())
             .spawn(|| {
                 loop {
                     std::thread::sleep(TICK);
-                    NOW_MS.store(system_ms(), Ordering::Relaxed);
+                    NOW_MS.store(system_ms().max(1), Ordering::Relaxed);
                 }
             });
-        // Without the thread every read falls back to the system clock.
-        TICKING.store(spawned.is_ok(), Ordering::Relaxed);
+        if spawned.is_err() {
+            NOW_MS.store(NO_TICKER, Ordering::Relaxed);
+        }
     }
 }
 

@@ -224,6 +224,28 @@ where
         }
     }
 
+    /// A hit in the cache's in-process table, when it needs no more than the
+    /// value: no groups, no soft expiry. Counts only hits; everything else
+    /// (`None`) takes the full path, which counts it.
+    #[inline]
+    pub(crate) fn local_hit(&self, key: &K, count: bool) -> Option<Option<V>> {
+        if self.group.is_some() {
+            return None;
+        }
+        let slot = self.local.as_ref()?.get(key, None)?;
+        if slot.meta.soft_expiry_ms != 0 {
+            return None;
+        }
+        if count {
+            if slot.value.is_some() {
+                self.counters.hits.inc();
+            } else {
+                self.counters.negative_hits.inc();
+            }
+        }
+        Some(slot.value)
+    }
+
     #[inline]
     pub(crate) fn lookup_local(
         &self,

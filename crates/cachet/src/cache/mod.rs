@@ -189,8 +189,19 @@ where
     /// # Errors
     /// When the store fails.
     #[inline]
-    pub async fn get(&self, key: &K) -> Result<Option<V>, Error> {
-        self.read(key, true).await
+    pub fn get<'a>(
+        &'a self,
+        key: &'a K,
+    ) -> impl Future<Output = Result<Option<V>, Error>> + Send + 'a {
+        // An in-process hit is answered before any future state is built; the
+        // rest is boxed so that the future a hit returns stays small.
+        let hit = self.inner.local_hit(key, true);
+        async move {
+            match hit {
+                Some(v) => Ok(v),
+                None => Box::pin(self.read(key, true)).await,
+            }
+        }
     }
 
     /// Like [`get`](Self::get), but not counted in the statistics.
@@ -249,14 +260,18 @@ where
     ///
     /// # Panics
     /// Outside a tokio runtime, like `tokio::spawn`.
-    pub async fn get_or_load<F, Fut, E>(&self, key: &K, loader: F) -> Result<Option<V>, Error>
+    #[inline]
+    pub fn get_or_load<'a, F, Fut, E>(
+        &'a self,
+        key: &'a K,
+        loader: F,
+    ) -> impl Future<Output = Result<Option<V>, Error>> + Send + 'a
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: Into<BoxError> + Send + 'static,
     {
         self.get_or_load_with(key, LoadOptions::default(), loader)
-            .await
     }
 
     /// [`get_or_load`](Self::get_or_load) with per-call [`LoadOptions`].
@@ -266,7 +281,30 @@ where
     ///
     /// # Panics
     /// Outside a tokio runtime, like `tokio::spawn`.
-    pub async fn get_or_load_with<F, Fut, E>(
+    #[inline]
+    pub fn get_or_load_with<'a, F, Fut, E>(
+        &'a self,
+        key: &'a K,
+        options: LoadOptions,
+        loader: F,
+    ) -> impl Future<Output = Result<Option<V>, Error>> + Send + 'a
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+    {
+        // An in-process hit is answered before any future state is built; the
+        // rest is boxed so that the future a hit returns stays small.
+        let hit = self.inner.local_hit(key, true);
+        async move {
+            match hit {
+                Some(v) => Ok(v),
+                None => Box::pin(self.load_path(key, options, loader)).await,
+            }
+        }
+    }
+
+    async fn load_path<F, Fut, E>(
         &self,
         key: &K,
         options: LoadOptions,
