@@ -5,6 +5,8 @@
 //! - `redis_hit`: a hit through `Cache::get` on Redis vs a bare redis-rs `GET` of
 //!   the same bytes on the same kind of connection (target ratio ≤ 1.05), one
 //!   request at a time and 64 tasks sharing the connection;
+//! - `near_hit`: a hit in the near cache (L1) of a cache over Redis vs a bare
+//!   `quick_cache::sync::Cache::get` (target ratio ≤ 1.2);
 //! - `redis_miss`: a miss that loads (≈1 ms, like a primary-key query) and fills,
 //!   through `get_or_load` (GET, lease script, load, fill script) vs naive
 //!   cache-aside (GET, load, SET) (target ratio ≤ 1.15).
@@ -288,5 +290,70 @@ fn redis_miss(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, memory_hit, redis_hit, redis_miss);
+fn near_hit(c: &mut Criterion) {
+    let server = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let keys = keys(1 << 16);
+    let bare: quick_cache::sync::Cache<u64, Arc<Value>> = quick_cache::sync::Cache::new(20_000);
+    let cache: Cache<u64, Arc<Value>> = rt.block_on(async {
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        let cache: Cache<u64, Arc<Value>> = Cache::builder("bench")
+            .ttl(Duration::from_secs(3600))
+            .store(store)
+            .near_cache(cachet::NearCache::new(20_000, Duration::from_secs(3600)))
+            .build()
+            .unwrap();
+        // Wait until the bus subscription is up: L1 is unused before.
+        for _ in 0..1_000 {
+            if cache.stats().near_clears > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for k in 0..KEYS {
+            let v = Arc::new(value(k));
+            bare.insert(k, Arc::clone(&v));
+            cache.set(&k, v).await.unwrap();
+        }
+        // The notices of those writes come back through the bus and drop what
+        // L1 holds for them; once they are through, reads from Redis fill L1.
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let before = cache.stats().near_hits;
+            for k in 0..KEYS {
+                cache.get(&k).await.unwrap();
+            }
+            if cache.stats().near_hits - before == KEYS {
+                break;
+            }
+        }
+        cache
+    });
+    assert!(cache.stats().near_clears > 0, "the bus never connected");
+    let mut g = c.benchmark_group("near_hit");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0;
+    g.bench_function("quick_cache_get", |b| {
+        b.iter(|| {
+            i = (i + 1) & (keys.len() - 1);
+            black_box(bare.get(&keys[i]).unwrap().id)
+        });
+    });
+    g.bench_function("cachet_get", |b| {
+        b.iter(|| {
+            i = (i + 1) & (keys.len() - 1);
+            black_box(now(cache.get(&keys[i])).unwrap().unwrap().id)
+        });
+    });
+    g.finish();
+    let s = cache.stats();
+    assert!(s.near_hits > 0, "the bench measured L1 hits");
+    drop(rt);
+}
+
+criterion_group!(benches, memory_hit, near_hit, redis_hit, redis_miss);
 criterion_main!(benches);

@@ -224,15 +224,19 @@ where
         }
     }
 
-    /// A hit in the cache's in-process table, when it needs no more than the
-    /// value: no groups, no soft expiry. Counts only hits; everything else
-    /// (`None`) takes the full path, which counts it.
+    /// A hit in the cache's in-process table (or near cache), when it needs no
+    /// more than the value: no groups, no soft expiry. Counts only hits;
+    /// everything else (`None`) takes the full path, which counts it.
     #[inline]
     pub(crate) fn local_hit(&self, key: &K, count: bool) -> Option<Option<V>> {
         if self.group.is_some() {
             return None;
         }
-        let slot = self.local.as_ref()?.get(key, None)?;
+        let Some(local) = &self.local else {
+            // A near cache's hit is just as local.
+            return self.near_hit(key, None, count);
+        };
+        let slot = local.get(key, None)?;
         if slot.meta.soft_expiry_ms != 0 {
             return None;
         }
