@@ -57,6 +57,8 @@ pub(crate) struct MemTable<Q, P> {
     entries: quick_cache::sync::Cache<Q, Timed<P>>,
     leases: Box<[Stripe<Q>]>,
     generations: quick_cache::sync::Cache<String, u64>,
+    /// Held while a generation is drawn and stored; see [`Self::generation`].
+    drawing: Mutex<()>,
     next_generation: AtomicU64,
     hasher: RandomState,
     tokens: Arc<TokenSource>,
@@ -112,6 +114,7 @@ where
             entries: quick_cache::sync::Cache::new(capacity.max(1)),
             leases: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
             generations: quick_cache::sync::Cache::new(capacity.max(1)),
+            drawing: Mutex::new(()),
             next_generation: AtomicU64::new(1),
             hasher: RandomState::new(),
             tokens,
@@ -120,7 +123,20 @@ where
     }
 
     /// The current generation of `group`, or a new one if it has none.
+    ///
+    /// Concurrent first readers of a group must agree on one generation: were
+    /// each to draw and insert its own, all but the last would tag their
+    /// leases with a generation already replaced, and their fills would be
+    /// refused. Drawing happens under a lock (once per group, or again after
+    /// an eviction), and the value is in the map before the lock is released.
+    /// (quick_cache's `get_or_insert_with` is not enough: it hands the value
+    /// to waiters before the map holds it, so a fill checking the map at once
+    /// can miss it.)
     fn generation(&self, group: &str) -> u64 {
+        if let Some(g) = self.generations.get(group) {
+            return g;
+        }
+        let _drawing = self.drawing.lock();
         if let Some(g) = self.generations.get(group) {
             return g;
         }
@@ -140,6 +156,7 @@ where
 
     /// Gives `group` a generation it never had: its items become absent.
     pub(crate) fn invalidate_group(&self, group: &str) {
+        let _drawing = self.drawing.lock();
         let g = self.next_generation.fetch_add(1, Ordering::Relaxed);
         self.generations.insert(group.to_owned(), g);
     }

@@ -29,6 +29,7 @@ async fn fill(cache: &TenantCache, tenant: u64, ids: std::ops::Range<u64>, tag: 
 on_both_stores!(
     invalidating_a_group_orphans_exactly_its_keys,
     a_group_invalidation_during_a_load_refuses_the_fill,
+    first_fills_of_a_new_group_racing_all_land,
 );
 
 async fn invalidating_a_group_orphans_exactly_its_keys(fx: Fx) {
@@ -75,6 +76,44 @@ async fn a_group_invalidation_during_a_load_refuses_the_fill(fx: Fx) {
     assert_eq!(reader.await.unwrap().unwrap().as_deref(), Some("old"));
     assert_eq!(cache.peek(&(1, 1)).await.unwrap(), None);
     assert_eq!(cache.stats().refused_fills, 1);
+}
+
+/// Many keys of groups never seen before are filled at once, from two
+/// threads: the first readers of a group must agree on its generation, or the
+/// fills of all but one are refused and their entries never appear.
+async fn first_fills_of_a_new_group_racing_all_land(fx: Fx) {
+    const GROUPS: u64 = 2000;
+    const KEYS: u64 = 4;
+    let cache = tenants(&fx);
+    for tenant in 100..100 + GROUPS {
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(KEYS as usize));
+        let fills: Vec<_> = (0..KEYS)
+            .map(|id| {
+                let (cache, start) = (cache.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    cache
+                        .get_or_load(&(tenant, id), move || async move {
+                            Res::Ok(Some(format!("v-{tenant}-{id}")))
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for fill in fills {
+            assert!(fill.await.unwrap().unwrap().is_some());
+        }
+    }
+    assert_eq!(cache.stats().refused_fills, 0);
+    for tenant in 100..100 + GROUPS {
+        for id in 0..KEYS {
+            assert_eq!(
+                cache.get(&(tenant, id)).await.unwrap(),
+                Some(format!("v-{tenant}-{id}")),
+                "tenant {tenant}, key {id}"
+            );
+        }
+    }
 }
 
 /// The generation key is evicted (or lost with a Redis restart): the old
