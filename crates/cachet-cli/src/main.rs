@@ -1,11 +1,17 @@
 //! `cachet`, the command-line tool of the cachet caching library.
 //!
-//! Today it has one subcommand, `cachet lab`, which runs caching failure modes
-//! side by side (see [`lab`]), and a hidden one, `cachet __child`, which the lab
-//! starts to run work in processes of its own (see `lab::child`). This module
-//! owns argument parsing, logging, the runtime and how errors reach the user.
+//! `cachet lab` runs caching failure modes side by side (see [`lab`]);
+//! `cachet stats` prints a Redis server's memory, eviction and hit counters
+//! and what in its settings weakens cachet's guarantees (see [`stats`]);
+//! `cachet inspect` shows one cache entry as stored (see [`inspect`]); a hidden
+//! `cachet __child` runs work the lab starts in processes of its own (see
+//! `lab::child`). This module owns argument parsing, logging, the runtime and
+//! how errors reach the user.
 
+mod inspect;
 mod lab;
+mod stats;
+mod target;
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
@@ -29,6 +35,8 @@ struct Cli {
 enum Command {
     // Boxed: the lab has many flags, and the other commands would pay for them.
     Lab(Box<lab::LabArgs>),
+    Stats(stats::StatsArgs),
+    Inspect(inspect::InspectArgs),
     /// Work the lab runs in a process of its own, to kill it mid-way
     #[command(name = "__child", hide = true)]
     Child(lab::child::ChildArgs),
@@ -60,6 +68,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Lab(args) => lab::run(*args).await,
+            Command::Stats(args) => stats::run(args).await,
+            Command::Inspect(args) => inspect::run(args).await,
             Command::Child(args) => lab::child::run(args).await,
         }
     });
@@ -72,6 +82,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes `s` to stdout and flushes it.
+fn write_stdout(s: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(s.as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write to stdout")
 }
 
 /// The error and its causes, one per line. Many errors repeat their cause in

@@ -10,7 +10,7 @@ use crate::util::Cachet;
 
 /// The race at test size (see `util::SMALL`), with a second delete well past the
 /// slowest reader so that a busy machine cannot push a fill beyond it.
-const RACE: &[&str] = &[
+pub(crate) const RACE: &[&str] = &[
     "--scenario",
     "race",
     "--readers",
@@ -183,18 +183,21 @@ fn double_delete_without_redis_is_skipped_not_failed() {
     assert!(stderr.contains("skipped"), "{stderr}");
 }
 
+/// The stampede at test size.
+pub(crate) const STAMPEDE: &[&str] = &[
+    "--scenario",
+    "stampede",
+    "--callers",
+    "200",
+    "--load-ms",
+    "50",
+];
+
 #[test]
 fn stampede_across_four_caches_or_processes_loads_once() {
     let redis = RedisServer::start();
     for backend in [None, Some(redis.url())] {
-        let mut lab = Cachet::lab().args([
-            "--scenario",
-            "stampede",
-            "--callers",
-            "200",
-            "--load-ms",
-            "50",
-        ]);
+        let mut lab = Cachet::lab().args(STAMPEDE);
         if let Some(url) = &backend {
             lab = lab.args(["--redis-url", url]);
         }

@@ -10,9 +10,11 @@ fn embedded_run_shows_each_failure_and_its_fix() {
     let rows = Cachet::lab().args(SMALL).rows();
     rows.assert_lab_properties(2000, 50);
     for row in &rows.rows {
-        // The double-delete scenario needs a store that outlives a process: it
-        // starts a private redis-server (on PATH wherever the tests run).
-        let store = if row["scenario"] == "double-delete" {
+        // The double-delete, near-cache and outage scenarios need Redis: they
+        // start a private redis-server (on PATH wherever the tests run).
+        let store = if ["double-delete", "near-cache", "outage"]
+            .contains(&row["scenario"].as_str().unwrap())
+        {
             "redis"
         } else {
             "memory"
@@ -30,6 +32,8 @@ fn embedded_run_shows_each_failure_and_its_fix() {
     assert_eq!(rows.u64("double-delete", "naive", "stale_entries"), 50);
     assert_eq!(rows.u64("double-delete", "durable", "stale_entries"), 0);
     assert_eq!(rows.u64("stampede", "4 connections", "db_queries"), 1);
+    crate::near_cache::assert_near_cache(&rows);
+    crate::outage::assert_outage(&rows);
 }
 
 #[test]
@@ -84,6 +88,14 @@ async fn redis_and_postgres_run_cleans_up_after_itself() {
     assert_eq!(rows.u64("double-delete", "durable", "stale_entries"), 0);
     assert_eq!(rows.u64("stampede", "4 connections", "db_queries"), 1);
     assert_eq!(rows.u64("stampede", "4 processes", "db_queries"), 1);
+    crate::near_cache::assert_near_cache(&rows);
+    // The outage scenario disrupts a server it was given only when allowed to.
+    assert!(
+        !rows.rows.iter().any(|r| r["scenario"] == "outage"),
+        "{:#?}",
+        rows.rows
+    );
+    assert!(rows.stderr.contains("outage: skipped"), "{}", rows.stderr);
 
     // Every key left behind expires.
     let mut cursor = "0".to_owned();

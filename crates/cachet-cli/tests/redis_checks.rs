@@ -1,20 +1,31 @@
 //! What a lab run must leave behind on a Redis it was given.
 
-use cachet_testkit::RedisServer;
+use cachet_testkit::{RedisCluster, RedisServer};
 
 /// Every key left on `redis` expires, except the store's `:sys:` structures,
 /// and no command that scans or flushes a whole database ran.
 pub(crate) fn assert_clean(redis: &RedisServer) {
+    assert_server_clean(|args| redis.command(args));
+}
+
+/// [`assert_clean`] on every node of a cluster.
+pub(crate) fn assert_cluster_clean(cluster: &RedisCluster) {
+    for node in 0..cluster.nodes().len() {
+        assert_server_clean(|args| cluster.command(node, args));
+    }
+}
+
+fn assert_server_clean(command: impl Fn(&[&str]) -> String) {
     let mut cursor = "0".to_owned();
     for _ in 0..10_000 {
-        let reply = redis.command(&["SCAN", &cursor, "COUNT", "1000"]);
+        let reply = command(&["SCAN", &cursor, "COUNT", "1000"]);
         let mut lines = reply.lines();
         cursor = lines.next().unwrap_or("0").to_owned();
         for key in lines {
             if key.contains(":sys:") {
                 continue;
             }
-            let pttl = redis.command(&["PTTL", key]);
+            let pttl = command(&["PTTL", key]);
             assert_ne!(pttl, "-1", "key {key} has no TTL");
         }
         if cursor == "0" {
@@ -23,7 +34,7 @@ pub(crate) fn assert_clean(redis: &RedisServer) {
     }
     assert_eq!(cursor, "0", "SCAN did not finish");
 
-    let stats = redis.command(&["INFO", "commandstats"]);
+    let stats = command(&["INFO", "commandstats"]);
     for forbidden in ["cmdstat_keys", "cmdstat_flushdb", "cmdstat_flushall"] {
         assert!(
             !stats.contains(forbidden),

@@ -4,9 +4,13 @@
 mod avalanche;
 mod bad_input;
 mod bloom;
+mod cluster;
 mod durability;
 mod groups;
+mod inspect;
 mod lab;
+mod near_cache;
+mod outage;
 mod real_backends;
 mod redis_checks;
 mod torture;

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use super::source::Item;
 use super::{ENTRY_TTL, LEASE_TTL, double_delete};
+use crate::target::RedisArgs;
 
 /// The start of a child's report line.
 pub(super) const DONE: &str = "done ";
@@ -48,9 +49,8 @@ enum ChildTask {
 
 #[derive(Debug, Args)]
 struct DoubleDeleteChild {
-    /// The Redis server
-    #[arg(long)]
-    redis_url: String,
+    #[command(flatten)]
+    redis: RedisArgs,
     /// The `:sys:` prefix of the deferred queue
     #[arg(long)]
     system_prefix: String,
@@ -73,9 +73,8 @@ struct DoubleDeleteChild {
 
 #[derive(Debug, Args)]
 struct StampedeChild {
-    /// The Redis server
-    #[arg(long)]
-    redis_url: String,
+    #[command(flatten)]
+    redis: RedisArgs,
     /// The cache's namespace
     #[arg(long)]
     namespace: String,
@@ -111,7 +110,7 @@ pub(crate) async fn run(args: ChildArgs) -> Result<()> {
 }
 
 async fn double_delete_child(a: DoubleDeleteChild) -> Result<()> {
-    let store = double_delete::queue_store(&a.redis_url, &a.system_prefix).await?;
+    let store = double_delete::queue_store(&a.redis.target()?, &a.system_prefix).await?;
     let cache: Cache<i64, Item> = Cache::builder(a.namespace)
         .ttl(ENTRY_TTL)
         .negative_ttl(ENTRY_TTL)
@@ -220,9 +219,8 @@ impl ChildSource {
 /// by each caller's latency in microseconds.
 async fn stampede_child(a: StampedeChild) -> Result<()> {
     let source = ChildSource::open(&a).await?;
-    let store = cachet::RedisStore::connect(&a.redis_url)
-        .await
-        .context("cannot connect to Redis")?;
+    let target = a.redis.target()?;
+    let store = target.connect(target.another()).await?;
     let cache: Cache<i64, Item> = Cache::builder(a.namespace.clone())
         .ttl(ENTRY_TTL)
         .negative_ttl(ENTRY_TTL)

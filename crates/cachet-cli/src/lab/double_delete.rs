@@ -9,26 +9,27 @@
 //! afterwards (as after a restart) still runs it, and the old value goes.
 //!
 //! The queue must outlive the writer's process, so the scenario needs Redis:
-//! `--redis-url`, or else a private `redis-server` it starts and stops itself;
-//! without either it is skipped. It keeps to its own namespace and to a
-//! deferred queue of its own (a `:sys:` prefix with the run's id).
+//! `--redis-url` or `--redis-cluster`, or else a private `redis-server` it
+//! starts and stops itself; without either it is skipped. It keeps to its own
+//! namespace and to a deferred queue of its own (a `:sys:` prefix with the
+//! run's id).
 
-use std::net::{Ipv4Addr, TcpListener};
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use cachet::{Cache, DeferredWorker, RedisStore, Store};
+use cachet::{Cache, DeferredWorker, Store};
 use clap::Args;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::redis_server::{Persistence, ScenarioRedis};
 use super::report::{Row, find};
 use super::source::{Db, Item};
 use super::{ENTRY_TTL, LEASE_TTL, Lab};
+use crate::target::RedisTarget;
 
 pub(super) const NAME: &str = "double-delete";
 const NAIVE: &str = "naive (single delete)";
@@ -42,8 +43,6 @@ const CHILD_REPORT_TIMEOUT: Duration = Duration::from_secs(30);
 const CHILD_HANG_LIMIT: Duration = Duration::from_secs(120);
 /// How long past the due time the queued deletes may take to run.
 const DEFERRED_GRACE: Duration = Duration::from_secs(10);
-/// How long a private `redis-server` may take to answer.
-const REDIS_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Flags of the `double-delete` scenario.
 #[derive(Debug, Args)]
@@ -59,9 +58,11 @@ pub(super) struct DoubleDeleteArgs {
 
 pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
     let Some(redis) = LabRedis::open(lab).await? else {
-        if lab.args.json {
-            eprintln!("{}", skipped_line());
-        }
+        lab.skip(
+            NAME,
+            "the scenario needs a Redis that outlives a process, and there is no --redis-url, \
+             no --redis-cluster and no redis-server on PATH.",
+        );
         return Ok(Vec::new());
     };
     let mut rows = Vec::new();
@@ -71,17 +72,10 @@ pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-fn skipped_line() -> String {
-    format!(
-        "{NAME}: skipped: the scenario needs a Redis that outlives a process, and there is no \
-         --redis-url and no redis-server on PATH."
-    )
-}
-
 pub(super) fn summary(rows: &[Row]) -> String {
     let (Some(naive), Some(durable)) = (find(rows, NAME, "naive"), find(rows, NAME, "durable"))
     else {
-        return skipped_line();
+        return format!("{NAME}: no result.");
     };
     let stale = |r: &Row| {
         r.stale_entries
@@ -102,33 +96,26 @@ pub(super) fn summary(rows: &[Row]) -> String {
 /// The Redis the scenario runs on: the lab's, or a private server.
 #[derive(Debug)]
 struct LabRedis {
-    url: String,
     /// The store with the run's own deferred queue.
     store: Arc<dyn Store>,
     system_prefix: String,
-    /// A private server, stopped when this is dropped (after the store's
-    /// connection, declared before it).
-    server: Option<PrivateRedis>,
+    /// The server, stopped when this is dropped if it is private (after the
+    /// store's connection, declared before it).
+    redis: ScenarioRedis,
 }
 
 impl LabRedis {
-    /// Redis from `--redis-url`, or a private server; `None` when there is
-    /// neither.
+    /// The lab's Redis, or a private server; `None` when there is neither.
     async fn open(lab: &Lab) -> Result<Option<Self>> {
-        let (url, server) = match &lab.args.redis_url {
-            Some(url) => (url.clone(), None),
-            None => match PrivateRedis::start().await? {
-                Some(server) => (server.url(), Some(server)),
-                None => return Ok(None),
-            },
+        let Some(redis) = ScenarioRedis::open(lab, Persistence::None).await? else {
+            return Ok(None);
         };
         let system_prefix = queue_prefix(lab);
-        let store = queue_store(&url, &system_prefix).await?;
+        let store = queue_store(&redis.target, &system_prefix).await?;
         Ok(Some(Self {
-            url,
             store,
             system_prefix,
-            server,
+            redis,
         }))
     }
 }
@@ -140,13 +127,13 @@ pub(super) fn queue_prefix(lab: &Lab) -> String {
 }
 
 /// A Redis store whose deferred queue is the run's own.
-pub(super) async fn queue_store(url: &str, system_prefix: &str) -> Result<Arc<dyn Store>> {
-    let shown = super::source::redact_url(url);
-    let store = RedisStore::builder(url)
-        .system_prefix(system_prefix)
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to Redis at {shown}"))?;
+pub(super) async fn queue_store(
+    target: &RedisTarget,
+    system_prefix: &str,
+) -> Result<Arc<dyn Store>> {
+    let store = target
+        .connect(target.another().system_prefix(system_prefix))
+        .await?;
     Ok(Arc::new(store))
 }
 
@@ -190,8 +177,8 @@ pub(super) fn namespace(lab: &Lab, scenario: &str, strategy: &str) -> String {
 /// The store for delayed double-deletes: on Redis a connection whose deferred
 /// queue is the run's own, in process the lab's store.
 pub(super) async fn deferred_store(lab: &Lab) -> Result<Arc<dyn Store>> {
-    match &lab.args.redis_url {
-        Some(url) => queue_store(url, &queue_prefix(lab)).await,
+    match &lab.redis {
+        Some(target) => queue_store(target, &queue_prefix(lab)).await,
         None => Ok(Arc::clone(&lab.store)),
     }
 }
@@ -208,7 +195,7 @@ async fn run_strategy(lab: &Lab, redis: &LabRedis, durable: bool) -> Result<Row>
     };
     lab.source.reset(n).await?;
     let db = lab.source.counted();
-    let cache = if redis.server.is_some() {
+    let cache = if redis.redis.is_private() {
         // A private server takes every key with it when it stops.
         cache_in(
             namespace(lab, NAME, slug),
@@ -239,7 +226,7 @@ async fn run_strategy(lab: &Lab, redis: &LabRedis, durable: bool) -> Result<Row>
     // ...deletes in a process of its own (queuing the second delete first when
     // durable), reports, and is killed before it can do anything else.
     let child = ChildRun {
-        redis_url: &redis.url,
+        redis: &redis.redis.target,
         system_prefix: &redis.system_prefix,
         namespace: cache.namespace(),
         keys: n,
@@ -285,7 +272,7 @@ async fn run_strategy(lab: &Lab, redis: &LabRedis, durable: bool) -> Result<Row>
     lab.forget(&cache).await;
 
     let mut row = lab.row(NAME, name);
-    row.store = "redis";
+    row.store = redis.redis.target.kind();
     row.requests = 3 * n;
     row.writes = n;
     row.db_queries = db.reads();
@@ -382,7 +369,7 @@ pub(super) async fn await_deferred(
 /// One run of the writer process.
 #[derive(Debug)]
 struct ChildRun<'a> {
-    redis_url: &'a str,
+    redis: &'a RedisTarget,
     system_prefix: &'a str,
     namespace: &'a str,
     keys: u64,
@@ -397,7 +384,8 @@ impl ChildRun<'_> {
     async fn run_and_kill(&self) -> Result<Instant> {
         let exe = std::env::current_exe().context("cannot find the cachet executable")?;
         let mut cmd = tokio::process::Command::new(exe);
-        cmd.args(["__child", "double-delete", "--redis-url", self.redis_url])
+        cmd.args(["__child", "double-delete"])
+            .args(self.redis.child_args())
             .args(["--system-prefix", self.system_prefix])
             .args(["--namespace", self.namespace])
             .args(["--keys", &self.keys.to_string()])
@@ -443,117 +431,4 @@ impl ChildRun<'_> {
         }
         Ok(reported)
     }
-}
-
-/// A `redis-server` of the run's own: a free port, no persistence, a temporary
-/// directory; killed when dropped.
-#[derive(Debug)]
-struct PrivateRedis {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl PrivateRedis {
-    /// Starts one, or returns `None` when `redis-server` is not on `PATH`.
-    async fn start() -> Result<Option<Self>> {
-        let Some(binary) = find_on_path("redis-server") else {
-            return Ok(None);
-        };
-        let dir = tempfile::Builder::new()
-            .prefix("cachet-lab-redis-")
-            .tempdir()
-            .context("cannot create a directory for redis-server")?;
-        // A port the OS just handed out can be taken before the server binds it;
-        // try a few.
-        let mut last_error = None;
-        for _ in 0..3 {
-            let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .and_then(|l| l.local_addr())
-                .context("cannot find a free port")?
-                .port();
-            let mut child = std::process::Command::new(&binary)
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .with_context(|| format!("cannot run {}", binary.display()))?;
-            match wait_ready(&mut child, port).await {
-                Ok(()) => {
-                    return Ok(Some(Self {
-                        child,
-                        port,
-                        _dir: dir,
-                    }));
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    last_error = Some(e);
-                }
-            }
-        }
-        Err(last_error
-            .unwrap_or_else(|| anyhow!("no attempt made"))
-            .context(format!("cannot start a private {}", binary.display())))
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Waits until the server on `port` answers `PING`.
-async fn wait_ready(child: &mut std::process::Child, port: u16) -> Result<()> {
-    let deadline = Instant::now() + REDIS_STARTUP_TIMEOUT;
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!("redis-server exited at start ({status})");
-        }
-        if tokio::time::timeout(Duration::from_secs(1), ping(port))
-            .await
-            .is_ok_and(|pong| pong)
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("redis-server did not answer within {REDIS_STARTUP_TIMEOUT:?}");
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(100));
-    }
-}
-
-async fn ping(port: u16) -> bool {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let Ok(mut s) = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await else {
-        return false;
-    };
-    let mut reply = [0; 7];
-    s.write_all(b"PING\r\n").await.is_ok()
-        && s.read_exact(&mut reply).await.is_ok()
-        && &reply == b"+PONG\r\n"
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
 }

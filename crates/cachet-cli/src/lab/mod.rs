@@ -13,28 +13,33 @@ pub(crate) mod child;
 mod double_delete;
 mod groups;
 mod hit_rate;
+mod near_cache;
+mod outage;
 mod outbox;
 mod penetration;
 mod plot;
 mod race;
+mod redis_server;
 mod report;
 mod source;
 mod stampede;
 mod vanish;
 mod workload;
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow};
-use cachet::{Cache, MemoryStore, RedisStore, Store};
+use cachet::{Cache, MemoryStore, Store};
 use clap::{Args, ValueEnum};
 use tokio::task::JoinSet;
 
+use crate::target::RedisTarget;
+use crate::write_stdout;
 use report::{Row, RowContext};
-use source::{Item, Source, redact_url};
+use source::{Item, Source};
 
 /// Flags of `cachet lab`.
 #[derive(Debug, Args)]
@@ -42,8 +47,11 @@ use source::{Item, Source, redact_url};
     about = "Run caching failure modes side by side, naive vs protected",
     long_about = "Run caching failure modes side by side, naive vs protected, and print one table.\n\n\
         Without flags the lab runs embedded: an in-process store and a temporary SQLite \
-        database. --redis-url and --database-url run it against real servers; it then keeps \
-        to a namespace (Redis) and a schema (PostgreSQL) of its own, and removes them at the end."
+        database (the scenarios that need Redis start a private redis-server). --redis-url or \
+        --redis-cluster, and --database-url, run it against real servers; it then keeps to a \
+        namespace (Redis) and a schema (PostgreSQL) of its own, and removes them at the end. \
+        It never sends KEYS, SCAN or FLUSH*, and disrupts a server it was given (outage) only \
+        with --allow-disruption."
 )]
 pub(crate) struct LabArgs {
     /// Scenario to run; repeat for several [default: all, in the order shown]
@@ -51,8 +59,19 @@ pub(crate) struct LabArgs {
     scenarios: Vec<Scenario>,
 
     /// Use the Redis server at URL as the cache store instead of the in-process one
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", conflicts_with = "redis_cluster")]
     redis_url: Option<String>,
+
+    /// Use the Redis Cluster these nodes belong to as the cache store (any of
+    /// its nodes will do; comma-separated or repeated)
+    #[arg(long, value_name = "URL,…", value_delimiter = ',')]
+    redis_cluster: Vec<String>,
+
+    /// Let the outage scenario make the Redis given with --redis-url or
+    /// --redis-cluster hang for a moment (CLIENT PAUSE on every node); without
+    /// it, that scenario is skipped there
+    #[arg(long)]
+    allow_disruption: bool,
 
     /// Use the PostgreSQL database at URL as the source of truth instead of SQLite
     #[arg(long, value_name = "URL")]
@@ -91,6 +110,10 @@ pub(crate) struct LabArgs {
     vanish: vanish::VanishArgs,
     #[command(flatten)]
     groups: groups::GroupsArgs,
+    #[command(flatten)]
+    near_cache: near_cache::NearCacheArgs,
+    #[command(flatten)]
+    outage: outage::OutageArgs,
 }
 
 /// The scenarios, in their default order.
@@ -112,10 +135,14 @@ pub(crate) enum Scenario {
     Vanish,
     /// Invalidating every key of one tenant
     Groups,
+    /// Near caches (L1) in several instances, with and without the invalidation bus (needs Redis)
+    NearCache,
+    /// Redis unavailable mid-run, with and without the circuit breaker (needs Redis)
+    Outage,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 8] = [
+    const ALL: [Scenario; 10] = [
         Scenario::Race,
         Scenario::DoubleDelete,
         Scenario::Stampede,
@@ -124,6 +151,8 @@ impl Scenario {
         Scenario::Avalanche,
         Scenario::Vanish,
         Scenario::Groups,
+        Scenario::NearCache,
+        Scenario::Outage,
     ];
 
     fn name(self) -> &'static str {
@@ -136,6 +165,8 @@ impl Scenario {
             Scenario::Avalanche => avalanche::NAME,
             Scenario::Vanish => vanish::NAME,
             Scenario::Groups => groups::NAME,
+            Scenario::NearCache => near_cache::NAME,
+            Scenario::Outage => outage::NAME,
         }
     }
 
@@ -149,6 +180,8 @@ impl Scenario {
             Scenario::Avalanche => avalanche::run(lab).await,
             Scenario::Vanish => vanish::run(lab).await,
             Scenario::Groups => groups::run(lab).await,
+            Scenario::NearCache => near_cache::run(lab).await,
+            Scenario::Outage => outage::run(lab).await,
         }
     }
 
@@ -162,6 +195,8 @@ impl Scenario {
             Scenario::Avalanche => avalanche::summary(rows),
             Scenario::Vanish => vanish::summary(rows),
             Scenario::Groups => groups::summary(rows),
+            Scenario::NearCache => near_cache::summary(rows),
+            Scenario::Outage => outage::summary(rows),
         }
     }
 }
@@ -170,6 +205,8 @@ impl Scenario {
 #[derive(Debug)]
 pub(crate) struct Lab {
     args: LabArgs,
+    /// The Redis given on the command line, if any.
+    redis: Option<RedisTarget>,
     store: Arc<dyn Store>,
     store_kind: &'static str,
     source: Source,
@@ -178,6 +215,8 @@ pub(crate) struct Lab {
     seed: u64,
     /// Caches whose keys are still to be invalidated.
     written: std::sync::Mutex<Vec<Written>>,
+    /// Scenarios that were skipped, and the line that says why.
+    skipped: std::sync::Mutex<Vec<(&'static str, String)>>,
 }
 
 /// Entry TTLs outlast any run, so nothing expires mid-scenario and skews it;
@@ -219,6 +258,19 @@ impl Lab {
         self.written
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records that `scenario` was skipped and why: one line on stderr under
+    /// `--json`, in place of the scenario's summary otherwise.
+    fn skip(&self, scenario: &'static str, why: &str) {
+        let line = format!("{scenario}: skipped: {why}");
+        if self.args.json {
+            eprintln!("{line}");
+        }
+        self.skipped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((scenario, line));
     }
 
     fn row(&self, scenario: &'static str, strategy: &'static str) -> Row {
@@ -317,18 +369,20 @@ pub(crate) async fn run(args: LabArgs) -> Result<()> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let scenarios = selected(&args.scenarios);
 
-    let (store, store_kind, store_description): (Arc<dyn Store>, _, _) = match &args.redis_url {
+    let redis = RedisTarget::from_flags(args.redis_url.as_deref(), &args.redis_cluster)?;
+    let (store, store_kind, store_description): (Arc<dyn Store>, _, _) = match &redis {
         None => (
             Arc::new(MemoryStore::new(1_000_000)),
             "memory",
             "memory (in-process)".to_owned(),
         ),
-        Some(url) => {
-            let shown = redact_url(url);
-            let store = RedisStore::connect(url)
-                .await
-                .with_context(|| format!("cannot connect to Redis at {shown}"))?;
-            (Arc::new(store), "redis", format!("redis ({shown})"))
+        Some(target) => {
+            let store = target.connect_checked().await?;
+            (
+                Arc::new(store),
+                target.kind(),
+                format!("{} ({})", target.kind(), target.describe()),
+            )
         }
     };
     let source = Source::open(args.database_url.as_deref(), &run_id).await?;
@@ -344,18 +398,26 @@ pub(crate) async fn run(args: LabArgs) -> Result<()> {
     }
     let lab = Lab {
         args,
+        redis,
         store,
         store_kind,
         source,
         run_id,
         seed,
         written: std::sync::Mutex::default(),
+        skipped: std::sync::Mutex::default(),
     };
 
     let outcome = tokio::select! {
         r = run_scenarios(&lab, &scenarios, json, progress) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
     };
+    let skipped = std::mem::take(
+        &mut *lab
+            .skipped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
     // Tear down also after a failure: neither keys nor schema may outlive the run.
     let teardown = async {
         lab.forget_remaining().await;
@@ -376,7 +438,10 @@ pub(crate) async fn run(args: LabArgs) -> Result<()> {
         let mut out = report::table(&rows);
         out.push('\n');
         for scenario in &scenarios {
-            out.push_str(&scenario.summary(&rows));
+            match skipped.iter().find(|(name, _)| *name == scenario.name()) {
+                Some((_, line)) => out.push_str(line),
+                None => out.push_str(&scenario.summary(&rows)),
+            }
             out.push('\n');
         }
         for path in &plots {
@@ -436,13 +501,6 @@ fn shares(total: u64, parts: u32) -> Vec<u64> {
         .map(|i| total / parts + u64::from(i < total % parts))
         .filter(|&n| n > 0)
         .collect()
-}
-
-fn write_stdout(s: &str) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    out.write_all(s.as_bytes())
-        .and_then(|()| out.flush())
-        .context("cannot write to stdout")
 }
 
 #[cfg(test)]

@@ -62,6 +62,37 @@ pub(crate) struct Row {
     pub(crate) other_groups_lost: Option<u64>,
     /// Entries deleted behind the cache's back (evicted, flushed, deleted by hand).
     pub(crate) vanished: Option<u64>,
+    /// Reads that returned a value older than the last write completed
+    /// before the read started (near cache).
+    pub(crate) stale_reads: Option<u64>,
+    /// Of which those that started later after the write than the invalidation
+    /// bus needs to deliver its notice (`--near-bus-window-ms`).
+    pub(crate) stale_reads_past_window: Option<u64>,
+    /// The longest a read started after a write completed and still returned
+    /// an older value, in microseconds (0 without stale reads).
+    pub(crate) stale_read_max_lag_us: Option<u64>,
+    /// Fraction of reads answered by a near cache (L1), 0 to 1.
+    pub(crate) near_hit_rate: Option<f64>,
+    /// Times near caches were emptied because their bus subscription broke or
+    /// came back.
+    pub(crate) near_clears: Option<u64>,
+    /// Invalidation-bus messages (`PUBLISH`es Redis executed, any client's
+    /// included) per write.
+    pub(crate) messages_per_write: Option<f64>,
+    /// How long the store was unavailable (killed or paused), in milliseconds.
+    pub(crate) outage_ms: Option<u64>,
+    /// Latency of the reads that started while the store was unavailable.
+    pub(crate) outage_p50_us: Option<u64>,
+    pub(crate) outage_p99_us: Option<u64>,
+    pub(crate) outage_max_us: Option<u64>,
+    /// Invalidations that failed (reported to the writer).
+    pub(crate) failed_invalidations: Option<u64>,
+    /// Times the circuit breaker opened.
+    pub(crate) breaker_opens: Option<u64>,
+    /// Store operations the open breaker skipped.
+    pub(crate) short_circuits: Option<u64>,
+    /// Failed invalidations the breaker kept and later delivered.
+    pub(crate) retried_invalidations: Option<u64>,
     pub(crate) elapsed_ms: u64,
     pub(crate) seed: u64,
 }
@@ -95,6 +126,20 @@ impl Row {
             round_trips: None,
             other_groups_lost: None,
             vanished: None,
+            stale_reads: None,
+            stale_reads_past_window: None,
+            stale_read_max_lag_us: None,
+            near_hit_rate: None,
+            near_clears: None,
+            messages_per_write: None,
+            outage_ms: None,
+            outage_p50_us: None,
+            outage_p99_us: None,
+            outage_max_us: None,
+            failed_invalidations: None,
+            breaker_opens: None,
+            short_circuits: None,
+            retried_invalidations: None,
             elapsed_ms: 0,
             seed: ctx.seed,
         }
@@ -156,8 +201,12 @@ impl Latency {
         let _ = self.hist.add(&other.hist);
     }
 
-    fn quantile_us(&self, q: f64) -> Option<u64> {
+    pub(crate) fn quantile_us(&self, q: f64) -> Option<u64> {
         (!self.hist.is_empty()).then(|| self.hist.value_at_quantile(q))
+    }
+
+    pub(crate) fn max_us(&self) -> Option<u64> {
+        (!self.hist.is_empty()).then(|| self.hist.max())
     }
 }
 
@@ -286,6 +335,37 @@ fn detail(r: &Row) -> String {
     }
     if let Some(ran) = r.deferred_ran {
         parts.push(format!("second deletes run {ran}"));
+    }
+    if let Some(stale) = r.stale_reads {
+        let mut s = format!("stale reads {stale}");
+        if let (true, Some(lag)) = (stale > 0, r.stale_read_max_lag_us) {
+            let _ = write!(s, " (up to {} after the write", format_us(lag));
+            if let Some(late) = r.stale_reads_past_window {
+                let _ = write!(s, ", {late} past the bus window");
+            }
+            s.push(')');
+        }
+        parts.push(s);
+    }
+    if let Some(share) = r.near_hit_rate {
+        parts.push(format!("L1 hits {:.1}%", share * 100.0));
+    }
+    if let Some(m) = r.messages_per_write {
+        parts.push(format!("{m:.2} messages/write"));
+    }
+    if let Some(clears) = r.near_clears {
+        parts.push(format!("L1 clears {clears}"));
+    }
+    if let Some(max) = r.outage_max_us {
+        let p99 = r.outage_p99_us.map_or_else(|| "?".to_owned(), format_us);
+        parts.push(format!("reads in outage p99 {p99}, max {}", format_us(max)));
+    }
+    if let Some(failed) = r.failed_invalidations {
+        parts.push(format!("failed invalidations {failed}"));
+    }
+    if let Some(opens) = r.breaker_opens {
+        let skipped = r.short_circuits.unwrap_or(0);
+        parts.push(format!("breaker opened {opens}, skipped {skipped} calls"));
     }
     parts.join("; ")
 }

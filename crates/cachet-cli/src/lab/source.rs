@@ -19,6 +19,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions as _, Connection as _, Executor as _};
 
+pub(crate) use crate::target::redact_url;
+
 /// A row of the source of truth, and the value the lab caches.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Item {
@@ -317,47 +319,4 @@ async fn fetch(pool: &Pool, id: i64) -> Result<Option<Item>, sqlx::Error> {
         sqlx::query_as(SELECT_ITEM).bind(id).fetch_optional(p).await?
     });
     Ok(row.map(|(id, value, payload)| Item { id, value, payload }))
-}
-
-/// `url` with any password replaced, for messages.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    match rest[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end],
-            &rest[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(
-            redact_url("redis://:secret@h:6379/"),
-            "redis://:***@h:6379/"
-        );
-        assert_eq!(
-            redact_url("postgres://u@h:5432/db"),
-            "postgres://u@h:5432/db"
-        );
-        assert_eq!(redact_url("redis://h:6379/"), "redis://h:6379/");
-    }
 }

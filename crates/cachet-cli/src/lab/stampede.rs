@@ -29,6 +29,7 @@ use super::double_delete::cache_in;
 use super::report::{Latency, Row, find};
 use super::source::{Db, Item};
 use super::{LEASE_TTL, Lab, shares};
+use crate::target::RedisTarget;
 
 pub(super) const NAME: &str = "stampede";
 const NAIVE: &str = "naive cache-aside";
@@ -71,8 +72,8 @@ pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
     for mode in [Mode::Naive, Mode::SingleFlight, Mode::Connections] {
         rows.push(run_strategy(lab, mode).await?);
     }
-    if let Some(url) = &lab.args.redis_url {
-        rows.push(run_processes(lab, url).await?);
+    if let Some(target) = &lab.redis {
+        rows.push(run_processes(lab, target).await?);
     }
     Ok(rows)
 }
@@ -170,16 +171,8 @@ async fn run_strategy(lab: &Lab, mode: Mode) -> Result<Row> {
 /// A store handle of its own for one more cache instance: a new Redis
 /// connection, or in process the lab's store (the cache is what is separate).
 async fn instance_store(lab: &Lab) -> Result<Arc<dyn Store>> {
-    match &lab.args.redis_url {
-        Some(url) => {
-            let store = cachet::RedisStore::connect(url).await.with_context(|| {
-                format!(
-                    "cannot connect to Redis at {}",
-                    super::source::redact_url(url)
-                )
-            })?;
-            Ok(Arc::new(store))
-        }
+    match &lab.redis {
+        Some(target) => Ok(Arc::new(target.connect(target.another()).await?)),
         None => Ok(Arc::clone(&lab.store)),
     }
 }
@@ -211,7 +204,7 @@ async fn call(
 
 /// The callers split over [`INSTANCES`] processes of `cachet __child stampede`,
 /// started together once all have connected.
-async fn run_processes(lab: &Lab, redis_url: &str) -> Result<Row> {
+async fn run_processes(lab: &Lab, target: &RedisTarget) -> Result<Row> {
     let a = &lab.args.stampede;
     lab.source.reset(1).await?;
     let cache = lab.cache(NAME, "processes", KEY..=KEY)?;
@@ -232,7 +225,8 @@ async fn run_processes(lab: &Lab, redis_url: &str) -> Result<Row> {
     let mut callers = Vec::new();
     for n in shares(u64::from(a.callers), parts) {
         let mut child = tokio::process::Command::new(&exe)
-            .args(["__child", "stampede", "--redis-url", redis_url])
+            .args(["__child", "stampede"])
+            .args(target.child_args())
             .args(["--namespace", cache.namespace()])
             .args(["--key", &KEY.to_string(), "--callers", &n.to_string()])
             .args(["--load-ms", &a.load_ms.to_string()])

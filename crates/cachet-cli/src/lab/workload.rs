@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use cachet::{Cache, CacheBuilder, Stats};
+use cachet::{Cache, CacheBuilder, Stats, Store};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tokio::task::JoinSet;
@@ -52,17 +52,28 @@ pub(super) fn lab_cache(
     configure: impl FnOnce(CacheBuilder<i64, Item>) -> CacheBuilder<i64, Item>,
 ) -> Result<Cache<i64, Item>> {
     let namespace = format!("lab-{scenario}-{strategy}-{}", lab.run_id);
+    let cache = build_cache(namespace, Arc::clone(&lab.store), configure)?;
+    lab.written().push((cache.clone(), keys));
+    Ok(cache)
+}
+
+/// A cache in `namespace` on `store` with the lab's defaults, then the
+/// scenario's settings applied by `configure`; not registered for cleanup (see
+/// [`Lab::forget`]).
+pub(super) fn build_cache(
+    namespace: String,
+    store: Arc<dyn Store>,
+    configure: impl FnOnce(CacheBuilder<i64, Item>) -> CacheBuilder<i64, Item>,
+) -> Result<Cache<i64, Item>> {
     let builder = Cache::builder(namespace)
         .ttl(ENTRY_TTL)
         .jitter(0.1)
         .negative_ttl(ENTRY_TTL)
         .lease_ttl(LEASE_TTL)
-        .store_arc(Arc::clone(&lab.store));
-    let cache = configure(builder)
+        .store_arc(store);
+    configure(builder)
         .build()
-        .context("cannot build the lab's cache")?;
-    lab.written().push((cache.clone(), keys));
-    Ok(cache)
+        .context("cannot build the lab's cache")
 }
 
 /// Source queries counted per 10 ms from a start instant, over a fixed span;
@@ -332,20 +343,7 @@ impl ReadLoad {
                 break;
             }
         }
-        let drained = tokio::time::timeout_at(end + GRACE, async {
-            while let Some(done) = reads.join_next().await {
-                out.add(done)?;
-            }
-            anyhow::Ok(())
-        })
-        .await;
-        match drained {
-            Ok(result) => result?,
-            Err(_) => {
-                reads.abort_all();
-                anyhow::bail!("reads were still running {GRACE:?} after the end of the load");
-            }
-        }
+        join_within(&mut reads, end, GRACE, "reads", |done| out.add(done)).await?;
         Ok(out)
     }
 }
@@ -363,6 +361,31 @@ pub(super) fn delta(after: Stats, before: Stats) -> Stats {
     d.bloom_rejections -= before.bloom_rejections;
     d.refused_fills -= before.refused_fills;
     d
+}
+
+/// Waits for the `what` still in `tasks`, handing each to `add`, for at most
+/// `grace` past `end`; past it, aborts them and fails.
+pub(super) async fn join_within<T: 'static>(
+    tasks: &mut JoinSet<T>,
+    end: Instant,
+    grace: Duration,
+    what: &str,
+    mut add: impl FnMut(Result<T, tokio::task::JoinError>) -> Result<()>,
+) -> Result<()> {
+    let drained = tokio::time::timeout_at(end + grace, async {
+        while let Some(done) = tasks.join_next().await {
+            add(done)?;
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    match drained {
+        Ok(result) => result,
+        Err(_) => {
+            tasks.abort_all();
+            anyhow::bail!("{what} were still running {grace:?} after the end of the load");
+        }
+    }
 }
 
 #[cfg(test)]
