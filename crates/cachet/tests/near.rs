@@ -172,3 +172,63 @@ async fn a_near_cache_needs_a_shared_store() {
         .unwrap_err();
     assert!(e.to_string().contains("shared store"), "{e}");
 }
+
+/// A burst of writes costs far fewer bus messages than writes (notices are
+/// batched), and every notice still arrives: afterwards no reader's L1 serves
+/// an old value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_writes_is_batched_into_few_messages() {
+    const KEYS: u64 = 2_000;
+    const IN_FLIGHT: u64 = 64;
+    let server = RedisServer::start();
+    let (writer, reader) = (instance(&server).await, instance(&server).await);
+    connected(&[writer.clone(), reader.clone()]).await;
+    let db: Db = Arc::default();
+    for key in 0..KEYS {
+        db.lock().unwrap().insert(key, "old".into());
+        reader.get_or_load(&key, loader(&db, key)).await.unwrap();
+    }
+    assert_eq!(
+        reader.get(&(KEYS - 1)).await.unwrap().as_deref(),
+        Some("old")
+    );
+    for key in 0..KEYS {
+        db.lock().unwrap().insert(key, "new".into());
+    }
+    server.command(&["CONFIG", "RESETSTAT"]);
+    for chunk in 0..KEYS / IN_FLIGHT + 1 {
+        let mut writes = tokio::task::JoinSet::new();
+        for key in (chunk * IN_FLIGHT..(chunk + 1) * IN_FLIGHT).filter(|k| *k < KEYS) {
+            let writer = writer.clone();
+            writes.spawn(async move { writer.invalidate(&key).await });
+        }
+        while let Some(done) = writes.join_next().await {
+            done.unwrap().unwrap();
+        }
+    }
+    for key in 0..KEYS {
+        converge(
+            std::slice::from_ref(&reader),
+            &db,
+            key,
+            "new",
+            Duration::from_secs(10),
+        )
+        .await;
+    }
+    let stats = server.command(&["INFO", "commandstats"]);
+    let publishes: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap());
+    assert!(publishes > 0, "no notice was sent: {stats}");
+    assert!(
+        publishes * 4 <= KEYS,
+        "{publishes} PUBLISH for {KEYS} writes: notices are not batched"
+    );
+    eprintln!(
+        "{KEYS} writes, {publishes} PUBLISH ({:.3} messages per write)",
+        publishes as f64 / KEYS as f64
+    );
+}
