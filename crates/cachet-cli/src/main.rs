@@ -44,12 +44,17 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A child's warnings about the Redis settings repeat the lab's own.
+    let default_filter = match cli.command {
+        Command::Child(_) => "warn,cachet_writebehind::durability=error",
+        _ => "warn",
+    };
     // Library warnings (a store that stopped answering, say) go to stderr, so
     // that stdout stays machine-readable under --json.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

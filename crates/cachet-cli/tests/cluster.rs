@@ -5,7 +5,7 @@ use cachet_testkit::{RedisCluster, RedisServer};
 
 use crate::redis_checks::assert_cluster_clean;
 use crate::util::Cachet;
-use crate::{bloom, durability, groups, near_cache};
+use crate::{bloom, durability, groups, near_cache, write_behind};
 
 #[test]
 fn scenarios_run_on_a_redis_cluster() {
@@ -19,6 +19,7 @@ fn scenarios_run_on_a_redis_cluster() {
         .args(bloom::ARGS)
         .args(groups::ARGS)
         .args(near_cache::ARGS)
+        .args(write_behind::ARGS)
         .args(["--redis-cluster", &seeds])
         .rows();
     for row in &rows.rows {
@@ -51,6 +52,18 @@ fn scenarios_run_on_a_redis_cluster() {
     assert_eq!(rows.u64("groups", "evicted", "stale_entries"), 0);
     groups::assert_groups(&rows);
     near_cache::assert_near_cache(&rows);
+    // Write-behind needs a single node: skipped, saying why.
+    assert!(
+        !rows.rows.iter().any(|r| r["scenario"] == "write-behind"),
+        "{:#?}",
+        rows.rows
+    );
+    let skipped = rows
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("write-behind: skipped"))
+        .unwrap_or_else(|| panic!("no write-behind line in\n{}", rows.stderr));
+    assert!(skipped.contains("single Redis node"), "{skipped}");
 
     assert_cluster_clean(&cluster);
 

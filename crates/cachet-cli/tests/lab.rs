@@ -10,9 +10,10 @@ fn embedded_run_shows_each_failure_and_its_fix() {
     let rows = Cachet::lab().args(SMALL).rows();
     rows.assert_lab_properties(2000, 50);
     for row in &rows.rows {
-        // The double-delete, near-cache and outage scenarios need Redis: they
-        // start a private redis-server (on PATH wherever the tests run).
-        let store = if ["double-delete", "near-cache", "outage"]
+        // The double-delete, near-cache, outage and write-behind scenarios need
+        // Redis: they start a private redis-server (on PATH wherever the tests
+        // run).
+        let store = if ["double-delete", "near-cache", "outage", "write-behind"]
             .contains(&row["scenario"].as_str().unwrap())
         {
             "redis"
@@ -34,6 +35,7 @@ fn embedded_run_shows_each_failure_and_its_fix() {
     assert_eq!(rows.u64("stampede", "4 connections", "db_queries"), 1);
     crate::near_cache::assert_near_cache(&rows);
     crate::outage::assert_outage(&rows);
+    crate::write_behind::assert_write_behind(&rows);
 }
 
 #[test]
@@ -89,6 +91,7 @@ async fn redis_and_postgres_run_cleans_up_after_itself() {
     assert_eq!(rows.u64("stampede", "4 connections", "db_queries"), 1);
     assert_eq!(rows.u64("stampede", "4 processes", "db_queries"), 1);
     crate::near_cache::assert_near_cache(&rows);
+    crate::write_behind::assert_write_behind(&rows);
     // The outage scenario disrupts a server it was given only when allowed to.
     assert!(
         !rows.rows.iter().any(|r| r["scenario"] == "outage"),

@@ -16,3 +16,4 @@ mod redis_checks;
 mod torture;
 mod util;
 mod vanish;
+mod write_behind;

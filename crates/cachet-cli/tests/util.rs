@@ -79,6 +79,14 @@ pub(crate) const SMALL: &[&str] = &[
     "1000",
     "--outage-write-rate",
     "100",
+    "--wb-writes",
+    "1000",
+    "--wb-keys",
+    "100",
+    "--wb-writers",
+    "16",
+    "--wb-batch",
+    "50",
 ];
 
 /// A `cachet` command line under construction.

@@ -6,31 +6,42 @@
 //! double-delete writer then waits to be killed; it exits by itself when its
 //! stdin closes (the lab is gone) or after `--hang-ms`, so it never outlives the
 //! lab for long. A stampede caller first says [`READY`] and waits for a line on
-//! stdin, so that the lab can start every process's callers at once.
+//! stdin, so that the lab can start every process's callers at once. A
+//! write-behind flusher says [`READY`] once connected, a line before and after
+//! each transaction it runs on the source ([`APPLYING`], [`APPLIED`]), and its
+//! counters once its stdin closes, when it stops.
 
+use std::ffi::OsStr;
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::path::PathBuf;
-use std::str::FromStr as _;
+use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use cachet::Cache;
+use cachet::{BoxError, Cache};
+use cachet_writebehind::{Sink, Write};
 use clap::{Args, Subcommand};
-use sqlx::Executor as _;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::source::Item;
-use super::{ENTRY_TTL, LEASE_TTL, double_delete};
-use crate::target::RedisArgs;
+use super::source::{Db, Item, Location};
+use super::{ENTRY_TTL, LEASE_TTL, Lab, double_delete, write_behind};
+use crate::target::{RedisArgs, RedisTarget};
 
 /// The start of a child's report line.
 pub(super) const DONE: &str = "done ";
-/// A stampede caller's line once it is connected and waiting for the start.
+/// A child's line once it is connected (and, for a stampede caller, waiting
+/// for the start).
 pub(super) const READY: &str = "ready";
+/// A flusher's line before a transaction on the source, with its rows.
+pub(super) const APPLYING: &str = "applying ";
+/// A flusher's line after that transaction committed.
+pub(super) const APPLIED: &str = "applied ";
 
 /// Flags of `cachet __child`.
 #[derive(Debug, Args)]
@@ -45,6 +56,50 @@ enum ChildTask {
     DoubleDelete(DoubleDeleteChild),
     /// Callers of one cold key through a cache of this process, on Redis
     Stampede(StampedeChild),
+    /// A write-behind flusher of a lab cache's stream, until stdin closes
+    WriteBehindFlusher(FlusherChild),
+}
+
+/// Where the run's source of truth is, for a child that opens it again.
+#[derive(Debug, Args)]
+struct SourceArgs {
+    /// The source of truth on PostgreSQL
+    #[arg(long, requires = "schema")]
+    database_url: Option<String>,
+    /// The run's schema on PostgreSQL
+    #[arg(long)]
+    schema: Option<String>,
+    /// The source of truth in SQLite
+    #[arg(long, conflicts_with = "database_url")]
+    sqlite_file: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    async fn open(&self, read_only: bool) -> Result<Db> {
+        let at = match (&self.database_url, &self.schema, &self.sqlite_file) {
+            (Some(url), Some(schema), None) => Location::Postgres { url, schema },
+            (None, None, Some(file)) => Location::Sqlite { file, read_only },
+            _ => bail!("give either --database-url and --schema, or --sqlite-file"),
+        };
+        Db::attach(at, 2).await
+    }
+}
+
+/// The flags that give a child process the run's source of truth (see
+/// [`SourceArgs`]).
+pub(super) fn source_args(lab: &Lab) -> Result<Vec<String>> {
+    match (lab.source.schema_name(), &lab.args.database_url) {
+        (Some(schema), Some(url)) => Ok(vec![
+            "--database-url".into(),
+            url.clone(),
+            "--schema".into(),
+            schema.into(),
+        ]),
+        _ => match lab.source.sqlite_file() {
+            Some(file) => Ok(vec!["--sqlite-file".into(), file.display().to_string()]),
+            None => bail!("the source of truth cannot be shared with other processes"),
+        },
+    }
 }
 
 #[derive(Debug, Args)]
@@ -87,18 +142,34 @@ struct StampedeChild {
     /// How long a load takes on top of its query, in milliseconds
     #[arg(long)]
     load_ms: u64,
-    /// The source of truth on PostgreSQL
-    #[arg(long, requires = "schema")]
-    database_url: Option<String>,
-    /// The run's schema on PostgreSQL
-    #[arg(long)]
-    schema: Option<String>,
-    /// The source of truth in SQLite
-    #[arg(long, conflicts_with = "database_url")]
-    sqlite_file: Option<PathBuf>,
+    #[command(flatten)]
+    source: SourceArgs,
     /// Give up on a caller after this long, in milliseconds
     #[arg(long, default_value_t = 60_000)]
     timeout_ms: u64,
+}
+
+#[derive(Debug, Args)]
+struct FlusherChild {
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[command(flatten)]
+    source: SourceArgs,
+    /// The cache's namespace, whose stream the flusher reads
+    #[arg(long)]
+    namespace: String,
+    /// The flusher's consumer name
+    #[arg(long)]
+    consumer: String,
+    /// Most writes read at once
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000))]
+    batch_size: u64,
+    /// How long a write stays pending before it is claimed again, in milliseconds
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    min_idle_ms: u64,
+    /// Stop by itself after this long, in milliseconds
+    #[arg(long, default_value_t = 120_000)]
+    hang_ms: u64,
 }
 
 /// Runs `cachet __child`.
@@ -106,6 +177,7 @@ pub(crate) async fn run(args: ChildArgs) -> Result<()> {
     match args.task {
         ChildTask::DoubleDelete(a) => double_delete_child(a).await,
         ChildTask::Stampede(a) => stampede_child(a).await,
+        ChildTask::WriteBehindFlusher(a) => flusher_child(a).await,
     }
 }
 
@@ -150,75 +222,11 @@ async fn hang(limit: Duration) {
     }
 }
 
-const SELECT_ITEM: &str = "SELECT id, value, payload FROM items WHERE id = $1";
-
-/// The source of truth, read-only, as this process sees it.
-#[derive(Clone, Debug)]
-enum ChildSource {
-    Postgres(sqlx::PgPool),
-    Sqlite(sqlx::SqlitePool),
-}
-
-impl ChildSource {
-    async fn open(a: &StampedeChild) -> Result<Self> {
-        match (&a.database_url, &a.schema, &a.sqlite_file) {
-            (Some(url), Some(schema), None) => {
-                let options = sqlx::postgres::PgConnectOptions::from_str(url)
-                    .context("invalid PostgreSQL URL")?;
-                let search_path: Arc<str> = format!("SET search_path TO {schema}").into();
-                let pool = sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(2)
-                    .after_connect(move |conn, _meta| {
-                        let search_path = Arc::clone(&search_path);
-                        Box::pin(async move {
-                            conn.execute(&*search_path).await?;
-                            Ok(())
-                        })
-                    })
-                    .connect_with(options)
-                    .await
-                    .context("cannot connect to PostgreSQL")?;
-                Ok(Self::Postgres(pool))
-            }
-            (None, None, Some(file)) => {
-                let options = sqlx::sqlite::SqliteConnectOptions::new()
-                    .filename(file)
-                    .read_only(true);
-                let pool = sqlx::sqlite::SqlitePoolOptions::new()
-                    .max_connections(2)
-                    .connect_with(options)
-                    .await
-                    .with_context(|| format!("cannot open {}", file.display()))?;
-                Ok(Self::Sqlite(pool))
-            }
-            _ => bail!("give either --database-url and --schema, or --sqlite-file"),
-        }
-    }
-
-    async fn load(&self, id: i64) -> Result<Option<Item>, sqlx::Error> {
-        let row: Option<(i64, i64, String)> = match self {
-            Self::Postgres(p) => {
-                sqlx::query_as(SELECT_ITEM)
-                    .bind(id)
-                    .fetch_optional(p)
-                    .await?
-            }
-            Self::Sqlite(p) => {
-                sqlx::query_as(SELECT_ITEM)
-                    .bind(id)
-                    .fetch_optional(p)
-                    .await?
-            }
-        };
-        Ok(row.map(|(id, value, payload)| Item { id, value, payload }))
-    }
-}
-
 /// Connects, says [`READY`], waits for a line on stdin, then lets every caller
 /// ask for the key at once; reports `done <queries> <loads> <errors>` followed
 /// by each caller's latency in microseconds.
 async fn stampede_child(a: StampedeChild) -> Result<()> {
-    let source = ChildSource::open(&a).await?;
+    let source = a.source.open(true).await?;
     let target = a.redis.target()?;
     let store = target.connect(target.another()).await?;
     let cache: Cache<i64, Item> = Cache::builder(a.namespace.clone())
@@ -283,6 +291,153 @@ async fn stampede_child(a: StampedeChild) -> Result<()> {
         cache.stats().loads,
         latencies.join(" ")
     ))
+}
+
+/// Applies batches to the source of truth, one transaction each, saying so
+/// before and after.
+#[derive(Debug)]
+struct LabSink {
+    db: Db,
+}
+
+impl Sink<i64, Item> for LabSink {
+    async fn apply(&self, batch: &[Write<i64, Item>]) -> Result<(), BoxError> {
+        let items = batch
+            .iter()
+            .map(|w| {
+                let version = i64::try_from(w.version)?;
+                Ok(Item {
+                    id: w.key,
+                    value: version,
+                    payload: w.value.payload.clone(),
+                })
+            })
+            .collect::<Result<Vec<Item>, std::num::TryFromIntError>>()?;
+        say(&format!("{APPLYING}{}", items.len()))?;
+        self.db.write_versioned_batch(&items).await?;
+        say(&format!("{APPLIED}{}", items.len()))?;
+        Ok(())
+    }
+}
+
+/// Flushes the stream of the cache in `--namespace` into the source of truth
+/// until stdin closes; reports `done <batches> <flushed> <reclaimed>
+/// <dead-lettered> <sink errors>`.
+async fn flusher_child(a: FlusherChild) -> Result<()> {
+    let RedisTarget::Server(url) = a.redis.target()? else {
+        bail!("write-behind needs a single Redis server, not a Redis Cluster");
+    };
+    let db = a.source.open(false).await?;
+    let wb = write_behind::open(&url, a.namespace).await?;
+    let flusher = wb
+        .flusher(LabSink { db })
+        .consumer(a.consumer)
+        .batch_size(usize::try_from(a.batch_size).context("batch too large")?)
+        .min_idle(Duration::from_millis(a.min_idle_ms))
+        .block(write_behind::FLUSHER_BLOCK)
+        .max_backoff(write_behind::FLUSHER_MAX_BACKOFF)
+        .connect(&url)
+        .await
+        .context("cannot start the flusher")?;
+    say(READY)?;
+    flusher.run(hang(Duration::from_millis(a.hang_ms))).await;
+    let s = flusher.stats();
+    say(&format!(
+        "{DONE}{} {} {} {} {}",
+        s.batches, s.flushed, s.reclaimed, s.dead_lettered, s.sink_errors
+    ))
+}
+
+/// A process of `cachet __child …` and its pipes, killed if dropped. It exits
+/// by itself when its stdin closes.
+#[derive(Debug)]
+pub(super) struct ChildProcess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Lines<BufReader<ChildStdout>>,
+    /// What it is, for messages: "a caller process".
+    what: &'static str,
+}
+
+impl ChildProcess {
+    /// Starts `cachet __child` with `args`.
+    pub(super) fn spawn<S: AsRef<OsStr>>(
+        args: impl IntoIterator<Item = S>,
+        what: &'static str,
+    ) -> Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the cachet executable")?;
+        let mut child = tokio::process::Command::new(exe)
+            .arg("__child")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", what))?;
+        let stdin = child.stdin.take();
+        let stdout = child
+            .stdout
+            .take()
+            .with_context(|| format!("no stdout from {what}"))?;
+        Ok(Self {
+            child,
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+            what,
+        })
+    }
+
+    /// The next line it prints; an error if it exits first or says nothing
+    /// within `timeout`.
+    pub(super) async fn line(&mut self, timeout: Duration) -> Result<String> {
+        self.next_line(timeout)
+            .await?
+            .with_context(|| format!("{} exited without reporting", self.what))
+    }
+
+    /// The next line it prints, or `None` once it has exited; an error if it
+    /// says nothing within `timeout`.
+    pub(super) async fn next_line(&mut self, timeout: Duration) -> Result<Option<String>> {
+        match tokio::time::timeout(timeout, self.lines.next_line()).await {
+            Ok(Ok(line)) => Ok(line),
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("cannot read {}", self.what))),
+            Err(_) => bail!("{} did not answer within {timeout:?}", self.what),
+        }
+    }
+
+    /// Writes `line` to its stdin.
+    pub(super) async fn send(&mut self, line: &str) -> Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .with_context(|| format!("the stdin of {} is closed", self.what))?;
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .with_context(|| format!("cannot write to {}", self.what))
+    }
+
+    /// Closes its stdin, which tells it to finish.
+    pub(super) fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Kills it (SIGKILL) and reaps it.
+    pub(super) async fn kill(&mut self) -> Result<()> {
+        self.child
+            .kill()
+            .await
+            .with_context(|| format!("cannot kill {}", self.what))
+    }
+
+    /// Waits at most `timeout` for it to exit.
+    pub(super) async fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.with_context(|| format!("cannot reap {}", self.what)),
+            Err(_) => bail!("{} did not exit within {timeout:?}", self.what),
+        }
+    }
 }
 
 fn say(line: &str) -> Result<()> {

@@ -14,17 +14,16 @@
 //! namespace and to a deferred queue of its own (a `:sys:` prefix with the
 //! run's id).
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 use cachet::{Cache, DeferredWorker, Store};
 use clap::Args;
-use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::child::ChildProcess;
 use super::redis_server::{Persistence, ScenarioRedis};
 use super::report::{Row, find};
 use super::source::{Db, Item};
@@ -382,43 +381,22 @@ impl ChildRun<'_> {
     /// key is invalidated (and, when `twice`, every second delete queued), then
     /// SIGKILLs it. Returns when it reported.
     async fn run_and_kill(&self) -> Result<Instant> {
-        let exe = std::env::current_exe().context("cannot find the cachet executable")?;
-        let mut cmd = tokio::process::Command::new(exe);
-        cmd.args(["__child", "double-delete"])
-            .args(self.redis.child_args())
-            .args(["--system-prefix", self.system_prefix])
-            .args(["--namespace", self.namespace])
-            .args(["--keys", &self.keys.to_string()])
-            .args(["--delay-ms", &self.delay.as_millis().to_string()])
-            .args(["--hang-ms", &CHILD_HANG_LIMIT.as_millis().to_string()]);
+        let mut args = vec!["double-delete".to_owned()];
+        args.extend(self.redis.child_args());
+        args.extend(["--system-prefix".into(), self.system_prefix.to_owned()]);
+        args.extend(["--namespace".into(), self.namespace.to_owned()]);
+        args.extend(["--keys".into(), self.keys.to_string()]);
+        args.extend(["--delay-ms".into(), self.delay.as_millis().to_string()]);
+        args.extend(["--hang-ms".into(), CHILD_HANG_LIMIT.as_millis().to_string()]);
         if self.twice {
-            cmd.arg("--twice");
+            args.push("--twice".into());
         }
         // The child exits when its stdin closes, so it never outlives this process.
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start the writer process")?;
-        let stdout = child.stdout.take().context("no stdout from the writer")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(CHILD_REPORT_TIMEOUT, lines.next_line()).await;
+        let mut child = ChildProcess::spawn(args, "the writer process")?;
+        let line = child.line(CHILD_REPORT_TIMEOUT).await;
         let reported = Instant::now();
-        child
-            .start_kill()
-            .context("cannot kill the writer process")?;
-        let status = child
-            .wait()
-            .await
-            .context("cannot reap the writer process")?;
-        let line = match line {
-            Ok(Ok(Some(line))) => line,
-            Ok(Ok(None)) => bail!("the writer process exited without reporting ({status})"),
-            Ok(Err(e)) => return Err(anyhow!(e).context("cannot read the writer's report")),
-            Err(_) => bail!("the writer process did not report within {CHILD_REPORT_TIMEOUT:?}"),
-        };
+        child.kill().await?;
+        let line = line?;
         let done: u64 = line
             .strip_prefix(super::child::DONE)
             .and_then(|n| n.trim().parse().ok())

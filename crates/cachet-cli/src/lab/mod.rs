@@ -25,6 +25,7 @@ mod source;
 mod stampede;
 mod vanish;
 mod workload;
+mod write_behind;
 
 use std::io::IsTerminal as _;
 use std::ops::RangeInclusive;
@@ -114,6 +115,8 @@ pub(crate) struct LabArgs {
     near_cache: near_cache::NearCacheArgs,
     #[command(flatten)]
     outage: outage::OutageArgs,
+    #[command(flatten)]
+    write_behind: write_behind::WriteBehindArgs,
 }
 
 /// The scenarios, in their default order.
@@ -139,10 +142,12 @@ pub(crate) enum Scenario {
     NearCache,
     /// Redis unavailable mid-run, with and without the circuit breaker (needs Redis)
     Outage,
+    /// A burst of writes, synchronous vs write-behind with its flusher killed (needs Redis)
+    WriteBehind,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 10] = [
+    const ALL: [Scenario; 11] = [
         Scenario::Race,
         Scenario::DoubleDelete,
         Scenario::Stampede,
@@ -153,6 +158,7 @@ impl Scenario {
         Scenario::Groups,
         Scenario::NearCache,
         Scenario::Outage,
+        Scenario::WriteBehind,
     ];
 
     fn name(self) -> &'static str {
@@ -167,6 +173,7 @@ impl Scenario {
             Scenario::Groups => groups::NAME,
             Scenario::NearCache => near_cache::NAME,
             Scenario::Outage => outage::NAME,
+            Scenario::WriteBehind => write_behind::NAME,
         }
     }
 
@@ -182,6 +189,7 @@ impl Scenario {
             Scenario::Groups => groups::run(lab).await,
             Scenario::NearCache => near_cache::run(lab).await,
             Scenario::Outage => outage::run(lab).await,
+            Scenario::WriteBehind => write_behind::run(lab).await,
         }
     }
 
@@ -197,6 +205,7 @@ impl Scenario {
             Scenario::Groups => groups::summary(rows),
             Scenario::NearCache => near_cache::summary(rows),
             Scenario::Outage => outage::summary(rows),
+            Scenario::WriteBehind => write_behind::summary(rows),
         }
     }
 }

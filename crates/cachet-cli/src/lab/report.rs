@@ -93,6 +93,19 @@ pub(crate) struct Row {
     pub(crate) short_circuits: Option<u64>,
     /// Failed invalidations the breaker kept and later delivered.
     pub(crate) retried_invalidations: Option<u64>,
+    /// Writes acknowledged to the writers.
+    pub(crate) acknowledged: Option<u64>,
+    /// Of which those whose effect is in the source of truth at the end: their
+    /// key's row holds their version and value, or a newer version.
+    pub(crate) applied: Option<u64>,
+    /// Acknowledged writes not in the source of truth at the end.
+    pub(crate) lost_writes: Option<u64>,
+    /// Write transactions begun on the source of truth.
+    pub(crate) transactions: Option<u64>,
+    /// Times a write-behind flusher was killed (SIGKILL) and another started.
+    pub(crate) flusher_kills: Option<u64>,
+    /// Writes a killed flusher held that the last one claimed.
+    pub(crate) reclaimed: Option<u64>,
     pub(crate) elapsed_ms: u64,
     pub(crate) seed: u64,
 }
@@ -140,6 +153,12 @@ impl Row {
             breaker_opens: None,
             short_circuits: None,
             retried_invalidations: None,
+            acknowledged: None,
+            applied: None,
+            lost_writes: None,
+            transactions: None,
+            flusher_kills: None,
+            reclaimed: None,
             elapsed_ms: 0,
             seed: ctx.seed,
         }
@@ -308,6 +327,15 @@ pub(crate) fn count(n: u64, noun: &str) -> String {
     }
 }
 
+/// How many times, in words: "once", "twice", "3 times".
+pub(crate) fn times(n: u64) -> String {
+    match n {
+        1 => "once".to_owned(),
+        2 => "twice".to_owned(),
+        n => format!("{n} times"),
+    }
+}
+
 /// The measurements only some scenarios have, as short text.
 fn detail(r: &Row) -> String {
     let mut parts = Vec::new();
@@ -366,6 +394,21 @@ fn detail(r: &Row) -> String {
     if let Some(opens) = r.breaker_opens {
         let skipped = r.short_circuits.unwrap_or(0);
         parts.push(format!("breaker opened {opens}, skipped {skipped} calls"));
+    }
+    if let Some(tx) = r.transactions {
+        parts.push(format!("{} on the source", count(tx, "transaction")));
+    }
+    if let (Some(acked), Some(applied), Some(lost)) = (r.acknowledged, r.applied, r.lost_writes) {
+        parts.push(format!(
+            "acknowledged {acked}, applied {applied}, lost_writes {lost}"
+        ));
+    }
+    if let Some(kills) = r.flusher_kills {
+        let mut s = format!("flusher killed and restarted {}", times(kills));
+        if let Some(n) = r.reclaimed {
+            let _ = write!(s, ", {n} writes reclaimed");
+        }
+        parts.push(s);
     }
     parts.join("; ")
 }

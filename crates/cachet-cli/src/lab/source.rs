@@ -6,6 +6,7 @@
 //! issues, never by asking the database, so the numbers mean the same on both
 //! backends.
 
+use std::path::Path;
 use std::str::FromStr as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +36,11 @@ const CREATE_TABLE: &str =
     "CREATE TABLE items (id BIGINT PRIMARY KEY, value BIGINT NOT NULL, payload TEXT NOT NULL)";
 const SELECT_ITEM: &str = "SELECT id, value, payload FROM items WHERE id = $1";
 const BUMP_ITEM: &str = "UPDATE items SET value = value + 1 WHERE id = $1";
+/// A versioned write (`value` is the row's version): it changes the row only
+/// if its version is newer, so applying it twice, or after a newer one,
+/// changes nothing.
+const APPLY_WRITE: &str = "UPDATE items SET value = $2, payload = $3 WHERE id = $1 AND value < $2";
+const SELECT_ALL: &str = "SELECT id, value, payload FROM items";
 const SEED_SQLITE: &str = "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < $1) \
      INSERT INTO items (id, value, payload) SELECT i, 0, 'item-' || i FROM seq";
 const SEED_POSTGRES: &str = "INSERT INTO items (id, value, payload) \
@@ -95,20 +101,11 @@ impl Source {
             .tempdir()
             .context("cannot create a temporary directory for the SQLite database")?;
         let path = dir.path().join(SQLITE_FILE);
-        // WAL lets readers run while a writer commits; synchronous=OFF because the
-        // file is thrown away, so durability buys nothing but fsync latency.
-        let options = SqliteConnectOptions::new()
-            .filename(&path)
+        // WAL lets readers run while a writer commits.
+        let options = sqlite_options(&path)
             .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Off)
-            .busy_timeout(SQLITE_BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(SQLITE_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
-            .await
-            .with_context(|| format!("cannot open SQLite database {}", path.display()))?;
+            .journal_mode(SqliteJournalMode::Wal);
+        let pool = sqlite_pool(options, SQLITE_CONNECTIONS, &path).await?;
         pool.execute(CREATE_TABLE)
             .await
             .context("cannot create the items table in SQLite")?;
@@ -138,21 +135,7 @@ impl Source {
             .with_context(|| format!("cannot create schema {schema} on {shown}"))?;
         let _ = admin.close().await;
 
-        // Every connection works in the run's schema. The data is thrown away at
-        // the end, so commits need not wait for the WAL flush: the lab measures
-        // caching, not the server's disk.
-        let session: Arc<str> =
-            format!("SET search_path TO {schema}; SET synchronous_commit TO off").into();
-        let pool = PgPoolOptions::new()
-            .max_connections(PG_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .after_connect(move |conn, _meta| {
-                let session = Arc::clone(&session);
-                Box::pin(async move {
-                    conn.execute(&*session).await?;
-                    Ok(())
-                })
-            })
+        let pool = schema_pool(&schema, PG_CONNECTIONS)
             .connect_with(options.clone())
             .await;
         let created =
@@ -260,10 +243,19 @@ impl Source {
 
     /// A handle whose queries are counted apart from every other handle's.
     pub(crate) fn counted(&self) -> Db {
-        Db {
-            pool: self.pool.clone(),
-            reads: Arc::default(),
-        }
+        Db::new(self.pool.clone())
+    }
+
+    /// Every row, uncounted: for checking what writes left in the source.
+    pub(crate) async fn items(&self) -> Result<Vec<Item>> {
+        let rows: Vec<(i64, i64, String)> = on_pool!(&self.pool, p => {
+            sqlx::query_as(SELECT_ALL).fetch_all(p).await
+        })
+        .context("cannot read the items table")?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, value, payload)| Item { id, value, payload })
+            .collect())
     }
 
     /// Drops what the run created: the PostgreSQL schema, or the SQLite file.
@@ -288,14 +280,96 @@ impl Source {
     }
 }
 
+/// Where a process of the lab's own finds the run's source of truth.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Location<'a> {
+    /// The run's schema on the PostgreSQL server at `url`.
+    Postgres { url: &'a str, schema: &'a str },
+    /// The run's SQLite file.
+    Sqlite { file: &'a Path, read_only: bool },
+}
+
+/// Connection options for the run's SQLite file at `path`: synchronous=OFF
+/// because the file is thrown away, so durability buys nothing but fsync
+/// latency.
+fn sqlite_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .synchronous(SqliteSynchronous::Off)
+        .busy_timeout(SQLITE_BUSY_TIMEOUT)
+}
+
+/// A pool of `connections` with `options` on the SQLite file at `path`.
+async fn sqlite_pool(
+    options: SqliteConnectOptions,
+    connections: u32,
+    path: &Path,
+) -> Result<SqlitePool> {
+    SqlitePoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await
+        .with_context(|| format!("cannot open SQLite database {}", path.display()))
+}
+
+/// Pool options whose every connection works in `schema`. The data is thrown
+/// away at the end, so commits need not wait for the WAL flush: the lab
+/// measures caching, not the server's disk.
+fn schema_pool(schema: &str, connections: u32) -> PgPoolOptions {
+    let session: Arc<str> =
+        format!("SET search_path TO {schema}; SET synchronous_commit TO off").into();
+    PgPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .after_connect(move |conn, _meta| {
+            let session = Arc::clone(&session);
+            Box::pin(async move {
+                conn.execute(&*session).await?;
+                Ok(())
+            })
+        })
+}
+
 /// A counted handle on the source of truth. Cheap to clone; clones share counts.
 #[derive(Clone, Debug)]
 pub(crate) struct Db {
     pool: Pool,
     reads: Arc<AtomicU64>,
+    transactions: Arc<AtomicU64>,
 }
 
 impl Db {
+    fn new(pool: Pool) -> Self {
+        Self {
+            pool,
+            reads: Arc::default(),
+            transactions: Arc::default(),
+        }
+    }
+
+    /// Opens the run's source of truth again, from another process of the lab
+    /// (`connections` at most).
+    pub(crate) async fn attach(at: Location<'_>, connections: u32) -> Result<Self> {
+        let pool = match at {
+            Location::Postgres { url, schema } => {
+                let shown = redact_url(url);
+                let options = PgConnectOptions::from_str(url)
+                    .with_context(|| format!("invalid PostgreSQL URL {shown}"))?;
+                let pool = schema_pool(schema, connections)
+                    .connect_with(options)
+                    .await
+                    .with_context(|| format!("cannot connect to PostgreSQL at {shown}"))?;
+                Pool::Postgres(pool)
+            }
+            Location::Sqlite { file, read_only } => {
+                let options = sqlite_options(file).read_only(read_only);
+                Pool::Sqlite(sqlite_pool(options, connections, file).await?)
+            }
+        };
+        Ok(Self::new(pool))
+    }
+
     /// `SELECT` one item; counted in [`reads`](Self::reads).
     pub(crate) async fn load(&self, id: i64) -> Result<Option<Item>, sqlx::Error> {
         self.reads.fetch_add(1, Ordering::Relaxed);
@@ -311,6 +385,46 @@ impl Db {
     /// Read queries issued so far.
     pub(crate) fn reads(&self) -> u64 {
         self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Writes `item` as a versioned write, its `value` the version (see
+    /// [`APPLY_WRITE`]), in a transaction of its own; returns it as written.
+    /// Counted in [`transactions`](Self::transactions).
+    pub(crate) async fn write_versioned(&self, item: Item) -> Result<Item, sqlx::Error> {
+        self.transactions.fetch_add(1, Ordering::Relaxed);
+        on_pool!(&self.pool, p => {
+            sqlx::query(APPLY_WRITE)
+                .bind(item.id)
+                .bind(item.value)
+                .bind(&item.payload)
+                .execute(p)
+                .await?;
+        });
+        Ok(item)
+    }
+
+    /// Writes `items` as versioned writes (see
+    /// [`write_versioned`](Self::write_versioned)), all in one transaction.
+    /// Counted in [`transactions`](Self::transactions).
+    pub(crate) async fn write_versioned_batch(&self, items: &[Item]) -> Result<(), sqlx::Error> {
+        self.transactions.fetch_add(1, Ordering::Relaxed);
+        on_pool!(&self.pool, p => {
+            let mut tx = p.begin().await?;
+            for item in items {
+                sqlx::query(APPLY_WRITE)
+                    .bind(item.id)
+                    .bind(item.value)
+                    .bind(&item.payload)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await
+        })
+    }
+
+    /// Write transactions begun so far.
+    pub(crate) fn transactions(&self) -> u64 {
+        self.transactions.load(Ordering::Relaxed)
     }
 }
 

@@ -11,20 +11,17 @@
 //! the callers in separate processes (`cachet __child stampede`), each reading
 //! the source of truth itself.
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use cachet::{Cache, Store};
 use clap::Args;
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::child::{DONE, READY};
+use super::child::{ChildProcess, DONE, READY, source_args};
 use super::double_delete::cache_in;
 use super::report::{Latency, Row, find};
 use super::source::{Db, Item};
@@ -208,49 +205,19 @@ async fn run_processes(lab: &Lab, target: &RedisTarget) -> Result<Row> {
     let a = &lab.args.stampede;
     lab.source.reset(1).await?;
     let cache = lab.cache(NAME, "processes", KEY..=KEY)?;
-    let source: Vec<String> = match (lab.source.schema_name(), &lab.args.database_url) {
-        (Some(schema), Some(url)) => vec![
-            "--database-url".into(),
-            url.clone(),
-            "--schema".into(),
-            schema.into(),
-        ],
-        _ => match lab.source.sqlite_file() {
-            Some(file) => vec!["--sqlite-file".into(), file.display().to_string()],
-            None => bail!("the source of truth cannot be shared with other processes"),
-        },
-    };
-    let exe = std::env::current_exe().context("cannot find the cachet executable")?;
+    let source = source_args(lab)?;
     let parts = u32::try_from(INSTANCES).unwrap_or(1);
     let mut callers = Vec::new();
     for n in shares(u64::from(a.callers), parts) {
-        let mut child = tokio::process::Command::new(&exe)
-            .args(["__child", "stampede"])
-            .args(target.child_args())
-            .args(["--namespace", cache.namespace()])
-            .args(["--key", &KEY.to_string(), "--callers", &n.to_string()])
-            .args(["--load-ms", &a.load_ms.to_string()])
-            .args(["--timeout-ms", &CALL_TIMEOUT.as_millis().to_string()])
-            .args(&source)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start a caller process")?;
-        let stdin = child
-            .stdin
-            .take()
-            .context("no stdin for a caller process")?;
-        let stdout = child
-            .stdout
-            .take()
-            .context("no stdout from a caller process")?;
-        callers.push(CallerProcess {
-            child,
-            stdin,
-            lines: BufReader::new(stdout).lines(),
-        });
+        let mut args = vec!["stampede".to_owned()];
+        args.extend(target.child_args());
+        args.extend(["--namespace".into(), cache.namespace().to_owned()]);
+        args.extend(["--key".into(), KEY.to_string()]);
+        args.extend(["--callers".into(), n.to_string()]);
+        args.extend(["--load-ms".into(), a.load_ms.to_string()]);
+        args.extend(["--timeout-ms".into(), CALL_TIMEOUT.as_millis().to_string()]);
+        args.extend(source.iter().cloned());
+        callers.push(ChildProcess::spawn(args, "a caller process")?);
     }
     for c in &mut callers {
         let line = c.line(START_TIMEOUT).await?;
@@ -260,10 +227,7 @@ async fn run_processes(lab: &Lab, target: &RedisTarget) -> Result<Row> {
     }
     let started = Instant::now();
     for c in &mut callers {
-        c.stdin
-            .write_all(b"go\n")
-            .await
-            .context("cannot start a caller process")?;
+        c.send("go").await?;
     }
     let (mut queries, mut loads, mut errors) = (0, 0, 0);
     let mut latency = Latency::new();
@@ -288,9 +252,8 @@ async fn run_processes(lab: &Lab, target: &RedisTarget) -> Result<Row> {
     }
     let elapsed = started.elapsed();
     for mut c in callers {
-        drop(c.stdin);
-        let status = tokio::time::timeout(START_TIMEOUT, c.child.wait()).await;
-        if !matches!(status, Ok(Ok(s)) if s.success()) {
+        c.close_stdin();
+        if !matches!(c.wait(START_TIMEOUT).await, Ok(s) if s.success()) {
             errors += 1;
         }
     }
@@ -302,23 +265,4 @@ async fn run_processes(lab: &Lab, target: &RedisTarget) -> Result<Row> {
     row.loads = Some(loads);
     row.errors = errors;
     Ok(row.with_latency(&latency).elapsed(elapsed))
-}
-
-/// One `cachet __child stampede` process and its pipes.
-#[derive(Debug)]
-struct CallerProcess {
-    child: Child,
-    stdin: ChildStdin,
-    lines: Lines<BufReader<ChildStdout>>,
-}
-
-impl CallerProcess {
-    async fn line(&mut self, timeout: Duration) -> Result<String> {
-        match tokio::time::timeout(timeout, self.lines.next_line()).await {
-            Ok(Ok(Some(line))) => Ok(line),
-            Ok(Ok(None)) => bail!("a caller process exited without reporting"),
-            Ok(Err(e)) => Err(anyhow::Error::new(e).context("cannot read a caller process")),
-            Err(_) => bail!("a caller process did not answer within {timeout:?}"),
-        }
-    }
 }
