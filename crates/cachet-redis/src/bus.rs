@@ -6,21 +6,28 @@
 //! notice after every invalidation, write and group invalidation that succeeds
 //! — from `Cache` calls, an outbox relay, a deferred-invalidation worker alike.
 //! Notices are one line each (`k <entry key>` or `g <generation key>`) and are
-//! batched: a background task gathers what arrives within a millisecond (at most
-//! 512 notices) and sends one `PUBLISH` per channel, so a burst of writes costs
-//! a few messages, not one each.
+//! batched by a background task, one `PUBLISH` per channel and batch (at most
+//! 512 notices): a notice after a quiet millisecond goes out at once, with
+//! whatever is already queued; while notices keep coming, batches go out at
+//! most once a millisecond, gathering what arrived meanwhile. So a lone write's
+//! notice costs one round trip of delay, and a burst of writes costs a few
+//! messages, not one each (`docs/decisions.md` has the measurements).
 //!
 //! Pub/sub is fire-and-forget: a subscriber that is disconnected misses
 //! messages. Subscribers therefore report every loss and every recovery, and the
 //! near cache empties itself on both. While connected, a subscriber pings every
 //! second and treats a ping that goes unanswered for a second as a loss.
 //!
-//! Why pub/sub rather than RESP3 client tracking: tracking makes the server
-//! remember every key each client read (memory on the server, and an
-//! invalidation per key read), needs RESP3 on the data connection, and its
-//! broadcast mode sends every key of a prefix to everyone; pub/sub sends exactly
-//! the notices of the caches a process subscribed to, works the same on Redis
-//! Cluster (`PUBLISH` reaches every node), and batches.
+//! Why pub/sub rather than RESP3 client tracking (measured in
+//! `docs/decisions.md`): tracking's default mode makes the server remember
+//! every key each client read (about 70 bytes per key and reader, with no cap
+//! on items), needs RESP3 on the data connection, is switched off silently by a
+//! reconnect, and on Redis Cluster needs a tracking connection to every master;
+//! its broadcast mode delivers the same keys as the bus. Pub/sub keeps no state
+//! on the server, needs one subscription per cache on any node (`PUBLISH`
+//! reaches every node of a cluster), and batches bursts into a few messages.
+//! Its cost is delay: the notice leaves after the write returned, one round
+//! trip later than a tracking push.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -33,7 +40,8 @@ use crate::RedisConnection;
 
 /// The most notices in one batch.
 const BATCH: usize = 512;
-/// How long a batch waits for more notices after its first one.
+/// The shortest time between two batches: while notices keep coming, a batch
+/// waits until this long after the previous one, gathering more.
 const LINGER: Duration = Duration::from_millis(1);
 /// Ping period and timeout of a subscription.
 const PING: Duration = Duration::from_secs(1);
@@ -72,25 +80,34 @@ impl Publisher {
 
 /// Gathers notices into batches and publishes them, until every sender is gone.
 async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<(String, String)>) {
+    // When the previous batch went out; `None` before the first.
+    let mut previous: Option<tokio::time::Instant> = None;
     while let Some(first) = rx.recv().await {
         let mut batch: HashMap<String, Vec<String>> = HashMap::new();
         batch.entry(first.0).or_default().push(first.1);
         let mut n = 1;
-        let deadline = tokio::time::Instant::now() + LINGER;
+        // After a quiet spell the deadline has passed: only what is already
+        // queued joins. Otherwise the batch gathers until LINGER after the
+        // previous one.
+        let deadline = previous.map(|at| at + LINGER);
         while n < BATCH {
             let next = match rx.try_recv() {
                 Ok(notice) => notice,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(notice)) => notice,
-                        Ok(None) | Err(_) => break,
+                Err(mpsc::error::TryRecvError::Empty) => match deadline {
+                    Some(deadline) if tokio::time::Instant::now() < deadline => {
+                        match tokio::time::timeout_at(deadline, rx.recv()).await {
+                            Ok(Some(notice)) => notice,
+                            Ok(None) | Err(_) => break,
+                        }
                     }
-                }
+                    _ => break,
+                },
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             };
             batch.entry(next.0).or_default().push(next.1);
             n += 1;
         }
+        previous = Some(tokio::time::Instant::now());
         for (channel, lines) in batch {
             let published: Result<i64, _> = redis::cmd("PUBLISH")
                 .arg(&channel)
