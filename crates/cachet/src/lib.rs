@@ -196,13 +196,20 @@
 //! | path | call | the write returns after | guarantee |
 //! |---|---|---|---|
 //! | delete-on-write | [`Cache::invalidate`] after the commit | the commit and one `DEL` | the next read loads the new row; leases stop older loads from filling |
+//! | delete-on-write, durable | `outbox::Outbox::record` in the write's transaction (feature `outbox`) | the commit alone | a relay delivers the invalidation at least once, even if the writer dies after `COMMIT` |
+//! | delayed double-delete | [`Cache::invalidate_twice`] after the commit | one `DEL` and one queued delete | a second delete after the delay clobbers what a writer or reader *without* a lease put back |
 //! | write-through | [`Cache::write_through`] | the commit and one versioned `SET` | the cache holds the newest version; an older concurrent write never overwrites it |
 //! | write-behind | crate `cachet-writebehind` | the write is in a durable Redis stream | applied to the source later, batched, at least once, idempotent by version |
 //!
-//! Delete-on-write is the default and the cheapest to get right. Write-through
-//! suits values read right after they are written. Write-behind absorbs write
-//! bursts, at the cost of the source lagging behind and of depending on Redis's
-//! durability (AOF) for acknowledged writes.
+//! Delete-on-write is the default and the cheapest to get right; the outbox
+//! closes its one hole (a writer that dies between commit and invalidation) for
+//! one more `INSERT` per transaction. Delayed double-delete is for code paths
+//! that fill without leases. Write-through suits values read right after they
+//! are written. Write-behind absorbs write bursts (in `cachet lab`, a write is
+//! acknowledged several times faster at the median and the source sees one
+//! transaction per batch instead of one per write), at the cost of the source
+//! lagging behind and of depending on Redis's durability (AOF) for acknowledged
+//! writes.
 //!
 //! # Stores
 //!
