@@ -10,7 +10,9 @@
 //! - [`store`]: the [`Store`] trait with its atomic primitives (read, read-or-lease,
 //!   fill-if-lease-valid, release, set, invalidate) and lease tokens;
 //! - [`clock`]: wall-clock time in Unix milliseconds, with a mock for tests;
-//! - [`bloom`]: the name and shape of a cache's Bloom filter in a store.
+//! - [`bloom`]: the name and shape of a cache's Bloom filter in a store;
+//! - [`retry`]: the backoff and log clipping that the background workers of the
+//!   sibling crates (outbox relay, write-behind flusher) share.
 //!
 //! Users normally depend on the `cachet` facade crate, which re-exports what they need.
 #![deny(missing_docs)]
@@ -19,6 +21,7 @@ pub mod bloom;
 pub mod clock;
 pub mod envelope;
 pub mod key;
+pub mod retry;
 pub mod store;
 
 pub use bloom::BloomKey;

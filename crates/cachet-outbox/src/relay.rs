@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use cachet_core::retry::{Backoff, Clipped};
 use cachet_core::{Store, StoreError, StoreKey};
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use tokio::sync::Notify;
@@ -27,8 +28,6 @@ const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 const LISTEN_HEALTHY_AFTER: Duration = Duration::from_secs(30);
 /// Most buffered notifications folded into one wake-up.
 const MAX_DRAIN: usize = 4096;
-/// Longest store key quoted in a log line.
-const MAX_LOGGED_KEY: usize = 200;
 
 /// Delivers the rows of an [`Outbox`] to a [`Store`], at least once.
 ///
@@ -326,7 +325,7 @@ impl Relay {
                 Arc::clone(&wake),
             )))
         });
-        let mut failures = Backoff::new(self.config.max_backoff);
+        let mut failures = Backoff::new(MIN_BACKOFF, self.config.max_backoff);
         let table = self.outbox.table();
         tracing::debug!(table, "outbox relay started");
         // Look at once on start, then after each pause.
@@ -376,7 +375,7 @@ fn listener_pool(pool: &PgPool) -> PgPool {
 /// bounded backoff. Runs until aborted.
 async fn listen(outbox: Outbox, pool: PgPool, wake: Arc<Notify>) {
     let (table, channel) = (outbox.table(), outbox.channel());
-    let mut backoff = Backoff::new(MAX_LISTEN_BACKOFF);
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_LISTEN_BACKOFF);
     // Each turn connects once and ends with a pause of at least MIN_BACKOFF.
     loop {
         let connected = tokio::time::timeout(LISTEN_TIMEOUT, async {
@@ -441,72 +440,5 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// Exponential backoff from [`MIN_BACKOFF`] to a maximum, each pause drawn
-/// uniformly from its upper half so that relays do not retry in step.
-#[derive(Debug)]
-struct Backoff {
-    current: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(max: Duration) -> Self {
-        Self {
-            current: MIN_BACKOFF,
-            max: max.max(MIN_BACKOFF),
-        }
-    }
-
-    fn reset(&mut self) {
-        self.current = MIN_BACKOFF;
-    }
-
-    fn next_pause(&mut self) -> Duration {
-        let pause = self.current.mul_f64(rand::random_range(0.5..=1.0));
-        self.current = (self.current * 2).min(self.max);
-        pause
-    }
-}
-
-/// A store key for a log line, cut short if long.
-struct Clipped<'a>(&'a str);
-
-impl fmt::Display for Clipped<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0.char_indices().nth(MAX_LOGGED_KEY) {
-            Some((at, _)) => write!(f, "{:?}… ({} bytes)", &self.0[..at], self.0.len()),
-            None => write!(f, "{:?}", self.0),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_its_bound_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(800));
-        let pauses: Vec<Duration> = (0..8).map(|_| b.next_pause()).collect();
-        for (i, p) in pauses.iter().enumerate() {
-            let ceiling = (MIN_BACKOFF * 2u32.pow(i as u32)).min(Duration::from_millis(800));
-            assert!(*p <= ceiling && *p >= ceiling / 2, "{i}: {p:?}");
-        }
-        b.reset();
-        assert!(b.next_pause() <= MIN_BACKOFF);
-    }
-
-    #[test]
-    fn long_keys_are_clipped_in_logs() {
-        assert_eq!(Clipped("a\nb").to_string(), "\"a\\nb\"");
-        let long = "x".repeat(1000);
-        let shown = Clipped(&long).to_string();
-        assert!(
-            shown.len() < 300 && shown.ends_with("(1000 bytes)"),
-            "{shown}"
-        );
     }
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cachet::{BoxError, CacheKey, StoreKey};
+use cachet_core::retry::{Backoff, Clipped};
 use cachet_core::ttl_millis;
 use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -25,8 +26,6 @@ const MAX_SOLO_FAILURES: usize = 3;
 const MAX_REASON: usize = 500;
 /// Most entries per read: `XACK`/`XDEL` take them as script arguments.
 const MAX_BATCH: usize = 1000;
-/// Longest key or reason quoted in a log line.
-const MAX_LOGGED: usize = 200;
 
 /// One write as the sink receives it: the key, the value's version in the
 /// source of truth, and the value.
@@ -517,7 +516,7 @@ where
     /// itself never fails.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut failures = Backoff::new(self.inner.config.max_backoff);
+        let mut failures = Backoff::new(MIN_BACKOFF, self.inner.config.max_backoff);
         let mut pause = Duration::ZERO;
         tracing::debug!(
             stream = self.stream(),
@@ -1163,60 +1162,9 @@ fn parse_claim(reply: Value) -> redis::RedisResult<Claimed> {
     ))
 }
 
-/// Exponential backoff from [`MIN_BACKOFF`] to a maximum, each pause drawn
-/// uniformly from its upper half so that flushers do not retry in step.
-#[derive(Debug)]
-struct Backoff {
-    current: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(max: Duration) -> Self {
-        Self {
-            current: MIN_BACKOFF,
-            max: max.max(MIN_BACKOFF),
-        }
-    }
-
-    fn reset(&mut self) {
-        self.current = MIN_BACKOFF;
-    }
-
-    fn next_pause(&mut self) -> Duration {
-        let pause = self.current.mul_f64(rand::random_range(0.5..=1.0));
-        self.current = (self.current * 2).min(self.max);
-        pause
-    }
-}
-
-/// Text for a log line, cut short if long.
-struct Clipped<'a>(&'a str);
-
-impl fmt::Display for Clipped<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0.char_indices().nth(MAX_LOGGED) {
-            Some((at, _)) => write!(f, "{:?}… ({} bytes)", &self.0[..at], self.0.len()),
-            None => write!(f, "{:?}", self.0),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_its_bound_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(800));
-        for i in 0..8u32 {
-            let p = b.next_pause();
-            let ceiling = (MIN_BACKOFF * 2u32.pow(i)).min(Duration::from_millis(800));
-            assert!(p <= ceiling && p >= ceiling / 2, "{i}: {p:?}");
-        }
-        b.reset();
-        assert!(b.next_pause() <= MIN_BACKOFF);
-    }
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
@@ -1264,16 +1212,6 @@ mod tests {
         assert_eq!(
             (next.as_str(), live.len(), counts.len(), dead.len()),
             ("0-0", 0, 0, 0)
-        );
-    }
-
-    #[test]
-    fn long_text_is_clipped_in_logs() {
-        let long = "x".repeat(1000);
-        let shown = Clipped(&long).to_string();
-        assert!(
-            shown.len() < 300 && shown.ends_with("(1000 bytes)"),
-            "{shown}"
         );
     }
 }
