@@ -8,20 +8,17 @@
 
 mod support;
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use cachet::{Cache, RedisStore, Store, StoreKey};
 use cachet_outbox::{Outbox, Relay};
+use cachet_testkit::{TestChild, child_args, eventually};
 use sqlx::postgres::PgPool;
-use support::{Fx, eventually};
+use support::Fx;
 
-/// Names the child's role and what it needs, `;`-separated `name=value` pairs.
-const CHILD_ENV: &str = "CACHET_OUTBOX_TEST_CHILD";
+/// The ignored test that is the children's entry point.
+const ENTRY: &str = "child_entry_point";
 /// The line a child prints when it reached the point where it will be killed.
 const READY: &str = "CACHET_OUTBOX_CHILD_READY";
 /// How long a child waits to be killed before giving up by itself.
@@ -71,8 +68,12 @@ async fn a_writer_killed_after_commit_is_covered_by_the_relay() {
     let key = cache.store_key(&1);
     assert!(fx.exists(&key));
 
-    let mut writer = Doomed::spawn("writer", &[("pg", fx.db.url()), ("redis", &fx.redis.url())]);
-    writer.wait_ready();
+    let mut writer = TestChild::spawn(
+        ENTRY,
+        "writer",
+        &[("pg", fx.db.url()), ("redis", &fx.redis.url())],
+    );
+    writer.wait_for(READY);
     writer.kill();
 
     assert_eq!(
@@ -124,8 +125,12 @@ async fn a_relay_killed_before_commit_leaves_the_row_for_the_next() {
     let key = cache.store_key(&7);
     fx.record_committed(std::slice::from_ref(&key)).await;
 
-    let mut relay = Doomed::spawn("relay", &[("pg", fx.db.url()), ("redis", &fx.redis.url())]);
-    relay.wait_ready();
+    let mut relay = TestChild::spawn(
+        ENTRY,
+        "relay",
+        &[("pg", fx.db.url()), ("redis", &fx.redis.url())],
+    );
+    relay.wait_for(READY);
     assert!(!fx.exists(&key), "the dying relay invalidated");
     // Something fills the entry again before the relay dies: only a re-delivery
     // removes it now.
@@ -147,94 +152,21 @@ async fn a_relay_killed_before_commit_leaves_the_row_for_the_next() {
     assert_eq!(next.stats().delivered, 1);
 }
 
-/// A child process that will be killed.
-struct Doomed {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    role: &'static str,
-}
-
-impl Doomed {
-    fn spawn(role: &'static str, args: &[(&str, &str)]) -> Self {
-        let mut env = format!("role={role}");
-        for (name, value) in args {
-            assert!(!value.contains(';'), "{value}");
-            env.push_str(&format!(";{name}={value}"));
-        }
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_entry_point", "--nocapture", "--ignored"])
-            .env(CHILD_ENV, env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines, role }
-    }
-
-    /// Waits (at most 30 s) for the child to report that it reached its point.
-    fn wait_ready(&mut self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let mut seen = Vec::new();
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line == READY => return,
-                Ok(line) => seen.push(line),
-                Err(_) => break,
-            }
-        }
-        let status = self.child.try_wait();
-        panic!(
-            "the {} child did not get ready (status {status:?}); its output:\n{}",
-            self.role,
-            seen.join("\n")
-        );
-    }
-
-    /// SIGKILL, and reap.
-    fn kill(&mut self) {
-        self.child.kill().unwrap();
-        let status = self.child.wait().unwrap();
-        assert!(!status.success(), "the {} child was killed", self.role);
-    }
-}
-
-impl Drop for Doomed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The child processes' entry point; does nothing in a normal test run.
 #[test]
 #[ignore = "entry point of the child processes of the crash tests"]
 fn child_entry_point() {
-    let Ok(spec) = std::env::var(CHILD_ENV) else {
+    let Some(args) = child_args() else {
         return;
     };
-    let args: HashMap<&str, &str> = spec
-        .split(';')
-        .filter_map(|kv| kv.split_once('='))
-        .collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let pool = PgPool::connect(args["pg"]).await.unwrap();
-        let store = RedisStore::connect(args["redis"]).await.unwrap();
-        match args["role"] {
+        let pool = PgPool::connect(&args["pg"]).await.unwrap();
+        let store = RedisStore::connect(&args["redis"]).await.unwrap();
+        match args["role"].as_str() {
             "writer" => writer(pool, store).await,
             "relay" => relay(pool, store).await,
             other => panic!("unknown child role {other}"),

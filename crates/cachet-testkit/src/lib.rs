@@ -5,14 +5,18 @@
 //! - [`RedisCluster`]: a throwaway Redis Cluster of three (or more) masters, one
 //!   `redis-server` per node, likewise killed and reaped on drop;
 //! - [`PgDatabase`]: a fresh PostgreSQL database, dropped afterwards;
-//! - [`conformance`]: the protocol tests every [`Store`](cachet_core::Store) must pass.
+//! - [`conformance`]: the protocol tests every [`Store`](cachet_core::Store) must pass;
+//! - [`TestChild`]: this test binary run again on one of its ignored tests, as a
+//!   child process to SIGKILL; [`eventually`]: a bounded poll.
 #![deny(missing_docs)]
 
+mod child;
 pub mod conformance;
 mod postgres;
 mod redis_cluster;
 mod redis_server;
 
+pub use child::{TestChild, child_args, eventually};
 pub use postgres::{DEFAULT_SERVER_URL, PgDatabase};
 pub use redis_cluster::RedisCluster;
 pub use redis_server::{RedisServer, RedisServerOptions};

@@ -20,18 +20,17 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
+use cachet_testkit::{TestChild, child_args};
 use cachet_writebehind::{Durability, Sink, Write, WriteOutcome};
 use rand::{Rng as _, SeedableRng as _};
 use support::{Fx, Item, PgSink, Running, eventually, rows, sink_stats};
 
-/// Names the child's role and what it needs, `;`-separated `name=value` pairs.
-const CHILD_ENV: &str = "CACHET_WRITEBEHIND_TEST_CHILD";
+/// The ignored test that is the children's entry point.
+const ENTRY: &str = "flusher_child";
 /// The line a child prints once its flusher is connected.
 const READY: &str = "CACHET_WRITEBEHIND_CHILD_READY";
 /// How long a child flushes before giving up by itself if nobody kills it.
@@ -77,9 +76,12 @@ async fn acknowledged_writes_survive_flushers_killed_at_random_points() {
                 && (kills < MIN_KILLS || acked_so_far.load(Ordering::Relaxed) < WRITES * 8 / 10)
             {
                 let consumer = format!("child-{kills}");
-                let mut child =
-                    Doomed::spawn(&[("redis", &redis), ("pg", &pg), ("consumer", &consumer)]);
-                child.wait_ready();
+                let mut child = TestChild::spawn(
+                    ENTRY,
+                    "flusher",
+                    &[("redis", &redis), ("pg", &pg), ("consumer", &consumer)],
+                );
+                child.wait_for(READY);
                 std::thread::sleep(Duration::from_millis(rng.random_range(200..=800)));
                 child.kill();
                 kills += 1;
@@ -230,101 +232,30 @@ async fn acknowledged_writes_survive_flushers_killed_at_random_points() {
     );
 }
 
-/// A child flusher that will be killed.
-struct Doomed {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Doomed {
-    fn spawn(args: &[(&str, &str)]) -> Self {
-        let mut env = "role=flusher".to_owned();
-        for (name, value) in args {
-            assert!(!value.contains(';'), "{value}");
-            env.push_str(&format!(";{name}={value}"));
-        }
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "flusher_child", "--nocapture", "--ignored"])
-            .env(CHILD_ENV, env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines }
-    }
-
-    /// Waits (at most 30 s) for the child to report that its flusher runs.
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut seen = Vec::new();
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line == READY => return,
-                Ok(line) => seen.push(line),
-                Err(_) => break,
-            }
-        }
-        let status = self.child.try_wait();
-        panic!(
-            "the flusher child did not get ready (status {status:?}); its output:\n{}",
-            seen.join("\n")
-        );
-    }
-
-    /// SIGKILL, and reap.
-    fn kill(&mut self) {
-        self.child.kill().unwrap();
-        let status = self.child.wait().unwrap();
-        assert!(!status.success(), "the flusher child was killed: {status}");
-    }
-}
-
-impl Drop for Doomed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The child processes' entry point; does nothing in a normal test run.
 #[test]
 #[ignore = "entry point of the child processes of the crash test"]
 fn flusher_child() {
-    let Ok(spec) = std::env::var(CHILD_ENV) else {
+    let Some(args) = child_args() else {
         return;
     };
-    let args: HashMap<&str, &str> = spec
-        .split(';')
-        .filter_map(|kv| kv.split_once('='))
-        .collect();
     assert_eq!(args["role"], "flusher");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let pool = support::pool(args["pg"], 4).await;
-        let store = support::store(args["redis"]).await;
+        let pool = support::pool(&args["pg"], 4).await;
+        let store = support::store(&args["redis"]).await;
         let cache = support::cache(store.clone());
         let wb = support::builder(store, &cache).build().await.unwrap();
         let flusher = wb
             .flusher(PgSink::slow(pool, Duration::from_millis(10)))
-            .consumer(args["consumer"])
+            .consumer(&args["consumer"])
             .min_idle(Duration::from_millis(300))
             .block(Duration::from_millis(100))
             .max_backoff(Duration::from_millis(200))
-            .connect(args["redis"])
+            .connect(&args["redis"])
             .await
             .unwrap();
         println!("{READY}");

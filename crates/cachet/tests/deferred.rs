@@ -3,27 +3,23 @@
 
 mod support;
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cachet::{Cache, DeferredWorker, MemoryStore, RedisStore};
-use cachet_testkit::RedisServer;
-
-const ROLE: &str = "CACHET_TEST_CHILD_ROLE";
-const URL: &str = "CACHET_TEST_REDIS_URL";
+use cachet_testkit::{RedisServer, TestChild, child_args};
 
 /// Entry point of the child processes some tests start; does nothing when run
 /// as a test.
 #[test]
 #[ignore = "started as a child process by the tests of this file"]
 fn child_process() {
-    let (Ok(role), Ok(url)) = (std::env::var(ROLE), std::env::var(URL)) else {
+    let Some(args) = child_args() else {
         return;
     };
+    let (role, url) = (&args["role"], &args["url"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let store = RedisStore::connect(&url).await.unwrap();
+        let store = RedisStore::connect(url).await.unwrap();
         let users: Cache<u64, String> = Cache::builder("users").store(store).build().unwrap();
         match role.as_str() {
             "invalidate-twice-then-hang" => {
@@ -39,35 +35,6 @@ fn child_process() {
     });
 }
 
-fn start_child(role: &str, url: &str) -> std::process::Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_process", "--nocapture", "--ignored"])
-        .env(ROLE, role)
-        .env(URL, url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
-
-/// Reads the child's output until `marker`, on a thread so a silent child
-/// cannot block the test past the deadline.
-fn wait_for_line(child: &mut std::process::Child, marker: &str) {
-    let stdout = child.stdout.take().unwrap();
-    let marker = marker.to_owned();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains(&marker) {
-                let _ = tx.send(());
-                return;
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("the child never reported");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_second_delete_survives_a_killed_process() {
     let server = RedisServer::start();
@@ -78,10 +45,13 @@ async fn the_second_delete_survives_a_killed_process() {
         .unwrap();
     users.set(&1, "old".into()).await.unwrap();
 
-    let mut child = start_child("invalidate-twice-then-hang", &server.url());
-    wait_for_line(&mut child, "CHILD: queued");
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let mut child = TestChild::spawn(
+        "child_process",
+        "invalidate-twice-then-hang",
+        &[("url", &server.url())],
+    );
+    child.wait_for("CHILD: queued");
+    child.kill(); // SIGKILL
 
     // The first delete ran before the kill.
     assert_eq!(users.peek(&1).await.unwrap(), None);

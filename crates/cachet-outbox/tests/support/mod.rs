@@ -11,7 +11,6 @@ use cachet::{Cache, RedisStore, Store, StoreKey};
 use cachet_outbox::{Outbox, Relay};
 use cachet_testkit::{PgDatabase, RedisServer};
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use tokio::time::Instant;
 
 /// A database with the outbox table, a Redis server, and a store on it.
 pub struct Fx {
@@ -106,26 +105,8 @@ impl Fx {
     }
 }
 
-/// Polls `check` every 10 ms until it holds; panics after `limit`.
-pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    let step = Duration::from_millis(10);
-    let max_rounds = limit.as_millis() / step.as_millis() + 2;
-    for _ in 0..max_rounds {
-        if check().await {
-            return;
-        }
-        if start.elapsed() >= limit {
-            break;
-        }
-        tokio::time::sleep(step).await;
-    }
-    panic!("{what}: not after {limit:?}");
-}
+#[allow(unused_imports)] // not every test file polls
+pub use cachet_testkit::eventually;
 
 /// A relay running [`Relay::run`] in a task until stopped.
 pub struct Running {

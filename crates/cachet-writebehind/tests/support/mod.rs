@@ -5,14 +5,12 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::time::Duration;
 
 use cachet::{BoxError, Cache, RedisStore};
 use cachet_testkit::{PgDatabase, RedisServer, RedisServerOptions};
 use cachet_writebehind::{Flusher, FlusherBuilder, Sink, Write, WriteBehind, WriteBehindBuilder};
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use tokio::time::Instant;
 
 /// The cached value: a row of `items`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -251,26 +249,8 @@ impl Sink<u64, Item> for PgSink {
     }
 }
 
-/// Polls `check` every 10 ms until it holds; panics after `limit`.
-pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    let step = Duration::from_millis(10);
-    let max_rounds = limit.as_millis() / step.as_millis() + 2;
-    for _ in 0..max_rounds {
-        if check().await {
-            return;
-        }
-        if start.elapsed() >= limit {
-            break;
-        }
-        tokio::time::sleep(step).await;
-    }
-    panic!("{what}: not after {limit:?}");
-}
+#[allow(unused_imports)] // not every test file polls
+pub use cachet_testkit::eventually;
 
 /// A flusher running [`Flusher::run`] in a task until stopped.
 pub struct Running<S: Sink<u64, Item>> {
