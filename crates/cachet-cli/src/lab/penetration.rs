@@ -107,41 +107,12 @@ async fn run_strategy(lab: &Lab, negative: bool) -> Result<Row> {
         FIRST_MISSING_ID..=FIRST_MISSING_ID + missing - 1,
     )?;
     let started = Instant::now();
-    let deadline = started + TIME_LIMIT;
-    let mut tasks = JoinSet::new();
-    for (w, lookups) in shares(a.lookups, lab.args.concurrency)
-        .into_iter()
-        .enumerate()
-    {
-        let (cache, db) = (cache.clone(), db.clone());
-        let mut rng = StdRng::seed_from_u64(lab.seed_for(NAME, w as u64));
-        tasks.spawn(async move {
-            let mut latency = Latency::new();
-            let (mut done, mut errors) = (0, 0);
-            while done < lookups && Instant::now() < deadline {
-                let id = FIRST_MISSING_ID + rng.random_range(0..missing);
-                let t = Instant::now();
-                if lookup(&cache, &db, id, negative).await.is_err() {
-                    errors += 1;
-                }
-                latency.record(t.elapsed());
-                done += 1;
-                if done % 64 == 0 {
-                    tokio::task::yield_now().await;
-                }
-            }
-            // Lookups cut short by the time limit count as failed.
-            (latency, done, errors + (lookups - done))
-        });
-    }
-    let mut latency = Latency::new();
-    let (mut requests, mut errors) = (0, 0);
-    while let Some(joined) = tasks.join_next().await {
-        let (l, done, e) = joined.context("a penetration worker panicked")?;
-        latency.merge(&l);
-        requests += done;
-        errors += e;
-    }
+    let seed = |w: usize| lab.seed_for(NAME, w as u64);
+    let (latency, requests, errors) = run_lookups(lab, &cache, &db, negative, |w| {
+        let mut rng = StdRng::seed_from_u64(seed(w));
+        move || FIRST_MISSING_ID + rng.random_range(0..missing)
+    })
+    .await?;
     let elapsed = started.elapsed();
     lab.forget(&cache).await;
 
@@ -155,6 +126,56 @@ async fn run_strategy(lab: &Lab, negative: bool) -> Result<Row> {
         row.loads = Some(stats.loads);
     }
     Ok(row.with_latency(&latency).elapsed(elapsed))
+}
+
+/// Runs the scenario's lookups on `lab.args.concurrency` workers, worker `w`
+/// looking up the IDs `ids(w)` yields, until done or [`TIME_LIMIT`]; lookups
+/// cut short by the time limit count as failed. Returns the latencies, the
+/// lookups made and the failed ones.
+async fn run_lookups<I>(
+    lab: &Lab,
+    cache: &Cache<i64, Item>,
+    db: &Db,
+    negative: bool,
+    mut ids: impl FnMut(usize) -> I,
+) -> Result<(Latency, u64, u64)>
+where
+    I: FnMut() -> i64 + Send + 'static,
+{
+    let deadline = Instant::now() + TIME_LIMIT;
+    let mut tasks = JoinSet::new();
+    for (w, lookups) in shares(lab.args.penetration.lookups, lab.args.concurrency)
+        .into_iter()
+        .enumerate()
+    {
+        let (cache, db, mut next_id) = (cache.clone(), db.clone(), ids(w));
+        tasks.spawn(async move {
+            let mut latency = Latency::new();
+            let (mut done, mut errors) = (0, 0);
+            while done < lookups && Instant::now() < deadline {
+                let id = next_id();
+                let t = Instant::now();
+                if lookup(&cache, &db, id, negative).await.is_err() {
+                    errors += 1;
+                }
+                latency.record(t.elapsed());
+                done += 1;
+                if done % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            (latency, done, errors + (lookups - done))
+        });
+    }
+    let mut latency = Latency::new();
+    let (mut requests, mut errors) = (0, 0);
+    while let Some(joined) = tasks.join_next().await {
+        let (l, done, e) = joined.context("a penetration worker panicked")?;
+        latency.merge(&l);
+        requests += done;
+        errors += e;
+    }
+    Ok((latency, requests, errors))
 }
 
 async fn lookup(
@@ -215,37 +236,14 @@ async fn run_random(lab: &Lab, bloom: bool) -> Result<Row> {
     let order = Permutation::new(a.lookups, lab.seed_for("penetration-random", 0));
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let deadline = started + TIME_LIMIT;
-    let mut tasks = JoinSet::new();
-    for lookups in shares(a.lookups, lab.args.concurrency) {
-        let (cache, db, next) = (cache.clone(), db.clone(), Arc::clone(&next));
-        tasks.spawn(async move {
-            let mut latency = Latency::new();
-            let (mut done, mut errors) = (0, 0);
-            while done < lookups && Instant::now() < deadline {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let id = FIRST_RANDOM_ID + i64::try_from(order.at(i)).unwrap_or(0);
-                let t = Instant::now();
-                if lookup(&cache, &db, id, true).await.is_err() {
-                    errors += 1;
-                }
-                latency.record(t.elapsed());
-                done += 1;
-                if done % 64 == 0 {
-                    tokio::task::yield_now().await;
-                }
-            }
-            (latency, done, errors + (lookups - done))
-        });
-    }
-    let mut latency = Latency::new();
-    let (mut requests, mut errors) = (0, 0);
-    while let Some(joined) = tasks.join_next().await {
-        let (l, done, e) = joined.context("a penetration worker panicked")?;
-        latency.merge(&l);
-        requests += done;
-        errors += e;
-    }
+    let (latency, requests, errors) = run_lookups(lab, &cache, &db, true, |_| {
+        let next = Arc::clone(&next);
+        move || {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            FIRST_RANDOM_ID + i64::try_from(order.at(i)).unwrap_or(0)
+        }
+    })
+    .await?;
     let elapsed = started.elapsed();
     lab.forget(&cache).await;
     if let Some(filter) = cache.bloom() {
