@@ -40,6 +40,31 @@ const TASKS: usize = 64;
 /// Requests each of those tasks issues per iteration.
 const GETS_PER_TASK: usize = 100;
 
+/// `iters` rounds of [`TASKS`] tasks sharing one client, each awaiting
+/// [`GETS_PER_TASK`] calls of `op` one after the other; the time they took.
+async fn fan_out<F, Fut>(iters: u64, op: F) -> Duration
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let start = Instant::now();
+    for _ in 0..iters {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..TASKS {
+            let op = op.clone();
+            tasks.spawn(async move {
+                for _ in 0..GETS_PER_TASK {
+                    op().await;
+                }
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            joined.unwrap();
+        }
+    }
+    start.elapsed()
+}
+
 /// The runtime both clients run on: multi-threaded, one worker per core.
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -166,107 +191,53 @@ fn redis_clients(c: &mut Criterion) {
     group.bench_function("get_64_tasks/redis-rs", |b| {
         b.to_async(&rt).iter_custom(|iters| {
             let con = rs.clone();
-            async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let mut tasks = tokio::task::JoinSet::new();
-                    for _ in 0..TASKS {
-                        let mut con = con.clone();
-                        tasks.spawn(async move {
-                            for _ in 0..GETS_PER_TASK {
-                                let v: Bytes = redis::cmd("GET")
-                                    .arg(KEY)
-                                    .query_async(&mut con)
-                                    .await
-                                    .unwrap();
-                                black_box(v);
-                            }
-                        });
-                    }
-                    while let Some(joined) = tasks.join_next().await {
-                        joined.unwrap();
-                    }
+            fan_out(iters, move || {
+                let mut con = con.clone();
+                async move {
+                    let v: Bytes = redis::cmd("GET")
+                        .arg(KEY)
+                        .query_async(&mut con)
+                        .await
+                        .unwrap();
+                    black_box(v);
                 }
-                start.elapsed()
-            }
+            })
         });
     });
     group.bench_function("get_64_tasks/fred", |b| {
         b.to_async(&rt).iter_custom(|iters| {
             let client = fred.clone();
-            async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let mut tasks = tokio::task::JoinSet::new();
-                    for _ in 0..TASKS {
-                        let client = client.clone();
-                        tasks.spawn(async move {
-                            for _ in 0..GETS_PER_TASK {
-                                let v: Bytes = client.get(KEY).await.unwrap();
-                                black_box(v);
-                            }
-                        });
-                    }
-                    while let Some(joined) = tasks.join_next().await {
-                        joined.unwrap();
-                    }
+            fan_out(iters, move || {
+                let client = client.clone();
+                async move {
+                    let v: Bytes = client.get(KEY).await.unwrap();
+                    black_box(v);
                 }
-                start.elapsed()
-            }
+            })
         });
     });
     group.bench_function("evalsha_64_tasks/redis-rs", |b| {
         b.to_async(&rt).iter_custom(|iters| {
-            let con = rs.clone();
-            let script = Arc::new(rs_script.clone());
-            async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let mut tasks = tokio::task::JoinSet::new();
-                    for _ in 0..TASKS {
-                        let mut con = con.clone();
-                        let script = Arc::clone(&script);
-                        tasks.spawn(async move {
-                            for _ in 0..GETS_PER_TASK {
-                                let v: Bytes =
-                                    script.key(KEY).invoke_async(&mut con).await.unwrap();
-                                black_box(v);
-                            }
-                        });
-                    }
-                    while let Some(joined) = tasks.join_next().await {
-                        joined.unwrap();
-                    }
+            let (con, script) = (rs.clone(), Arc::new(rs_script.clone()));
+            fan_out(iters, move || {
+                let (mut con, script) = (con.clone(), Arc::clone(&script));
+                async move {
+                    let v: Bytes = script.key(KEY).invoke_async(&mut con).await.unwrap();
+                    black_box(v);
                 }
-                start.elapsed()
-            }
+            })
         });
     });
     group.bench_function("evalsha_64_tasks/fred", |b| {
         b.to_async(&rt).iter_custom(|iters| {
-            let client = fred.clone();
-            let script = Arc::new(fred_script.clone());
-            async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let mut tasks = tokio::task::JoinSet::new();
-                    for _ in 0..TASKS {
-                        let client = client.clone();
-                        let script = Arc::clone(&script);
-                        tasks.spawn(async move {
-                            for _ in 0..GETS_PER_TASK {
-                                let v: Bytes =
-                                    script.evalsha_with_reload(&client, KEY, ()).await.unwrap();
-                                black_box(v);
-                            }
-                        });
-                    }
-                    while let Some(joined) = tasks.join_next().await {
-                        joined.unwrap();
-                    }
+            let (client, script) = (fred.clone(), Arc::new(fred_script.clone()));
+            fan_out(iters, move || {
+                let (client, script) = (client.clone(), Arc::clone(&script));
+                async move {
+                    let v: Bytes = script.evalsha_with_reload(&client, KEY, ()).await.unwrap();
+                    black_box(v);
                 }
-                start.elapsed()
-            }
+            })
         });
     });
     group.finish();
