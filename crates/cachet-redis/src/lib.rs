@@ -139,6 +139,14 @@ mod scripts;
 
 pub use cluster::RedisConnection;
 
+/// Lua source of `generation(key)`, which every script that reads or stamps a
+/// group's generation calls: it returns the generation under `key`, creating a
+/// missing one from the server's time in microseconds (later than any the
+/// group had before it was lost, so old entries stay orphaned). For scripts of
+/// other crates that write grouped entries (write-behind), so that they create
+/// generations exactly as this store does.
+pub const GENERATION_LUA: &str = scripts::GENERATION;
+
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -128,7 +128,7 @@ return {due, next_due, now}
 /// the server's time in microseconds: later than any generation the group had
 /// before it was evicted or lost, so entries filled under those stay orphaned.
 /// Generations are kept as decimal strings (exact: they stay below 2^53).
-const GENERATION: &str = r"
+pub(crate) const GENERATION: &str = r"
 local function generation(key)
   local g = redis.call('GET', key)
   if not g then

@@ -11,6 +11,7 @@
 
 use std::sync::LazyLock;
 
+use cachet_redis::GENERATION_LUA;
 use redis::Script;
 
 /// `older(a, b)`: whether the 8-byte big-endian version `a` is below `b`.
@@ -33,23 +34,8 @@ end
 local UNVERSIONED = string.rep('\0', 8)
 ";
 
-/// Reads a group's generation, creating it when missing, exactly as the Redis
-/// store does (`cachet-redis`, `GENERATION`): a new generation is the server's
-/// time in microseconds, later than any the group had before it was lost.
-const GENERATION: &str = r"
-local function generation(key)
-  local g = redis.call('GET', key)
-  if not g then
-    local t = redis.call('TIME')
-    g = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
-    redis.call('SET', key, g)
-  end
-  return g
-end
-";
-
 fn script(body: &str) -> Script {
-    Script::new(&format!("{HELPERS}{GENERATION}{body}"))
+    Script::new(&format!("{HELPERS}{GENERATION_LUA}{body}"))
 }
 
 /// One write-behind write, in one atomic step.
