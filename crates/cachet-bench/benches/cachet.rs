@@ -61,19 +61,16 @@ fn now<F: Future>(f: F) -> F::Output {
     }
 }
 
-fn memory_hit(c: &mut Criterion) {
-    let keys = keys(1 << 16);
-    let bare: quick_cache::sync::Cache<u64, Arc<Value>> = quick_cache::sync::Cache::new(20_000);
-    let cache: Cache<u64, Arc<Value>> = Cache::builder("bench")
-        .codec(NoCodec)
-        .store(MemoryStore::new(20_000))
-        .build()
-        .unwrap();
-    for k in 0..KEYS {
-        bare.insert(k, Arc::new(value(k)));
-        now(cache.set(&k, Arc::new(value(k)))).unwrap();
-    }
-    let mut g = c.benchmark_group("memory_hit");
+/// Hits of `keys` in a bare quick_cache map (`quick_cache_get`) and through
+/// `cache` (`cachet_get`), in the criterion group `group`.
+fn compare_hits(
+    c: &mut Criterion,
+    group: &str,
+    keys: &[u64],
+    bare: &quick_cache::sync::Cache<u64, Arc<Value>>,
+    cache: &Cache<u64, Arc<Value>>,
+) {
+    let mut g = c.benchmark_group(group);
     g.throughput(Throughput::Elements(1));
     let mut i = 0;
     g.bench_function("quick_cache_get", |b| {
@@ -89,6 +86,21 @@ fn memory_hit(c: &mut Criterion) {
         });
     });
     g.finish();
+}
+
+fn memory_hit(c: &mut Criterion) {
+    let keys = keys(1 << 16);
+    let bare: quick_cache::sync::Cache<u64, Arc<Value>> = quick_cache::sync::Cache::new(20_000);
+    let cache: Cache<u64, Arc<Value>> = Cache::builder("bench")
+        .codec(NoCodec)
+        .store(MemoryStore::new(20_000))
+        .build()
+        .unwrap();
+    for k in 0..KEYS {
+        bare.insert(k, Arc::new(value(k)));
+        now(cache.set(&k, Arc::new(value(k)))).unwrap();
+    }
+    compare_hits(c, "memory_hit", &keys, &bare, &cache);
 }
 
 struct Redis {
@@ -334,22 +346,7 @@ fn near_hit(c: &mut Criterion) {
         cache
     });
     assert!(cache.stats().near_clears > 0, "the bus never connected");
-    let mut g = c.benchmark_group("near_hit");
-    g.throughput(Throughput::Elements(1));
-    let mut i = 0;
-    g.bench_function("quick_cache_get", |b| {
-        b.iter(|| {
-            i = (i + 1) & (keys.len() - 1);
-            black_box(bare.get(&keys[i]).unwrap().id)
-        });
-    });
-    g.bench_function("cachet_get", |b| {
-        b.iter(|| {
-            i = (i + 1) & (keys.len() - 1);
-            black_box(now(cache.get(&keys[i])).unwrap().unwrap().id)
-        });
-    });
-    g.finish();
+    compare_hits(c, "near_hit", &keys, &bare, &cache);
     let s = cache.stats();
     assert!(s.near_hits > 0, "the bench measured L1 hits");
     drop(rt);
