@@ -814,25 +814,11 @@ where
         tracing::error!(stream = %s.stream, store_key = %Clipped(key.skey.as_str()),
             version = write.version, deliveries, error = %Clipped(&error),
             dead_letters = %s.dead, "poison write moved to the dead-letter stream");
-        let mut invocation = scripts::DEAD_LETTER.key(&s.stream);
-        invocation
-            .key(&s.dead)
-            .arg(&self.inner.group)
-            .arg(&self.inner.consumer);
-        for e in &key.entries {
-            invocation.arg(&e.id).arg(e.deliveries).arg(&reason);
-        }
-        let moved: usize =
-            invocation
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(Error::redis(
-                    &s.stream,
-                    "dead-lettering a poison write",
-                    None,
-                ))?;
-        add(&self.inner.counters.dead_lettered, moved);
-        Ok(moved)
+        self.dead_letter(
+            key.entries.iter().map(|e| (e, reason.as_str())),
+            "dead-lettering a poison write",
+        )
+        .await
     }
 
     /// Decodes entries and coalesces them per key; malformed ones go to the
@@ -934,25 +920,37 @@ where
 
     async fn dead_letter_malformed(&self, entries: &[(Delivered, String)]) -> Result<usize, Error> {
         let s = &self.inner.wb.inner;
+        for (entry, reason) in entries {
+            tracing::error!(stream = %s.stream, id = %entry.id, reason = %Clipped(reason),
+                dead_letters = %s.dead, "malformed write moved to the dead-letter stream");
+        }
+        self.dead_letter(
+            entries.iter().map(|(e, reason)| (e, reason.as_str())),
+            "dead-lettering malformed entries",
+        )
+        .await
+    }
+
+    /// Moves `entries` to the dead-letter stream, each with its reason, in one
+    /// script call; counts and returns how many were still there to move.
+    async fn dead_letter<'a>(
+        &self,
+        entries: impl Iterator<Item = (&'a Delivered, &'a str)>,
+        doing: &'static str,
+    ) -> Result<usize, Error> {
+        let s = &self.inner.wb.inner;
         let mut invocation = scripts::DEAD_LETTER.key(&s.stream);
         invocation
             .key(&s.dead)
             .arg(&self.inner.group)
             .arg(&self.inner.consumer);
         for (entry, reason) in entries {
-            tracing::error!(stream = %s.stream, id = %entry.id, reason = %Clipped(reason),
-                dead_letters = %s.dead, "malformed write moved to the dead-letter stream");
             invocation.arg(&entry.id).arg(entry.deliveries).arg(reason);
         }
-        let moved: usize =
-            invocation
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(Error::redis(
-                    &s.stream,
-                    "dead-lettering malformed entries",
-                    None,
-                ))?;
+        let moved: usize = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(Error::redis(&s.stream, doing, None))?;
         add(&self.inner.counters.dead_lettered, moved);
         Ok(moved)
     }
