@@ -370,3 +370,128 @@ async fn one_refresh_across_processes() {
     );
     assert_eq!(b.stats().refreshes, 0, "b found the lease taken");
 }
+
+/// A Redis store whose first lease-taking `acquire` (a refresh's) waits at a
+/// gate, and which reports when that refresh gives its lease back or fills.
+#[derive(Debug)]
+struct HeldRefresh {
+    inner: cachet::RedisStore,
+    entered: tokio::sync::Notify,
+    gate: Gate,
+    done: tokio::sync::Notify,
+    gated: std::sync::atomic::AtomicBool,
+}
+
+impl cachet::Store for HeldRefresh {
+    fn payload_kind(&self) -> cachet::PayloadKind {
+        self.inner.payload_kind()
+    }
+    fn get<'a>(&'a self, key: &'a cachet::StoreKey) -> cachet::StoreFuture<'a, cachet::Read> {
+        self.inner.get(key)
+    }
+    fn acquire<'a>(
+        &'a self,
+        key: &'a cachet::StoreKey,
+        mode: cachet::AcquireMode,
+        lease_ttl: Duration,
+    ) -> cachet::StoreFuture<'a, cachet::Acquire> {
+        Box::pin(async move {
+            if mode == cachet::AcquireMode::Replace && !self.gated.swap(true, Ordering::SeqCst) {
+                self.entered.notify_one();
+                self.gate.wait().await;
+            }
+            self.inner.acquire(key, mode, lease_ttl).await
+        })
+    }
+    fn fill<'a>(
+        &'a self,
+        key: &'a cachet::StoreKey,
+        lease: &'a cachet::LeaseToken,
+        entry: cachet::Entry,
+        ttl: Duration,
+    ) -> cachet::StoreFuture<'a, cachet::Fill> {
+        Box::pin(async move {
+            let filled = self.inner.fill(key, lease, entry, ttl).await;
+            self.done.notify_one();
+            filled
+        })
+    }
+    fn release<'a>(
+        &'a self,
+        key: &'a cachet::StoreKey,
+        lease: &'a cachet::LeaseToken,
+    ) -> cachet::StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let released = self.inner.release(key, lease).await;
+            self.done.notify_one();
+            released
+        })
+    }
+    fn set<'a>(
+        &'a self,
+        key: &'a cachet::StoreKey,
+        entry: cachet::Entry,
+        ttl: Duration,
+    ) -> cachet::StoreFuture<'a, ()> {
+        self.inner.set(key, entry, ttl)
+    }
+    fn invalidate<'a>(&'a self, key: &'a cachet::StoreKey) -> cachet::StoreFuture<'a, ()> {
+        self.inner.invalidate(key)
+    }
+    fn ttl<'a>(&'a self, key: &'a cachet::StoreKey) -> cachet::StoreFuture<'a, cachet::Ttls> {
+        self.inner.ttl(key)
+    }
+}
+
+/// The interleaving behind a second refresh across processes: b's refresh
+/// checks the entry (stale) and only then asks for the lease; meanwhile a's
+/// refresh fills and frees the lease. b must then see the fresh entry and give
+/// its lease back, not load a second time.
+#[tokio::test]
+async fn a_refresh_granted_the_lease_after_another_filled_does_not_load() {
+    let fx = Fx::redis().await;
+    let clock = Clock::mock();
+    let held = Arc::new(HeldRefresh {
+        inner: cachet::RedisStore::connect(&fx.server().unwrap().url())
+            .await
+            .unwrap(),
+        entered: tokio::sync::Notify::new(),
+        gate: Gate::default(),
+        done: tokio::sync::Notify::new(),
+        gated: std::sync::atomic::AtomicBool::new(false),
+    });
+    let make = |b: CacheBuilder<u64, String>| {
+        b.ttl(TTL)
+            .jitter(0.0)
+            .clock(clock.clock())
+            .stale_while_revalidate(Duration::from_secs(60))
+            .build()
+            .unwrap()
+    };
+    let a = make(fx.builder("fresh"));
+    let b = make(Cache::builder("fresh").store_arc(held.clone()));
+    let loads = Arc::new(AtomicU64::new(0));
+    a.get_or_load(&1, counted(&loads, "v1")).await.unwrap();
+    clock.advance(TTL + Duration::from_secs(1));
+
+    // b is served stale; its refresh checked the entry and waits to acquire.
+    let b_served = b.get_or_load(&1, counted(&loads, "v2 from b")).await;
+    assert_eq!(b_served.unwrap().as_deref(), Some("v1"));
+    held.entered.notified().await;
+
+    // a refreshes and fills meanwhile.
+    let a_served = a.get_or_load(&1, counted(&loads, "v2")).await;
+    assert_eq!(a_served.unwrap().as_deref(), Some("v1"));
+    until_cached(&a, 1, "v2").await;
+
+    // b's refresh now gets the free lease, and must not load again.
+    held.gate.open();
+    held.done.notified().await;
+    assert_eq!(loads.load(Ordering::SeqCst), 2, "one load, one refresh");
+    assert_eq!(
+        b.stats().refreshes,
+        0,
+        "b's refresh found the entry refreshed"
+    );
+    assert_eq!(a.peek(&1).await.unwrap().as_deref(), Some("v2"));
+}

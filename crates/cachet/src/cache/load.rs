@@ -112,13 +112,18 @@ where
         tokio::spawn(async move {
             let key: &K = key.borrow();
             // Another process may have refreshed it since this one saw it.
-            if let Lookup::Fresh(_, meta) = inner.lookup(key, &skey, false).await
-                && meta.soft_expiry_ms > seen
-            {
+            if inner.refreshed_since(key, &skey, seen).await {
                 return;
             }
             match inner.acquire(key, &skey, AcquireMode::Replace).await {
                 Ok(Claim::Leased(token)) => {
+                    // The lease may be free because another process's refresh
+                    // just filled (and consumed its lease) after the check
+                    // above: look again, under the lease, before loading.
+                    if inner.refreshed_since(key, &skey, seen).await {
+                        inner.release(key, &skey, &token).await;
+                        return;
+                    }
                     inner.counters.refreshes.inc();
                     let outcome = inner
                         .load_and_fill(key, &skey, token, inner.s.hard_timeout, loader)
@@ -139,6 +144,13 @@ where
                 }
             }
         });
+    }
+
+    /// Whether `key`'s entry is fresh with a later soft expiry than `seen`: some
+    /// process refreshed it since this one saw it.
+    async fn refreshed_since(&self, key: &K, skey: &StoreKey, seen: u64) -> bool {
+        matches!(self.lookup(key, skey, false).await,
+            Lookup::Fresh(_, meta) if meta.soft_expiry_ms > seen)
     }
 
     /// Loads a missing value under a lease (or, with the store down, without).

@@ -85,7 +85,7 @@ macro_rules! on_both_stores {
 }
 
 /// A gate a test opens once: tasks wait on it without sleeping.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Gate(Arc<tokio::sync::watch::Sender<bool>>);
 
 impl Default for Gate {
