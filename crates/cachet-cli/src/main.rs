@@ -99,22 +99,15 @@ fn write_stdout(s: &str) -> anyhow::Result<()> {
         .context("cannot write to stdout")
 }
 
-/// The error and its causes, one per line. Many errors repeat their cause in
-/// their own message; a cause already shown is skipped.
+/// The error and its causes, one per line. cachet's errors never repeat
+/// their cause in their own message, so each line is news.
 fn error_chain(e: &anyhow::Error) -> String {
     let mut out = String::new();
-    let mut shown = String::new();
     for (i, cause) in e.chain().enumerate() {
-        let msg = cause.to_string();
         if i > 0 {
-            if shown.contains(&msg) {
-                continue;
-            }
             out.push_str("\n  caused by: ");
         }
-        out.push_str(&msg);
-        shown.push_str(&msg);
-        shown.push('\n');
+        out.push_str(&cause.to_string());
     }
     out
 }
@@ -124,14 +117,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn error_chain_skips_repeated_causes() {
+    fn error_chain_prints_each_cause_once() {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        let e = anyhow::Error::new(io)
-            .context("store unreachable: refused")
-            .context("cannot connect");
+        let e = anyhow::Error::new(cachet::StoreError::unavailable(io)).context("cannot connect");
         assert_eq!(
             error_chain(&e),
-            "cannot connect\n  caused by: store unreachable: refused"
+            "cannot connect\n  caused by: store unreachable\n  caused by: refused"
         );
     }
 

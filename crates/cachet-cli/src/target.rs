@@ -140,7 +140,7 @@ impl RedisTarget {
                         .connect()
                         .await;
                     if let Err(e) = checked {
-                        tracing::warn!(node = %node.addr, error = %e,
+                        tracing::warn!(node = %node.addr, error = %cachet::Report(&e),
                             "cannot check the eviction settings of a cluster node");
                     }
                 }

@@ -90,10 +90,10 @@ impl BloomKey {
     /// Checks that every position lies inside the filter.
     ///
     /// # Errors
-    /// [`StoreError::Protocol`] naming the first position that does not.
+    /// a protocol [`StoreError`] naming the first position that does not.
     pub fn check_positions(&self, positions: &[u64]) -> Result<(), StoreError> {
         match positions.iter().find(|&&p| p >= self.bits) {
-            Some(p) => Err(StoreError::Protocol(format!(
+            Some(p) => Err(StoreError::protocol(format!(
                 "bit {p} is outside the Bloom filter {} of {} bits",
                 self.key, self.bits
             ))),
@@ -104,12 +104,12 @@ impl BloomKey {
     /// Checks that `bitmap` has the filter's [`byte_len`](Self::byte_len).
     ///
     /// # Errors
-    /// [`StoreError::Protocol`] when it does not.
+    /// a protocol [`StoreError`] when it does not.
     pub fn check_bitmap(&self, bitmap: &[u8]) -> Result<(), StoreError> {
         if bitmap.len() as u64 == self.byte_len() {
             Ok(())
         } else {
-            Err(StoreError::Protocol(format!(
+            Err(StoreError::protocol(format!(
                 "a bitmap of {} bytes for the Bloom filter {}, which has {} bytes",
                 bitmap.len(),
                 self.key,

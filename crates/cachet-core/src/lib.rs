@@ -20,6 +20,7 @@
 pub mod bloom;
 pub mod clock;
 pub mod envelope;
+pub mod error;
 pub mod key;
 pub mod retry;
 pub mod store;
@@ -27,6 +28,7 @@ pub mod store;
 pub use bloom::BloomKey;
 pub use clock::{Clock, MockClock};
 pub use envelope::{DecodeError, Meta};
+pub use error::{Report, StoreErrorKind};
 pub use key::{
     CacheKey, GroupKey, KeyLayout, KeyLayoutError, KeyWriter, StoreKey, escape_key, unescape,
 };

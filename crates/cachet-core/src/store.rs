@@ -38,13 +38,11 @@ use bytes::Bytes;
 
 use crate::bloom::BloomKey;
 use crate::envelope::Meta;
+pub use crate::error::{BoxError, StoreError};
 use crate::key::{GroupKey, StoreKey};
 
 /// The future returned by [`Store`] methods.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
-
-/// A boxed error from a store's client library.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// How a store keeps payloads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -287,38 +285,6 @@ impl Default for TokenSource {
     }
 }
 
-/// A store failure.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// The store could not be reached or the connection broke.
-    #[error("store unreachable: {0}")]
-    Unavailable(#[source] BoxError),
-    /// The store did not answer in time.
-    #[error("store did not answer within {0:?}")]
-    Timeout(Duration),
-    /// The store answered with something the protocol does not expect.
-    #[error("unexpected store reply: {0}")]
-    Protocol(String),
-    /// The store was configured wrongly (an invalid URL, a bad option).
-    #[error("invalid store configuration: {0}")]
-    Config(String),
-    /// The store cannot hold this payload (for example a decoded object given to a
-    /// byte store).
-    #[error("store cannot keep this payload: {0}")]
-    Unsupported(&'static str),
-    /// Any other failure reported by the store's client.
-    #[error(transparent)]
-    Other(BoxError),
-}
-
-impl StoreError {
-    /// Whether the failure is a timeout.
-    pub fn is_timeout(&self) -> bool {
-        matches!(self, StoreError::Timeout(_))
-    }
-}
-
 /// A shared cache tier that speaks the lease protocol. See the [module docs](self).
 ///
 /// Each method is one atomic step on the store (one Redis command or script).
@@ -374,7 +340,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// truth, so a writer that lost a race to a newer write cannot put its older
     /// value in the cache. An absent entry is always written.
     ///
-    /// The default reports [`StoreError::Unsupported`].
+    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
     fn set_versioned<'a>(
         &'a self,
         key: &'a StoreKey,
@@ -382,9 +348,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         ttl: Duration,
     ) -> StoreFuture<'a, Versioned> {
         let _ = (key, entry, ttl);
-        Box::pin(std::future::ready(Err(StoreError::Unsupported(
-            "versioned set",
-        ))))
+        unsupported("versioned set")
     }
 
     /// Invalidates a whole group of keys in O(1): gives the group a new
@@ -392,12 +356,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// under an older one reads as a miss (and expires by its TTL), and leases
     /// granted before cannot fill.
     ///
-    /// The default reports [`StoreError::Unsupported`].
+    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
     fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()> {
         let _ = group;
-        Box::pin(std::future::ready(Err(StoreError::Unsupported(
-            "group invalidation",
-        ))))
+        unsupported("group invalidation")
     }
 
     /// Subscribes to the invalidation notices of the cache whose keys start with
@@ -406,15 +368,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The store keeps the subscription up (reconnecting) until the receiver is
     /// dropped, and reports each loss and recovery.
     ///
-    /// The default reports [`StoreError::Unsupported`].
+    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
     fn subscribe_invalidations<'a>(
         &'a self,
         head: &'a str,
     ) -> StoreFuture<'a, tokio::sync::mpsc::Receiver<BusEvent>> {
         let _ = head;
-        Box::pin(std::future::ready(Err(StoreError::Unsupported(
-            "invalidation bus",
-        ))))
+        unsupported("invalidation bus")
     }
 
     /// Queues an [`invalidate`](Store::invalidate) of `key` to run after `delay`,
@@ -422,24 +382,20 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// store that outlives it (Redis), not on an in-process store. Executed by
     /// [`run_deferred`](Store::run_deferred), at least once.
     ///
-    /// The default reports [`StoreError::Unsupported`].
+    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
     fn defer_invalidate<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()> {
         let _ = (key, delay);
-        Box::pin(std::future::ready(Err(StoreError::Unsupported(
-            "deferred invalidation",
-        ))))
+        unsupported("deferred invalidation")
     }
 
     /// Claims up to `max` due deferred invalidations, runs them and acknowledges
     /// them. A claimed item that is not acknowledged (its worker died) becomes due
     /// again after a visibility timeout, so each runs at least once.
     ///
-    /// The default reports [`StoreError::Unsupported`].
+    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
     fn run_deferred(&self, max: usize) -> StoreFuture<'_, Deferred> {
         let _ = max;
-        Box::pin(std::future::ready(Err(StoreError::Unsupported(
-            "deferred invalidation",
-        ))))
+        unsupported("deferred invalidation")
     }
 
     /// Whether every bit at `positions` of the Bloom filter `filter` is set.
@@ -447,27 +403,23 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// A filter that is not built (see [`crate::bloom`]) rules nothing out: the
     /// answer is then `true`. Positions at or past [`BloomKey::bits`] are an error.
     ///
-    /// The default reports [`StoreError::Unsupported`].
+    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
     fn bloom_check<'a>(
         &'a self,
         filter: &'a BloomKey,
         positions: &'a [u64],
     ) -> StoreFuture<'a, bool> {
         let _ = (filter, positions);
-        Box::pin(std::future::ready(Err(StoreError::Unsupported(
-            "bloom filter",
-        ))))
+        unsupported("bloom filter")
     }
 
     /// Sets the bits at `positions` of the Bloom filter `filter`, in one atomic
     /// step. A filter that is not built is left alone (it is not created).
     ///
-    /// The default reports [`StoreError::Unsupported`].
+    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
     fn bloom_add<'a>(&'a self, filter: &'a BloomKey, positions: &'a [u64]) -> StoreFuture<'a, ()> {
         let _ = (filter, positions);
-        Box::pin(std::future::ready(Err(StoreError::Unsupported(
-            "bloom filter",
-        ))))
+        unsupported("bloom filter")
     }
 
     /// Replaces the whole bitmap of the Bloom filter `filter` with `bits`
@@ -476,12 +428,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// sees the old filter or the new one, never a mix. The filter is then built,
     /// and has no TTL.
     ///
-    /// The default reports [`StoreError::Unsupported`].
+    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
     fn bloom_replace<'a>(&'a self, filter: &'a BloomKey, bits: Bytes) -> StoreFuture<'a, ()> {
         let _ = (filter, bits);
-        Box::pin(std::future::ready(Err(StoreError::Unsupported(
-            "bloom filter",
-        ))))
+        unsupported("bloom filter")
     }
 }
 
@@ -560,6 +510,13 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     fn bloom_replace<'a>(&'a self, filter: &'a BloomKey, bits: Bytes) -> StoreFuture<'a, ()> {
         (**self).bloom_replace(filter, bits)
     }
+}
+
+/// A future that fails at once: the store does not offer `what`.
+fn unsupported<'a, T: Send + 'a>(what: &'static str) -> StoreFuture<'a, T> {
+    Box::pin(std::future::ready(Err(StoreError::unsupported(format!(
+        "the store does not offer {what}"
+    )))))
 }
 
 /// Whole milliseconds of a TTL, at least one (stores reject a zero TTL).

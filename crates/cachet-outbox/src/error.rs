@@ -6,13 +6,13 @@ use cachet_core::StoreError;
 
 /// An error from an [`Outbox`](crate::Outbox) or a [`Relay`](crate::Relay).
 ///
-/// Every message names the outbox table and the cause; [`source`] gives the
-/// cause itself (the `sqlx` or store error).
+/// Every message names the outbox table and what failed; [`source`] gives
+/// the cause (the `sqlx` or store error), which the message does not repeat.
 ///
 /// [`source`]: std::error::Error::source
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum OutboxError {
+pub enum Error {
     /// The configured table name is not a plain SQL identifier.
     #[error(
         "invalid outbox table name {0:?}: use a lowercase SQL identifier ([a-z_][a-z0-9_]*, at most 63 bytes), optionally schema-qualified (schema.table)"
@@ -24,7 +24,7 @@ pub enum OutboxError {
     )]
     InvalidChannel(String),
     /// A database statement failed.
-    #[error("outbox table {table}: {action} failed: {source}")]
+    #[error("outbox table {table}: {action} failed")]
     Database {
         /// The outbox table.
         table: String,
@@ -36,9 +36,7 @@ pub enum OutboxError {
     },
     /// The store refused or failed an invalidation; the batch was rolled back and
     /// its rows stay for the next attempt.
-    #[error(
-        "outbox table {table}: invalidating {key} failed, rows kept for the next attempt: {source}"
-    )]
+    #[error("outbox table {table}: invalidating {key} failed, rows kept for the next attempt")]
     Store {
         /// The outbox table.
         table: String,
@@ -60,13 +58,13 @@ pub enum OutboxError {
     },
 }
 
-impl OutboxError {
+impl Error {
     /// Maps a database error; allocates only when there is one.
     pub(crate) fn db<'a>(
         table: &'a str,
         action: &'static str,
     ) -> impl FnOnce(sqlx::Error) -> Self + use<'a> {
-        move |source| OutboxError::Database {
+        move |source| Error::Database {
             table: table.to_owned(),
             action,
             source,
@@ -76,10 +74,10 @@ impl OutboxError {
     /// The outbox table the error is about, if it is about one.
     pub fn table(&self) -> Option<&str> {
         match self {
-            OutboxError::InvalidTable(_) | OutboxError::InvalidChannel(_) => None,
-            OutboxError::Database { table, .. }
-            | OutboxError::Store { table, .. }
-            | OutboxError::Timeout { table, .. } => Some(table),
+            Error::InvalidTable(_) | Error::InvalidChannel(_) => None,
+            Error::Database { table, .. }
+            | Error::Store { table, .. }
+            | Error::Timeout { table, .. } => Some(table),
         }
     }
 }

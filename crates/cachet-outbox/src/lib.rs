@@ -155,6 +155,6 @@ mod error;
 mod outbox;
 mod relay;
 
-pub use error::OutboxError;
+pub use error::Error;
 pub use outbox::{Outbox, OutboxBuilder};
 pub use relay::{Relay, RelayStats};

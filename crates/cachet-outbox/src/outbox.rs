@@ -5,7 +5,7 @@ use std::sync::Arc;
 use cachet_core::StoreKey;
 use sqlx::postgres::{PgConnection, PgPool};
 
-use crate::OutboxError;
+use crate::Error;
 
 /// The table and channel names used when none are configured.
 const DEFAULT_NAME: &str = "cachet_outbox";
@@ -28,7 +28,7 @@ const DEFAULT_NAME: &str = "cachet_outbox";
 ///     .build()?;
 /// assert_eq!(custom.table(), "app.cache_outbox");
 /// assert!(Outbox::builder().table("Robert'); DROP TABLE").build().is_err());
-/// # Ok::<(), cachet_outbox::OutboxError>(())
+/// # Ok::<(), cachet_outbox::Error>(())
 /// ```
 #[derive(Clone, Debug)]
 pub struct Outbox {
@@ -93,9 +93,9 @@ impl OutboxBuilder {
     /// Validates the names.
     ///
     /// # Errors
-    /// [`OutboxError::InvalidTable`] or [`OutboxError::InvalidChannel`] when a
+    /// [`Error::InvalidTable`] or [`Error::InvalidChannel`] when a
     /// name is not a plain identifier as described above.
-    pub fn build(self) -> Result<Outbox, OutboxError> {
+    pub fn build(self) -> Result<Outbox, Error> {
         let mut parts = self.table.split('.');
         let table_ok = match (parts.next(), parts.next(), parts.next()) {
             (Some(t), None, _) => is_identifier(t),
@@ -103,10 +103,10 @@ impl OutboxBuilder {
             _ => false,
         };
         if !table_ok {
-            return Err(OutboxError::InvalidTable(self.table));
+            return Err(Error::InvalidTable(self.table));
         }
         if !is_identifier(&self.channel) {
-            return Err(OutboxError::InvalidChannel(self.channel));
+            return Err(Error::InvalidChannel(self.channel));
         }
         // Quoting a lowercase identifier names the same object as writing it bare,
         // and keeps reserved words (`user`, `order`) usable.
@@ -232,22 +232,22 @@ impl Outbox {
     /// tool can apply that file instead; the two are the same.
     ///
     /// # Errors
-    /// [`OutboxError::Database`] when the statement fails (for instance, the
+    /// [`Error::Database`] when the statement fails (for instance, the
     /// schema of a qualified name does not exist).
-    pub async fn migrate(&self, pool: &PgPool) -> Result<(), OutboxError> {
+    pub async fn migrate(&self, pool: &PgPool) -> Result<(), Error> {
         let table = self.table();
         let action = "creating the table";
-        let mut tx = pool.begin().await.map_err(OutboxError::db(table, action))?;
+        let mut tx = pool.begin().await.map_err(Error::db(table, action))?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
             .bind(format!("cachet_outbox migrate {table}"))
             .execute(&mut *tx)
             .await
-            .map_err(OutboxError::db(table, action))?;
+            .map_err(Error::db(table, action))?;
         sqlx::query(&self.inner.sql.create)
             .execute(&mut *tx)
             .await
-            .map_err(OutboxError::db(table, action))?;
-        tx.commit().await.map_err(OutboxError::db(table, action))
+            .map_err(Error::db(table, action))?;
+        tx.commit().await.map_err(Error::db(table, action))
     }
 
     /// Records that `key` must be invalidated once the current transaction
@@ -261,9 +261,9 @@ impl Outbox {
     /// commits at once, which defeats the purpose.
     ///
     /// # Errors
-    /// [`OutboxError::Database`] when the statement fails; the caller's
+    /// [`Error::Database`] when the statement fails; the caller's
     /// transaction is then aborted, as after any failed statement.
-    pub async fn record(&self, conn: &mut PgConnection, key: &StoreKey) -> Result<(), OutboxError> {
+    pub async fn record(&self, conn: &mut PgConnection, key: &StoreKey) -> Result<(), Error> {
         let q = sqlx::query(&self.inner.sql.insert_one).bind(key.as_str());
         let q = if self.inner.notify {
             q.bind(&self.inner.channel)
@@ -272,7 +272,7 @@ impl Outbox {
         };
         q.execute(conn)
             .await
-            .map_err(OutboxError::db(self.table(), "recording an invalidation"))?;
+            .map_err(Error::db(self.table(), "recording an invalidation"))?;
         Ok(())
     }
 
@@ -286,7 +286,7 @@ impl Outbox {
         &self,
         conn: &mut PgConnection,
         keys: &[StoreKey],
-    ) -> Result<(), OutboxError> {
+    ) -> Result<(), Error> {
         if keys.is_empty() {
             return Ok(());
         }
@@ -299,7 +299,7 @@ impl Outbox {
         };
         q.execute(conn)
             .await
-            .map_err(OutboxError::db(self.table(), "recording invalidations"))?;
+            .map_err(Error::db(self.table(), "recording invalidations"))?;
         Ok(())
     }
 }
@@ -328,12 +328,12 @@ mod tests {
             long.as_str(),
         ] {
             let err = Outbox::builder().table(bad).build().unwrap_err();
-            assert!(matches!(err, OutboxError::InvalidTable(_)), "{bad}");
+            assert!(matches!(err, Error::InvalidTable(_)), "{bad}");
             assert!(err.to_string().contains("outbox table name"), "{err}");
         }
         assert!(matches!(
             Outbox::builder().channel("a.b").build(),
-            Err(OutboxError::InvalidChannel(_))
+            Err(Error::InvalidChannel(_))
         ));
         assert!(Outbox::builder().channel(&long[..63]).build().is_ok());
     }

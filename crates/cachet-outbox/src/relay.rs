@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::{Outbox, OutboxError};
+use crate::{Error, Outbox};
 
 /// Invalidations of one batch in flight at once.
 const CONCURRENCY: usize = 16;
@@ -176,10 +176,10 @@ impl Relay {
     /// # Errors
     /// When the database or the store fails, or the batch times out; the batch is
     /// then rolled back, its rows stay, and [`RelayStats::failed_attempts`] counts it.
-    pub async fn deliver_once(&self) -> Result<usize, OutboxError> {
+    pub async fn deliver_once(&self) -> Result<usize, Error> {
         let outcome = match tokio::time::timeout(self.config.batch_timeout, self.batch()).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(OutboxError::Timeout {
+            Err(_) => Err(Error::Timeout {
                 table: self.outbox.table().to_owned(),
                 after: self.config.batch_timeout,
             }),
@@ -192,24 +192,24 @@ impl Relay {
         outcome
     }
 
-    async fn batch(&self) -> Result<usize, OutboxError> {
+    async fn batch(&self) -> Result<usize, Error> {
         let table = self.outbox.table();
         let sql = self.outbox.sql();
         let mut tx = self
             .pool
             .begin()
             .await
-            .map_err(OutboxError::db(table, "starting a batch"))?;
+            .map_err(Error::db(table, "starting a batch"))?;
         let limit = i64::try_from(self.config.batch_size).unwrap_or(i64::MAX);
         let rows: Vec<(i64, String)> = sqlx::query_as(&sql.select_batch)
             .bind(limit)
             .fetch_all(&mut *tx)
             .await
-            .map_err(OutboxError::db(table, "locking a batch"))?;
+            .map_err(Error::db(table, "locking a batch"))?;
         if rows.is_empty() {
             tx.commit()
                 .await
-                .map_err(OutboxError::db(table, "ending an empty batch"))?;
+                .map_err(Error::db(table, "ending an empty batch"))?;
             return Ok(0);
         }
 
@@ -238,10 +238,10 @@ impl Relay {
             .bind(&ids)
             .execute(&mut *tx)
             .await
-            .map_err(OutboxError::db(table, "deleting delivered rows"))?;
+            .map_err(Error::db(table, "deleting delivered rows"))?;
         tx.commit()
             .await
-            .map_err(OutboxError::db(table, "committing a batch"))?;
+            .map_err(Error::db(table, "committing a batch"))?;
 
         for (id, raw) in &malformed {
             tracing::error!(
@@ -268,7 +268,7 @@ impl Relay {
     }
 
     /// Invalidates every key, a few at a time; stops at the first failure.
-    async fn invalidate_all(&self, keys: Vec<StoreKey>) -> Result<(), OutboxError> {
+    async fn invalidate_all(&self, keys: Vec<StoreKey>) -> Result<(), Error> {
         let mut pending = keys.into_iter();
         let mut running = JoinSet::new();
         // Each turn waits for one invalidation to finish: at most keys + 1 turns.
@@ -288,10 +288,10 @@ impl Relay {
                 Ok((_, Ok(()))) => continue,
                 Ok((key, Err(e))) => (key.to_string(), e),
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(e) => ("(cancelled)".to_owned(), StoreError::Other(Box::new(e))),
+                Err(e) => ("(cancelled)".to_owned(), StoreError::other(e)),
             };
             // Dropping the set aborts the invalidations still running.
-            return Err(OutboxError::Store {
+            return Err(Error::Store {
                 table: self.outbox.table().to_owned(),
                 key,
                 source,
@@ -350,7 +350,7 @@ impl Relay {
                 }
                 Err(e) => {
                     let pause = failures.next_pause();
-                    tracing::warn!(table, error = %e, retry_in = ?pause, "outbox delivery failed");
+                    tracing::warn!(table, error = %cachet_core::Report(&e), retry_in = ?pause, "outbox delivery failed");
                     (pause, false)
                 }
             };
@@ -413,7 +413,7 @@ async fn listen(outbox: Outbox, pool: PgPool, wake: Arc<Notify>) {
                         channel,
                         "outbox listener lost its connection; polling until it reconnects"
                     ),
-                    Some(e) => tracing::warn!(table, channel, error = %e,
+                    Some(e) => tracing::warn!(table, channel, error = %cachet_core::Report(&e),
                         "outbox listener failed; polling until it reconnects"),
                 }
                 if since.elapsed() >= LISTEN_HEALTHY_AFTER {
@@ -421,7 +421,7 @@ async fn listen(outbox: Outbox, pool: PgPool, wake: Arc<Notify>) {
                 }
             }
             Ok(Err(e)) => {
-                tracing::warn!(table, channel, error = %e,
+                tracing::warn!(table, channel, error = %cachet_core::Report(&e),
                     "outbox listener cannot connect; polling meanwhile");
             }
             Err(_) => {

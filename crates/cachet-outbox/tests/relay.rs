@@ -13,7 +13,7 @@ use cachet::{
 };
 // `Ttls` is the one type of the `Store` trait the facade does not re-export.
 use cachet_core::Ttls;
-use cachet_outbox::{Outbox, OutboxError, Relay};
+use cachet_outbox::{Error, Outbox, Relay};
 use cachet_testkit::{RedisServer, RedisServerOptions};
 use support::{Fx, Running, eventually};
 
@@ -108,7 +108,7 @@ async fn invalidated_but_uncommitted_rows_are_delivered_again() {
         Arc::new(Hooked::failing_after_invalidate(fx.store_arc())),
     );
     let err = dying.deliver_once().await.unwrap_err();
-    assert!(matches!(err, OutboxError::Store { .. }), "{err}");
+    assert!(matches!(err, Error::Store { .. }), "{err}");
     assert!(err.to_string().contains("cachet_outbox"), "{err}");
     assert!(!fx.exists(&key), "the invalidation itself ran");
     assert_eq!(fx.rows().await, 1, "but the row was not deleted");
@@ -333,7 +333,7 @@ async fn rows_wait_for_the_store_to_come_back() {
 
     let relay = fx.relay();
     let err = relay.deliver_once().await.unwrap_err();
-    assert!(matches!(err, OutboxError::Store { .. }), "{err}");
+    assert!(matches!(err, Error::Store { .. }), "{err}");
     let message = err.to_string();
     assert!(
         message.contains("cachet_outbox") && message.contains("cachet:users:v:{"),
@@ -432,8 +432,8 @@ impl Store for Hooked {
             self.inner.invalidate(key).await?;
             self.invalidations.fetch_add(1, Ordering::Relaxed);
             if self.fail_after {
-                return Err(StoreError::Protocol(
-                    "simulated: the relay died before COMMIT".into(),
+                return Err(StoreError::protocol(
+                    "simulated: the relay died before COMMIT",
                 ));
             }
             Ok(())

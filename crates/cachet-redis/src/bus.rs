@@ -117,7 +117,7 @@ async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<(Str
             if let Err(e) = published {
                 // Subscribers whose connection is fine would miss these: their
                 // near caches rely on their TTL for them.
-                tracing::warn!(%channel, notices = lines.len(), error = %e,
+                tracing::warn!(%channel, notices = lines.len(), error = %cachet_core::Report(&e),
                     "publishing invalidation notices failed");
             }
         }
@@ -179,7 +179,7 @@ async fn listen(url: &str, channel: &str, tx: &mpsc::Sender<BusEvent>) -> Listen
     let pubsub = match tokio::time::timeout(PING, client.get_async_pubsub()).await {
         Ok(Ok(pubsub)) => pubsub,
         Ok(Err(e)) => {
-            tracing::debug!(%channel, error = %e, "invalidation bus: cannot connect");
+            tracing::debug!(%channel, error = %cachet_core::Report(&e), "invalidation bus: cannot connect");
             return lost;
         }
         Err(_) => return lost,

@@ -176,15 +176,15 @@ pub(crate) async fn connect(
     connection_timeout: Duration,
 ) -> Result<RedisConnection, StoreError> {
     if urls.is_empty() {
-        return Err(StoreError::Config(
-            "a Redis Cluster store needs the URL of at least one node".into(),
+        return Err(StoreError::config(
+            "a Redis Cluster store needs the URL of at least one node",
         ));
     }
     let nodes = urls
         .iter()
         .map(|url| {
             url.as_str().into_connection_info().map_err(|e| {
-                StoreError::Config(format!("invalid Redis URL {:?}: {e}", redact(url)))
+                StoreError::config(format!("invalid Redis URL {:?}", redact(url))).with_source(e)
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -199,14 +199,12 @@ pub(crate) async fn connect(
         .min_retry_wait(5)
         .max_retry_wait(500)
         .build()
-        .map_err(|e| StoreError::Config(format!("invalid Redis Cluster configuration: {e}")))?;
+        .map_err(|e| StoreError::config("invalid Redis Cluster configuration").with_source(e))?;
     let conn = client.get_async_connection().await.map_err(|e| {
         if e.to_string().contains("cluster support disabled") {
             let urls: Vec<String> = urls.iter().map(|u| redact(u)).collect();
-            StoreError::Config(format!(
-                "{} is not a Redis Cluster node: {e}",
-                urls.join(", ")
-            ))
+            StoreError::config(format!("{} is not a Redis Cluster node", urls.join(", ")))
+                .with_source(e)
         } else {
             map_err(e, response_timeout)
         }
@@ -223,16 +221,17 @@ mod tests {
 
     use super::*;
     use crate::RedisStore;
+    use cachet_core::StoreErrorKind;
 
     #[tokio::test]
     async fn a_cluster_needs_valid_node_urls() {
         let none: [&str; 0] = [];
         let e = RedisStore::connect_cluster(&none).await.unwrap_err();
-        assert!(matches!(e, StoreError::Config(_)), "{e:?}");
+        assert!(e.kind() == StoreErrorKind::Config, "{e:?}");
         let e = RedisStore::connect_cluster(&["redis://127.0.0.1:1/", "not a url"])
             .await
             .unwrap_err();
-        assert!(matches!(e, StoreError::Config(_)), "{e:?}");
+        assert!(e.kind() == StoreErrorKind::Config, "{e:?}");
         assert!(e.to_string().contains("\"not a url\""), "{e}");
         let e = RedisStore::connect_cluster(&["redis://:secret@bad host:1/"])
             .await
@@ -253,7 +252,7 @@ mod tests {
             .connect()
             .await
             .unwrap_err();
-        assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+        assert!(e.kind() == StoreErrorKind::Unavailable, "{e:?}");
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "{:?}",

@@ -322,8 +322,9 @@ impl RedisStoreBuilder {
     }
 
     async fn connect_server(&self, url: &str) -> Result<RedisConnection, StoreError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Config(format!("invalid Redis URL {:?}: {e}", redact(url))))?;
+        let client = redis::Client::open(url).map_err(|e| {
+            StoreError::config(format!("invalid Redis URL {:?}", redact(url))).with_source(e)
+        })?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.response_timeout))
             .set_connection_timeout(Some(self.connection_timeout))
@@ -445,7 +446,7 @@ impl RedisStore {
                 }
             }
             Err(e) => {
-                tracing::warn!(store = ?self, error = %e, "could not read the Redis eviction settings")
+                tracing::warn!(store = ?self, error = %cachet_core::Report(&e), "could not read the Redis eviction settings")
             }
         }
     }
@@ -555,11 +556,11 @@ impl fmt::Debug for RedisStore {
 
 fn map_err(e: redis::RedisError, timeout: Duration) -> StoreError {
     if e.is_timeout() {
-        StoreError::Timeout(timeout)
+        StoreError::timeout(timeout)
     } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
-        StoreError::Unavailable(Box::new(e))
+        StoreError::unavailable(e)
     } else {
-        StoreError::Other(Box::new(e))
+        StoreError::other(e)
     }
 }
 
@@ -577,7 +578,7 @@ fn encode(entry: &Entry) -> Result<Vec<u8>, StoreError> {
     match &entry.payload {
         Payload::Empty => Ok(envelope::encode(&entry.meta, &[])),
         Payload::Bytes(b) => Ok(envelope::encode(&entry.meta, b)),
-        Payload::Object(_) => Err(StoreError::Unsupported(
+        Payload::Object(_) => Err(StoreError::unsupported(
             "RedisStore keeps bytes; encode values with a codec",
         )),
     }
@@ -594,7 +595,7 @@ fn decode(bytes: Bytes) -> Option<Entry> {
             },
         }),
         Err(e) => {
-            tracing::debug!(error = %e, "undecodable entry in Redis");
+            tracing::debug!(error = %cachet_core::Report(&e), "undecodable entry in Redis");
             None
         }
     }
@@ -631,7 +632,7 @@ fn split_generation(reply: &mut redis::Value) -> Result<u64, StoreError> {
 }
 
 fn protocol(what: &str, reply: &redis::Value) -> StoreError {
-    StoreError::Protocol(format!("{what}: {reply:?}"))
+    StoreError::protocol(format!("{what}: {reply:?}"))
 }
 
 fn parse_acquire(reply: redis::Value, token: LeaseToken) -> Result<Acquire, StoreError> {
@@ -724,8 +725,8 @@ impl Store for RedisStore {
                     other => return Ok(other),
                 }
             }
-            Err(StoreError::Protocol(
-                "acquire in Replace mode returned an entry".into(),
+            Err(StoreError::protocol(
+                "acquire in Replace mode returned an entry",
             ))
         })
     }
@@ -1119,11 +1120,12 @@ mod tests {
 #[cfg(test)]
 mod config_tests {
     use super::*;
+    use cachet_core::StoreErrorKind;
 
     #[tokio::test]
     async fn an_invalid_url_is_a_configuration_error() {
         let e = RedisStore::connect("not a url").await.unwrap_err();
-        assert!(matches!(e, StoreError::Config(_)), "{e:?}");
+        assert!(e.kind() == StoreErrorKind::Config, "{e:?}");
         assert!(
             e.to_string()
                 .starts_with("invalid store configuration: invalid Redis URL \"not a url\""),

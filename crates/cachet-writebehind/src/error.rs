@@ -9,7 +9,8 @@ use cachet::BoxError;
 /// [`Flusher`](crate::Flusher).
 ///
 /// Every message names the stream and, for a write, the key (escaped as in
-/// store keys); [`source`] gives the cause itself where there is one.
+/// store keys); [`source`] gives the cause where there is one, which the
+/// message does not repeat.
 ///
 /// [`source`]: std::error::Error::source
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +55,7 @@ pub enum Error {
     },
     /// A Redis command failed. For a write, whether it was queued is unknown:
     /// the reply may have been lost after the script ran.
-    #[error("write-behind stream {stream}: {action} failed{}: {source}", ForKey(key.as_deref()))]
+    #[error("write-behind stream {stream}: {action} failed{}", ForKey(key.as_deref()))]
     Redis {
         /// The stream.
         stream: String,
@@ -68,7 +69,7 @@ pub enum Error {
     },
     /// The value could not be encoded (for a write) or the Bloom filter could
     /// not be updated.
-    #[error("write-behind stream {stream}: {action} the value of key {key} failed: {source}")]
+    #[error("write-behind stream {stream}: {action} the value of key {key} failed")]
     Value {
         /// The stream.
         stream: String,
@@ -95,9 +96,7 @@ pub enum Error {
     },
     /// The sink failed to apply a batch; its entries stay pending and are
     /// retried.
-    #[error(
-        "write-behind stream {stream}: the sink failed on a batch of {writes} writes: {source}"
-    )]
+    #[error("write-behind stream {stream}: the sink failed on a batch of {writes} writes")]
     Sink {
         /// The stream.
         stream: String,

@@ -537,7 +537,7 @@ where
                 Err(e) => {
                     let pause = failures.next_pause();
                     tracing::warn!(stream = self.stream(), consumer = self.consumer(),
-                        error = %e, retry_in = ?pause, "write-behind flush failed");
+                        error = %cachet_core::Report(&e), retry_in = ?pause, "write-behind flush failed");
                     pause
                 }
             };
@@ -628,7 +628,7 @@ where
                 deleted = n,
                 "deleted idle consumers without pending entries"
             ),
-            Err(e) => tracing::debug!(stream = self.stream(), error = %e,
+            Err(e) => tracing::debug!(stream = self.stream(), error = %cachet_core::Report(&e),
                 "could not prune idle consumers"),
         }
     }

@@ -123,7 +123,7 @@ impl Guarded {
                 self.failures.store(0, Ordering::Release);
                 self.open_until.store(0, Ordering::Release);
             }
-            Err(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
+            Err(e) if e.is_outage() => {
                 let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
                 if n >= self.settings.failures {
                     let until = self
@@ -144,7 +144,10 @@ impl Guarded {
 
     fn open_error(&self) -> StoreError {
         self.counts.short_circuits.fetch_add(1, Ordering::Relaxed);
-        StoreError::Unavailable("circuit breaker open: the store failed repeatedly".into())
+        StoreError::new(
+            cachet_core::StoreErrorKind::Unavailable,
+            "circuit breaker open: the store failed repeatedly",
+        )
     }
 
     /// Runs one store operation through the breaker.
@@ -334,7 +337,7 @@ mod tests {
             CircuitBreaker::new(2, Duration::from_millis(500)),
             mock.clock(),
         );
-        let fail = || Err::<(), _>(StoreError::Timeout(Duration::from_millis(1)));
+        let fail = || Err::<(), _>(StoreError::timeout(Duration::from_millis(1)));
         g.record(&fail());
         assert!(g.allow());
         g.record(&fail());
@@ -347,7 +350,7 @@ mod tests {
         assert!(g.allow(), "closed after a success");
         // Errors that come from a store that answered do not count.
         for _ in 0..5 {
-            g.record(&Err::<(), _>(StoreError::Protocol("odd".into())));
+            g.record(&Err::<(), _>(StoreError::protocol("odd")));
         }
         assert!(g.allow());
     }

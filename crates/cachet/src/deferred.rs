@@ -150,7 +150,7 @@ async fn run(
             }
             Err(e) => {
                 errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "running deferred invalidations failed; retrying");
+                tracing::warn!(error = %crate::Report(&e), "running deferred invalidations failed; retrying");
                 let pause = backoff;
                 backoff = (backoff * 2).min(options.max_error_backoff);
                 pause

@@ -29,9 +29,10 @@ pub enum ErrorKind {
 /// An error from a [`Cache`](crate::Cache) operation.
 ///
 /// Cloning is cheap: concurrent callers of one load share the same error. The
-/// message names the cache, the key and the cause; [`source`] gives the cause
-/// itself (the loader's own error for [`ErrorKind::Load`], so it can be
-/// downcast).
+/// message names the cache, the key and what failed; [`source`] gives the cause
+/// (the loader's own error for [`ErrorKind::Load`], so it can be downcast),
+/// which the message never repeats: print the chain, for instance with
+/// [`Report`](crate::Report), anyhow's `{:#}` or a log that records sources.
 ///
 /// [`source`]: std::error::Error::source
 #[derive(Clone)]
@@ -70,11 +71,11 @@ impl Error {
     }
 
     pub(crate) fn timeout(cache: &str, key: &str, after: std::time::Duration) -> Self {
-        Self::new(
+        Self::with_message(
             ErrorKind::Timeout,
             cache,
             Some(key),
-            Some(format!("the loader did not finish within {after:?}").into()),
+            format!("the loader did not finish within {after:?}"),
         )
     }
 
@@ -91,12 +92,22 @@ impl Error {
     }
 
     pub(crate) fn config(cache: &str, message: impl Into<String>) -> Self {
+        Self::with_message(ErrorKind::Config, cache, None, message.into())
+    }
+
+    /// An error whose message says it all: it has no source.
+    pub(crate) fn with_message(
+        kind: ErrorKind,
+        cache: &str,
+        key: Option<&str>,
+        message: String,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                kind: ErrorKind::Config,
+                kind,
                 cache: cache.into(),
-                key: None,
-                message: Some(message.into().into()),
+                key: key.map(Into::into),
+                message: Some(message.into()),
                 source: None,
             }),
         }
@@ -154,11 +165,9 @@ impl fmt::Display for Error {
             Some(key) => write!(f, ": {what} key `{key}` failed")?,
             None => write!(f, ": invalid {what}")?,
         }
+        // The source, if any, is not repeated here: it is `source()`.
         if let Some(message) = &i.message {
             write!(f, ": {message}")?;
-        }
-        if let Some(source) = &i.source {
-            write!(f, ": {source}")?;
         }
         Ok(())
     }
@@ -201,8 +210,9 @@ mod tests {
     #[test]
     fn messages_name_cache_key_and_cause() {
         let e = Error::load("users", "42", Box::new(DbDown));
+        assert_eq!(e.to_string(), "cache `users`: loading key `42` failed");
         assert_eq!(
-            e.to_string(),
+            crate::Report(&e).to_string(),
             "cache `users`: loading key `42` failed: connection refused"
         );
         assert!(e.is_load());
@@ -212,13 +222,24 @@ mod tests {
         let e = Error::store(
             "users",
             "42",
-            StoreError::Timeout(std::time::Duration::from_millis(5)),
+            StoreError::timeout(std::time::Duration::from_millis(5)),
         );
         assert!(e.is_timeout());
         assert_eq!(
             e.to_string(),
+            "cache `users`: store operation on key `42` failed"
+        );
+        assert_eq!(
+            crate::Report(&e).to_string(),
             "cache `users`: store operation on key `42` failed: store did not answer within 5ms"
         );
+
+        let e = Error::timeout("users", "42", std::time::Duration::from_secs(2));
+        assert_eq!(
+            e.to_string(),
+            "cache `users`: loading key `42` failed: the loader did not finish within 2s"
+        );
+        assert!(std::error::Error::source(&e).is_none());
 
         let e = Error::config("users", "ttl must be positive");
         assert_eq!(

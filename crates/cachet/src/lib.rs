@@ -262,8 +262,8 @@ pub use stats::Stats;
 
 pub use cachet_core::{
     Acquire, AcquireMode, BloomKey, CacheKey, Clock, Deferred, Entry, Fill, KeyLayout, KeyWriter,
-    LeaseToken, Meta, MockClock, Payload, PayloadKind, Read, Store, StoreError, StoreFuture,
-    StoreKey, Ttls, envelope,
+    LeaseToken, Meta, MockClock, Payload, PayloadKind, Read, Report, Store, StoreError,
+    StoreErrorKind, StoreFuture, StoreKey, Ttls, envelope,
 };
 
 #[cfg(feature = "redis")]

@@ -111,7 +111,7 @@ impl Admin {
     pub(super) async fn forget_sys_keys(&self, keys: &[String]) {
         for key in keys {
             if let Err(e) = self.delete_key(key).await {
-                tracing::warn!(key, error = %e, "cannot delete a lab system key");
+                tracing::warn!(key, error = %format!("{e:#}"), "cannot delete a lab system key");
             }
         }
     }

@@ -367,7 +367,7 @@ async fn invalidate_all(cache: &Cache<i64, Item>, keys: RangeInclusive<i64>) {
         }
     }
     if let Some(e) = first_error {
-        tracing::warn!(cache = cache.namespace(), failed, error = %e,
+        tracing::warn!(cache = cache.namespace(), failed, error = %cachet::Report(&e),
             "some lab keys could not be invalidated; they expire by their TTL");
     }
 }

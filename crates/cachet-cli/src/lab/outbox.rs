@@ -190,7 +190,7 @@ impl LabOutbox {
                         Ok(n) if n as i64 >= BATCH => Duration::ZERO,
                         Ok(_) => POLL,
                         Err(e) => {
-                            tracing::warn!(error = %e, "lab outbox delivery failed; retrying");
+                            tracing::warn!(error = %format!("{e:#}"), "lab outbox delivery failed; retrying");
                             POLL * 10
                         }
                     };
@@ -211,7 +211,7 @@ impl LabOutbox {
                 Ok(0) => return true,
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "draining the lab outbox failed; retrying");
+                    tracing::warn!(error = %format!("{e:#}"), "draining the lab outbox failed; retrying");
                     tokio::time::sleep(POLL * 10).await;
                 }
             }

@@ -176,7 +176,7 @@ where
             return;
         }
         let held_back = self.held_back.swap(0, Ordering::Relaxed);
-        tracing::warn!(cache = self.namespace(), key = key.user_key(), error = %e, held_back,
+        tracing::warn!(cache = self.namespace(), key = key.user_key(), error = %crate::Report(&e), held_back,
             "{what}");
     }
 
@@ -445,7 +445,7 @@ where
         let entry = match self.entry_for(meta, value.as_ref()) {
             Ok(entry) => entry,
             Err(e) => {
-                tracing::error!(cache = self.namespace(), key = skey.user_key(), error = %e,
+                tracing::error!(cache = self.namespace(), key = skey.user_key(), error = %crate::Report(&*e),
                     "the loaded value cannot be encoded; it is returned but not cached");
                 return Err(());
             }
@@ -471,7 +471,7 @@ where
         }
         if let Err(e) = self.s.store.release(skey, token).await {
             self.counters.store_errors.inc();
-            tracing::debug!(key = %skey, error = %e, "releasing a lease failed; it expires by its TTL");
+            tracing::debug!(key = %skey, error = %crate::Report(&e), "releasing a lease failed; it expires by its TTL");
         }
     }
 

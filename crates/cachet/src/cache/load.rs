@@ -75,7 +75,7 @@ where
                 {
                     inner.counters.fail_safe_serves.inc();
                     inner.throttle(&skey, value.clone());
-                    tracing::warn!(cache = inner.namespace(), key = skey.user_key(), error = %e,
+                    tracing::warn!(cache = inner.namespace(), key = skey.user_key(), error = %crate::Report(&e),
                         stale_for = ?past, "load failed; serving the last value (fail-safe)");
                     Ok(value)
                 }
@@ -129,7 +129,7 @@ where
                         .load_and_fill(key, &skey, token, inner.s.hard_timeout, loader)
                         .await;
                     if let Err(e) = &outcome {
-                        tracing::debug!(cache = inner.namespace(), key = skey.user_key(), error = %e,
+                        tracing::debug!(cache = inner.namespace(), key = skey.user_key(), error = %crate::Report(&e),
                             "background refresh failed; the entry stays until it expires");
                     }
                     leader.finish(&outcome);
@@ -139,7 +139,7 @@ where
                 Ok(_) => {}
                 Err(e) => {
                     inner.counters.store_errors.inc();
-                    tracing::debug!(cache = inner.namespace(), key = skey.user_key(), error = %e,
+                    tracing::debug!(cache = inner.namespace(), key = skey.user_key(), error = %crate::Report(&e),
                         "background refresh could not take the lease");
                 }
             }

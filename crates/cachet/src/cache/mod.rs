@@ -49,7 +49,7 @@ async fn follow_bus<K, V>(
         subscribed = store.subscribe_invalidations(&head) => match subscribed {
             Ok(events) => events,
             Err(e) => {
-                tracing::error!(cache = %head, error = %e,
+                tracing::error!(cache = %head, error = %crate::Report(&e),
                     "the store offers no invalidation bus; the near cache stays unused");
                 return;
             }
@@ -388,7 +388,7 @@ where
                 // Unknown: the load goes on.
                 Err(e) => {
                     inner.counters.store_errors.inc();
-                    tracing::debug!(cache = self.namespace(), key = skey.user_key(), error = %e,
+                    tracing::debug!(cache = self.namespace(), key = skey.user_key(), error = %crate::Report(&e),
                         "Bloom filter check failed; loading");
                 }
             }
@@ -445,11 +445,11 @@ where
                     .load(key, &skey, mode, store_up, hard_timeout, loader)
                     .await
             }
-            None => Err(Error::new(
+            None => Err(Error::with_message(
                 crate::ErrorKind::Load,
                 self.namespace(),
                 Some(skey.user_key()),
-                Some("the load was abandoned repeatedly".into()),
+                "the load was abandoned repeatedly".into(),
             )),
         }
     }
