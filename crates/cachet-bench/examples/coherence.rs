@@ -39,11 +39,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use cachet::{
-    Acquire, AcquireMode, Cache, Entry, Fill, LeaseToken, NearCache, PayloadKind, Read, RedisStore,
-    Store, StoreFuture, StoreKey, Ttls,
+use cachet::{Cache, NearCache, RedisStore, Store, StoreKey};
+
+use cachet::store::{
+    Acquire, AcquireMode, Entry, Fill, LeaseToken, PayloadKind, Read, StoreFuture, Ttls,
 };
-use cachet_core::{BusEvent, Notice};
+use cachet_core::{BusEvent, InvalidationBus, Notice};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
@@ -249,12 +250,24 @@ impl Store for Tapped {
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
         self.inner.ttl(key)
     }
+    fn bus(&self) -> Option<&dyn InvalidationBus> {
+        Some(self)
+    }
+}
+
+/// The tap itself: the bus subscription is the one call `Tapped` changes.
+impl InvalidationBus for Tapped {
     fn subscribe_invalidations<'a>(
         &'a self,
         head: &'a str,
     ) -> StoreFuture<'a, mpsc::Receiver<BusEvent>> {
         Box::pin(async move {
-            let mut events = self.inner.subscribe_invalidations(head).await?;
+            let mut events = self
+                .inner
+                .bus()
+                .unwrap()
+                .subscribe_invalidations(head)
+                .await?;
             let (tx, rx) = mpsc::channel(1024);
             let inbox = Arc::clone(&self.inbox);
             let subscribed = Arc::clone(&self.subscribed);

@@ -6,7 +6,7 @@
 //! the key's type, its TTL and its lease's (`Store::ttl`), the stored bytes
 //! (`GET`) and, for a grouped key, the group's generation (`GET` of
 //! `StoreKey::group_key`); it decodes the envelope with
-//! `cachet::envelope::decode` and says whether the entry is current or
+//! `cachet::store::envelope::decode` and says whether the entry is current or
 //! orphaned. It writes nothing, and prints the payload only with `--payload`.
 
 use std::fmt::Write as _;
@@ -14,8 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
-use cachet::envelope::{self, DecodeError};
-use cachet::{KeyLayout, Meta, Store as _, StoreKey, Ttls};
+use cachet::store::envelope::{self, DecodeError};
+use cachet::store::{Meta, Ttls};
+use cachet::{KeyLayout, Store as _, StoreKey};
 use clap::Args;
 use serde_json::{Value, json};
 

@@ -22,6 +22,7 @@ pub mod clock;
 pub mod envelope;
 pub mod error;
 pub mod key;
+pub mod layer;
 pub mod retry;
 pub mod store;
 
@@ -32,7 +33,9 @@ pub use error::{Report, StoreErrorKind};
 pub use key::{
     CacheKey, GroupKey, KeyLayout, KeyLayoutError, KeyWriter, StoreKey, escape_key, unescape,
 };
+pub use layer::{Layered, Op, StoreLayer};
 pub use store::{
-    Acquire, AcquireMode, BusEvent, Deferred, Entry, Fill, LeaseToken, Notice, Payload,
-    PayloadKind, Read, Store, StoreError, StoreFuture, TokenSource, Ttls, Versioned, ttl_millis,
+    Acquire, AcquireMode, BloomBits, BusEvent, Capability, Deferred, DeferredQueue, Entry, Fill,
+    Groups, InvalidationBus, LeaseToken, Notice, Payload, PayloadKind, Read, Store, StoreError,
+    StoreFuture, TokenSource, Ttls, Versioned, VersionedSet, ttl_millis,
 };

@@ -287,8 +287,17 @@ impl Default for TokenSource {
 
 /// A shared cache tier that speaks the lease protocol. See the [module docs](self).
 ///
-/// Each method is one atomic step on the store (one Redis command or script).
-/// TTLs are whole milliseconds, at least one.
+/// The required methods are the core protocol: read, read-or-lease, fill,
+/// release, set, invalidate, TTLs. Each is one atomic step on the store (one
+/// Redis command or script). TTLs are whole milliseconds, at least one.
+///
+/// Everything else is a [`Capability`], offered through an accessor that
+/// returns `None` by default: [`groups`](Store::groups),
+/// [`versioned_set`](Store::versioned_set), [`bus`](Store::bus),
+/// [`deferred_queue`](Store::deferred_queue), [`bloom_bits`](Store::bloom_bits).
+/// A cache checks the capabilities its configuration needs when it is built.
+/// To wrap a store (to count, delay or guard its calls), write a
+/// [`StoreLayer`](crate::layer::StoreLayer) rather than forwarding by hand.
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// How this store keeps payloads.
     fn payload_kind(&self) -> PayloadKind;
@@ -334,105 +343,164 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The remaining TTLs of the entry and its lease, for inspection.
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls>;
 
-    /// Writes `entry` like [`set`](Store::set) (revoking any lease), unless the
+    /// The store's group invalidation, if it offers it.
+    fn groups(&self) -> Option<&dyn Groups> {
+        None
+    }
+
+    /// The store's version-checked set, if it offers it.
+    fn versioned_set(&self) -> Option<&dyn VersionedSet> {
+        None
+    }
+
+    /// The store's invalidation bus, if it offers one.
+    fn bus(&self) -> Option<&dyn InvalidationBus> {
+        None
+    }
+
+    /// The store's deferred-invalidation queue, if it offers one.
+    fn deferred_queue(&self) -> Option<&dyn DeferredQueue> {
+        None
+    }
+
+    /// The store's Bloom filter bits, if it offers them.
+    fn bloom_bits(&self) -> Option<&dyn BloomBits> {
+        None
+    }
+}
+
+/// What a store may offer beyond the core protocol, each through an accessor
+/// of [`Store`] that returns `None` when the store lacks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Capability {
+    /// [`Groups`], from [`Store::groups`].
+    Groups,
+    /// [`VersionedSet`], from [`Store::versioned_set`].
+    VersionedSet,
+    /// [`InvalidationBus`], from [`Store::bus`].
+    InvalidationBus,
+    /// [`DeferredQueue`], from [`Store::deferred_queue`].
+    DeferredQueue,
+    /// [`BloomBits`], from [`Store::bloom_bits`].
+    BloomBits,
+}
+
+impl Capability {
+    /// Every capability.
+    pub const ALL: [Capability; 5] = [
+        Capability::Groups,
+        Capability::VersionedSet,
+        Capability::InvalidationBus,
+        Capability::DeferredQueue,
+        Capability::BloomBits,
+    ];
+
+    /// Whether `store` offers this capability.
+    pub fn offered_by(self, store: &dyn Store) -> bool {
+        match self {
+            Capability::Groups => store.groups().is_some(),
+            Capability::VersionedSet => store.versioned_set().is_some(),
+            Capability::InvalidationBus => store.bus().is_some(),
+            Capability::DeferredQueue => store.deferred_queue().is_some(),
+            Capability::BloomBits => store.bloom_bits().is_some(),
+        }
+    }
+
+    /// The error of a call that needs this capability on a store without it.
+    pub fn missing(self) -> StoreError {
+        StoreError::unsupported(format!("the store does not offer {self}"))
+    }
+}
+
+impl fmt::Display for Capability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Capability::Groups => "group invalidation",
+            Capability::VersionedSet => "version-checked sets",
+            Capability::InvalidationBus => "an invalidation bus",
+            Capability::DeferredQueue => "a deferred-invalidation queue",
+            Capability::BloomBits => "Bloom filter bits",
+        })
+    }
+}
+
+/// Group invalidation: a capability of a [`Store`] ([`Store::groups`]).
+pub trait Groups: Send + Sync {
+    /// Invalidates a whole group of keys in O(1): gives the group a new
+    /// generation, which no earlier generation of it had, so every entry filled
+    /// under an older one reads as a miss (and expires by its TTL), and leases
+    /// granted before cannot fill.
+    fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()>;
+}
+
+/// Version-checked writes: a capability of a [`Store`] ([`Store::versioned_set`]).
+pub trait VersionedSet: Send + Sync {
+    /// Writes `entry` like [`Store::set`] (revoking any lease), unless the
     /// entry already there has a version (`Meta::version`) at least as new as
     /// `entry`'s: then nothing is written. Versions come from the source of
     /// truth, so a writer that lost a race to a newer write cannot put its older
     /// value in the cache. An absent entry is always written.
-    ///
-    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
     fn set_versioned<'a>(
         &'a self,
         key: &'a StoreKey,
         entry: Entry,
         ttl: Duration,
-    ) -> StoreFuture<'a, Versioned> {
-        let _ = (key, entry, ttl);
-        unsupported("versioned set")
-    }
+    ) -> StoreFuture<'a, Versioned>;
+}
 
-    /// Invalidates a whole group of keys in O(1): gives the group a new
-    /// generation, which no earlier generation of it had, so every entry filled
-    /// under an older one reads as a miss (and expires by its TTL), and leases
-    /// granted before cannot fill.
-    ///
-    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
-    fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()> {
-        let _ = group;
-        unsupported("group invalidation")
-    }
-
+/// Invalidation notices between processes: a capability of a [`Store`]
+/// ([`Store::bus`]), which near caches need.
+pub trait InvalidationBus: Send + Sync {
     /// Subscribes to the invalidation notices of the cache whose keys start with
     /// `head` (`{prefix}{namespace}`): every invalidation, write and group
     /// invalidation made through a store with the bus enabled, in any process.
     /// The store keeps the subscription up (reconnecting) until the receiver is
     /// dropped, and reports each loss and recovery.
-    ///
-    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
     fn subscribe_invalidations<'a>(
         &'a self,
         head: &'a str,
-    ) -> StoreFuture<'a, tokio::sync::mpsc::Receiver<BusEvent>> {
-        let _ = head;
-        unsupported("invalidation bus")
-    }
+    ) -> StoreFuture<'a, tokio::sync::mpsc::Receiver<BusEvent>>;
+}
 
+/// A durable queue of delayed invalidations (delayed double-delete): a
+/// capability of a [`Store`] ([`Store::deferred_queue`]).
+pub trait DeferredQueue: Send + Sync {
     /// Queues an [`invalidate`](Store::invalidate) of `key` to run after `delay`,
     /// in a queue kept by the store itself: it survives the caller's process on a
     /// store that outlives it (Redis), not on an in-process store. Executed by
-    /// [`run_deferred`](Store::run_deferred), at least once.
-    ///
-    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
-    fn defer_invalidate<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()> {
-        let _ = (key, delay);
-        unsupported("deferred invalidation")
-    }
+    /// [`run_deferred`](DeferredQueue::run_deferred), at least once.
+    fn defer_invalidate<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()>;
 
     /// Claims up to `max` due deferred invalidations, runs them and acknowledges
     /// them. A claimed item that is not acknowledged (its worker died) becomes due
     /// again after a visibility timeout, so each runs at least once.
-    ///
-    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
-    fn run_deferred(&self, max: usize) -> StoreFuture<'_, Deferred> {
-        let _ = max;
-        unsupported("deferred invalidation")
-    }
+    fn run_deferred(&self, max: usize) -> StoreFuture<'_, Deferred>;
+}
 
+/// The bits of shared Bloom filters: a capability of a [`Store`]
+/// ([`Store::bloom_bits`]).
+pub trait BloomBits: Send + Sync {
     /// Whether every bit at `positions` of the Bloom filter `filter` is set.
     ///
     /// A filter that is not built (see [`crate::bloom`]) rules nothing out: the
     /// answer is then `true`. Positions at or past [`BloomKey::bits`] are an error.
-    ///
-    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
     fn bloom_check<'a>(
         &'a self,
         filter: &'a BloomKey,
         positions: &'a [u64],
-    ) -> StoreFuture<'a, bool> {
-        let _ = (filter, positions);
-        unsupported("bloom filter")
-    }
+    ) -> StoreFuture<'a, bool>;
 
     /// Sets the bits at `positions` of the Bloom filter `filter`, in one atomic
     /// step. A filter that is not built is left alone (it is not created).
-    ///
-    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
-    fn bloom_add<'a>(&'a self, filter: &'a BloomKey, positions: &'a [u64]) -> StoreFuture<'a, ()> {
-        let _ = (filter, positions);
-        unsupported("bloom filter")
-    }
+    fn bloom_add<'a>(&'a self, filter: &'a BloomKey, positions: &'a [u64]) -> StoreFuture<'a, ()>;
 
     /// Replaces the whole bitmap of the Bloom filter `filter` with `bits`
     /// ([`BloomKey::byte_len`] bytes; bit `i` is bit `7 - i % 8` of byte `i / 8`,
     /// as Redis's `SETBIT`/`GETBIT` number them), atomically: a concurrent check
     /// sees the old filter or the new one, never a mix. The filter is then built,
     /// and has no TTL.
-    ///
-    /// The default reports an [unsupported](crate::StoreErrorKind::Unsupported) error.
-    fn bloom_replace<'a>(&'a self, filter: &'a BloomKey, bits: Bytes) -> StoreFuture<'a, ()> {
-        let _ = (filter, bits);
-        unsupported("bloom filter")
-    }
+    fn bloom_replace<'a>(&'a self, filter: &'a BloomKey, bits: Bytes) -> StoreFuture<'a, ()>;
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -474,49 +542,21 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
         (**self).ttl(key)
     }
-    fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()> {
-        (**self).invalidate_group(group)
+    fn groups(&self) -> Option<&dyn Groups> {
+        (**self).groups()
     }
-    fn set_versioned<'a>(
-        &'a self,
-        key: &'a StoreKey,
-        entry: Entry,
-        ttl: Duration,
-    ) -> StoreFuture<'a, Versioned> {
-        (**self).set_versioned(key, entry, ttl)
+    fn versioned_set(&self) -> Option<&dyn VersionedSet> {
+        (**self).versioned_set()
     }
-    fn subscribe_invalidations<'a>(
-        &'a self,
-        head: &'a str,
-    ) -> StoreFuture<'a, tokio::sync::mpsc::Receiver<BusEvent>> {
-        (**self).subscribe_invalidations(head)
+    fn bus(&self) -> Option<&dyn InvalidationBus> {
+        (**self).bus()
     }
-    fn defer_invalidate<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()> {
-        (**self).defer_invalidate(key, delay)
+    fn deferred_queue(&self) -> Option<&dyn DeferredQueue> {
+        (**self).deferred_queue()
     }
-    fn run_deferred(&self, max: usize) -> StoreFuture<'_, Deferred> {
-        (**self).run_deferred(max)
+    fn bloom_bits(&self) -> Option<&dyn BloomBits> {
+        (**self).bloom_bits()
     }
-    fn bloom_check<'a>(
-        &'a self,
-        filter: &'a BloomKey,
-        positions: &'a [u64],
-    ) -> StoreFuture<'a, bool> {
-        (**self).bloom_check(filter, positions)
-    }
-    fn bloom_add<'a>(&'a self, filter: &'a BloomKey, positions: &'a [u64]) -> StoreFuture<'a, ()> {
-        (**self).bloom_add(filter, positions)
-    }
-    fn bloom_replace<'a>(&'a self, filter: &'a BloomKey, bits: Bytes) -> StoreFuture<'a, ()> {
-        (**self).bloom_replace(filter, bits)
-    }
-}
-
-/// A future that fails at once: the store does not offer `what`.
-fn unsupported<'a, T: Send + 'a>(what: &'static str) -> StoreFuture<'a, T> {
-    Box::pin(std::future::ready(Err(StoreError::unsupported(format!(
-        "the store does not offer {what}"
-    )))))
 }
 
 /// Whole milliseconds of a TTL, at least one (stores reject a zero TTL).

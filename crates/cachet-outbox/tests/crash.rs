@@ -11,7 +11,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cachet::{Cache, RedisStore, Store, StoreKey};
+use cachet::{Cache, RedisStore};
+use cachet_core::{Layered, Op, StoreFuture, StoreLayer};
 use cachet_outbox::{Outbox, Relay};
 use cachet_testkit::{TestChild, child_args, eventually};
 use sqlx::postgres::PgPool;
@@ -201,61 +202,28 @@ async fn writer(pool: PgPool, store: RedisStore) {
 /// A relay whose store, once it has invalidated, stalls until the process is
 /// killed: the batch never reaches its COMMIT.
 async fn relay(pool: PgPool, store: RedisStore) {
-    let relay = Relay::new(Outbox::new(), pool, Arc::new(Stalling(store)));
+    let relay = Relay::new(Outbox::new(), pool, Arc::new(Layered::new(Stalling, store)));
     let outcome = relay.deliver_once().await;
     panic!("the relay was not killed in time: {outcome:?}");
 }
 
+/// Once an invalidation went through, stalls until the process is killed.
 #[derive(Debug)]
-struct Stalling(RedisStore);
+struct Stalling;
 
-impl Store for Stalling {
-    fn payload_kind(&self) -> cachet::PayloadKind {
-        self.0.payload_kind()
-    }
-    fn get<'a>(&'a self, key: &'a StoreKey) -> cachet::StoreFuture<'a, cachet::Read> {
-        self.0.get(key)
-    }
-    fn acquire<'a>(
+impl StoreLayer for Stalling {
+    fn call<'a, T: Send + 'a>(
         &'a self,
-        key: &'a StoreKey,
-        mode: cachet::AcquireMode,
-        lease_ttl: Duration,
-    ) -> cachet::StoreFuture<'a, cachet::Acquire> {
-        self.0.acquire(key, mode, lease_ttl)
-    }
-    fn fill<'a>(
-        &'a self,
-        key: &'a StoreKey,
-        lease: &'a cachet::LeaseToken,
-        entry: cachet::Entry,
-        ttl: Duration,
-    ) -> cachet::StoreFuture<'a, cachet::Fill> {
-        self.0.fill(key, lease, entry, ttl)
-    }
-    fn release<'a>(
-        &'a self,
-        key: &'a StoreKey,
-        lease: &'a cachet::LeaseToken,
-    ) -> cachet::StoreFuture<'a, bool> {
-        self.0.release(key, lease)
-    }
-    fn set<'a>(
-        &'a self,
-        key: &'a StoreKey,
-        entry: cachet::Entry,
-        ttl: Duration,
-    ) -> cachet::StoreFuture<'a, ()> {
-        self.0.set(key, entry, ttl)
-    }
-    fn invalidate<'a>(&'a self, key: &'a StoreKey) -> cachet::StoreFuture<'a, ()> {
+        op: Op<'a>,
+        call: StoreFuture<'a, T>,
+    ) -> StoreFuture<'a, T> {
+        let Op::Invalidate(_) = op else {
+            return call;
+        };
         Box::pin(async move {
-            self.0.invalidate(key).await?;
+            let done = call.await?;
             ready_to_die().await;
-            Ok(())
+            Ok(done)
         })
-    }
-    fn ttl<'a>(&'a self, key: &'a StoreKey) -> cachet::StoreFuture<'a, cachet_core::Ttls> {
-        self.0.ttl(key)
     }
 }

@@ -7,12 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cachet::{
-    Acquire, AcquireMode, Entry, Fill, KeyLayout, LeaseToken, PayloadKind, Read, Store, StoreError,
-    StoreFuture, StoreKey,
-};
-// `Ttls` is the one type of the `Store` trait the facade does not re-export.
-use cachet_core::Ttls;
+use cachet::{KeyLayout, Store, StoreError, StoreKey};
+
+use cachet::store::StoreFuture;
+use cachet_core::{Layered, Op, StoreLayer};
 use cachet_outbox::{Error, Outbox, Relay};
 use cachet_testkit::{RedisServer, RedisServerOptions};
 use support::{Fx, Running, eventually};
@@ -88,7 +86,10 @@ async fn batches_are_bounded_and_duplicate_keys_are_one_invalidation() {
     assert_eq!(batches, [4, 3]);
     assert_eq!(relay.stats().delivered, 7);
     // Keys 1, 1, 2, 1 then 2, 3, 3: two distinct keys per batch.
-    assert_eq!(counting.invalidations.load(Ordering::Relaxed), 2 + 2);
+    assert_eq!(
+        counting.layer().invalidations.load(Ordering::Relaxed),
+        2 + 2
+    );
 }
 
 /// A relay that invalidated but did not commit (here: the store reports a failure
@@ -370,10 +371,9 @@ async fn rows_wait_for_the_store_to_come_back() {
     assert_eq!(stats.delivered, 3);
 }
 
-/// Another store with a hook on `invalidate`.
+/// A hook on `invalidate`, as a layer over another store.
 #[derive(Debug)]
 struct Hooked {
-    inner: Arc<dyn Store>,
     /// Report a failure after each invalidation, as a relay that dies between its
     /// invalidations and its COMMIT would leave things.
     fail_after: bool,
@@ -381,65 +381,45 @@ struct Hooked {
 }
 
 impl Hooked {
-    fn counting(inner: Arc<dyn Store>) -> Self {
-        Self {
+    fn counting(inner: Arc<dyn Store>) -> Layered<Self> {
+        Layered::new(
+            Self {
+                fail_after: false,
+                invalidations: AtomicU64::new(0),
+            },
             inner,
-            fail_after: false,
-            invalidations: AtomicU64::new(0),
-        }
+        )
     }
 
-    fn failing_after_invalidate(inner: Arc<dyn Store>) -> Self {
-        Self {
-            fail_after: true,
-            ..Self::counting(inner)
-        }
+    fn failing_after_invalidate(inner: Arc<dyn Store>) -> Layered<Self> {
+        Layered::new(
+            Self {
+                fail_after: true,
+                invalidations: AtomicU64::new(0),
+            },
+            inner,
+        )
     }
 }
 
-impl Store for Hooked {
-    fn payload_kind(&self) -> PayloadKind {
-        self.inner.payload_kind()
-    }
-    fn get<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Read> {
-        self.inner.get(key)
-    }
-    fn acquire<'a>(
+impl StoreLayer for Hooked {
+    fn call<'a, T: Send + 'a>(
         &'a self,
-        key: &'a StoreKey,
-        mode: AcquireMode,
-        lease_ttl: Duration,
-    ) -> StoreFuture<'a, Acquire> {
-        self.inner.acquire(key, mode, lease_ttl)
-    }
-    fn fill<'a>(
-        &'a self,
-        key: &'a StoreKey,
-        lease: &'a LeaseToken,
-        entry: Entry,
-        ttl: Duration,
-    ) -> StoreFuture<'a, Fill> {
-        self.inner.fill(key, lease, entry, ttl)
-    }
-    fn release<'a>(&'a self, key: &'a StoreKey, lease: &'a LeaseToken) -> StoreFuture<'a, bool> {
-        self.inner.release(key, lease)
-    }
-    fn set<'a>(&'a self, key: &'a StoreKey, entry: Entry, ttl: Duration) -> StoreFuture<'a, ()> {
-        self.inner.set(key, entry, ttl)
-    }
-    fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
+        op: Op<'a>,
+        call: StoreFuture<'a, T>,
+    ) -> StoreFuture<'a, T> {
+        let Op::Invalidate(_) = op else {
+            return call;
+        };
         Box::pin(async move {
-            self.inner.invalidate(key).await?;
+            let done = call.await?;
             self.invalidations.fetch_add(1, Ordering::Relaxed);
             if self.fail_after {
                 return Err(StoreError::protocol(
                     "simulated: the relay died before COMMIT",
                 ));
             }
-            Ok(())
+            Ok(done)
         })
-    }
-    fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
-        self.inner.ttl(key)
     }
 }

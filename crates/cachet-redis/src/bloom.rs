@@ -112,7 +112,7 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cachet_core::{KeyLayout, Store};
+    use cachet_core::{BloomBits, KeyLayout};
     use cachet_testkit::RedisServer;
 
     /// A filter of several chunks is uploaded whole, and its temporary keys go.

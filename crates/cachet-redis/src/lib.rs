@@ -155,9 +155,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use cachet_core::BloomKey;
 use cachet_core::{
-    Acquire, AcquireMode, BusEvent, Deferred, Entry, Fill, GroupKey, LeaseToken, Payload,
-    PayloadKind, Read, Store, StoreError, StoreFuture, StoreKey, TokenSource, Ttls, Versioned,
-    envelope, ttl_millis,
+    Acquire, AcquireMode, BloomBits, BusEvent, Deferred, DeferredQueue, Entry, Fill, GroupKey,
+    Groups, InvalidationBus, LeaseToken, Payload, PayloadKind, Read, Store, StoreError,
+    StoreFuture, StoreKey, TokenSource, Ttls, Versioned, VersionedSet, envelope, ttl_millis,
 };
 use cluster::Target;
 pub use info::ServerInfo;
@@ -812,6 +812,74 @@ impl Store for RedisStore {
         })
     }
 
+    fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let _: i64 = redis::cmd("DEL")
+                .arg(key.as_str())
+                .arg(key.lease_key())
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            self.notify_key(key);
+            Ok(())
+        })
+    }
+
+    fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
+        Box::pin(async move {
+            let (entry, lease): (i64, i64) = redis::pipe()
+                .cmd("PTTL")
+                .arg(key.as_str())
+                .cmd("PTTL")
+                .arg(key.lease_key())
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(Ttls {
+                entry: pttl(entry),
+                lease: pttl(lease),
+            })
+        })
+    }
+
+    fn groups(&self) -> Option<&dyn Groups> {
+        Some(self)
+    }
+
+    fn versioned_set(&self) -> Option<&dyn VersionedSet> {
+        Some(self)
+    }
+
+    fn bus(&self) -> Option<&dyn InvalidationBus> {
+        Some(self)
+    }
+
+    fn deferred_queue(&self) -> Option<&dyn DeferredQueue> {
+        Some(self)
+    }
+
+    fn bloom_bits(&self) -> Option<&dyn BloomBits> {
+        Some(self)
+    }
+}
+
+impl Groups for RedisStore {
+    fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let _: String = scripts::BUMP
+                .key(group.as_str())
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            if let Some(publisher) = &self.inner.publisher {
+                publisher.group(group);
+            }
+            Ok(())
+        })
+    }
+}
+
+impl VersionedSet for RedisStore {
     fn set_versioned<'a>(
         &'a self,
         key: &'a StoreKey,
@@ -857,34 +925,9 @@ impl Store for RedisStore {
             }
         })
     }
+}
 
-    fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            let _: i64 = redis::cmd("DEL")
-                .arg(key.as_str())
-                .arg(key.lease_key())
-                .query_async(&mut self.conn())
-                .await
-                .map_err(|e| self.err(e))?;
-            self.notify_key(key);
-            Ok(())
-        })
-    }
-
-    fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            let _: String = scripts::BUMP
-                .key(group.as_str())
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(|e| self.err(e))?;
-            if let Some(publisher) = &self.inner.publisher {
-                publisher.group(group);
-            }
-            Ok(())
-        })
-    }
-
+impl InvalidationBus for RedisStore {
     fn subscribe_invalidations<'a>(
         &'a self,
         head: &'a str,
@@ -892,7 +935,9 @@ impl Store for RedisStore {
         let events = bus::subscribe(self.inner.bus_url.clone(), head);
         Box::pin(std::future::ready(Ok(events)))
     }
+}
 
+impl DeferredQueue for RedisStore {
     fn defer_invalidate<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()> {
         self.defer(key, delay)
     }
@@ -900,7 +945,9 @@ impl Store for RedisStore {
     fn run_deferred(&self, max: usize) -> StoreFuture<'_, Deferred> {
         self.run_all_shards(max)
     }
+}
 
+impl BloomBits for RedisStore {
     fn bloom_check<'a>(
         &'a self,
         filter: &'a BloomKey,
@@ -915,23 +962,6 @@ impl Store for RedisStore {
 
     fn bloom_replace<'a>(&'a self, filter: &'a BloomKey, bits: Bytes) -> StoreFuture<'a, ()> {
         self.bloom_replace_with(filter, bits)
-    }
-
-    fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
-        Box::pin(async move {
-            let (entry, lease): (i64, i64) = redis::pipe()
-                .cmd("PTTL")
-                .arg(key.as_str())
-                .cmd("PTTL")
-                .arg(key.lease_key())
-                .query_async(&mut self.conn())
-                .await
-                .map_err(|e| self.err(e))?;
-            Ok(Ttls {
-                entry: pttl(entry),
-                lease: pttl(lease),
-            })
-        })
     }
 }
 

@@ -157,7 +157,12 @@ async fn exercise_scripts(store: &RedisStore, keys: &[StoreKey]) {
         if let Some(group) = key.group_key() {
             store.set(key, entry(b"g"), TTL).await.unwrap();
             assert!(matches!(store.get(key).await.unwrap(), Read::Hit(_)));
-            store.invalidate_group(&group).await.unwrap();
+            store
+                .groups()
+                .unwrap()
+                .invalidate_group(&group)
+                .await
+                .unwrap();
             assert!(matches!(store.get(key).await.unwrap(), Read::Miss));
             continue;
         }
@@ -236,7 +241,12 @@ async fn the_deferred_queue_is_sharded_over_the_nodes_and_runs() {
     let keys: Vec<StoreKey> = (0..200).map(|i| h.layout.key(&i)).collect();
     for key in &keys {
         h.store.set(key, entry(b"v"), TTL).await.unwrap();
-        h.store.defer_invalidate(key, Duration::ZERO).await.unwrap();
+        h.store
+            .deferred_queue()
+            .unwrap()
+            .defer_invalidate(key, Duration::ZERO)
+            .await
+            .unwrap();
     }
     // Two workers share the queue; each item runs once.
     let other = RedisStore::cluster_builder(h.cluster.urls())
@@ -247,7 +257,13 @@ async fn the_deferred_queue_is_sharded_over_the_nodes_and_runs() {
     let work = |store: RedisStore| async move {
         let mut ran = 0;
         for _ in 0..40 {
-            ran += store.run_deferred(13).await.unwrap().ran;
+            ran += store
+                .deferred_queue()
+                .unwrap()
+                .run_deferred(13)
+                .await
+                .unwrap()
+                .ran;
         }
         ran
     };
@@ -265,7 +281,13 @@ async fn the_deferred_queue_is_sharded_over_the_nodes_and_runs() {
             "0"
         );
     }
-    let done = h.store.run_deferred(10).await.unwrap();
+    let done = h
+        .store
+        .deferred_queue()
+        .unwrap()
+        .run_deferred(10)
+        .await
+        .unwrap();
     assert_eq!((done.ran, done.next_due_in), (0, None));
 }
 
@@ -281,10 +303,20 @@ async fn a_bloom_filter_builds_checks_and_adds_on_the_cluster() {
         h.cluster.slot_of(&filter.temp_key("x"))
     );
     assert!(
-        h.store.bloom_check(&filter, &[1, 2]).await.unwrap(),
+        h.store
+            .bloom_bits()
+            .unwrap()
+            .bloom_check(&filter, &[1, 2])
+            .await
+            .unwrap(),
         "a filter not built rules nothing out"
     );
-    h.store.bloom_add(&filter, &[1, 2]).await.unwrap();
+    h.store
+        .bloom_bits()
+        .unwrap()
+        .bloom_add(&filter, &[1, 2])
+        .await
+        .unwrap();
     assert_eq!(
         h.cluster.command(node, &["EXISTS", filter.as_str()]),
         "0",
@@ -297,13 +329,41 @@ async fn a_bloom_filter_builds_checks_and_adds_on_the_cluster() {
         bitmap[usize::try_from(p / 8).unwrap()] |= 0x80 >> (p % 8);
     }
     h.store
+        .bloom_bits()
+        .unwrap()
         .bloom_replace(&filter, Bytes::from(bitmap))
         .await
         .unwrap();
-    assert!(h.store.bloom_check(&filter, &set).await.unwrap());
-    assert!(!h.store.bloom_check(&filter, &[0, 10]).await.unwrap());
-    h.store.bloom_add(&filter, &[10, 11]).await.unwrap();
-    assert!(h.store.bloom_check(&filter, &[0, 10, 11]).await.unwrap());
+    assert!(
+        h.store
+            .bloom_bits()
+            .unwrap()
+            .bloom_check(&filter, &set)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !h.store
+            .bloom_bits()
+            .unwrap()
+            .bloom_check(&filter, &[0, 10])
+            .await
+            .unwrap()
+    );
+    h.store
+        .bloom_bits()
+        .unwrap()
+        .bloom_add(&filter, &[10, 11])
+        .await
+        .unwrap();
+    assert!(
+        h.store
+            .bloom_bits()
+            .unwrap()
+            .bloom_check(&filter, &[0, 10, 11])
+            .await
+            .unwrap()
+    );
     assert_eq!(
         h.cluster.command(node, &["GETBIT", filter.as_str(), "10"]),
         "1"

@@ -484,14 +484,23 @@ pub async fn deferred_invalidations_run_when_due(h: &dyn Harness) {
     store.set(&soon, entry(b"v"), TTL).await.unwrap();
     store.set(&later, entry(b"v"), TTL).await.unwrap();
     store
+        .deferred_queue()
+        .unwrap()
         .defer_invalidate(&soon, Duration::from_millis(100))
         .await
         .unwrap();
     store
+        .deferred_queue()
+        .unwrap()
         .defer_invalidate(&later, Duration::from_secs(30))
         .await
         .unwrap();
-    let nothing_due = store.run_deferred(10).await.unwrap();
+    let nothing_due = store
+        .deferred_queue()
+        .unwrap()
+        .run_deferred(10)
+        .await
+        .unwrap();
     assert_eq!(nothing_due.ran, 0);
     let next = nothing_due.next_due_in.expect("two items are queued");
     assert!(next <= Duration::from_millis(100), "{next:?}");
@@ -503,7 +512,12 @@ pub async fn deferred_invalidations_run_when_due(h: &dyn Harness) {
         .acquire(&soon, AcquireMode::Replace, LEASE_TTL)
         .await
         .unwrap();
-    let done = store.run_deferred(10).await.unwrap();
+    let done = store
+        .deferred_queue()
+        .unwrap()
+        .run_deferred(10)
+        .await
+        .unwrap();
     assert_eq!(done.ran, 1);
     assert!(matches!(store.get(&soon).await.unwrap(), Read::Miss));
     if let Acquire::Leased(t) = reader {
@@ -518,7 +532,17 @@ pub async fn deferred_invalidations_run_when_due(h: &dyn Harness) {
         left > Duration::from_secs(20) && left <= Duration::from_secs(30),
         "{left:?}"
     );
-    assert_eq!(store.run_deferred(10).await.unwrap().ran, 0, "ran once");
+    assert_eq!(
+        store
+            .deferred_queue()
+            .unwrap()
+            .run_deferred(10)
+            .await
+            .unwrap()
+            .ran,
+        0,
+        "ran once"
+    );
 }
 
 /// Group invalidation: entries filled under an older generation read as
@@ -540,6 +564,8 @@ pub async fn groups_orphan_old_entries_and_refuse_old_leases(h: &dyn Harness) {
     let slow = lease(&*store, &a2, LEASE_TTL).await;
 
     store
+        .groups()
+        .unwrap()
         .invalidate_group(&a1.group_key().unwrap())
         .await
         .unwrap();
@@ -570,6 +596,8 @@ pub async fn groups_orphan_old_entries_and_refuse_old_leases(h: &dyn Harness) {
     );
     // An unconditional set lands in the current generation.
     store
+        .groups()
+        .unwrap()
         .invalidate_group(&a1.group_key().unwrap())
         .await
         .unwrap();
@@ -600,6 +628,8 @@ pub async fn versioned_sets_keep_the_newest(h: &dyn Harness) {
     let reader = lease(&*store, &key, LEASE_TTL).await;
     assert_eq!(
         store
+            .versioned_set()
+            .unwrap()
             .set_versioned(&key, versioned(b"v5", 5), TTL)
             .await
             .unwrap(),
@@ -612,6 +642,8 @@ pub async fn versioned_sets_keep_the_newest(h: &dyn Harness) {
     );
     assert_eq!(
         store
+            .versioned_set()
+            .unwrap()
             .set_versioned(&key, versioned(b"v3", 3), TTL)
             .await
             .unwrap(),
@@ -619,6 +651,8 @@ pub async fn versioned_sets_keep_the_newest(h: &dyn Harness) {
     );
     assert_eq!(
         store
+            .versioned_set()
+            .unwrap()
             .set_versioned(&key, versioned(b"v5b", 5), TTL)
             .await
             .unwrap(),
@@ -633,6 +667,8 @@ pub async fn versioned_sets_keep_the_newest(h: &dyn Harness) {
     let big = (1u64 << 60) + 1;
     assert_eq!(
         store
+            .versioned_set()
+            .unwrap()
             .set_versioned(&key, versioned(b"big", big), TTL)
             .await
             .unwrap(),
@@ -640,6 +676,8 @@ pub async fn versioned_sets_keep_the_newest(h: &dyn Harness) {
     );
     assert_eq!(
         store
+            .versioned_set()
+            .unwrap()
             .set_versioned(&key, versioned(b"big-1", big - 1), TTL)
             .await
             .unwrap(),
@@ -649,15 +687,21 @@ pub async fn versioned_sets_keep_the_newest(h: &dyn Harness) {
     // In a group, an orphaned entry does not block an older version.
     let g = layout.grouped_key("tenant", "row");
     store
+        .versioned_set()
+        .unwrap()
         .set_versioned(&g, versioned(b"g9", 9), TTL)
         .await
         .unwrap();
     store
+        .groups()
+        .unwrap()
         .invalidate_group(&g.group_key().unwrap())
         .await
         .unwrap();
     assert_eq!(
         store
+            .versioned_set()
+            .unwrap()
             .set_versioned(&g, versioned(b"g2", 2), TTL)
             .await
             .unwrap(),

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cachet::codec::Codec;
-use cachet::{Cache, CacheKey, Meta, PayloadKind, Postcard, RedisStore, envelope};
+use cachet::store::{Meta, PayloadKind, envelope};
+use cachet::{Cache, CacheKey, Postcard, RedisStore};
 use cachet_core::ttl_millis;
 use rand::Rng as _;
 use redis::{ScriptInvocation, ServerErrorKind, Value};

@@ -6,7 +6,9 @@ mod support;
 
 use std::time::Duration;
 
-use cachet::{AcquireMode, Cache, Entry, Fill, Store};
+use cachet::{Cache, Store};
+
+use cachet::store::{AcquireMode, Entry, Fill};
 use cachet_writebehind::{Error, Sink, Write, WriteBehind, WriteOutcome};
 use support::{Fx, Item, PgSink, Running, eventually, rows, sink_stats};
 
@@ -124,7 +126,7 @@ async fn a_load_that_took_the_lease_before_the_write_cannot_fill_over_it() {
     let wb = fx.write_behind(|b| b).await;
     let key = cache.store_key(&9);
     // A reader misses and takes the lease, then reads the old row...
-    let cachet::Acquire::Leased(lease) = fx
+    let cachet::store::Acquire::Leased(lease) = fx
         .store
         .acquire(&key, AcquireMode::IfAbsent, Duration::from_secs(5))
         .await
@@ -138,11 +140,11 @@ async fn a_load_that_took_the_lease_before_the_write_cannot_fill_over_it() {
     let mut old = Vec::new();
     cachet::Codec::encode(&cachet::Postcard, &Item::new(1, "old"), &mut old).unwrap();
     let entry = Entry {
-        meta: cachet::Meta {
+        meta: cachet::store::Meta {
             version: 1,
-            ..cachet::Meta::default()
+            ..cachet::store::Meta::default()
         },
-        payload: cachet::Payload::Bytes(old.into()),
+        payload: cachet::store::Payload::Bytes(old.into()),
     };
     let filled = fx
         .store
@@ -330,7 +332,7 @@ async fn misconfigurations_are_refused_with_a_clear_error() {
 struct Opaque(u32);
 
 impl cachet::CacheKey for Opaque {
-    fn write_key(&self, out: &mut cachet::KeyWriter<'_>) {
+    fn write_key(&self, out: &mut cachet::store::KeyWriter<'_>) {
         self.0.write_key(out);
     }
 }

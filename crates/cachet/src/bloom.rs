@@ -86,7 +86,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cachet_core::{BloomKey, CacheKey, KeyLayout, Store, StoreError, escape_key};
+use cachet_core::{
+    BloomBits, BloomKey, CacheKey, Capability, KeyLayout, Store, StoreError, escape_key,
+};
 
 use crate::error::Error;
 
@@ -173,6 +175,15 @@ struct Inner {
     store: Arc<dyn Store>,
 }
 
+impl Inner {
+    /// The store's Bloom bits (checked when the filter was made).
+    fn bits(&self) -> Result<&dyn BloomBits, StoreError> {
+        self.store
+            .bloom_bits()
+            .ok_or_else(|| Capability::BloomBits.missing())
+    }
+}
+
 impl BloomFilter {
     /// How many keys [`insert_many`](Self::insert_many) sends per round trip.
     pub const INSERT_BATCH: usize = 1024;
@@ -182,7 +193,8 @@ impl BloomFilter {
     ///
     /// # Errors
     /// [`ErrorKind::Config`](crate::ErrorKind::Config) when the options are out
-    /// of range or the filter would exceed 2³² bits.
+    /// of range, the filter would exceed 2³² bits, or the store does not offer
+    /// [`BloomBits`].
     pub fn new(
         layout: &KeyLayout,
         store: Arc<dyn Store>,
@@ -191,6 +203,15 @@ impl BloomFilter {
         let (bits, hashes) = options
             .shape()
             .map_err(|message| Error::config(layout.namespace(), message))?;
+        if store.bloom_bits().is_none() {
+            return Err(Error::config(
+                layout.namespace(),
+                format!(
+                    "a Bloom filter needs a store that offers {}, and {store:?} does not",
+                    Capability::BloomBits
+                ),
+            ));
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 key: BloomKey::new(layout, bits, hashes),
@@ -279,7 +300,7 @@ impl BloomFilter {
         let positions = self.positions(key);
         async move {
             self.inner
-                .store
+                .bits()?
                 .bloom_check(&self.inner.key, &positions)
                 .await
         }
@@ -299,7 +320,7 @@ impl BloomFilter {
         let positions = self.positions(key);
         async move {
             self.inner
-                .store
+                .bits()?
                 .bloom_add(&self.inner.key, &positions)
                 .await
         }
@@ -334,7 +355,7 @@ impl BloomFilter {
         batches.push(batch);
         async move {
             for batch in batches.iter().filter(|b| !b.is_empty()) {
-                self.inner.store.bloom_add(&self.inner.key, batch).await?;
+                self.inner.bits()?.bloom_add(&self.inner.key, batch).await?;
             }
             Ok(())
         }
@@ -387,7 +408,7 @@ impl BloomFilter {
         let bitmap = Bytes::from(bitmap);
         async move {
             self.inner
-                .store
+                .bits()?
                 .bloom_replace(&self.inner.key, bitmap)
                 .await
         }

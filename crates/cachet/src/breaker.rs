@@ -18,11 +18,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
-use cachet_core::{
-    Acquire, AcquireMode, BloomKey, BusEvent, Clock, Deferred, Entry, Fill, GroupKey, LeaseToken,
-    PayloadKind, Read, Store, StoreError, StoreFuture, StoreKey, Ttls, Versioned,
-};
+use cachet_core::{Clock, Layered, Op, Store, StoreError, StoreFuture, StoreKey, StoreLayer};
 use parking_lot::Mutex;
 
 /// Settings of the circuit breaker, for [`CacheBuilder::circuit_breaker`](crate::CacheBuilder::circuit_breaker).
@@ -69,9 +65,14 @@ pub(crate) struct BreakerCounts {
 }
 
 /// A [`Store`] behind a circuit breaker.
+pub(crate) type Guarded = Layered<Breaker>;
+
+/// The circuit breaker: a [`StoreLayer`] that fails calls at once while the
+/// store is out, and keeps the invalidations that failed.
 #[derive(Debug)]
-pub(crate) struct Guarded {
-    inner: Arc<dyn Store>,
+pub(crate) struct Breaker {
+    /// The guarded store, for logs.
+    store: String,
     settings: CircuitBreaker,
     clock: Clock,
     failures: AtomicU32,
@@ -81,25 +82,26 @@ pub(crate) struct Guarded {
     pub(crate) counts: BreakerCounts,
 }
 
-impl Guarded {
-    /// Wraps `inner`, and starts the retry of kept invalidations on the current
-    /// tokio runtime (if there is one).
-    pub(crate) fn new(inner: Arc<dyn Store>, settings: CircuitBreaker, clock: Clock) -> Arc<Self> {
-        let guarded = Arc::new(Self {
-            inner,
-            settings,
-            clock,
-            failures: AtomicU32::new(0),
-            open_until: AtomicU64::new(0),
-            pending: Mutex::new(HashSet::new()),
-            counts: BreakerCounts::default(),
-        });
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(retry_invalidations(Arc::downgrade(&guarded)));
-        }
-        guarded
+/// Wraps `inner` in a circuit breaker, and starts the retry of kept
+/// invalidations on the current tokio runtime (if there is one).
+pub(crate) fn guard(inner: Arc<dyn Store>, settings: CircuitBreaker, clock: Clock) -> Arc<Guarded> {
+    let breaker = Breaker {
+        store: format!("{inner:?}"),
+        settings,
+        clock,
+        failures: AtomicU32::new(0),
+        open_until: AtomicU64::new(0),
+        pending: Mutex::new(HashSet::new()),
+        counts: BreakerCounts::default(),
+    };
+    let guarded = Arc::new(Layered::new(breaker, inner));
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(retry_invalidations(Arc::downgrade(&guarded)));
     }
+    guarded
+}
 
+impl Breaker {
     /// Whether an operation may go to the store now.
     fn allow(&self) -> bool {
         let until = self.open_until.load(Ordering::Acquire);
@@ -132,7 +134,7 @@ impl Guarded {
                         .saturating_add(millis(self.settings.cooldown));
                     if self.open_until.swap(until, Ordering::AcqRel) == 0 {
                         self.counts.opens.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(store = ?self.inner, "store unreachable; skipping it for {:?} at a time",
+                        tracing::warn!(store = %self.store, "store unreachable; skipping it for {:?} at a time",
                             self.settings.cooldown);
                     }
                 }
@@ -148,18 +150,6 @@ impl Guarded {
             cachet_core::StoreErrorKind::Unavailable,
             "circuit breaker open: the store failed repeatedly",
         )
-    }
-
-    /// Runs one store operation through the breaker.
-    fn guard<'a, T: Send + 'a>(&'a self, op: StoreFuture<'a, T>) -> StoreFuture<'a, T> {
-        if !self.allow() {
-            return Box::pin(std::future::ready(Err(self.open_error())));
-        }
-        Box::pin(async move {
-            let result = op.await;
-            self.record(&result);
-            result
-        })
     }
 
     fn keep(&self, key: &StoreKey) {
@@ -190,15 +180,16 @@ async fn retry_invalidations(guarded: Weak<Guarded>) {
     const PERIOD: Duration = Duration::from_millis(100);
     loop {
         tokio::time::sleep(PERIOD).await;
-        let Some(g) = guarded.upgrade() else {
+        let Some(guarded) = guarded.upgrade() else {
             return;
         };
+        let (g, store) = (guarded.layer(), guarded.inner());
         let batch: Vec<StoreKey> = g.pending.lock().iter().take(256).cloned().collect();
         for key in batch {
             if !g.allow() {
                 break;
             }
-            let done = g.inner.invalidate(&key).await;
+            let done = store.invalidate(&key).await;
             g.record(&done);
             if done.is_ok() {
                 g.pending.lock().remove(&key);
@@ -212,115 +203,36 @@ async fn retry_invalidations(guarded: Weak<Guarded>) {
     }
 }
 
-impl Store for Guarded {
-    fn payload_kind(&self) -> PayloadKind {
-        self.inner.payload_kind()
-    }
-
-    fn get<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Read> {
-        self.guard(self.inner.get(key))
-    }
-
-    fn get_now(&self, key: &StoreKey) -> Option<Read> {
-        self.inner.get_now(key)
-    }
-
-    fn acquire<'a>(
+impl StoreLayer for Breaker {
+    /// Fails at once while the breaker is open, records every outcome, and
+    /// keeps the key of a write that failed (its old value may still be there:
+    /// it must go). Subscriptions to the bus keep their own reconnection.
+    fn call<'a, T: Send + 'a>(
         &'a self,
-        key: &'a StoreKey,
-        mode: AcquireMode,
-        lease_ttl: Duration,
-    ) -> StoreFuture<'a, Acquire> {
-        self.guard(self.inner.acquire(key, mode, lease_ttl))
-    }
-
-    fn fill<'a>(
-        &'a self,
-        key: &'a StoreKey,
-        lease: &'a LeaseToken,
-        entry: Entry,
-        ttl: Duration,
-    ) -> StoreFuture<'a, Fill> {
-        self.guard(self.inner.fill(key, lease, entry, ttl))
-    }
-
-    fn release<'a>(&'a self, key: &'a StoreKey, lease: &'a LeaseToken) -> StoreFuture<'a, bool> {
-        self.guard(self.inner.release(key, lease))
-    }
-
-    fn set<'a>(&'a self, key: &'a StoreKey, entry: Entry, ttl: Duration) -> StoreFuture<'a, ()> {
+        op: Op<'a>,
+        call: StoreFuture<'a, T>,
+    ) -> StoreFuture<'a, T> {
+        if let Op::Subscribe(_) = op {
+            return call;
+        }
+        let write = match op {
+            Op::Set(key) | Op::SetVersioned(key) | Op::Invalidate(key) => Some(key),
+            _ => None,
+        };
+        if !self.allow() {
+            if let Some(key) = write {
+                self.keep(key);
+            }
+            return Box::pin(std::future::ready(Err(self.open_error())));
+        }
         Box::pin(async move {
-            let result = self.guard(self.inner.set(key, entry, ttl)).await;
-            if result.is_err() {
-                // The old value may still be there: make sure it goes.
+            let result = call.await;
+            self.record(&result);
+            if let (Err(_), Some(key)) = (&result, write) {
                 self.keep(key);
             }
             result
         })
-    }
-
-    fn set_versioned<'a>(
-        &'a self,
-        key: &'a StoreKey,
-        entry: Entry,
-        ttl: Duration,
-    ) -> StoreFuture<'a, Versioned> {
-        Box::pin(async move {
-            let result = self.guard(self.inner.set_versioned(key, entry, ttl)).await;
-            if result.is_err() {
-                self.keep(key);
-            }
-            result
-        })
-    }
-
-    fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            let result = self.guard(self.inner.invalidate(key)).await;
-            if result.is_err() {
-                self.keep(key);
-            }
-            result
-        })
-    }
-
-    fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
-        self.guard(self.inner.ttl(key))
-    }
-
-    fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()> {
-        self.guard(self.inner.invalidate_group(group))
-    }
-
-    fn subscribe_invalidations<'a>(
-        &'a self,
-        head: &'a str,
-    ) -> StoreFuture<'a, tokio::sync::mpsc::Receiver<BusEvent>> {
-        self.inner.subscribe_invalidations(head)
-    }
-
-    fn defer_invalidate<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()> {
-        self.guard(self.inner.defer_invalidate(key, delay))
-    }
-
-    fn run_deferred(&self, max: usize) -> StoreFuture<'_, Deferred> {
-        self.guard(self.inner.run_deferred(max))
-    }
-
-    fn bloom_check<'a>(
-        &'a self,
-        filter: &'a BloomKey,
-        positions: &'a [u64],
-    ) -> StoreFuture<'a, bool> {
-        self.guard(self.inner.bloom_check(filter, positions))
-    }
-
-    fn bloom_add<'a>(&'a self, filter: &'a BloomKey, positions: &'a [u64]) -> StoreFuture<'a, ()> {
-        self.guard(self.inner.bloom_add(filter, positions))
-    }
-
-    fn bloom_replace<'a>(&'a self, filter: &'a BloomKey, bits: Bytes) -> StoreFuture<'a, ()> {
-        self.guard(self.inner.bloom_replace(filter, bits))
     }
 }
 
@@ -332,11 +244,12 @@ mod tests {
     #[tokio::test]
     async fn opens_after_failures_and_probes_after_the_cooldown() {
         let mock = Clock::mock();
-        let g = Guarded::new(
+        let guarded = guard(
             Arc::new(MemoryStore::new(10)),
             CircuitBreaker::new(2, Duration::from_millis(500)),
             mock.clock(),
         );
+        let g = guarded.layer();
         let fail = || Err::<(), _>(StoreError::timeout(Duration::from_millis(1)));
         g.record(&fail());
         assert!(g.allow());

@@ -5,10 +5,10 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cachet_core::{CacheKey, Clock, KeyLayout, PayloadKind, Store};
+use cachet_core::{CacheKey, Capability, Clock, KeyLayout, PayloadKind, Store};
 
 use crate::bloom::{BloomFilter, BloomOptions};
-use crate::breaker::{CircuitBreaker, Guarded};
+use crate::breaker::{self, CircuitBreaker};
 use crate::cache::{Cache, FailSafe, Freshness, GroupFn, RefreshAhead, Settings, VersionFn};
 use crate::codec::{Codec, Postcard};
 use crate::near::NearCache;
@@ -309,6 +309,26 @@ where
     V: Clone + Send + Sync + 'static,
     C: Codec<V>,
 {
+    /// Rejects a configuration that needs a capability the store lacks,
+    /// naming both.
+    fn check_capabilities(
+        needs: &[(bool, &str, Capability)],
+        ns: &str,
+        store: &dyn Store,
+    ) -> Result<(), Error> {
+        for &(_, setting, capability) in needs.iter().filter(|(set, ..)| *set) {
+            if !capability.offered_by(store) {
+                return Err(Error::config(
+                    ns,
+                    format!(
+                        "{setting} needs a store that offers {capability}, and {store:?} does not"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Validates the settings and builds the cache.
     ///
     /// # Errors
@@ -338,6 +358,20 @@ where
                 format!("early_refresh beta must be positive, got {beta}"),
             ));
         }
+        let needs = [
+            (self.group.is_some(), "group_by", Capability::Groups),
+            (
+                self.near.is_some(),
+                "near_cache",
+                Capability::InvalidationBus,
+            ),
+            (self.bloom.is_some(), "bloom", Capability::BloomBits),
+            (
+                self.version_of.is_some(),
+                "version_by",
+                Capability::VersionedSet,
+            ),
+        ];
         let (store, memory) = match self.store {
             Some(store) => (store, self.memory),
             None => {
@@ -366,16 +400,6 @@ where
                 format!("{store:?} keeps bytes, so the cache needs a codec, not NoCodec"),
             ));
         }
-        let breaker = match (&local, self.breaker) {
-            (None, Some(settings)) => {
-                Some(Guarded::new(Arc::clone(&store), settings, clock.clone()))
-            }
-            _ => None,
-        };
-        let store = match &breaker {
-            Some(guarded) => Arc::clone(guarded) as Arc<dyn Store>,
-            None => store,
-        };
         if self.near.is_some() {
             if local.is_some() {
                 return Err(Error::config(
@@ -390,6 +414,17 @@ where
                 ));
             }
         }
+        Self::check_capabilities(&needs, ns, &*store)?;
+        let breaker = match (&local, self.breaker) {
+            (None, Some(settings)) => {
+                Some(breaker::guard(Arc::clone(&store), settings, clock.clone()))
+            }
+            _ => None,
+        };
+        let store = match &breaker {
+            Some(guarded) => Arc::clone(guarded) as Arc<dyn Store>,
+            None => store,
+        };
         let bloom = match self.bloom {
             Some(options) => Some(BloomFilter::new(&layout, Arc::clone(&store), options)?),
             None => None,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use cachet_core::Capability;
 use cachet_core::Store;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -135,8 +136,14 @@ async fn run(
     const FIRST_BACKOFF: Duration = Duration::from_millis(10);
     let batch = options.batch.max(1);
     let mut backoff = FIRST_BACKOFF;
+    let Some(queue) = store.deferred_queue() else {
+        errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(store = ?store, "{}; the deferred worker stops",
+            crate::Report(&Capability::DeferredQueue.missing()));
+        return;
+    };
     while !*stopped.borrow() {
-        let pause = match store.run_deferred(batch).await {
+        let pause = match queue.run_deferred(batch).await {
             Ok(done) => {
                 backoff = FIRST_BACKOFF;
                 ran.fetch_add(done.ran as u64, Ordering::Relaxed);

@@ -260,11 +260,23 @@ pub use memory::MemoryStore;
 pub use near::NearCache;
 pub use stats::Stats;
 
-pub use cachet_core::{
-    Acquire, AcquireMode, BloomKey, CacheKey, Clock, Deferred, Entry, Fill, KeyLayout, KeyWriter,
-    LeaseToken, Meta, MockClock, Payload, PayloadKind, Read, Report, Store, StoreError,
-    StoreErrorKind, StoreFuture, StoreKey, Ttls, envelope,
-};
+pub use cachet_core::{CacheKey, Clock, KeyLayout, MockClock, Report, Store, StoreError, StoreKey};
+
+/// What a store implementation, or a layer around one, needs: the protocol
+/// types of the [`Store`] trait, its capabilities, and [`StoreLayer`](store::StoreLayer).
+///
+/// A cache's users need none of it; see [`cachet_core`] for the protocol's
+/// rules.
+pub mod store {
+    pub use cachet_core::envelope;
+    pub use cachet_core::{
+        Acquire, AcquireMode, BloomBits, BloomKey, BusEvent, CacheKey, Capability, Deferred,
+        DeferredQueue, Entry, Fill, GroupKey, Groups, InvalidationBus, KeyWriter, Layered,
+        LeaseToken, Meta, Notice, Op, Payload, PayloadKind, Read, Store, StoreError,
+        StoreErrorKind, StoreFuture, StoreKey, StoreLayer, TokenSource, Ttls, Versioned,
+        VersionedSet, ttl_millis,
+    };
+}
 
 #[cfg(feature = "redis")]
 pub use cachet_redis::{RedisConnection, RedisStore, RedisStoreBuilder, ServerInfo};

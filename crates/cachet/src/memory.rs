@@ -34,8 +34,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use cachet_core::BloomKey;
 use cachet_core::{
-    Acquire, AcquireMode, CacheKey, Clock, Deferred, Entry, Fill, GroupKey, LeaseToken, Meta,
-    PayloadKind, Read, Store, StoreFuture, StoreKey, TokenSource, Ttls, Versioned, ttl_millis,
+    Acquire, AcquireMode, BloomBits, CacheKey, Clock, Deferred, DeferredQueue, Entry, Fill,
+    GroupKey, Groups, LeaseToken, Meta, PayloadKind, Read, Store, StoreFuture, StoreKey,
+    TokenSource, Ttls, Versioned, VersionedSet, ttl_millis,
 };
 use parking_lot::Mutex;
 
@@ -732,19 +733,6 @@ impl Store for MemoryStore {
         ready(())
     }
 
-    fn set_versioned<'a>(
-        &'a self,
-        key: &'a StoreKey,
-        entry: Entry,
-        ttl: Duration,
-    ) -> StoreFuture<'a, Versioned> {
-        ready(
-            self.inner
-                .raw
-                .set_versioned(key.as_str(), key.group(), entry, ttl),
-        )
-    }
-
     /// Deletes the entry and lease under `key`, both in the table behind this
     /// trait and in the typed table of the cache the key belongs to (when its key
     /// type can decode the key; see [`CacheKey::decode_key`]).
@@ -757,6 +745,24 @@ impl Store for MemoryStore {
         ready(self.inner.raw.ttls(key.as_str()))
     }
 
+    fn groups(&self) -> Option<&dyn Groups> {
+        Some(self)
+    }
+
+    fn versioned_set(&self) -> Option<&dyn VersionedSet> {
+        Some(self)
+    }
+
+    fn deferred_queue(&self) -> Option<&dyn DeferredQueue> {
+        Some(self)
+    }
+
+    fn bloom_bits(&self) -> Option<&dyn BloomBits> {
+        Some(self)
+    }
+}
+
+impl Groups for MemoryStore {
     /// Moves the group on both in the table behind this trait and in the typed
     /// table of the cache the group belongs to.
     fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()> {
@@ -772,7 +778,24 @@ impl Store for MemoryStore {
         }
         ready(())
     }
+}
 
+impl VersionedSet for MemoryStore {
+    fn set_versioned<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        entry: Entry,
+        ttl: Duration,
+    ) -> StoreFuture<'a, Versioned> {
+        ready(
+            self.inner
+                .raw
+                .set_versioned(key.as_str(), key.group(), entry, ttl),
+        )
+    }
+}
+
+impl DeferredQueue for MemoryStore {
     /// Queues the invalidation in memory: it does not survive the process (nor
     /// do the entries it would delete).
     fn defer_invalidate<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()> {
@@ -807,7 +830,9 @@ impl Store for MemoryStore {
         };
         ready(Deferred { ran, next_due_in })
     }
+}
 
+impl BloomBits for MemoryStore {
     fn bloom_check<'a>(
         &'a self,
         filter: &'a BloomKey,

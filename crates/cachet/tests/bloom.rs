@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
-use cachet::{
-    BloomFilter, BloomKey, BloomOptions, ErrorKind, KeyLayout, MemoryStore, RedisStore, Store,
-};
+use cachet::store::BloomKey;
+use cachet::{BloomFilter, BloomOptions, ErrorKind, KeyLayout, MemoryStore, RedisStore, Store};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use support::Fx;
 
@@ -316,7 +315,12 @@ async fn a_replace_is_never_seen_half_done(fx: Fx) {
     let head: Bytes = (0..len).map(|i| if i < SPLIT { 0xff } else { 0 }).collect();
     let tail: Bytes = (0..len).map(|i| if i < SPLIT { 0 } else { 0xff }).collect();
     let probe = [0, filter.bits() - 1];
-    store.bloom_replace(&filter, head.clone()).await.unwrap();
+    store
+        .bloom_bits()
+        .unwrap()
+        .bloom_replace(&filter, head.clone())
+        .await
+        .unwrap();
     let done = Arc::new(AtomicBool::new(false));
     let mut checkers = tokio::task::JoinSet::new();
     for _ in 0..4 {
@@ -328,6 +332,8 @@ async fn a_replace_is_never_seen_half_done(fx: Fx) {
                     break;
                 }
                 let seen = store
+                    .bloom_bits()
+                    .unwrap()
                     .bloom_check(&filter, &probe)
                     .await
                     .expect("a check during a replace failed");
@@ -340,7 +346,12 @@ async fn a_replace_is_never_seen_half_done(fx: Fx) {
     }
     for round in 0..8 {
         let bitmap = if round % 2 == 0 { &tail } else { &head };
-        store.bloom_replace(&filter, bitmap.clone()).await.unwrap();
+        store
+            .bloom_bits()
+            .unwrap()
+            .bloom_replace(&filter, bitmap.clone())
+            .await
+            .unwrap();
     }
     done.store(true, Ordering::Relaxed);
     let mut checks = 0;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cachet::{Cache, ErrorKind, NoCodec, Stats};
+use cachet::{Cache, ErrorKind, MemoryStore, NoCodec, Stats};
 use support::{Fx, Gate, Row};
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -163,7 +163,7 @@ async fn concurrent_callers_share_one_error(fx: Fx) {
         let e = t.await.unwrap().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Load);
         assert_eq!(
-            e.to_string(),
+            cachet::Report(&e).to_string(),
             "cache `users`: loading key `k` failed: db down"
         );
         errors += 1;
@@ -570,6 +570,136 @@ async fn builder_rejects_bad_settings_with_clear_messages() {
         .build()
         .unwrap_err();
     assert!(e.to_string().contains("invalid key prefix"), "{e}");
+}
+
+/// A store that offers only the core protocol: every capability is missing.
+#[derive(Debug)]
+struct CoreOnly;
+
+impl cachet::store::StoreLayer for CoreOnly {}
+
+impl CoreOnly {
+    /// The in-process store behind a layer, with its capabilities hidden.
+    fn over(store: MemoryStore) -> impl cachet::Store {
+        struct Hidden(cachet::store::Layered<CoreOnly, MemoryStore>);
+        impl std::fmt::Debug for Hidden {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("CoreOnly")
+            }
+        }
+        impl cachet::Store for Hidden {
+            fn payload_kind(&self) -> cachet::store::PayloadKind {
+                self.0.payload_kind()
+            }
+            fn get<'a>(
+                &'a self,
+                key: &'a cachet::StoreKey,
+            ) -> cachet::store::StoreFuture<'a, cachet::store::Read> {
+                self.0.get(key)
+            }
+            fn acquire<'a>(
+                &'a self,
+                key: &'a cachet::StoreKey,
+                mode: cachet::store::AcquireMode,
+                lease_ttl: Duration,
+            ) -> cachet::store::StoreFuture<'a, cachet::store::Acquire> {
+                self.0.acquire(key, mode, lease_ttl)
+            }
+            fn fill<'a>(
+                &'a self,
+                key: &'a cachet::StoreKey,
+                lease: &'a cachet::store::LeaseToken,
+                entry: cachet::store::Entry,
+                ttl: Duration,
+            ) -> cachet::store::StoreFuture<'a, cachet::store::Fill> {
+                self.0.fill(key, lease, entry, ttl)
+            }
+            fn release<'a>(
+                &'a self,
+                key: &'a cachet::StoreKey,
+                lease: &'a cachet::store::LeaseToken,
+            ) -> cachet::store::StoreFuture<'a, bool> {
+                self.0.release(key, lease)
+            }
+            fn set<'a>(
+                &'a self,
+                key: &'a cachet::StoreKey,
+                entry: cachet::store::Entry,
+                ttl: Duration,
+            ) -> cachet::store::StoreFuture<'a, ()> {
+                self.0.set(key, entry, ttl)
+            }
+            fn invalidate<'a>(
+                &'a self,
+                key: &'a cachet::StoreKey,
+            ) -> cachet::store::StoreFuture<'a, ()> {
+                self.0.invalidate(key)
+            }
+            fn ttl<'a>(
+                &'a self,
+                key: &'a cachet::StoreKey,
+            ) -> cachet::store::StoreFuture<'a, cachet::store::Ttls> {
+                self.0.ttl(key)
+            }
+        }
+        Hidden(cachet::store::Layered::new(CoreOnly, store))
+    }
+}
+
+#[tokio::test]
+async fn build_rejects_settings_the_store_cannot_serve_naming_both() {
+    use cachet::Store as _;
+    use cachet::store::Capability;
+    // A layer offers exactly the capabilities of the store it wraps.
+    let layered = cachet::store::Layered::new(CoreOnly, MemoryStore::new(10));
+    for capability in Capability::ALL {
+        assert_eq!(
+            capability.offered_by(&layered),
+            capability.offered_by(&MemoryStore::new(10)),
+            "{capability}"
+        );
+    }
+    assert!(layered.groups().is_some() && layered.bus().is_none());
+
+    let core = std::sync::Arc::new(CoreOnly::over(MemoryStore::new(10)));
+    let cases: [(&str, cachet::CacheBuilder<u64, u64>); 4] = [
+        ("group_by", Cache::builder("caps").group_by(|k: &u64| k % 2)),
+        (
+            "near_cache",
+            Cache::builder("caps").near_cache(cachet::NearCache::new(10, Duration::from_secs(1))),
+        ),
+        (
+            "bloom",
+            Cache::builder("caps").bloom(cachet::BloomOptions::new(100, 0.01)),
+        ),
+        (
+            "version_by",
+            Cache::builder("caps").version_by(|v: &u64| *v),
+        ),
+    ];
+    for ((setting, builder), capability) in cases.into_iter().zip([
+        Capability::Groups,
+        Capability::InvalidationBus,
+        Capability::BloomBits,
+        Capability::VersionedSet,
+    ]) {
+        let e = builder.store_arc(core.clone()).build().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cache `caps`: invalid configuration: {setting} needs a store that offers \
+                 {capability}, and CoreOnly does not"
+            )
+        );
+    }
+    // The same settings build on a store that offers what they need.
+    Cache::<u64, u64>::builder("caps")
+        .group_by(|k: &u64| k % 2)
+        .version_by(|v: &u64| *v)
+        .store_arc(std::sync::Arc::new(MemoryStore::new(10)))
+        .build()
+        .unwrap();
 }
 
 #[tokio::test]

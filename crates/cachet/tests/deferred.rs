@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use cachet::{Cache, DeferredWorker, MemoryStore, RedisStore};
+use cachet::{Cache, DeferredWorker, MemoryStore, RedisStore, Store as _};
 use cachet_testkit::{RedisServer, TestChild, child_args};
 
 /// Entry point of the child processes some tests start; does nothing when run
@@ -93,11 +93,21 @@ async fn in_process_double_delete_clobbers_a_stale_refill() {
         .await
         .unwrap();
     users.set(&1, "stale".into()).await.unwrap();
-    let not_yet = cachet::Store::run_deferred(store, 10).await.unwrap();
+    let not_yet = store
+        .deferred_queue()
+        .unwrap()
+        .run_deferred(10)
+        .await
+        .unwrap();
     assert_eq!(not_yet.ran, 0);
     assert_eq!(users.peek(&1).await.unwrap().as_deref(), Some("stale"));
     clock.advance(Duration::from_secs(1));
-    let done = cachet::Store::run_deferred(store, 10).await.unwrap();
+    let done = store
+        .deferred_queue()
+        .unwrap()
+        .run_deferred(10)
+        .await
+        .unwrap();
     assert_eq!(done.ran, 1);
     assert_eq!(users.peek(&1).await.unwrap(), None);
     assert_eq!(done.next_due_in, None);

@@ -193,7 +193,7 @@ async fn fail_safe_serves_the_last_value_and_throttles_the_source(fx: Fx) {
     let e = cache.get_or_load(&1, failing(&loads)).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Load);
     assert_eq!(
-        e.to_string(),
+        cachet::Report(&e).to_string(),
         "cache `fresh`: loading key `1` failed: database down"
     );
     // Without any stale value, too.
@@ -371,75 +371,40 @@ async fn one_refresh_across_processes() {
     assert_eq!(b.stats().refreshes, 0, "b found the lease taken");
 }
 
-/// A Redis store whose first lease-taking `acquire` (a refresh's) waits at a
-/// gate, and which reports when that refresh gives its lease back or fills.
-#[derive(Debug)]
+/// A layer over a Redis store whose first lease-taking `acquire` (a refresh's)
+/// waits at a gate, and which reports when that refresh gives its lease back
+/// or fills.
+#[derive(Debug, Default)]
 struct HeldRefresh {
-    inner: cachet::RedisStore,
     entered: tokio::sync::Notify,
     gate: Gate,
     done: tokio::sync::Notify,
     gated: std::sync::atomic::AtomicBool,
 }
 
-impl cachet::Store for HeldRefresh {
-    fn payload_kind(&self) -> cachet::PayloadKind {
-        self.inner.payload_kind()
-    }
-    fn get<'a>(&'a self, key: &'a cachet::StoreKey) -> cachet::StoreFuture<'a, cachet::Read> {
-        self.inner.get(key)
-    }
-    fn acquire<'a>(
+impl cachet::store::StoreLayer for HeldRefresh {
+    fn call<'a, T: Send + 'a>(
         &'a self,
-        key: &'a cachet::StoreKey,
-        mode: cachet::AcquireMode,
-        lease_ttl: Duration,
-    ) -> cachet::StoreFuture<'a, cachet::Acquire> {
-        Box::pin(async move {
-            if mode == cachet::AcquireMode::Replace && !self.gated.swap(true, Ordering::SeqCst) {
-                self.entered.notify_one();
-                self.gate.wait().await;
+        op: cachet::store::Op<'a>,
+        call: cachet::store::StoreFuture<'a, T>,
+    ) -> cachet::store::StoreFuture<'a, T> {
+        match op {
+            cachet::store::Op::Acquire(_, cachet::store::AcquireMode::Replace)
+                if !self.gated.swap(true, Ordering::SeqCst) =>
+            {
+                Box::pin(async move {
+                    self.entered.notify_one();
+                    self.gate.wait().await;
+                    call.await
+                })
             }
-            self.inner.acquire(key, mode, lease_ttl).await
-        })
-    }
-    fn fill<'a>(
-        &'a self,
-        key: &'a cachet::StoreKey,
-        lease: &'a cachet::LeaseToken,
-        entry: cachet::Entry,
-        ttl: Duration,
-    ) -> cachet::StoreFuture<'a, cachet::Fill> {
-        Box::pin(async move {
-            let filled = self.inner.fill(key, lease, entry, ttl).await;
-            self.done.notify_one();
-            filled
-        })
-    }
-    fn release<'a>(
-        &'a self,
-        key: &'a cachet::StoreKey,
-        lease: &'a cachet::LeaseToken,
-    ) -> cachet::StoreFuture<'a, bool> {
-        Box::pin(async move {
-            let released = self.inner.release(key, lease).await;
-            self.done.notify_one();
-            released
-        })
-    }
-    fn set<'a>(
-        &'a self,
-        key: &'a cachet::StoreKey,
-        entry: cachet::Entry,
-        ttl: Duration,
-    ) -> cachet::StoreFuture<'a, ()> {
-        self.inner.set(key, entry, ttl)
-    }
-    fn invalidate<'a>(&'a self, key: &'a cachet::StoreKey) -> cachet::StoreFuture<'a, ()> {
-        self.inner.invalidate(key)
-    }
-    fn ttl<'a>(&'a self, key: &'a cachet::StoreKey) -> cachet::StoreFuture<'a, cachet::Ttls> {
-        self.inner.ttl(key)
+            cachet::store::Op::Fill(_) | cachet::store::Op::Release(_) => Box::pin(async move {
+                let done = call.await;
+                self.done.notify_one();
+                done
+            }),
+            _ => call,
+        }
     }
 }
 
@@ -451,15 +416,10 @@ impl cachet::Store for HeldRefresh {
 async fn a_refresh_granted_the_lease_after_another_filled_does_not_load() {
     let fx = Fx::redis().await;
     let clock = Clock::mock();
-    let held = Arc::new(HeldRefresh {
-        inner: cachet::RedisStore::connect(&fx.server().unwrap().url())
-            .await
-            .unwrap(),
-        entered: tokio::sync::Notify::new(),
-        gate: Gate::default(),
-        done: tokio::sync::Notify::new(),
-        gated: std::sync::atomic::AtomicBool::new(false),
-    });
+    let second = cachet::RedisStore::connect(&fx.server().unwrap().url())
+        .await
+        .unwrap();
+    let held = Arc::new(cachet::store::Layered::new(HeldRefresh::default(), second));
     let make = |b: CacheBuilder<u64, String>| {
         b.ttl(TTL)
             .jitter(0.0)
@@ -477,7 +437,7 @@ async fn a_refresh_granted_the_lease_after_another_filled_does_not_load() {
     // b is served stale; its refresh checked the entry and waits to acquire.
     let b_served = b.get_or_load(&1, counted(&loads, "v2 from b")).await;
     assert_eq!(b_served.unwrap().as_deref(), Some("v1"));
-    held.entered.notified().await;
+    held.layer().entered.notified().await;
 
     // a refreshes and fills meanwhile.
     let a_served = a.get_or_load(&1, counted(&loads, "v2")).await;
@@ -485,8 +445,8 @@ async fn a_refresh_granted_the_lease_after_another_filled_does_not_load() {
     until_cached(&a, 1, "v2").await;
 
     // b's refresh now gets the free lease, and must not load again.
-    held.gate.open();
-    held.done.notified().await;
+    held.layer().gate.open();
+    held.layer().done.notified().await;
     assert_eq!(loads.load(Ordering::SeqCst), 2, "one load, one refresh");
     assert_eq!(
         b.stats().refreshes,

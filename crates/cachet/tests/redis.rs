@@ -5,7 +5,9 @@ mod support;
 
 use std::time::Duration;
 
-use cachet::{Cache, Json, Meta, envelope};
+use cachet::{Cache, Json};
+
+use cachet::store::{Meta, envelope};
 use support::Fx;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -89,7 +89,7 @@ async fn write_through_needs_a_version_and_reports_writer_errors() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Write);
     assert_eq!(
-        e.to_string(),
+        cachet::Report(&e).to_string(),
         "cache `versioned`: writing key `7` failed: unique violation"
     );
     assert_eq!(versioned.peek(&7).await.unwrap(), None, "nothing cached");

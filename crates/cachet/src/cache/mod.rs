@@ -15,7 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cachet_core::{AcquireMode, CacheKey, KeyLayout, Meta, Store, StoreKey};
+use cachet_core::{AcquireMode, CacheKey, Capability, KeyLayout, Meta, Store, StoreKey};
 
 pub(crate) use fresh::Freshness;
 pub use fresh::{FailSafe, RefreshAhead};
@@ -45,8 +45,11 @@ async fn follow_bus<K, V>(
     K: CacheKey + ?Sized + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
+    let Some(bus) = store.bus() else {
+        return; // Checked when the cache was built.
+    };
     let mut events = tokio::select! {
-        subscribed = store.subscribe_invalidations(&head) => match subscribed {
+        subscribed = bus.subscribe_invalidations(&head) => match subscribed {
             Ok(events) => events,
             Err(e) => {
                 tracing::error!(cache = %head, error = %crate::Report(&e),
@@ -578,9 +581,10 @@ where
             let entry = inner
                 .entry_for(meta, stored.as_ref())
                 .map_err(|e| Error::codec(self.namespace(), skey.user_key(), e))?;
-            inner
-                .s
-                .store
+            let versioned = inner.s.store.versioned_set();
+            let versioned = versioned.ok_or_else(|| Capability::VersionedSet.missing());
+            let versioned = versioned.map_err(|e| inner.store_error(&skey, e))?;
+            versioned
                 .set_versioned(&skey, entry, ttl)
                 .await
                 .map_err(|e| inner.store_error(&skey, e))?
@@ -632,7 +636,10 @@ where
     pub async fn invalidate_twice(&self, key: &K, delay: Duration) -> Result<(), Error> {
         let inner = &*self.inner;
         let skey = inner.key_of(key);
-        let queued = inner.s.store.defer_invalidate(&skey, delay).await;
+        let queued = match inner.s.store.deferred_queue() {
+            Some(queue) => queue.defer_invalidate(&skey, delay).await,
+            None => Err(Capability::DeferredQueue.missing()),
+        };
         let now = self.invalidate(key).await;
         queued.map_err(|e| inner.store_error(&skey, e))?;
         now
@@ -662,7 +669,11 @@ where
             local.invalidate_group(gkey.group());
             return Ok(());
         }
-        inner.s.store.invalidate_group(&gkey).await.map_err(|e| {
+        let bumped = match inner.s.store.groups() {
+            Some(groups) => groups.invalidate_group(&gkey).await,
+            None => Err(Capability::Groups.missing()),
+        };
+        bumped.map_err(|e| {
             inner.counters.store_errors.inc();
             Error::new(
                 crate::ErrorKind::Store,
@@ -700,6 +711,7 @@ where
             stats.near_clears = near.clears.load(relaxed);
         }
         if let Some(breaker) = &self.inner.breaker {
+            let breaker = breaker.layer();
             stats.breaker_opens = breaker.counts.opens.load(relaxed);
             stats.short_circuits = breaker.counts.short_circuits.load(relaxed);
             stats.retried_invalidations = breaker.counts.retried_invalidations.load(relaxed);
