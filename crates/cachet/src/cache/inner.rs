@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cachet_core::{
-    Acquire, AcquireMode, CacheKey, Clock, Entry, Fill, KeyLayout, LeaseToken, Meta, Payload,
-    PayloadKind, Read, Store, StoreError, StoreKey,
+    Acquire, AcquireMode, CacheKey, Capability, Clock, Entry, Fill, GroupKey, KeyLayout,
+    LeaseToken, Meta, Payload, PayloadKind, Read, Store, StoreError, StoreKey, Versioned,
 };
 use rand::Rng as _;
 
@@ -88,6 +88,34 @@ pub(crate) enum Lookup<V> {
     Missing { corrupt: bool },
     /// The store failed.
     Failed(StoreError),
+}
+
+/// Stage 1's answer: what the tiers hold for a key.
+pub(crate) enum Found<V> {
+    /// A near-cache hit (fresh by construction).
+    Near(Option<V>),
+    /// What the cache's own tier holds, and where.
+    Tier(At, Lookup<V>),
+}
+
+/// Where a key's entry lives: its group, its store key (formatted when first
+/// needed: an in-process hit never formats one), its near-cache ticket.
+pub(crate) struct At {
+    pub(crate) group: Option<String>,
+    skey: Option<StoreKey>,
+    pub(crate) ticket: Option<crate::near::Ticket>,
+}
+
+impl At {
+    /// The entry's store key.
+    pub(crate) fn skey<K, V>(&mut self, inner: &Inner<K, V>, key: &K) -> &StoreKey
+    where
+        K: CacheKey + ?Sized,
+        V: Clone + Send + Sync + 'static,
+    {
+        self.skey
+            .get_or_insert_with(|| inner.key_with(key, self.group.as_deref()))
+    }
 }
 
 /// What a read-or-lease found, decoded.
@@ -299,6 +327,120 @@ where
         }
     }
 
+    /// Stage 1 of the read path: what the tiers hold for `key`, the near cache
+    /// first. A fresh value read from the shared store is put in the near cache.
+    #[inline]
+    pub(crate) async fn lookup_tiers(&self, key: &K, count: bool) -> Found<V> {
+        let group = self.group_of(key);
+        let Some(local) = &self.local else {
+            if let Some(v) = self.near_hit(key, group.as_deref(), count) {
+                return Found::Near(v);
+            }
+            let skey = self.key_with(key, group.as_deref());
+            let ticket = self.near.as_ref().and_then(|n| n.ticket(&skey));
+            let lookup = self.lookup_shared(&skey, count).await;
+            if let Lookup::Fresh(v, meta) = &lookup {
+                self.near_put(key, &skey, ticket, v, meta.soft_expiry_ms);
+            }
+            let at = At {
+                group,
+                skey: Some(skey),
+                ticket,
+            };
+            return Found::Tier(at, lookup);
+        };
+        let lookup = self.lookup_local(&**local, key, group.as_deref(), count);
+        let at = At {
+            group,
+            skey: None,
+            ticket: None,
+        };
+        Found::Tier(at, lookup)
+    }
+
+    /// Writes `value` unconditionally, or version-checked, revoking any lease.
+    pub(crate) async fn put(
+        &self,
+        key: &K,
+        skey: &StoreKey,
+        value: V,
+        versioned: bool,
+    ) -> Result<Versioned, Error> {
+        let value = Some(value);
+        let Some((meta, ttl)) = self.placement(&value, Duration::ZERO) else {
+            unreachable!("a value always has a placement")
+        };
+        if let Some(local) = &self.local {
+            let slot = Slot { value, meta };
+            return Ok(if versioned {
+                local.set_versioned(key, skey.group(), slot, ttl)
+            } else {
+                local.set(key, skey.group(), slot, ttl);
+                Versioned::Written
+            });
+        }
+        let entry = self
+            .entry_for(meta, value.as_ref())
+            .map_err(|e| Error::codec(self.namespace(), skey.user_key(), e))?;
+        let store = &self.s.store;
+        let written = if versioned {
+            match store.versioned_set() {
+                Some(v) => v.set_versioned(skey, entry, ttl).await,
+                None => Err(Capability::VersionedSet.missing()),
+            }
+        } else {
+            store
+                .set(skey, entry, ttl)
+                .await
+                .map(|()| Versioned::Written)
+        };
+        written.map_err(|e| self.store_error(skey, e))
+    }
+
+    /// Deletes `key`'s entry and revokes its lease.
+    pub(crate) async fn remove(&self, key: &K, skey: &StoreKey) -> Result<(), Error> {
+        match &self.local {
+            Some(local) => {
+                local.invalidate(key);
+                Ok(())
+            }
+            None => (self.s.store.invalidate(skey).await).map_err(|e| self.store_error(skey, e)),
+        }
+    }
+
+    /// Moves `group` to a new generation.
+    pub(crate) async fn bump_group(&self, gkey: &GroupKey) -> Result<(), Error> {
+        if let Some(local) = &self.local {
+            local.invalidate_group(gkey.group());
+            return Ok(());
+        }
+        let bumped = match self.s.store.groups() {
+            Some(groups) => groups.invalidate_group(gkey).await,
+            None => Err(Capability::Groups.missing()),
+        };
+        bumped.map_err(|e| {
+            self.counters.store_errors.inc();
+            Error::new(
+                crate::ErrorKind::Store,
+                self.namespace(),
+                Some(gkey.as_str()),
+                Some(Box::new(e)),
+            )
+        })
+    }
+
+    /// The remaining TTL of `key`'s entry.
+    pub(crate) async fn entry_ttl(&self, key: &K) -> Result<Option<Duration>, Error> {
+        if let Some(local) = &self.local {
+            return Ok(local.ttls(key).entry);
+        }
+        let skey = self.key_of(key);
+        match self.s.store.ttl(&skey).await {
+            Ok(ttls) => Ok(ttls.entry),
+            Err(e) => Err(self.store_error(&skey, e)),
+        }
+    }
+
     /// A lookup on whichever store the cache has.
     pub(crate) async fn lookup(&self, key: &K, skey: &StoreKey, count: bool) -> Lookup<V> {
         match &self.local {
@@ -472,6 +614,23 @@ where
         if let Err(e) = self.s.store.release(skey, token).await {
             self.counters.store_errors.inc();
             tracing::debug!(key = %skey, error = %crate::Report(&e), "releasing a lease failed; it expires by its TTL");
+        }
+    }
+
+    /// Releases a lease without waiting (from a destructor): at once in
+    /// process, in a task on a shared store (without a runtime the lease simply
+    /// expires).
+    pub(crate) fn release_soon(&self, key: &K, skey: &StoreKey, token: LeaseToken) {
+        if let Some(local) = &self.local {
+            local.release(key, &token);
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let store = Arc::clone(&self.s.store);
+            let key = skey.clone();
+            rt.spawn(async move {
+                let _ = store.release(&key, &token).await;
+            });
         }
     }
 

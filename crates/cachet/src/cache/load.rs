@@ -323,7 +323,11 @@ where
 
 /// Releases a lease if the load holding it is dropped before it ends (its task
 /// was aborted by a runtime shutdown), so that others need not wait for its TTL.
-struct LeaseGuard<'a, K: ?Sized, V> {
+struct LeaseGuard<'a, K, V>
+where
+    K: CacheKey + ?Sized,
+    V: Clone + Send + Sync + 'static,
+{
     inner: &'a Inner<K, V>,
     key: &'a K,
     skey: &'a StoreKey,
@@ -331,23 +335,14 @@ struct LeaseGuard<'a, K: ?Sized, V> {
     armed: bool,
 }
 
-impl<K: ?Sized, V> Drop for LeaseGuard<'_, K, V> {
+impl<K, V> Drop for LeaseGuard<'_, K, V>
+where
+    K: CacheKey + ?Sized,
+    V: Clone + Send + Sync + 'static,
+{
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if let Some(local) = &self.inner.local {
-            local.release(self.key, &self.token);
-            return;
-        }
-        // Without a runtime the lease simply expires.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let store = Arc::clone(&self.inner.s.store);
-            let key = self.skey.clone();
-            let token = self.token;
-            rt.spawn(async move {
-                let _ = store.release(&key, &token).await;
-            });
+        if self.armed {
+            self.inner.release_soon(self.key, self.skey, self.token);
         }
     }
 }

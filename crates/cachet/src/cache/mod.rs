@@ -1,36 +1,37 @@
 //! [`Cache`]: the typed front end over a store.
 //!
-//! The read-through algorithm (lookup, freshness, single-flight, acquire,
-//! load, fill) is written once: [`Cache::get_or_load_with`] here and the load
-//! tasks in `load.rs`. The primitives in `inner.rs` are the only code that knows
-//! whether the store is the cache's typed in-process table or a [`Store`]
-//! reached through the protocol; `fresh.rs` decides what is fresh or stale.
+//! The read path is written once, as named stages (`read.rs`: lookup → plan →
+//! admission → coalesce → load and fill, the loads in tasks of their own in
+//! `load.rs`); `get`, `peek` and `get_or_load` share its lookup. Writes go
+//! through one routine, `Cache::write`. The primitives in `inner.rs` are the
+//! only code that knows whether the store is the cache's typed in-process table
+//! or a [`Store`] reached through the protocol; `fresh.rs` decides what is
+//! fresh or stale.
 
 mod fresh;
 mod inner;
 mod load;
+mod read;
 
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cachet_core::{AcquireMode, CacheKey, Capability, KeyLayout, Meta, Store, StoreKey};
+use cachet_core::{CacheKey, Capability, KeyLayout, Store, StoreKey, Versioned};
 
 pub(crate) use fresh::Freshness;
 pub use fresh::{FailSafe, RefreshAhead};
 pub(crate) use inner::{GroupFn, Settings, VersionFn};
 
-use inner::{Inner, Lookup};
-use load::LoadPlan;
+use inner::{Found, Inner, Lookup};
 
 use crate::Error;
 use crate::bloom::BloomFilter;
 use crate::breaker::Guarded;
 use crate::builder::CacheBuilder;
 use crate::error::BoxError;
-use crate::flight::{self, Role};
-use crate::memory::{LocalTier, Slot};
+use crate::memory::LocalTier;
 use crate::near::NearCache;
 use crate::stats::Stats;
 
@@ -74,10 +75,6 @@ async fn follow_bus<K, V>(
         }
     }
 }
-
-/// How many times a caller starts over after the flight it followed ended
-/// without an outcome, before it loads on its own.
-const MAX_FOLLOW_ROUNDS: usize = 8;
 
 /// Per-call settings of [`Cache::get_or_load_with`]; unset fields take the
 /// cache's defaults.
@@ -215,32 +212,18 @@ where
         self.read(key, false).await
     }
 
+    /// `get` and `peek`: stage 1 of the read path, and nothing else.
     #[inline]
     async fn read(&self, key: &K, count: bool) -> Result<Option<V>, Error> {
-        let inner = &*self.inner;
-        let found = if let Some(local) = &inner.local {
-            let group = inner.group_of(key);
-            inner.lookup_local(&**local, key, group.as_deref(), count)
-        } else {
-            let group = inner.group_of(key);
-            if let Some(v) = inner.near_hit(key, group.as_deref(), count) {
-                return Ok(v);
+        match self.inner.lookup_tiers(key, count).await {
+            Found::Near(v) => Ok(v),
+            Found::Tier(_, Lookup::Fresh(v, _) | Lookup::Stale(v, _)) => Ok(v),
+            Found::Tier(mut at, Lookup::Failed(e)) => {
+                let skey = at.skey(&self.inner, key);
+                Err(self.inner.store_error(skey, e))
             }
-            let skey = inner.key_with(key, group.as_deref());
-            let ticket = inner.near.as_ref().and_then(|n| n.ticket(&skey));
-            match inner.lookup_shared(&skey, count).await {
-                Lookup::Failed(e) => return Err(inner.store_error(&skey, e)),
-                Lookup::Fresh(v, meta) => {
-                    inner.near_put(key, &skey, ticket, &v, meta.soft_expiry_ms);
-                    Lookup::Fresh(v, meta)
-                }
-                other => other,
-            }
-        };
-        Ok(match found {
-            Lookup::Fresh(v, _) | Lookup::Stale(v, _) => v,
-            _ => None,
-        })
+            Found::Tier(..) => Ok(None),
+        }
     }
 
     /// Reads a value, and on a miss loads it with `loader` and fills the cache,
@@ -307,194 +290,19 @@ where
         }
     }
 
-    async fn load_path<F, Fut, E>(
-        &self,
-        key: &K,
-        options: LoadOptions,
-        loader: F,
-    ) -> Result<Option<V>, Error>
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-        E: Into<BoxError> + Send + 'static,
-    {
-        let inner = &self.inner;
-        let mut ticket = None;
-        let (skey, first) = match &inner.local {
-            Some(local) => {
-                let group = inner.group_of(key);
-                match inner.lookup_local(&**local, key, group.as_deref(), true) {
-                    Lookup::Fresh(v, meta) => {
-                        self.maybe_refresh_early(
-                            key,
-                            &meta,
-                            || inner.key_with(key, group.as_deref()),
-                            loader,
-                        );
-                        return Ok(v);
-                    }
-                    other => (inner.key_with(key, group.as_deref()), other),
-                }
-            }
-            None => {
-                let group = inner.group_of(key);
-                if let Some(v) = inner.near_hit(key, group.as_deref(), true) {
-                    return Ok(v);
-                }
-                let skey = inner.key_with(key, group.as_deref());
-                ticket = inner.near.as_ref().and_then(|n| n.ticket(&skey));
-                match inner.lookup_shared(&skey, true).await {
-                    Lookup::Fresh(v, meta) => {
-                        inner.near_put(key, &skey, ticket, &v, meta.soft_expiry_ms);
-                        self.maybe_refresh_early(key, &meta, || skey, loader);
-                        return Ok(v);
-                    }
-                    other => (skey, other),
-                }
-            }
-        };
-        let mut fallback = None;
-        let (mode, store_up) = match first {
-            Lookup::Stale(v, meta) => {
-                inner.spawn_refresh(key, skey, meta.soft_expiry_ms, loader);
-                return Ok(v);
-            }
-            Lookup::Expired(v, past) => {
-                if let Some(v) = inner.throttled_fallback(&skey) {
-                    inner.counters.fail_safe_serves.inc();
-                    return Ok(v);
-                }
-                fallback = Some((v, past));
-                (AcquireMode::Replace, true)
-            }
-            Lookup::Fresh(..) | Lookup::Missing { corrupt: false } => (AcquireMode::IfAbsent, true),
-            Lookup::Missing { corrupt: true } => (AcquireMode::Replace, true),
-            Lookup::Failed(e) => {
-                inner.warn_store(
-                    "store read failed; loading from the source without caching",
-                    &skey,
-                    &e,
-                );
-                (AcquireMode::IfAbsent, false)
-            }
-        };
-        if store_up
-            && fallback.is_none()
-            && let Some(bloom) = &inner.bloom
-        {
-            match bloom.might_contain(key).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    inner.counters.bloom_rejections.inc();
-                    return Ok(None);
-                }
-                // Unknown: the load goes on.
-                Err(e) => {
-                    inner.counters.store_errors.inc();
-                    tracing::debug!(cache = self.namespace(), key = skey.user_key(), error = %crate::Report(&e),
-                        "Bloom filter check failed; loading");
-                }
-            }
-        }
-        let soft_timeout = options.soft_timeout.or(inner.s.soft_timeout);
-        let hard_timeout = options.hard_timeout.or(inner.s.hard_timeout);
-        let stale = fallback.as_ref().map(|(v, _)| v.clone());
-        let mut loader = Some(loader);
-        for _ in 0..MAX_FOLLOW_ROUNDS {
-            let rx = match inner.flights.join(skey.as_str()) {
-                Role::Leader(leader) => {
-                    let rx = leader.subscribe();
-                    let Some(loader) = loader.take() else {
-                        unreachable!("a caller leads at most once: it then waits for the outcome")
-                    };
-                    let plan = LoadPlan {
-                        mode,
-                        store_up,
-                        hard_timeout,
-                        fallback: fallback.take(),
-                    };
-                    inner.spawn_load(key, skey.clone(), plan, loader, leader);
-                    rx
-                }
-                Role::Follower(rx) => {
-                    inner.counters.coalesced.inc();
-                    rx
-                }
-            };
-            let outcome = match (soft_timeout, &stale) {
-                (Some(limit), Some(stale)) => {
-                    match tokio::time::timeout(limit, flight::follow(rx)).await {
-                        Ok(outcome) => outcome,
-                        Err(_) => {
-                            inner.counters.soft_timeouts.inc();
-                            return Ok(stale.clone());
-                        }
-                    }
-                }
-                _ => flight::follow(rx).await,
-            };
-            if let Some(outcome) = outcome {
-                // A fail-safe fallback is not fresh: it stays out of L1.
-                if let (Ok(v), None) = (&outcome, &stale) {
-                    inner.near_put(key, &skey, ticket, v, 0);
-                }
-                return outcome;
-            }
-            // The flight ended without an outcome: start over, perhaps as leader.
-        }
-        match loader {
-            Some(loader) => {
-                inner
-                    .load(key, &skey, mode, store_up, hard_timeout, loader)
-                    .await
-            }
-            None => Err(Error::with_message(
-                crate::ErrorKind::Load,
-                self.namespace(),
-                Some(skey.user_key()),
-                "the load was abandoned repeatedly".into(),
-            )),
-        }
-    }
-
-    /// Starts a background refresh of a fresh entry when refresh-ahead or early
-    /// refresh asks for one.
-    #[inline]
-    fn maybe_refresh_early<F, Fut, E>(
-        &self,
-        key: &K,
-        meta: &Meta,
-        skey: impl FnOnce() -> StoreKey,
-        loader: F,
-    ) where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-        E: Into<BoxError> + Send + 'static,
-    {
-        if meta.soft_expiry_ms == 0 {
-            return;
-        }
-        let inner = &self.inner;
-        let now = inner.s.clock.coarse_ms();
-        let fresh = &inner.s.fresh;
-        if fresh.refresh_early(meta, now) {
-            inner.spawn_refresh(key, skey(), meta.soft_expiry_ms, loader);
-        } else if fresh.in_ahead_zone(meta, now)
-            && let Some(ra) = &fresh.refresh_ahead
-        {
-            let skey = skey();
-            if inner.ahead_reads.hot(skey.as_str(), ra, now) {
-                inner.spawn_refresh(key, skey, meta.soft_expiry_ms, loader);
-            }
-        }
-    }
-
     /// Writes a value with a (jittered) TTL, replacing any entry and revoking any
     /// lease, so that a load that started before this write cannot overwrite it.
     ///
     /// # Errors
     /// When the value cannot be encoded or the store fails.
     pub async fn set(&self, key: &K, value: V) -> Result<(), Error> {
+        self.write(key, value, false).await.map(|_| ())
+    }
+
+    /// The one write routine of `set` and `write_through`: the entry is written
+    /// (version-checked or not) with the lease revoked, and what this process
+    /// holds of the key is forgotten before and after.
+    async fn write(&self, key: &K, value: V, versioned: bool) -> Result<Versioned, Error> {
         let inner = &*self.inner;
         let skey = inner.key_of(key);
         inner.forget(key, &skey);
@@ -503,23 +311,7 @@ where
         {
             return Err(inner.store_error(&skey, e));
         }
-        let value = Some(value);
-        let Some((meta, ttl)) = inner.placement(&value, Duration::ZERO) else {
-            unreachable!("a value always has a placement")
-        };
-        if let Some(local) = &inner.local {
-            local.set(key, skey.group(), Slot { value, meta }, ttl);
-            return Ok(());
-        }
-        let entry = inner
-            .entry_for(meta, value.as_ref())
-            .map_err(|e| Error::codec(self.namespace(), skey.user_key(), e))?;
-        let written = inner
-            .s
-            .store
-            .set(&skey, entry, ttl)
-            .await
-            .map_err(|e| inner.store_error(&skey, e));
+        let written = inner.put(key, &skey, value, versioned).await;
         // A read of the old value may have filled L1 meanwhile.
         inner.forget(key, &skey);
         written
@@ -553,46 +345,13 @@ where
                 "write_through needs a cache built with version_by",
             ));
         }
-        let skey = inner.key_of(key);
         let value = write()
             .await
-            .map_err(|e| Error::write(self.namespace(), skey.user_key(), e.into()))?;
-        inner.forget(key, &skey);
-        if let Some(bloom) = &inner.bloom
-            && let Err(e) = bloom.insert(key).await
-        {
-            return Err(inner.store_error(&skey, e));
-        }
-        let stored = Some(value.clone());
-        let Some((meta, ttl)) = inner.placement(&stored, Duration::ZERO) else {
-            unreachable!("a value always has a placement")
-        };
-        let outcome = if let Some(local) = &inner.local {
-            local.set_versioned(
-                key,
-                skey.group(),
-                Slot {
-                    value: stored,
-                    meta,
-                },
-                ttl,
-            )
-        } else {
-            let entry = inner
-                .entry_for(meta, stored.as_ref())
-                .map_err(|e| Error::codec(self.namespace(), skey.user_key(), e))?;
-            let versioned = inner.s.store.versioned_set();
-            let versioned = versioned.ok_or_else(|| Capability::VersionedSet.missing());
-            let versioned = versioned.map_err(|e| inner.store_error(&skey, e))?;
-            versioned
-                .set_versioned(&skey, entry, ttl)
-                .await
-                .map_err(|e| inner.store_error(&skey, e))?
-        };
-        if matches!(outcome, cachet_core::Versioned::Stale { .. }) {
+            .map_err(|e| Error::write(self.namespace(), inner.key_of(key).user_key(), e.into()))?;
+        let outcome = self.write(key, value.clone(), true).await?;
+        if matches!(outcome, Versioned::Stale { .. }) {
             inner.counters.stale_writes.inc();
         }
-        inner.forget(key, &skey);
         Ok(value)
     }
 
@@ -605,16 +364,7 @@ where
         let inner = &*self.inner;
         let skey = inner.key_of(key);
         inner.forget(key, &skey);
-        if let Some(local) = &inner.local {
-            local.invalidate(key);
-            return Ok(());
-        }
-        let deleted = inner
-            .s
-            .store
-            .invalidate(&skey)
-            .await
-            .map_err(|e| inner.store_error(&skey, e));
+        let deleted = inner.remove(key, &skey).await;
         // A read of the old value may have filled L1 meanwhile.
         inner.forget(key, &skey);
         deleted
@@ -664,24 +414,7 @@ where
                 "invalidate_group needs a cache built with group_by",
             ));
         }
-        let gkey = inner.s.layout.group_key(group);
-        if let Some(local) = &inner.local {
-            local.invalidate_group(gkey.group());
-            return Ok(());
-        }
-        let bumped = match inner.s.store.groups() {
-            Some(groups) => groups.invalidate_group(&gkey).await,
-            None => Err(Capability::Groups.missing()),
-        };
-        bumped.map_err(|e| {
-            inner.counters.store_errors.inc();
-            Error::new(
-                crate::ErrorKind::Store,
-                self.namespace(),
-                Some(gkey.as_str()),
-                Some(Box::new(e)),
-            )
-        })
+        inner.bump_group(&inner.s.layout.group_key(group)).await
     }
 
     /// The remaining TTL of `key`'s entry in the store, `None` if there is none.
@@ -691,15 +424,7 @@ where
     /// # Errors
     /// When the store fails.
     pub async fn ttl(&self, key: &K) -> Result<Option<Duration>, Error> {
-        let inner = &*self.inner;
-        if let Some(local) = &inner.local {
-            return Ok(local.ttls(key).entry);
-        }
-        let skey = inner.key_of(key);
-        match inner.s.store.ttl(&skey).await {
-            Ok(ttls) => Ok(ttls.entry),
-            Err(e) => Err(inner.store_error(&skey, e)),
-        }
+        self.inner.entry_ttl(key).await
     }
 
     /// A snapshot of this cache's counters.
