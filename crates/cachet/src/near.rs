@@ -64,8 +64,7 @@ pub(crate) struct Near<K: ?Sized, V> {
     /// ticket taken in one session is void in the next.
     session: AtomicU64,
     hasher: RandomState,
-    /// L1 hits and clears, for `Stats`.
-    pub(crate) hits: AtomicU64,
+    /// L1 clears, for `Stats`.
     pub(crate) clears: AtomicU64,
 }
 
@@ -91,7 +90,6 @@ where
             group_epoch: AtomicU64::new(0),
             session: AtomicU64::new(0),
             hasher: RandomState::new(),
-            hits: AtomicU64::new(0),
             clears: AtomicU64::new(0),
         }
     }
@@ -114,7 +112,6 @@ where
             return None;
         }
         let slot = self.table.get(key, group)?;
-        self.hits.fetch_add(1, Ordering::Relaxed);
         Some(slot.value)
     }
 

@@ -677,7 +677,7 @@ where
         let v = self.near.as_ref()?.get(key, group)?;
         if count {
             if v.is_some() {
-                self.counters.hits.inc();
+                self.counters.near_hits.inc();
             } else {
                 self.counters.negative_hits.inc();
             }

@@ -19,9 +19,11 @@ use crate::flight::{Leader, Outcome, Role};
 
 /// Upper bound on acquire attempts in one load, on top of the `lease_wait` deadline.
 const MAX_ACQUIRE_ROUNDS: usize = 64;
-/// First and largest pause while another process holds the lease.
+/// First and largest pause while another process holds the lease. The
+/// largest is small: a waiter sees the holder's fill at most this long after
+/// it lands, and only one caller per key and process polls.
 const FIRST_BACKOFF: Duration = Duration::from_millis(2);
-const MAX_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_millis(8);
 
 /// A value the cache may serve instead of a failed load, and how far past its
 /// soft expiry it is.

@@ -432,7 +432,6 @@ where
         let mut stats = self.inner.counters.snapshot();
         let relaxed = std::sync::atomic::Ordering::Relaxed;
         if let Some(near) = &self.inner.near {
-            stats.near_hits = near.hits.load(relaxed);
             stats.near_clears = near.clears.load(relaxed);
         }
         if let Some(breaker) = &self.inner.breaker {
