@@ -11,6 +11,7 @@ use crate::bloom::{BloomFilter, BloomOptions};
 use crate::breaker::{self, CircuitBreaker};
 use crate::cache::{Cache, FailSafe, Freshness, GroupFn, RefreshAhead, Settings, VersionFn};
 use crate::codec::{Codec, Postcard};
+use crate::expiry::{Expiry, Ttl};
 use crate::near::NearCache;
 use crate::{Error, MemoryStore};
 
@@ -33,6 +34,7 @@ pub struct CacheBuilder<K: ?Sized, V, C = Postcard> {
     ttl: Duration,
     jitter: f64,
     negative_ttl: Duration,
+    expiry: Option<Arc<dyn Expiry<K, V>>>,
     lease_ttl: Duration,
     lease_wait: Duration,
     store: Option<Arc<dyn Store>>,
@@ -79,6 +81,7 @@ impl<K: ?Sized, V> CacheBuilder<K, V, Postcard> {
             ttl: Duration::from_secs(60),
             jitter: 0.1,
             negative_ttl: Duration::from_secs(10),
+            expiry: None,
             lease_ttl: Duration::from_secs(5),
             lease_wait: Duration::from_secs(2),
             store: None,
@@ -117,6 +120,16 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
     /// caching off.
     pub fn negative_ttl(mut self, ttl: Duration) -> Self {
         self.negative_ttl = ttl;
+        self
+    }
+
+    /// A policy that decides each value's fresh life from its key and value,
+    /// and whether to cache it at all, in place of the built-in [`Ttl`] that
+    /// [`ttl`](Self::ttl), [`jitter`](Self::jitter) and
+    /// [`negative_ttl`](Self::negative_ttl) configure (which it then ignores).
+    /// See [`Expiry`].
+    pub fn expiry(mut self, policy: impl Expiry<K, V>) -> Self {
+        self.expiry = Some(Arc::new(policy));
         self
     }
 
@@ -284,6 +297,7 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
             ttl: self.ttl,
             jitter: self.jitter,
             negative_ttl: self.negative_ttl,
+            expiry: self.expiry,
             lease_ttl: self.lease_ttl,
             lease_wait: self.lease_wait,
             store: self.store,
@@ -429,12 +443,13 @@ where
             Some(options) => Some(BloomFilter::new(&layout, Arc::clone(&store), options)?),
             None => None,
         };
+        let expiry = self.expiry.unwrap_or_else(|| {
+            let negative = (!self.negative_ttl.is_zero()).then_some(self.negative_ttl);
+            Arc::new(Ttl::new(self.ttl, self.jitter, negative))
+        });
         Ok(Cache::from_settings(
             Settings {
                 layout,
-                ttl: self.ttl,
-                jitter: self.jitter,
-                negative_ttl: (!self.negative_ttl.is_zero()).then_some(self.negative_ttl),
                 lease_ttl: self.lease_ttl,
                 lease_wait: self.lease_wait,
                 fresh: self.fresh,
@@ -445,6 +460,7 @@ where
                 store,
                 codec: Arc::new(self.codec),
             },
+            expiry,
             self.group,
             local,
             bloom,

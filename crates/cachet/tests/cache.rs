@@ -26,6 +26,7 @@ fn user(id: u64, name: &str) -> User {
 type Res<T> = Result<T, std::io::Error>;
 
 on_both_stores!(
+    an_expiry_policy_sets_each_entrys_life_and_can_refuse_one,
     read_through_caches_values_and_negatives,
     negative_caching_can_be_turned_off,
     concurrent_callers_share_one_load,
@@ -863,4 +864,51 @@ async fn store_level_invalidate_reaches_the_cache(fx: Fx) {
     release.open();
     reader.await.unwrap().unwrap();
     assert_eq!(users.peek(&key).await.unwrap(), None);
+}
+
+/// Lives by key: key 1 a long one, key 2 a short one; odd values are not cached.
+struct ByKey;
+
+impl cachet::Expiry<u64, u64> for ByKey {
+    fn fresh_for(&self, key: &u64, value: Option<&u64>) -> Option<Duration> {
+        match value {
+            Some(v) if v % 2 == 1 => None,
+            _ if *key == 1 => Some(Duration::from_secs(600)),
+            _ => Some(Duration::from_secs(5)),
+        }
+    }
+}
+
+async fn an_expiry_policy_sets_each_entrys_life_and_can_refuse_one(fx: Fx) {
+    let cache: Cache<u64, u64> = fx
+        .builder("expiry")
+        .ttl(Duration::from_secs(60))
+        .expiry(ByKey)
+        .build()
+        .unwrap();
+    for key in [1, 2] {
+        let v = cache
+            .get_or_load(&key, || async { Res::Ok(Some(10)) })
+            .await;
+        assert_eq!(v.unwrap(), Some(10));
+    }
+    let long = cache.ttl(&1).await.unwrap().unwrap();
+    let short = cache.ttl(&2).await.unwrap().unwrap();
+    assert!(
+        long > Duration::from_secs(590) && long <= Duration::from_secs(600),
+        "{long:?}"
+    );
+    assert!(
+        short > Duration::ZERO && short <= Duration::from_secs(5),
+        "{short:?}"
+    );
+    // A value the policy refuses is returned but not cached…
+    let v = cache.get_or_load(&3, || async { Res::Ok(Some(11)) }).await;
+    assert_eq!(v.unwrap(), Some(11));
+    assert_eq!(cache.peek(&3).await.unwrap(), None);
+    assert_eq!(cache.ttl(&3).await.unwrap(), None);
+    // …and writing one removes the value that was there.
+    cache.set(&1, 13).await.unwrap();
+    assert_eq!(cache.peek(&1).await.unwrap(), None);
+    assert_eq!(cache.stats().loads, 3);
 }

@@ -11,7 +11,6 @@ use cachet_core::{
     Acquire, AcquireMode, CacheKey, Capability, Clock, Entry, Fill, GroupKey, KeyLayout,
     LeaseToken, Meta, Payload, PayloadKind, Read, Store, StoreError, StoreKey, Versioned,
 };
-use rand::Rng as _;
 
 use super::fresh::{AheadReads, Freshness, State};
 use crate::Error;
@@ -19,6 +18,7 @@ use crate::bloom::BloomFilter;
 use crate::breaker::Guarded;
 use crate::codec::Codec;
 use crate::error::BoxError;
+use crate::expiry::Expiry;
 use crate::flight::Flights;
 use crate::memory::{Acquired, LocalTier, Slot};
 use crate::near::{Near, NearCache};
@@ -26,9 +26,6 @@ use crate::stats::Counters;
 
 pub(crate) struct Settings<V> {
     pub(crate) layout: KeyLayout,
-    pub(crate) ttl: Duration,
-    pub(crate) jitter: f64,
-    pub(crate) negative_ttl: Option<Duration>,
     pub(crate) lease_ttl: Duration,
     pub(crate) lease_wait: Duration,
     pub(crate) fresh: Freshness,
@@ -49,6 +46,8 @@ pub(crate) type GroupFn<K> = Arc<dyn Fn(&K) -> String + Send + Sync>;
 
 pub(crate) struct Inner<K: ?Sized, V> {
     pub(crate) s: Settings<V>,
+    /// How long each value stays fresh.
+    pub(crate) expiry: Arc<dyn Expiry<K, V>>,
     /// The filter of keys that exist, when configured.
     pub(crate) bloom: Option<BloomFilter>,
     /// The key's group, for caches with groups.
@@ -110,7 +109,7 @@ impl At {
     /// The entry's store key.
     pub(crate) fn skey<K, V>(&mut self, inner: &Inner<K, V>, key: &K) -> &StoreKey
     where
-        K: CacheKey + ?Sized,
+        K: CacheKey + ?Sized + 'static,
         V: Clone + Send + Sync + 'static,
     {
         self.skey
@@ -128,11 +127,12 @@ pub(crate) enum Claim<V> {
 
 impl<K, V> Inner<K, V>
 where
-    K: CacheKey + ?Sized,
+    K: CacheKey + ?Sized + 'static,
     V: Clone + Send + Sync + 'static,
 {
     pub(crate) fn new(
         s: Settings<V>,
+        expiry: Arc<dyn Expiry<K, V>>,
         group: Option<GroupFn<K>>,
         local: Option<Arc<dyn LocalTier<K, V>>>,
         bloom: Option<BloomFilter>,
@@ -144,6 +144,7 @@ where
         let s_clock = s.clock.clone();
         Self {
             s,
+            expiry,
             bloom,
             group,
             local,
@@ -161,11 +162,8 @@ where
     }
 
     /// How long a value read or loaded now may stay in the near cache.
-    pub(crate) fn near_ttl(&self, value: &Option<V>) -> Duration {
-        match value {
-            Some(_) => self.s.ttl.mul_f64(1.0 - self.s.jitter),
-            None => self.s.negative_ttl.unwrap_or(Duration::ZERO),
-        }
+    pub(crate) fn near_ttl(&self, key: &K, value: &Option<V>) -> Duration {
+        (self.expiry.near_for(key, value.as_ref())).unwrap_or(Duration::ZERO)
     }
 
     pub(crate) fn namespace(&self) -> &str {
@@ -367,8 +365,9 @@ where
         versioned: bool,
     ) -> Result<Versioned, Error> {
         let value = Some(value);
-        let Some((meta, ttl)) = self.placement(&value, Duration::ZERO) else {
-            unreachable!("a value always has a placement")
+        let Some((meta, ttl)) = self.placement(key, &value, Duration::ZERO) else {
+            // The policy keeps this value out of the cache: the old one goes.
+            return self.remove(key, skey).await.map(|()| Versioned::Written);
         };
         if let Some(local) = &self.local {
             let slot = Slot { value, meta };
@@ -498,19 +497,11 @@ where
         Ok(Entry { meta, payload })
     }
 
-    /// A value's fresh life, drawn uniformly from `ttl × (1 ± jitter)`.
-    fn fresh_ttl(&self) -> Duration {
-        if self.s.jitter == 0.0 {
-            return self.s.ttl;
-        }
-        let factor = rand::rng().random_range((1.0 - self.s.jitter)..=(1.0 + self.s.jitter));
-        self.s.ttl.mul_f64(factor)
-    }
-
-    /// The envelope and store TTL for writing `value` now; `None` when it is not
-    /// to be cached (a "not found" with negative caching off).
+    /// The envelope and store TTL for writing `value` for `key` now; `None`
+    /// when the expiry policy says not to cache it.
     pub(crate) fn placement(
         &self,
+        key: &K,
         value: &Option<V>,
         load_time: Duration,
     ) -> Option<(Meta, Duration)> {
@@ -523,11 +514,8 @@ where
             },
             ..Meta::default()
         };
-        if value.is_none() {
-            return self.s.negative_ttl.map(|ttl| (meta, ttl));
-        }
-        let fresh = self.fresh_ttl();
-        if !self.s.fresh.soft() {
+        let fresh = self.expiry.fresh_for(key, value.as_ref())?;
+        if value.is_none() || !self.s.fresh.soft() {
             return Some((meta, fresh));
         }
         let fresh_ms = u64::try_from(fresh.as_millis()).unwrap_or(u64::MAX);
@@ -695,7 +683,7 @@ where
         soft_expiry_ms: u64,
     ) {
         if let (Some(near), Some(ticket)) = (&self.near, ticket) {
-            let mut ttl = self.near_ttl(value);
+            let mut ttl = self.near_ttl(key, value);
             if soft_expiry_ms != 0 {
                 // L1 never serves a value past its soft expiry.
                 let left = soft_expiry_ms.saturating_sub(self.s.clock.coarse_ms());

@@ -295,8 +295,8 @@ where
                 return Err(e);
             }
         };
-        let Some((meta, ttl)) = self.placement(&value, load_time) else {
-            // Negative caching is off.
+        let Some((meta, ttl)) = self.placement(key, &value, load_time) else {
+            // The expiry policy keeps it out (a "not found" without negative caching).
             self.release(key, skey, &token).await;
             return Ok(value);
         };
@@ -327,7 +327,7 @@ where
 /// was aborted by a runtime shutdown), so that others need not wait for its TTL.
 struct LeaseGuard<'a, K, V>
 where
-    K: CacheKey + ?Sized,
+    K: CacheKey + ?Sized + 'static,
     V: Clone + Send + Sync + 'static,
 {
     inner: &'a Inner<K, V>,
@@ -339,7 +339,7 @@ where
 
 impl<K, V> Drop for LeaseGuard<'_, K, V>
 where
-    K: CacheKey + ?Sized,
+    K: CacheKey + ?Sized + 'static,
     V: Clone + Send + Sync + 'static,
 {
     fn drop(&mut self) {

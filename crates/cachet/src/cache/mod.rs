@@ -31,6 +31,7 @@ use crate::bloom::BloomFilter;
 use crate::breaker::Guarded;
 use crate::builder::CacheBuilder;
 use crate::error::BoxError;
+use crate::expiry::Expiry;
 use crate::memory::LocalTier;
 use crate::near::NearCache;
 use crate::stats::Stats;
@@ -134,9 +135,6 @@ impl<K: ?Sized, V> fmt::Debug for Cache<K, V> {
         f.debug_struct("Cache")
             .field("namespace", &s.layout.namespace())
             .field("prefix", &s.layout.prefix())
-            .field("ttl", &s.ttl)
-            .field("jitter", &s.jitter)
-            .field("negative_ttl", &s.negative_ttl)
             .field("lease_ttl", &s.lease_ttl)
             .field("lease_wait", &s.lease_wait)
             .field("freshness", &s.fresh)
@@ -161,13 +159,14 @@ where
 
     pub(crate) fn from_settings(
         s: Settings<V>,
+        expiry: Arc<dyn Expiry<K, V>>,
         group: Option<GroupFn<K>>,
         local: Option<Arc<dyn LocalTier<K, V>>>,
         bloom: Option<BloomFilter>,
         near: Option<NearCache>,
         breaker: Option<Arc<Guarded>>,
     ) -> Self {
-        let inner = Arc::new(Inner::new(s, group, local, bloom, near, breaker));
+        let inner = Arc::new(Inner::new(s, expiry, group, local, bloom, near, breaker));
         if inner.near.is_some() {
             let stop = inner._bus_stop.subscribe();
             let head = format!("{}{}", inner.s.layout.prefix(), inner.namespace());
