@@ -13,6 +13,7 @@
 //! - [Two tiers: the near cache](#two-tiers-the-near-cache)
 //! - [Write paths](#write-paths)
 //! - [Stores](#stores)
+//! - [Expiry](#expiry)
 //! - [Costs](#costs)
 //! - [Metrics](#metrics)
 //!
@@ -219,6 +220,21 @@
 //! | `RedisStore` (feature `redis`, on by default) | Redis ≥ 7 | envelope + codec bytes | one `GET` round trip and a decode |
 //!
 //! Both implement the same [`Store`] protocol and pass the same conformance suite.
+//! The trait's required methods are the core protocol; groups, version-checked
+//! sets, the invalidation bus (which near caches need), the deferred queue and
+//! Bloom bits are [capabilities](store::Capability) a store offers through
+//! accessors, and [`CacheBuilder::build`] refuses a configuration that needs one
+//! the store lacks, naming both. To count, delay or guard a store's calls, wrap
+//! it in a [`StoreLayer`](store::StoreLayer) (see [`store::Layered`]); the
+//! circuit breaker is one.
+//!
+//! # Expiry
+//!
+//! [`ttl`](CacheBuilder::ttl), [`jitter`](CacheBuilder::jitter) and
+//! [`negative_ttl`](CacheBuilder::negative_ttl) configure the built-in policy,
+//! [`Ttl`]; an [`Expiry`] given to [`expiry`](CacheBuilder::expiry) decides each
+//! value's fresh life from its key and value instead, or keeps it out of the
+//! cache.
 //!
 //! # Costs
 //!
@@ -227,7 +243,7 @@
 //! and TTL in one `SET … PX`) and consumes the lease: one round trip more than
 //! naive cache-aside. [`invalidate`](Cache::invalidate) is one `DEL` of the entry and its
 //! lease; [`set`](Cache::set) one `EVALSHA`. Each entry carries a 30-byte envelope
-//! header (see [`envelope`]); a lease is a 16-byte token
+//! header (see [`store::envelope`]); a lease is a 16-byte token
 //! under its own key, alive only during a load.
 //!
 //! # Metrics
