@@ -26,6 +26,7 @@ fn user(id: u64, name: &str) -> User {
 type Res<T> = Result<T, std::io::Error>;
 
 on_both_stores!(
+    a_panicking_loader_fails_every_caller_once_and_leaves_no_lease,
     an_expiry_policy_sets_each_entrys_life_and_can_refuse_one,
     read_through_caches_values_and_negatives,
     negative_caching_can_be_turned_off,
@@ -911,4 +912,66 @@ async fn an_expiry_policy_sets_each_entrys_life_and_can_refuse_one(fx: Fx) {
     cache.set(&1, 13).await.unwrap();
     assert_eq!(cache.peek(&1).await.unwrap(), None);
     assert_eq!(cache.stats().loads, 3);
+}
+
+async fn a_panicking_loader_fails_every_caller_once_and_leaves_no_lease(fx: Fx) {
+    let cache: Cache<u64, u64> = fx.builder("panics").build().unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let release = Gate::default();
+    let mut callers = Vec::new();
+    for i in 0..20 {
+        let (cache, runs, release) = (cache.clone(), Arc::clone(&runs), release.clone());
+        callers.push(tokio::spawn(async move {
+            cache
+                .get_or_load(&1, move || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    release.wait().await;
+                    if i < 100 {
+                        panic!("boom in the loader");
+                    }
+                    Res::Ok(Some(1))
+                })
+                .await
+        }));
+    }
+    // Every caller has joined the one flight before the loader panics.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cache.stats().coalesced < 19 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            cache.stats()
+        );
+        tokio::task::yield_now().await;
+    }
+    release.open();
+    for caller in callers {
+        let e = caller
+            .await
+            .expect("no panic reaches a caller")
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Load);
+        assert_eq!(e.key(), Some("1"));
+        assert!(
+            e.to_string()
+                .contains("the loader panicked: boom in the loader"),
+            "{e}"
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "one load for the flight");
+    let ttls = fx.store().ttl(&cache.store_key(&1)).await.unwrap();
+    assert_eq!(ttls.lease, None, "the lease was released");
+    // A single caller gets the error too, and the next load works.
+    let e = cache
+        .get_or_load(&2, || async {
+            if true {
+                panic!("alone");
+            }
+            Res::Ok(None)
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("the loader panicked: alone"), "{e}");
+    let v = cache.get_or_load(&2, || async { Res::Ok(Some(2)) }).await;
+    assert_eq!(v.unwrap(), Some(2));
 }

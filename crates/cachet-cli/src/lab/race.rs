@@ -16,6 +16,13 @@
 //! (second deletes run, outbox drained), the scenario counts the hot rows whose
 //! cached value differs from the database.
 //!
+//! Whatever the random interleavings did, each row ends with the essay's race
+//! played once on purpose, after the readers and writers stopped: a reader misses row 1
+//! and reads it, a writer updates it and invalidates (it does not crash), and
+//! only then does the reader fill. So naive cache-aside always ends with at
+//! least one stale entry, on any machine however loaded, and every protected
+//! strategy must still end with none.
+//!
 //! By default writers write for `--race-ms`; `--race-ops` runs a fixed number of
 //! operations instead, and with `--lease-ttl-ms` below the loaders' delay leases
 //! expire mid-load: the torture configuration.
@@ -243,6 +250,9 @@ struct TaskOutcome {
     crashed: u64,
     /// Second deletes queued.
     queued: u64,
+    /// Writes of the scripted race: in `writes` (each has its second delete or
+    /// outbox record), not in the row's requests.
+    scripted_writes: u64,
     latency: Option<Latency>,
 }
 
@@ -325,6 +335,7 @@ async fn run_strategy(lab: &Lab, strategy: Strategy) -> Result<Row> {
         } else {
             Duration::ZERO
         },
+        hold: None,
     };
     let mut writers = JoinSet::new();
     for w in 0..a.writers {
@@ -338,6 +349,12 @@ async fn run_strategy(lab: &Lab, strategy: Strategy) -> Result<Row> {
     let mut total = TaskOutcome {
         latency: Some(Latency::new()),
         ..TaskOutcome::default()
+    };
+    let scripted = || {
+        let mut reader = task("race-scripted", 0, &Arc::new(AtomicBool::new(false)));
+        let writer = task("race-scripted", 1, &Arc::new(AtomicBool::new(false)));
+        reader.budget = None;
+        scripted_race(reader, writer, strategy)
     };
     if budget.is_some() {
         // Every task stops by itself once the operations are spent.
@@ -353,6 +370,8 @@ async fn run_strategy(lab: &Lab, strategy: Strategy) -> Result<Row> {
         // filled (or been refused) once they are all joined.
         collect(&mut readers, &mut total).await?;
     }
+    // Alone now: no other load of the row can lead its flight.
+    scripted().await.add_to(&mut total);
 
     if let Some(budget) = &budget
         && total.reads + total.writes < budget.total
@@ -407,7 +426,7 @@ async fn run_strategy(lab: &Lab, strategy: Strategy) -> Result<Row> {
 
     let stats = cache.stats();
     let mut row = lab.row(NAME, strategy.name());
-    row.requests = total.reads + total.writes;
+    row.requests = total.reads + total.writes - total.scripted_writes;
     row.writes = total.writes;
     row.db_queries = db.reads();
     row.stale_entries = Some(stale);
@@ -426,17 +445,70 @@ async fn run_strategy(lab: &Lab, strategy: Strategy) -> Result<Row> {
     Ok(row.with_latency(&latency).elapsed(elapsed))
 }
 
-async fn collect(set: &mut JoinSet<TaskOutcome>, total: &mut TaskOutcome) -> Result<()> {
-    while let Some(done) = set.join_next().await {
-        let t = done.context("a race task panicked")?;
-        total.reads += t.reads;
-        total.writes += t.writes;
-        total.errors += t.errors;
-        total.crashed += t.crashed;
-        total.queued += t.queued;
-        if let (Some(sum), Some(l)) = (&mut total.latency, &t.latency) {
+/// The essay's race, played once on row 1: the reader misses and reads the
+/// row, the writer updates it and invalidates (without crashing), and only
+/// then may the reader fill. Its operations are not counted in the row's
+/// requests, which stay what `--race-ms` or `--race-ops` asked for; its write
+/// is in the row's writes.
+async fn scripted_race(mut reader: Task, writer: Task, strategy: Strategy) -> TaskOutcome {
+    const ROW: i64 = 1;
+    let mut out = TaskOutcome::default();
+    let hold = Arc::new(Hold {
+        row: ROW,
+        read: tokio::sync::Notify::new(),
+        written: watch::Sender::new(false),
+    });
+    reader.hold = Some(Arc::clone(&hold));
+    // The reader must miss: drop what the cache holds (the database is unchanged).
+    if writer.cache.invalidate(&ROW).await.is_err() {
+        out.errors += 1;
+    }
+    let read = tokio::spawn(async move {
+        let delay = reader.delay();
+        match strategy.leases() {
+            true => reader.lease_read(ROW, delay).await,
+            false => reader.naive_read(ROW, delay).await,
+        }
+    });
+    let deadline = writer.deadline;
+    if tokio::time::timeout_at(deadline, hold.read.notified())
+        .await
+        .is_err()
+    {
+        out.errors += 1;
+    }
+    out.writes += 1;
+    out.scripted_writes += 1;
+    match writer.write(ROW, false).await {
+        Ok(Written::Queued) => out.queued += 1,
+        Ok(_) => {}
+        Err(_) => out.errors += 1,
+    }
+    hold.written.send_replace(true);
+    if !matches!(read.await, Ok(Ok(_))) {
+        out.errors += 1;
+    }
+    out
+}
+
+impl TaskOutcome {
+    /// Adds this outcome's counts to `total`.
+    fn add_to(self, total: &mut TaskOutcome) {
+        total.reads += self.reads;
+        total.writes += self.writes;
+        total.errors += self.errors;
+        total.crashed += self.crashed;
+        total.queued += self.queued;
+        total.scripted_writes += self.scripted_writes;
+        if let (Some(sum), Some(l)) = (&mut total.latency, &self.latency) {
             sum.merge(l);
         }
+    }
+}
+
+async fn collect(set: &mut JoinSet<TaskOutcome>, total: &mut TaskOutcome) -> Result<()> {
+    while let Some(done) = set.join_next().await {
+        done.context("a race task panicked")?.add_to(total);
     }
     Ok(())
 }
@@ -500,6 +572,30 @@ struct Task {
     crash_percent: u32,
     /// Upper bound of a writer's random pause after each write.
     pause: Duration,
+    /// For the scripted race: hold the load of this row between its read and
+    /// its fill until the writer has written.
+    hold: Option<Arc<Hold>>,
+}
+
+/// The scripted race's two signals: the reader has read the row; the writer
+/// has written it.
+#[derive(Debug)]
+struct Hold {
+    row: i64,
+    read: tokio::sync::Notify,
+    written: watch::Sender<bool>,
+}
+
+impl Hold {
+    /// Called by a load between its read and its fill.
+    async fn after_read(hold: Option<&Arc<Hold>>, id: i64, deadline: Instant) {
+        let Some(hold) = hold.filter(|h| h.row == id) else {
+            return;
+        };
+        hold.read.notify_one();
+        let mut written = hold.written.subscribe();
+        let _ = tokio::time::timeout_at(deadline, written.wait_for(|w| *w)).await;
+    }
 }
 
 impl Task {
@@ -554,6 +650,7 @@ impl Task {
             return Ok(Some(item));
         }
         let item = self.db.load(id).await?;
+        Hold::after_read(self.hold.as_ref(), id, self.deadline).await;
         tokio::time::sleep(delay).await;
         if let Some(item) = &item {
             self.cache.set(&id, item.clone()).await?;
@@ -563,10 +660,12 @@ impl Task {
 
     async fn lease_read(&self, id: i64, delay: Duration) -> Result<Option<Item>> {
         let db = self.db.clone();
+        let (hold, deadline) = (self.hold.clone(), self.deadline);
         let item = self
             .cache
             .get_or_load(&id, move || async move {
                 let item = db.load(id).await?;
+                Hold::after_read(hold.as_ref(), id, deadline).await;
                 tokio::time::sleep(delay).await;
                 Ok::<_, sqlx::Error>(item)
             })

@@ -245,8 +245,8 @@ where
     {
         let started = Instant::now();
         let loaded = match hard_timeout {
-            None => loader().await,
-            Some(limit) => match tokio::time::timeout(limit, loader()).await {
+            None => unwound(loader).await,
+            Some(limit) => match tokio::time::timeout(limit, unwound(loader)).await {
                 Ok(loaded) => loaded,
                 Err(_) => {
                     self.counters.load_timeouts.inc();
@@ -255,13 +255,28 @@ where
             },
         };
         match loaded {
-            Ok(value) => {
+            Ok(Ok(value)) => {
                 self.counters.loads.inc();
                 Ok((value, started.elapsed()))
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 self.counters.load_errors.inc();
                 Err(Error::load(self.namespace(), skey.user_key(), e.into()))
+            }
+            Err(panic) => {
+                self.counters.load_errors.inc();
+                let message = match panic.downcast_ref::<&str>() {
+                    Some(s) => (*s).to_owned(),
+                    None => panic.downcast_ref::<String>().cloned().unwrap_or_default(),
+                };
+                tracing::error!(cache = self.namespace(), key = skey.user_key(), panic = %message,
+                    "the loader panicked");
+                Err(Error::with_message(
+                    crate::ErrorKind::Load,
+                    self.namespace(),
+                    Some(skey.user_key()),
+                    format!("the loader panicked: {message}"),
+                ))
             }
         }
     }
@@ -321,6 +336,26 @@ where
     {
         self.call(skey, hard_timeout, loader).await.map(|(v, _)| v)
     }
+}
+
+/// Calls `loader` and runs its future, catching a panic in either: a loader
+/// that panics fails its flight like one that returns an error, and never
+/// unwinds into the cache or its callers.
+async fn unwound<F, Fut, T>(loader: F) -> Result<T, Box<dyn std::any::Any + Send>>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = T>,
+{
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    let mut load = Box::pin(catch_unwind(AssertUnwindSafe(loader))?);
+    std::future::poll_fn(
+        |cx| match catch_unwind(AssertUnwindSafe(|| load.as_mut().poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
+        },
+    )
+    .await
 }
 
 /// Releases a lease if the load holding it is dropped before it ends (its task
