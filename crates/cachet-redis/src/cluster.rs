@@ -15,11 +15,24 @@ use redis::{
 
 use crate::{map_err, redact};
 
-/// Where a store connects: one server, or the seed nodes of a cluster.
-#[derive(Clone, Debug)]
+/// Where a store connects: one server, or the seed nodes of a cluster. Its
+/// `Debug` never shows a password.
+#[derive(Clone)]
 pub(crate) enum Target {
     Server(String),
     Cluster(Vec<String>),
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Server(url) => f.debug_tuple("Server").field(&redact(url)).finish(),
+            Self::Cluster(urls) => {
+                let urls: Vec<String> = urls.iter().map(|u| redact(u)).collect();
+                f.debug_tuple("Cluster").field(&urls).finish()
+            }
+        }
+    }
 }
 
 impl Target {

@@ -1117,6 +1117,16 @@ mod tests {
     }
 
     #[test]
+    fn builders_never_show_a_password() {
+        let one = RedisStore::builder("redis://app:hunter2@db.internal:6379/0");
+        let many = RedisStore::cluster_builder(["redis://:hunter2@a:7000", "redis://b:7001"]);
+        for shown in [format!("{one:?}"), format!("{many:?}"), format!("{one:#?}")] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("***@"), "{shown}");
+        }
+    }
+
+    #[test]
     fn redacts_passwords() {
         assert_eq!(
             redact("redis://:secret@host:6379/0"),
