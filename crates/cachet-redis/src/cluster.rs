@@ -213,13 +213,15 @@ pub(crate) async fn connect(
         .max_retry_wait(500)
         .build()
         .map_err(|e| StoreError::config("invalid Redis Cluster configuration").with_source(e))?;
-    let conn = client.get_async_connection().await.map_err(|e| {
+    let connecting = client.get_async_connection();
+    let connected = crate::within_connect_timeout(connection_timeout, connecting).await?;
+    let conn = connected.map_err(|e| {
         if e.to_string().contains("cluster support disabled") {
             let urls: Vec<String> = urls.iter().map(|u| redact(u)).collect();
             StoreError::config(format!("{} is not a Redis Cluster node", urls.join(", ")))
                 .with_source(e)
         } else {
-            map_err(e, response_timeout)
+            map_err(e, connection_timeout)
         }
     })?;
     Ok(RedisConnection(Conn::Cluster(Cluster {

@@ -244,7 +244,8 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// How long to wait for a connection (default 1 s).
+    /// How long to wait for a connection (default 1 s): `connect` fails once
+    /// this has passed, however many attempts the client made meanwhile.
     pub fn connection_timeout(mut self, timeout: Duration) -> Self {
         self.connection_timeout = timeout;
         self
@@ -330,9 +331,10 @@ impl RedisStoreBuilder {
             .set_connection_timeout(Some(self.connection_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| map_err(e, self.response_timeout))?;
+        let connecting = ConnectionManager::new_with_config(client, config);
+        let conn = within_connect_timeout(self.connection_timeout, connecting)
+            .await?
+            .map_err(|e| map_err(e, self.connection_timeout))?;
         Ok(RedisConnection::server(conn))
     }
 }
@@ -565,6 +567,20 @@ fn map_err(e: redis::RedisError, timeout: Duration) -> StoreError {
 }
 
 /// The URL without its password, for logs.
+/// Runs a connection attempt within the connect timeout: past it, the attempt
+/// is dropped and the error names the limit.
+pub(crate) async fn within_connect_timeout<T>(
+    limit: Duration,
+    connecting: impl std::future::Future<Output = T>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, connecting).await.map_err(|_| {
+        StoreError::new(
+            cachet_core::StoreErrorKind::Timeout,
+            format!("no connection within the connection timeout ({limit:?})"),
+        )
+    })
+}
+
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
@@ -1114,6 +1130,44 @@ mod tests {
         assert!(ra > 0 && rb > 0, "both workers took part: {ra} + {rb}");
         let stats = server.command(&["INFO", "keyspace"]);
         assert!(!stats.contains("keys="), "queue left behind: {stats}");
+    }
+
+    /// A server that accepts connections and never answers.
+    async fn mute_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            for _ in 0..64 {
+                match listener.accept().await {
+                    Ok((socket, _)) => held.push(socket),
+                    Err(_) => return,
+                }
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn connecting_to_a_mute_server_fails_within_the_connection_timeout() {
+        let (addr, server) = mute_server().await;
+        let limit = Duration::from_millis(400);
+        let started = std::time::Instant::now();
+        let e = RedisStore::builder(format!("redis://{addr}/"))
+            .connection_timeout(limit)
+            .response_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        server.abort();
+        assert!(e.is_timeout(), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "no connection within the connection timeout (400ms)"
+        );
+        // Bounded by the limit, not by retries of it nor by the response timeout.
+        assert!(took < limit * 2, "took {took:?}");
     }
 
     #[test]
