@@ -7,7 +7,11 @@
 //! ```
 //!
 //! - `prefix` defaults to `cachet:` and `namespace` names one cache, so caches
-//!   never read each other's entries;
+//!   never read each other's entries. A prefix is empty or ends with `:`, which
+//!   no namespace contains, so `{prefix}{namespace}` splits back into the two
+//!   at its last `:`: distinct (prefix, namespace) pairs never share a key
+//!   (`app` + `1users` and `app1` + `users` would; `app:` + `1users` and
+//!   `app1:` + `users` do not);
 //! - `kind` is one letter: `v` for the entry, `l` for its lease; system
 //!   structures (queues, generation counters) use the segment `:sys:` instead and
 //!   are the only keys allowed to live without a TTL;
@@ -303,9 +307,10 @@ pub enum KeyLayoutError {
     /// or is the reserved word `sys`.
     #[error("invalid namespace {0:?}: use 1 to 64 characters from [A-Za-z0-9_.-], and not \"sys\"")]
     Namespace(String),
-    /// The prefix is too long or contains braces, whitespace or control characters.
+    /// The prefix is too long, contains braces, whitespace or control
+    /// characters, or is neither empty nor ends with `:`.
     #[error(
-        "invalid key prefix {0:?}: use at most 64 printable ASCII characters without braces or spaces"
+        "invalid key prefix {0:?}: use at most 64 printable ASCII characters without braces or spaces, ending with ':' (or none at all)"
     )]
     Prefix(String),
 }
@@ -341,7 +346,10 @@ impl KeyLayout {
         if !ns_ok {
             return Err(KeyLayoutError::Namespace(namespace.to_owned()));
         }
+        // Ending with ':', which no namespace holds, keeps (prefix, namespace)
+        // pairs apart once they are joined.
         let prefix_ok = prefix.len() <= 64
+            && (prefix.is_empty() || prefix.ends_with(':'))
             && prefix
                 .bytes()
                 .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
@@ -664,6 +672,25 @@ mod tests {
         assert!(KeyLayout::new("ca{chet", "users").is_err());
         assert!(KeyLayout::new("", "users").is_ok());
         assert!(KeyLayout::new("app-1:", "users.v2").is_ok());
+        assert!(KeyLayout::new("app", "users").is_err(), "no trailing ':'");
+    }
+
+    #[test]
+    fn distinct_prefix_and_namespace_pairs_never_share_a_key() {
+        let prefixes = ["", "a:", "app:", "app1:", "app:1:", "a:pp:"];
+        let namespaces = ["1users", "users", "1", "pp", "app", "p.1"];
+        let mut seen = std::collections::HashMap::new();
+        for p in prefixes {
+            for n in namespaces {
+                let head = format!("{}", KeyLayout::new(p, n).unwrap().key("k"));
+                if let Some(other) = seen.insert(head.clone(), (p, n)) {
+                    panic!("{other:?} and {:?} share {head}", (p, n));
+                }
+            }
+        }
+        // The pair that used to collide is refused rather than merged.
+        assert!(KeyLayout::new("app", "1users").is_err());
+        assert!(KeyLayout::new("app1", "users").is_err());
     }
 
     /// Hash tag rule of Redis Cluster: the substring between the first `{` and the

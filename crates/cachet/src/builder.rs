@@ -147,7 +147,8 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
         self
     }
 
-    /// The key prefix, `cachet:` by default.
+    /// The key prefix, `cachet:` by default: empty, or ending with `:` (so
+    /// that no two (prefix, namespace) pairs share keys; see [`KeyLayout`]).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
