@@ -127,15 +127,18 @@ return {due, next_due, now}
 /// Reads a group's generation, creating it if it is missing. A new generation is
 /// the server's time in microseconds: later than any generation the group had
 /// before it was evicted or lost, so entries filled under those stay orphaned.
-/// Generations are kept as decimal strings (exact: they stay below 2^53).
+/// Generations are kept as decimal strings (exact: they stay below 2^53). A
+/// generation key that holds something else (not a number, or a key of
+/// another type, planted or corrupt) is replaced the same way, so it never
+/// disables caching for the group.
 pub(crate) const GENERATION: &str = r"
 local function generation(key)
-  local g = redis.call('GET', key)
-  if not g then
-    local t = redis.call('TIME')
-    g = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
-    redis.call('SET', key, g)
-  end
+  local g = redis.pcall('GET', key)
+  if type(g) == 'string' and tonumber(g) then return g end
+  if type(g) == 'table' then redis.call('DEL', key) end
+  local t = redis.call('TIME')
+  g = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  redis.call('SET', key, g)
   return g
 end
 ";
@@ -211,13 +214,19 @@ return 1
 /// Group invalidation: moves a group's generation to a value it never had.
 ///
 /// `KEYS[1]` generation. The new generation is the later of the server's time
-/// in microseconds and the old generation plus one.
+/// in microseconds and the old generation plus one (a generation that is not a
+/// number, or a key of another type, counts as none).
 pub(crate) static BUMP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local old = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cur = redis.pcall('GET', KEYS[1])
+if type(cur) == 'table' then
+  redis.call('DEL', KEYS[1])
+  cur = false
+end
+local old = tonumber(cur or '0') or 0
 local new = string.format('%.0f', math.max(now, old + 1))
 redis.call('SET', KEYS[1], new)
 return new

@@ -118,6 +118,47 @@ async fn first_fills_of_a_new_group_racing_all_land(fx: Fx) {
 
 /// The generation key is evicted (or lost with a Redis restart): the old
 /// entries are still in Redis, but never read again.
+/// A generation key holding garbage or a key of another type (planted, or
+/// corrupt) is replaced by a new generation: the group's reads, fills and
+/// invalidations keep working, and its old entries stay orphaned.
+#[tokio::test]
+async fn a_planted_generation_is_replaced_not_fatal() {
+    let fx = Fx::redis().await;
+    let server = fx.server().unwrap();
+    let cache = tenants(&fx);
+    fill(&cache, 1, 0..5, "old").await;
+    fill(&cache, 2, 0..5, "old").await;
+    let garbage = cache.store_key(&(1, 0)).group_key().unwrap();
+    let listed = cache.store_key(&(2, 0)).group_key().unwrap();
+    assert_eq!(
+        server.command(&["SET", garbage.as_str(), "not a number"]),
+        "OK"
+    );
+    assert_eq!(server.command(&["DEL", listed.as_str()]), "1");
+    assert_eq!(server.command(&["RPUSH", listed.as_str(), "x"]), "1");
+    for tenant in [1, 2] {
+        assert_eq!(cache.get(&(tenant, 0)).await.unwrap(), None, "orphaned");
+        fill(&cache, tenant, 0..5, "new").await;
+        assert_eq!(
+            cache.get(&(tenant, 3)).await.unwrap().as_deref(),
+            Some(format!("new-{tenant}-3").as_str())
+        );
+        cache.invalidate_group(&tenant).await.unwrap();
+        assert_eq!(cache.get(&(tenant, 3)).await.unwrap(), None);
+    }
+    for gen_key in [&garbage, &listed] {
+        let g = server.command(&["GET", gen_key.as_str()]);
+        assert!(g.parse::<u64>().unwrap() > 1_600_000_000_000_000, "{g}");
+    }
+    // Invalidating first, before any read, repairs it too.
+    let third = cache.store_key(&(3, 0)).group_key().unwrap();
+    assert_eq!(server.command(&["SET", third.as_str(), "x1"]), "OK");
+    cache.invalidate_group(&3u64).await.unwrap();
+    let g = server.command(&["GET", third.as_str()]);
+    assert!(g.parse::<u64>().unwrap() > 1_600_000_000_000_000, "{g}");
+    assert_eq!(cache.stats().store_errors, 0);
+}
+
 #[tokio::test]
 async fn a_lost_generation_never_revives_old_entries() {
     let fx = Fx::redis().await;
