@@ -686,12 +686,16 @@ impl Store for RedisStore {
             });
         }
         Box::pin(async move {
-            let bytes: Option<Bytes> = redis::cmd("GET")
+            let read: Result<Option<Bytes>, _> = redis::cmd("GET")
                 .arg(key.as_str())
                 .query_async(&mut self.conn())
-                .await
-                .map_err(|e| self.err(e))?;
-            Ok(read_of(bytes))
+                .await;
+            match read {
+                Ok(bytes) => Ok(read_of(bytes)),
+                // Not a string (someone else's key): not an entry, to be replaced.
+                Err(e) if e.code() == Some("WRONGTYPE") => Ok(Read::Corrupt),
+                Err(e) => Err(self.err(e)),
+            }
         })
     }
 

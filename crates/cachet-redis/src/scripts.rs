@@ -13,19 +13,28 @@ use redis::Script;
 /// `KEYS[1]` entry, `KEYS[2]` lease; `ARGV[1]` token, `ARGV[2]` lease TTL in ms,
 /// `ARGV[3]` mode (`0`: return the entry if present; `1`: take the lease even so).
 ///
-/// Returns `{1, entry}` when the entry is present (mode 0), `{2}` when the lease
-/// was granted, `{3, pttl}` when another token holds it.
+/// Returns `{1, entry}` when the entry is present (mode 0; empty bytes, which
+/// are not an entry, when the key holds another type), `{2}` when the lease
+/// was granted, `{3, pttl}` when another token holds it. A lease key without a
+/// TTL is no lease of cachet's (each has one): it is taken over at once rather
+/// than waited for.
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if ARGV[3] == '0' then
-  local v = redis.call('GET', KEYS[1])
+  local v = redis.pcall('GET', KEYS[1])
+  if type(v) == 'table' then return {1, ''} end
   if v then return {1, v} end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {2}
 end
-return {3, redis.call('PTTL', KEYS[2])}
+local left = redis.call('PTTL', KEYS[2])
+if left == -1 then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return {2}
+end
+return {3, left}
 ",
     )
 });
@@ -153,7 +162,9 @@ fn with_generation(body: &str) -> Script {
 pub(crate) static GET_GROUPED: LazyLock<Script> = LazyLock::new(|| {
     with_generation(
         r"
-return {redis.call('GET', KEYS[1]) or false, generation(KEYS[2])}
+local v = redis.pcall('GET', KEYS[1])
+if type(v) == 'table' then v = '' end
+return {v or false, generation(KEYS[2])}
 ",
     )
 });
@@ -166,13 +177,19 @@ pub(crate) static ACQUIRE_GROUPED: LazyLock<Script> = LazyLock::new(|| {
         r"
 local g = generation(KEYS[3])
 if ARGV[3] == '0' then
-  local v = redis.call('GET', KEYS[1])
+  local v = redis.pcall('GET', KEYS[1])
+  if type(v) == 'table' then return {1, '', g} end
   if v then return {1, v, g} end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {2, g}
 end
-return {3, redis.call('PTTL', KEYS[2]), g}
+local left = redis.call('PTTL', KEYS[2])
+if left == -1 then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return {2, g}
+end
+return {3, left, g}
 ",
     )
 });

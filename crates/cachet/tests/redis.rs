@@ -66,6 +66,72 @@ async fn corrupt_and_foreign_bytes_are_misses_then_replaced() {
     assert_eq!(cache.stats().decode_errors, 4, "{:?}", cache.stats());
 }
 
+/// Keys of another type where entries live, and a lease key without a TTL
+/// (planted, or left by something else): an entry is replaced by the next
+/// load, a TTL-less lease is taken over at once, and nothing fails or waits
+/// its whole lease wait.
+#[tokio::test]
+async fn foreign_types_and_ttl_less_leases_are_replaced() {
+    let fx = Fx::redis().await;
+    let server = fx.server().unwrap();
+    let cache: Cache<u64, String> = fx
+        .builder("planted")
+        .lease_wait(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let grouped: Cache<(u64, u64), String> = fx
+        .builder("planted-groups")
+        .group_by(|k: &(u64, u64)| k.0)
+        .lease_wait(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let list = cache.store_key(&1);
+    assert_eq!(server.command(&["RPUSH", list.as_str(), "x"]), "1");
+    let glist = grouped.store_key(&(7, 1));
+    assert_eq!(server.command(&["RPUSH", glist.as_str(), "x"]), "1");
+    let stuck = cache.store_key(&2);
+    assert_eq!(server.command(&["SET", &stuck.lease_key(), "no TTL"]), "OK");
+    let gstuck = grouped.store_key(&(7, 2));
+    assert_eq!(server.command(&["SET", &gstuck.lease_key(), "no TTL"]), "OK");
+
+    let load = |v: &str| {
+        let v = v.to_owned();
+        move || async move { Res::Ok(Some(v)) }
+    };
+    assert_eq!(cache.get(&1).await.unwrap(), None, "a list is no entry");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for (key, value) in [(1, "one"), (2, "two")] {
+        let got = tokio::time::timeout_at(deadline, cache.get_or_load(&key, load(value)));
+        assert_eq!(
+            got.await.expect("no lease wait").unwrap().as_deref(),
+            Some(value)
+        );
+        assert_eq!(
+            cache.peek(&key).await.unwrap().as_deref(),
+            Some(value),
+            "cached"
+        );
+    }
+    for (key, value) in [((7, 1), "g-one"), ((7, 2), "g-two")] {
+        let got = tokio::time::timeout_at(deadline, grouped.get_or_load(&key, load(value)));
+        assert_eq!(
+            got.await.expect("no lease wait").unwrap().as_deref(),
+            Some(value)
+        );
+        assert_eq!(
+            grouped.peek(&key).await.unwrap().as_deref(),
+            Some(value),
+            "cached"
+        );
+    }
+    assert_eq!(cache.stats().store_errors + grouped.stats().store_errors, 0);
+    assert_eq!(cache.stats().lease_waits + grouped.stats().lease_waits, 0);
+    for key in [&list, &glist, &stuck, &gstuck] {
+        let pttl: i64 = server.command(&["PTTL", key.as_str()]).parse().unwrap();
+        assert!(pttl > 0, "{key} carries a TTL");
+    }
+}
+
 #[tokio::test]
 async fn values_written_with_one_codec_are_misses_for_another() {
     let fx = Fx::redis().await;
