@@ -92,7 +92,10 @@ async fn foreign_types_and_ttl_less_leases_are_replaced() {
     let stuck = cache.store_key(&2);
     assert_eq!(server.command(&["SET", &stuck.lease_key(), "no TTL"]), "OK");
     let gstuck = grouped.store_key(&(7, 2));
-    assert_eq!(server.command(&["SET", &gstuck.lease_key(), "no TTL"]), "OK");
+    assert_eq!(
+        server.command(&["SET", &gstuck.lease_key(), "no TTL"]),
+        "OK"
+    );
 
     let load = |v: &str| {
         let v = v.to_owned();
