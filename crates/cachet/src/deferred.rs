@@ -12,8 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cachet_core::Capability;
-use cachet_core::Store;
+use cachet_core::{Capability, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 

@@ -31,6 +31,17 @@ fn builder(fx: &Fx) -> (CacheBuilder<u64, String>, MockClock) {
     }
 }
 
+/// One of two caches that stand for two processes sharing a store: soft
+/// expiry on `clock`, stale values served for a minute.
+fn two_processes(b: CacheBuilder<u64, String>, clock: &MockClock) -> Cache<u64, String> {
+    b.ttl(TTL)
+        .jitter(0.0)
+        .clock(clock.clock())
+        .stale_while_revalidate(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
 /// A loader that counts its calls and returns `value`.
 fn counted(
     loads: &Arc<AtomicU64>,
@@ -317,14 +328,7 @@ async fn one_refresh_across_processes() {
     let second = cachet::RedisStore::connect(&fx.server().unwrap().url())
         .await
         .unwrap();
-    let make = |b: CacheBuilder<u64, String>| {
-        b.ttl(TTL)
-            .jitter(0.0)
-            .clock(clock.clock())
-            .stale_while_revalidate(Duration::from_secs(60))
-            .build()
-            .unwrap()
-    };
+    let make = |b| two_processes(b, &clock);
     let a = make(fx.builder("fresh"));
     let b = make(Cache::builder("fresh").store(second));
     let loads = Arc::new(AtomicU64::new(0));
@@ -420,14 +424,7 @@ async fn a_refresh_granted_the_lease_after_another_filled_does_not_load() {
         .await
         .unwrap();
     let held = Arc::new(cachet::store::Layered::new(HeldRefresh::default(), second));
-    let make = |b: CacheBuilder<u64, String>| {
-        b.ttl(TTL)
-            .jitter(0.0)
-            .clock(clock.clock())
-            .stale_while_revalidate(Duration::from_secs(60))
-            .build()
-            .unwrap()
-    };
+    let make = |b| two_processes(b, &clock);
     let a = make(fx.builder("fresh"));
     let b = make(Cache::builder("fresh").store_arc(held.clone()));
     let loads = Arc::new(AtomicU64::new(0));

@@ -73,12 +73,10 @@ where
     fn plan(&self, key: &K, at: &mut At, found: Lookup<V>, options: LoadOptions) -> Plan<V> {
         let inner = &*self.inner;
         let (mode, store_up, fallback) = match found {
-            Lookup::Fresh(v, meta) => {
-                return match self.refresh_due(at, key, &meta) {
-                    true => Plan::ServeAndRefresh(v, meta.soft_expiry_ms),
-                    false => Plan::Serve(v),
-                };
+            Lookup::Fresh(v, meta) if self.refresh_due(at, key, &meta) => {
+                return Plan::ServeAndRefresh(v, meta.soft_expiry_ms);
             }
+            Lookup::Fresh(v, _) => return Plan::Serve(v),
             Lookup::Stale(v, meta) => return Plan::ServeAndRefresh(v, meta.soft_expiry_ms),
             Lookup::Expired(v, past) => {
                 if let Some(v) = inner.throttled_fallback(at.skey(inner, key)) {
