@@ -93,7 +93,7 @@ fn memory_hit(c: &mut Criterion) {
     let bare: quick_cache::sync::Cache<u64, Arc<Value>> = quick_cache::sync::Cache::new(20_000);
     let cache: Cache<u64, Arc<Value>> = Cache::builder("bench")
         .codec(NoCodec)
-        .store(MemoryStore::new(20_000))
+        .memory(MemoryStore::new(20_000))
         .build()
         .unwrap();
     for k in 0..KEYS {

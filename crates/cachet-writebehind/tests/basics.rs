@@ -335,6 +335,9 @@ impl cachet::CacheKey for Opaque {
     fn write_key(&self, out: &mut cachet::store::KeyWriter<'_>) {
         self.0.write_key(out);
     }
+    fn decode_key(_: &str) -> Option<Self> {
+        None
+    }
 }
 
 #[tokio::test]

@@ -1,6 +1,5 @@
 //! [`CacheBuilder`]: configuration of a [`Cache`], validated at [`CacheBuilder::build`].
 
-use std::any::Any;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +14,18 @@ use crate::expiry::{Expiry, Ttl};
 use crate::near::NearCache;
 use crate::{Error, MemoryStore};
 
+/// Where a cache keeps its entries: chosen once, by [`CacheBuilder::memory`]
+/// or [`CacheBuilder::store`].
+#[derive(Debug)]
+enum Backend {
+    /// A [`MemoryStore`] of the cache's own.
+    Default,
+    /// A typed table of this [`MemoryStore`].
+    Memory(MemoryStore),
+    /// A store spoken to through the [`Store`] protocol.
+    Shared(Arc<dyn Store>),
+}
+
 /// Builds a [`Cache`]. Start with [`Cache::builder`].
 ///
 /// | setting | default | meaning |
@@ -24,7 +35,7 @@ use crate::{Error, MemoryStore};
 /// | [`negative_ttl`](Self::negative_ttl) | 10 s | TTL of a cached "not found"; zero disables negative caching |
 /// | [`lease_ttl`](Self::lease_ttl) | 5 s | how long a loader may take before its fill is refused and another caller may load |
 /// | [`lease_wait`](Self::lease_wait) | 2 s | how long a caller waits for another process's lease before loading without filling |
-/// | [`store`](Self::store) | a new [`MemoryStore`] | where entries live |
+/// | [`memory`](Self::memory) or [`store`](Self::store) | a new [`MemoryStore`] | where entries live |
 /// | [`codec`](Self::codec) | [`Postcard`] | how values become bytes for byte stores |
 /// | [`prefix`](Self::prefix) | `cachet:` | first part of every key |
 #[must_use = "a builder does nothing until .build() is called"]
@@ -37,8 +48,7 @@ pub struct CacheBuilder<K: ?Sized, V, C = Postcard> {
     expiry: Option<Arc<dyn Expiry<K, V>>>,
     lease_ttl: Duration,
     lease_wait: Duration,
-    store: Option<Arc<dyn Store>>,
-    memory: Option<MemoryStore>,
+    backend: Backend,
     clock: Option<Clock>,
     group: Option<GroupFn<K>>,
     bloom: Option<BloomOptions>,
@@ -62,7 +72,7 @@ impl<K: ?Sized, V, C: std::fmt::Debug> std::fmt::Debug for CacheBuilder<K, V, C>
             .field("negative_ttl", &self.negative_ttl)
             .field("lease_ttl", &self.lease_ttl)
             .field("lease_wait", &self.lease_wait)
-            .field("store", &self.store)
+            .field("backend", &self.backend)
             .field("grouped", &self.group.is_some())
             .field("bloom", &self.bloom)
             .field("freshness", &self.fresh)
@@ -84,8 +94,7 @@ impl<K: ?Sized, V> CacheBuilder<K, V, Postcard> {
             expiry: None,
             lease_ttl: Duration::from_secs(5),
             lease_wait: Duration::from_secs(2),
-            store: None,
-            memory: None,
+            backend: Backend::Default,
             clock: None,
             group: None,
             bloom: None,
@@ -154,23 +163,25 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
         self
     }
 
-    /// The store entries live in. Stores are cheap handles; one store may serve
-    /// many caches with different namespaces.
-    ///
-    /// On a [`MemoryStore`] the cache keeps its entries in a typed table of its
-    /// own, so a hit is one map lookup and a clone of `V`.
-    pub fn store<S: Store>(mut self, store: S) -> Self {
-        self.memory = (&store as &dyn Any).downcast_ref::<MemoryStore>().cloned();
-        self.store = Some(Arc::new(store));
+    /// Keeps entries in this process, in `store`'s typed table for this
+    /// cache's prefix and namespace: a hit is one map lookup and a clone of
+    /// `V`, with no key formatting and no encoding. Without `memory` or
+    /// [`store`](Self::store), a cache gets a [`MemoryStore`] of its own.
+    pub fn memory(mut self, store: MemoryStore) -> Self {
+        self.backend = Backend::Memory(store);
         self
     }
 
-    /// The store, already shared. The cache speaks the [`Store`] protocol to it,
-    /// even if it is a [`MemoryStore`] (use [`store`](Self::store) for the typed
-    /// fast path).
-    pub fn store_arc(mut self, store: Arc<dyn Store>) -> Self {
-        self.memory = None;
-        self.store = Some(store);
+    /// The store entries live in (Redis, a Redis Cluster, a store of your
+    /// own, or an `Arc<dyn Store>` chosen at run time); the cache speaks the
+    /// [`Store`] protocol to it. Stores are cheap handles; one store may serve
+    /// many caches with different namespaces.
+    ///
+    /// A [`MemoryStore`] given here serves the same entries as through
+    /// [`memory`](Self::memory), at the cost of the protocol (a boxed future
+    /// and a formatted key per call); prefer `memory` for it.
+    pub fn store<S: Store>(mut self, store: S) -> Self {
+        self.backend = Backend::Shared(Arc::new(store));
         self
     }
 
@@ -301,8 +312,7 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
             expiry: self.expiry,
             lease_ttl: self.lease_ttl,
             lease_wait: self.lease_wait,
-            store: self.store,
-            memory: self.memory,
+            backend: self.backend,
             clock: self.clock,
             group: self.group,
             bloom: self.bloom,
@@ -387,9 +397,10 @@ where
                 Capability::VersionedSet,
             ),
         ];
-        let (store, memory) = match self.store {
-            Some(store) => (store, self.memory),
-            None => {
+        let (store, memory) = match self.backend {
+            Backend::Shared(store) => (store, None),
+            Backend::Memory(memory) => (Arc::new(memory.clone()) as Arc<dyn Store>, Some(memory)),
+            Backend::Default => {
                 let clock = self.clock.clone().unwrap_or_default();
                 let memory = MemoryStore::with_clock(MemoryStore::DEFAULT_CAPACITY, clock);
                 (Arc::new(memory.clone()) as Arc<dyn Store>, Some(memory))

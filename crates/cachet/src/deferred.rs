@@ -54,7 +54,7 @@ impl Default for DeferredWorkerOptions {
 ///
 /// let store = MemoryStore::new(10_000);
 /// let worker = DeferredWorker::spawn(store.clone());
-/// let users: Cache<u64, String> = Cache::builder("users").store(store).build()?;
+/// let users: Cache<u64, String> = Cache::builder("users").memory(store).build()?;
 /// users.set(&1, "Ada".into()).await?;
 /// users.invalidate_twice(&1, Duration::from_millis(500)).await?;
 /// worker.shutdown().await;

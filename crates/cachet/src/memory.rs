@@ -11,15 +11,19 @@
 //! [`MemoryStore`] holds two kinds of tables:
 //!
 //! - one *typed* table per cache namespace, `MemTable<K::Owned, Slot<V>>`, used by
-//!   [`Cache`](crate::Cache): a hit is a typed map lookup and a clone of `V`, with
-//!   no key formatting and no deserialization;
-//! - one table keyed by [`StoreKey`] holding [`Entry`] values, used by code that
-//!   speaks the [`Store`] protocol directly (and by the conformance suite).
+//!   a [`Cache`](crate::Cache) built with
+//!   [`memory`](crate::CacheBuilder::memory) (or with no store): a hit is a
+//!   typed map lookup and a clone of `V`, with no key formatting and no
+//!   deserialization;
+//! - one table keyed by [`StoreKey`] holding [`Entry`] values, for keys no
+//!   typed cache owns (the conformance suite, code of its own speaking the
+//!   protocol).
 //!
-//! [`Store::invalidate`] reaches both: the typed table is found by the key's
-//! `{prefix}{namespace}` and the key decoded with [`CacheKey::decode_key`], so a
-//! relay or a deferred invalidation that knows only the store key still removes
-//! the entry a cache holds.
+//! Every [`Store`] call is routed: a key whose `{prefix}{namespace}` has a typed
+//! table, and that decodes with [`CacheKey::decode_key`], is served by that
+//! table (payloads cross as [`Payload::Object`]), so a cache built with
+//! [`store`](crate::CacheBuilder::store), an outbox relay and a deferred
+//! invalidation see and remove exactly the entries a typed cache holds.
 
 use std::any::Any;
 use std::borrow::Borrow;
@@ -35,10 +39,10 @@ use bytes::Bytes;
 use cachet_core::BloomKey;
 use cachet_core::{
     Acquire, AcquireMode, BloomBits, CacheKey, Clock, Deferred, DeferredQueue, Entry, Fill,
-    GroupKey, Groups, LeaseToken, Meta, PayloadKind, Read, Store, StoreFuture, StoreKey,
+    GroupKey, Groups, LeaseToken, Meta, Payload, PayloadKind, Read, Store, StoreFuture, StoreKey,
     TokenSource, Ttls, Versioned, VersionedSet, ttl_millis,
 };
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 mod bloom;
 
@@ -445,33 +449,177 @@ struct Typed<Q, V> {
     decode: fn(&str) -> Option<Q>,
 }
 
-/// What the store needs of a typed table without knowing its types.
+/// A cache's typed table seen by store key, without its types: how the
+/// [`Store`] protocol of a [`MemoryStore`] reaches the entries its caches hold,
+/// so that a cache built with [`CacheBuilder::store`](crate::CacheBuilder::store),
+/// a relay and a deferred invalidation all see what a cache built with
+/// [`CacheBuilder::memory`](crate::CacheBuilder::memory) holds.
+///
+/// Each operation returns `None` (or gives the entry back) when the escaped key
+/// does not decode into the table's key type; the store then uses its table of
+/// entries by store key.
+/// Payloads cross as [`Payload::Object`] holding the table's value type.
 trait Routable: Send + Sync {
-    /// Invalidates the entry whose escaped user key is `escaped`; false if the
-    /// key type cannot decode it.
-    fn invalidate_escaped(&self, escaped: &str) -> bool;
-
+    fn get(&self, key: &StoreKey) -> Option<Read>;
+    fn acquire(&self, key: &StoreKey, mode: AcquireMode, lease_ttl: Duration) -> Option<Acquire>;
+    fn fill(
+        &self,
+        key: &StoreKey,
+        lease: &LeaseToken,
+        entry: Entry,
+        ttl: Duration,
+    ) -> Result<Fill, Entry>;
+    fn release(&self, key: &StoreKey, lease: &LeaseToken) -> Option<bool>;
+    fn set(&self, key: &StoreKey, entry: Entry, ttl: Duration) -> Result<(), Entry>;
+    fn set_versioned(
+        &self,
+        key: &StoreKey,
+        entry: Entry,
+        ttl: Duration,
+    ) -> Result<Versioned, Entry>;
+    fn invalidate(&self, key: &StoreKey) -> Option<()>;
+    fn ttls(&self, key: &StoreKey) -> Option<Ttls>;
     /// Invalidates a group, by its escaped name.
     fn invalidate_group(&self, group: &str);
 }
 
-impl<Q, V> Routable for Typed<Q, V>
+/// The [`Routable`] view of the typed table of a `Cache<K, V>`.
+struct Router<K: ?Sized + CacheKey, V> {
+    typed: Arc<Typed<K::Owned, V>>,
+}
+
+impl<K, V> Router<K, V>
 where
-    Q: Hash + Eq + Send + Sync + 'static,
+    K: CacheKey + ?Sized,
     V: Clone + Send + Sync + 'static,
 {
-    fn invalidate_escaped(&self, escaped: &str) -> bool {
-        match (self.decode)(escaped) {
-            Some(owned) => {
-                self.table.invalidate(&owned);
-                true
-            }
-            None => false,
+    fn slot(entry: Entry) -> Option<Slot<V>> {
+        let value = match entry.payload {
+            Payload::Empty if entry.meta.negative => None,
+            Payload::Object(obj) => Some(obj.downcast_ref::<V>()?.clone()),
+            Payload::Empty | Payload::Bytes(_) => return None,
+        };
+        Some(Slot {
+            value,
+            meta: entry.meta,
+        })
+    }
+
+    fn entry(slot: Slot<V>) -> Entry {
+        Entry {
+            payload: match slot.value {
+                Some(v) => Payload::Object(Arc::new(v)),
+                None => Payload::Empty,
+            },
+            meta: slot.meta,
         }
     }
 
+    /// Runs `op` on the typed key `key` decodes to and `entry` as a slot
+    /// (`None` if its payload is not a `V`); gives `entry` back if `key` does
+    /// not decode.
+    fn on_entry<T>(
+        &self,
+        key: &StoreKey,
+        entry: Entry,
+        op: impl FnOnce(&MemTable<K::Owned, Slot<V>>, &K, Option<Slot<V>>) -> T,
+    ) -> Result<T, Entry> {
+        let Some(owned) = K::decode_key(key.user_key()) else {
+            return Err(entry);
+        };
+        Ok(op(&self.typed.table, owned.borrow(), Self::slot(entry)))
+    }
+
+    /// Runs `op` on the typed key `key` decodes to, if it does.
+    fn on<T>(
+        &self,
+        key: &StoreKey,
+        op: impl FnOnce(&MemTable<K::Owned, Slot<V>>, &K) -> T,
+    ) -> Option<T> {
+        let owned = K::decode_key(key.user_key())?;
+        Some(op(&self.typed.table, owned.borrow()))
+    }
+}
+
+impl<K, V> Routable for Router<K, V>
+where
+    K: CacheKey + ?Sized,
+    V: Clone + Send + Sync + 'static,
+{
+    fn get(&self, key: &StoreKey) -> Option<Read> {
+        self.on(key, |t, k| {
+            t.get(k, key.group())
+                .map_or(Read::Miss, |slot| Read::Hit(Self::entry(slot)))
+        })
+    }
+
+    fn acquire(&self, key: &StoreKey, mode: AcquireMode, lease_ttl: Duration) -> Option<Acquire> {
+        self.on(key, |t, k| {
+            match t.acquire(k, key.group(), mode, lease_ttl) {
+                Acquired::Hit(slot) => Acquire::Hit(Self::entry(slot)),
+                Acquired::Leased(token) => Acquire::Leased(token),
+                Acquired::Busy(left) => Acquire::Busy {
+                    expires_in: Some(left),
+                },
+            }
+        })
+    }
+
+    /// A payload of another type than the table's is refused, and the lease
+    /// given up: nothing is cached.
+    fn fill(
+        &self,
+        key: &StoreKey,
+        lease: &LeaseToken,
+        entry: Entry,
+        ttl: Duration,
+    ) -> Result<Fill, Entry> {
+        self.on_entry(key, entry, |t, k, slot| match slot {
+            Some(slot) => t.fill(k, key.group(), lease, slot, ttl),
+            None => {
+                t.release(k, lease);
+                Fill::Refused
+            }
+        })
+    }
+
+    fn release(&self, key: &StoreKey, lease: &LeaseToken) -> Option<bool> {
+        self.on(key, |t, k| t.release(k, lease))
+    }
+
+    /// A payload of another type than the table's removes the entry instead.
+    fn set(&self, key: &StoreKey, entry: Entry, ttl: Duration) -> Result<(), Entry> {
+        self.on_entry(key, entry, |t, k, slot| match slot {
+            Some(slot) => t.set(k, key.group(), slot, ttl),
+            None => t.invalidate(k),
+        })
+    }
+
+    fn set_versioned(
+        &self,
+        key: &StoreKey,
+        entry: Entry,
+        ttl: Duration,
+    ) -> Result<Versioned, Entry> {
+        self.on_entry(key, entry, |t, k, slot| match slot {
+            Some(slot) => t.set_versioned(k, key.group(), slot, ttl),
+            None => {
+                t.invalidate(k);
+                Versioned::Written
+            }
+        })
+    }
+
+    fn invalidate(&self, key: &StoreKey) -> Option<()> {
+        self.on(key, |t, k| t.invalidate(k))
+    }
+
+    fn ttls(&self, key: &StoreKey) -> Option<Ttls> {
+        self.on(key, |t, k| t.ttls(k))
+    }
+
     fn invalidate_group(&self, group: &str) {
-        self.table.invalidate_group(group);
+        self.typed.table.invalidate_group(group);
     }
 }
 
@@ -531,7 +679,13 @@ where
         self.table.clear();
     }
     fn invalidate_escaped(&self, escaped: &str) -> bool {
-        Routable::invalidate_escaped(self, escaped)
+        match (self.decode)(escaped) {
+            Some(owned) => {
+                self.table.invalidate::<K>(owned.borrow());
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -546,8 +700,8 @@ where
 /// use cachet::{Cache, MemoryStore};
 ///
 /// let store = MemoryStore::new(10_000);
-/// let users: Cache<u64, String> = Cache::builder("users").store(store.clone()).build()?;
-/// let orders: Cache<u64, Vec<u64>> = Cache::builder("orders").store(store).build()?;
+/// let users: Cache<u64, String> = Cache::builder("users").memory(store.clone()).build()?;
+/// let orders: Cache<u64, Vec<u64>> = Cache::builder("orders").memory(store).build()?;
 /// # Ok::<(), cachet::Error>(())
 /// ```
 #[derive(Clone)]
@@ -562,7 +716,7 @@ struct StoreInner {
     raw: MemTable<String, Entry>,
     /// Typed tables by `{prefix}{namespace}`, as `Typed<K, V>` twice: once to
     /// downcast, once to route invalidations by store key.
-    typed: Mutex<HashMap<String, TypedEntry>>,
+    typed: RwLock<HashMap<String, TypedEntry>>,
     /// Deferred invalidations by (due time, sequence number). In memory only:
     /// they are lost with the process, as are the entries they would delete.
     deferred: Mutex<BTreeMap<(u64, u64), StoreKey>>,
@@ -596,7 +750,7 @@ impl MemoryStore {
                 raw: MemTable::new(capacity, clock.clone(), Arc::clone(&tokens)),
                 clock,
                 tokens,
-                typed: Mutex::new(HashMap::new()),
+                typed: RwLock::new(HashMap::new()),
                 deferred: Mutex::new(BTreeMap::new()),
                 deferred_seq: AtomicU64::new(0),
                 blooms: bloom::Blooms::default(),
@@ -618,10 +772,10 @@ impl MemoryStore {
     /// (`{prefix}{namespace}`), created on first use.
     pub(crate) fn table<K, V>(&self, head: &str) -> Result<Arc<dyn LocalTier<K, V>>, String>
     where
-        K: CacheKey + ?Sized,
+        K: CacheKey + ?Sized + 'static,
         V: Clone + Send + Sync + 'static,
     {
-        let mut typed = self.inner.typed.lock();
+        let mut typed = self.inner.typed.write();
         if let Some(existing) = typed.get(head) {
             return Arc::clone(&existing.any)
                 .downcast::<Typed<K::Owned, V>>()
@@ -644,7 +798,9 @@ impl MemoryStore {
             head.to_owned(),
             TypedEntry {
                 any: Arc::clone(&table) as Arc<dyn Any + Send + Sync>,
-                routable: Arc::clone(&table) as Arc<dyn Routable>,
+                routable: Arc::new(Router::<K, V> {
+                    typed: Arc::clone(&table),
+                }) as Arc<dyn Routable>,
             },
         );
         Ok(table)
@@ -661,7 +817,7 @@ impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
             .field("capacity", &self.inner.capacity)
-            .field("namespaces", &self.inner.typed.lock().len())
+            .field("namespaces", &self.inner.typed.read().len())
             .field("clock", &self.inner.clock)
             .finish()
     }
@@ -681,12 +837,14 @@ impl Store for MemoryStore {
     }
 
     fn get_now(&self, key: &StoreKey) -> Option<Read> {
-        Some(
-            self.inner
-                .raw
-                .get(key.as_str(), key.group())
-                .map_or(Read::Miss, Read::Hit),
-        )
+        Some(self.route(
+            key,
+            |typed| typed.get(key),
+            |raw| {
+                raw.get(key.as_str(), key.group())
+                    .map_or(Read::Miss, Read::Hit)
+            },
+        ))
     }
 
     fn acquire<'a>(
@@ -695,19 +853,17 @@ impl Store for MemoryStore {
         mode: AcquireMode,
         lease_ttl: Duration,
     ) -> StoreFuture<'a, Acquire> {
-        ready(
-            match self
-                .inner
-                .raw
-                .acquire(key.as_str(), key.group(), mode, lease_ttl)
-            {
+        ready(self.route(
+            key,
+            |typed| typed.acquire(key, mode, lease_ttl),
+            |raw| match raw.acquire(key.as_str(), key.group(), mode, lease_ttl) {
                 Acquired::Hit(entry) => Acquire::Hit(entry),
                 Acquired::Leased(token) => Acquire::Leased(token),
                 Acquired::Busy(left) => Acquire::Busy {
                     expires_in: Some(left),
                 },
             },
-        )
+        ))
     }
 
     fn fill<'a>(
@@ -717,6 +873,13 @@ impl Store for MemoryStore {
         entry: Entry,
         ttl: Duration,
     ) -> StoreFuture<'a, Fill> {
+        let entry = match self.typed(key) {
+            Some(typed) => match typed.fill(key, lease, entry, ttl) {
+                Ok(fill) => return ready(fill),
+                Err(entry) => entry,
+            },
+            None => entry,
+        };
         ready(
             self.inner
                 .raw
@@ -725,24 +888,35 @@ impl Store for MemoryStore {
     }
 
     fn release<'a>(&'a self, key: &'a StoreKey, lease: &'a LeaseToken) -> StoreFuture<'a, bool> {
-        ready(self.inner.raw.release(key.as_str(), lease))
+        ready(self.route(
+            key,
+            |typed| typed.release(key, lease),
+            |raw| raw.release(key.as_str(), lease),
+        ))
     }
 
     fn set<'a>(&'a self, key: &'a StoreKey, entry: Entry, ttl: Duration) -> StoreFuture<'a, ()> {
+        let entry = match self.typed(key) {
+            Some(typed) => match typed.set(key, entry, ttl) {
+                Ok(()) => return ready(()),
+                Err(entry) => entry,
+            },
+            None => entry,
+        };
         self.inner.raw.set(key.as_str(), key.group(), entry, ttl);
         ready(())
     }
 
-    /// Deletes the entry and lease under `key`, both in the table behind this
-    /// trait and in the typed table of the cache the key belongs to (when its key
-    /// type can decode the key; see [`CacheKey::decode_key`]).
+    /// Deletes the entry and lease under `key`, in the typed table of the cache
+    /// the key belongs to (see [`CacheKey::decode_key`]) and in the table of
+    /// entries by store key.
     fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
         self.invalidate_now(key);
         ready(())
     }
 
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
-        ready(self.inner.raw.ttls(key.as_str()))
+        ready(self.route(key, |typed| typed.ttls(key), |raw| raw.ttls(key.as_str())))
     }
 
     fn groups(&self) -> Option<&dyn Groups> {
@@ -767,13 +941,7 @@ impl Groups for MemoryStore {
     /// table of the cache the group belongs to.
     fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()> {
         self.inner.raw.invalidate_group(group.group());
-        let routable = self
-            .inner
-            .typed
-            .lock()
-            .get(group.head())
-            .map(|t| Arc::clone(&t.routable));
-        if let Some(table) = routable {
+        if let Some(table) = self.typed_at(group.head()) {
             table.invalidate_group(group.group());
         }
         ready(())
@@ -787,6 +955,13 @@ impl VersionedSet for MemoryStore {
         entry: Entry,
         ttl: Duration,
     ) -> StoreFuture<'a, Versioned> {
+        let entry = match self.typed(key) {
+            Some(typed) => match typed.set_versioned(key, entry, ttl) {
+                Ok(versioned) => return ready(versioned),
+                Err(entry) => entry,
+            },
+            None => entry,
+        };
         ready(
             self.inner
                 .raw
@@ -853,18 +1028,35 @@ impl BloomBits for MemoryStore {
 }
 
 impl MemoryStore {
+    /// The typed table of the cache `key` belongs to, if one was made.
+    fn typed(&self, key: &StoreKey) -> Option<Arc<dyn Routable>> {
+        self.typed_at(key.head())
+    }
+
+    fn typed_at(&self, head: &str) -> Option<Arc<dyn Routable>> {
+        (self.inner.typed.read().get(head)).map(|t| Arc::clone(&t.routable))
+    }
+
+    /// `typed` on the typed table `key` belongs to if there is one and the key
+    /// decodes, else `raw` on the table of entries by store key.
+    fn route<T>(
+        &self,
+        key: &StoreKey,
+        typed: impl FnOnce(&dyn Routable) -> Option<T>,
+        raw: impl FnOnce(&MemTable<String, Entry>) -> T,
+    ) -> T {
+        match self.typed(key).and_then(|t| typed(&*t)) {
+            Some(done) => done,
+            None => raw(&self.inner.raw),
+        }
+    }
+
     fn invalidate_now(&self, key: &StoreKey) {
         self.inner.raw.invalidate(key.as_str());
-        let routable = self
-            .inner
-            .typed
-            .lock()
-            .get(key.head())
-            .map(|t| Arc::clone(&t.routable));
-        if let Some(table) = routable
-            && !table.invalidate_escaped(key.user_key())
+        if let Some(typed) = self.typed(key)
+            && typed.invalidate(key).is_none()
         {
-            tracing::warn!(key = %key, "cannot decode the key of a typed in-process cache; its entry stays until its TTL");
+            tracing::warn!(key = %key, "the key does not decode into the key type of the in-process cache it belongs to; its entry stays until its TTL");
         }
     }
 }

@@ -411,7 +411,7 @@ async fn two_connections_share_one_load(fx: Fx) {
     let a: Cache<u64, User> = fx.builder("users").build().unwrap();
     let b: Cache<u64, User> = match &fx {
         // Same store, separate cache: separate in-process single-flight.
-        Fx::Memory { store, .. } => Cache::builder("users").store(store.clone()),
+        Fx::Memory { store, .. } => Cache::builder("users").memory(store.clone()),
         Fx::Redis { server, .. } => {
             Cache::builder("users").store(cachet::RedisStore::connect(&server.url()).await.unwrap())
         }
@@ -685,7 +685,7 @@ async fn build_rejects_settings_the_store_cannot_serve_naming_both() {
         Capability::BloomBits,
         Capability::VersionedSet,
     ]) {
-        let e = builder.store_arc(core.clone()).build().unwrap_err();
+        let e = builder.store(core.clone()).build().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Config);
         assert_eq!(
             e.to_string(),
@@ -699,7 +699,7 @@ async fn build_rejects_settings_the_store_cannot_serve_naming_both() {
     Cache::<u64, u64>::builder("caps")
         .group_by(|k: &u64| k % 2)
         .version_by(|v: &u64| *v)
-        .store_arc(std::sync::Arc::new(MemoryStore::new(10)))
+        .memory(MemoryStore::new(10))
         .build()
         .unwrap();
 }
@@ -770,7 +770,7 @@ async fn metrics_facade_receives_the_same_counters() {
 async fn a_holder_slower_than_its_lease_cannot_touch_the_next_holders_work(fx: Fx) {
     let lease_ttl = Duration::from_millis(100);
     let other_process = |fx: &Fx| match fx {
-        Fx::Memory { store, .. } => Cache::builder("users").store(store.clone()),
+        Fx::Memory { store, .. } => Cache::builder("users").memory(store.clone()),
         Fx::Redis { store, .. } => Cache::builder("users").store(store.clone()),
     };
     let slow: Cache<u64, User> = fx.builder("users").lease_ttl(lease_ttl).build().unwrap();
@@ -974,4 +974,82 @@ async fn a_panicking_loader_fails_every_caller_once_and_leaves_no_lease(fx: Fx) 
     assert!(e.to_string().contains("the loader panicked: alone"), "{e}");
     let v = cache.get_or_load(&2, || async { Res::Ok(Some(2)) }).await;
     assert_eq!(v.unwrap(), Some(2));
+}
+
+/// However caches reach one `MemoryStore` (its typed tier, the `Store`
+/// protocol, a shared `Arc<dyn Store>`), one namespace is one set of entries,
+/// leases and groups.
+#[tokio::test]
+async fn every_way_onto_one_memory_store_sees_the_same_entries() {
+    let store = MemoryStore::new(100);
+    let build =
+        |b: cachet::CacheBuilder<str, String>| b.group_by(|k: &str| k.len() % 2).build().unwrap();
+    let typed = build(Cache::builder("users").memory(store.clone()));
+    let protocol = build(Cache::builder("users").store(store.clone()));
+    let shared =
+        build(Cache::builder("users").store(Arc::new(store.clone()) as Arc<dyn cachet::Store>));
+
+    typed.set("a b", "1".into()).await.unwrap();
+    protocol.set("cd", "2".into()).await.unwrap();
+    for cache in [&typed, &protocol, &shared] {
+        assert_eq!(cache.get("a b").await.unwrap().as_deref(), Some("1"));
+        assert_eq!(cache.get("cd").await.unwrap().as_deref(), Some("2"));
+    }
+    shared.invalidate("a b").await.unwrap();
+    assert_eq!(typed.get("a b").await.unwrap(), None);
+    protocol.invalidate_group(&0usize).await.unwrap();
+    assert_eq!(typed.get("cd").await.unwrap(), None);
+
+    // A store-level invalidation reaches the typed entry.
+    typed.set("e", "3".into()).await.unwrap();
+    cachet::Store::invalidate(&store, &typed.store_key("e"))
+        .await
+        .unwrap();
+    assert_eq!(typed.get("e").await.unwrap(), None);
+
+    // One lease: the typed cache loads, the protocol cache waits for its fill.
+    let loads = Arc::new(AtomicU64::new(0));
+    let (loading, release) = (Gate::default(), Gate::default());
+    let first = {
+        let (typed, loads, loading, release) = (
+            typed.clone(),
+            Arc::clone(&loads),
+            loading.clone(),
+            release.clone(),
+        );
+        tokio::spawn(async move {
+            typed
+                .get_or_load("f", move || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    loading.open();
+                    release.wait().await;
+                    Res::Ok(Some("typed".to_owned()))
+                })
+                .await
+        })
+    };
+    loading.wait().await;
+    let second = {
+        let (protocol, loads) = (protocol.clone(), Arc::clone(&loads));
+        tokio::spawn(async move {
+            protocol
+                .get_or_load("f", move || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    Res::Ok(Some("protocol".to_owned()))
+                })
+                .await
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while protocol.stats().lease_waits == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never waited for the lease"
+        );
+        tokio::task::yield_now().await;
+    }
+    release.open();
+    assert_eq!(first.await.unwrap().unwrap().as_deref(), Some("typed"));
+    assert_eq!(second.await.unwrap().unwrap().as_deref(), Some("typed"));
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
 }

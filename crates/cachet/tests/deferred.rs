@@ -118,7 +118,7 @@ async fn a_worker_runs_in_process_deferred_deletes() {
     let store = MemoryStore::new(100);
     let worker = DeferredWorker::spawn(store.clone());
     let users: Cache<str, String> = Cache::builder("users")
-        .store(store.clone())
+        .memory(store.clone())
         .build()
         .unwrap();
     users.set("a b", "v".into()).await.unwrap();

@@ -426,7 +426,7 @@ async fn a_refresh_granted_the_lease_after_another_filled_does_not_load() {
     let held = Arc::new(cachet::store::Layered::new(HeldRefresh::default(), second));
     let make = |b| two_processes(b, &clock);
     let a = make(fx.builder("fresh"));
-    let b = make(Cache::builder("fresh").store_arc(held.clone()));
+    let b = make(Cache::builder("fresh").store(held.clone()));
     let loads = Arc::new(AtomicU64::new(0));
     a.get_or_load(&1, counted(&loads, "v1")).await.unwrap();
     clock.advance(TTL + Duration::from_secs(1));

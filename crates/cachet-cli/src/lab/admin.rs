@@ -58,7 +58,7 @@ impl Admin {
     /// A back door to the lab's store: new connections on Redis.
     pub(super) async fn open(lab: &Lab) -> Result<Self> {
         match &lab.redis {
-            None => Ok(Self::Memory(Arc::clone(&lab.store))),
+            None => Ok(Self::Memory(lab.store.protocol())),
             Some(target) => Ok(Self::Redis(RedisAdmin::connect(target).await?)),
         }
     }

@@ -183,11 +183,11 @@ pub(crate) async fn run(args: ChildArgs) -> Result<()> {
 
 async fn double_delete_child(a: DoubleDeleteChild) -> Result<()> {
     let store = double_delete::queue_store(&a.redis.target()?, &a.system_prefix).await?;
-    let cache: Cache<i64, Item> = Cache::builder(a.namespace)
+    let cache: Cache<i64, Item> = store
+        .serve(Cache::builder(a.namespace))
         .ttl(ENTRY_TTL)
         .negative_ttl(ENTRY_TTL)
         .lease_ttl(LEASE_TTL)
-        .store_arc(store)
         .build()
         .context("cannot build the cache")?;
     let last = i64::try_from(a.keys).context("too many keys")?;

@@ -14,11 +14,11 @@
 //! namespace and to a deferred queue of its own (a `:sys:` prefix with the
 //! run's id).
 
-use std::sync::Arc;
+use super::LabStore;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use cachet::{Cache, DeferredWorker, Store};
+use cachet::{Cache, DeferredWorker};
 use clap::Args;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -96,7 +96,7 @@ pub(super) fn summary(rows: &[Row]) -> String {
 #[derive(Debug)]
 struct LabRedis {
     /// The store with the run's own deferred queue.
-    store: Arc<dyn Store>,
+    store: LabStore,
     system_prefix: String,
     /// The server, stopped when this is dropped if it is private (after the
     /// store's connection, declared before it).
@@ -126,14 +126,11 @@ pub(super) fn queue_prefix(lab: &Lab) -> String {
 }
 
 /// A Redis store whose deferred queue is the run's own.
-pub(super) async fn queue_store(
-    target: &RedisTarget,
-    system_prefix: &str,
-) -> Result<Arc<dyn Store>> {
+pub(super) async fn queue_store(target: &RedisTarget, system_prefix: &str) -> Result<LabStore> {
     let store = target
         .connect(target.another().system_prefix(system_prefix))
         .await?;
-    Ok(Arc::new(store))
+    Ok(LabStore::shared(store))
 }
 
 /// A cache with the lab's settings on `store`, in the namespace of `scenario`
@@ -144,7 +141,7 @@ pub(super) fn cache_on_store(
     scenario: &str,
     strategy: &str,
     keys: std::ops::RangeInclusive<i64>,
-    store: Arc<dyn Store>,
+    store: &LabStore,
     lease_ttl: Duration,
 ) -> Result<Cache<i64, Item>> {
     let cache = cache_in(namespace(lab, scenario, strategy), store, lease_ttl)?;
@@ -156,15 +153,16 @@ pub(super) fn cache_on_store(
 /// for further handles on a registered cache's namespace.
 pub(super) fn cache_in(
     namespace: String,
-    store: Arc<dyn Store>,
+    store: &LabStore,
     lease_ttl: Duration,
 ) -> Result<Cache<i64, Item>> {
-    Cache::builder(namespace)
+    let builder = Cache::builder(namespace)
         .ttl(ENTRY_TTL)
         .jitter(0.1)
         .negative_ttl(ENTRY_TTL)
-        .lease_ttl(lease_ttl)
-        .store_arc(store)
+        .lease_ttl(lease_ttl);
+    store
+        .serve(builder)
         .build()
         .context("cannot build the lab's cache")
 }
@@ -175,10 +173,10 @@ pub(super) fn namespace(lab: &Lab, scenario: &str, strategy: &str) -> String {
 
 /// The store for delayed double-deletes: on Redis a connection whose deferred
 /// queue is the run's own, in process the lab's store.
-pub(super) async fn deferred_store(lab: &Lab) -> Result<Arc<dyn Store>> {
+pub(super) async fn deferred_store(lab: &Lab) -> Result<LabStore> {
     match &lab.redis {
         Some(target) => queue_store(target, &queue_prefix(lab)).await,
-        None => Ok(Arc::clone(&lab.store)),
+        None => Ok(lab.store.clone()),
     }
 }
 
@@ -196,20 +194,9 @@ async fn run_strategy(lab: &Lab, redis: &LabRedis, durable: bool) -> Result<Row>
     let db = lab.source.counted();
     let cache = if redis.redis.is_private() {
         // A private server takes every key with it when it stops.
-        cache_in(
-            namespace(lab, NAME, slug),
-            Arc::clone(&redis.store),
-            LEASE_TTL,
-        )?
+        cache_in(namespace(lab, NAME, slug), &redis.store, LEASE_TTL)?
     } else {
-        cache_on_store(
-            lab,
-            NAME,
-            slug,
-            1..=last,
-            Arc::clone(&redis.store),
-            LEASE_TTL,
-        )?
+        cache_on_store(lab, NAME, slug, 1..=last, &redis.store, LEASE_TTL)?
     };
     let started = Instant::now();
     let mut errors = 0;
@@ -246,7 +233,7 @@ async fn run_strategy(lab: &Lab, redis: &LabRedis, durable: bool) -> Result<Row>
 
     let deferred_ran = if durable {
         // "After a restart": a worker in this process runs what the killed one queued.
-        let worker = DeferredWorker::spawn(Arc::clone(&redis.store));
+        let worker = DeferredWorker::spawn(redis.store.protocol());
         let (ran, complete) = await_deferred(worker, n, due, DEFERRED_GRACE).await;
         if !complete {
             errors += 1;

@@ -210,13 +210,49 @@ impl Scenario {
     }
 }
 
+/// The store a lab cache lives in, handed to the builder the way a user
+/// would: the embedded default as the typed in-process tier
+/// ([`CacheBuilder::memory`]), Redis through the protocol
+/// ([`CacheBuilder::store`]).
+#[derive(Clone, Debug)]
+pub(crate) enum LabStore {
+    Memory(MemoryStore),
+    Shared(Arc<dyn Store>),
+}
+
+impl LabStore {
+    pub(crate) fn shared(store: impl Store) -> Self {
+        Self::Shared(Arc::new(store))
+    }
+
+    /// `builder` with this store as its back end.
+    pub(crate) fn serve<K: ?Sized, V, C>(
+        &self,
+        builder: cachet::CacheBuilder<K, V, C>,
+    ) -> cachet::CacheBuilder<K, V, C> {
+        match self {
+            Self::Memory(memory) => builder.memory(memory.clone()),
+            Self::Shared(store) => builder.store(Arc::clone(store)),
+        }
+    }
+
+    /// The store through its protocol, for what is not a cache (a deferred
+    /// worker, a relay, the lab's back door): it reaches the same entries.
+    pub(crate) fn protocol(&self) -> Arc<dyn Store> {
+        match self {
+            Self::Memory(memory) => Arc::new(memory.clone()),
+            Self::Shared(store) => Arc::clone(store),
+        }
+    }
+}
+
 /// What every scenario of one run shares.
 #[derive(Debug)]
 pub(crate) struct Lab {
     args: LabArgs,
     /// The Redis given on the command line, if any.
     redis: Option<RedisTarget>,
-    store: Arc<dyn Store>,
+    store: LabStore,
     store_kind: &'static str,
     source: Source,
     /// Random, so that a run never touches another run's keys or schema.
@@ -249,12 +285,14 @@ impl Lab {
         keys: RangeInclusive<i64>,
     ) -> Result<Cache<i64, Item>> {
         let namespace = format!("lab-{scenario}-{strategy}-{}", self.run_id);
-        let cache = Cache::builder(namespace)
+        let builder = Cache::builder(namespace)
             .ttl(ENTRY_TTL)
             .jitter(0.1)
             .negative_ttl(ENTRY_TTL)
-            .lease_ttl(LEASE_TTL)
-            .store_arc(Arc::clone(&self.store))
+            .lease_ttl(LEASE_TTL);
+        let cache = self
+            .store
+            .serve(builder)
             .build()
             .context("cannot build the lab's cache")?;
         self.written().push((cache.clone(), keys));
@@ -379,16 +417,16 @@ pub(crate) async fn run(args: LabArgs) -> Result<()> {
     let scenarios = selected(&args.scenarios);
 
     let redis = RedisTarget::from_flags(args.redis_url.as_deref(), &args.redis_cluster)?;
-    let (store, store_kind, store_description): (Arc<dyn Store>, _, _) = match &redis {
+    let (store, store_kind, store_description) = match &redis {
         None => (
-            Arc::new(MemoryStore::new(1_000_000)),
+            LabStore::Memory(MemoryStore::new(1_000_000)),
             "memory",
             "memory (in-process)".to_owned(),
         ),
         Some(target) => {
             let store = target.connect_checked().await?;
             (
-                Arc::new(store),
+                LabStore::shared(store),
                 target.kind(),
                 format!("{} ({})", target.kind(), target.describe()),
             )

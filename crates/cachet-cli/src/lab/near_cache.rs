@@ -32,12 +32,13 @@
 //! The scenario needs Redis: the lab's, or a private `redis-server`; without
 //! either it is skipped.
 
+use super::LabStore;
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use cachet::{Cache, NearCache, Stats, Store};
+use cachet::{Cache, NearCache, Stats};
 use clap::Args;
 use rand::SeedableRng as _;
 use rand::rngs::StdRng;
@@ -210,7 +211,7 @@ async fn run_strategy(
 
     // The writer: no near cache; publishes notices only when coherent.
     let coherent = strategy != Strategy::Naive;
-    let writer_store: Arc<dyn Store> = Arc::new(
+    let writer_store = LabStore::shared(
         target
             .connect(target.another().invalidation_bus(coherent))
             .await?,
@@ -219,7 +220,7 @@ async fn run_strategy(
         // A private server takes every key with it when it stops.
         cache_in(
             namespace(lab, NAME, strategy.slug()),
-            writer_store,
+            &writer_store,
             LEASE_TTL,
         )?
     } else {
@@ -228,7 +229,7 @@ async fn run_strategy(
             NAME,
             strategy.slug(),
             keys.clone(),
-            writer_store,
+            &writer_store,
             LEASE_TTL,
         )?
     };
@@ -241,9 +242,9 @@ async fn run_strategy(
     };
     let mut readers = Vec::new();
     for _ in 0..a.near_readers {
-        let store = Arc::new(target.connect(target.another()).await?);
+        let store = LabStore::shared(target.connect(target.another()).await?);
         let capacity = usize::try_from(a.near_keys).unwrap_or(usize::MAX);
-        readers.push(build_cache(writer.namespace().to_owned(), store, |b| {
+        readers.push(build_cache(writer.namespace().to_owned(), &store, |b| {
             b.near_cache(NearCache::new(capacity, L1_TTL))
         })?);
     }

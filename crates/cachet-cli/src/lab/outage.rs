@@ -23,12 +23,12 @@
 //! openings and skipped calls, and, once the breaker's kept invalidations have
 //! drained, the keys whose cached value differs from the database.
 
+use super::LabStore;
 use std::ops::RangeInclusive;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use cachet::{Cache, CircuitBreaker, Stats, Store};
+use cachet::{Cache, CircuitBreaker, Stats};
 use clap::Args;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
@@ -202,13 +202,13 @@ async fn run_rows(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
         let first = 1 + per_row * i64::try_from(i)?;
         let keys = first..=first + per_row - 1;
         // No near cache here: the bus would only add warnings while Redis is down.
-        let store: Arc<dyn Store> = Arc::new(
+        let store = LabStore::shared(
             target
                 .connect(target.another().invalidation_bus(false))
                 .await?,
         );
         let breaker = strategy.breaker();
-        let cache = build_cache(namespace(lab, NAME, strategy.slug()), store, |b| {
+        let cache = build_cache(namespace(lab, NAME, strategy.slug()), &store, |b| {
             b.circuit_breaker(breaker)
         })?;
         if !redis.is_private() {

@@ -263,13 +263,10 @@ async fn run_strategy(lab: &Lab, strategy: Strategy) -> Result<Row> {
     let db = lab.source.counted();
     let (store, lease_ttl) = match strategy {
         Strategy::DoubleDelete => (deferred_store(lab).await?, LEASE_TTL),
-        s if s.leases() => (
-            Arc::clone(&lab.store),
-            Duration::from_millis(a.lease_ttl_ms),
-        ),
-        _ => (Arc::clone(&lab.store), LEASE_TTL),
+        s if s.leases() => (lab.store.clone(), Duration::from_millis(a.lease_ttl_ms)),
+        _ => (lab.store.clone(), LEASE_TTL),
     };
-    let cache = cache_on_store(lab, NAME, strategy.slug(), 1..=hot_rows, store, lease_ttl)?;
+    let cache = cache_on_store(lab, NAME, strategy.slug(), 1..=hot_rows, &store, lease_ttl)?;
     let max_delay = Duration::from_millis(a.max_delay_ms);
     let race_for = Duration::from_millis(a.race_ms);
     // Long enough for every fill begun before the last write to land, and for

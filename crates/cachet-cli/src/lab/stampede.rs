@@ -11,11 +11,12 @@
 //! the callers in separate processes (`cachet __child stampede`), each reading
 //! the source of truth itself.
 
+use super::LabStore;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use cachet::{Cache, Store};
+use cachet::Cache;
 use clap::Args;
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
@@ -120,7 +121,7 @@ async fn run_strategy(lab: &Lab, mode: Mode) -> Result<Row> {
     if mode == Mode::Connections {
         for _ in 1..INSTANCES {
             let store = instance_store(lab).await?;
-            caches.push(cache_in(cache.namespace().to_owned(), store, LEASE_TTL)?);
+            caches.push(cache_in(cache.namespace().to_owned(), &store, LEASE_TTL)?);
         }
     }
     let load_time = Duration::from_millis(a.load_ms);
@@ -167,10 +168,10 @@ async fn run_strategy(lab: &Lab, mode: Mode) -> Result<Row> {
 
 /// A store handle of its own for one more cache instance: a new Redis
 /// connection, or in process the lab's store (the cache is what is separate).
-async fn instance_store(lab: &Lab) -> Result<Arc<dyn Store>> {
+async fn instance_store(lab: &Lab) -> Result<LabStore> {
     match &lab.redis {
-        Some(target) => Ok(Arc::new(target.connect(target.another()).await?)),
-        None => Ok(Arc::clone(&lab.store)),
+        Some(target) => Ok(LabStore::shared(target.connect(target.another()).await?)),
+        None => Ok(lab.store.clone()),
     }
 }
 

@@ -2,6 +2,7 @@
 //! sends, a steady read load ([`ReadLoad`]), warming a cache up ([`fill`],
 //! [`fill_at_once`]), and lab caches with settings of their own ([`lab_cache`]).
 
+use super::LabStore;
 use std::future::Future;
 use std::ops::RangeInclusive;
 use std::pin::Pin;
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use cachet::{Cache, CacheBuilder, Stats, Store};
+use cachet::{Cache, CacheBuilder, Stats};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tokio::task::JoinSet;
@@ -52,7 +53,7 @@ pub(super) fn lab_cache(
     configure: impl FnOnce(CacheBuilder<i64, Item>) -> CacheBuilder<i64, Item>,
 ) -> Result<Cache<i64, Item>> {
     let namespace = format!("lab-{scenario}-{strategy}-{}", lab.run_id);
-    let cache = build_cache(namespace, Arc::clone(&lab.store), configure)?;
+    let cache = build_cache(namespace, &lab.store, configure)?;
     lab.written().push((cache.clone(), keys));
     Ok(cache)
 }
@@ -62,16 +63,15 @@ pub(super) fn lab_cache(
 /// [`Lab::forget`]).
 pub(super) fn build_cache(
     namespace: String,
-    store: Arc<dyn Store>,
+    store: &LabStore,
     configure: impl FnOnce(CacheBuilder<i64, Item>) -> CacheBuilder<i64, Item>,
 ) -> Result<Cache<i64, Item>> {
     let builder = Cache::builder(namespace)
         .ttl(ENTRY_TTL)
         .jitter(0.1)
         .negative_ttl(ENTRY_TTL)
-        .lease_ttl(LEASE_TTL)
-        .store_arc(store);
-    configure(builder)
+        .lease_ttl(LEASE_TTL);
+    configure(store.serve(builder))
         .build()
         .context("cannot build the lab's cache")
 }

@@ -24,9 +24,9 @@
 //! without either, or on `--redis-cluster`, the scenario is skipped. Its
 //! stream has no TTL (a `:sys:` structure): the scenario deletes it at the end.
 
+use super::LabStore;
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
@@ -173,7 +173,7 @@ fn payload(key: i64, version: i64) -> String {
 
 /// A cache with versions on `store`, in `namespace`.
 fn versioned_cache(namespace: String, store: &RedisStore) -> Result<Cache<i64, Item>> {
-    build_cache(namespace, Arc::new(store.clone()), |b| {
+    build_cache(namespace, &LabStore::shared(store.clone()), |b| {
         b.version_by(version_of)
     })
 }

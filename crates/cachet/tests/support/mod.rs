@@ -47,7 +47,7 @@ impl Fx {
         namespace: &str,
     ) -> CacheBuilder<K, V> {
         match self {
-            Fx::Memory { store, .. } => Cache::builder(namespace).store(store.clone()),
+            Fx::Memory { store, .. } => Cache::builder(namespace).memory(store.clone()),
             Fx::Redis { store, .. } => Cache::builder(namespace).store(store.clone()),
         }
     }
