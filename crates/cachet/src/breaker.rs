@@ -8,17 +8,23 @@
 //! the store, and its success closes the breaker. Recovery therefore takes at
 //! most a cooldown after the store is back.
 //!
-//! An invalidation that cannot reach the store is reported to its caller, and
-//! also kept in this process (up to a bound) and retried until it goes through:
-//! an entry that the store still holds after the outage must not outlive the
-//! write that invalidated it.
+//! An invalidation (of a key or of a group) that cannot reach the store is
+//! reported to its caller, and also kept in this process (up to a bound) and
+//! retried until it goes through: an entry that the store still holds after the
+//! outage must not outlive the write that invalidated it. Retries start as soon
+//! as a call succeeds again, and until a kept invalidation is delivered, a read
+//! of its key (or of a key of its group) delivers it first, and fails (falling
+//! back to the loader) if it cannot: this process never reads back a value it
+//! failed to invalidate. Other processes may, until it is delivered.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use cachet_core::{Clock, Layered, Op, Store, StoreError, StoreFuture, StoreKey, StoreLayer};
+use cachet_core::{
+    Capability, Clock, GroupKey, Layered, Op, Store, StoreError, StoreFuture, StoreKey, StoreLayer,
+};
 use parking_lot::Mutex;
 
 /// Settings of the circuit breaker, for [`CacheBuilder::circuit_breaker`](crate::CacheBuilder::circuit_breaker).
@@ -73,13 +79,34 @@ pub(crate) type Guarded = Layered<Breaker>;
 pub(crate) struct Breaker {
     /// The guarded store, for logs.
     store: String,
+    /// The guarded store itself, to deliver a kept invalidation before a read.
+    inner: Arc<dyn Store>,
     settings: CircuitBreaker,
     clock: Clock,
     failures: AtomicU32,
     /// 0 when closed; else the Unix ms after which one probe may pass.
     open_until: AtomicU64,
-    pending: Mutex<HashSet<StoreKey>>,
+    pending: Mutex<Pending>,
+    /// How many invalidations `pending` holds, so that reads look at it only
+    /// when it holds some.
+    pending_len: AtomicUsize,
+    /// Woken when a call succeeds while invalidations are kept.
+    reachable: tokio::sync::Notify,
     pub(crate) counts: BreakerCounts,
+}
+
+/// Invalidations kept until the store takes them.
+#[derive(Debug, Default)]
+struct Pending {
+    keys: HashSet<StoreKey>,
+    /// By (`{prefix}{namespace}`, escaped group), to match a key's.
+    groups: HashMap<(String, String), GroupKey>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.keys.len() + self.groups.len()
+    }
 }
 
 /// Wraps `inner` in a circuit breaker, and starts the retry of kept
@@ -87,11 +114,14 @@ pub(crate) struct Breaker {
 pub(crate) fn guard(inner: Arc<dyn Store>, settings: CircuitBreaker, clock: Clock) -> Arc<Guarded> {
     let breaker = Breaker {
         store: format!("{inner:?}"),
+        inner: Arc::clone(&inner),
         settings,
         clock,
         failures: AtomicU32::new(0),
         open_until: AtomicU64::new(0),
-        pending: Mutex::new(HashSet::new()),
+        pending: Mutex::new(Pending::default()),
+        pending_len: AtomicUsize::new(0),
+        reachable: tokio::sync::Notify::new(),
         counts: BreakerCounts::default(),
     };
     let guarded = Arc::new(Layered::new(breaker, inner));
@@ -124,6 +154,9 @@ impl Breaker {
             Ok(_) => {
                 self.failures.store(0, Ordering::Release);
                 self.open_until.store(0, Ordering::Release);
+                if self.pending_len.load(Ordering::Acquire) > 0 {
+                    self.reachable.notify_one();
+                }
             }
             Err(e) if e.is_outage() => {
                 let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
@@ -152,21 +185,117 @@ impl Breaker {
         )
     }
 
-    fn keep(&self, key: &StoreKey) {
+    /// Keeps a failed invalidation (of a key or a group) for retry.
+    fn keep(&self, what: Kept<'_>) {
         let mut pending = self.pending.lock();
         if pending.len() >= self.settings.max_pending_invalidations {
             self.counts
                 .dropped_invalidations
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::error!(key = %key, "too many invalidations waiting for the store; this one is left to the entry's TTL");
+            tracing::error!(key = %what, "too many invalidations waiting for the store; this one is left to the entries' TTL");
             return;
         }
-        pending.insert(key.clone());
+        match what {
+            Kept::Key(key) => {
+                pending.keys.insert(key.clone());
+            }
+            Kept::Group(group) => {
+                let by = (group.head().to_owned(), group.group().to_owned());
+                pending.groups.insert(by, group.clone());
+            }
+        }
+        self.pending_len.store(pending.len(), Ordering::Release);
     }
 
     /// Invalidations waiting for the store.
     pub(crate) fn pending(&self) -> usize {
-        self.pending.lock().len()
+        self.pending_len.load(Ordering::Acquire)
+    }
+
+    /// The kept invalidations a read of `key` must wait for: its own, and its
+    /// group's.
+    fn kept_for(&self, key: &StoreKey) -> (bool, Option<GroupKey>) {
+        let pending = self.pending.lock();
+        let group = key.group().and_then(|g| {
+            pending
+                .groups
+                .get(&(key.head().to_owned(), g.to_owned()))
+                .cloned()
+        });
+        (pending.keys.contains(key), group)
+    }
+
+    /// Delivers what [`kept_for`](Self::kept_for) `key`; an error if the
+    /// store does not take it (the read must not go to the store then).
+    async fn deliver_before_read(&self, key: &StoreKey) -> Result<(), StoreError> {
+        let (own, group) = self.kept_for(key);
+        if let Some(group) = group {
+            self.deliver(Kept::Group(&group)).await?;
+        }
+        if own {
+            self.deliver(Kept::Key(key)).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one kept invalidation; forgets it once the store took it.
+    async fn deliver(&self, what: Kept<'_>) -> Result<(), StoreError> {
+        let done = match what {
+            Kept::Key(key) => self.inner.invalidate(key).await,
+            Kept::Group(group) => match self.inner.groups() {
+                Some(groups) => groups.invalidate_group(group).await,
+                None => Err(Capability::Groups.missing()),
+            },
+        };
+        self.record(&done);
+        done?;
+        if self.forget(what) {
+            self.counts
+                .retried_invalidations
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Drops a kept invalidation; false if it was not kept.
+    fn forget(&self, what: Kept<'_>) -> bool {
+        let mut pending = self.pending.lock();
+        let removed = match what {
+            Kept::Key(key) => pending.keys.remove(key),
+            Kept::Group(group) => pending
+                .groups
+                .remove(&(group.head().to_owned(), group.group().to_owned()))
+                .is_some(),
+        };
+        self.pending_len.store(pending.len(), Ordering::Release);
+        removed
+    }
+
+    /// Up to `max` kept invalidations, groups first.
+    fn batch(&self, max: usize) -> (Vec<GroupKey>, Vec<StoreKey>) {
+        let pending = self.pending.lock();
+        let groups: Vec<GroupKey> = pending.groups.values().take(max).cloned().collect();
+        let keys = (pending.keys.iter())
+            .take(max - groups.len())
+            .cloned()
+            .collect();
+        (groups, keys)
+    }
+}
+
+/// A kept invalidation.
+#[derive(Clone, Copy)]
+enum Kept<'a> {
+    Key(&'a StoreKey),
+    Group(&'a GroupKey),
+}
+
+impl std::fmt::Display for Kept<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Kept::Key(key) => key.fmt(f),
+            Kept::Group(group) => f.write_str(group.as_str()),
+        }
     }
 }
 
@@ -174,30 +303,25 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Retries kept invalidations while the store is reachable, until the store
-/// wrapper is dropped.
+/// Retries kept invalidations as soon as a call succeeds (and every 100 ms),
+/// all of them while the store takes them, until the store wrapper is dropped.
 async fn retry_invalidations(guarded: Weak<Guarded>) {
     const PERIOD: Duration = Duration::from_millis(100);
+    const BATCH: usize = 256;
     loop {
-        tokio::time::sleep(PERIOD).await;
-        let Some(guarded) = guarded.upgrade() else {
+        // Held for at most one period: a dropped cache ends the task.
+        let Some(strong) = guarded.upgrade() else {
             return;
         };
-        let (g, store) = (guarded.layer(), guarded.inner());
-        let batch: Vec<StoreKey> = g.pending.lock().iter().take(256).cloned().collect();
-        for key in batch {
-            if !g.allow() {
-                break;
-            }
-            let done = store.invalidate(&key).await;
-            g.record(&done);
-            if done.is_ok() {
-                g.pending.lock().remove(&key);
-                g.counts
-                    .retried_invalidations
-                    .fetch_add(1, Ordering::Relaxed);
-            } else {
-                break;
+        let g = strong.layer();
+        let _ = tokio::time::timeout(PERIOD, g.reachable.notified()).await;
+        'drain: while g.pending() > 0 {
+            let (groups, keys) = g.batch(BATCH);
+            let kept = (groups.iter().map(Kept::Group)).chain(keys.iter().map(Kept::Key));
+            for what in kept {
+                if !g.allow() || g.deliver(what).await.is_err() {
+                    break 'drain;
+                }
             }
         }
     }
@@ -216,20 +340,35 @@ impl StoreLayer for Breaker {
             return call;
         }
         let write = match op {
-            Op::Set(key) | Op::SetVersioned(key) | Op::Invalidate(key) => Some(key),
+            Op::Set(key) | Op::SetVersioned(key) | Op::Invalidate(key) => Some(Kept::Key(key)),
+            Op::InvalidateGroup(group) => Some(Kept::Group(group)),
+            _ => None,
+        };
+        let read = match op {
+            Op::Get(key) | Op::Acquire(key, _) | Op::Fill(key) | Op::Ttl(key) => Some(key),
             _ => None,
         };
         if !self.allow() {
-            if let Some(key) = write {
-                self.keep(key);
+            if let Some(what) = write {
+                self.keep(what);
             }
             return Box::pin(std::future::ready(Err(self.open_error())));
         }
         Box::pin(async move {
+            if let Some(key) = read
+                && self.pending() > 0
+            {
+                self.deliver_before_read(key).await?;
+            }
             let result = call.await;
             self.record(&result);
-            if let (Err(_), Some(key)) = (&result, write) {
-                self.keep(key);
+            match (&result, write) {
+                (Err(_), Some(what)) => self.keep(what),
+                // Written or invalidated since: nothing older is left to remove.
+                (Ok(_), Some(what)) if self.pending() > 0 => {
+                    self.forget(what);
+                }
+                _ => {}
             }
             result
         })

@@ -823,8 +823,11 @@ impl fmt::Debug for MemoryStore {
     }
 }
 
-fn ready<'a, T: Send + 'a>(value: T) -> StoreFuture<'a, T> {
-    Box::pin(std::future::ready(Ok(value)))
+/// A store call that runs when first polled, as a remote store's would: a
+/// layer that drops or fails a call (a fault injected in a test) keeps it from
+/// happening.
+fn lazy<'a, T: Send + 'a>(op: impl FnOnce() -> T + Send + 'a) -> StoreFuture<'a, T> {
+    Box::pin(async move { Ok(op()) })
 }
 
 impl Store for MemoryStore {
@@ -833,18 +836,11 @@ impl Store for MemoryStore {
     }
 
     fn get<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Read> {
-        ready(self.get_now(key).unwrap_or(Read::Miss))
+        lazy(move || self.read_now(key))
     }
 
     fn get_now(&self, key: &StoreKey) -> Option<Read> {
-        Some(self.route(
-            key,
-            |typed| typed.get(key),
-            |raw| {
-                raw.get(key.as_str(), key.group())
-                    .map_or(Read::Miss, Read::Hit)
-            },
-        ))
+        Some(self.read_now(key))
     }
 
     fn acquire<'a>(
@@ -853,17 +849,19 @@ impl Store for MemoryStore {
         mode: AcquireMode,
         lease_ttl: Duration,
     ) -> StoreFuture<'a, Acquire> {
-        ready(self.route(
-            key,
-            |typed| typed.acquire(key, mode, lease_ttl),
-            |raw| match raw.acquire(key.as_str(), key.group(), mode, lease_ttl) {
-                Acquired::Hit(entry) => Acquire::Hit(entry),
-                Acquired::Leased(token) => Acquire::Leased(token),
-                Acquired::Busy(left) => Acquire::Busy {
-                    expires_in: Some(left),
+        lazy(move || {
+            self.route(
+                key,
+                |typed| typed.acquire(key, mode, lease_ttl),
+                |raw| match raw.acquire(key.as_str(), key.group(), mode, lease_ttl) {
+                    Acquired::Hit(entry) => Acquire::Hit(entry),
+                    Acquired::Leased(token) => Acquire::Leased(token),
+                    Acquired::Busy(left) => Acquire::Busy {
+                        expires_in: Some(left),
+                    },
                 },
-            },
-        ))
+            )
+        })
     }
 
     fn fill<'a>(
@@ -873,50 +871,50 @@ impl Store for MemoryStore {
         entry: Entry,
         ttl: Duration,
     ) -> StoreFuture<'a, Fill> {
-        let entry = match self.typed(key) {
-            Some(typed) => match typed.fill(key, lease, entry, ttl) {
-                Ok(fill) => return ready(fill),
-                Err(entry) => entry,
-            },
-            None => entry,
-        };
-        ready(
-            self.inner
-                .raw
-                .fill(key.as_str(), key.group(), lease, entry, ttl),
-        )
+        lazy(move || {
+            let entry = match self.typed(key) {
+                Some(typed) => match typed.fill(key, lease, entry, ttl) {
+                    Ok(fill) => return fill,
+                    Err(entry) => entry,
+                },
+                None => entry,
+            };
+            (self.inner.raw).fill(key.as_str(), key.group(), lease, entry, ttl)
+        })
     }
 
     fn release<'a>(&'a self, key: &'a StoreKey, lease: &'a LeaseToken) -> StoreFuture<'a, bool> {
-        ready(self.route(
-            key,
-            |typed| typed.release(key, lease),
-            |raw| raw.release(key.as_str(), lease),
-        ))
+        lazy(move || {
+            self.route(
+                key,
+                |typed| typed.release(key, lease),
+                |raw| raw.release(key.as_str(), lease),
+            )
+        })
     }
 
     fn set<'a>(&'a self, key: &'a StoreKey, entry: Entry, ttl: Duration) -> StoreFuture<'a, ()> {
-        let entry = match self.typed(key) {
-            Some(typed) => match typed.set(key, entry, ttl) {
-                Ok(()) => return ready(()),
-                Err(entry) => entry,
-            },
-            None => entry,
-        };
-        self.inner.raw.set(key.as_str(), key.group(), entry, ttl);
-        ready(())
+        lazy(move || {
+            let entry = match self.typed(key) {
+                Some(typed) => match typed.set(key, entry, ttl) {
+                    Ok(()) => return,
+                    Err(entry) => entry,
+                },
+                None => entry,
+            };
+            self.inner.raw.set(key.as_str(), key.group(), entry, ttl);
+        })
     }
 
     /// Deletes the entry and lease under `key`, in the typed table of the cache
     /// the key belongs to (see [`CacheKey::decode_key`]) and in the table of
     /// entries by store key.
     fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
-        self.invalidate_now(key);
-        ready(())
+        lazy(move || self.invalidate_now(key))
     }
 
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
-        ready(self.route(key, |typed| typed.ttls(key), |raw| raw.ttls(key.as_str())))
+        lazy(move || self.route(key, |typed| typed.ttls(key), |raw| raw.ttls(key.as_str())))
     }
 
     fn groups(&self) -> Option<&dyn Groups> {
@@ -940,11 +938,12 @@ impl Groups for MemoryStore {
     /// Moves the group on both in the table behind this trait and in the typed
     /// table of the cache the group belongs to.
     fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()> {
-        self.inner.raw.invalidate_group(group.group());
-        if let Some(table) = self.typed_at(group.head()) {
-            table.invalidate_group(group.group());
-        }
-        ready(())
+        lazy(move || {
+            self.inner.raw.invalidate_group(group.group());
+            if let Some(table) = self.typed_at(group.head()) {
+                table.invalidate_group(group.group());
+            }
+        })
     }
 }
 
@@ -955,18 +954,16 @@ impl VersionedSet for MemoryStore {
         entry: Entry,
         ttl: Duration,
     ) -> StoreFuture<'a, Versioned> {
-        let entry = match self.typed(key) {
-            Some(typed) => match typed.set_versioned(key, entry, ttl) {
-                Ok(versioned) => return ready(versioned),
-                Err(entry) => entry,
-            },
-            None => entry,
-        };
-        ready(
-            self.inner
-                .raw
-                .set_versioned(key.as_str(), key.group(), entry, ttl),
-        )
+        lazy(move || {
+            let entry = match self.typed(key) {
+                Some(typed) => match typed.set_versioned(key, entry, ttl) {
+                    Ok(versioned) => return versioned,
+                    Err(entry) => entry,
+                },
+                None => entry,
+            };
+            (self.inner.raw).set_versioned(key.as_str(), key.group(), entry, ttl)
+        })
     }
 }
 
@@ -974,36 +971,36 @@ impl DeferredQueue for MemoryStore {
     /// Queues the invalidation in memory: it does not survive the process (nor
     /// do the entries it would delete).
     fn defer_invalidate<'a>(&'a self, key: &'a StoreKey, delay: Duration) -> StoreFuture<'a, ()> {
-        let due = self
-            .inner
-            .clock
-            .coarse_ms()
-            .saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
-        let seq = self.inner.deferred_seq.fetch_add(1, Ordering::Relaxed);
-        self.inner.deferred.lock().insert((due, seq), key.clone());
-        ready(())
+        lazy(move || {
+            let due = (self.inner.clock.coarse_ms())
+                .saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+            let seq = self.inner.deferred_seq.fetch_add(1, Ordering::Relaxed);
+            self.inner.deferred.lock().insert((due, seq), key.clone());
+        })
     }
 
     fn run_deferred(&self, max: usize) -> StoreFuture<'_, Deferred> {
-        let now = self.inner.clock.coarse_ms();
-        let mut ran = 0;
-        let next_due_in = loop {
-            let due = {
-                let mut queue = self.inner.deferred.lock();
-                match queue.first_key_value() {
-                    Some((&(at, _), _)) if at <= now && ran < max => queue.pop_first(),
-                    Some((&(at, _), _)) => {
-                        break Some(Duration::from_millis(at.saturating_sub(now)));
+        lazy(move || {
+            let now = self.inner.clock.coarse_ms();
+            let mut ran = 0;
+            let next_due_in = loop {
+                let due = {
+                    let mut queue = self.inner.deferred.lock();
+                    match queue.first_key_value() {
+                        Some((&(at, _), _)) if at <= now && ran < max => queue.pop_first(),
+                        Some((&(at, _), _)) => {
+                            break Some(Duration::from_millis(at.saturating_sub(now)));
+                        }
+                        None => break None,
                     }
-                    None => break None,
+                };
+                if let Some((_, key)) = due {
+                    self.invalidate_now(&key);
+                    ran += 1;
                 }
             };
-            if let Some((_, key)) = due {
-                self.invalidate_now(&key);
-                ran += 1;
-            }
-        };
-        ready(Deferred { ran, next_due_in })
+            Deferred { ran, next_due_in }
+        })
     }
 }
 
@@ -1013,21 +1010,30 @@ impl BloomBits for MemoryStore {
         filter: &'a BloomKey,
         positions: &'a [u64],
     ) -> StoreFuture<'a, bool> {
-        Box::pin(std::future::ready(
-            self.inner.blooms.check(filter, positions),
-        ))
+        Box::pin(async move { self.inner.blooms.check(filter, positions) })
     }
 
     fn bloom_add<'a>(&'a self, filter: &'a BloomKey, positions: &'a [u64]) -> StoreFuture<'a, ()> {
-        Box::pin(std::future::ready(self.inner.blooms.add(filter, positions)))
+        Box::pin(async move { self.inner.blooms.add(filter, positions) })
     }
 
     fn bloom_replace<'a>(&'a self, filter: &'a BloomKey, bits: Bytes) -> StoreFuture<'a, ()> {
-        Box::pin(std::future::ready(self.inner.blooms.replace(filter, &bits)))
+        Box::pin(async move { self.inner.blooms.replace(filter, &bits) })
     }
 }
 
 impl MemoryStore {
+    fn read_now(&self, key: &StoreKey) -> Read {
+        self.route(
+            key,
+            |typed| typed.get(key),
+            |raw| {
+                raw.get(key.as_str(), key.group())
+                    .map_or(Read::Miss, Read::Hit)
+            },
+        )
+    }
+
     /// The typed table of the cache `key` belongs to, if one was made.
     fn typed(&self, key: &StoreKey) -> Option<Arc<dyn Routable>> {
         self.typed_at(key.head())

@@ -160,3 +160,109 @@ async fn reads_survive_an_outage_and_nothing_is_stale_after_it() {
         "the store serves hits after recovery"
     );
 }
+
+/// A store that fails every call while it is down, as an unreachable one does.
+#[derive(Debug, Default)]
+struct Switch {
+    down: AtomicBool,
+}
+
+impl cachet::store::StoreLayer for Switch {
+    fn call<'a, T: Send + 'a>(
+        &'a self,
+        op: cachet::store::Op<'a>,
+        call: cachet::store::StoreFuture<'a, T>,
+    ) -> cachet::store::StoreFuture<'a, T> {
+        if self.down.load(Ordering::SeqCst) && !matches!(op, cachet::store::Op::Subscribe(_)) {
+            let down = cachet::StoreError::unavailable("switched off");
+            return Box::pin(std::future::ready(Err(down)));
+        }
+        call
+    }
+}
+
+type Switched = cachet::store::Layered<Switch, cachet::MemoryStore>;
+
+fn switched() -> (Arc<Switched>, Cache<u64, String>) {
+    let store = Arc::new(cachet::store::Layered::new(
+        Switch::default(),
+        cachet::MemoryStore::new(100),
+    ));
+    let cache = Cache::builder("outage")
+        .store(Arc::clone(&store))
+        // Never open: these tests are about what is kept, not about skipping.
+        .circuit_breaker(Some(CircuitBreaker::new(u32::MAX, Duration::ZERO)))
+        .group_by(|k: &u64| k % 2)
+        .build()
+        .unwrap();
+    (store, cache)
+}
+
+/// The first reads after an outage cannot return a value whose invalidation
+/// (of its key or of its group) failed during the outage, even before the
+/// retry task gets to it: the read delivers it first.
+#[tokio::test]
+async fn no_read_after_an_outage_returns_what_the_outage_kept_from_being_invalidated() {
+    let (store, cache) = switched();
+    cache.set(&1, "old 1".into()).await.unwrap();
+    cache.set(&2, "old 2".into()).await.unwrap();
+
+    store.layer().down.store(true, Ordering::SeqCst);
+    cache.invalidate(&1).await.unwrap_err();
+    cache.invalidate_group(&0u64).await.unwrap_err();
+    assert_eq!(cache.stats().pending_invalidations, 2);
+    store.layer().down.store(false, Ordering::SeqCst);
+
+    assert_eq!(cache.get(&1).await.unwrap(), None, "key 1 was invalidated");
+    assert_eq!(
+        cache.get(&2).await.unwrap(),
+        None,
+        "key 2's group was invalidated"
+    );
+    assert_eq!(cache.stats().pending_invalidations, 0);
+    // A read that cannot deliver what it waits for does not reach the store.
+    cache.set(&3, "old 3".into()).await.unwrap();
+    store.layer().down.store(true, Ordering::SeqCst);
+    cache.invalidate(&3).await.unwrap_err();
+    store.layer().down.store(false, Ordering::SeqCst);
+    let loaded = cache
+        .get_or_load(&3, || async {
+            Ok::<_, std::io::Error>(Some("new 3".to_owned()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded.as_deref(), Some("new 3"));
+}
+
+/// Kept invalidations are delivered as soon as a call succeeds, without
+/// waiting for a read of their keys.
+#[tokio::test]
+async fn kept_invalidations_are_delivered_once_the_store_answers() {
+    let (store, cache) = switched();
+    for k in 1..=50 {
+        cache.set(&k, "old".into()).await.unwrap();
+    }
+    store.layer().down.store(true, Ordering::SeqCst);
+    for k in 1..=50 {
+        cache.invalidate(&k).await.unwrap_err();
+    }
+    assert_eq!(cache.stats().pending_invalidations, 50);
+    store.layer().down.store(false, Ordering::SeqCst);
+    cache.set(&100, "unrelated".into()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cache.stats().pending_invalidations > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "kept invalidations never delivered"
+        );
+        tokio::task::yield_now().await;
+    }
+    for k in 1..=50 {
+        let key = cache.store_key(&k);
+        let read = cachet::Store::get(store.inner(), &key).await.unwrap();
+        assert!(
+            matches!(read, cachet::store::Read::Miss),
+            "key {k}: {read:?}"
+        );
+    }
+}
