@@ -150,6 +150,9 @@ impl<L: StoreLayer, S: Store> Store for Layered<L, S> {
     fn payload_kind(&self) -> PayloadKind {
         self.inner.payload_kind()
     }
+    fn max_payload_bytes(&self) -> Option<usize> {
+        self.inner.max_payload_bytes()
+    }
     fn get<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Read> {
         self.layer.call(Op::Get(key), self.inner.get(key))
     }

@@ -302,6 +302,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// How this store keeps payloads.
     fn payload_kind(&self) -> PayloadKind;
 
+    /// The largest payload (encoded value bytes) the store accepts in one
+    /// entry, if it has a limit. A cache refuses a larger value before sending
+    /// it (a server that receives one may close the connection every other
+    /// call shares).
+    fn max_payload_bytes(&self) -> Option<usize> {
+        None
+    }
+
     /// Reads an entry.
     fn get<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Read>;
 
@@ -506,6 +514,9 @@ pub trait BloomBits: Send + Sync {
 impl<S: Store + ?Sized> Store for Arc<S> {
     fn payload_kind(&self) -> PayloadKind {
         (**self).payload_kind()
+    }
+    fn max_payload_bytes(&self) -> Option<usize> {
+        (**self).max_payload_bytes()
     }
     fn get<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Read> {
         (**self).get(key)

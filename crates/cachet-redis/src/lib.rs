@@ -196,6 +196,8 @@ struct Inner {
     publisher: Option<bus::Publisher>,
     /// The server (or a cluster node) subscriptions connect to. Not redacted.
     bus_url: String,
+    /// The largest payload sent in one entry.
+    max_payload: usize,
 }
 
 /// One shard of the deferred-invalidation queue: two sorted sets in one slot.
@@ -216,9 +218,21 @@ pub struct RedisStoreBuilder {
     deferred_visibility: Duration,
     invalidation_bus: bool,
     eviction_check: bool,
+    max_payload: Option<usize>,
 }
 
 impl RedisStoreBuilder {
+    /// The largest payload (encoded value) the store sends in one entry.
+    /// Defaults to what the server accepts: its `proto-max-bulk-len` (read at
+    /// connect; 512 MiB, Redis's default, if `CONFIG` is not allowed) less
+    /// room for the envelope. A smaller value here wins. A larger payload is
+    /// refused by the cache before it is sent, so it never reaches a server
+    /// that would close the connection every other call shares.
+    pub fn max_payload_bytes(mut self, limit: usize) -> Self {
+        self.max_payload = Some(limit);
+        self
+    }
+
     /// Whether to read the server's `maxmemory` and `maxmemory-policy` when
     /// connecting and warn (one `tracing` line) about settings that break the
     /// guarantees (default: yes). See [`ServerInfo::warnings`].
@@ -303,10 +317,15 @@ impl RedisStoreBuilder {
             .invalidation_bus
             .then(|| bus::Publisher::spawn(conn.clone()));
         let eviction_check = self.eviction_check;
+        let server_limit = bulk_limit(&conn).await - ENVELOPE_ROOM;
+        let max_payload = self
+            .max_payload
+            .map_or(server_limit, |ours| ours.min(server_limit));
         let store = RedisStore {
             inner: Arc::new(Inner {
                 publisher,
                 bus_url,
+                max_payload,
                 conn,
                 tokens: TokenSource::new(),
                 response_timeout: self.response_timeout,
@@ -339,6 +358,26 @@ impl RedisStoreBuilder {
     }
 }
 
+/// Bytes kept out of the server's bulk limit for the envelope around a
+/// payload (its fixed fields are a few dozen bytes).
+const ENVELOPE_ROOM: usize = 1024;
+
+/// The server's `proto-max-bulk-len`: the largest string a command may carry;
+/// Redis's default when `CONFIG` is not allowed or the reply is odd.
+async fn bulk_limit(conn: &RedisConnection) -> usize {
+    const REDIS_DEFAULT: usize = 512 * 1024 * 1024;
+    let mut conn = conn.clone();
+    let reply: Result<Vec<String>, _> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("proto-max-bulk-len")
+        .query_async(&mut conn)
+        .await;
+    let limit = reply
+        .ok()
+        .and_then(|kv| kv.into_iter().nth(1)?.parse().ok());
+    limit.unwrap_or(REDIS_DEFAULT).max(ENVELOPE_ROOM * 2)
+}
+
 impl RedisStore {
     /// Connects with default settings.
     ///
@@ -359,6 +398,7 @@ impl RedisStore {
             deferred_visibility: Duration::from_secs(10),
             invalidation_bus: true,
             eviction_check: true,
+            max_payload: None,
         }
     }
 
@@ -671,6 +711,10 @@ fn parse_acquire(reply: redis::Value, token: LeaseToken) -> Result<Acquire, Stor
 impl Store for RedisStore {
     fn payload_kind(&self) -> PayloadKind {
         PayloadKind::Bytes
+    }
+
+    fn max_payload_bytes(&self) -> Option<usize> {
+        Some(self.inner.max_payload)
     }
 
     fn get<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Read> {

@@ -38,6 +38,7 @@ enum Backend {
 /// | [`memory`](Self::memory) or [`store`](Self::store) | a new [`MemoryStore`] | where entries live |
 /// | [`codec`](Self::codec) | [`Postcard`] | how values become bytes for byte stores |
 /// | [`prefix`](Self::prefix) | `cachet:` | first part of every key |
+/// | [`max_value_bytes`](Self::max_value_bytes) | what the store accepts | largest encoded value sent to a byte store |
 #[must_use = "a builder does nothing until .build() is called"]
 pub struct CacheBuilder<K: ?Sized, V, C = Postcard> {
     namespace: String,
@@ -58,6 +59,7 @@ pub struct CacheBuilder<K: ?Sized, V, C = Postcard> {
     fresh: Freshness,
     soft_timeout: Option<Duration>,
     hard_timeout: Option<Duration>,
+    max_value_bytes: Option<usize>,
     codec: C,
     _types: PhantomData<fn(&K) -> V>,
 }
@@ -104,6 +106,7 @@ impl<K: ?Sized, V> CacheBuilder<K, V, Postcard> {
             fresh: Freshness::default(),
             soft_timeout: None,
             hard_timeout: None,
+            max_value_bytes: None,
             codec: Postcard,
             _types: PhantomData,
         }
@@ -301,6 +304,17 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
         self
     }
 
+    /// The largest encoded value this cache sends to a byte store (Redis).
+    /// A larger one is never sent: `set` and `write_through` fail with an
+    /// [`ErrorKind::TooLarge`](crate::ErrorKind::TooLarge) error naming the
+    /// key, the size and the limit; a loaded one is returned but not cached.
+    /// Defaults to what the store accepts (for Redis, the server's
+    /// `proto-max-bulk-len`, read at connect); a smaller value here wins.
+    pub fn max_value_bytes(mut self, limit: usize) -> Self {
+        self.max_value_bytes = Some(limit);
+        self
+    }
+
     /// The codec values are stored with on byte stores.
     pub fn codec<C2>(self, codec: C2) -> CacheBuilder<K, V, C2> {
         CacheBuilder {
@@ -322,6 +336,7 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
             fresh: self.fresh,
             soft_timeout: self.soft_timeout,
             hard_timeout: self.hard_timeout,
+            max_value_bytes: self.max_value_bytes,
             codec,
             _types: PhantomData,
         }
@@ -469,6 +484,10 @@ where
                 hard_timeout: self.hard_timeout,
                 clock,
                 version_of: self.version_of,
+                max_value_bytes: match (self.max_value_bytes, store.max_payload_bytes()) {
+                    (Some(ours), Some(store)) => Some(ours.min(store)),
+                    (ours, store) => ours.or(store),
+                },
                 store,
                 codec: Arc::new(self.codec),
             },

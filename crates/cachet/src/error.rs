@@ -22,6 +22,8 @@ pub enum ErrorKind {
     Store,
     /// A value could not be encoded for the store.
     Codec,
+    /// A value was larger than the store accepts; it was not sent.
+    TooLarge,
     /// The cache was configured wrongly.
     Config,
 }
@@ -89,6 +91,17 @@ impl Error {
 
     pub(crate) fn codec(cache: &str, key: &str, source: BoxError) -> Self {
         Self::new(ErrorKind::Codec, cache, Some(key), Some(source))
+    }
+
+    pub(crate) fn too_large(cache: &str, key: &str, size: usize, limit: usize) -> Self {
+        Self::with_message(
+            ErrorKind::TooLarge,
+            cache,
+            Some(key),
+            format!(
+                "the encoded value is {size} bytes, over the limit of {limit} bytes (max_value_bytes); it was not sent"
+            ),
+        )
     }
 
     pub(crate) fn config(cache: &str, message: impl Into<String>) -> Self {
@@ -159,6 +172,7 @@ impl fmt::Display for Error {
             ErrorKind::Write => "writing",
             ErrorKind::Store => "store operation on",
             ErrorKind::Codec => "encoding the value of",
+            ErrorKind::TooLarge => "storing the value of",
             ErrorKind::Config => "configuration",
         };
         match &i.key {

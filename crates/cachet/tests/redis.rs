@@ -298,3 +298,77 @@ async fn a_dead_server_degrades_to_the_source_and_recovers() {
     }
     assert_eq!(cache.get(&2).await.unwrap(), Some(2));
 }
+
+/// A value over what the server accepts (`proto-max-bulk-len`, read at connect)
+/// is refused before it is sent, naming the key, the size and the limit; the
+/// connection every other call shares is never closed by the server, so
+/// concurrent reads of other keys all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_value_is_refused_before_it_is_sent_and_disturbs_no_other_key() {
+    let server = cachet_testkit::RedisServer::start_with(cachet_testkit::RedisServerOptions {
+        extra_args: vec![("proto-max-bulk-len".into(), "1mb".into())],
+        ..Default::default()
+    });
+    let store = cachet::RedisStore::connect(&server.url()).await.unwrap();
+    let cache: Cache<u64, Vec<u8>> = Cache::builder("big").store(store).build().unwrap();
+    for k in 0..10 {
+        cache.set(&k, vec![7; 100]).await.unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (cache, stop) = (cache.clone(), std::sync::Arc::clone(&stop));
+            tokio::spawn(async move {
+                let (mut reads, mut errors) = (0u64, 0u64);
+                for i in 0..1_000_000u64 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    match cache.get(&(i % 10)).await {
+                        Ok(Some(_)) => reads += 1,
+                        _ => errors += 1,
+                    }
+                }
+                (reads, errors)
+            })
+        })
+        .collect();
+
+    let big = vec![1u8; 2 * 1024 * 1024];
+    for _ in 0..5 {
+        let e = cache.set(&99, big.clone()).await.unwrap_err();
+        assert_eq!(e.kind(), cachet::ErrorKind::TooLarge, "{e}");
+        let text = e.to_string();
+        assert!(text.contains("key `99`"), "{text}");
+        assert!(text.contains("bytes, over the limit of"), "{text}");
+        let size: usize = (text.split("the encoded value is ").nth(1))
+            .and_then(|rest| rest.split(' ').next()?.parse().ok())
+            .expect("the size");
+        assert!(size > big.len(), "{text}");
+        // Loaded: returned, not cached.
+        let got = cache
+            .get_or_load(&98, || async { Res::Ok(Some(vec![2u8; 2 * 1024 * 1024])) })
+            .await
+            .unwrap();
+        assert_eq!(got.map(|v| v.len()), Some(2 * 1024 * 1024));
+        assert_eq!(cache.peek(&98).await.unwrap(), None);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for reader in readers {
+        let (reads, errors) = reader.await.unwrap();
+        assert_eq!(errors, 0, "{reads} reads of other keys, {errors} failed");
+    }
+    // A limit of the cache's own, below the server's, wins.
+    let store = cachet::RedisStore::connect(&server.url()).await.unwrap();
+    let small: Cache<u64, Vec<u8>> = Cache::builder("big")
+        .store(store)
+        .max_value_bytes(1000)
+        .build()
+        .unwrap();
+    small.set(&1, vec![0; 900]).await.unwrap();
+    let e = small.set(&1, vec![0; 1000]).await.unwrap_err();
+    assert!(
+        e.to_string().contains("over the limit of 1000 bytes"),
+        "{e}"
+    );
+}

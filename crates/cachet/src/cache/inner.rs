@@ -17,7 +17,6 @@ use crate::Error;
 use crate::bloom::BloomFilter;
 use crate::breaker::Guarded;
 use crate::codec::Codec;
-use crate::error::BoxError;
 use crate::expiry::Expiry;
 use crate::flight::Flights;
 use crate::memory::{Acquired, LocalTier, Slot};
@@ -36,6 +35,8 @@ pub(crate) struct Settings<V> {
     pub(crate) version_of: Option<VersionFn<V>>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) codec: Arc<dyn Codec<V>>,
+    /// The largest encoded value sent to a byte store.
+    pub(crate) max_value_bytes: Option<usize>,
 }
 
 /// A value's version in the source of truth.
@@ -378,9 +379,7 @@ where
                 Versioned::Written
             });
         }
-        let entry = self
-            .entry_for(meta, value.as_ref())
-            .map_err(|e| Error::codec(self.namespace(), skey.user_key(), e))?;
+        let entry = self.entry_for(skey, meta, value.as_ref())?;
         let store = &self.s.store;
         let written = if versioned {
             match store.versioned_set() {
@@ -482,14 +481,32 @@ where
             "undecodable entry treated as a miss");
     }
 
-    pub(crate) fn entry_for(&self, meta: Meta, value: Option<&V>) -> Result<Entry, BoxError> {
+    /// The entry to send for `value`: an error if it does not encode, or if
+    /// it is larger than the store accepts (then it is never sent).
+    pub(crate) fn entry_for(
+        &self,
+        key: &StoreKey,
+        meta: Meta,
+        value: Option<&V>,
+    ) -> Result<Entry, Error> {
         let payload = match value {
             None => Payload::Empty,
             Some(v) => match self.kind {
                 PayloadKind::Object => Payload::Object(Arc::new(v.clone())),
                 PayloadKind::Bytes => {
                     let mut buf = Vec::new();
-                    self.s.codec.encode(v, &mut buf)?;
+                    (self.s.codec.encode(v, &mut buf))
+                        .map_err(|e| Error::codec(self.namespace(), key.user_key(), e))?;
+                    if let Some(limit) = self.s.max_value_bytes
+                        && buf.len() > limit
+                    {
+                        return Err(Error::too_large(
+                            self.namespace(),
+                            key.user_key(),
+                            buf.len(),
+                            limit,
+                        ));
+                    }
                     Payload::Bytes(buf.into())
                 }
             },
@@ -572,11 +589,11 @@ where
             };
             return Ok(local.fill(key, skey.group(), token, slot, ttl));
         }
-        let entry = match self.entry_for(meta, value.as_ref()) {
+        let entry = match self.entry_for(skey, meta, value.as_ref()) {
             Ok(entry) => entry,
             Err(e) => {
-                tracing::error!(cache = self.namespace(), key = skey.user_key(), error = %crate::Report(&*e),
-                    "the loaded value cannot be encoded; it is returned but not cached");
+                tracing::error!(error = %crate::Report(&e),
+                    "the loaded value is returned but not cached");
                 return Err(());
             }
         };
