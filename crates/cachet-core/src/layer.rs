@@ -191,6 +191,9 @@ impl<L: StoreLayer, S: Store> Store for Layered<L, S> {
         self.layer
             .call(Op::Invalidate(key), self.inner.invalidate(key))
     }
+    fn flush(&self) -> StoreFuture<'_, u64> {
+        self.inner.flush()
+    }
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
         self.layer.call(Op::Ttl(key), self.inner.ttl(key))
     }

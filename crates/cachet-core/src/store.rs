@@ -348,6 +348,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Deletes the entry and revokes any lease.
     fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()>;
 
+    /// Sends what this handle still holds for later in this process (notices
+    /// for the invalidation bus), for a clean shutdown; the number of items
+    /// that could not be sent since the previous flush. The default has
+    /// nothing to send.
+    fn flush(&self) -> StoreFuture<'_, u64> {
+        Box::pin(std::future::ready(Ok(0)))
+    }
+
     /// The remaining TTLs of the entry and its lease, for inspection.
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls>;
 
@@ -549,6 +557,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
         (**self).invalidate(key)
+    }
+    fn flush(&self) -> StoreFuture<'_, u64> {
+        (**self).flush()
     }
     fn ttl<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Ttls> {
         (**self).ttl(key)

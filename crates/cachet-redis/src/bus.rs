@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use cachet_core::{BusEvent, GroupKey, Notice, StoreKey};
 use futures::StreamExt as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::RedisConnection;
 
@@ -54,7 +54,16 @@ pub(crate) fn channel(head: &str) -> String {
 /// The sending side: a queue in front of the batching task.
 #[derive(Debug)]
 pub(crate) struct Publisher {
-    tx: mpsc::UnboundedSender<(String, String)>,
+    tx: mpsc::UnboundedSender<Queued>,
+}
+
+/// What the batching task is sent.
+enum Queued {
+    /// A notice: its channel and its line.
+    Notice(String, String),
+    /// Publish everything queued before this, then answer with how many
+    /// notices could not be published since the previous flush.
+    Flush(oneshot::Sender<u64>),
 }
 
 impl Publisher {
@@ -66,23 +75,39 @@ impl Publisher {
     }
 
     pub(crate) fn key(&self, key: &StoreKey) {
-        let _ = self
-            .tx
-            .send((channel(key.head()), format!("k {}", key.as_str())));
+        let line = format!("k {}", key.as_str());
+        let _ = self.tx.send(Queued::Notice(channel(key.head()), line));
     }
 
     pub(crate) fn group(&self, group: &GroupKey) {
-        let _ = self
-            .tx
-            .send((channel(group.head()), format!("g {}", group.as_str())));
+        let line = format!("g {}", group.as_str());
+        let _ = self.tx.send(Queued::Notice(channel(group.head()), line));
+    }
+
+    /// Waits until every notice queued so far is published; the number that
+    /// could not be (since the previous flush), or `None` if the batching task
+    /// is gone (its runtime shut down).
+    pub(crate) async fn flush(&self) -> Option<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Queued::Flush(tx)).ok()?;
+        rx.await.ok()
     }
 }
 
 /// Gathers notices into batches and publishes them, until every sender is gone.
-async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<(String, String)>) {
+async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<Queued>) {
     // When the previous batch went out; `None` before the first.
     let mut previous: Option<tokio::time::Instant> = None;
+    let mut failed = 0u64;
     while let Some(first) = rx.recv().await {
+        let first = match first {
+            Queued::Notice(channel, line) => (channel, line),
+            Queued::Flush(done) => {
+                let _ = done.send(std::mem::take(&mut failed));
+                continue;
+            }
+        };
+        let mut flushes = Vec::new();
         let mut batch: HashMap<String, Vec<String>> = HashMap::new();
         batch.entry(first.0).or_default().push(first.1);
         let mut n = 1;
@@ -92,11 +117,11 @@ async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<(Str
         let deadline = previous.map(|at| at + LINGER);
         while n < BATCH {
             let next = match rx.try_recv() {
-                Ok(notice) => notice,
+                Ok(queued) => queued,
                 Err(mpsc::error::TryRecvError::Empty) => match deadline {
                     Some(deadline) if tokio::time::Instant::now() < deadline => {
                         match tokio::time::timeout_at(deadline, rx.recv()).await {
-                            Ok(Some(notice)) => notice,
+                            Ok(Some(queued)) => queued,
                             Ok(None) | Err(_) => break,
                         }
                     }
@@ -104,7 +129,14 @@ async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<(Str
                 },
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             };
-            batch.entry(next.0).or_default().push(next.1);
+            match next {
+                Queued::Notice(channel, line) => batch.entry(channel).or_default().push(line),
+                // Answered once this batch is out; nothing after it joins.
+                Queued::Flush(done) => {
+                    flushes.push(done);
+                    break;
+                }
+            }
             n += 1;
         }
         previous = Some(tokio::time::Instant::now());
@@ -117,9 +149,13 @@ async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<(Str
             if let Err(e) = published {
                 // Subscribers whose connection is fine would miss these: their
                 // near caches rely on their TTL for them.
+                failed += lines.len() as u64;
                 tracing::warn!(%channel, notices = lines.len(), error = %cachet_core::Report(&e),
                     "publishing invalidation notices failed");
             }
+        }
+        for done in flushes {
+            let _ = done.send(std::mem::take(&mut failed));
         }
     }
 }

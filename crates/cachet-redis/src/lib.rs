@@ -876,6 +876,21 @@ impl Store for RedisStore {
         })
     }
 
+    /// Waits until every bus notice queued so far is published.
+    fn flush(&self) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let Some(publisher) = &self.inner.publisher else {
+                return Ok(0);
+            };
+            publisher.flush().await.ok_or_else(|| {
+                StoreError::new(
+                    cachet_core::StoreErrorKind::Unavailable,
+                    "the task publishing invalidation notices has stopped (its runtime shut down?)",
+                )
+            })
+        })
+    }
+
     fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let _: i64 = redis::cmd("DEL")

@@ -271,6 +271,33 @@ impl Breaker {
         removed
     }
 
+    /// Delivers every kept invalidation it can before `deadline`, retrying
+    /// while the store fails; the keys (and group keys) still kept then.
+    pub(crate) async fn drain(&self, deadline: tokio::time::Instant) -> Vec<String> {
+        const BATCH: usize = 256;
+        const PAUSE: Duration = Duration::from_millis(20);
+        let delivering = async {
+            for _ in 0..u32::MAX {
+                if self.pending() == 0 {
+                    return;
+                }
+                let (groups, keys) = self.batch(BATCH);
+                let kept = (groups.iter().map(Kept::Group)).chain(keys.iter().map(Kept::Key));
+                for what in kept {
+                    if self.deliver(what).await.is_err() {
+                        tokio::time::sleep(PAUSE).await;
+                        break;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout_at(deadline, delivering).await;
+        let pending = self.pending.lock();
+        (pending.groups.values().map(|g| g.as_str().to_owned()))
+            .chain(pending.keys.iter().map(|k| k.as_str().to_owned()))
+            .collect()
+    }
+
     /// Up to `max` kept invalidations, groups first.
     fn batch(&self, max: usize) -> (Vec<GroupKey>, Vec<StoreKey>) {
         let pending = self.pending.lock();

@@ -24,6 +24,8 @@ pub enum ErrorKind {
     Codec,
     /// A value was larger than the store accepts; it was not sent.
     TooLarge,
+    /// [`Cache::close`](crate::Cache::close) could not deliver everything.
+    Shutdown,
     /// The cache was configured wrongly.
     Config,
 }
@@ -104,6 +106,10 @@ impl Error {
         )
     }
 
+    pub(crate) fn shutdown(cache: &str, message: String) -> Self {
+        Self::with_message(ErrorKind::Shutdown, cache, None, message)
+    }
+
     pub(crate) fn config(cache: &str, message: impl Into<String>) -> Self {
         Self::with_message(ErrorKind::Config, cache, None, message.into())
     }
@@ -173,11 +179,13 @@ impl fmt::Display for Error {
             ErrorKind::Store => "store operation on",
             ErrorKind::Codec => "encoding the value of",
             ErrorKind::TooLarge => "storing the value of",
+            ErrorKind::Shutdown => "closing",
             ErrorKind::Config => "configuration",
         };
-        match &i.key {
-            Some(key) => write!(f, ": {what} key `{key}` failed")?,
-            None => write!(f, ": invalid {what}")?,
+        match (&i.key, i.kind) {
+            (Some(key), _) => write!(f, ": {what} key `{key}` failed")?,
+            (None, ErrorKind::Config) => write!(f, ": invalid {what}")?,
+            (None, _) => write!(f, ": {what} failed")?,
         }
         // The source, if any, is not repeated here: it is `source()`.
         if let Some(message) = &i.message {

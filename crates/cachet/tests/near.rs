@@ -232,3 +232,95 @@ async fn a_burst_of_writes_is_batched_into_few_messages() {
         publishes as f64 / KEYS as f64
     );
 }
+
+/// A process that invalidates 200 keys at once and exits right after
+/// `close` has delivered every bus notice: another process's near cache
+/// drops all 200. (Without `close`, exiting loses the notices still queued.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_delivers_every_notice_before_the_process_exits() {
+    const KEYS: u64 = 200;
+    let server = RedisServer::start();
+    let reader = instance(&server).await;
+    connected(std::slice::from_ref(&reader)).await;
+    let db: Db = Arc::new(std::sync::Mutex::new(
+        (0..KEYS).map(|k| (k, "old".to_owned())).collect(),
+    ));
+    for k in 0..KEYS {
+        reader.get_or_load(&k, loader(&db, k)).await.unwrap();
+    }
+    for v in db.lock().unwrap().values_mut() {
+        *v = "new".to_owned();
+    }
+
+    // The writer: a runtime of its own, gone the moment `close` returns.
+    let url = server.url();
+    let closed = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let closed = rt.block_on(async {
+            let store = RedisStore::connect(&url).await.unwrap();
+            let writer: Cache<u64, String> = Cache::builder("near").store(store).build().unwrap();
+            let mut all = tokio::task::JoinSet::new();
+            for k in 0..KEYS {
+                let writer = writer.clone();
+                all.spawn(async move { writer.invalidate(&k).await });
+            }
+            while let Some(done) = all.join_next().await {
+                done.unwrap().unwrap();
+            }
+            writer.close(Duration::from_secs(5)).await
+        });
+        rt.shutdown_background();
+        closed
+    })
+    .join()
+    .unwrap();
+    closed.unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for k in 0..KEYS {
+        loop {
+            let got = reader.get_or_load(&k, loader(&db, k)).await.unwrap();
+            if got.as_deref() == Some("new") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "key {k}: the near cache still serves {got:?}: its notice was lost"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// `close` says what it could not deliver: invalidations kept while the
+/// store is gone, named, within the time it was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_names_what_it_could_not_deliver() {
+    let mut server = RedisServer::start();
+    let store = RedisStore::builder(server.url())
+        .response_timeout(Duration::from_millis(100))
+        .connect()
+        .await
+        .unwrap();
+    let cache: Cache<u64, String> = Cache::builder("close").store(store).build().unwrap();
+    cache.close(Duration::from_secs(1)).await.unwrap();
+    server.kill();
+    cache.invalidate(&7).await.unwrap_err();
+    let started = tokio::time::Instant::now();
+    let e = cache.close(Duration::from_millis(300)).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "close overran its limit"
+    );
+    assert_eq!(e.kind(), cachet::ErrorKind::Shutdown);
+    let text = e.to_string();
+    assert!(
+        text.starts_with("cache `close`: closing failed: 1 kept invalidations"),
+        "{text}"
+    );
+    assert!(text.contains("cachet:close:v:{7}"), "{text}");
+}

@@ -416,6 +416,52 @@ where
         inner.bump_group(&inner.s.layout.group_key(group)).await
     }
 
+    /// Delivers what this cache still holds for the store before the process
+    /// exits, within `within`: invalidations kept after a store failure (see
+    /// [`CircuitBreaker`](crate::CircuitBreaker)), then the notices of the
+    /// invalidation bus queued for other processes' near caches (which a
+    /// process that simply returns from `main` loses). Call it last, from a
+    /// shutdown handler; the cache stays usable, and a second call sends what
+    /// was queued since.
+    ///
+    /// Workers with a life of their own stop on their own handles:
+    /// [`DeferredWorker::shutdown`](crate::DeferredWorker::shutdown), the outbox
+    /// relay's and the write-behind flusher's stop signals.
+    ///
+    /// # Errors
+    /// An [`ErrorKind::Shutdown`](crate::ErrorKind::Shutdown) error saying
+    /// what could not be delivered in time (and naming up to 5 keys).
+    pub async fn close(&self, within: Duration) -> Result<(), Error> {
+        let inner = &*self.inner;
+        let deadline = tokio::time::Instant::now() + within;
+        let kept = match &inner.breaker {
+            Some(breaker) => breaker.layer().drain(deadline).await,
+            None => Vec::new(),
+        };
+        let notices = match tokio::time::timeout_at(deadline, inner.s.store.flush()).await {
+            Ok(Ok(0)) => None,
+            Ok(Ok(lost)) => Some(format!("{lost} bus notices could not be published")),
+            Ok(Err(e)) => Some(format!("bus notices: {}", crate::Report(&e))),
+            Err(_) => Some(format!("bus notices were still queued after {within:?}")),
+        };
+        if kept.is_empty() && notices.is_none() {
+            return Ok(());
+        }
+        let mut left = Vec::new();
+        if !kept.is_empty() {
+            let named = kept.iter().take(5).map(String::as_str).collect::<Vec<_>>();
+            left.push(format!(
+                "{} kept invalidations did not reach the store within {within:?} ({}{}); \
+                 their entries live until their TTL",
+                kept.len(),
+                named.join(", "),
+                if kept.len() > 5 { ", …" } else { "" },
+            ));
+        }
+        left.extend(notices);
+        Err(Error::shutdown(self.namespace(), left.join("; ")))
+    }
+
     /// The remaining TTL of `key`'s entry in the store, `None` if there is none.
     /// With stale-while-revalidate or fail-safe this includes the time the entry
     /// is kept past its soft expiry.
