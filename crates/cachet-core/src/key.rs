@@ -79,19 +79,35 @@ pub trait CacheKey: Hash + Eq + ToOwned<Owned: Hash + Eq + Send + Sync + 'static
 
 /// Reverses the escaping of [`KeyWriter`]: `%XX` becomes the byte `XX`, and a
 /// lone `%` (the form of the empty key) becomes nothing.
+///
+/// Only the form [`KeyWriter`] writes is accepted (upper-case hex, no escaped
+/// safe byte, no bare `,`, not empty), so that a key has one escaped form and
+/// decoding then writing gives back the same text.
 pub fn unescape(escaped: &str) -> Option<Vec<u8>> {
     if escaped == "%" {
         return Some(Vec::new());
     }
     let b = escaped.as_bytes();
+    if b.is_empty() {
+        return None;
+    }
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = escaped.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = b.get(i + 1..i + 3)?;
+            let digit = |c: u8| match c {
+                b'0'..=b'9' => Some(c - b'0'),
+                b'A'..=b'F' => Some(c - b'A' + 10),
+                _ => None,
+            };
+            let byte = digit(hex[0])? << 4 | digit(hex[1])?;
+            if is_safe(byte) {
+                return None;
+            }
+            out.push(byte);
             i += 3;
-        } else if is_safe(b[i]) || b[i] == b',' {
+        } else if is_safe(b[i]) {
             out.push(b[i]);
             i += 1;
         } else {
@@ -290,7 +306,12 @@ macro_rules! impl_tuple_key {
 /// Decodes one component of a composite key. An empty component is written as
 /// nothing (not as the lone `%` of a whole empty key), so it is decoded as `%`.
 fn component<T: CacheKey + ToOwned<Owned = T>>(escaped: &str) -> Option<T> {
-    T::decode_key(if escaped.is_empty() { "%" } else { escaped })
+    match escaped {
+        // An empty component is written as nothing, never as `%`.
+        "%" => None,
+        "" => T::decode_key("%"),
+        _ => T::decode_key(escaped),
+    }
 }
 
 impl_tuple_key!(A, B);
@@ -778,6 +799,16 @@ mod tests {
         );
         assert_eq!(Pair::decode_key("a,7,8"), None);
         assert_eq!(unescape("%G0"), None);
+        // One escaped form per key: nothing the writer would not write.
+        for other_form in ["a%41", "a%2c", "a,b", "", "%", "a%"] {
+            let decoded = String::decode_key(other_form);
+            assert!(
+                decoded.as_ref().is_none_or(|k| escape_key(k) == other_form),
+                "{other_form:?} decodes to {decoded:?}"
+            );
+        }
+        assert_eq!(String::decode_key("%").as_deref(), Some(""));
+        assert_eq!(<(String, String)>::decode_key("a,%"), None);
         assert_eq!(unescape("a b"), None);
     }
 

@@ -161,7 +161,7 @@ async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<Queu
 }
 
 /// Parses one published message.
-fn parse(payload: &str) -> Vec<Notice> {
+pub(crate) fn parse(payload: &str) -> Vec<Notice> {
     payload
         .lines()
         .filter_map(|line| match line.split_once(' ') {

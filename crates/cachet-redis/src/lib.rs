@@ -134,6 +134,8 @@
 mod bloom;
 mod bus;
 mod cluster;
+#[doc(hidden)]
+pub mod fuzz;
 mod info;
 mod scripts;
 
@@ -708,6 +710,24 @@ fn parse_acquire(reply: redis::Value, token: LeaseToken) -> Result<Acquire, Stor
     }
 }
 
+fn parse_versioned(reply: &redis::Value) -> Result<Versioned, StoreError> {
+    use redis::Value;
+    match reply {
+        Value::Array(items) => match items.as_slice() {
+            [Value::Int(1)] => Ok(Versioned::Written),
+            [Value::Int(0), Value::BulkString(v)] if v.len() == 8 => {
+                let mut b = [0; 8];
+                b.copy_from_slice(v);
+                Ok(Versioned::Stale {
+                    current: u64::from_be_bytes(b),
+                })
+            }
+            _ => Err(protocol("set_versioned", reply)),
+        },
+        _ => Err(protocol("set_versioned", reply)),
+    }
+}
+
 impl Store for RedisStore {
     fn payload_kind(&self) -> PayloadKind {
         PayloadKind::Bytes
@@ -985,23 +1005,11 @@ impl VersionedSet for RedisStore {
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(|e| self.err(e))?;
-            match &reply {
-                redis::Value::Array(items) => match items.as_slice() {
-                    [redis::Value::Int(1)] => {
-                        self.notify_key(key);
-                        Ok(Versioned::Written)
-                    }
-                    [redis::Value::Int(0), redis::Value::BulkString(v)] if v.len() == 8 => {
-                        let mut b = [0; 8];
-                        b.copy_from_slice(v);
-                        Ok(Versioned::Stale {
-                            current: u64::from_be_bytes(b),
-                        })
-                    }
-                    _ => Err(protocol("set_versioned", &reply)),
-                },
-                _ => Err(protocol("set_versioned", &reply)),
+            let versioned = parse_versioned(&reply)?;
+            if versioned == Versioned::Written {
+                self.notify_key(key);
             }
+            Ok(versioned)
         })
     }
 }
