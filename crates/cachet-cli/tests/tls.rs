@@ -1,7 +1,7 @@
 //! `rediss://` from the command line: `--redis-ca`, `--redis-cert`,
 //! `--redis-key`, also for the lab's child processes.
 
-use cachet_testkit::{ClientAuth, RedisServer, TestPki};
+use cachet_testkit::{ClientAuth, RedisCluster, RedisServer, TestPki};
 
 use crate::util::Cachet;
 
@@ -90,4 +90,21 @@ fn lab_child_processes_get_the_tls_settings() {
     assert_eq!(processes["db_queries"], 1, "{processes}");
     assert_eq!(processes["store"], "redis", "{processes}");
     assert_eq!(rows.u64("double-delete", "durable", "stale_entries"), 0);
+}
+
+#[test]
+fn stats_over_a_tls_cluster() {
+    let pki = TestPki::generate();
+    let cluster = RedisCluster::start_tls(&pki);
+    let urls = cluster.tls_urls();
+    let stdout = Cachet::command("stats")
+        .args(["--redis-cluster", &urls[0]])
+        .args(tls_flags(&pki))
+        .stdout();
+    // Every master, reached on its TLS port, and the total.
+    for node in cluster.nodes() {
+        let addr = format!("127.0.0.1:{}", node.tls_port());
+        assert!(stdout.contains(&addr), "{addr} missing:\n{stdout}");
+    }
+    assert!(stdout.contains("cluster total (3 masters)"), "{stdout}");
 }

@@ -143,6 +143,12 @@ async fn a_url_fragment_cannot_turn_off_verification() {
     let shown = chain(&e);
     assert!(shown.contains("danger_accept_invalid_certs"), "{shown}");
     assert!(!shown.contains("hunter2"), "{shown}");
+    // A `#` in an unescaped password starts a fragment: no part of it shows.
+    let e = RedisStore::builder("rediss://:pass#word@127.0.0.1:1/")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(!chain(&e).contains("word"), "{}", chain(&e));
     let e = RedisStore::cluster_builder([url])
         .connect()
         .await
@@ -244,4 +250,57 @@ async fn a_cluster_over_tls() {
         .unwrap_err();
     assert!(e.is_outage(), "{e:?}");
     assert!(chain(&e).to_lowercase().contains("certificate"), "{e:?}");
+}
+
+/// Log lines, kept for assertions.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn skipping_verification_warns_at_every_connect() {
+    let pki = TestPki::generate();
+    let server = RedisServer::start_tls(&pki, ClientAuth::Optional);
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    assert_eq!(
+        server.command(&["CONFIG", "SET", "requirepass", "hunter2"]),
+        "OK"
+    );
+    let url = format!("rediss://:hunter2@127.0.0.1:{}/", server.tls_port());
+    for _ in 0..2 {
+        RedisStore::builder(url.clone())
+            .danger_accept_invalid_certs(true)
+            .eviction_check(false)
+            .connect()
+            .await
+            .unwrap();
+    }
+    trusting(RedisStore::builder(url), &pki)
+        .eviction_check(false)
+        .connect()
+        .await
+        .unwrap();
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let warnings = text
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("certificate verification is OFF"))
+        .count();
+    assert_eq!(warnings, 2, "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
 }
