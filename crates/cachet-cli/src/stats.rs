@@ -9,7 +9,7 @@
 use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result};
-use cachet::{RedisStore, ServerInfo};
+use cachet::ServerInfo;
 use clap::Args;
 use serde_json::json;
 
@@ -42,7 +42,8 @@ pub(crate) async fn run(args: StatsArgs) -> Result<()> {
     let mut servers = Vec::with_capacity(nodes.len());
     for node in &nodes {
         let shown = redact_url(&node.url);
-        let store = RedisStore::builder(node.url.clone())
+        let store = node
+            .builder()
             .eviction_check(false)
             .invalidation_bus(false)
             .response_timeout(ADMIN_TIMEOUT)

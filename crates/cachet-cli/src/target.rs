@@ -6,12 +6,182 @@
 //! key (`INFO`, `CLIENT …`), lists the servers to send them to: the server
 //! itself, or every master of the cluster (from `CLUSTER NODES`), each reached
 //! by a plain connection of its own.
+//!
+//! URLs may hold a password, so they never show in a `Debug`, a message or a
+//! child process's command line: [`SecretUrl`] redacts itself, and the lab
+//! hands URLs to its child processes through their environment
+//! ([`RedisTarget::child_env`]).
 
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use cachet::{RedisConnection, RedisStore, RedisStoreBuilder};
 use clap::Args;
+
+/// The variable that gives `--redis-url`.
+pub(crate) const REDIS_URL_ENV: &str = "CACHET_REDIS_URL";
+/// The variable that gives `--redis-cluster`.
+pub(crate) const REDIS_CLUSTER_ENV: &str = "CACHET_REDIS_CLUSTER";
+/// The variable that gives `--database-url`.
+pub(crate) const DATABASE_URL_ENV: &str = "DATABASE_URL";
+
+/// A URL from the command line or the environment, which may hold a
+/// password: its `Debug` shows it redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct SecretUrl(String);
+
+impl From<String> for SecretUrl {
+    fn from(url: String) -> Self {
+        Self(url)
+    }
+}
+
+impl std::ops::Deref for SecretUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for SecretUrl {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&redact_url(&self.0), f)
+    }
+}
+
+/// Variables to set (or, `None`, to remove) in a child process's
+/// environment. Its `Debug` shows the names only.
+#[derive(Clone, Default)]
+pub(crate) struct ChildEnv(pub(crate) Vec<(&'static str, Option<String>)>);
+
+impl fmt::Debug for ChildEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+impl ChildEnv {
+    /// Both sets of variables.
+    pub(crate) fn and(mut self, other: &ChildEnv) -> Self {
+        self.0.extend(other.0.iter().cloned());
+        self
+    }
+}
+
+/// TLS settings for a `rediss://` Redis: `--redis-ca`, `--redis-cert`,
+/// `--redis-key`.
+#[derive(Clone, Debug, Default, Args)]
+pub(crate) struct RedisTlsArgs {
+    /// CA certificate(s), PEM, to verify a rediss:// server's certificate with
+    /// [default: the system's root certificates]
+    #[arg(long, value_name = "FILE", env = "CACHET_REDIS_CA")]
+    pub(crate) redis_ca: Option<PathBuf>,
+    /// Client certificate, PEM, for a Redis that requires mutual TLS (with
+    /// --redis-key)
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "CACHET_REDIS_CERT",
+        requires = "redis_key"
+    )]
+    pub(crate) redis_cert: Option<PathBuf>,
+    /// The private key, PEM, of --redis-cert
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "CACHET_REDIS_KEY",
+        requires = "redis_cert"
+    )]
+    pub(crate) redis_key: Option<PathBuf>,
+}
+
+/// A client certificate chain and its private key, PEM.
+type ClientPem = (Arc<[u8]>, Arc<[u8]>);
+
+/// [`RedisTlsArgs`] with the files read.
+#[derive(Clone, Default)]
+struct Tls {
+    args: RedisTlsArgs,
+    ca: Option<Arc<[u8]>>,
+    client: Option<ClientPem>,
+}
+
+impl Tls {
+    fn load(args: &RedisTlsArgs) -> Result<Self> {
+        let read = |flag: &str, path: &Path| -> Result<Arc<[u8]>> {
+            std::fs::read(path)
+                .map(Arc::from)
+                .with_context(|| format!("cannot read {flag} {}", path.display()))
+        };
+        let ca = args
+            .redis_ca
+            .as_deref()
+            .map(|p| read("--redis-ca", p))
+            .transpose()?;
+        let client = match (&args.redis_cert, &args.redis_key) {
+            (Some(cert), Some(key)) => {
+                Some((read("--redis-cert", cert)?, read("--redis-key", key)?))
+            }
+            (None, None) => None,
+            _ => bail!("give --redis-cert and --redis-key together"),
+        };
+        Ok(Self {
+            args: args.clone(),
+            ca,
+            client,
+        })
+    }
+
+    fn apply(&self, mut builder: RedisStoreBuilder) -> RedisStoreBuilder {
+        if let Some(ca) = &self.ca {
+            builder = builder.tls_ca_pem(ca.to_vec());
+        }
+        if let Some((cert, key)) = &self.client {
+            builder = builder.tls_client_cert_pem(cert.to_vec(), key.to_vec());
+        }
+        builder
+    }
+
+    fn is_set(&self) -> bool {
+        self.ca.is_some() || self.client.is_some()
+    }
+
+    /// A plain client for `url` with these settings.
+    fn client(&self, url: &str) -> Result<redis::Client> {
+        let shown = redact_url(url);
+        if url.contains('#') {
+            bail!(
+                "the Redis URL {shown} has a fragment; a URL cannot turn off certificate verification"
+            );
+        }
+        if !self.is_set() {
+            return redis::Client::open(url).with_context(|| format!("invalid Redis URL {shown}"));
+        }
+        let certs = redis::TlsCertificates {
+            client_tls: self
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.to_vec(),
+                    client_key: key.to_vec(),
+                }),
+            root_cert: self.ca.as_ref().map(|ca| ca.to_vec()),
+        };
+        redis::Client::build_with_tls(url, certs)
+            .with_context(|| format!("invalid Redis URL or TLS settings for {shown}"))
+    }
+}
 
 /// How long an administrative command may take.
 pub(crate) const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -21,78 +191,153 @@ pub(crate) const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// processes).
 #[derive(Clone, Debug, Args)]
 #[group(required = true, multiple = false)]
-pub(crate) struct RedisArgs {
-    /// The Redis server
-    #[arg(long, value_name = "URL")]
-    pub(crate) redis_url: Option<String>,
+pub(crate) struct RedisUrlArgs {
+    /// The Redis server (rediss:// for TLS)
+    #[arg(long, value_name = "URL", env = REDIS_URL_ENV, hide_env_values = true)]
+    pub(crate) redis_url: Option<SecretUrl>,
     /// The nodes of a Redis Cluster (any of them will do; the others are
     /// discovered), comma-separated or repeated
-    #[arg(long, value_name = "URL,…", value_delimiter = ',')]
-    pub(crate) redis_cluster: Vec<String>,
+    #[arg(
+        long,
+        value_name = "URL,…",
+        value_delimiter = ',',
+        env = REDIS_CLUSTER_ENV,
+        hide_env_values = true
+    )]
+    pub(crate) redis_cluster: Vec<SecretUrl>,
+}
+
+/// `--redis-url` or `--redis-cluster` ([`RedisUrlArgs`]), and the TLS flags.
+#[derive(Clone, Debug, Args)]
+pub(crate) struct RedisArgs {
+    #[command(flatten)]
+    at: RedisUrlArgs,
+    #[command(flatten)]
+    tls: RedisTlsArgs,
 }
 
 impl RedisArgs {
     /// The target these flags name.
     pub(crate) fn target(&self) -> Result<RedisTarget> {
-        RedisTarget::from_flags(self.redis_url.as_deref(), &self.redis_cluster)?
-            .context("give --redis-url or --redis-cluster")
+        RedisTarget::from_flags(
+            self.at.redis_url.as_deref(),
+            &self.at.redis_cluster,
+            &self.tls,
+        )?
+        .context("give --redis-url or --redis-cluster")
     }
 }
 
 /// One Redis server, or the seed nodes of a Redis Cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum RedisTarget {
-    Server(String),
-    Cluster(Vec<String>),
+pub(crate) enum Endpoint {
+    Server(SecretUrl),
+    Cluster(Vec<SecretUrl>),
+}
+
+/// Where Redis is, and how to reach it over TLS. Its `Debug` shows no
+/// password.
+#[derive(Clone)]
+pub(crate) struct RedisTarget {
+    pub(crate) endpoint: Endpoint,
+    tls: Tls,
+}
+
+impl fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisTarget")
+            .field("endpoint", &self.endpoint)
+            .field("tls", &self.tls.args)
+            .finish()
+    }
 }
 
 /// One server behind a target: the server itself, or a master of the cluster.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(crate) struct Node {
     /// `host:port`, as the server or `CLUSTER NODES` names it.
     pub(crate) addr: String,
     /// A URL for it, with the scheme and credentials of the target's URL.
     pub(crate) url: String,
+    tls: Tls,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("addr", &self.addr)
+            .field("url", &redact_url(&self.url))
+            .finish()
+    }
 }
 
 impl RedisTarget {
-    /// The target of `--redis-url URL` or `--redis-cluster URL,…`; `None` when
-    /// neither is given.
-    pub(crate) fn from_flags(url: Option<&str>, cluster: &[String]) -> Result<Option<Self>> {
-        let nodes: Vec<String> = cluster
+    /// The server at `url`, without TLS settings.
+    pub(crate) fn server(url: String) -> Self {
+        Self {
+            endpoint: Endpoint::Server(SecretUrl(url)),
+            tls: Tls::default(),
+        }
+    }
+
+    /// The target of `--redis-url URL` or `--redis-cluster URL,…` and the TLS
+    /// flags; `None` when neither URL flag is given.
+    pub(crate) fn from_flags<S: AsRef<str>>(
+        url: Option<&str>,
+        cluster: &[S],
+        tls: &RedisTlsArgs,
+    ) -> Result<Option<Self>> {
+        let nodes: Vec<SecretUrl> = cluster
             .iter()
-            .map(|u| u.trim())
+            .map(|u| u.as_ref().trim())
             .filter(|u| !u.is_empty())
-            .map(str::to_owned)
+            .map(|u| SecretUrl(u.to_owned()))
             .collect();
-        match (url, nodes.is_empty()) {
+        let endpoint = match (url, nodes.is_empty()) {
             (Some(_), false) => bail!("give either --redis-url or --redis-cluster, not both"),
-            (Some(url), true) => Ok(Some(Self::Server(url.to_owned()))),
-            (None, false) => Ok(Some(Self::Cluster(nodes))),
+            (Some(url), true) => Endpoint::Server(SecretUrl(url.to_owned())),
+            (None, false) => Endpoint::Cluster(nodes),
             (None, true) if !cluster.is_empty() => {
                 bail!("--redis-cluster needs the URL of at least one node")
             }
-            (None, true) => Ok(None),
+            (None, true) => return Ok(None),
+        };
+        Ok(Some(Self {
+            endpoint,
+            tls: Tls::load(tls)?,
+        }))
+    }
+
+    /// The URL of a single server; `None` for a cluster.
+    pub(crate) fn server_url(&self) -> Option<&str> {
+        match &self.endpoint {
+            Endpoint::Server(url) => Some(url),
+            Endpoint::Cluster(_) => None,
         }
+    }
+
+    /// Whether TLS files (a CA, a client certificate) were given.
+    pub(crate) fn has_tls_files(&self) -> bool {
+        self.tls.is_set()
     }
 
     /// `redis` or `redis-cluster`, for the lab's rows.
     pub(crate) fn kind(&self) -> &'static str {
-        match self {
-            Self::Server(_) => "redis",
-            Self::Cluster(_) => "redis-cluster",
+        match self.endpoint {
+            Endpoint::Server(_) => "redis",
+            Endpoint::Cluster(_) => "redis-cluster",
         }
     }
 
     pub(crate) fn is_cluster(&self) -> bool {
-        matches!(self, Self::Cluster(_))
+        matches!(self.endpoint, Endpoint::Cluster(_))
     }
 
     /// The target for messages, without passwords.
     pub(crate) fn describe(&self) -> String {
-        match self {
-            Self::Server(url) => redact_url(url),
-            Self::Cluster(urls) => {
+        match &self.endpoint {
+            Endpoint::Server(url) => redact_url(url),
+            Endpoint::Cluster(urls) => {
                 let urls: Vec<String> = urls.iter().map(|u| redact_url(u)).collect();
                 format!("cluster {}", urls.join(","))
             }
@@ -101,10 +346,13 @@ impl RedisTarget {
 
     /// A store builder for this target, with the library's defaults.
     pub(crate) fn builder(&self) -> RedisStoreBuilder {
-        match self {
-            Self::Server(url) => RedisStore::builder(url.clone()),
-            Self::Cluster(urls) => RedisStore::cluster_builder(urls.iter().cloned()),
-        }
+        let builder = match &self.endpoint {
+            Endpoint::Server(url) => RedisStore::builder(url.to_string()),
+            Endpoint::Cluster(urls) => {
+                RedisStore::cluster_builder(urls.iter().map(|u| u.to_string()))
+            }
+        };
+        self.tls.apply(builder)
     }
 
     /// A store builder for one more connection to a target whose settings were
@@ -129,16 +377,13 @@ impl RedisTarget {
     /// `INFO` of the cluster connection, which answers for every master at
     /// once), so each master is checked through a connection of its own.
     pub(crate) async fn connect_checked(&self) -> Result<RedisStore> {
-        match self {
-            Self::Server(_) => self.connect(self.builder()).await,
-            Self::Cluster(_) => {
+        match &self.endpoint {
+            Endpoint::Server(_) => self.connect(self.builder()).await,
+            Endpoint::Cluster(_) => {
                 let store = self.connect(self.another()).await?;
                 for node in self.masters(&store.connection()).await? {
                     // Connecting runs the check; the store is not needed after.
-                    let checked = RedisStore::builder(node.url.clone())
-                        .invalidation_bus(false)
-                        .connect()
-                        .await;
+                    let checked = node.builder().invalidation_bus(false).connect().await;
                     if let Err(e) = checked {
                         tracing::warn!(node = %node.addr, error = %cachet::Report(&e),
                             "cannot check the eviction settings of a cluster node");
@@ -161,25 +406,57 @@ impl RedisTarget {
         self.connect(builder).await
     }
 
-    /// The flags that name this target on a command line of the lab's child
-    /// processes.
+    /// The flags of this target on a command line of the lab's child
+    /// processes: its TLS files. The URLs, which may hold a password, go in
+    /// the child's environment ([`child_env`](Self::child_env)).
     pub(crate) fn child_args(&self) -> Vec<String> {
-        match self {
-            Self::Server(url) => vec!["--redis-url".into(), url.clone()],
-            Self::Cluster(urls) => vec!["--redis-cluster".into(), urls.join(",")],
+        let RedisTlsArgs {
+            redis_ca,
+            redis_cert,
+            redis_key,
+        } = &self.tls.args;
+        let mut args = Vec::new();
+        for (flag, path) in [
+            ("--redis-ca", redis_ca),
+            ("--redis-cert", redis_cert),
+            ("--redis-key", redis_key),
+        ] {
+            if let Some(path) = path {
+                args.extend([flag.to_owned(), path.display().to_string()]);
+            }
         }
+        args
+    }
+
+    /// The environment that names this target to a child process
+    /// (`CACHET_REDIS_URL` or `CACHET_REDIS_CLUSTER`).
+    pub(crate) fn child_env(&self) -> ChildEnv {
+        ChildEnv(match &self.endpoint {
+            Endpoint::Server(url) => vec![
+                (REDIS_URL_ENV, Some(url.to_string())),
+                (REDIS_CLUSTER_ENV, None),
+            ],
+            Endpoint::Cluster(urls) => {
+                let urls: Vec<&str> = urls.iter().map(|u| &**u).collect();
+                vec![
+                    (REDIS_URL_ENV, None),
+                    (REDIS_CLUSTER_ENV, Some(urls.join(","))),
+                ]
+            }
+        })
     }
 
     /// The servers behind this target: the server, or every master of the
     /// cluster as `CLUSTER NODES` (sent through `conn`, a connection of a store
     /// on this target) lists them.
     pub(crate) async fn masters(&self, conn: &RedisConnection) -> Result<Vec<Node>> {
-        match self {
-            Self::Server(url) => Ok(vec![Node {
+        match &self.endpoint {
+            Endpoint::Server(url) => Ok(vec![Node {
                 addr: host_port(url).unwrap_or_else(|| redact_url(url)),
-                url: url.clone(),
+                url: url.to_string(),
+                tls: self.tls.clone(),
             }]),
-            Self::Cluster(urls) => {
+            Endpoint::Cluster(urls) => {
                 let seed = urls.first().context("a cluster target without URLs")?;
                 let mut conn = conn.clone();
                 let text: String = redis::cmd("CLUSTER")
@@ -192,6 +469,7 @@ impl RedisTarget {
                     .map(|(host, port)| Node {
                         addr: format!("{host}:{port}"),
                         url: with_host_port(seed, &host, port),
+                        tls: self.tls.clone(),
                     })
                     .collect();
                 if nodes.is_empty() {
@@ -207,12 +485,16 @@ impl RedisTarget {
 }
 
 impl Node {
+    /// A store builder for this server alone, with the target's TLS settings.
+    pub(crate) fn builder(&self) -> RedisStoreBuilder {
+        self.tls.apply(RedisStore::builder(self.url.clone()))
+    }
+
     /// A plain connection of its own to this server (no cluster routing), for
     /// commands about the server itself.
     pub(crate) async fn connect(&self) -> Result<redis::aio::MultiplexedConnection> {
         let shown = redact_url(&self.url);
-        let client = redis::Client::open(self.url.as_str())
-            .with_context(|| format!("invalid Redis URL {shown}"))?;
+        let client = self.tls.client(&self.url)?;
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(ADMIN_TIMEOUT))
             .set_response_timeout(Some(ADMIN_TIMEOUT));
@@ -310,18 +592,24 @@ mod tests {
 
     #[test]
     fn flags_name_one_target() {
-        assert_eq!(RedisTarget::from_flags(None, &[]).unwrap(), None);
+        let tls = RedisTlsArgs::default();
+        let endpoint = |url: Option<&str>, nodes: &[String]| {
+            RedisTarget::from_flags(url, nodes, &tls)
+                .unwrap()
+                .map(|t| t.endpoint)
+        };
+        assert_eq!(endpoint(None, &[]), None);
         assert_eq!(
-            RedisTarget::from_flags(Some("redis://a:1/"), &[]).unwrap(),
-            Some(RedisTarget::Server("redis://a:1/".into()))
+            endpoint(Some("redis://a:1/"), &[]),
+            Some(Endpoint::Server(SecretUrl("redis://a:1/".into())))
         );
         let nodes = vec!["redis://a:1/".to_owned(), " ".to_owned()];
         assert_eq!(
-            RedisTarget::from_flags(None, &nodes).unwrap(),
-            Some(RedisTarget::Cluster(vec!["redis://a:1/".into()]))
+            endpoint(None, &nodes),
+            Some(Endpoint::Cluster(vec![SecretUrl("redis://a:1/".into())]))
         );
-        assert!(RedisTarget::from_flags(None, &[String::new()]).is_err());
-        assert!(RedisTarget::from_flags(Some("redis://a:1/"), &nodes).is_err());
+        assert!(RedisTarget::from_flags(None, &[String::new()], &tls).is_err());
+        assert!(RedisTarget::from_flags(Some("redis://a:1/"), &nodes, &tls).is_err());
     }
 
     #[test]
@@ -353,6 +641,55 @@ mod tests {
             "rediss://[::1]:7000"
         );
         assert_eq!(host_port("redis://u:p@h:6379/"), Some("h:6379".into()));
+    }
+
+    #[test]
+    fn targets_never_show_a_password_and_children_get_urls_by_environment() {
+        let tls = RedisTlsArgs {
+            redis_ca: Some("/tls/ca.crt".into()),
+            ..RedisTlsArgs::default()
+        };
+        let err = RedisTarget::from_flags(Some("rediss://:hunter2@h:1/"), &[] as &[String], &tls)
+            .unwrap_err();
+        assert!(!format!("{err:#}").contains("hunter2"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("--redis-ca /tls/ca.crt"),
+            "{err:#}"
+        );
+        let cluster = vec![
+            "redis://:hunter2@a:1/".to_owned(),
+            "redis://b:2/".to_owned(),
+        ];
+        for target in [
+            RedisTarget::from_flags(
+                Some("redis://:hunter2@h:1/"),
+                &[] as &[String],
+                &RedisTlsArgs::default(),
+            ),
+            RedisTarget::from_flags(None, &cluster, &RedisTlsArgs::default()),
+        ] {
+            let target = target.unwrap().unwrap();
+            for shown in [
+                format!("{target:?}"),
+                target.describe(),
+                target.child_args().join(" "),
+            ] {
+                assert!(!shown.contains("hunter2"), "{shown}");
+            }
+            assert!(format!("{:?}", target.child_env()).contains("CACHET_REDIS"));
+            assert!(!format!("{:?}", target.child_env()).contains("hunter2"));
+            let env = target.child_env().0;
+            assert!(
+                env.iter()
+                    .any(|(_, v)| v.as_deref().is_some_and(|v| v.contains("hunter2")))
+            );
+        }
+        let node = Node {
+            addr: "h:1".into(),
+            url: "redis://:hunter2@h:1/".into(),
+            tls: Tls::default(),
+        };
+        assert!(!format!("{node:?}").contains("hunter2"));
     }
 
     #[test]

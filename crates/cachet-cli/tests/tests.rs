@@ -13,6 +13,8 @@ mod near_cache;
 mod outage;
 mod real_backends;
 mod redis_checks;
+mod secrets;
+mod tls;
 mod torture;
 mod util;
 mod vanish;

@@ -89,6 +89,18 @@ pub(crate) const SMALL: &[&str] = &[
     "50",
 ];
 
+/// The variables `cachet` reads flags from: unset in every test run unless a
+/// test sets them, so that the test machine's environment (a `DATABASE_URL`
+/// for the test databases, say) never changes what a run does.
+pub(crate) const FLAG_VARIABLES: &[&str] = &[
+    "CACHET_REDIS_URL",
+    "CACHET_REDIS_CLUSTER",
+    "CACHET_REDIS_CA",
+    "CACHET_REDIS_CERT",
+    "CACHET_REDIS_KEY",
+    "DATABASE_URL",
+];
+
 /// A `cachet` command line under construction.
 #[derive(Debug)]
 pub(crate) struct Cachet {
@@ -105,7 +117,21 @@ impl Cachet {
     pub(crate) fn command(subcommand: &str) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachet"));
         cmd.arg(subcommand).env_remove("RUST_LOG");
+        for name in FLAG_VARIABLES {
+            cmd.env_remove(name);
+        }
         Self { cmd }
+    }
+
+    /// Sets a variable of its environment.
+    pub(crate) fn env(mut self, name: &str, value: &str) -> Self {
+        self.cmd.env(name, value);
+        self
+    }
+
+    /// The command, to run some other way.
+    pub(crate) fn into_command(self) -> Command {
+        self.cmd
     }
 
     pub(crate) fn args<I, S>(mut self, args: I) -> Self

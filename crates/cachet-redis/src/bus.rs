@@ -172,18 +172,18 @@ pub(crate) fn parse(payload: &str) -> Vec<Notice> {
         .collect()
 }
 
-/// Subscribes to `head`'s channel on the server at `url`, keeping the
+/// Subscribes to `head`'s channel on the server of `client`, keeping the
 /// subscription up until the receiver is dropped.
-pub(crate) fn subscribe(url: String, head: &str) -> mpsc::Receiver<BusEvent> {
+pub(crate) fn subscribe(client: redis::Client, head: &str) -> mpsc::Receiver<BusEvent> {
     let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(follow(url, channel(head), tx));
+    tokio::spawn(follow(client, channel(head), tx));
     rx
 }
 
-async fn follow(url: String, channel: String, tx: mpsc::Sender<BusEvent>) {
+async fn follow(client: redis::Client, channel: String, tx: mpsc::Sender<BusEvent>) {
     let mut backoff = Duration::from_millis(50);
     while !tx.is_closed() {
-        match listen(&url, &channel, &tx).await {
+        match listen(&client, &channel, &tx).await {
             Listened::ReceiverGone => return,
             Listened::Lost { was_connected } => {
                 if was_connected {
@@ -205,12 +205,9 @@ enum Listened {
 }
 
 /// One subscription, until it breaks.
-async fn listen(url: &str, channel: &str, tx: &mpsc::Sender<BusEvent>) -> Listened {
+async fn listen(client: &redis::Client, channel: &str, tx: &mpsc::Sender<BusEvent>) -> Listened {
     let lost = Listened::Lost {
         was_connected: false,
-    };
-    let Ok(client) = redis::Client::open(url) else {
-        return lost;
     };
     let pubsub = match tokio::time::timeout(PING, client.get_async_pubsub()).await {
         Ok(Ok(pubsub)) => pubsub,

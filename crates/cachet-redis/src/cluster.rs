@@ -9,11 +9,9 @@ use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{
-    Arg, Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisFuture, ServerErrorKind, Value,
-};
+use redis::{Arg, Cmd, ErrorKind, Pipeline, RedisFuture, ServerErrorKind, Value};
 
-use crate::{map_err, redact};
+use crate::redact;
 
 /// Where a store connects: one server, or the seed nodes of a cluster. Its
 /// `Debug` never shows a password.
@@ -187,6 +185,7 @@ pub(crate) async fn connect(
     urls: &[String],
     response_timeout: Duration,
     connection_timeout: Duration,
+    tls: &crate::tls::TlsOptions,
 ) -> Result<RedisConnection, StoreError> {
     if urls.is_empty() {
         return Err(StoreError::config(
@@ -195,13 +194,10 @@ pub(crate) async fn connect(
     }
     let nodes = urls
         .iter()
-        .map(|url| {
-            url.as_str().into_connection_info().map_err(|e| {
-                StoreError::config(format!("invalid Redis URL {:?}", redact(url))).with_source(e)
-            })
-        })
+        .map(|url| tls.connection_info(url))
         .collect::<Result<Vec<_>, _>>()?;
-    let client = ClusterClient::builder(nodes)
+    let client = tls
+        .cluster(ClusterClient::builder(nodes))
         // Per request to a node, and for a whole request with its redirections
         // and retries.
         .response_timeout(response_timeout)
@@ -221,7 +217,7 @@ pub(crate) async fn connect(
             StoreError::config(format!("{} is not a Redis Cluster node", urls.join(", ")))
                 .with_source(e)
         } else {
-            map_err(e, connection_timeout)
+            crate::connect_err(e, connection_timeout)
         }
     })?;
     Ok(RedisConnection(Conn::Cluster(Cluster {

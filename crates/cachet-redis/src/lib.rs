@@ -61,6 +61,46 @@
 //! sends exactly the notices of the caches a process follows, and `PUBLISH`
 //! reaches every node of a cluster.
 //!
+//! # TLS
+//!
+//! A `rediss://` URL connects over TLS (rustls, with the `ring` provider),
+//! for one server and for a cluster alike; the invalidation bus's
+//! subscriptions use the same settings. The server's certificate is always
+//! verified, against the system's root certificates unless
+//! [`tls_ca_pem`](RedisStoreBuilder::tls_ca_pem) gives the CA to trust;
+//! [`tls_client_cert_pem`](RedisStoreBuilder::tls_client_cert_pem) presents a
+//! client certificate to a server that requires one (`tls-auth-clients yes`):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use cachet_redis::RedisStore;
+//!
+//! let store = RedisStore::builder("rediss://:password@redis.internal:6380/")
+//!     .tls_ca_pem(std::fs::read("/etc/redis/ca.crt")?)
+//!     .tls_client_cert_pem(
+//!         std::fs::read("/etc/redis/client.crt")?,
+//!         std::fs::read("/etc/redis/client.key")?,
+//!     )
+//!     .connect()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The name checked against the certificate (and sent as SNI) is the host of
+//! the URL, a DNS name or an IP address: connect by the name the certificate
+//! was issued for. redis-rs offers no separate server name. On a cluster,
+//! the nodes are reached at the addresses they announce, so their
+//! certificates must name those.
+//!
+//! Only [`danger_accept_invalid_certs`](RedisStoreBuilder::danger_accept_invalid_certs)
+//! turns verification off, and every `connect` with it logs a warning. The
+//! `#insecure` URL fragment that redis-rs understands is refused, so that a
+//! URL from configuration cannot quietly do it. A failed handshake (a
+//! certificate that does not verify, a client certificate missing or refused)
+//! is an `Unavailable` error that says "TLS handshake with Redis failed", with
+//! rustls's reason as its cause. TLS settings with a plain `redis://` URL are a
+//! configuration error.
+//!
 //! # Redis Cluster
 //!
 //! Give the store the URL of one or more nodes of the cluster; it discovers the
@@ -138,6 +178,7 @@ mod cluster;
 pub mod fuzz;
 mod info;
 mod scripts;
+mod tls;
 
 pub use cluster::RedisConnection;
 
@@ -196,8 +237,9 @@ struct Inner {
     next_shard: AtomicUsize,
     /// Sends invalidation notices, when the bus is on.
     publisher: Option<bus::Publisher>,
-    /// The server (or a cluster node) subscriptions connect to. Not redacted.
-    bus_url: String,
+    /// The server (or a cluster node) subscriptions connect to, with the
+    /// store's TLS settings.
+    bus_client: redis::Client,
     /// The largest payload sent in one entry.
     max_payload: usize,
 }
@@ -221,6 +263,7 @@ pub struct RedisStoreBuilder {
     invalidation_bus: bool,
     eviction_check: bool,
     max_payload: Option<usize>,
+    tls: tls::TlsOptions,
 }
 
 impl RedisStoreBuilder {
@@ -293,16 +336,54 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Trusts the CA certificates in `pem` (PEM, one or more certificates)
+    /// for `rediss://` connections, instead of the system's roots. See
+    /// [TLS](crate#tls).
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root_ca = Some(pem.into().into());
+        self
+    }
+
+    /// Presents this client certificate (PEM chain) and its private key (PEM)
+    /// on `rediss://` connections, for servers that require mutual TLS
+    /// (`tls-auth-clients yes`). See [TLS](crate#tls).
+    pub fn tls_client_cert_pem(
+        mut self,
+        cert_chain: impl Into<Vec<u8>>,
+        private_key: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client = Some((cert_chain.into().into(), private_key.into().into()));
+        self
+    }
+
+    /// **Turns off verification of the server's certificate** on `rediss://`
+    /// connections (default: verification on). The traffic is still
+    /// encrypted, but to whoever answers: anyone on the path can pose as the
+    /// server and read or change what the cache stores. Meant for a test
+    /// server with a throwaway certificate; every `connect` with it on logs a
+    /// warning. A URL cannot do this: a `#insecure` fragment is refused.
+    pub fn danger_accept_invalid_certs(mut self, accept: bool) -> Self {
+        self.tls.accept_invalid_certs = accept;
+        self
+    }
+
     /// Connects.
     ///
     /// # Errors
     /// When a URL is invalid, or the server (on a cluster, every node given)
     /// cannot be reached.
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        self.tls.warn_if_insecure(&self.target);
         let conn = match &self.target {
             Target::Server(url) => self.connect_server(url).await?,
             Target::Cluster(urls) => {
-                cluster::connect(urls, self.response_timeout, self.connection_timeout).await?
+                cluster::connect(
+                    urls,
+                    self.response_timeout,
+                    self.connection_timeout,
+                    &self.tls,
+                )
+                .await?
             }
         };
         let shards = (0..self.deferred_shards)
@@ -312,9 +393,10 @@ impl RedisStoreBuilder {
             })
             .collect();
         let bus_url = match &self.target {
-            Target::Server(url) => url.clone(),
-            Target::Cluster(urls) => urls.first().cloned().unwrap_or_default(),
+            Target::Server(url) => url.as_str(),
+            Target::Cluster(urls) => urls.first().map_or("", String::as_str),
         };
+        let bus_client = self.tls.client(bus_url)?;
         let publisher = self
             .invalidation_bus
             .then(|| bus::Publisher::spawn(conn.clone()));
@@ -326,7 +408,7 @@ impl RedisStoreBuilder {
         let store = RedisStore {
             inner: Arc::new(Inner {
                 publisher,
-                bus_url,
+                bus_client,
                 max_payload,
                 conn,
                 tokens: TokenSource::new(),
@@ -344,9 +426,7 @@ impl RedisStoreBuilder {
     }
 
     async fn connect_server(&self, url: &str) -> Result<RedisConnection, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| {
-            StoreError::config(format!("invalid Redis URL {:?}", redact(url))).with_source(e)
-        })?;
+        let client = self.tls.client(url)?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.response_timeout))
             .set_connection_timeout(Some(self.connection_timeout))
@@ -355,7 +435,7 @@ impl RedisStoreBuilder {
         let connecting = ConnectionManager::new_with_config(client, config);
         let conn = within_connect_timeout(self.connection_timeout, connecting)
             .await?
-            .map_err(|e| map_err(e, self.connection_timeout))?;
+            .map_err(|e| connect_err(e, self.connection_timeout))?;
         Ok(RedisConnection::server(conn))
     }
 }
@@ -401,6 +481,7 @@ impl RedisStore {
             invalidation_bus: true,
             eviction_check: true,
             max_payload: None,
+            tls: tls::TlsOptions::default(),
         }
     }
 
@@ -608,7 +689,20 @@ fn map_err(e: redis::RedisError, timeout: Duration) -> StoreError {
     }
 }
 
-/// The URL without its password, for logs.
+/// A failure to connect: as [`map_err`], but a failed TLS handshake says so.
+fn connect_err(e: redis::RedisError, timeout: Duration) -> StoreError {
+    if !e.is_timeout() && tls::is_handshake_failure(&e) {
+        StoreError::new(
+            cachet_core::StoreErrorKind::Unavailable,
+            "TLS handshake with Redis failed: check the CA certificate (server certificate \
+             verification) and the client certificate",
+        )
+        .with_source(e)
+    } else {
+        map_err(e, timeout)
+    }
+}
+
 /// Runs a connection attempt within the connect timeout: past it, the attempt
 /// is dropped and the error names the limit.
 pub(crate) async fn within_connect_timeout<T>(
@@ -623,6 +717,7 @@ pub(crate) async fn within_connect_timeout<T>(
     })
 }
 
+/// The URL without its password, for logs.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
@@ -1019,7 +1114,7 @@ impl InvalidationBus for RedisStore {
         &'a self,
         head: &'a str,
     ) -> StoreFuture<'a, tokio::sync::mpsc::Receiver<BusEvent>> {
-        let events = bus::subscribe(self.inner.bus_url.clone(), head);
+        let events = bus::subscribe(self.inner.bus_client.clone(), head);
         Box::pin(std::future::ready(Ok(events)))
     }
 }

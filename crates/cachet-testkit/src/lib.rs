@@ -4,6 +4,8 @@
 //!   and reaped on drop, whose log is printed when the test fails;
 //! - [`RedisCluster`]: a throwaway Redis Cluster of three (or more) masters, one
 //!   `redis-server` per node, likewise killed and reaped on drop;
+//! - both optionally with TLS on a port of their own, with the throwaway CA and
+//!   certificates of a [`TestPki`];
 //! - [`PgDatabase`]: a fresh PostgreSQL database, dropped afterwards;
 //! - [`conformance`]: the protocol tests every [`Store`](cachet_core::Store) must pass;
 //! - [`TestChild`]: this test binary run again on one of its ignored tests, as a
@@ -15,8 +17,10 @@ pub mod conformance;
 mod postgres;
 mod redis_cluster;
 mod redis_server;
+mod tls;
 
 pub use child::{TestChild, child_args, eventually};
 pub use postgres::{DEFAULT_SERVER_URL, PgDatabase};
 pub use redis_cluster::RedisCluster;
-pub use redis_server::{RedisServer, RedisServerOptions};
+pub use redis_server::{ClientAuth, RedisServer, RedisServerOptions};
+pub use tls::{CertFiles, TestPki};

@@ -4,7 +4,8 @@ use std::fs::File;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::redis_server::{RedisServer, RedisServerOptions, free_port};
+use crate::redis_server::{ClientAuth, RedisServer, RedisServerOptions, free_port};
+use crate::tls::TestPki;
 
 /// A local Redis Cluster of masters without replicas: one [`RedisServer`] per
 /// node, each on its own free loopback port and in its own temporary directory,
@@ -23,6 +24,7 @@ use crate::redis_server::{RedisServer, RedisServerOptions, free_port};
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
     create_log: String,
+    tls: bool,
 }
 
 impl RedisCluster {
@@ -52,9 +54,28 @@ impl RedisCluster {
             masters >= 3,
             "a Redis Cluster needs at least 3 masters, not {masters}"
         );
-        let nodes: Vec<RedisServer> = (0..masters).map(|_| start_node()).collect();
-        let create_log = create(&nodes);
-        let cluster = Self { nodes, create_log };
+        Self::start_inner(masters, None)
+    }
+
+    /// Starts a cluster of three masters that speak TLS, to clients and to
+    /// each other (`tls-cluster yes`), with the certificates of `pki`. Each
+    /// node keeps a plain port for [`command`](Self::command); a client on
+    /// TLS is told the nodes' TLS ports. Clients may present a certificate.
+    ///
+    /// # Panics
+    /// As [`start`](Self::start).
+    pub fn start_tls(pki: &TestPki) -> Self {
+        Self::start_inner(3, Some(pki))
+    }
+
+    fn start_inner(masters: usize, pki: Option<&TestPki>) -> Self {
+        let nodes: Vec<RedisServer> = (0..masters).map(|_| start_node(pki)).collect();
+        let create_log = create(&nodes, pki);
+        let cluster = Self {
+            nodes,
+            create_log,
+            tls: pki.is_some(),
+        };
         cluster.wait_until_up();
         cluster
     }
@@ -62,6 +83,15 @@ impl RedisCluster {
     /// One `redis://127.0.0.1:P/` URL per node.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// One `rediss://127.0.0.1:P/` URL per node, its TLS port.
+    ///
+    /// # Panics
+    /// If the cluster was not started with TLS.
+    pub fn tls_urls(&self) -> Vec<String> {
+        assert!(self.tls, "a cluster started with TLS");
+        self.nodes.iter().map(RedisServer::tls_url).collect()
     }
 
     /// The nodes, in the order their URLs are listed.
@@ -210,9 +240,9 @@ impl Drop for RedisCluster {
 /// Starts one cluster-enabled node. Its cluster bus gets a free port of its own
 /// (`cluster-port`) rather than the default port + 10000, which may be taken or
 /// above 65535.
-fn start_node() -> RedisServer {
+fn start_node(pki: Option<&TestPki>) -> RedisServer {
     let arg = |name: &str, value: String| (name.to_owned(), value);
-    RedisServer::start_with(RedisServerOptions {
+    let mut options = RedisServerOptions {
         append_only: false,
         extra_args: vec![
             arg("cluster-enabled", "yes".into()),
@@ -221,17 +251,41 @@ fn start_node() -> RedisServer {
             arg("cluster-node-timeout", "2000".into()),
             arg("cluster-port", free_port().to_string()),
         ],
-    })
+    };
+    match pki {
+        None => RedisServer::start_with(options),
+        Some(pki) => {
+            options.extra_args.extend([
+                arg("tls-cluster", "yes".into()),
+                arg("tls-replication", "yes".into()),
+            ]);
+            RedisServer::start_tls_with(options, pki, ClientAuth::Optional)
+        }
+    }
 }
 
 /// Runs `redis-cli --cluster create` over `nodes` and returns its output.
-fn create(nodes: &[RedisServer]) -> String {
+fn create(nodes: &[RedisServer], pki: Option<&TestPki>) -> String {
     let log_path = nodes[0].dir().join("cluster-create.log");
     let log = File::create(&log_path).expect("create the redis-cli log file");
     let mut cmd = Command::new("redis-cli");
+    if let Some(pki) = pki {
+        cmd.arg("--tls")
+            .arg("--cacert")
+            .arg(&pki.ca_file)
+            .arg("--cert")
+            .arg(&pki.client.cert_file)
+            .arg("--key")
+            .arg(&pki.client.key_file);
+    }
     cmd.args(["--cluster", "create"]);
     for node in nodes {
-        cmd.arg(format!("127.0.0.1:{}", node.port()));
+        let port = if pki.is_some() {
+            node.tls_port()
+        } else {
+            node.port()
+        };
+        cmd.arg(format!("127.0.0.1:{port}"));
     }
     cmd.args(["--cluster-replicas", "0", "--cluster-yes"])
         .stdin(Stdio::null())

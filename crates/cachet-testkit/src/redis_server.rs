@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::tls::TestPki;
+
 /// Options for [`RedisServer::start_with`].
 #[derive(Clone, Debug, Default)]
 pub struct RedisServerOptions {
@@ -15,8 +17,29 @@ pub struct RedisServerOptions {
     pub extra_args: Vec<(String, String)>,
 }
 
+/// Whether a TLS server asks clients for a certificate (`tls-auth-clients`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// A client may present a certificate; one it presents must verify.
+    Optional,
+    /// A client without a valid certificate is refused (mutual TLS).
+    Required,
+}
+
+/// The TLS side of a server: its files and its TLS port.
+#[derive(Clone, Debug)]
+struct TlsSetup {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    ca_file: PathBuf,
+    auth: ClientAuth,
+    port: u16,
+}
+
 /// A `redis-server` process on a free loopback port with its own temporary
 /// directory, started with `--save ""` and, unless asked, `--appendonly no`.
+/// A TLS server ([`start_tls`](Self::start_tls)) listens on a second port for
+/// TLS, and keeps the plain one for [`command`](Self::command).
 ///
 /// Dropping it kills and reaps the process. If the thread is panicking at that
 /// point (a failed assertion), the server's log is printed to stderr.
@@ -26,6 +49,7 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     options: RedisServerOptions,
+    tls: Option<TlsSetup>,
 }
 
 impl RedisServer {
@@ -45,6 +69,35 @@ impl RedisServer {
     /// # Panics
     /// If `redis-server` is not on `PATH` or does not answer within 10 seconds.
     pub fn start_with(options: RedisServerOptions) -> Self {
+        Self::start_inner(options, None)
+    }
+
+    /// Starts a server that also speaks TLS on a port of its own, with the
+    /// server certificate of `pki`, trusting its CA for client certificates.
+    ///
+    /// # Panics
+    /// If `redis-server` (built with TLS) is not on `PATH` or does not answer
+    /// within 10 seconds.
+    pub fn start_tls(pki: &TestPki, auth: ClientAuth) -> Self {
+        Self::start_tls_with(RedisServerOptions::default(), pki, auth)
+    }
+
+    /// [`start_tls`](Self::start_tls) with the given options.
+    ///
+    /// # Panics
+    /// As [`start_tls`](Self::start_tls).
+    pub fn start_tls_with(options: RedisServerOptions, pki: &TestPki, auth: ClientAuth) -> Self {
+        let tls = TlsSetup {
+            cert_file: pki.server.cert_file.clone(),
+            key_file: pki.server.key_file.clone(),
+            ca_file: pki.ca_file.clone(),
+            auth,
+            port: 0,
+        };
+        Self::start_inner(options, Some(tls))
+    }
+
+    fn start_inner(options: RedisServerOptions, tls: Option<TlsSetup>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("cachet-redis-")
             .tempdir()
@@ -54,12 +107,16 @@ impl RedisServer {
             port: 0,
             dir,
             options,
+            tls,
         };
         // A port chosen by the OS can be taken by someone else before the server
         // binds it; try a few.
         let mut last_log = String::new();
         for _ in 0..5 {
             server.port = free_port();
+            if let Some(tls) = &mut server.tls {
+                tls.port = free_port();
+            }
             match server.spawn() {
                 Ok(()) => return server,
                 Err(log) => last_log = log,
@@ -81,6 +138,22 @@ impl RedisServer {
     /// A `redis://` URL for the server.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The server's TLS port on 127.0.0.1.
+    ///
+    /// # Panics
+    /// If the server was not started with TLS.
+    pub fn tls_port(&self) -> u16 {
+        self.tls.as_ref().expect("a server started with TLS").port
+    }
+
+    /// A `rediss://127.0.0.1:P/` URL for the server's TLS port.
+    ///
+    /// # Panics
+    /// If the server was not started with TLS.
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/", self.tls_port())
     }
 
     /// The server's working directory.
@@ -174,6 +247,21 @@ impl RedisServer {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
             cmd.args(["--appendonly", "no"]);
+        }
+        if let Some(tls) = &self.tls {
+            cmd.arg("--tls-port")
+                .arg(tls.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&tls.cert_file)
+                .arg("--tls-key-file")
+                .arg(&tls.key_file)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.ca_file)
+                .arg("--tls-auth-clients")
+                .arg(match tls.auth {
+                    ClientAuth::Optional => "optional",
+                    ClientAuth::Required => "yes",
+                });
         }
         for (name, value) in &self.options.extra_args {
             cmd.arg(format!("--{name}")).arg(value);

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use super::source::{Db, Item, Location};
 use super::{ENTRY_TTL, LEASE_TTL, Lab, double_delete, write_behind};
-use crate::target::{RedisArgs, RedisTarget};
+use crate::target::{ChildEnv, DATABASE_URL_ENV, RedisArgs, SecretUrl};
 
 /// The start of a child's report line.
 pub(super) const DONE: &str = "done ";
@@ -64,8 +64,8 @@ enum ChildTask {
 #[derive(Debug, Args)]
 struct SourceArgs {
     /// The source of truth on PostgreSQL
-    #[arg(long, requires = "schema")]
-    database_url: Option<String>,
+    #[arg(long, requires = "schema", env = DATABASE_URL_ENV, hide_env_values = true)]
+    database_url: Option<SecretUrl>,
     /// The run's schema on PostgreSQL
     #[arg(long)]
     schema: Option<String>,
@@ -85,18 +85,20 @@ impl SourceArgs {
     }
 }
 
-/// The flags that give a child process the run's source of truth (see
-/// [`SourceArgs`]).
-pub(super) fn source_args(lab: &Lab) -> Result<Vec<String>> {
+/// The flags and the environment that give a child process the run's source
+/// of truth (see [`SourceArgs`]): the database URL, which may hold a password,
+/// goes in the environment (`DATABASE_URL`), never on the command line.
+pub(super) fn source_args(lab: &Lab) -> Result<(Vec<String>, ChildEnv)> {
     match (lab.source.schema_name(), &lab.args.database_url) {
-        (Some(schema), Some(url)) => Ok(vec![
-            "--database-url".into(),
-            url.clone(),
-            "--schema".into(),
-            schema.into(),
-        ]),
+        (Some(schema), Some(url)) => Ok((
+            vec!["--schema".into(), schema.into()],
+            ChildEnv(vec![(DATABASE_URL_ENV, Some(url.to_string()))]),
+        )),
         _ => match lab.source.sqlite_file() {
-            Some(file) => Ok(vec!["--sqlite-file".into(), file.display().to_string()]),
+            Some(file) => Ok((
+                vec!["--sqlite-file".into(), file.display().to_string()],
+                ChildEnv(vec![(DATABASE_URL_ENV, None)]),
+            )),
             None => bail!("the source of truth cannot be shared with other processes"),
         },
     }
@@ -324,11 +326,12 @@ impl Sink<i64, Item> for LabSink {
 /// until stdin closes; reports `done <batches> <flushed> <reclaimed>
 /// <dead-lettered> <sink errors>`.
 async fn flusher_child(a: FlusherChild) -> Result<()> {
-    let RedisTarget::Server(url) = a.redis.target()? else {
+    let target = a.redis.target()?;
+    let Some(url) = target.server_url() else {
         bail!("write-behind needs a single Redis server, not a Redis Cluster");
     };
     let db = a.source.open(false).await?;
-    let wb = write_behind::open(&url, a.namespace).await?;
+    let wb = write_behind::open(&target, a.namespace).await?;
     let flusher = wb
         .flusher(LabSink { db })
         .consumer(a.consumer)
@@ -336,7 +339,7 @@ async fn flusher_child(a: FlusherChild) -> Result<()> {
         .min_idle(Duration::from_millis(a.min_idle_ms))
         .block(write_behind::FLUSHER_BLOCK)
         .max_backoff(write_behind::FLUSHER_MAX_BACKOFF)
-        .connect(&url)
+        .connect(url)
         .await
         .context("cannot start the flusher")?;
     say(READY)?;
@@ -360,13 +363,22 @@ pub(super) struct ChildProcess {
 }
 
 impl ChildProcess {
-    /// Starts `cachet __child` with `args`.
+    /// Starts `cachet __child` with `args`, and `env` set (or removed) in
+    /// its environment.
     pub(super) fn spawn<S: AsRef<OsStr>>(
         args: impl IntoIterator<Item = S>,
+        env: &ChildEnv,
         what: &'static str,
     ) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find the cachet executable")?;
-        let mut child = tokio::process::Command::new(exe)
+        let mut command = tokio::process::Command::new(exe);
+        for (name, value) in &env.0 {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
+        let mut child = command
             .arg("__child")
             .args(args)
             .stdin(Stdio::piped())

@@ -379,7 +379,7 @@ impl ChildRun<'_> {
             args.push("--twice".into());
         }
         // The child exits when its stdin closes, so it never outlives this process.
-        let mut child = ChildProcess::spawn(args, "the writer process")?;
+        let mut child = ChildProcess::spawn(args, &self.redis.child_env(), "the writer process")?;
         let line = child.line(CHILD_REPORT_TIMEOUT).await;
         let reported = Instant::now();
         child.kill().await?;

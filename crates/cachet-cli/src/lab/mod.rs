@@ -37,7 +37,9 @@ use cachet::{Cache, MemoryStore, Store};
 use clap::{Args, ValueEnum};
 use tokio::task::JoinSet;
 
-use crate::target::RedisTarget;
+use crate::target::{
+    DATABASE_URL_ENV, REDIS_CLUSTER_ENV, REDIS_URL_ENV, RedisTarget, RedisTlsArgs, SecretUrl,
+};
 use crate::write_stdout;
 use report::{Row, RowContext};
 use source::{Item, Source};
@@ -59,14 +61,30 @@ pub(crate) struct LabArgs {
     #[arg(long = "scenario", value_name = "NAME", value_enum)]
     scenarios: Vec<Scenario>,
 
-    /// Use the Redis server at URL as the cache store instead of the in-process one
-    #[arg(long, value_name = "URL", conflicts_with = "redis_cluster")]
-    redis_url: Option<String>,
+    /// Use the Redis server at URL as the cache store instead of the in-process
+    /// one (rediss:// for TLS)
+    #[arg(
+        long,
+        value_name = "URL",
+        conflicts_with = "redis_cluster",
+        env = REDIS_URL_ENV,
+        hide_env_values = true
+    )]
+    redis_url: Option<SecretUrl>,
 
     /// Use the Redis Cluster these nodes belong to as the cache store (any of
     /// its nodes will do; comma-separated or repeated)
-    #[arg(long, value_name = "URL,…", value_delimiter = ',')]
-    redis_cluster: Vec<String>,
+    #[arg(
+        long,
+        value_name = "URL,…",
+        value_delimiter = ',',
+        env = REDIS_CLUSTER_ENV,
+        hide_env_values = true
+    )]
+    redis_cluster: Vec<SecretUrl>,
+
+    #[command(flatten)]
+    redis_tls: RedisTlsArgs,
 
     /// Let the outage scenario make the Redis given with --redis-url or
     /// --redis-cluster hang for a moment (CLIENT PAUSE on every node); without
@@ -75,8 +93,8 @@ pub(crate) struct LabArgs {
     allow_disruption: bool,
 
     /// Use the PostgreSQL database at URL as the source of truth instead of SQLite
-    #[arg(long, value_name = "URL")]
-    database_url: Option<String>,
+    #[arg(long, value_name = "URL", env = DATABASE_URL_ENV, hide_env_values = true)]
+    database_url: Option<SecretUrl>,
 
     /// Print one JSON object per row on stdout, and nothing else
     #[arg(long)]
@@ -416,7 +434,11 @@ pub(crate) async fn run(args: LabArgs) -> Result<()> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let scenarios = selected(&args.scenarios);
 
-    let redis = RedisTarget::from_flags(args.redis_url.as_deref(), &args.redis_cluster)?;
+    let redis = RedisTarget::from_flags(
+        args.redis_url.as_deref(),
+        &args.redis_cluster,
+        &args.redis_tls,
+    )?;
     let (store, store_kind, store_description) = match &redis {
         None => (
             LabStore::Memory(MemoryStore::new(1_000_000)),

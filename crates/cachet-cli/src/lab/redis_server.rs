@@ -48,7 +48,7 @@ impl ScenarioRedis {
             }));
         }
         Ok(PrivateRedis::start(persistence).await?.map(|server| Self {
-            target: RedisTarget::Server(server.url()),
+            target: RedisTarget::server(server.url()),
             server: Some(server),
         }))
     }

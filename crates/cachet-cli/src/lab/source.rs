@@ -280,13 +280,31 @@ impl Source {
     }
 }
 
-/// Where a process of the lab's own finds the run's source of truth.
-#[derive(Clone, Copy, Debug)]
+/// Where a process of the lab's own finds the run's source of truth. Its
+/// `Debug` shows no password.
+#[derive(Clone, Copy)]
 pub(crate) enum Location<'a> {
     /// The run's schema on the PostgreSQL server at `url`.
     Postgres { url: &'a str, schema: &'a str },
     /// The run's SQLite file.
     Sqlite { file: &'a Path, read_only: bool },
+}
+
+impl std::fmt::Debug for Location<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Postgres { url, schema } => f
+                .debug_struct("Postgres")
+                .field("url", &redact_url(url))
+                .field("schema", schema)
+                .finish(),
+            Self::Sqlite { file, read_only } => f
+                .debug_struct("Sqlite")
+                .field("file", file)
+                .field("read_only", read_only)
+                .finish(),
+        }
+    }
 }
 
 /// Connection options for the run's SQLite file at `path`: synchronous=OFF

@@ -206,7 +206,8 @@ async fn run_processes(lab: &Lab, target: &RedisTarget) -> Result<Row> {
     let a = &lab.args.stampede;
     lab.source.reset(1).await?;
     let cache = lab.cache(NAME, "processes", KEY..=KEY)?;
-    let source = source_args(lab)?;
+    let (source, source_env) = source_args(lab)?;
+    let env = target.child_env().and(&source_env);
     let parts = u32::try_from(INSTANCES).unwrap_or(1);
     let mut callers = Vec::new();
     for n in shares(u64::from(a.callers), parts) {
@@ -218,7 +219,7 @@ async fn run_processes(lab: &Lab, target: &RedisTarget) -> Result<Row> {
         args.extend(["--load-ms".into(), a.load_ms.to_string()]);
         args.extend(["--timeout-ms".into(), CALL_TIMEOUT.as_millis().to_string()]);
         args.extend(source.iter().cloned());
-        callers.push(ChildProcess::spawn(args, "a caller process")?);
+        callers.push(ChildProcess::spawn(args, &env, "a caller process")?);
     }
     for c in &mut callers {
         let line = c.line(START_TIMEOUT).await?;

@@ -44,7 +44,7 @@ use super::report::{Latency, Row, find, format_us, times};
 use super::source::{Db, Item};
 use super::workload::build_cache;
 use super::{ENTRY_TTL, Lab, shares};
-use crate::target::RedisTarget;
+use crate::target::{ChildEnv, RedisTarget};
 
 pub(super) const NAME: &str = "write-behind";
 const SYNCHRONOUS: &str = "synchronous writes (write-through)";
@@ -105,7 +105,7 @@ pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
             a.wb_kills + 1
         );
     }
-    if let Some(target @ RedisTarget::Cluster(_)) = &lab.redis {
+    if let Some(target) = lab.redis.as_ref().filter(|t| t.is_cluster()) {
         lab.skip(
             NAME,
             &format!(
@@ -125,12 +125,20 @@ pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
         );
         return Ok(Vec::new());
     };
-    let RedisTarget::Server(url) = &redis.target else {
+    if redis.target.has_tls_files() {
+        lab.skip(
+            NAME,
+            "write-behind's flusher connects with a URL alone and cannot take --redis-ca, \
+             --redis-cert or --redis-key; run it without them.",
+        );
+        return Ok(Vec::new());
+    }
+    if redis.target.server_url().is_none() {
         bail!("write-behind needs a single Redis server");
-    };
+    }
     Ok(vec![
-        synchronous(lab, &redis, url).await?,
-        behind(lab, &redis, url).await?,
+        synchronous(lab, &redis).await?,
+        behind(lab, &redis).await?,
     ])
 }
 
@@ -178,19 +186,21 @@ fn versioned_cache(namespace: String, store: &RedisStore) -> Result<Cache<i64, I
     })
 }
 
-/// A store on the Redis server at `url` without an invalidation bus: the
+/// A store on the Redis server of `target` without an invalidation bus: the
 /// scenario has no near cache.
-async fn store(url: &str) -> Result<RedisStore> {
-    let target = RedisTarget::Server(url.to_owned());
+async fn store(target: &RedisTarget) -> Result<RedisStore> {
     target
         .connect(target.another().invalidation_bus(false))
         .await
 }
 
-/// Write-behind on the cache in `namespace` on the Redis server at `url`, as
-/// the lab and its flushers both open it.
-pub(super) async fn open(url: &str, namespace: String) -> Result<WriteBehind<i64, Item>> {
-    let store = store(url).await?;
+/// Write-behind on the cache in `namespace` on the Redis server of `target`,
+/// as the lab and its flushers both open it.
+pub(super) async fn open(
+    target: &RedisTarget,
+    namespace: String,
+) -> Result<WriteBehind<i64, Item>> {
+    let store = store(target).await?;
     let cache = versioned_cache(namespace, &store)?;
     WriteBehind::builder(store, &cache)
         .ttl(ENTRY_TTL)
@@ -216,10 +226,10 @@ fn register(lab: &Lab, redis: &ScenarioRedis, cache: &Cache<i64, Item>) -> Resul
     Ok(())
 }
 
-async fn synchronous(lab: &Lab, redis: &ScenarioRedis, url: &str) -> Result<Row> {
+async fn synchronous(lab: &Lab, redis: &ScenarioRedis) -> Result<Row> {
     lab.source.reset(lab.args.write_behind.wb_keys).await?;
     let db = lab.source.counted();
-    let cache = versioned_cache(namespace(lab, NAME, "sync"), &store(url).await?)?;
+    let cache = versioned_cache(namespace(lab, NAME, "sync"), &store(&redis.target).await?)?;
     register(lab, redis, &cache)?;
     let started = Instant::now();
     let writer = Writer::Synchronous(cache.clone(), db.clone());
@@ -237,14 +247,14 @@ async fn synchronous(lab: &Lab, redis: &ScenarioRedis, url: &str) -> Result<Row>
     Ok(row.elapsed(elapsed))
 }
 
-async fn behind(lab: &Lab, redis: &ScenarioRedis, url: &str) -> Result<Row> {
+async fn behind(lab: &Lab, redis: &ScenarioRedis) -> Result<Row> {
     lab.source.reset(lab.args.write_behind.wb_keys).await?;
-    let wb = open(url, namespace(lab, NAME, "behind")).await?;
+    let wb = open(&redis.target, namespace(lab, NAME, "behind")).await?;
     register(lab, redis, wb.cache())?;
-    let outcome = flush_killed(lab, url, &wb).await;
+    let outcome = flush_killed(lab, &redis.target, &wb).await;
     // The stream lives without a TTL: it goes whatever happened.
     let deleted = async {
-        let mut conn = store(url).await?.connection();
+        let mut conn = store(&redis.target).await?.connection();
         redis::cmd("DEL")
             .arg(wb.stream())
             .arg(wb.dead_letter_stream())
@@ -264,13 +274,15 @@ async fn behind(lab: &Lab, redis: &ScenarioRedis, url: &str) -> Result<Row> {
 
 /// The write-behind row: the burst, with the flusher killed `--wb-kills`
 /// times and restarted, then the stream drained and the source checked.
-async fn flush_killed(lab: &Lab, url: &str, wb: &WriteBehind<i64, Item>) -> Result<Row> {
+async fn flush_killed(lab: &Lab, target: &RedisTarget, wb: &WriteBehind<i64, Item>) -> Result<Row> {
     let a = &lab.args.write_behind;
+    let (source, source_env) = source_args(lab)?;
     let mut flushers = Flushers {
-        url,
+        target,
         namespace: wb.cache().namespace(),
         batch: a.wb_batch,
-        source: source_args(lab)?,
+        source,
+        env: target.child_env().and(&source_env),
         started: 0,
         transactions: 0,
     };
@@ -483,10 +495,12 @@ struct FlusherReport {
 /// The flusher processes of the write-behind row, one at a time.
 #[derive(Debug)]
 struct Flushers<'a> {
-    url: &'a str,
+    target: &'a RedisTarget,
     namespace: &'a str,
     batch: u64,
     source: Vec<String>,
+    /// The environment of a flusher: the URLs of the target and the source.
+    env: ChildEnv,
     /// Flushers started so far.
     started: u64,
     /// Transactions the flushers began on the source, as they reported.
@@ -497,14 +511,14 @@ impl Flushers<'_> {
     /// Starts the next flusher and waits until it is connected.
     async fn start(&mut self) -> Result<ChildProcess> {
         let mut args = vec!["write-behind-flusher".to_owned()];
-        args.extend(["--redis-url".into(), self.url.to_owned()]);
+        args.extend(self.target.child_args());
         args.extend(["--namespace".into(), self.namespace.to_owned()]);
         args.extend(["--consumer".into(), format!("lab-flusher-{}", self.started)]);
         args.extend(["--batch-size".into(), self.batch.to_string()]);
         args.extend(["--min-idle-ms".into(), MIN_IDLE.as_millis().to_string()]);
         args.extend(["--hang-ms".into(), CHILD_HANG_LIMIT.as_millis().to_string()]);
         args.extend(self.source.iter().cloned());
-        let mut flusher = ChildProcess::spawn(args, "the flusher process")?;
+        let mut flusher = ChildProcess::spawn(args, &self.env, "the flusher process")?;
         self.started += 1;
         let line = flusher.line(CHILD_TIMEOUT).await?;
         if line != READY {
