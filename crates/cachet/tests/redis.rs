@@ -372,3 +372,62 @@ async fn an_oversized_value_is_refused_before_it_is_sent_and_disturbs_no_other_k
         "{e}"
     );
 }
+
+/// The ACL user docs/production.md describes is enough: reads, loads, writes,
+/// invalidations, groups and a near cache work with it, without `CONFIG` or
+/// `INFO`, and keys outside the prefix stay out of reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_acl_user_is_enough() {
+    let server = cachet_testkit::RedisServer::start();
+    let acl = [
+        "ACL",
+        "SETUSER",
+        "app",
+        "on",
+        ">app-pw",
+        "resetkeys",
+        "~cachet:*",
+        "resetchannels",
+        "&cachet:*",
+        "-@all",
+        "+@read",
+        "+@write",
+        "+@scripting",
+        "+@pubsub",
+        "+ping",
+        "+time",
+        "+wait",
+    ];
+    assert_eq!(server.command(&acl), "OK");
+    let url = format!("redis://app:app-pw@127.0.0.1:{}/", server.port());
+    let connect = || async {
+        let store = cachet::RedisStore::connect(&url).await.unwrap();
+        Cache::<u64, String>::builder("acl")
+            .store(store)
+            .group_by(|k: &u64| k % 2)
+            .near_cache(cachet::NearCache::new(100, Duration::from_secs(60)))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (connect().await, connect().await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while a.stats().near_clears == 0 || b.stats().near_clears == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never subscribed");
+        tokio::task::yield_now().await;
+    }
+    let loaded = a
+        .get_or_load(&1, || async { Res::Ok(Some("one".to_owned())) })
+        .await
+        .unwrap();
+    assert_eq!(loaded.as_deref(), Some("one"));
+    assert_eq!(b.get(&1).await.unwrap().as_deref(), Some("one"));
+    a.set(&2, "two".into()).await.unwrap();
+    a.invalidate(&1).await.unwrap();
+    a.invalidate_group(&0u64).await.unwrap();
+    assert_eq!(a.get(&2).await.unwrap(), None);
+    a.close(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(a.stats().store_errors, 0);
+    assert_eq!(b.stats().store_errors, 0);
+    let denied = server.command(&["ACL", "DRYRUN", "app", "GET", "other:key"]);
+    assert!(denied.contains("no permissions"), "{denied}");
+}
