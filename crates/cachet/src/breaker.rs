@@ -6,7 +6,9 @@
 //! failures the breaker *opens*: operations fail at once (reads fall through to
 //! the loader immediately) until a cooldown has passed; then one operation probes
 //! the store, and its success closes the breaker. Recovery therefore takes at
-//! most a cooldown after the store is back.
+//! most a cooldown after the store is back. Calls already waiting on the store
+//! when the breaker opens fail at once too, instead of each waiting out its
+//! response timeout.
 //!
 //! An invalidation (of a key or of a group) that cannot reach the store is
 //! reported to its caller, and also kept in this process (up to a bound) and
@@ -92,6 +94,8 @@ pub(crate) struct Breaker {
     pending_len: AtomicUsize,
     /// Woken when a call succeeds while invalidations are kept.
     reachable: tokio::sync::Notify,
+    /// Wakes every call in flight when the breaker opens.
+    opened: tokio::sync::Notify,
     pub(crate) counts: BreakerCounts,
 }
 
@@ -122,6 +126,7 @@ pub(crate) fn guard(inner: Arc<dyn Store>, settings: CircuitBreaker, clock: Cloc
         pending: Mutex::new(Pending::default()),
         pending_len: AtomicUsize::new(0),
         reachable: tokio::sync::Notify::new(),
+        opened: tokio::sync::Notify::new(),
         counts: BreakerCounts::default(),
     };
     let guarded = Arc::new(Layered::new(breaker, inner));
@@ -167,6 +172,7 @@ impl Breaker {
                         .saturating_add(millis(self.settings.cooldown));
                     if self.open_until.swap(until, Ordering::AcqRel) == 0 {
                         self.counts.opens.fetch_add(1, Ordering::Relaxed);
+                        self.opened.notify_waiters();
                         tracing::warn!(store = %self.store, "store unreachable; skipping it for {:?} at a time",
                             self.settings.cooldown);
                     }
@@ -387,7 +393,13 @@ impl StoreLayer for Breaker {
             {
                 self.deliver_before_read(key).await?;
             }
-            let result = call.await;
+            // A call still waiting when the breaker opens stops waiting.
+            let opened = self.opened.notified();
+            let result = tokio::select! {
+                biased;
+                result = call => result,
+                () = opened => Err(self.open_error()),
+            };
             self.record(&result);
             match (&result, write) {
                 (Err(_), Some(what)) => self.keep(what),

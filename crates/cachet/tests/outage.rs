@@ -165,6 +165,8 @@ async fn reads_survive_an_outage_and_nothing_is_stale_after_it() {
 #[derive(Debug, Default)]
 struct Switch {
     down: AtomicBool,
+    /// Reads wait for ever, as on a server that stopped answering.
+    mute_reads: AtomicBool,
 }
 
 impl cachet::store::StoreLayer for Switch {
@@ -173,6 +175,9 @@ impl cachet::store::StoreLayer for Switch {
         op: cachet::store::Op<'a>,
         call: cachet::store::StoreFuture<'a, T>,
     ) -> cachet::store::StoreFuture<'a, T> {
+        if self.mute_reads.load(Ordering::SeqCst) && matches!(op, cachet::store::Op::Get(_)) {
+            return Box::pin(std::future::pending());
+        }
         if self.down.load(Ordering::SeqCst) && !matches!(op, cachet::store::Op::Subscribe(_)) {
             let down = cachet::StoreError::unavailable("switched off");
             return Box::pin(std::future::ready(Err(down)));
@@ -264,5 +269,54 @@ async fn kept_invalidations_are_delivered_once_the_store_answers() {
             matches!(read, cachet::store::Read::Miss),
             "key {k}: {read:?}"
         );
+    }
+}
+
+/// Calls already waiting on the store when the breaker opens fail at once
+/// (reads fall back to the loader) instead of waiting out their timeout.
+#[tokio::test]
+async fn calls_in_flight_stop_waiting_when_the_breaker_opens() {
+    let store = Arc::new(cachet::store::Layered::new(
+        Switch::default(),
+        cachet::MemoryStore::new(100),
+    ));
+    let cache: Cache<u64, String> = Cache::builder("outage")
+        .store(Arc::clone(&store))
+        .circuit_breaker(Some(CircuitBreaker::new(2, Duration::from_secs(60))))
+        .build()
+        .unwrap();
+    store.layer().mute_reads.store(true, Ordering::SeqCst);
+    let waiting: Vec<_> = (0..10u64)
+        .map(|k| {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                cache
+                    .get_or_load(&k, move || async move {
+                        Ok::<_, std::io::Error>(Some(format!("loaded {k}")))
+                    })
+                    .await
+            })
+        })
+        .collect();
+    // Let every read reach the store and wait there.
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        waiting.iter().all(|w| !w.is_finished()),
+        "the reads wait on the mute store"
+    );
+    // Two failures elsewhere open the breaker.
+    store.layer().down.store(true, Ordering::SeqCst);
+    cache.set(&100, "x".into()).await.unwrap_err();
+    cache.set(&101, "x".into()).await.unwrap_err();
+    assert_eq!(cache.stats().breaker_opens, 1);
+    for (k, w) in waiting.into_iter().enumerate() {
+        let got = tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .expect("a read still waits on the store after the breaker opened")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, Some(format!("loaded {k}")));
     }
 }
