@@ -5,17 +5,22 @@
 //! | offset | size | field                                                        |
 //! |-------:|-----:|--------------------------------------------------------------|
 //! | 0      | 1    | format version, `1`                                          |
-//! | 1      | 1    | flags: bit 0 = negative ("not found"); bits 1–7 must be 0    |
+//! | 1      | 1    | flags: bit 0 = negative ("not found"), bit 1 = checksummed; bits 2–7 must be 0 |
 //! | 2      | 8    | soft expiry, Unix milliseconds; `0` = none                   |
 //! | 10     | 8    | value version from the source of truth; `0` = unversioned    |
 //! | 18     | 4    | duration of the load that produced the value, microseconds   |
 //! | 22     | 8    | group generation the entry was filled under; `0` = no group  |
 //! | 30     | …    | payload as written by the cache's codec; empty when negative |
+//! | end − 4 | 4   | when checksummed: the low 32 bits of the payload's XXH3-64   |
 //!
-//! The header costs [`HEADER_LEN`] = 30 bytes per entry. The fields sit at fixed
-//! offsets so that a Lua script can read them with `string.sub`. Anything that
-//! does not decode (too short, an unknown version or flag, a negative entry with
-//! a payload) is reported as a [`DecodeError`], which the cache treats as a miss.
+//! The header costs [`HEADER_LEN`] = 30 bytes per entry, the checksum 4 more. The
+//! fields sit at fixed offsets so that a Lua script can read them with
+//! `string.sub` (and stamp the generation without touching the checksum, which
+//! covers the payload only). Anything that does not decode (too short, an
+//! unknown version or flag, a negative entry with a payload, a payload whose
+//! checksum does not match) is reported as a [`DecodeError`], which the cache
+//! treats as a miss. Every entry this crate writes is checksummed; entries
+//! without the flag (written before it existed) still decode.
 
 use bytes::{BufMut, Bytes};
 
@@ -26,7 +31,18 @@ pub const HEADER_LEN: usize = 30;
 pub const FORMAT_VERSION: u8 = 1;
 
 const FLAG_NEGATIVE: u8 = 0b0000_0001;
-const KNOWN_FLAGS: u8 = FLAG_NEGATIVE;
+const FLAG_CHECKSUM: u8 = 0b0000_0010;
+const KNOWN_FLAGS: u8 = FLAG_NEGATIVE | FLAG_CHECKSUM;
+/// Length of the checksum after the payload.
+const CHECKSUM_LEN: usize = 4;
+
+/// The checksum of a payload: the low 32 bits of its XXH3-64.
+fn checksum(payload: &[u8]) -> [u8; CHECKSUM_LEN] {
+    // Truncation intended: 32 bits catch accidental damage.
+    #[allow(clippy::cast_possible_truncation)]
+    let sum = xxhash_rust::xxh3::xxh3_64(payload) as u32;
+    sum.to_be_bytes()
+}
 
 /// What the envelope says about an entry, apart from its payload.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,6 +77,9 @@ pub enum DecodeError {
     /// A negative entry that carries a payload.
     #[error("negative entry carries a {0}-byte payload")]
     NegativeWithPayload(usize),
+    /// The payload does not match its checksum: the bytes were changed.
+    #[error("entry payload does not match its checksum")]
+    Checksum,
     /// The payload was not written by this cache's codec or value type.
     #[error("payload does not decode: {0}")]
     Payload(String),
@@ -68,14 +87,15 @@ pub enum DecodeError {
 
 /// Writes the envelope header for `meta` followed by `payload` into one buffer.
 pub fn encode(meta: &Meta, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + CHECKSUM_LEN);
     out.put_u8(FORMAT_VERSION);
-    out.put_u8(if meta.negative { FLAG_NEGATIVE } else { 0 });
+    out.put_u8(FLAG_CHECKSUM | if meta.negative { FLAG_NEGATIVE } else { 0 });
     out.put_u64(meta.soft_expiry_ms);
     out.put_u64(meta.version);
     out.put_u32(meta.load_time_us);
     out.put_u64(meta.generation);
     out.extend_from_slice(payload);
+    out.extend_from_slice(&checksum(payload));
     out
 }
 
@@ -108,11 +128,22 @@ pub fn decode(bytes: &Bytes) -> Result<(Meta, Bytes), DecodeError> {
         load_time_us: u32::from_be_bytes(load),
         generation: u64_at(22),
     };
-    let payload_len = b.len() - HEADER_LEN;
+    let end = if flags & FLAG_CHECKSUM == 0 {
+        b.len()
+    } else {
+        let end = (b.len().checked_sub(CHECKSUM_LEN))
+            .filter(|&end| end >= HEADER_LEN)
+            .ok_or(DecodeError::Truncated(b.len()))?;
+        if b[end..] != checksum(&b[HEADER_LEN..end]) {
+            return Err(DecodeError::Checksum);
+        }
+        end
+    };
+    let payload_len = end - HEADER_LEN;
     if meta.negative && payload_len > 0 {
         return Err(DecodeError::NegativeWithPayload(payload_len));
     }
-    Ok((meta, bytes.slice(HEADER_LEN..)))
+    Ok((meta, bytes.slice(HEADER_LEN..end)))
 }
 
 #[cfg(test)]
@@ -130,13 +161,20 @@ mod tests {
             generation: 0x1112_1314_1516_1718,
         };
         let bytes = encode(&meta, b"xy");
+        let sum = (xxhash_rust::xxh3::xxh3_64(b"xy") as u32).to_be_bytes();
         assert_eq!(
             bytes,
             [
-                1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 9, 0x0A, 0x0B, 0x0C, 0x0D, 0x11,
-                0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, b'x', b'y'
+                1, 2, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 9, 0x0A, 0x0B, 0x0C, 0x0D, 0x11,
+                0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, b'x', b'y', sum[0], sum[1], sum[2],
+                sum[3]
             ]
         );
+        // An entry from before checksums still decodes.
+        let mut old = bytes[..32].to_vec();
+        old[1] = 0;
+        let (m, p) = decode(&Bytes::from(old)).unwrap();
+        assert_eq!((m, &p[..]), (meta, &b"xy"[..]));
     }
 
     #[test]
@@ -164,11 +202,21 @@ mod tests {
         flags[1] = 0x80;
         assert_eq!(decode(&Bytes::from(flags)), Err(DecodeError::Flags(0x80)));
         let mut neg = encode(&Meta::default(), b"abc");
-        neg[1] = FLAG_NEGATIVE;
+        neg[1] = FLAG_NEGATIVE | FLAG_CHECKSUM;
         assert_eq!(
             decode(&Bytes::from(neg)),
             Err(DecodeError::NegativeWithPayload(3))
         );
+    }
+
+    #[test]
+    fn a_changed_payload_byte_is_caught() {
+        let entry = encode(&Meta::default(), b"a 100-byte value, or any other");
+        for i in HEADER_LEN..entry.len() {
+            let mut changed = entry.clone();
+            changed[i] ^= 0x01;
+            assert!(decode(&Bytes::from(changed)).is_err(), "byte {i}");
+        }
     }
 
     proptest! {

@@ -54,7 +54,8 @@ fn script(body: &str) -> Script {
 ///    nothing is written: returns `{2, its version}` (8 bytes).
 /// 4. Otherwise `SET entry … PX ttl`, `DEL lease` (a load that took the lease
 ///    before this write cannot fill over it), and `XADD` of
-///    `{key, version, value}` (`value`: the codec bytes, without the envelope),
+///    `{key, version, value}` (`value`: the codec bytes, without the envelope
+///    and its trailing 4-byte checksum),
 ///    and the notice `k <entry key>` on the invalidation bus, as the store
 ///    sends after a `set`, for near caches. Returns `{1, stream id}`.
 pub(crate) static WRITE: LazyLock<Script> = LazyLock::new(|| {
@@ -77,7 +78,7 @@ end
 redis.call('SET', KEYS[1], entry, 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
 local id = redis.call('XADD', KEYS[3], '*', 'key', KEYS[1], 'version', ARGV[4],
-  'value', string.sub(entry, 31))
+  'value', string.sub(entry, 31, -5))
 redis.call('PUBLISH', ARGV[5], 'k ' .. KEYS[1])
 return {1, id}
 ",

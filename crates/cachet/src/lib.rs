@@ -243,7 +243,8 @@
 //! and TTL in one `SET … PX`) and consumes the lease: one round trip more than
 //! naive cache-aside. [`invalidate`](Cache::invalidate) is one `DEL` of the entry and its
 //! lease; [`set`](Cache::set) one `EVALSHA`. Each entry carries a 30-byte envelope
-//! header (see [`store::envelope`]); a lease is a 16-byte token
+//! header and a 4-byte checksum of its payload (see [`store::envelope`]), so an
+//! entry whose bytes were changed reads as a miss; a lease is a 16-byte token
 //! under its own key, alive only during a load.
 //!
 //! # Metrics

@@ -64,6 +64,26 @@ async fn corrupt_and_foreign_bytes_are_misses_then_replaced() {
     assert!(cache.peek(&2).await.unwrap().is_some());
     // Each lookup that met the bad bytes counted: get and get_or_load, twice.
     assert_eq!(cache.stats().decode_errors, 4, "{:?}", cache.stats());
+
+    // A cachet entry with one payload byte changed (a flipped bit, a bad
+    // write) still decodes by the codec, to another value: the checksum
+    // makes it a miss instead.
+    let cache: Cache<u64, String> = fx.builder("changed").build().unwrap();
+    cache.set(&3, "Ada".into()).await.unwrap();
+    let key3 = cache.store_key(&3);
+    // Byte 32 (1-based) is the first character after postcard's length byte.
+    assert_eq!(
+        server.command(&["SETRANGE", key3.as_str(), "31", "E"]),
+        "38"
+    );
+    assert_eq!(cache.get(&3).await.unwrap(), None, "not \"Eda\"");
+    assert_eq!(cache.stats().decode_errors, 1);
+    let loaded = cache
+        .get_or_load(&3, || async { Res::Ok(Some("Ada".to_owned())) })
+        .await
+        .unwrap();
+    assert_eq!(loaded.as_deref(), Some("Ada"));
+    assert_eq!(cache.peek(&3).await.unwrap().as_deref(), Some("Ada"));
 }
 
 /// Keys of another type where entries live, and a lease key without a TTL
