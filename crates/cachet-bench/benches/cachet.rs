@@ -352,5 +352,70 @@ fn near_hit(c: &mut Criterion) {
     drop(rt);
 }
 
-criterion_group!(benches, memory_hit, near_hit, redis_hit, redis_miss);
+/// `invalidate` (one `DEL` of entry and lease, and a notice queued for the
+/// bus) against a raw `DEL` of the entry key, each of a key that exists.
+fn invalidate(c: &mut Criterion) {
+    let r = redis();
+    let keys = keys(1 << 12);
+    let raw_keys: Vec<String> = keys
+        .iter()
+        .map(|k| r.cache.store_key(k).as_str().to_owned())
+        .collect();
+    let mut g = c.benchmark_group("invalidate");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0;
+    g.bench_function("redis_del", |b| {
+        b.to_async(&r.rt).iter(|| {
+            i = (i + 1) & (keys.len() - 1);
+            let key = &raw_keys[i];
+            let mut conn = r.conn.clone();
+            async move {
+                let n: i64 = redis::cmd("DEL")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                black_box(n)
+            }
+        });
+    });
+    g.bench_function("cachet_invalidate", |b| {
+        b.to_async(&r.rt).iter(|| {
+            i = (i + 1) & (keys.len() - 1);
+            let key = keys[i];
+            let cache = &r.cache;
+            async move { cache.invalidate(&key).await.unwrap() }
+        });
+    });
+    g.finish();
+}
+
+/// What the entry checksum costs a hit: decoding a 100-byte payload's entry
+/// with its checksum against the same entry without one.
+fn envelope_checksum(c: &mut Criterion) {
+    use cachet_core::envelope;
+    let payload: Vec<u8> = (0..100u8).collect();
+    let checked = bytes::Bytes::from(envelope::encode(&Default::default(), &payload));
+    let mut plain = checked[..checked.len() - 4].to_vec();
+    plain[1] &= !0b10;
+    let plain = bytes::Bytes::from(plain);
+    let mut g = c.benchmark_group("envelope_decode_100b");
+    g.bench_function("without_checksum", |b| {
+        b.iter(|| black_box(envelope::decode(black_box(&plain)).unwrap().1.len()));
+    });
+    g.bench_function("with_checksum", |b| {
+        b.iter(|| black_box(envelope::decode(black_box(&checked)).unwrap().1.len()));
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    memory_hit,
+    near_hit,
+    redis_hit,
+    redis_miss,
+    invalidate,
+    envelope_checksum
+);
 criterion_main!(benches);
