@@ -21,7 +21,7 @@
 //! `SETBIT`/`GETBIT`: bit `i` is bit `7 - i % 8` of byte `i / 8`.
 //!
 //! A filter is *built* when it exists with exactly that many bytes, which only a
-//! [`Store::bloom_replace`](crate::Store::bloom_replace) makes happen. A filter
+//! [`BloomBits::bloom_replace`](crate::BloomBits::bloom_replace) makes happen. A filter
 //! that is not built (never built, or lost with a Redis restart, an eviction or
 //! a flush) rules nothing out: checks report every key as possibly present, and
 //! additions to it are dropped. So a lost filter costs its protection, never a

@@ -24,7 +24,7 @@
 //! and in addition every primitive checks the group's *generation*: a read
 //! ignores an entry filled under an older generation, `acquire` records the
 //! current generation in the token, and `fill` is refused if the generation
-//! changed. [`Store::invalidate_group`] moves the generation on.
+//! changed. [`Groups::invalidate_group`] moves the generation on.
 
 use std::any::Any;
 use std::fmt;
@@ -153,7 +153,7 @@ pub struct Ttls {
     pub lease: Option<Duration>,
 }
 
-/// The result of [`Store::set_versioned`].
+/// The result of [`VersionedSet::set_versioned`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Versioned {
     /// The entry was written.
@@ -165,7 +165,7 @@ pub enum Versioned {
     },
 }
 
-/// What one [`Store::run_deferred`] call did.
+/// What one [`DeferredQueue::run_deferred`] call did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Deferred {
     /// Deferred invalidations executed (and acknowledged) by this call.
@@ -185,7 +185,7 @@ pub enum Notice {
 }
 
 /// An event of an invalidation bus subscription, from
-/// [`Store::subscribe_invalidations`].
+/// [`InvalidationBus::subscribe_invalidations`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BusEvent {

@@ -51,7 +51,7 @@
 //! background task batches the notices (what arrives within 1 ms, at most 512)
 //! into one `PUBLISH` per cache channel (`{prefix}{namespace}:sys:bus`), so the
 //! operation itself pays no extra round trip and a write burst costs a few
-//! messages. [`Store::subscribe_invalidations`] keeps a subscription up,
+//! messages. [`InvalidationBus::subscribe_invalidations`] keeps a subscription up,
 //! reconnecting with backoff, pinging every second, and reports every loss and
 //! recovery: a near cache empties itself on both, since pub/sub drops what is
 //! sent while a subscriber is away. Pub/sub was chosen over RESP3 client
@@ -166,7 +166,7 @@
 //!   On a cache with heavy miss traffic that node carries it all;
 //! - *the deferred queue* defaults to 16 shards on a cluster (1 on one server),
 //!   two sorted sets each in its own slot, so that deferred invalidations spread
-//!   over the nodes; a [`run_deferred`](Store::run_deferred) then costs one
+//!   over the nodes; a [`run_deferred`](cachet_core::DeferredQueue::run_deferred) then costs one
 //!   round trip per shard when nothing is due. The shards' hash tags are
 //!   their numbers alone, so keep braces out of the system prefix.
 #![deny(missing_docs)]
@@ -322,7 +322,7 @@ impl RedisStoreBuilder {
     /// server, 16 on a cluster). Each shard is one pair of sorted sets in its own
     /// hash slot; on Redis Cluster, more shards spread the queue over more nodes,
     /// so that no single slot takes every deferred invalidation. A
-    /// [`run_deferred`](Store::run_deferred) visits the shards one after another:
+    /// [`run_deferred`](cachet_core::DeferredQueue::run_deferred) visits the shards one after another:
     /// one round trip per shard when nothing is due.
     pub fn deferred_shards(mut self, shards: u16) -> Self {
         self.deferred_shards = shards.max(1);
