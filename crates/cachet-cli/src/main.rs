@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // A child's warnings about the Redis settings repeat the lab's own.
     let default_filter = match cli.command {
-        Command::Child(_) => "warn,cachet_writebehind::durability=error",
+        Command::Child(_) => "warn,cachet::write_behind::durability=error",
         _ => "warn",
     };
     // Library warnings (a store that stopped answering, say) go to stderr, so

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use cachet::{RedisConnection, RedisStore, RedisStoreBuilder};
+use cachet::{RedisStore, RedisStoreBuilder};
+use cachet_redis::RedisConnection;
 use clap::Args;
 
 /// The variable that gives `--redis-url`.

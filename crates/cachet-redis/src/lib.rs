@@ -513,7 +513,10 @@ impl RedisStore {
     }
 
     /// A handle on the underlying connection, for commands outside the protocol
-    /// (on a cluster, each with its keys in one slot).
+    /// (on a cluster, each with its keys in one slot): write-behind's scripts,
+    /// the CLI's admin commands. Not part of the documented API, which exposes
+    /// no redis-rs type.
+    #[doc(hidden)]
     pub fn connection(&self) -> RedisConnection {
         self.inner.conn.clone()
     }

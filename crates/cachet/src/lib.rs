@@ -200,7 +200,7 @@
 //! | delete-on-write, durable | `outbox::Outbox::record` in the write's transaction (feature `outbox`) | the commit alone | a relay delivers the invalidation at least once, even if the writer dies after `COMMIT` |
 //! | delayed double-delete | [`Cache::invalidate_twice`] after the commit | one `DEL` and one queued delete | a second delete after the delay clobbers what a writer or reader *without* a lease put back |
 //! | write-through | [`Cache::write_through`] | the commit and one versioned `SET` | the cache holds the newest version; an older concurrent write never overwrites it |
-//! | write-behind | crate `cachet-writebehind` | the write is in a durable Redis stream | applied to the source later, batched, at least once, idempotent by version |
+//! | write-behind | `write_behind::WriteBehind::write_behind` (feature `write-behind`) | the write is in a durable Redis stream | applied to the source later, batched, at least once, idempotent by version |
 //!
 //! Delete-on-write is the default and the cheapest to get right; the outbox
 //! closes its one hole (a writer that dies between commit and invalidation) for
@@ -298,12 +298,18 @@ pub mod store {
 }
 
 #[cfg(feature = "redis")]
-pub use cachet_redis::{RedisConnection, RedisStore, RedisStoreBuilder, ServerInfo};
+pub use cachet_redis::{RedisStore, RedisStoreBuilder, ServerInfo};
 
 /// The transactional outbox for PostgreSQL (feature `outbox`): invalidations
 /// recorded in the writer's transaction and delivered by a relay.
 #[cfg(feature = "outbox")]
 pub use cachet_outbox as outbox;
+
+/// Write-behind on a durable Redis stream (feature `write-behind`): a write
+/// is acknowledged once the entry is written and the write queued; flushers
+/// apply queued writes to the source of truth later, in batches.
+#[cfg(feature = "write-behind")]
+pub mod write_behind;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -12,7 +12,8 @@
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use cachet::{RedisConnection, Store, StoreKey};
+use cachet::{Store, StoreKey};
+use cachet_redis::RedisConnection;
 
 use super::Lab;
 use crate::target::{Node, RedisTarget};

@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
+use cachet::write_behind::{Sink, Write};
 use cachet::{BoxError, Cache};
-use cachet_writebehind::{Sink, Write};
 use clap::{Args, Subcommand};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};

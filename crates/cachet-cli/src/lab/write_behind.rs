@@ -30,8 +30,8 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
+use cachet::write_behind::{WriteBehind, WriteOutcome};
 use cachet::{Cache, RedisStore};
-use cachet_writebehind::{WriteBehind, WriteOutcome};
 use clap::Args;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
@@ -43,7 +43,7 @@ use super::redis_server::{Persistence, ScenarioRedis};
 use super::report::{Latency, Row, find, format_us, times};
 use super::source::{Db, Item};
 use super::workload::build_cache;
-use super::{ENTRY_TTL, Lab, shares};
+use super::{Lab, shares};
 use crate::target::{ChildEnv, RedisTarget};
 
 pub(super) const NAME: &str = "write-behind";
@@ -203,9 +203,6 @@ pub(super) async fn open(
     let store = store(target).await?;
     let cache = versioned_cache(namespace, &store)?;
     WriteBehind::builder(store, &cache)
-        .ttl(ENTRY_TTL)
-        .jitter(0.1)
-        .version_by(version_of)
         .max_backlog(MAX_BACKLOG)
         .build()
         .await

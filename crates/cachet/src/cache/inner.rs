@@ -365,13 +365,15 @@ where
         value: V,
         versioned: bool,
     ) -> Result<Versioned, Error> {
-        let value = Some(value);
-        let Some((meta, ttl)) = self.placement(key, &value, Duration::ZERO) else {
-            // The policy keeps this value out of the cache: the old one goes.
-            return self.remove(key, skey).await.map(|()| Versioned::Written);
-        };
         if let Some(local) = &self.local {
-            let slot = Slot { value, meta };
+            let Some((meta, ttl)) = self.placement(key, Some(&value), Duration::ZERO) else {
+                local.invalidate(key);
+                return Ok(Versioned::Written);
+            };
+            let slot = Slot {
+                value: Some(value),
+                meta,
+            };
             return Ok(if versioned {
                 local.set_versioned(key, skey.group(), slot, ttl)
             } else {
@@ -379,7 +381,10 @@ where
                 Versioned::Written
             });
         }
-        let entry = self.entry_for(skey, meta, value.as_ref())?;
+        let Some((entry, ttl)) = self.stored_entry(key, skey, &value)? else {
+            // The policy keeps this value out of the cache: the old one goes.
+            return self.remove(key, skey).await.map(|()| Versioned::Written);
+        };
         let store = &self.s.store;
         let written = if versioned {
             match store.versioned_set() {
@@ -393,6 +398,23 @@ where
                 .map(|()| Versioned::Written)
         };
         written.map_err(|e| self.store_error(skey, e))
+    }
+
+    /// The entry a write of `value` sends to a shared store, and its TTL: where
+    /// the policy places it (TTL, soft expiry, version), then its payload
+    /// (codec, size limit). `None` when the policy keeps the value out of the
+    /// cache. Every write to a shared store goes through here: `set`,
+    /// `write_through`, and write-behind's script.
+    pub(crate) fn stored_entry(
+        &self,
+        key: &K,
+        skey: &StoreKey,
+        value: &V,
+    ) -> Result<Option<(Entry, Duration)>, Error> {
+        let Some((meta, ttl)) = self.placement(key, Some(value), Duration::ZERO) else {
+            return Ok(None);
+        };
+        Ok(Some((self.entry_for(skey, meta, Some(value))?, ttl)))
     }
 
     /// Deletes `key`'s entry and revokes its lease.
@@ -519,7 +541,7 @@ where
     pub(crate) fn placement(
         &self,
         key: &K,
-        value: &Option<V>,
+        value: Option<&V>,
         load_time: Duration,
     ) -> Option<(Meta, Duration)> {
         let mut meta = Meta {
@@ -531,7 +553,7 @@ where
             },
             ..Meta::default()
         };
-        let fresh = self.expiry.fresh_for(key, value.as_ref())?;
+        let fresh = self.expiry.fresh_for(key, value)?;
         if value.is_none() || !self.s.fresh.soft() {
             return Some((meta, fresh));
         }

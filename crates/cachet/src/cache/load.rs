@@ -310,7 +310,7 @@ where
                 return Err(e);
             }
         };
-        let Some((meta, ttl)) = self.placement(key, &value, load_time) else {
+        let Some((meta, ttl)) = self.placement(key, value.as_ref(), load_time) else {
             // The expiry policy keeps it out (a "not found" without negative caching).
             self.release(key, skey, &token).await;
             return Ok(value);

@@ -510,6 +510,32 @@ where
         &self.inner.s.store
     }
 
+    /// The entry a write of `value` under `key` stores in the shared store,
+    /// and its TTL, as [`set`](Self::set) prepares it; `None` when the expiry
+    /// policy keeps the value out of the cache. Write-behind's script stores
+    /// it along with its enqueue.
+    #[cfg(feature = "write-behind")]
+    pub(crate) fn stored_entry(
+        &self,
+        key: &K,
+        skey: &StoreKey,
+        value: &V,
+    ) -> Result<Option<(crate::store::Entry, Duration)>, Error> {
+        self.inner.stored_entry(key, skey, value)
+    }
+
+    /// The cache's [`version_by`](crate::CacheBuilder::version_by) function.
+    #[cfg(feature = "write-behind")]
+    pub(crate) fn version_fn(&self) -> Option<&VersionFn<V>> {
+        self.inner.s.version_of.as_ref()
+    }
+
+    /// The cache's codec.
+    #[cfg(feature = "write-behind")]
+    pub(crate) fn codec(&self) -> &Arc<dyn crate::Codec<V>> {
+        &self.inner.s.codec
+    }
+
     /// The cache's Bloom filter, when built with [`bloom`](crate::CacheBuilder::bloom):
     /// insert new keys into it and rebuild it from the source.
     pub fn bloom(&self) -> Option<&BloomFilter> {

@@ -42,7 +42,8 @@ fn script(body: &str) -> Script {
 ///
 /// `KEYS[1]` the entry, `KEYS[2]` its lease, `KEYS[3]` the stream, `KEYS[4]`
 /// (grouped keys only) the group's generation. `ARGV[1]` the entry (envelope and
-/// codec bytes), `ARGV[2]` its TTL in ms, `ARGV[3]` the backlog bound,
+/// codec bytes), `ARGV[2]` its TTL in ms (0: the cache's expiry policy keeps
+/// the value out of the cache), `ARGV[3]` the backlog bound,
 /// `ARGV[4]` the version in decimal, `ARGV[5]` the cache's invalidation bus
 /// channel.
 ///
@@ -52,7 +53,7 @@ fn script(body: &str) -> Script {
 ///    the store's `SET` does.
 /// 3. If the entry there now is current and has a version at least as new,
 ///    nothing is written: returns `{2, its version}` (8 bytes).
-/// 4. Otherwise `SET entry … PX ttl`, `DEL lease` (a load that took the lease
+/// 4. Otherwise `SET entry … PX ttl` (`DEL entry` for a TTL of 0), `DEL lease` (a load that took the lease
 ///    before this write cannot fill over it), and `XADD` of
 ///    `{key, version, value}` (`value`: the codec bytes, without the envelope
 ///    and its trailing 4-byte checksum),
@@ -75,8 +76,12 @@ if current and current ~= UNVERSIONED and (not stamp or string.sub(old, 23, 30) 
    and not older(current, string.sub(entry, 11, 18)) then
   return {2, current}
 end
-redis.call('SET', KEYS[1], entry, 'PX', ARGV[2])
-redis.call('DEL', KEYS[2])
+if ARGV[2] == '0' then
+  redis.call('DEL', KEYS[1], KEYS[2])
+else
+  redis.call('SET', KEYS[1], entry, 'PX', ARGV[2])
+  redis.call('DEL', KEYS[2])
+end
 local id = redis.call('XADD', KEYS[3], '*', 'key', KEYS[1], 'version', ARGV[4],
   'value', string.sub(entry, 31, -5))
 redis.call('PUBLISH', ARGV[5], 'k ' .. KEYS[1])

@@ -1,12 +1,12 @@
 //! `wait_replicas`: each write is followed by `WAIT` on the same connection;
 //! too few replicas is reported, with the write queued all the same.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
+use cachet::write_behind::{Error, WriteOutcome};
 use cachet_testkit::RedisServer;
-use cachet_writebehind::{Error, WriteOutcome};
 use support::{Fx, Item, eventually};
 
 #[tokio::test]

@@ -2,12 +2,12 @@
 //! server's settings, warned about, and an ACL that forbids `CONFIG` does not
 //! stop anything.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 
+use cachet::write_behind::Durability;
 use cachet_testkit::{RedisServer, RedisServerOptions};
-use cachet_writebehind::Durability;
 use support::{Item, builder, cache, store};
 
 /// Collects what `tracing` writes.
@@ -40,7 +40,7 @@ async fn check(url: &str) -> (Durability, String) {
             move || c.clone()
         })
         .with_ansi(false)
-        .with_env_filter("cachet_writebehind=warn")
+        .with_env_filter("cachet::write_behind=warn")
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
     let store = store(url).await;

@@ -7,15 +7,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cachet::{BoxError, CacheKey, StoreKey};
+use crate::{BoxError, CacheKey, StoreKey};
 use cachet_core::retry::{Backoff, Clipped};
 use cachet_core::ttl_millis;
 use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
-use crate::write::unexpected;
-use crate::{Error, WriteBehind, scripts};
+use super::write::unexpected;
+use super::{Error, WriteBehind, scripts};
 
 /// First pause after a failed round; it doubles up to the configured maximum.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -73,7 +73,7 @@ impl<K, V> Write<K, V> {
 ///
 /// ```
 /// use cachet::BoxError;
-/// use cachet_writebehind::{Sink, Write};
+/// use cachet::write_behind::{Sink, Write};
 ///
 /// struct Log;
 ///
@@ -352,7 +352,7 @@ where
 }
 
 /// Applies the writes of a [`WriteBehind`] stream to a [`Sink`], at least
-/// once, in batches coalesced per key. See the [crate docs](crate#flushing).
+/// once, in batches coalesced per key. See the [module docs](crate::write_behind#flushing).
 ///
 /// Cloning is cheap; clones share the connection and the counters.
 pub struct Flusher<K: ?Sized, V, S> {

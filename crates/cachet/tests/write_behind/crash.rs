@@ -17,20 +17,20 @@
 //! back, the batch is claimed again), or committed but not acknowledged (the
 //! batch is applied again, changing nothing).
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use cachet::write_behind::{Durability, Sink, Write, WriteOutcome};
 use cachet_testkit::{TestChild, child_args};
-use cachet_writebehind::{Durability, Sink, Write, WriteOutcome};
 use rand::{Rng as _, SeedableRng as _};
 use support::{Fx, Item, PgSink, Running, eventually, rows, sink_stats};
 
 /// The ignored test that is the children's entry point.
-const ENTRY: &str = "flusher_child";
+const ENTRY: &str = "crash::flusher_child";
 /// The line a child prints once its flusher is connected.
 const READY: &str = "CACHET_WRITEBEHIND_CHILD_READY";
 /// How long a child flushes before giving up by itself if nobody kills it.

@@ -2,14 +2,14 @@
 //! stream; writes of one key coalesce; the sink is idempotent; the cache stays
 //! in line with the flushed versions.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
 use cachet::{Cache, Store};
 
 use cachet::store::{AcquireMode, Entry, Fill};
-use cachet_writebehind::{Error, Sink, Write, WriteBehind, WriteOutcome};
+use cachet::write_behind::{Error, Sink, Write, WriteBehind, WriteOutcome};
 use support::{Fx, Item, PgSink, Running, eventually, rows, sink_stats};
 
 #[tokio::test]
@@ -295,14 +295,21 @@ async fn idle_consumers_without_pending_entries_are_pruned() {
 async fn misconfigurations_are_refused_with_a_clear_error() {
     let fx = Fx::new().await;
     let cache = fx.cache();
-    let e = WriteBehind::builder(fx.store.clone(), &cache)
+    let unversioned: Cache<u64, Item> = Cache::builder("unversioned")
+        .store(fx.store.clone())
+        .build()
+        .unwrap();
+    let e = WriteBehind::builder(fx.store.clone(), &unversioned)
         .build()
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Config(_)), "{e:?}");
     assert!(e.to_string().contains("version_by"), "{e}");
 
-    let in_process: Cache<u64, Item> = Cache::builder("local").build().unwrap();
+    let in_process: Cache<u64, Item> = Cache::builder("local")
+        .version_by(|i: &Item| i.version)
+        .build()
+        .unwrap();
     let e = support::builder(fx.store.clone(), &in_process)
         .build()
         .await
@@ -345,10 +352,10 @@ async fn a_key_type_that_does_not_decode_is_refused_at_write_time() {
     let fx = Fx::new().await;
     let cache: Cache<Opaque, Item> = Cache::builder("opaque")
         .store(fx.store.clone())
+        .version_by(|i: &Item| i.version)
         .build()
         .unwrap();
     let wb = WriteBehind::builder(fx.store.clone(), &cache)
-        .version_by(|i: &Item| i.version)
         .build()
         .await
         .unwrap();
@@ -424,4 +431,103 @@ async fn near_caches_elsewhere_drop_what_write_behind_replaces() {
         || async { elsewhere.get(&2).await.unwrap().is_none() },
     )
     .await;
+}
+
+/// A cache with stale-while-revalidate: entries live past their fresh life.
+fn swr_cache(fx: &Fx, namespace: &str) -> Cache<u64, Item> {
+    Cache::builder(namespace)
+        .store(fx.store.clone())
+        .ttl(Duration::from_secs(100))
+        .jitter(0.0)
+        .stale_while_revalidate(Duration::from_secs(50))
+        .version_by(|i: &Item| i.version)
+        .build()
+        .unwrap()
+}
+
+/// Entries written behind are the cache's own, as `set` writes them: the
+/// expiry policy's TTL and soft expiry (so stale-while-revalidate and
+/// fail-safe treat them like any other entry), the version, the codec.
+#[tokio::test]
+async fn entries_written_behind_are_written_as_set_writes_them() {
+    let fx = Fx::new().await;
+    let cache = swr_cache(&fx, "swr");
+    let wb = WriteBehind::builder(fx.store.clone(), &cache)
+        .build()
+        .await
+        .unwrap();
+    let before_ms = now_ms();
+    let queued = wb.write_behind(&1, Item::new(7, "behind")).await.unwrap();
+    assert!(matches!(queued, WriteOutcome::Queued { .. }), "{queued:?}");
+    cache.set(&2, Item::new(7, "set")).await.unwrap();
+
+    for key in [1u64, 2] {
+        let skey = cache.store_key(&key);
+        let pttl: u64 = fx.redis.command(&["PTTL", skey.as_str()]).parse().unwrap();
+        // Fresh for 100 s, kept 50 s more to be served stale.
+        assert!(
+            (100_001..=150_000).contains(&pttl),
+            "key {key}: PTTL {pttl}"
+        );
+        let cachet::store::Read::Hit(entry) = fx.store.get(&skey).await.unwrap() else {
+            panic!("key {key}: no entry");
+        };
+        let soft = entry.meta.soft_expiry_ms;
+        assert!(
+            (before_ms + 99_000..=now_ms() + 100_000).contains(&soft),
+            "key {key}: soft expiry {soft}, written at {before_ms}"
+        );
+        assert_eq!(entry.meta.version, 7, "key {key}");
+    }
+    assert_eq!(cache.get(&1).await.unwrap(), Some(Item::new(7, "behind")));
+}
+
+/// Keeps values whose text is "skip" out of the cache.
+struct SkipPolicy;
+
+impl cachet::Expiry<u64, Item> for SkipPolicy {
+    fn fresh_for(&self, _: &u64, value: Option<&Item>) -> Option<Duration> {
+        match value {
+            Some(item) if item.value == "skip" => None,
+            _ => Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// A value the cache's expiry policy keeps out of the cache is still queued
+/// (and reaches the sink), and the key's old entry goes, as `set` does.
+#[tokio::test]
+async fn a_value_the_policy_does_not_cache_is_queued_and_its_old_entry_deleted() {
+    let fx = Fx::new().await;
+    let cache: Cache<u64, Item> = Cache::builder(support::NS)
+        .store(fx.store.clone())
+        .expiry(SkipPolicy)
+        .version_by(|i: &Item| i.version)
+        .build()
+        .unwrap();
+    let wb = WriteBehind::builder(fx.store.clone(), &cache)
+        .build()
+        .await
+        .unwrap();
+    let first = wb.write_behind(&1, Item::new(1, "kept")).await.unwrap();
+    assert!(matches!(first, WriteOutcome::Queued { .. }), "{first:?}");
+    assert_eq!(cache.get(&1).await.unwrap(), Some(Item::new(1, "kept")));
+
+    let second = wb.write_behind(&1, Item::new(2, "skip")).await.unwrap();
+    assert!(matches!(second, WriteOutcome::Queued { .. }), "{second:?}");
+    let skey = cache.store_key(&1);
+    assert_eq!(fx.redis.command(&["EXISTS", skey.as_str()]), "0");
+    assert_eq!(wb.backlog().await.unwrap(), 2);
+
+    let flusher = fx.flusher(&wb, fx.sink(), |f| f).await;
+    assert_eq!(flusher.flush_once().await.unwrap(), 2);
+    assert_eq!(
+        rows(&fx.pool).await.get(&1).cloned(),
+        Some((2, "skip".to_owned()))
+    );
+}
+
+fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    u64::try_from(since.unwrap().as_millis()).unwrap()
 }

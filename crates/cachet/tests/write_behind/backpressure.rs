@@ -1,11 +1,11 @@
 //! The backlog bound: a write beyond it is refused with a clear error, or
 //! waits for a flusher to make room; nothing is ever trimmed.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
-use cachet_writebehind::{Error, OnFull};
+use cachet::write_behind::{Error, OnFull};
 use support::{Fx, Item, rows};
 
 #[tokio::test]

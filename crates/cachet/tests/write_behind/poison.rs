@@ -2,14 +2,14 @@
 //! `max_attempts` deliveries, without holding back the others; transient
 //! failures never do; malformed entries go at once; dead letters replay.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use cachet::BoxError;
-use cachet_writebehind::{Sink, Write};
+use cachet::write_behind::{Sink, Write};
 use support::{Fx, Item, PgSink, Running, eventually, rows};
 
 /// Refuses every batch holding key 13 while `refuse` is set.

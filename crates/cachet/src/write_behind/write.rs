@@ -1,21 +1,19 @@
 //! [`WriteBehind`]: writes acknowledged once queued in Redis.
 
 use std::fmt;
-use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cachet::codec::Codec;
-use cachet::store::{Meta, PayloadKind, envelope};
-use cachet::{Cache, CacheKey, Postcard, RedisStore};
+use crate::codec::Codec;
+use crate::store::{Entry, Meta, Payload, PayloadKind, envelope};
+use crate::{Cache, CacheKey, RedisStore};
 use cachet_core::ttl_millis;
-use rand::Rng as _;
 use redis::{ScriptInvocation, ServerErrorKind, Value};
 use tokio::time::Instant;
 
-use crate::durability::{self, Durability};
-use crate::flusher::FlusherBuilder;
-use crate::{Error, scripts};
+use super::durability::{self, Durability};
+use super::flusher::FlusherBuilder;
+use super::{Error, scripts};
 
 /// First pause of a write waiting for room ([`OnFull::Block`]); it doubles up
 /// to [`MAX_FULL_PAUSE`].
@@ -57,13 +55,10 @@ pub enum WriteOutcome {
     },
 }
 
-/// A value's version in the source of truth.
-type VersionFn<V> = Arc<dyn Fn(&V) -> u64 + Send + Sync>;
-
 /// Write-behind over a [`Cache`] on Redis: writes are acknowledged once the
 /// cache entry is written and the write durably queued in a Redis stream; a
-/// [`Flusher`](crate::Flusher) applies them to the source of truth later. See
-/// the [crate docs](crate).
+/// [`Flusher`](crate::write_behind::Flusher) applies them to the source of truth later. See
+/// the [module docs](crate::write_behind).
 ///
 /// Cloning is cheap; clones share everything.
 pub struct WriteBehind<K: ?Sized, V> {
@@ -74,13 +69,10 @@ pub(crate) struct Shared<K: ?Sized, V> {
     pub(crate) cache: Cache<K, V>,
     pub(crate) store: RedisStore,
     pub(crate) codec: Arc<dyn Codec<V>>,
-    version_of: VersionFn<V>,
     pub(crate) stream: String,
     pub(crate) dead: String,
     /// The cache's invalidation bus channel (see `cachet-redis`).
     pub(crate) bus: String,
-    ttl: Duration,
-    jitter: f64,
     max_backlog: u64,
     on_full: OnFull,
     wait_replicas: Option<(usize, Duration)>,
@@ -102,8 +94,6 @@ impl<K: ?Sized, V> fmt::Debug for WriteBehind<K, V> {
             .field("stream", &s.stream)
             .field("store", &s.store)
             .field("codec", &s.codec)
-            .field("ttl", &s.ttl)
-            .field("jitter", &s.jitter)
             .field("max_backlog", &s.max_backlog)
             .field("on_full", &s.on_full)
             .field("wait_replicas", &s.wait_replicas)
@@ -114,41 +104,33 @@ impl<K: ?Sized, V> fmt::Debug for WriteBehind<K, V> {
 
 /// Configures a [`WriteBehind`]. Start with [`WriteBehind::builder`].
 ///
+/// The entries it writes are the cache's: TTL (jitter included) and soft
+/// expiry from its [expiry policy](crate::CacheBuilder::expiry), versions from
+/// its [`version_by`](crate::CacheBuilder::version_by) (required), bytes from
+/// its codec, as [`Cache::set`] writes them.
+///
 /// | setting | default | meaning |
 /// |---|---|---|
-/// | [`version_by`](Self::version_by) | required | a value's version in the source of truth, as the cache's |
-/// | [`ttl`](Self::ttl) | 60 s | the entry's TTL: give the cache's |
-/// | [`jitter`](Self::jitter) | 0.1 | TTLs drawn from `ttl × (1 ± jitter)`: give the cache's |
-/// | [`codec`](Self::codec) | [`Postcard`] | how values become bytes: give the cache's |
 /// | [`stream_name`](Self::stream_name) | `wb` | the stream is `{prefix}{namespace}:sys:{name}` |
 /// | [`max_backlog`](Self::max_backlog) | 100 000 | most unflushed writes in the stream |
 /// | [`on_full`](Self::on_full) | [`OnFull::Error`] | refuse or wait when the backlog is full |
 /// | [`wait_replicas`](Self::wait_replicas) | none | `WAIT` for replicas after each write |
 #[must_use = "a builder does nothing until .build() is called"]
-pub struct WriteBehindBuilder<K: ?Sized, V, C = Postcard> {
+pub struct WriteBehindBuilder<K: ?Sized, V> {
     store: RedisStore,
     cache: Cache<K, V>,
-    codec: C,
-    version_of: Option<VersionFn<V>>,
     stream_name: String,
-    ttl: Duration,
-    jitter: f64,
     max_backlog: u64,
     on_full: OnFull,
     wait_replicas: Option<(usize, Duration)>,
-    _types: PhantomData<fn(&K) -> V>,
 }
 
-impl<K: ?Sized, V, C: fmt::Debug> fmt::Debug for WriteBehindBuilder<K, V, C> {
+impl<K: ?Sized, V> fmt::Debug for WriteBehindBuilder<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WriteBehindBuilder")
             .field("store", &self.store)
             .field("cache", &self.cache)
-            .field("codec", &self.codec)
-            .field("versioned", &self.version_of.is_some())
             .field("stream_name", &self.stream_name)
-            .field("ttl", &self.ttl)
-            .field("jitter", &self.jitter)
             .field("max_backlog", &self.max_backlog)
             .field("on_full", &self.on_full)
             .field("wait_replicas", &self.wait_replicas)
@@ -156,49 +138,7 @@ impl<K: ?Sized, V, C: fmt::Debug> fmt::Debug for WriteBehindBuilder<K, V, C> {
     }
 }
 
-impl<K: ?Sized, V, C> WriteBehindBuilder<K, V, C> {
-    /// The codec of values, which must be the cache's (default [`Postcard`]).
-    pub fn codec<C2>(self, codec: C2) -> WriteBehindBuilder<K, V, C2> {
-        WriteBehindBuilder {
-            store: self.store,
-            cache: self.cache,
-            codec,
-            version_of: self.version_of,
-            stream_name: self.stream_name,
-            ttl: self.ttl,
-            jitter: self.jitter,
-            max_backlog: self.max_backlog,
-            on_full: self.on_full,
-            wait_replicas: self.wait_replicas,
-            _types: PhantomData,
-        }
-    }
-
-    /// A value's version in the source of truth: the cache's
-    /// [`version_by`](cachet::CacheBuilder::version_by) function. Required.
-    ///
-    /// Each write of a key must carry a higher version than the last: the
-    /// version decides which write of a key wins in the cache, in a flushed
-    /// batch and in the sink.
-    pub fn version_by(mut self, version: impl Fn(&V) -> u64 + Send + Sync + 'static) -> Self {
-        self.version_of = Some(Arc::new(version));
-        self
-    }
-
-    /// The TTL of the entries written (default 60 s, the cache's default):
-    /// give the cache's [`ttl`](cachet::CacheBuilder::ttl).
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
-
-    /// TTL jitter (default 0.1, the cache's default): give the cache's
-    /// [`jitter`](cachet::CacheBuilder::jitter).
-    pub fn jitter(mut self, spread: f64) -> Self {
-        self.jitter = spread;
-        self
-    }
-
+impl<K: ?Sized, V> WriteBehindBuilder<K, V> {
     /// The stream's name within the cache's keys (default `wb`): the stream is
     /// `{prefix}{namespace}:sys:{name}`, its dead-letter stream
     /// `{prefix}{namespace}:sys:{name}:dead`. 1 to 64 characters from
@@ -236,11 +176,10 @@ impl<K: ?Sized, V, C> WriteBehindBuilder<K, V, C> {
     }
 }
 
-impl<K, V, C> WriteBehindBuilder<K, V, C>
+impl<K, V> WriteBehindBuilder<K, V>
 where
     K: CacheKey + ?Sized + Sync + 'static,
     V: Clone + Send + Sync + 'static,
-    C: Codec<V>,
 {
     /// Validates the settings, reads the server's persistence settings and
     /// logs what a crash could lose (see [`Durability`]), and builds.
@@ -252,12 +191,12 @@ where
     pub async fn build(self) -> Result<WriteBehind<K, V>, Error> {
         let cache = self.cache;
         let ns = cache.namespace();
-        let Some(version_of) = self.version_of else {
+        if cache.version_fn().is_none() {
             return Err(Error::Config(format!(
-                "cache `{ns}`: write-behind needs version_by (the cache's version function): \
-                 versions order the writes of a key"
+                "cache `{ns}`: write-behind needs a cache built with version_by: versions order \
+                 the writes of a key"
             )));
-        };
+        }
         if cache.store().payload_kind() != PayloadKind::Bytes {
             return Err(Error::Config(format!(
                 "cache `{ns}` keeps its values in process; write-behind needs the cache on the \
@@ -270,7 +209,7 @@ where
                  write updates the entry and the stream, in different slots, in one script)"
             )));
         }
-        if !self.codec.can_encode() {
+        if !cache.codec().can_encode() {
             return Err(Error::Config(format!(
                 "cache `{ns}`: write-behind needs a codec that encodes, not NoCodec"
             )));
@@ -286,15 +225,6 @@ where
                 "invalid stream name {name:?}: use 1 to {MAX_NAME} characters from [A-Za-z0-9_.:-]"
             )));
         }
-        if self.ttl.is_zero() {
-            return Err(Error::Config("ttl must be positive".into()));
-        }
-        if !(0.0..1.0).contains(&self.jitter) {
-            return Err(Error::Config(format!(
-                "jitter must be in [0, 1), got {}",
-                self.jitter
-            )));
-        }
         let stream = cache.layout().sys_key(name);
         let bus = cache.layout().sys_key("bus");
         let config = durability::read_config(&mut self.store.connection()).await;
@@ -305,10 +235,7 @@ where
                 stream,
                 bus,
                 store: self.store,
-                codec: Arc::new(self.codec),
-                version_of,
-                ttl: self.ttl,
-                jitter: self.jitter,
+                codec: Arc::clone(cache.codec()),
                 max_backlog: self.max_backlog,
                 on_full: self.on_full,
                 wait_replicas: self.wait_replicas,
@@ -334,22 +261,17 @@ where
     /// A builder for write-behind on `cache`, whose store must be `store` (a
     /// single Redis node). The stream lives among the cache's keys.
     ///
-    /// `cache` gives the key layout (groups included) and the Bloom filter; its
-    /// TTL, jitter, codec and version function are not readable from a
-    /// [`Cache`], so give them to the builder again.
+    /// `cache` gives everything about the entries: the key layout (groups
+    /// included), the expiry policy, the versions, the codec and the Bloom
+    /// filter.
     pub fn builder(store: RedisStore, cache: &Cache<K, V>) -> WriteBehindBuilder<K, V> {
         WriteBehindBuilder {
             store,
             cache: cache.clone(),
-            codec: Postcard,
-            version_of: None,
             stream_name: "wb".to_owned(),
-            ttl: Duration::from_secs(60),
-            jitter: 0.1,
             max_backlog: 100_000,
             on_full: OnFull::Error,
             wait_replicas: None,
-            _types: PhantomData,
         }
     }
 
@@ -400,16 +322,35 @@ where
                 .await
                 .map_err(|e| value_error("adding to the Bloom filter", Box::new(e)))?;
         }
-        let version = (s.version_of)(&value);
-        let mut payload = Vec::new();
-        s.codec
-            .encode(&value, &mut payload)
-            .map_err(|e| value_error("encoding", e))?;
-        let meta = Meta {
-            version,
-            ..Meta::default()
+        let version = s.cache.version_fn().map_or(0, |f| f(&value));
+        // The entry as `set` stores it. A value the expiry policy keeps out of
+        // the cache is queued all the same, with a TTL of 0: the script then
+        // deletes the entry instead of writing it.
+        let (entry, ttl) = match s.cache.stored_entry(key, &skey, &value) {
+            Ok(Some((
+                Entry {
+                    meta,
+                    payload: Payload::Bytes(bytes),
+                },
+                ttl,
+            ))) => (envelope::encode(&meta, &bytes), ttl_millis(ttl).max(1)),
+            Ok(Some(_)) => {
+                return Err(value_error(
+                    "encoding",
+                    "the cache's store keeps objects, not bytes".into(),
+                ));
+            }
+            Ok(None) => {
+                let mut payload = Vec::new();
+                (s.codec.encode(&value, &mut payload)).map_err(|e| value_error("encoding", e))?;
+                let meta = Meta {
+                    version,
+                    ..Meta::default()
+                };
+                (envelope::encode(&meta, &payload), 0)
+            }
+            Err(e) => return Err(value_error("encoding", Box::new(e))),
         };
-        let entry = envelope::encode(&meta, &payload);
         let lease = skey.lease_key();
         let group = skey.group_key();
         let mut invocation = scripts::WRITE.key(skey.as_str());
@@ -419,7 +360,7 @@ where
         }
         invocation
             .arg(entry)
-            .arg(ttl_millis(self.jittered_ttl()))
+            .arg(ttl)
             .arg(s.max_backlog)
             .arg(version)
             .arg(&s.bus);
@@ -516,15 +457,6 @@ where
         ))
     }
 
-    fn jittered_ttl(&self) -> Duration {
-        let s = &*self.inner;
-        if s.jitter == 0.0 {
-            return s.ttl;
-        }
-        s.ttl
-            .mul_f64(rand::rng().random_range((1.0 - s.jitter)..=(1.0 + s.jitter)))
-    }
-
     /// What a crash of the Redis server can lose of the acknowledged writes,
     /// as read from its configuration when this was built.
     pub fn durability(&self) -> &Durability {
@@ -595,7 +527,7 @@ where
             .map_err(Error::redis(&s.stream, "replaying dead letters", None))
     }
 
-    /// A builder for a [`Flusher`](crate::Flusher) of this write-behind's
+    /// A builder for a [`Flusher`](crate::write_behind::Flusher) of this write-behind's
     /// stream that applies writes with `sink`.
     pub fn flusher<S>(&self, sink: S) -> FlusherBuilder<K, V, S> {
         FlusherBuilder::new(self.clone(), sink)

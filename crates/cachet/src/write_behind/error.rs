@@ -3,10 +3,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use cachet::BoxError;
+use crate::BoxError;
 
-/// An error from a [`WriteBehind`](crate::WriteBehind) or a
-/// [`Flusher`](crate::Flusher).
+/// An error from a [`WriteBehind`](crate::write_behind::WriteBehind) or a
+/// [`Flusher`](crate::write_behind::Flusher).
 ///
 /// Every message names the stream and, for a write, the key (escaped as in
 /// store keys); [`source`] gives the cause where there is one, which the
@@ -31,7 +31,7 @@ pub enum Error {
         backlog: u64,
         /// The configured bound.
         max_backlog: u64,
-        /// How long the write waited for room ([`OnFull::Block`](crate::OnFull::Block)).
+        /// How long the write waited for room ([`OnFull::Block`](crate::write_behind::OnFull::Block)).
         waited: Option<Duration>,
     },
     /// The write is queued and acknowledged by the primary, but fewer replicas
@@ -83,7 +83,7 @@ pub enum Error {
     },
     /// The key cannot be read back from its store key, so a flusher could not
     /// hand it to the sink: the key type's
-    /// [`CacheKey::decode_key`](cachet::CacheKey::decode_key) returns `None`.
+    /// [`CacheKey::decode_key`](crate::CacheKey::decode_key) returns `None`.
     #[error(
         "write-behind stream {stream}: key {key} cannot be read back from its store key; \
          implement CacheKey::decode_key for the key type"

@@ -7,9 +7,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use cachet::write_behind::{Flusher, FlusherBuilder, Sink, Write, WriteBehind, WriteBehindBuilder};
 use cachet::{BoxError, Cache, RedisStore};
 use cachet_testkit::{PgDatabase, RedisServer, RedisServerOptions};
-use cachet_writebehind::{Flusher, FlusherBuilder, Sink, Write, WriteBehind, WriteBehindBuilder};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 /// The cached value: a row of `items`.
@@ -137,8 +137,6 @@ pub fn cache(store: RedisStore) -> Cache<u64, Item> {
 /// The write-behind builder matching [`cache`].
 pub fn builder(store: RedisStore, cache: &Cache<u64, Item>) -> WriteBehindBuilder<u64, Item> {
     WriteBehind::builder(store, cache)
-        .ttl(TTL)
-        .version_by(|i: &Item| i.version)
 }
 
 /// Short idle times and backoffs, for tests.

@@ -6,14 +6,14 @@ use std::fmt;
 
 use redis::aio::ConnectionLike;
 
-/// How much of what [`write_behind`](crate::WriteBehind::write_behind)
+/// How much of what [`write_behind`](crate::write_behind::WriteBehind::write_behind)
 /// acknowledged a crash of the Redis server (process or machine) can lose,
 /// judging by its persistence settings (`appendonly`, `appendfsync`,
 /// `no-appendfsync-on-rewrite`).
 ///
 /// A write is acknowledged when the script that queued it returns, so what
 /// matters is whether Redis had it on disk by then. This is about one server;
-/// with replicas, [`wait_replicas`](crate::WriteBehindBuilder::wait_replicas)
+/// with replicas, [`wait_replicas`](crate::write_behind::WriteBehindBuilder::wait_replicas)
 /// makes a write survive the loss of the primary when a replica that
 /// acknowledged it takes over.
 #[derive(Clone, Debug, PartialEq, Eq)]

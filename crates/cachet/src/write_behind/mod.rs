@@ -18,8 +18,8 @@
 //!
 //! | strategy | call | write latency | the source of truth | the cache | a write is lost when |
 //! |---|---|---|---|---|---|
-//! | delete-on-write | your `UPDATE … COMMIT`, then [`Cache::invalidate`](cachet::Cache::invalidate) | the commit + one `DEL` | written before the call returns | entry deleted; the next read loads | never (the `DEL` can be: the TTL bounds the staleness, the outbox closes it) |
-//! | write-through | [`Cache::write_through`](cachet::Cache::write_through) | the commit + one `EVALSHA` | written before the call returns | new value, version-checked | never |
+//! | delete-on-write | your `UPDATE … COMMIT`, then [`Cache::invalidate`](crate::Cache::invalidate) | the commit + one `DEL` | written before the call returns | entry deleted; the next read loads | never (the `DEL` can be: the TTL bounds the staleness, the outbox closes it) |
+//! | write-through | [`Cache::write_through`](crate::Cache::write_through) | the commit + one `EVALSHA` | written before the call returns | new value, version-checked | never |
 //! | write-behind | [`WriteBehind::write_behind`] | one `EVALSHA` (+ a `WAIT`) | written later by a [`Flusher`], batched | new value at once | Redis loses it: see [durability](#durability-what-a-redis-crash-can-take) |
 //!
 //! - **Delete-on-write** is the default: simplest, the database is always
@@ -42,7 +42,7 @@
 //! use std::time::Duration;
 //!
 //! use cachet::{BoxError, Cache, RedisStore};
-//! use cachet_writebehind::{OnFull, Sink, Write, WriteBehind, WriteOutcome};
+//! use cachet::write_behind::{OnFull, Sink, Write, WriteBehind, WriteOutcome};
 //!
 //! #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 //! struct Counter { version: u64, hits: u64 }
@@ -66,10 +66,8 @@
 //!     .version_by(|c: &Counter| c.version)
 //!     .build()?;
 //!
-//! // The cache's TTL and version function, again: a Cache does not expose them.
+//! // Entries are written as the cache writes them: its TTL, versions, codec.
 //! let wb = WriteBehind::builder(store, &counters)
-//!     .ttl(Duration::from_secs(600))
-//!     .version_by(|c: &Counter| c.version)
 //!     .max_backlog(100_000)
 //!     .on_full(OnFull::Block { timeout: Duration::from_millis(200) })
 //!     .build()
@@ -115,7 +113,10 @@
 //! key, the acknowledged write with the highest version.
 //!
 //! In the cache, the entry is written in the same atomic step as the enqueue,
-//! as [`Cache::set`](cachet::Cache::set) would write it, and the key's lease is
+//! exactly as [`Cache::set`](crate::Cache::set) writes it (the same routine
+//! prepares it: the cache's expiry policy gives its TTL, jitter and soft
+//! expiry, its `version_by` the version, its codec the bytes; a value the
+//! policy keeps out of the cache is queued and its old entry deleted), and the key's lease is
 //! revoked, so a load that read the old row cannot fill over it; like the
 //! store's own writes, the step publishes a notice on the cache's invalidation
 //! bus, so near caches (L1) in every process drop the old value. After a batch
@@ -200,7 +201,7 @@
 //! it.
 //!
 //! An entry that does not decode (another codec, a key type that does not
-//! [decode](cachet::CacheKey::decode_key)) is dead-lettered at once. Failures
+//! [decode](crate::CacheKey::decode_key)) is dead-lettered at once. Failures
 //! that [`Sink::is_transient`] calls transient (a lost connection) do not count
 //! as attempts (their delivery counts are set back with `XCLAIM … RETRYCOUNT`),
 //! so an outage of the source of truth sends nothing to the dead-letter
@@ -249,11 +250,6 @@
 //!   that reads the database directly sees the old row, and if the cache entry
 //!   expires (or is evicted) before the flush, a cache miss loads the old row
 //!   too, until the flush deletes it. Keep the TTL well above the flush lag.
-//! - **Settings given twice.** A [`Cache`](cachet::Cache) does not expose its TTL, jitter,
-//!   codec or version function, so the builder takes them again; they must
-//!   match the cache's. Entries written here carry no soft expiry: a cache
-//!   with stale-while-revalidate or fail-safe treats them as fresh until
-//!   their TTL.
 //! - The write revokes the key's lease in Redis, which stops fills of loads in
 //!   other processes, but a load in progress in *this* process may still
 //!   return the old value to its callers (it cannot cache it).
