@@ -3,7 +3,9 @@
 //! The read path is written once, as named stages (`read.rs`: lookup → plan →
 //! admission → coalesce → load and fill, the loads in tasks of their own in
 //! `load.rs`); `get`, `peek` and `get_or_load` share its lookup. Writes go
-//! through one routine, `Cache::write`. The primitives in `inner.rs` are the
+//! through one routine, `Cache::write`, whose entry for a shared store
+//! (`Inner::stored_entry`: policy, version, codec) write-behind's script
+//! writes too. The primitives in `inner.rs` are the
 //! only code that knows whether the store is the cache's typed in-process table
 //! or a [`Store`] reached through the protocol; `fresh.rs` decides what is
 //! fresh or stale.
