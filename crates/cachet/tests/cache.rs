@@ -466,6 +466,51 @@ async fn two_connections_share_one_load(fx: Fx) {
     assert_eq!((s.lease_waits, s.lease_wait_timeouts, s.loads), (1, 0, 0));
 }
 
+/// A waiter that runs out of acquire rounds before its `lease_wait` deadline
+/// gives up on the lease like one that reaches the deadline, and says so in
+/// `lease_wait_timeouts`.
+#[tokio::test(start_paused = true)]
+async fn a_wait_out_of_rounds_counts_as_a_lease_wait_timeout() {
+    let fx = Fx::memory();
+    let Fx::Memory { store, .. } = &fx else {
+        unreachable!()
+    };
+    let a: Cache<u64, User> = fx.builder("users").build().unwrap();
+    let b: Cache<u64, User> = Cache::builder("users")
+        .memory(store.clone())
+        .lease_wait(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let (a_loading, release) = (Gate::default(), Gate::default());
+    let holder = {
+        let (a, a_loading, release) = (a.clone(), a_loading.clone(), release.clone());
+        tokio::spawn(async move {
+            a.get_or_load(&5, move || async move {
+                a_loading.open();
+                release.wait().await;
+                Res::Ok(Some(user(5, "a")))
+            })
+            .await
+        })
+    };
+    a_loading.wait().await;
+    // The mock clock stands still, so `a`'s lease never expires: `b` polls
+    // until its rounds run out, long before its hour of lease_wait.
+    let got = b
+        .get_or_load(&5, || async { Res::Ok(Some(user(5, "b"))) })
+        .await
+        .unwrap();
+    assert_eq!(got, Some(user(5, "b")));
+    let s = b.stats();
+    assert_eq!(
+        (s.lease_waits, s.lease_wait_timeouts, s.loads),
+        (1, 1, 1),
+        "{s:?}"
+    );
+    release.open();
+    assert_eq!(holder.await.unwrap().unwrap(), Some(user(5, "a")));
+}
+
 #[tokio::test]
 async fn loader_slower_than_its_lease_is_refused() {
     let fx = Fx::memory();

@@ -288,8 +288,6 @@ typed_conformance!(
     entries_expire_after_their_ttl,
     concurrent_loads_of_one_key_run_one_loader,
     capability_groups,
-    #[ignore = "bug: a fill refused after invalidate_group keeps its lease, so the \
-                next load of the key waits on it and is not cached until lease_ttl"]
     capability_groups_a_refused_fill_leaves_no_lease,
     capability_versioned_set,
     capability_deferred_queue,

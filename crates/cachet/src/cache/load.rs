@@ -228,6 +228,10 @@ where
                 }
             }
         }
+        if waited {
+            // Out of rounds before the deadline: as much a wait that gave up.
+            self.counters.lease_wait_timeouts.inc();
+        }
         self.load_unfilled(skey, hard_timeout, loader).await
     }
 
@@ -317,7 +321,13 @@ where
         };
         match self.fill(key, skey, &token, meta, &value, ttl).await {
             Ok(Fill::Filled) => {}
-            Ok(Fill::Refused) => self.counters.refused_fills.inc(),
+            Ok(Fill::Refused) => {
+                self.counters.refused_fills.inc();
+                // A lease revoked by a write is gone already (the release is
+                // a no-op), but a fill refused because the key's group moved
+                // on leaves it in place: other loads would wait it out.
+                self.release(key, skey, &token).await;
+            }
             Err(()) => self.release(key, skey, &token).await,
         }
         Ok(value)
