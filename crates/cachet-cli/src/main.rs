@@ -10,6 +10,7 @@
 
 mod inspect;
 mod lab;
+mod metrics_server;
 mod stats;
 mod target;
 

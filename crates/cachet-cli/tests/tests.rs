@@ -9,6 +9,7 @@ mod durability;
 mod groups;
 mod inspect;
 mod lab;
+mod metrics;
 mod near_cache;
 mod outage;
 mod real_backends;

@@ -213,6 +213,11 @@ impl Breaker {
         self.pending_len.store(pending.len(), Ordering::Release);
     }
 
+    /// Whether the breaker is open (or half open: one caller probing).
+    pub(crate) fn is_open(&self) -> bool {
+        self.open_until.load(Ordering::Acquire) != 0
+    }
+
     /// Invalidations waiting for the store.
     pub(crate) fn pending(&self) -> usize {
         self.pending_len.load(Ordering::Acquire)

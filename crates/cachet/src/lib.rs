@@ -249,9 +249,13 @@
 //!
 //! # Metrics
 //!
-//! [`Cache::stats`] returns the counters; the same counters go to the
-//! [`metrics`](https://docs.rs/metrics) facade, labelled `cache = <namespace>`. See
-//! [`Stats`] for their meaning and the metric names.
+//! [`Cache::stats`] returns the counters (see [`Stats`] for their meaning).
+//! [`metrics::publish`] hands every cache's counters to the
+//! [`metrics`](https://docs.rs/metrics) facade's recorder, labelled
+//! `cache = <namespace>`: call it before each scrape, or run
+//! [`metrics::spawn_publisher`]. Loads, lease waits and store hits are timed
+//! into histograms as they happen. The [`metrics`](mod@metrics) module lists
+//! every name.
 #![deny(missing_docs)]
 
 pub mod bloom;
@@ -264,6 +268,7 @@ mod error;
 pub mod expiry;
 mod flight;
 mod memory;
+pub mod metrics;
 mod near;
 mod stats;
 

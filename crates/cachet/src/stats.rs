@@ -1,16 +1,6 @@
-//! Hit-rate counters: kept in the cache for [`Cache::stats`](crate::Cache::stats)
-//! and emitted through the [`metrics`] facade with a `cache` label.
-//!
-//! Metric names (all counters): `cachet_hits_total`, `cachet_negative_hits_total`,
-//! `cachet_misses_total`, `cachet_loads_total`, `cachet_load_errors_total`,
-//! `cachet_lease_waits_total`, `cachet_lease_wait_timeouts_total`,
-//! `cachet_refused_fills_total`, `cachet_decode_errors_total`,
-//! `cachet_store_errors_total`, `cachet_bloom_rejections_total`,
-//! `cachet_stale_hits_total`, `cachet_refreshes_total`,
-//! `cachet_fail_safe_serves_total`, `cachet_soft_timeouts_total`,
-//! `cachet_load_timeouts_total`, `cachet_coalesced_total`,
-//! `cachet_stale_writes_total`. Without a `metrics` recorder installed, emitting
-//! costs a branch.
+//! Hit-rate counters, kept in the cache for [`Cache::stats`](crate::Cache::stats)
+//! and published through the [`metrics`](crate::metrics) module (which lists
+//! the metric names).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,6 +22,8 @@ pub struct Stats {
     pub lease_waits: u64,
     /// Waits for another caller's lease that gave up and loaded without filling.
     pub lease_wait_timeouts: u64,
+    /// Loaded values written to the cache under their lease.
+    pub fills: u64,
     /// Fills refused because the lease was revoked or expired meanwhile.
     pub refused_fills: u64,
     /// Stored entries that did not decode (treated as misses and replaced).
@@ -77,11 +69,14 @@ pub struct Stats {
     pub dropped_invalidations: u64,
     /// Invalidations kept now, waiting for the store.
     pub pending_invalidations: u64,
+    /// Whether the circuit breaker is open now.
+    pub breaker_open: bool,
 }
 
 impl Stats {
     /// The counts between `earlier` and this snapshot (each counter's
-    /// difference; `pending_invalidations`, a level, is kept as it is now).
+    /// difference; `pending_invalidations` and `breaker_open`, levels, are kept
+    /// as they are now).
     #[must_use]
     pub fn since(&self, earlier: &Stats) -> Stats {
         let d = |now: u64, then: u64| now.saturating_sub(then);
@@ -93,6 +88,7 @@ impl Stats {
             load_errors: d(self.load_errors, earlier.load_errors),
             lease_waits: d(self.lease_waits, earlier.lease_waits),
             lease_wait_timeouts: d(self.lease_wait_timeouts, earlier.lease_wait_timeouts),
+            fills: d(self.fills, earlier.fills),
             refused_fills: d(self.refused_fills, earlier.refused_fills),
             decode_errors: d(self.decode_errors, earlier.decode_errors),
             store_errors: d(self.store_errors, earlier.store_errors),
@@ -111,6 +107,41 @@ impl Stats {
             retried_invalidations: d(self.retried_invalidations, earlier.retried_invalidations),
             dropped_invalidations: d(self.dropped_invalidations, earlier.dropped_invalidations),
             pending_invalidations: self.pending_invalidations,
+            breaker_open: self.breaker_open,
+        }
+    }
+
+    /// The sum of two caches' figures (a breaker is open if either one is).
+    #[must_use]
+    pub(crate) fn plus(&self, other: &Stats) -> Stats {
+        Stats {
+            hits: self.hits + other.hits,
+            negative_hits: self.negative_hits + other.negative_hits,
+            misses: self.misses + other.misses,
+            loads: self.loads + other.loads,
+            load_errors: self.load_errors + other.load_errors,
+            lease_waits: self.lease_waits + other.lease_waits,
+            lease_wait_timeouts: self.lease_wait_timeouts + other.lease_wait_timeouts,
+            fills: self.fills + other.fills,
+            refused_fills: self.refused_fills + other.refused_fills,
+            decode_errors: self.decode_errors + other.decode_errors,
+            store_errors: self.store_errors + other.store_errors,
+            bloom_rejections: self.bloom_rejections + other.bloom_rejections,
+            stale_hits: self.stale_hits + other.stale_hits,
+            refreshes: self.refreshes + other.refreshes,
+            fail_safe_serves: self.fail_safe_serves + other.fail_safe_serves,
+            soft_timeouts: self.soft_timeouts + other.soft_timeouts,
+            load_timeouts: self.load_timeouts + other.load_timeouts,
+            coalesced: self.coalesced + other.coalesced,
+            stale_writes: self.stale_writes + other.stale_writes,
+            near_hits: self.near_hits + other.near_hits,
+            near_clears: self.near_clears + other.near_clears,
+            breaker_opens: self.breaker_opens + other.breaker_opens,
+            short_circuits: self.short_circuits + other.short_circuits,
+            retried_invalidations: self.retried_invalidations + other.retried_invalidations,
+            dropped_invalidations: self.dropped_invalidations + other.dropped_invalidations,
+            pending_invalidations: self.pending_invalidations + other.pending_invalidations,
+            breaker_open: self.breaker_open || other.breaker_open,
         }
     }
 
@@ -133,16 +164,12 @@ impl Stats {
     }
 }
 
-/// One counter, padded to its own cache line so that counters bumped by
-/// different threads do not share one.
-/// A counter of one event, kept here and emitted through the `metrics` facade.
-/// `N` cells, each on a cache line of its own: a thread adds to the cell of its
+/// A counter of one event. `N` cells, each on a cache line of its own: a thread adds to the cell of its
 /// stripe, so threads counting hits at once do not contend on one line; a read
 /// sums the cells.
 #[derive(Debug)]
 pub(crate) struct Counter<const N: usize = 1> {
     cells: [Cell; N],
-    metric: metrics::Counter,
 }
 
 /// The counter for events on every hit path.
@@ -166,11 +193,16 @@ fn stripe() -> usize {
     STRIPE.with(|s| *s)
 }
 
+impl<const N: usize> Default for Counter<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<const N: usize> Counter<N> {
-    fn new(name: &'static str, cache: &str) -> Self {
+    fn new() -> Self {
         Self {
             cells: std::array::from_fn(|_| Cell::default()),
-            metric: metrics::counter!(name, "cache" => cache.to_owned()),
         }
     }
 
@@ -178,7 +210,6 @@ impl<const N: usize> Counter<N> {
     pub(crate) fn inc(&self) {
         let cell = if N == 1 { 0 } else { stripe() & (N - 1) };
         self.cells[cell].0.fetch_add(1, Ordering::Relaxed);
-        self.metric.increment(1);
     }
 
     fn get(&self) -> u64 {
@@ -186,17 +217,18 @@ impl<const N: usize> Counter<N> {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) hits: HitCounter,
     pub(crate) negative_hits: HitCounter,
-    /// Hits in the near cache (counted in `hits` too, under the same metric).
+    /// Hits in the near cache (added to `hits` by `snapshot`).
     pub(crate) near_hits: HitCounter,
     pub(crate) misses: Counter,
     pub(crate) loads: Counter,
     pub(crate) load_errors: Counter,
     pub(crate) lease_waits: Counter,
     pub(crate) lease_wait_timeouts: Counter,
+    pub(crate) fills: Counter,
     pub(crate) refused_fills: Counter,
     pub(crate) decode_errors: Counter,
     pub(crate) store_errors: Counter,
@@ -211,30 +243,6 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    pub(crate) fn new(cache: &str) -> Self {
-        Self {
-            hits: Counter::new("cachet_hits_total", cache),
-            negative_hits: Counter::new("cachet_negative_hits_total", cache),
-            near_hits: Counter::new("cachet_hits_total", cache),
-            misses: Counter::new("cachet_misses_total", cache),
-            loads: Counter::new("cachet_loads_total", cache),
-            load_errors: Counter::new("cachet_load_errors_total", cache),
-            lease_waits: Counter::new("cachet_lease_waits_total", cache),
-            lease_wait_timeouts: Counter::new("cachet_lease_wait_timeouts_total", cache),
-            refused_fills: Counter::new("cachet_refused_fills_total", cache),
-            decode_errors: Counter::new("cachet_decode_errors_total", cache),
-            store_errors: Counter::new("cachet_store_errors_total", cache),
-            bloom_rejections: Counter::new("cachet_bloom_rejections_total", cache),
-            stale_hits: Counter::new("cachet_stale_hits_total", cache),
-            refreshes: Counter::new("cachet_refreshes_total", cache),
-            fail_safe_serves: Counter::new("cachet_fail_safe_serves_total", cache),
-            soft_timeouts: Counter::new("cachet_soft_timeouts_total", cache),
-            load_timeouts: Counter::new("cachet_load_timeouts_total", cache),
-            coalesced: Counter::new("cachet_coalesced_total", cache),
-            stale_writes: Counter::new("cachet_stale_writes_total", cache),
-        }
-    }
-
     pub(crate) fn snapshot(&self) -> Stats {
         Stats {
             hits: self.hits.get() + self.near_hits.get(),
@@ -244,6 +252,7 @@ impl Counters {
             load_errors: self.load_errors.get(),
             lease_waits: self.lease_waits.get(),
             lease_wait_timeouts: self.lease_wait_timeouts.get(),
+            fills: self.fills.get(),
             refused_fills: self.refused_fills.get(),
             decode_errors: self.decode_errors.get(),
             store_errors: self.store_errors.get(),
@@ -262,6 +271,7 @@ impl Counters {
             retried_invalidations: 0,
             dropped_invalidations: 0,
             pending_invalidations: 0,
+            breaker_open: false,
         }
     }
 }
@@ -294,7 +304,7 @@ mod tests {
 
     #[test]
     fn a_striped_counter_sums_every_thread() {
-        let hits = HitCounter::new("cachet_test_hits_total", "test");
+        let hits = HitCounter::new();
         std::thread::scope(|s| {
             for _ in 0..12 {
                 s.spawn(|| {

@@ -766,11 +766,31 @@ async fn no_codec_works_in_process_and_is_refused_on_redis() {
     assert!(e.to_string().contains("needs a codec"), "{e}");
 }
 
+/// The counters a `metrics` recorder holds after a publication, for `cache`.
+fn published(
+    recorder: &metrics_util::debugging::DebuggingRecorder,
+    cache: &str,
+) -> std::collections::HashMap<String, metrics_util::debugging::DebugValue> {
+    metrics::with_local_recorder(recorder, cachet::metrics::publish);
+    let mut seen = std::collections::HashMap::new();
+    for (key, _, _, value) in recorder.snapshotter().snapshot().into_vec() {
+        let labels: Vec<_> = key
+            .key()
+            .labels()
+            .map(|l| (l.key().to_owned(), l.value().to_owned()))
+            .collect();
+        if labels.iter().any(|(k, v)| k == "cache" && v == cache) {
+            assert_eq!(labels, vec![("cache".to_owned(), cache.to_owned())]);
+            seen.insert(key.key().name().to_owned(), value);
+        }
+    }
+    seen
+}
+
 #[tokio::test]
 async fn metrics_facade_receives_the_same_counters() {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
     let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
     let cache: Cache<u64, u64> =
         metrics::with_local_recorder(&recorder, || Cache::builder("metered").build().unwrap());
     cache
@@ -787,18 +807,13 @@ async fn metrics_facade_receives_the_same_counters() {
         .unwrap();
     cache.get(&2).await.unwrap();
     let stats = cache.stats();
-    let mut seen = std::collections::HashMap::new();
-    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
-        let labels: Vec<_> = key
-            .key()
-            .labels()
-            .map(|l| (l.key().to_owned(), l.value().to_owned()))
-            .collect();
-        assert_eq!(labels, vec![("cache".to_owned(), "metered".to_owned())]);
-        if let DebugValue::Counter(n) = value {
-            seen.insert(key.key().name().to_owned(), n);
-        }
-    }
+    let seen: std::collections::HashMap<String, u64> = published(&recorder, "metered")
+        .into_iter()
+        .filter_map(|(name, v)| match v {
+            DebugValue::Counter(n) => Some((name, n)),
+            _ => None,
+        })
+        .collect();
     assert_eq!(seen["cachet_hits_total"], stats.hits);
     assert_eq!(seen["cachet_misses_total"], stats.misses);
     assert_eq!(seen["cachet_negative_hits_total"], stats.negative_hits);
@@ -807,6 +822,45 @@ async fn metrics_facade_receives_the_same_counters() {
         (stats.hits, stats.misses, stats.negative_hits, stats.loads),
         (1, 2, 1, 2)
     );
+    // Every documented counter and gauge is published.
+    for (name, field) in cachet::metrics::COUNTERS {
+        assert_eq!(seen.get(*name), Some(&field(&stats)), "{name}");
+    }
+}
+
+/// A recorder installed after the caches were built receives everything from
+/// its first publication on; caches sharing a namespace are summed.
+#[tokio::test]
+async fn a_recorder_installed_after_the_caches_were_built_receives_their_counts() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let store = MemoryStore::new(1_000);
+    let a: Cache<u64, u64> = Cache::builder("late")
+        .memory(store.clone())
+        .build()
+        .unwrap();
+    let b: Cache<u64, u64> = Cache::builder("late").memory(store).build().unwrap();
+    a.set(&1, 1).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(a.get(&1).await.unwrap(), Some(1));
+    }
+    assert_eq!(b.get(&1).await.unwrap(), Some(1));
+    assert_eq!(b.get(&2).await.unwrap(), None);
+
+    let recorder = DebuggingRecorder::new();
+    let seen = published(&recorder, "late");
+    assert_eq!(seen.get("cachet_hits_total"), Some(&DebugValue::Counter(4)));
+    assert_eq!(
+        seen.get("cachet_misses_total"),
+        Some(&DebugValue::Counter(1))
+    );
+    for gauge in cachet::metrics::GAUGES {
+        assert!(seen.contains_key(*gauge), "{gauge}: {seen:?}");
+    }
+    // Later counts reach the same recorder at its next publication.
+    assert_eq!(a.get(&1).await.unwrap(), Some(1));
+    let seen = published(&recorder, "late");
+    assert_eq!(seen.get("cachet_hits_total"), Some(&DebugValue::Counter(5)));
+    drop((a, b));
 }
 
 /// A loader slower than its lease: its lease expires, another process takes a
@@ -1097,4 +1151,59 @@ async fn every_way_onto_one_memory_store_sees_the_same_entries() {
     assert_eq!(first.await.unwrap().unwrap().as_deref(), Some("typed"));
     assert_eq!(second.await.unwrap().unwrap().as_deref(), Some("typed"));
     assert_eq!(loads.load(Ordering::SeqCst), 1);
+}
+
+/// Loads and lease waits are timed into their histograms, against the global
+/// recorder (the only test of this binary that installs one).
+#[tokio::test]
+async fn loads_and_lease_waits_are_timed_into_histograms() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::set_global_recorder(recorder).expect("no other global recorder in this process");
+    let store = MemoryStore::new(1_000);
+    let a: Cache<u64, u64> = Cache::builder("timed")
+        .memory(store.clone())
+        .build()
+        .unwrap();
+    let b: Cache<u64, u64> = Cache::builder("timed").memory(store).build().unwrap();
+    let (a_loading, release) = (Gate::default(), Gate::default());
+    let holder = {
+        let (a, a_loading, release) = (a.clone(), a_loading.clone(), release.clone());
+        tokio::spawn(async move {
+            a.get_or_load(&1, move || async move {
+                a_loading.open();
+                release.wait().await;
+                Res::Ok(Some(1))
+            })
+            .await
+        })
+    };
+    a_loading.wait().await;
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move { b.get_or_load(&1, || async { Res::Ok(Some(2)) }).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while b.stats().lease_waits == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "b never waited");
+        tokio::task::yield_now().await;
+    }
+    release.open();
+    assert_eq!(holder.await.unwrap().unwrap(), Some(1));
+    assert_eq!(waiter.await.unwrap().unwrap(), Some(1));
+
+    let mut observations = std::collections::HashMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        if let DebugValue::Histogram(values) = value {
+            let cache = key.key().labels().find(|l| l.key() == "cache").unwrap();
+            assert_eq!(cache.value(), "timed");
+            observations.insert(key.key().name().to_owned(), values.len());
+        }
+    }
+    assert_eq!(observations.get("cachet_load_duration_seconds"), Some(&1));
+    assert_eq!(
+        observations.get("cachet_lease_wait_duration_seconds"),
+        Some(&1)
+    );
 }

@@ -105,6 +105,11 @@ pub(crate) struct LabArgs {
     #[arg(long, value_name = "DIR")]
     plot: Option<std::path::PathBuf>,
 
+    /// Serve Prometheus metrics of the lab's caches at http://ADDR/metrics
+    /// while it runs (e.g. 127.0.0.1:9091)
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+
     /// Seed of the workloads' random choices [default: random]
     #[arg(long)]
     seed: Option<u64>,
@@ -456,6 +461,17 @@ pub(crate) async fn run(args: LabArgs) -> Result<()> {
     };
     let source = Source::open(args.database_url.as_deref(), &run_id).await?;
 
+    let _metrics = match args.metrics_addr {
+        None => None,
+        Some(addr) => {
+            let server = crate::metrics_server::MetricsServer::start(addr).await?;
+            eprintln!(
+                "cachet lab: serving metrics at http://{}/metrics",
+                server.addr()
+            );
+            Some(server)
+        }
+    };
     let json = args.json;
     let plot_dir = args.plot.clone();
     let progress = !json && std::io::stderr().is_terminal();

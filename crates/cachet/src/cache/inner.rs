@@ -13,15 +13,16 @@ use cachet_core::{
 };
 
 use super::fresh::{AheadReads, Freshness, State};
-use crate::Error;
 use crate::bloom::BloomFilter;
 use crate::breaker::Guarded;
 use crate::codec::Codec;
 use crate::expiry::Expiry;
 use crate::flight::Flights;
 use crate::memory::{Acquired, LocalTier, Slot};
+use crate::metrics;
 use crate::near::{Near, NearCache};
 use crate::stats::Counters;
+use crate::{Error, Stats};
 
 pub(crate) struct Settings<V> {
     pub(crate) layout: KeyLayout,
@@ -126,6 +127,35 @@ pub(crate) enum Claim<V> {
     Busy(Option<Duration>),
 }
 
+impl<K, V> metrics::Source for Inner<K, V>
+where
+    K: ?Sized + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn namespace(&self) -> &str {
+        self.s.layout.namespace()
+    }
+
+    /// The cache's counters, with the near cache's and the breaker's.
+    fn stats(&self) -> Stats {
+        let mut stats = self.counters.snapshot();
+        let relaxed = Ordering::Relaxed;
+        if let Some(near) = &self.near {
+            stats.near_clears = near.clears.load(relaxed);
+        }
+        if let Some(breaker) = &self.breaker {
+            let breaker = breaker.layer();
+            stats.breaker_opens = breaker.counts.opens.load(relaxed);
+            stats.short_circuits = breaker.counts.short_circuits.load(relaxed);
+            stats.retried_invalidations = breaker.counts.retried_invalidations.load(relaxed);
+            stats.dropped_invalidations = breaker.counts.dropped_invalidations.load(relaxed);
+            stats.pending_invalidations = breaker.pending() as u64;
+            stats.breaker_open = breaker.is_open();
+        }
+        stats
+    }
+}
+
 impl<K, V> Inner<K, V>
 where
     K: CacheKey + ?Sized + 'static,
@@ -141,7 +171,7 @@ where
         breaker: Option<Arc<Guarded>>,
     ) -> Self {
         let kind = s.store.payload_kind();
-        let counters = Counters::new(s.layout.namespace());
+        let counters = Counters::default();
         let s_clock = s.clock.clone();
         Self {
             s,
@@ -295,6 +325,7 @@ where
     }
 
     pub(crate) async fn lookup_shared(&self, key: &StoreKey, count: bool) -> Lookup<V> {
+        let started = std::time::Instant::now();
         let read = match self.s.store.get_now(key) {
             Some(read) => Ok(read),
             None => self.s.store.get(key).await,
@@ -303,7 +334,13 @@ where
             Ok(Read::Hit(entry)) => {
                 let meta = entry.meta;
                 match self.decode(key, entry) {
-                    Some(v) => self.found(v, meta, count),
+                    Some(v) => {
+                        if count {
+                            let took = started.elapsed();
+                            metrics::observe(metrics::STORE_HIT_DURATION, self.namespace(), took);
+                        }
+                        self.found(v, meta, count)
+                    }
                     None => {
                         self.count_miss(count);
                         Lookup::Missing { corrupt: true }

@@ -16,6 +16,7 @@ use super::inner::{Claim, Inner, Lookup};
 use crate::Error;
 use crate::error::BoxError;
 use crate::flight::{Leader, Outcome, Role};
+use crate::metrics::{LEASE_WAIT_DURATION, LOAD_DURATION};
 
 /// Upper bound on acquire attempts in one load, on top of the `lease_wait` deadline.
 const MAX_ACQUIRE_ROUNDS: usize = 64;
@@ -175,7 +176,10 @@ where
         }
         let deadline = tokio::time::Instant::now() + self.s.lease_wait;
         let mut backoff = FIRST_BACKOFF;
-        let mut waited = false;
+        let mut wait = LeaseWait {
+            cache: self.namespace(),
+            since: None,
+        };
         for _ in 0..MAX_ACQUIRE_ROUNDS {
             let claim = match self.acquire(key, skey, mode).await {
                 Ok(claim) => claim,
@@ -189,18 +193,20 @@ where
                 Claim::Hit(v) => return Ok(v),
                 Claim::Corrupt => mode = AcquireMode::Replace,
                 Claim::Leased(token) => {
+                    wait.end();
                     return self
                         .load_and_fill(key, skey, token, hard_timeout, loader)
                         .await;
                 }
                 Claim::Busy(expires_in) => {
-                    if !waited {
+                    if wait.since.is_none() {
                         self.counters.lease_waits.inc();
-                        waited = true;
+                        wait.since = Some(Instant::now());
                     }
                     let now = tokio::time::Instant::now();
                     if now >= deadline {
                         self.counters.lease_wait_timeouts.inc();
+                        wait.end();
                         return self.load_unfilled(skey, hard_timeout, loader).await;
                     }
                     let mut pause = backoff.min(deadline - now);
@@ -222,16 +228,18 @@ where
                                 skey,
                                 &e,
                             );
+                            wait.end();
                             return self.load_unfilled(skey, hard_timeout, loader).await;
                         }
                     }
                 }
             }
         }
-        if waited {
+        if wait.since.is_some() {
             // Out of rounds before the deadline: as much a wait that gave up.
             self.counters.lease_wait_timeouts.inc();
         }
+        wait.end();
         self.load_unfilled(skey, hard_timeout, loader).await
     }
 
@@ -253,15 +261,18 @@ where
             Some(limit) => match tokio::time::timeout(limit, unwound(loader)).await {
                 Ok(loaded) => loaded,
                 Err(_) => {
+                    crate::metrics::observe(LOAD_DURATION, self.namespace(), started.elapsed());
                     self.counters.load_timeouts.inc();
                     return Err(Error::timeout(self.namespace(), skey.user_key(), limit));
                 }
             },
         };
+        let took = started.elapsed();
+        crate::metrics::observe(LOAD_DURATION, self.namespace(), took);
         match loaded {
             Ok(Ok(value)) => {
                 self.counters.loads.inc();
-                Ok((value, started.elapsed()))
+                Ok((value, took))
             }
             Ok(Err(e)) => {
                 self.counters.load_errors.inc();
@@ -320,7 +331,7 @@ where
             return Ok(value);
         };
         match self.fill(key, skey, &token, meta, &value, ttl).await {
-            Ok(Fill::Filled) => {}
+            Ok(Fill::Filled) => self.counters.fills.inc(),
             Ok(Fill::Refused) => {
                 self.counters.refused_fills.inc();
                 // A lease revoked by a write is gone already (the release is
@@ -345,6 +356,28 @@ where
         E: Into<BoxError>,
     {
         self.call(skey, hard_timeout, loader).await.map(|(v, _)| v)
+    }
+}
+
+/// A wait for another caller's lease, timed into
+/// `cachet_lease_wait_duration_seconds` when it ends: explicitly before a load,
+/// or when the wait returns what the holder filled.
+struct LeaseWait<'a> {
+    cache: &'a str,
+    since: Option<Instant>,
+}
+
+impl LeaseWait<'_> {
+    fn end(&mut self) {
+        if let Some(since) = self.since.take() {
+            crate::metrics::observe(LEASE_WAIT_DURATION, self.cache, since.elapsed());
+        }
+    }
+}
+
+impl Drop for LeaseWait<'_> {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 

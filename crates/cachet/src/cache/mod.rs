@@ -169,6 +169,8 @@ where
         breaker: Option<Arc<Guarded>>,
     ) -> Self {
         let inner = Arc::new(Inner::new(s, expiry, group, local, bloom, near, breaker));
+        let source: Arc<dyn crate::metrics::Source> = inner.clone();
+        crate::metrics::register(Arc::downgrade(&source));
         if inner.near.is_some() {
             let stop = inner._bus_stop.subscribe();
             let head = format!("{}{}", inner.s.layout.prefix(), inner.namespace());
@@ -476,20 +478,7 @@ where
 
     /// A snapshot of this cache's counters.
     pub fn stats(&self) -> Stats {
-        let mut stats = self.inner.counters.snapshot();
-        let relaxed = std::sync::atomic::Ordering::Relaxed;
-        if let Some(near) = &self.inner.near {
-            stats.near_clears = near.clears.load(relaxed);
-        }
-        if let Some(breaker) = &self.inner.breaker {
-            let breaker = breaker.layer();
-            stats.breaker_opens = breaker.counts.opens.load(relaxed);
-            stats.short_circuits = breaker.counts.short_circuits.load(relaxed);
-            stats.retried_invalidations = breaker.counts.retried_invalidations.load(relaxed);
-            stats.dropped_invalidations = breaker.counts.dropped_invalidations.load(relaxed);
-            stats.pending_invalidations = breaker.pending() as u64;
-        }
-        stats
+        crate::metrics::Source::stats(&*self.inner)
     }
 
     /// The cache's namespace.
