@@ -256,6 +256,12 @@
 //! [`metrics::spawn_publisher`]. Loads, lease waits and store hits are timed
 //! into histograms as they happen. The [`metrics`](mod@metrics) module lists
 //! every name.
+//!
+//! Each load and each fill runs in a `tracing` span at debug level,
+//! `cachet.load` and `cachet.fill`, with the fields `cache`, `key_hash` (a
+//! 64-bit hash of the store key: keys may hold personal data) and `outcome`
+//! (`found`, `not_found`, `error`, `timeout`; `filled`, `refused`, `failed`),
+//! so tracing-opentelemetry and other span exporters see them.
 #![deny(missing_docs)]
 
 pub mod bloom;

@@ -1207,3 +1207,52 @@ async fn loads_and_lease_waits_are_timed_into_histograms() {
         Some(&1)
     );
 }
+
+/// Loads and fills run in `cachet.load` and `cachet.fill` spans that carry
+/// the cache, a hash of the key (never the key) and the outcome.
+#[tokio::test]
+async fn loads_and_fills_are_traced_with_their_outcome() {
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let cache: Cache<String, u64> = Cache::builder("traced").build().unwrap();
+    let secret = "user-4711@example.com".to_owned();
+    cache
+        .get_or_load(&secret, || async { Res::Ok(Some(1)) })
+        .await
+        .unwrap();
+    cache
+        .get_or_load(&"nobody".to_owned(), || async { Res::Ok(None) })
+        .await
+        .unwrap();
+    let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    let closed = |name: &str, outcome: &str| {
+        text.lines()
+            .filter(|l| l.contains(&format!("{name}{{")) && l.contains("close"))
+            .filter(|l| l.contains(&format!("outcome=\"{outcome}\"")))
+            .filter(|l| l.contains("cache=\"traced\"") && l.contains("key_hash="))
+            .count()
+    };
+    assert_eq!(closed("cachet.load", "found"), 1, "{text}");
+    assert_eq!(closed("cachet.load", "not_found"), 1, "{text}");
+    assert_eq!(closed("cachet.fill", "filled"), 2, "{text}");
+    assert!(!text.contains("4711"), "a key in a span: {text}");
+}

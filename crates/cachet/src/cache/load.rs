@@ -17,6 +17,7 @@ use crate::Error;
 use crate::error::BoxError;
 use crate::flight::{Leader, Outcome, Role};
 use crate::metrics::{LEASE_WAIT_DURATION, LOAD_DURATION};
+use tracing::Instrument as _;
 
 /// Upper bound on acquire attempts in one load, on top of the `lease_wait` deadline.
 const MAX_ACQUIRE_ROUNDS: usize = 64;
@@ -243,8 +244,37 @@ where
         self.load_unfilled(skey, hard_timeout, loader).await
     }
 
-    /// Calls the loader within the hard timeout, timing it.
+    /// Calls the loader within the hard timeout, timing it, in a
+    /// `cachet.load` span (see [`span`]).
     async fn call<F, Fut, E>(
+        &self,
+        skey: &StoreKey,
+        hard_timeout: Option<Duration>,
+        loader: F,
+    ) -> Result<(Option<V>, Duration), Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        let span = span("cachet.load", self.namespace(), skey);
+        let called = self
+            .call_timed(skey, hard_timeout, loader)
+            .instrument(span.clone())
+            .await;
+        span.record(
+            "outcome",
+            match &called {
+                Ok((Some(_), _)) => "found",
+                Ok((None, _)) => "not_found",
+                Err(e) if e.kind() == crate::ErrorKind::Timeout => "timeout",
+                Err(_) => "error",
+            },
+        );
+        called
+    }
+
+    async fn call_timed<F, Fut, E>(
         &self,
         skey: &StoreKey,
         hard_timeout: Option<Duration>,
@@ -330,7 +360,19 @@ where
             self.release(key, skey, &token).await;
             return Ok(value);
         };
-        match self.fill(key, skey, &token, meta, &value, ttl).await {
+        let span = span("cachet.fill", self.namespace(), skey);
+        let filled = (self.fill(key, skey, &token, meta, &value, ttl))
+            .instrument(span.clone())
+            .await;
+        span.record(
+            "outcome",
+            match filled {
+                Ok(Fill::Filled) => "filled",
+                Ok(Fill::Refused) => "refused",
+                Err(()) => "failed",
+            },
+        );
+        match filled {
             Ok(Fill::Filled) => self.counters.fills.inc(),
             Ok(Fill::Refused) => {
                 self.counters.refused_fills.inc();
@@ -357,6 +399,25 @@ where
     {
         self.call(skey, hard_timeout, loader).await.map(|(v, _)| v)
     }
+}
+
+/// A span for one load or fill, at debug level: the cache, a hash of the key
+/// (keys may hold personal data; the hash still tells one key's spans from
+/// another's), and the outcome, recorded when it ends (`found`, `not_found`,
+/// `error`, `timeout` for a load; `filled`, `refused`, `failed` for a fill).
+fn span(name: &'static str, cache: &str, key: &StoreKey) -> tracing::Span {
+    use tracing::field::Empty;
+    let span = match name {
+        "cachet.fill" => {
+            tracing::debug_span!("cachet.fill", cache, key_hash = Empty, outcome = Empty)
+        }
+        _ => tracing::debug_span!("cachet.load", cache, key_hash = Empty, outcome = Empty),
+    };
+    if !span.is_disabled() {
+        let hash = xxhash_rust::xxh3::xxh3_64(key.as_str().as_bytes());
+        span.record("key_hash", format!("{hash:016x}"));
+    }
+    span
 }
 
 /// A wait for another caller's lease, timed into
