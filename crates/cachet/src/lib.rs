@@ -242,7 +242,11 @@
 //! the lease (or finds the value), the load, and one `EVALSHA` that fills (value
 //! and TTL in one `SET … PX`) and consumes the lease: one round trip more than
 //! naive cache-aside. [`invalidate`](Cache::invalidate) is one `DEL` of the entry and its
-//! lease; [`set`](Cache::set) one `EVALSHA`. Each entry carries a 30-byte envelope
+//! lease; [`set`](Cache::set) one `EVALSHA`.
+//! [`get_many`](Cache::get_many) sends its `GET`s together (pipelined on the
+//! connection); [`get_or_load_many`](Cache::get_or_load_many) adds one lease
+//! script per missing key, **one** loader call for all of them, and one fill
+//! script per loaded key, each step pipelined. Each entry carries a 30-byte envelope
 //! header and a 4-byte checksum of its payload (see [`store::envelope`]), so an
 //! entry whose bytes were changed reads as a miss; a lease is a 16-byte token
 //! under its own key, alive only during a load.

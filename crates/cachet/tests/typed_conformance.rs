@@ -293,6 +293,10 @@ typed_conformance!(
     capability_deferred_queue,
     capability_bloom,
     capability_invalidation_bus,
+    a_batch_loads_its_missing_keys_in_one_call,
+    a_write_racing_a_batch_refuses_that_keys_fill_only,
+    a_key_leased_elsewhere_is_waited_for_not_loaded_again_by_a_batch,
+    overlapping_batches_from_four_processes_load_each_key_once,
 );
 
 // ---------------------------------------------------------------------------
@@ -1261,4 +1265,211 @@ async fn capability_invalidation_bus(fx: Fx) {
     })
     .await;
     assert_eq!(a.stats().store_errors + b.stats().store_errors, 0);
+}
+
+// ---------------------------------------------------------------------------
+// Batches
+// ---------------------------------------------------------------------------
+
+/// A batch loader over `source`: counts each call and each key it loads.
+fn batch_loader(
+    source: &Source,
+    calls: &Arc<Mutex<Vec<Vec<u64>>>>,
+) -> impl Fn(Vec<u64>) -> Ready<Res<HashMap<u64, String>>> + Send + Sync + 'static {
+    let (source, calls) = (source.clone(), Arc::clone(calls));
+    move |ids: Vec<u64>| {
+        let mut ids_sorted = ids.clone();
+        ids_sorted.sort_unstable();
+        calls.lock().unwrap().push(ids_sorted);
+        source.loads.fetch_add(ids.len() as u64, Ordering::SeqCst);
+        let found = ids
+            .into_iter()
+            .filter_map(|id| source.read(id).map(|v| (id, v)))
+            .collect();
+        ready(Ok(found))
+    }
+}
+
+/// Hits are served, the missing keys load in one loader call, a key the
+/// loader leaves out is cached as "not found", results keep the keys' order
+/// (a key given twice included), and the next batch calls no loader.
+async fn a_batch_loads_its_missing_keys_in_one_call(fx: Fx) {
+    let cache: Cache<u64, String> = fx
+        .builder(&fx.ns("batch"))
+        .negative_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let source = Source::with(&[(1, "a"), (2, "b"), (3, "c")]);
+    cache.set(&1, "a".to_owned()).await.unwrap();
+    cache.set(&2, "b".to_owned()).await.unwrap();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let got = cache
+        .get_or_load_many(&[1, 2, 3, 4, 3], batch_loader(&source, &calls))
+        .await
+        .unwrap();
+    let some = |v: &str| Some(v.to_owned());
+    assert_eq!(got, vec![some("a"), some("b"), some("c"), None, some("c")]);
+    assert_eq!(*calls.lock().unwrap(), vec![vec![3, 4]], "{}", fx.name());
+
+    let again = cache
+        .get_or_load_many(&[4, 3, 2, 1], batch_loader(&source, &calls))
+        .await
+        .unwrap();
+    assert_eq!(again, vec![None, some("c"), some("b"), some("a")]);
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        1,
+        "{}: the second batch loaded",
+        fx.name()
+    );
+    assert_eq!(
+        cache.get_many(&[3, 4, 5]).await.unwrap(),
+        vec![some("c"), None, None]
+    );
+    let s = cache.stats();
+    assert_eq!(
+        (s.loads, s.fills, s.refused_fills),
+        (1, 2, 0),
+        "{}: {s:?}",
+        fx.name()
+    );
+}
+
+/// The essay's race inside a batch: the loader reads rows 1 and 2, the
+/// writer updates row 1 and invalidates it; key 1's fill is refused, key 2's
+/// lands.
+async fn a_write_racing_a_batch_refuses_that_keys_fill_only(fx: Fx) {
+    let cache: Cache<u64, String> = fx.builder(&fx.ns("batch-race")).build().unwrap();
+    let source = Source::with(&[(1, "old"), (2, "two")]);
+    let (read_tx, read_rx) = oneshot::channel::<()>();
+    let release = Arc::new(Notify::new());
+    let read_tx = Arc::new(Mutex::new(Some(read_tx)));
+    let loader = {
+        let (source, release) = (source.clone(), Arc::clone(&release));
+        move |ids: Vec<u64>| {
+            let rows: HashMap<u64, String> = ids
+                .iter()
+                .filter_map(|id| source.read(*id).map(|v| (*id, v)))
+                .collect();
+            let (release, read_tx) = (Arc::clone(&release), read_tx.lock().unwrap().take());
+            async move {
+                if let Some(tx) = read_tx {
+                    tx.send(()).unwrap();
+                }
+                release.notified().await;
+                Res::Ok(rows)
+            }
+        }
+    };
+    let batch = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.get_or_load_many(&[1, 2], loader).await })
+    };
+    read_rx.await.unwrap();
+    source.write(1, "new");
+    cache.invalidate(&1).await.unwrap();
+    release.notify_one();
+    assert_eq!(
+        batch.await.unwrap().unwrap(),
+        vec![Some("old".to_owned()), Some("two".to_owned())],
+        "the batch returns what it read"
+    );
+    assert_eq!(
+        cache.get(&1).await.unwrap(),
+        None,
+        "{}: the old row was cached",
+        fx.name()
+    );
+    assert_eq!(cache.get(&2).await.unwrap(), Some("two".to_owned()));
+    assert_eq!(cache.stats().refused_fills, 1, "{}", fx.name());
+}
+
+/// A key whose lease another process holds is waited for: the batch loads
+/// the other keys and takes the holder's value for that one.
+async fn a_key_leased_elsewhere_is_waited_for_not_loaded_again_by_a_batch(fx: Fx) {
+    let ns = fx.ns("batch-wait");
+    let holder_cache: Cache<u64, String> = fx.other_builder(&ns).await.build().unwrap();
+    let cache: Cache<u64, String> = fx.builder(&ns).build().unwrap();
+    let source = Source::with(&[(1, "one"), (2, "two")]);
+    let (read_tx, read_rx) = oneshot::channel();
+    let release = Arc::new(Notify::new());
+    let holder = {
+        let loader = racing_loader(&source, 1, read_tx, Arc::clone(&release));
+        tokio::spawn(async move { holder_cache.get_or_load(&1, loader).await })
+    };
+    read_rx.await.unwrap();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let batch = {
+        let (cache, loader) = (cache.clone(), batch_loader(&source, &calls));
+        tokio::spawn(async move { cache.get_or_load_many(&[1, 2], loader).await })
+    };
+    // The batch loads key 2, and waits on key 1's lease.
+    eventually("the batch waits on the lease", BOUND, || {
+        let (cache, calls) = (cache.clone(), Arc::clone(&calls));
+        async move { cache.stats().lease_waits == 1 && calls.lock().unwrap().len() == 1 }
+    })
+    .await;
+    release.notify_one();
+    assert_eq!(holder.await.unwrap().unwrap(), Some("one".to_owned()));
+    assert_eq!(
+        batch.await.unwrap().unwrap(),
+        vec![Some("one".to_owned()), Some("two".to_owned())]
+    );
+    assert_eq!(*calls.lock().unwrap(), vec![vec![2]], "{}", fx.name());
+    // The holder's loader reads the row without counting: only key 2 counts.
+    assert_eq!(source.loads(), 1, "{}: the batch loaded key 1", fx.name());
+}
+
+/// Four processes run overlapping batches at once: each key is loaded once.
+async fn overlapping_batches_from_four_processes_load_each_key_once(fx: Fx) {
+    let ns = fx.ns("batch-stampede");
+    let rows: Vec<(u64, String)> = (0..100).map(|id| (id, format!("row {id}"))).collect();
+    let source = Source::default();
+    for (id, v) in &rows {
+        source.write(*id, v);
+    }
+    let per_key = Arc::new(Mutex::new(HashMap::<u64, u32>::new()));
+    let barrier = Arc::new(Barrier::new(4));
+    let ranges = [(0u64, 50u64), (25, 75), (50, 100), (0, 100)];
+    let mut tasks = Vec::new();
+    for (from, to) in ranges {
+        let cache: Cache<u64, String> = fx.other_builder(&ns).await.build().unwrap();
+        let (source, per_key, barrier) =
+            (source.clone(), Arc::clone(&per_key), Arc::clone(&barrier));
+        tasks.push(tokio::spawn(async move {
+            let keys: Vec<u64> = (from..to).collect();
+            barrier.wait().await;
+            let loader = move |ids: Vec<u64>| {
+                let (source, per_key) = (source.clone(), Arc::clone(&per_key));
+                async move {
+                    for id in &ids {
+                        *per_key.lock().unwrap().entry(*id).or_default() += 1;
+                    }
+                    // Long enough for the other batches to meet its leases.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Res::Ok(
+                        ids.iter()
+                            .filter_map(|id| source.read(*id).map(|v| (*id, v)))
+                            .collect(),
+                    )
+                }
+            };
+            let got = cache.get_or_load_many(&keys, loader).await.unwrap();
+            (keys, got)
+        }));
+    }
+    for task in tasks {
+        let (keys, got) = task.await.unwrap();
+        for (id, v) in keys.iter().zip(got) {
+            assert_eq!(v, Some(format!("row {id}")), "{}", fx.name());
+        }
+    }
+    let per_key = per_key.lock().unwrap();
+    assert_eq!(per_key.len(), 100, "{}", fx.name());
+    let twice: Vec<_> = per_key.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "{}: loaded more than once: {twice:?}",
+        fx.name()
+    );
 }

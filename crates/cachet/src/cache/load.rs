@@ -274,15 +274,18 @@ where
         called
     }
 
-    async fn call_timed<F, Fut, E>(
+    /// Calls a loader (of one key's value, or of a batch's) within the hard
+    /// timeout, catching its panics, timing and counting it; `skey` names the
+    /// key (a batch's first) in errors.
+    pub(crate) async fn call_timed<T, F, Fut, E>(
         &self,
         skey: &StoreKey,
         hard_timeout: Option<Duration>,
         loader: F,
-    ) -> Result<(Option<V>, Duration), Error>
+    ) -> Result<(T, Duration), Error>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<V>, E>>,
+        Fut: Future<Output = Result<T, E>>,
         E: Into<BoxError>,
     {
         let started = Instant::now();
@@ -355,13 +358,27 @@ where
                 return Err(e);
             }
         };
+        self.fill_loaded(key, skey, token, &value, load_time).await;
+        Ok(value)
+    }
+
+    /// Caches a loaded value under the lease `token` (or releases the lease,
+    /// when the expiry policy keeps the value out or the fill fails).
+    pub(crate) async fn fill_loaded(
+        &self,
+        key: &K,
+        skey: &StoreKey,
+        token: LeaseToken,
+        value: &Option<V>,
+        load_time: Duration,
+    ) {
         let Some((meta, ttl)) = self.placement(key, value.as_ref(), load_time) else {
             // The expiry policy keeps it out (a "not found" without negative caching).
             self.release(key, skey, &token).await;
-            return Ok(value);
+            return;
         };
         let span = span("cachet.fill", self.namespace(), skey);
-        let filled = (self.fill(key, skey, &token, meta, &value, ttl))
+        let filled = (self.fill(key, skey, &token, meta, value, ttl))
             .instrument(span.clone())
             .await;
         span.record(
@@ -383,7 +400,6 @@ where
             }
             Err(()) => self.release(key, skey, &token).await,
         }
-        Ok(value)
     }
 
     async fn load_unfilled<F, Fut, E>(
@@ -405,7 +421,7 @@ where
 /// (keys may hold personal data; the hash still tells one key's spans from
 /// another's), and the outcome, recorded when it ends (`found`, `not_found`,
 /// `error`, `timeout` for a load; `filled`, `refused`, `failed` for a fill).
-fn span(name: &'static str, cache: &str, key: &StoreKey) -> tracing::Span {
+pub(crate) fn span(name: &'static str, cache: &str, key: &StoreKey) -> tracing::Span {
     use tracing::field::Empty;
     let span = match name {
         "cachet.fill" => {

@@ -10,6 +10,7 @@
 //! or a [`Store`] reached through the protocol; `fresh.rs` decides what is
 //! fresh or stale.
 
+mod batch;
 mod fresh;
 mod inner;
 mod load;

@@ -24,7 +24,7 @@ use crate::flight::{self, Role};
 const MAX_FOLLOW_ROUNDS: usize = 8;
 
 /// Stage 2's decision.
-enum Plan<V> {
+pub(super) enum Plan<V> {
     /// Serve this value.
     Serve(Option<V>),
     /// Serve this value and refresh it in the background; the soft expiry of
@@ -70,7 +70,13 @@ where
     }
 
     /// Stage 2: serve, serve and refresh, or load (and how).
-    fn plan(&self, key: &K, at: &mut At, found: Lookup<V>, options: LoadOptions) -> Plan<V> {
+    pub(super) fn plan(
+        &self,
+        key: &K,
+        at: &mut At,
+        found: Lookup<V>,
+        options: LoadOptions,
+    ) -> Plan<V> {
         let inner = &*self.inner;
         let (mode, store_up, fallback) = match found {
             Lookup::Fresh(v, meta) if self.refresh_due(at, key, &meta) => {
@@ -129,7 +135,12 @@ where
     /// Stage 3: the Bloom filter's verdict on a key about to be loaded;
     /// `Some(None)` when it rules the key out. A key with a fail-safe fallback,
     /// or a store that just failed, is not asked about.
-    async fn admit(&self, key: &K, at: &mut At, plan: &LoadPlan<V>) -> Option<Option<V>> {
+    pub(super) async fn admit(
+        &self,
+        key: &K,
+        at: &mut At,
+        plan: &LoadPlan<V>,
+    ) -> Option<Option<V>> {
         let inner = &*self.inner;
         let bloom = inner.bloom.as_ref()?;
         if !plan.store_up || plan.fallback.is_some() {
@@ -154,7 +165,7 @@ where
     /// Stages 4 and 5: joins the key's flight in this process, leading it (the
     /// load runs in a task of its own) or following it, and waits for its
     /// outcome, serving the stale value after the soft timeout.
-    async fn coalesce<F, Fut, E>(
+    pub(super) async fn coalesce<F, Fut, E>(
         &self,
         key: &K,
         mut at: At,
