@@ -19,7 +19,7 @@ mod outbox;
 mod penetration;
 mod plot;
 mod race;
-mod redis_server;
+pub(crate) mod redis_server;
 mod report;
 mod source;
 mod stampede;
