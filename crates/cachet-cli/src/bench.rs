@@ -26,7 +26,6 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::hint::black_box;
 use std::io::IsTerminal as _;
-use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -543,28 +542,19 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The keys the bench wrote on a given Redis, by namespace: entry keys of the
-/// ids in each range, and for cachet's namespaces their lease keys.
+/// The keys the bench may have written on a given Redis, by namespace: the
+/// entry keys of ids `0..upto` (read at cleanup, so that a row cut short by
+/// Ctrl-C is covered too), and for cachet's namespaces their lease keys.
 #[derive(Default)]
-struct Written(std::sync::Mutex<Vec<(KeyLayout, bool, Range<u64>)>>);
+struct Written(std::sync::Mutex<Vec<(KeyLayout, bool, Arc<AtomicU64>)>>);
 
 impl Written {
-    fn push(&self, layout: KeyLayout, leases: bool, ids: Range<u64>) {
+    /// Records a namespace, before anything is written in it.
+    fn push(&self, layout: KeyLayout, leases: bool, upto: &Arc<AtomicU64>) {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push((layout, leases, ids));
-    }
-
-    /// Extends the last range recorded for `layout`'s namespace to `end`.
-    fn extend(&self, layout: &KeyLayout, end: u64) {
-        let mut all = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((_, _, ids)) = all.iter_mut().rev().find(|(l, _, _)| l == layout) {
-            ids.end = ids.end.max(end);
-        }
+            .push((layout, leases, Arc::clone(upto)));
     }
 }
 
@@ -729,8 +719,8 @@ fn redis_cache(
 
 /// Writes every hit key through `cache`, a few at a time.
 async fn fill(run: &Run, ctx: &RedisCtx<'_>, cache: &Cache<u64, Bytes>) -> Result<()> {
-    ctx.written
-        .push(cache.layout().clone(), true, 0..run.args.keys);
+    let keys = Arc::new(AtomicU64::new(run.args.keys));
+    ctx.written.push(cache.layout().clone(), true, &keys);
     let mut pending = JoinSet::new();
     for k in 0..run.args.keys {
         if pending.len() >= FILL_CONCURRENCY
@@ -863,23 +853,28 @@ async fn redis_hit(run: &mut Run, ctx: &RedisCtx<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Ids handed out once each, up to [`MAX_WRITES`].
+/// Ids handed out once each, below `end`: `next` never passes `end`, so
+/// every id below it was handed out.
 struct Ids {
-    next: AtomicU64,
+    next: Arc<AtomicU64>,
     end: AtomicU64,
 }
 
 impl Ids {
     fn new(end: u64) -> Self {
         Self {
-            next: AtomicU64::new(0),
+            next: Arc::new(AtomicU64::new(0)),
             end: AtomicU64::new(end),
         }
     }
 
     fn take(&self) -> Option<u64> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        (id < self.end.load(Ordering::Acquire)).then_some(id)
+        let end = self.end.load(Ordering::Acquire);
+        self.next
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |id| {
+                (id < end).then_some(id + 1)
+            })
+            .ok()
     }
 }
 
@@ -972,20 +967,15 @@ async fn redis_miss(run: &mut Run, ctx: &RedisCtx<'_>) -> Result<()> {
         value: run.value.clone(),
         latency: run.args.load_latency,
     });
-    let measured = async {
-        for tasks in run.task_counts(Kind::RedisMiss) {
-            run.measure(Kind::RedisMiss, tasks, &ours, &theirs).await?;
-        }
-        Ok::<_, anyhow::Error>(())
-    }
-    .await;
     // Whatever was handed out may have been written.
-    let used = |ids: &Ids| ids.next.load(Ordering::Relaxed).min(MAX_WRITES);
     ctx.written
-        .push(ours.cache.layout().clone(), true, 0..used(&ours.ids));
+        .push(ours.cache.layout().clone(), true, &ours.ids.next);
     ctx.written
-        .push(theirs.layout.clone(), false, 0..used(&theirs.ids));
-    measured
+        .push(theirs.layout.clone(), false, &theirs.ids.next);
+    for tasks in run.task_counts(Kind::RedisMiss) {
+        run.measure(Kind::RedisMiss, tasks, &ours, &theirs).await?;
+    }
+    Ok(())
 }
 
 /// Deletes keys written beforehand ([`Op::prepare`] writes them), one per
@@ -996,7 +986,8 @@ struct Delete {
     conn: MultiplexedConnection,
     ids: Ids,
     value: Bytes,
-    written: Arc<Written>,
+    /// The end of the ids written, raised before each batch is written.
+    written: Arc<AtomicU64>,
 }
 
 impl Op for Delete {
@@ -1023,17 +1014,15 @@ impl Op for Delete {
     /// the first), within [`MAX_WRITES`], with a pipelined raw `SET` of the
     /// value on both sides: a delete does not read what it deletes.
     async fn prepare(&self, last_ops: Option<u64>) -> Result<()> {
-        // Ids handed out past `end` by the last slice's final calls were not used.
         let end = self.ids.end.load(Ordering::Acquire);
-        let next = self.ids.next.load(Ordering::Relaxed).min(end);
-        self.ids.next.store(next, Ordering::Relaxed);
+        let next = self.ids.next.load(Ordering::Relaxed);
         let want = last_ops.map_or(10_000, |n| n.saturating_mul(2).max(1_000));
         let ready = end - next;
         let new_end = (end + want.saturating_sub(ready)).min(MAX_WRITES);
         if new_end <= end {
             return Ok(());
         }
-        self.written.extend(&self.layout, new_end);
+        self.written.store(new_end, Ordering::Release);
         let mut conn = self.conn.clone();
         let ids: Vec<u64> = (end..new_end).collect();
         for chunk in ids.chunks(BATCH) {
@@ -1060,39 +1049,24 @@ async fn invalidate(run: &mut Run, ctx: &RedisCtx<'_>) -> Result<()> {
     let cache = redis_cache(run, ctx, "inv", None)?;
     let naive = KeyLayout::new(KeyLayout::DEFAULT_PREFIX, &run.namespace("inv-naive"))
         .context("bad namespace")?;
-    // The written keys are recorded as they are prepared, in a list of the
-    // run's own, and handed over at the end.
-    let written = Arc::new(Written::default());
-    written.push(cache.layout().clone(), true, 0..0);
-    written.push(naive.clone(), false, 0..0);
     let side = |cache: Option<Cache<u64, Bytes>>, layout: KeyLayout| {
+        let written = Arc::new(AtomicU64::new(0));
+        ctx.written.push(layout.clone(), cache.is_some(), &written);
         Arc::new(Delete {
             cache,
             layout,
             conn: ctx.raw.clone(),
             ids: Ids::new(0),
             value: run.value.clone(),
-            written: Arc::clone(&written),
+            written,
         })
     };
     let ours = side(Some(cache.clone()), cache.layout().clone());
     let theirs = side(None, naive);
-    let measured = async {
-        for tasks in run.task_counts(Kind::Invalidate) {
-            run.measure(Kind::Invalidate, tasks, &ours, &theirs).await?;
-        }
-        Ok::<_, anyhow::Error>(())
+    for tasks in run.task_counts(Kind::Invalidate) {
+        run.measure(Kind::Invalidate, tasks, &ours, &theirs).await?;
     }
-    .await;
-    for (layout, leases, ids) in std::mem::take(
-        &mut *written
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    ) {
-        ctx.written.push(layout, leases, ids);
-    }
-    measured
+    Ok(())
 }
 
 /// Deletes every key the run wrote on a given Redis, by name, a batch per
@@ -1114,9 +1088,9 @@ async fn cleanup(target: &RedisTarget, store: &RedisStore, written: &Written) ->
         .next()
         .context("no Redis server to connect to")?;
     let mut conn = node.connect().await?;
-    for (layout, leases, ids) in all {
+    for (layout, leases, upto) in all {
         let mut names = Vec::with_capacity(BATCH);
-        for id in ids {
+        for id in 0..upto.load(Ordering::Acquire) {
             let key = layout.key(&id);
             if leases {
                 names.push(key.lease_key());
