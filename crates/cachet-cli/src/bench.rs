@@ -594,6 +594,9 @@ async fn run_rows(
     invalidate(run, &ctx)
         .await
         .context("row invalidate failed")?;
+    // The invalidations' bus notices still queued go out before the server
+    // may stop (a private one does at the end of the run).
+    let _ = tokio::time::timeout(Duration::from_secs(5), ctx.store.flush()).await;
     Ok(())
 }
 
