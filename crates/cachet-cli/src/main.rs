@@ -8,6 +8,7 @@
 //! `lab::child`). This module owns argument parsing, logging, the runtime and
 //! how errors reach the user.
 
+mod bench;
 mod inspect;
 mod lab;
 mod metrics_server;
@@ -38,6 +39,7 @@ enum Command {
     Lab(Box<lab::LabArgs>),
     Stats(stats::StatsArgs),
     Inspect(inspect::InspectArgs),
+    Bench(bench::BenchArgs),
     /// Work the lab runs in a process of its own, to kill it mid-way
     #[command(name = "__child", hide = true)]
     Child(lab::child::ChildArgs),
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
             Command::Lab(args) => lab::run(*args).await,
             Command::Stats(args) => stats::run(args).await,
             Command::Inspect(args) => inspect::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
             Command::Child(args) => lab::child::run(args).await,
         }
     });

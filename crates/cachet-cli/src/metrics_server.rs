@@ -47,6 +47,20 @@ impl MetricsServer {
         Ok(Self { addr })
     }
 
+    /// Starts serving when `addr` is given, and says where on stderr
+    /// (`command` names the command saying it).
+    pub(crate) async fn start_if(addr: Option<SocketAddr>, command: &str) -> Result<Option<Self>> {
+        let Some(addr) = addr else {
+            return Ok(None);
+        };
+        let server = Self::start(addr).await?;
+        eprintln!(
+            "cachet {command}: serving metrics at http://{}/metrics",
+            server.addr()
+        );
+        Ok(Some(server))
+    }
+
     /// The address it listens on.
     pub(crate) fn addr(&self) -> SocketAddr {
         self.addr

@@ -3,6 +3,7 @@
 
 mod avalanche;
 mod bad_input;
+mod bench;
 mod bloom;
 mod cluster;
 mod durability;

@@ -19,7 +19,7 @@ mod outbox;
 mod penetration;
 mod plot;
 mod race;
-mod redis_server;
+pub(crate) mod redis_server;
 mod report;
 mod source;
 mod stampede;
@@ -461,17 +461,7 @@ pub(crate) async fn run(args: LabArgs) -> Result<()> {
     };
     let source = Source::open(args.database_url.as_deref(), &run_id).await?;
 
-    let _metrics = match args.metrics_addr {
-        None => None,
-        Some(addr) => {
-            let server = crate::metrics_server::MetricsServer::start(addr).await?;
-            eprintln!(
-                "cachet lab: serving metrics at http://{}/metrics",
-                server.addr()
-            );
-            Some(server)
-        }
-    };
+    let _metrics = crate::metrics_server::MetricsServer::start_if(args.metrics_addr, "lab").await?;
     let json = args.json;
     let plot_dir = args.plot.clone();
     let progress = !json && std::io::stderr().is_terminal();

@@ -1,6 +1,6 @@
 //! The Redis a scenario that needs one runs on: the lab's (`--redis-url`,
 //! `--redis-cluster`), or a private `redis-server` the scenario starts, and
-//! may kill and restart, itself.
+//! may kill and restart, itself. `cachet bench` starts one the same way.
 //!
 //! A private server listens on a free loopback port, keeps its files in a
 //! temporary directory, and is killed when dropped; it takes every key with it.
@@ -21,7 +21,7 @@ const REDIS_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether a private server keeps what it acknowledged across a restart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Persistence {
+pub(crate) enum Persistence {
     /// Nothing on disk: a restart starts empty.
     None,
     /// An append-only file (`appendfsync everysec`): acknowledged writes are in
@@ -62,7 +62,7 @@ impl ScenarioRedis {
 /// A `redis-server` of the run's own: a free port, a temporary directory,
 /// 256 MiB with `volatile-lru`; killed when dropped.
 #[derive(Debug)]
-pub(super) struct PrivateRedis {
+pub(crate) struct PrivateRedis {
     binary: PathBuf,
     child: Option<std::process::Child>,
     port: u16,
@@ -72,7 +72,7 @@ pub(super) struct PrivateRedis {
 
 impl PrivateRedis {
     /// Starts one, or returns `None` when `redis-server` is not on `PATH`.
-    pub(super) async fn start(persistence: Persistence) -> Result<Option<Self>> {
+    pub(crate) async fn start(persistence: Persistence) -> Result<Option<Self>> {
         let Some(binary) = find_on_path("redis-server") else {
             return Ok(None);
         };
@@ -139,7 +139,7 @@ impl PrivateRedis {
         ready
     }
 
-    pub(super) fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
