@@ -375,10 +375,11 @@ impl fmt::Display for Nines {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Nines::NoData => f.write_str("no data"),
+            // Rounded down: 0 of 999 999 does not show 6 nines.
             Nines::NoneSeen { checked } => write!(
                 f,
                 "≥ {:.1} (none inconsistent of {checked})",
-                self.at_least().unwrap_or(0.0)
+                (self.at_least().unwrap_or(0.0) * 10.0).floor() / 10.0
             ),
             Nines::Measured(n) => write!(f, "{n:.2}"),
         }

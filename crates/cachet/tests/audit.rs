@@ -396,3 +396,9 @@ async fn a_cache_that_moved_on_between_the_two_looks_is_not_counted() {
     let report = auditor.finish().await;
     assert_eq!(per_bound(&report), vec![(1, 0); 3], "{report:?}");
 }
+
+#[test]
+fn none_seen_never_rounds_up_to_a_nine_it_did_not_show() {
+    let none = Nines::NoneSeen { checked: 999_999 };
+    assert_eq!(none.to_string(), "≥ 5.9 (none inconsistent of 999999)");
+}
