@@ -389,7 +389,7 @@ impl fmt::Display for Nines {
 /// A bound as a metric label: `1s`, `250ms`.
 pub fn bound_label(bound: Duration) -> String {
     let ms = bound.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else if ms > 0 {
         format!("{ms}ms")
@@ -481,6 +481,9 @@ impl<O, V> Ord for Due<O, V> {
         (self.due, self.seq).cmp(&(other.due, other.seq))
     }
 }
+
+/// The reads of one check, each with its verdict.
+type Verdicts<O, V> = Vec<(Read<O, V>, Verdict)>;
 
 /// How one check ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -835,7 +838,7 @@ where
 {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Msg<K::Owned, V>>) {
         let mut due: BinaryHeap<Reverse<Due<K::Owned, V>>> = BinaryHeap::new();
-        let mut checks: JoinSet<Vec<(Read<K::Owned, V>, Verdict)>> = JoinSet::new();
+        let mut checks: JoinSet<Verdicts<K::Owned, V>> = JoinSet::new();
         let mut seq = 0_u64;
         let mut waiters = Vec::new();
         let mut open = true;
@@ -930,7 +933,7 @@ where
     fn check_group(
         &self,
         reads: Vec<Read<K::Owned, V>>,
-    ) -> impl Future<Output = Vec<(Read<K::Owned, V>, Verdict)>> + Send + 'static {
+    ) -> impl Future<Output = Verdicts<K::Owned, V>> + Send + 'static {
         let (cache, shared, check, eq) = (
             self.cache.clone(),
             Arc::clone(&self.shared),
