@@ -1,6 +1,7 @@
 //! Tests of the `cachet` binary, run as a user runs it: a child process whose
 //! exit status, stdout and stderr are checked.
 
+mod audit;
 mod avalanche;
 mod bad_input;
 mod bench;

@@ -87,6 +87,12 @@ pub(crate) const SMALL: &[&str] = &[
     "16",
     "--wb-batch",
     "50",
+    "--audit-reads",
+    "20000",
+    "--audit-bounds-ms",
+    "300,1000",
+    "--audit-max-ms",
+    "2000",
 ];
 
 /// The variables `cachet` reads flags from: unset in every test run unless a

@@ -16,6 +16,7 @@
 //! - [Expiry](#expiry)
 //! - [Costs](#costs)
 //! - [Metrics](#metrics)
+//! - [Measuring consistency: the audit](#measuring-consistency-the-audit)
 //!
 //! # Quick start
 //!
@@ -266,8 +267,22 @@
 //! 64-bit hash of the store key: keys may hold personal data) and `outcome`
 //! (`found`, `not_found`, `error`, `timeout`; `filled`, `refused`, `failed`),
 //! so tracing-opentelemetry and other span exporters see them.
+//!
+//! # Measuring consistency: the audit
+//!
+//! [`audit::Auditor`] samples reads the cache served and, off the caller's
+//! path, re-reads the source of truth through a check (typically the loader) at
+//! each of several bounds after the read: a read is *inconsistent within M*
+//! only if the cache still disagrees with the source M after it. It reports
+//! nines at each bound (1 s, 10 s, 60 s by default), keeps its source reads
+//! within a budget per second, and exports the figures as metrics. What it
+//! measures, and what it does not (a sample of the reads served from the
+//! cache, not every read; checks against the primary), is in the
+//! [module docs](audit). `cachet lab --scenario audit` shows the figures for
+//! naive cache-aside, leases, and leases with the outbox under writer crashes.
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod bloom;
 mod breaker;
 mod builder;

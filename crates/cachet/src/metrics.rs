@@ -56,6 +56,10 @@
 //! | `cachet_lease_wait_duration_seconds` | histogram | each wait for another caller's lease, until its fill was read or the wait gave up |
 //! | `cachet_store_hit_duration_seconds` | histogram | each hit read from the shared store (one round trip, decoding included) |
 //!
+//! The consistency audit's metrics ([`audit`](crate::audit), `cachet_audit_*`)
+//! are recorded as they happen, against the recorder installed when the
+//! [`Auditor`](crate::audit::Auditor) was built.
+//!
 //! In-process and near-cache hits are counted, not timed: reading a clock
 //! twice would cost more than the hit.
 

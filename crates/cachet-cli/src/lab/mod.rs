@@ -8,6 +8,7 @@
 //! adding one means adding a module and a [`Scenario`] variant.
 
 mod admin;
+mod audit;
 mod avalanche;
 pub(crate) mod child;
 mod double_delete;
@@ -140,6 +141,8 @@ pub(crate) struct LabArgs {
     outage: outage::OutageArgs,
     #[command(flatten)]
     write_behind: write_behind::WriteBehindArgs,
+    #[command(flatten)]
+    audit: audit::AuditArgs,
 }
 
 /// The scenarios, in their default order.
@@ -167,10 +170,12 @@ pub(crate) enum Scenario {
     Outage,
     /// A burst of writes, synchronous vs write-behind with its flusher killed (needs Redis)
     WriteBehind,
+    /// Consistency in nines within 1 s and 10 s: the race with writer crashes, audited
+    Audit,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 11] = [
+    const ALL: [Scenario; 12] = [
         Scenario::Race,
         Scenario::DoubleDelete,
         Scenario::Stampede,
@@ -182,6 +187,7 @@ impl Scenario {
         Scenario::NearCache,
         Scenario::Outage,
         Scenario::WriteBehind,
+        Scenario::Audit,
     ];
 
     fn name(self) -> &'static str {
@@ -197,6 +203,7 @@ impl Scenario {
             Scenario::NearCache => near_cache::NAME,
             Scenario::Outage => outage::NAME,
             Scenario::WriteBehind => write_behind::NAME,
+            Scenario::Audit => audit::NAME,
         }
     }
 
@@ -213,6 +220,7 @@ impl Scenario {
             Scenario::NearCache => near_cache::run(lab).await,
             Scenario::Outage => outage::run(lab).await,
             Scenario::WriteBehind => write_behind::run(lab).await,
+            Scenario::Audit => audit::run(lab).await,
         }
     }
 
@@ -229,6 +237,7 @@ impl Scenario {
             Scenario::NearCache => near_cache::summary(rows),
             Scenario::Outage => outage::summary(rows),
             Scenario::WriteBehind => write_behind::summary(rows),
+            Scenario::Audit => audit::summary(rows),
         }
     }
 }

@@ -106,6 +106,8 @@ pub(crate) struct Row {
     pub(crate) flusher_kills: Option<u64>,
     /// Writes a killed flusher held that the last one claimed.
     pub(crate) reclaimed: Option<u64>,
+    /// The consistency audit's figures (`cachet::audit`).
+    pub(crate) audit: Option<AuditFigures>,
     pub(crate) elapsed_ms: u64,
     pub(crate) seed: u64,
 }
@@ -159,6 +161,7 @@ impl Row {
             transactions: None,
             flusher_kills: None,
             reclaimed: None,
+            audit: None,
             elapsed_ms: 0,
             seed: ctx.seed,
         }
@@ -174,6 +177,55 @@ impl Row {
     pub(crate) fn elapsed(mut self, elapsed: Duration) -> Self {
         self.elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         self
+    }
+}
+
+/// What a consistency audit found (see `cachet::audit`).
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct AuditFigures {
+    /// Reads served by the cache that were audited.
+    pub(crate) sampled: u64,
+    /// Of which not audited: too many in the audit at once.
+    pub(crate) dropped: u64,
+    /// Of which left without a verdict: no source-read budget for a check.
+    pub(crate) skipped: u64,
+    /// Of which left without a verdict: a check's read failed.
+    pub(crate) errors: u64,
+    /// Source reads the checks made.
+    pub(crate) source_reads: u64,
+    /// The figures at each bound, in increasing order.
+    pub(crate) bounds: Vec<AuditBound>,
+}
+
+/// The audit's figures at one bound.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct AuditBound {
+    pub(crate) bound_ms: u64,
+    /// Reads with a verdict within the bound.
+    pub(crate) checked: u64,
+    /// Reads whose cache entry still disagreed with the source the bound after.
+    pub(crate) inconsistent: u64,
+    /// `-log10(inconsistent / checked)`; `null` when none was inconsistent
+    /// (nothing was measured then).
+    pub(crate) nines: Option<f64>,
+    /// `nines`, or with none inconsistent `log10(checked)`: the most nines
+    /// the reads checked can show.
+    pub(crate) nines_at_least: Option<f64>,
+}
+
+impl AuditBound {
+    /// "5.12 nines (7 of 1000000)", "≥ 6.0 nines (0 of 1000000)".
+    pub(crate) fn describe(&self) -> String {
+        match (self.nines, self.nines_at_least) {
+            (Some(n), _) => format!("{n:.2} nines ({} of {})", self.inconsistent, self.checked),
+            // Rounded down: 0 of 999 999 does not show 6 nines.
+            (None, Some(n)) => format!(
+                "≥ {:.1} nines (0 of {})",
+                (n * 10.0).floor() / 10.0,
+                self.checked
+            ),
+            (None, None) => "no reads checked".to_owned(),
+        }
     }
 }
 
@@ -339,6 +391,23 @@ pub(crate) fn times(n: u64) -> String {
 /// The measurements only some scenarios have, as short text.
 fn detail(r: &Row) -> String {
     let mut parts = Vec::new();
+    if let Some(audit) = &r.audit {
+        let within: Vec<String> = audit
+            .bounds
+            .iter()
+            .map(|b| {
+                let bound = cachet::audit::bound_label(Duration::from_millis(b.bound_ms));
+                format!("within {bound} {}", b.describe())
+            })
+            .collect();
+        parts.push(within.join(", "));
+        if audit.skipped + audit.dropped + audit.errors > 0 {
+            parts.push(format!(
+                "audit skipped {}, dropped {}, failed {}",
+                audit.skipped, audit.dropped, audit.errors
+            ));
+        }
+    }
     if let Some(peak) = r.peak_db_queries_per_100ms {
         parts.push(format!("peak {peak} queries/100ms"));
     }
