@@ -89,10 +89,22 @@ fn audit_table_prints_nines_per_strategy_at_each_bound() {
             "300,1000",
         ])
         .stdout();
+    // The notes below the table, each joined from its wrapped lines.
+    let mut notes: Vec<String> = Vec::new();
+    for l in stdout.lines() {
+        match (l.starts_with('['), l.strip_prefix("    "), notes.last_mut()) {
+            (true, _, _) => notes.push(l.to_owned()),
+            (false, Some(more), Some(note)) => {
+                note.push(' ');
+                note.push_str(more);
+            }
+            _ => {}
+        }
+    }
     for strategy in ["naive cache-aside", "lease-guarded", "lease + outbox"] {
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with("audit ") && l.contains(strategy))
+        let line = notes
+            .iter()
+            .find(|l| l.contains(&format!("audit {strategy} ")))
             .unwrap_or_else(|| panic!("no {strategy} row in\n{stdout}"));
         assert!(line.contains("within 300ms"), "{line}");
         assert!(line.contains("within 1s"), "{line}");

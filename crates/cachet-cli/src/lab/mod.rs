@@ -522,11 +522,17 @@ pub(crate) async fn run(args: LabArgs) -> Result<()> {
         let mut out = report::table(&rows);
         out.push('\n');
         for scenario in &scenarios {
-            match skipped.iter().find(|(name, _)| *name == scenario.name()) {
-                Some((_, line)) => out.push_str(line),
-                None => out.push_str(&scenario.summary(&rows)),
+            let summary = match skipped.iter().find(|(name, _)| *name == scenario.name()) {
+                Some((_, line)) => line.clone(),
+                None => scenario.summary(&rows),
+            };
+            for paragraph in summary.lines() {
+                out.push_str(&report::wrap(
+                    paragraph,
+                    usize::from(report::TABLE_WIDTH),
+                    2,
+                ));
             }
-            out.push('\n');
         }
         for path in &plots {
             out.push_str(&format!("plot: {}\n", path.display()));

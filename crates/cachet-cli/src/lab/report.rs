@@ -287,82 +287,87 @@ pub(crate) fn json_line(row: &Row) -> String {
     serde_json::to_string(row).expect("rows serialize")
 }
 
-/// The aligned table, rows grouped by scenario in the order given.
+/// The widest the table gets, in columns.
+pub(crate) const TABLE_WIDTH: u16 = 120;
+
+/// The table, rows in the order given, at most
+/// [`TABLE_WIDTH`] columns wide (long strategy names wrap); each row with
+/// measurements of its own gets a note number, and the notes follow the table.
 pub(crate) fn table(rows: &[Row]) -> String {
+    use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
     const HEADERS: [&str; 12] = [
-        "scenario",
-        "strategy",
-        "requests",
-        "db_queries",
-        "loads",
-        "stale",
-        "errors",
-        "p50",
-        "p99",
-        "hit_rate",
-        "saved",
-        "detail",
+        "scenario", "strategy", "requests", "queries", "loads", "stale", "errors", "p50", "p99",
+        "hit", "saved", "note",
     ];
-    // Text columns are left-aligned, numbers right-aligned.
-    const LEFT: [bool; 12] = [
-        true, true, false, false, false, false, false, false, false, false, false, true,
-    ];
-    let cells: Vec<[String; 12]> = rows
-        .iter()
-        .map(|r| {
-            [
-                r.scenario.to_owned(),
-                r.strategy.to_owned(),
-                r.requests.to_string(),
-                r.db_queries.to_string(),
-                opt(r.loads),
-                opt(r.stale_entries),
-                r.errors.to_string(),
-                r.p50_us.map_or_else(|| "-".to_owned(), format_us),
-                r.p99_us.map_or_else(|| "-".to_owned(), format_us),
-                r.hit_rate
-                    .map_or_else(|| "-".to_owned(), |h| format!("{:.1}%", h * 100.0)),
-                opt(r.db_queries_saved),
-                detail(r),
-            ]
-        })
-        .collect();
-    let mut widths = HEADERS.map(str::len);
-    for row in &cells {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_width(TABLE_WIDTH)
+        .set_header(HEADERS);
+    for (i, column) in t.column_iter_mut().enumerate() {
+        column.set_padding((0, 2));
+        if i >= 2 {
+            column.set_cell_alignment(CellAlignment::Right);
         }
+    }
+    let mut notes = Vec::new();
+    for r in rows {
+        let detail = detail(r);
+        let note = if detail.is_empty() {
+            String::new()
+        } else {
+            notes.push((r, detail));
+            format!("[{}]", notes.len())
+        };
+        t.add_row([
+            r.scenario.to_owned(),
+            r.strategy.to_owned(),
+            r.requests.to_string(),
+            r.db_queries.to_string(),
+            opt(r.loads),
+            opt(r.stale_entries),
+            r.errors.to_string(),
+            r.p50_us.map_or_else(|| "-".to_owned(), format_us),
+            r.p99_us.map_or_else(|| "-".to_owned(), format_us),
+            r.hit_rate
+                .map_or_else(|| "-".to_owned(), |h| format!("{:.1}%", h * 100.0)),
+            opt(r.db_queries_saved),
+            note,
+        ]);
     }
     let mut out = String::new();
-    let line = |out: &mut String, cols: &[String; 12]| {
-        let mut s = String::new();
-        for (i, c) in cols.iter().enumerate() {
-            if i > 0 {
-                s.push_str("  ");
-            }
-            let pad = widths[i] - c.chars().count();
-            if LEFT[i] {
-                s.push_str(c);
-                s.extend(std::iter::repeat_n(' ', pad));
-            } else {
-                s.extend(std::iter::repeat_n(' ', pad));
-                s.push_str(c);
-            }
-        }
-        out.push_str(s.trim_end());
+    for line in t.to_string().lines() {
+        out.push_str(line.trim_end());
         out.push('\n');
-    };
-    line(&mut out, &HEADERS.map(str::to_owned));
-    let rule_len = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
-    let rule = "-".repeat(rule_len);
-    let mut previous: Option<&str> = None;
-    for (row, cols) in rows.iter().zip(&cells) {
-        if previous != Some(row.scenario) {
-            let _ = writeln!(out, "{rule}");
-            previous = Some(row.scenario);
-        }
-        line(&mut out, cols);
     }
+    if !notes.is_empty() {
+        out.push('\n');
+    }
+    for (i, (r, detail)) in notes.iter().enumerate() {
+        let text = format!("[{}] {} {}: {detail}", i + 1, r.scenario, r.strategy);
+        out.push_str(&wrap(&text, usize::from(TABLE_WIDTH), 4));
+    }
+    out
+}
+
+/// `text` wrapped at word boundaries to `width` columns, continuation lines
+/// indented by `indent` spaces.
+pub(crate) fn wrap(text: &str, width: usize, indent: usize) -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for word in text.split(' ') {
+        let len = line.chars().count();
+        if len > indent && len + 1 + word.chars().count() > width {
+            out.push_str(line.trim_end());
+            out.push('\n');
+            line = " ".repeat(indent);
+        } else if !line.is_empty() && !line.ends_with(' ') {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    out.push_str(line.trim_end());
+    out.push('\n');
     out
 }
 
@@ -509,23 +514,53 @@ mod tests {
     }
 
     #[test]
-    fn table_aligns_and_groups() {
-        let mut a = Row::new("race", "naive cache-aside", ctx());
+    fn table_aligns_and_fits_120_columns() {
+        let mut a = Row::new("write-behind", "naive cache-aside", ctx());
         a.requests = 12_345;
         a.stale_entries = Some(3);
-        let mut b = Row::new("race", "lease-guarded", ctx());
+        a.p50_us = Some(1_234_567);
+        a.p99_us = Some(12_345_678);
+        a.hit_rate = Some(0.999);
+        a.db_queries_saved = Some(123_456);
+        let mut b = Row::new(
+            "write-behind",
+            "durable double-delete (killed after first delete)",
+            ctx(),
+        );
         b.requests = 7;
         b.stale_entries = Some(0);
+        b.transactions = Some(4000);
+        b.acknowledged = Some(4000);
+        b.applied = Some(4000);
+        b.lost_writes = Some(0);
+        b.flusher_kills = Some(1);
+        b.reclaimed = Some(93);
         let c = Row::new("stampede", "naive cache-aside", ctx());
         let t = table(&[a, b, c]);
+        for line in t.lines() {
+            assert!(
+                line.chars().count() <= 120,
+                "{} columns: {line}\n{t}",
+                line.chars().count()
+            );
+        }
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 6, "{t}");
-        assert!(lines[0].starts_with("scenario"));
-        assert!(lines[1].starts_with("---"));
-        assert!(lines[4].starts_with("---"));
+        assert!(lines[0].starts_with("scenario"), "{t}");
+        // Each row starts with its scenario.
+        assert!(lines[1].starts_with("write-behind "), "{t}");
+        assert!(lines[2].starts_with("write-behind "), "{t}");
+        assert!(lines.iter().any(|l| l.starts_with("stampede ")), "{t}");
         // Right-aligned numbers end in the same column.
-        let end = |l: &str, needle: &str| l.find(needle).map(|i| i + needle.len());
-        assert_eq!(end(lines[2], "12345"), end(lines[3], " 7"));
+        let end = |needle: &str| {
+            lines
+                .iter()
+                .find_map(|l| l.find(needle).map(|i| i + needle.len()))
+                .unwrap()
+        };
+        assert_eq!(end("12345"), end("      7"), "{t}");
+        // The long measurements are a note below the table.
+        assert!(t.contains("[1] write-behind durable double-delete"), "{t}");
+        assert!(t.contains("lost_writes 0"), "{t}");
     }
 
     #[test]
