@@ -549,14 +549,36 @@ async fn run_scenarios(
     progress: bool,
 ) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
+    let bar = if progress {
+        let bar = indicatif::ProgressBar::new(scenarios.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{pos}/{len}] {elapsed:>4} {wide_msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(100));
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     for scenario in scenarios {
-        if progress {
-            eprintln!("running {} …", scenario.name());
-        }
+        let about = clap::ValueEnum::to_possible_value(scenario)
+            .and_then(|v| v.get_help().map(ToString::to_string))
+            .unwrap_or_default();
+        bar.set_message(format!("{}: {about}", scenario.name()));
+        let started = std::time::Instant::now();
         let new = scenario
             .run(lab)
             .await
             .with_context(|| format!("scenario {} failed", scenario.name()))?;
+        bar.inc(1);
+        bar.println(format!(
+            "{} done in {:.1}s ({})",
+            scenario.name(),
+            started.elapsed().as_secs_f64(),
+            report::count(new.len() as u64, "row")
+        ));
         if json {
             let mut out = String::new();
             for row in &new {
@@ -567,6 +589,7 @@ async fn run_scenarios(
         }
         rows.extend(new);
     }
+    bar.finish_and_clear();
     Ok(rows)
 }
 
