@@ -521,6 +521,15 @@ impl RedisStore {
         self.inner.conn.clone()
     }
 
+    /// A client for connections of one's own to the store's server (a
+    /// cluster's first node), with the store's TLS settings: write-behind's
+    /// flushers, whose blocking reads must not hold the shared connection.
+    /// Not part of the documented API, which exposes no redis-rs type.
+    #[doc(hidden)]
+    pub fn own_client(&self) -> redis::Client {
+        self.inner.bus_client.clone()
+    }
+
     /// Whether the store is on a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         self.inner.conn.is_cluster()

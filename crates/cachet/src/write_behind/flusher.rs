@@ -309,9 +309,26 @@ where
     /// # Errors
     /// When the URL is invalid or Redis cannot be reached.
     pub async fn connect(self, url: &str) -> Result<Flusher<K, V, S>, Error> {
-        let stream = self.wb.inner.stream.clone();
         let client = redis::Client::open(url)
             .map_err(|e| Error::Config(format!("invalid Redis URL for the flusher: {e}")))?;
+        self.connect_client(client).await
+    }
+
+    /// Connects the flusher to the server of the write-behind's
+    /// [`RedisStore`](crate::RedisStore), on a connection of its own, with the
+    /// store's TLS settings (its CA and client certificate): the way to run a
+    /// flusher against a server whose certificate the system does not trust,
+    /// or that asks for a client certificate.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached.
+    pub async fn connect_store(self) -> Result<Flusher<K, V, S>, Error> {
+        let client = self.wb.inner.store.own_client();
+        self.connect_client(client).await
+    }
+
+    async fn connect_client(self, client: redis::Client) -> Result<Flusher<K, V, S>, Error> {
+        let stream = self.wb.inner.stream.clone();
         let manager = ConnectionManagerConfig::new()
             // A blocking read takes up to `block`; scripts and acks are quick.
             .set_response_timeout(Some(self.config.block + Duration::from_secs(5)))

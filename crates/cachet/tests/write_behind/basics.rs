@@ -531,3 +531,61 @@ fn now_ms() -> u64 {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     u64::try_from(since.unwrap().as_millis()).unwrap()
 }
+
+/// Collects what it is given.
+#[derive(Clone, Default)]
+struct Collect(std::sync::Arc<std::sync::Mutex<Vec<(u64, u64)>>>);
+
+impl Sink<u64, Item> for Collect {
+    async fn apply(&self, batch: &[Write<u64, Item>]) -> Result<(), cachet::BoxError> {
+        let mut got = self.0.lock().unwrap();
+        got.extend(batch.iter().map(|w| (w.key, w.version)));
+        Ok(())
+    }
+}
+
+/// On a server whose certificate only a private CA vouches for, and that
+/// asks for a client certificate, a flusher connects with the store's TLS
+/// settings; by URL alone (the system's roots, no client certificate) it
+/// cannot.
+#[tokio::test]
+async fn a_flusher_connects_over_tls_with_the_stores_settings() {
+    use cachet_testkit::{ClientAuth, RedisServer, TestPki};
+    let pki = TestPki::generate();
+    let server = RedisServer::start_tls(&pki, ClientAuth::Required);
+    let store = cachet::RedisStore::builder(server.tls_url())
+        .tls_ca_pem(pki.ca_pem.as_bytes())
+        .tls_client_cert_pem(
+            pki.client.cert_pem.as_bytes(),
+            pki.client.key_pem.as_bytes(),
+        )
+        .connect()
+        .await
+        .unwrap();
+    let cache = support::cache(store.clone());
+    let wb = support::builder(store, &cache).build().await.unwrap();
+    for id in 0..3u64 {
+        let queued = wb.write_behind(&id, Item::new(1, "x")).await.unwrap();
+        assert!(matches!(queued, WriteOutcome::Queued { .. }), "{queued:?}");
+    }
+
+    let by_url = wb
+        .flusher(Collect::default())
+        .connect(&server.tls_url())
+        .await;
+    assert!(
+        by_url.is_err(),
+        "a flusher trusted the private CA by URL alone"
+    );
+
+    let sink = Collect::default();
+    let flusher = support::quick(wb.flusher(sink.clone()))
+        .connect_store()
+        .await
+        .unwrap();
+    assert_eq!(flusher.flush_once().await.unwrap(), 3);
+    let mut got = sink.0.lock().unwrap().clone();
+    got.sort_unstable();
+    assert_eq!(got, vec![(0, 1), (1, 1), (2, 1)]);
+    assert_eq!(wb.backlog().await.unwrap(), 0);
+}
