@@ -526,13 +526,9 @@ pub(crate) async fn run(args: LabArgs) -> Result<()> {
                 Some((_, line)) => line.clone(),
                 None => scenario.summary(&rows),
             };
-            for paragraph in summary.lines() {
-                out.push_str(&report::wrap(
-                    paragraph,
-                    usize::from(report::TABLE_WIDTH),
-                    2,
-                ));
-            }
+            // One line each, however long: a summary is found by its first words.
+            out.push_str(&summary);
+            out.push('\n');
         }
         for path in &plots {
             out.push_str(&format!("plot: {}\n", path.display()));

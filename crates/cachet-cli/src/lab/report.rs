@@ -352,7 +352,7 @@ pub(crate) fn table(rows: &[Row]) -> String {
 
 /// `text` wrapped at word boundaries to `width` columns, continuation lines
 /// indented by `indent` spaces.
-pub(crate) fn wrap(text: &str, width: usize, indent: usize) -> String {
+fn wrap(text: &str, width: usize, indent: usize) -> String {
     let mut out = String::new();
     let mut line = String::new();
     for word in text.split(' ') {
