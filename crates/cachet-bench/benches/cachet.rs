@@ -9,7 +9,10 @@
 //!   `quick_cache::sync::Cache::get` (target ratio ≤ 1.2);
 //! - `redis_miss`: a miss that loads (≈1 ms, like a primary-key query) and fills,
 //!   through `get_or_load` (GET, lease script, load, fill script) vs naive
-//!   cache-aside (GET, load, SET) (target ratio ≤ 1.15).
+//!   cache-aside (GET, load, SET) (target ratio ≤ 1.15);
+//! - `redis_batch_hit_100`, `redis_batch_miss_100`: `get_many` of 100 hits vs a
+//!   raw `MGET` (target ≤ 1.2), and a 100-key miss batch through
+//!   `get_or_load_many` vs `MGET`, one query and pipelined `SET`s (target ≤ 1.3).
 //!
 //! `scripts/bench-ratios` prints the ratios from criterion's results.
 
@@ -409,6 +412,123 @@ fn envelope_checksum(c: &mut Criterion) {
     g.finish();
 }
 
+/// Keys in one batch of the batch benchmarks.
+const BATCH: usize = 100;
+
+/// `get_many` of 100 hits against a raw `MGET` of the same keys (the same
+/// bytes), and a 100-key miss batch through `get_or_load_many` against naive
+/// batch cache-aside: `MGET`, one query for the missing keys, pipelined `SET`s.
+fn redis_batch(c: &mut Criterion) {
+    let r = redis();
+    r.rt.block_on(async {
+        for k in 0..KEYS {
+            r.cache.set(&k, value(k)).await.unwrap();
+        }
+    });
+    let batches: Vec<Vec<u64>> = keys(BATCH * 64)
+        .chunks(BATCH)
+        .map(<[u64]>::to_vec)
+        .collect();
+    let raw_batches: Vec<Vec<String>> = batches
+        .iter()
+        .map(|b| {
+            b.iter()
+                .map(|k| r.cache.store_key(k).as_str().to_owned())
+                .collect()
+        })
+        .collect();
+    let mut g = c.benchmark_group("redis_batch_hit_100");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let mut i = 0;
+    g.bench_function("redis_mget", |b| {
+        b.to_async(&r.rt).iter(|| {
+            i = (i + 1) % raw_batches.len();
+            let keys = &raw_batches[i];
+            let mut conn = r.conn.clone();
+            async move {
+                let v: Vec<Option<bytes::Bytes>> = redis::cmd("MGET")
+                    .arg(keys)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                black_box(v.len())
+            }
+        });
+    });
+    g.bench_function("cachet_get_many", |b| {
+        b.to_async(&r.rt).iter(|| {
+            i = (i + 1) % batches.len();
+            let (keys, cache) = (&batches[i], &r.cache);
+            async move {
+                let v = cache.get_many(keys).await.unwrap();
+                assert!(v.iter().all(Option::is_some));
+                black_box(v.len())
+            }
+        });
+    });
+    g.finish();
+
+    // Every iteration reads 100 keys never read before.
+    let next = AtomicU64::new(2_000_000);
+    let fresh_batch = || -> Vec<u64> {
+        let first = next.fetch_add(BATCH as u64, Ordering::Relaxed);
+        (first..first + BATCH as u64).collect()
+    };
+    let mut g = c.benchmark_group("redis_batch_miss_100");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.sample_size(30);
+    g.measurement_time(Duration::from_secs(5));
+    g.bench_function("naive_mget_query_sets", |b| {
+        b.to_async(&r.rt).iter(|| {
+            let ids = fresh_batch();
+            let keys: Vec<String> = ids
+                .iter()
+                .map(|k| r.cache.store_key(k).as_str().to_owned())
+                .collect();
+            let mut conn = r.conn.clone();
+            async move {
+                let hits: Vec<Option<bytes::Bytes>> = redis::cmd("MGET")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                assert!(hits.iter().all(Option::is_none));
+                let values = load_many(ids).await.unwrap();
+                let mut pipe = redis::pipe();
+                for (key, v) in keys.iter().zip(values.values()) {
+                    let bytes = postcard::to_allocvec(v).unwrap();
+                    pipe.cmd("SET")
+                        .arg(key)
+                        .arg(bytes)
+                        .arg("PX")
+                        .arg(3_600_000)
+                        .ignore();
+                }
+                let _: () = pipe.query_async(&mut conn).await.unwrap();
+                black_box(values.len())
+            }
+        });
+    });
+    g.bench_function("cachet_get_or_load_many", |b| {
+        b.to_async(&r.rt).iter(|| {
+            let ids = fresh_batch();
+            let cache = &r.cache;
+            async move {
+                let v = cache.get_or_load_many(&ids, load_many).await.unwrap();
+                assert!(v.iter().all(Option::is_some));
+                black_box(v.len())
+            }
+        });
+    });
+    g.finish();
+}
+
+/// One query for many rows: about 1 ms, like `WHERE id = ANY($1)`.
+async fn load_many(ids: Vec<u64>) -> Result<std::collections::HashMap<u64, Value>, std::io::Error> {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    Ok(ids.into_iter().map(|id| (id, value(id))).collect())
+}
+
 criterion_group!(
     benches,
     memory_hit,
@@ -416,6 +536,7 @@ criterion_group!(
     redis_hit,
     redis_miss,
     invalidate,
+    redis_batch,
     envelope_checksum
 );
 criterion_main!(benches);

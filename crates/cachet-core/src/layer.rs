@@ -46,6 +46,8 @@ use crate::store::{
 pub enum Op<'a> {
     /// [`Store::get`].
     Get(&'a StoreKey),
+    /// [`Store::get_many`].
+    GetMany(&'a [StoreKey]),
     /// [`Store::acquire`].
     Acquire(&'a StoreKey, AcquireMode),
     /// [`Store::fill`].
@@ -155,6 +157,10 @@ impl<L: StoreLayer, S: Store> Store for Layered<L, S> {
     }
     fn get<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, Read> {
         self.layer.call(Op::Get(key), self.inner.get(key))
+    }
+    fn get_many<'a>(&'a self, keys: &'a [StoreKey]) -> StoreFuture<'a, Vec<Read>> {
+        self.layer
+            .call(Op::GetMany(keys), self.inner.get_many(keys))
     }
     /// `None`: a read through a layer is a call the layer sees.
     fn get_now(&self, _key: &StoreKey) -> Option<Read> {

@@ -320,6 +320,23 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         None
     }
 
+    /// Reads many entries, in the order of `keys`, in as few round trips as
+    /// the store can (Redis: one `MGET`, split by hash slot on a cluster). The
+    /// default reads them one after the other; a store with a batch read
+    /// overrides it.
+    fn get_many<'a>(&'a self, keys: &'a [StoreKey]) -> StoreFuture<'a, Vec<Read>> {
+        Box::pin(async move {
+            let mut reads = Vec::with_capacity(keys.len());
+            for key in keys {
+                reads.push(match self.get_now(key) {
+                    Some(read) => read,
+                    None => self.get(key).await?,
+                });
+            }
+            Ok(reads)
+        })
+    }
+
     /// Atomically returns the entry, or grants a lease with TTL `lease_ttl`, or
     /// reports that another caller holds the lease.
     fn acquire<'a>(
@@ -531,6 +548,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn get_now(&self, key: &StoreKey) -> Option<Read> {
         (**self).get_now(key)
+    }
+    fn get_many<'a>(&'a self, keys: &'a [StoreKey]) -> StoreFuture<'a, Vec<Read>> {
+        (**self).get_many(keys)
     }
     fn acquire<'a>(
         &'a self,

@@ -870,6 +870,35 @@ impl Store for RedisStore {
         })
     }
 
+    /// One `MGET` (a cluster connection splits it by hash slot, one request
+    /// per node). Grouped keys are read with their group's generation, one
+    /// script each, pipelined on the connection.
+    fn get_many<'a>(&'a self, keys: &'a [StoreKey]) -> StoreFuture<'a, Vec<Read>> {
+        Box::pin(async move {
+            if keys.len() < 2 || keys.iter().any(|k| k.group().is_some()) {
+                return futures::future::try_join_all(keys.iter().map(|k| self.get(k))).await;
+            }
+            let mut mget = redis::cmd("MGET");
+            for key in keys {
+                mget.arg(key.as_str());
+            }
+            // A key holding another type reads as nil: a miss, replaced when
+            // it is filled.
+            let values: Vec<Option<Bytes>> = mget
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            if values.len() != keys.len() {
+                return Err(StoreError::protocol(format!(
+                    "MGET of {} keys answered {} values",
+                    keys.len(),
+                    values.len()
+                )));
+            }
+            Ok(values.into_iter().map(read_of).collect())
+        })
+    }
+
     fn acquire<'a>(
         &'a self,
         key: &'a StoreKey,

@@ -382,9 +382,12 @@ impl StoreLayer for Breaker {
             Op::InvalidateGroup(group) => Some(Kept::Group(group)),
             _ => None,
         };
-        let read = match op {
-            Op::Get(key) | Op::Acquire(key, _) | Op::Fill(key) | Op::Ttl(key) => Some(key),
-            _ => None,
+        let read: &[StoreKey] = match op {
+            Op::Get(key) | Op::Acquire(key, _) | Op::Fill(key) | Op::Ttl(key) => {
+                std::slice::from_ref(key)
+            }
+            Op::GetMany(keys) => keys,
+            _ => &[],
         };
         if !self.allow() {
             if let Some(what) = write {
@@ -393,9 +396,10 @@ impl StoreLayer for Breaker {
             return Box::pin(std::future::ready(Err(self.open_error())));
         }
         Box::pin(async move {
-            if let Some(key) = read
-                && self.pending() > 0
-            {
+            for key in read {
+                if self.pending() == 0 {
+                    break;
+                }
                 self.deliver_before_read(key).await?;
             }
             // A call still waiting when the breaker opens stops waiting.

@@ -155,6 +155,48 @@ async fn foreign_types_and_ttl_less_leases_are_replaced() {
     }
 }
 
+/// The same planted keys met by a batch: its one `MGET` reads a list as a
+/// miss, and the batch load replaces it and takes over the TTL-less lease.
+#[tokio::test]
+async fn a_batch_replaces_foreign_types_and_ttl_less_leases() {
+    let fx = Fx::redis().await;
+    let server = fx.server().unwrap();
+    let cache: Cache<u64, String> = fx
+        .builder("planted-batch")
+        .lease_wait(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let list = cache.store_key(&1);
+    assert_eq!(server.command(&["RPUSH", list.as_str(), "x"]), "1");
+    let stuck = cache.store_key(&2);
+    assert_eq!(server.command(&["SET", &stuck.lease_key(), "no TTL"]), "OK");
+
+    assert_eq!(cache.get_many(&[1, 2, 3]).await.unwrap(), vec![None; 3]);
+    let loader = |ids: Vec<u64>| async move {
+        Res::Ok(
+            ids.into_iter()
+                .map(|id| (id, format!("v{id}")))
+                .collect::<std::collections::HashMap<_, _>>(),
+        )
+    };
+    let got = tokio::time::timeout(
+        Duration::from_secs(10),
+        cache.get_or_load_many(&[1, 2, 3], loader),
+    )
+    .await
+    .expect("no lease wait")
+    .unwrap();
+    let want: Vec<_> = (1..=3).map(|id| Some(format!("v{id}"))).collect();
+    assert_eq!(got, want);
+    assert_eq!(cache.get_many(&[1, 2, 3]).await.unwrap(), want, "cached");
+    let s = cache.stats();
+    assert_eq!((s.store_errors, s.lease_waits), (0, 0), "{s:?}");
+    for key in [&list, &stuck] {
+        let pttl: i64 = server.command(&["PTTL", key.as_str()]).parse().unwrap();
+        assert!(pttl > 0, "{key} carries a TTL");
+    }
+}
+
 #[tokio::test]
 async fn values_written_with_one_codec_are_misses_for_another() {
     let fx = Fx::redis().await;

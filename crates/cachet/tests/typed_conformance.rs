@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
+use cachet::store::{Layered, Op, StoreFuture, StoreLayer};
 use cachet::{
     BloomOptions, Cache, CacheBuilder, CacheKey, Clock, DeferredWorker, ErrorKind, MemoryStore,
     MockClock, NearCache, RedisStore, Store,
@@ -297,6 +298,7 @@ typed_conformance!(
     a_write_racing_a_batch_refuses_that_keys_fill_only,
     a_key_leased_elsewhere_is_waited_for_not_loaded_again_by_a_batch,
     overlapping_batches_from_four_processes_load_each_key_once,
+    a_batch_reads_the_store_in_one_call,
 );
 
 // ---------------------------------------------------------------------------
@@ -1472,4 +1474,64 @@ async fn overlapping_batches_from_four_processes_load_each_key_once(fx: Fx) {
         "{}: loaded more than once: {twice:?}",
         fx.name()
     );
+}
+
+/// Counts the reads that reach a store.
+#[derive(Debug, Default)]
+struct CountReads {
+    gets: AtomicU64,
+    batches: AtomicU64,
+}
+
+impl StoreLayer for CountReads {
+    fn call<'a, T: Send + 'a>(
+        &'a self,
+        op: Op<'a>,
+        call: StoreFuture<'a, T>,
+    ) -> StoreFuture<'a, T> {
+        match op {
+            Op::Get(_) => self.gets.fetch_add(1, Ordering::SeqCst),
+            Op::GetMany(_) => self.batches.fetch_add(1, Ordering::SeqCst),
+            _ => 0,
+        };
+        call
+    }
+}
+
+/// `get_many` and the lookups of `get_or_load_many` reach the store as one
+/// batch read, never a read per key; hits and misses come back in the
+/// keys' order.
+async fn a_batch_reads_the_store_in_one_call(fx: Fx) {
+    let counted = Arc::new(Layered::new(CountReads::default(), fx.store()));
+    let mut builder: CacheBuilder<u64, String> =
+        Cache::builder(fx.ns("batch-read")).store(Arc::clone(&counted) as Arc<dyn Store>);
+    if let Some(clock) = fx.clock() {
+        builder = builder.clock(clock.clock());
+    }
+    let cache = builder.build().unwrap();
+    for id in [1, 3, 5] {
+        cache.set(&id, format!("v{id}")).await.unwrap();
+    }
+    let reads = |c: &CountReads| {
+        (
+            c.gets.load(Ordering::SeqCst),
+            c.batches.load(Ordering::SeqCst),
+        )
+    };
+    let got = cache.get_many(&[5, 4, 3, 2, 1]).await.unwrap();
+    let some = |id: u64| Some(format!("v{id}"));
+    assert_eq!(got, vec![some(5), None, some(3), None, some(1)]);
+    assert_eq!(reads(counted.layer()), (0, 1), "{}", fx.name());
+
+    let source = Source::with(&[(2, "v2"), (4, "v4")]);
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let got = cache
+        .get_or_load_many(&[1, 2, 3, 4], batch_loader(&source, &calls))
+        .await
+        .unwrap();
+    assert_eq!(got, vec![some(1), some(2), some(3), some(4)]);
+    assert_eq!(*calls.lock().unwrap(), vec![vec![2, 4]], "{}", fx.name());
+    assert_eq!(reads(counted.layer()), (0, 2), "{}", fx.name());
+    let s = cache.stats();
+    assert_eq!((s.hits, s.misses), (5, 4), "{}: {s:?}", fx.name());
 }

@@ -1,8 +1,8 @@
 //! Batch reads and loads: [`Cache::get_many`] and [`Cache::get_or_load_many`].
 //!
-//! A batch runs the read path's stages for each key (lookup, plan, admission),
-//! concurrently, so that on Redis the reads share round trips (the multiplexed
-//! connection pipelines them). The keys that are plainly missing then go
+//! A batch runs the read path's stages for each key (lookup, plan, admission);
+//! the lookups of keys not in the near cache go to the store as one batch read
+//! (on Redis one `MGET`, one per node on a cluster). The keys that are plainly missing then go
 //! together: each joins its flight in this process (a key another caller here
 //! is loading is followed, not loaded again), the leases of the keys this
 //! batch leads are taken concurrently, **one** loader call loads every key
@@ -58,17 +58,20 @@ where
     K: CacheKey + Clone + Eq + Hash + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    /// Reads many values at once: [`get`](Self::get) for each key, the reads
-    /// sent together (on Redis, pipelined on the connection: about one round
-    /// trip for the batch, one per node on a cluster). Results are in the order
-    /// of `keys`.
+    /// Reads many values at once: what [`get`](Self::get) would serve for
+    /// each key, the near cache first, then the rest in one batch read of the
+    /// store (on Redis one `MGET`; one per node on a cluster; keys with groups
+    /// are read by one script each, pipelined). Results are in the order of
+    /// `keys`.
     ///
     /// # Errors
     /// When the store fails for any key; the error names the first such key.
     pub async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<V>>, Error> {
-        join_all(keys.iter().map(|key| self.get(key)))
-            .await
-            .into_iter()
+        let keys: Vec<&K> = keys.iter().collect();
+        let found = self.inner.lookup_tiers_many(&keys, true).await;
+        keys.into_iter()
+            .zip(found)
+            .map(|(key, found)| self.served(key, found))
             .collect()
     }
 
@@ -87,8 +90,8 @@ where
     /// expired with a fail-safe fallback. So `loader` may be called more than
     /// once, but never twice for one key by one batch.
     ///
-    /// Costs on Redis: the reads (pipelined), one lease script per missing
-    /// key (pipelined), the loader, one fill script per loaded key
+    /// Costs on Redis: one batch read (as in [`get_many`](Self::get_many)),
+    /// one lease script per missing key (pipelined), the loader, one fill script per loaded key
     /// (pipelined).
     ///
     /// # Errors
@@ -116,21 +119,28 @@ where
                 distinct.len() - 1
             });
         }
-        let steps = join_all(distinct.iter().map(|key| self.batch_step(key, &loader))).await;
+        let found = self.inner.lookup_tiers_many(&distinct, true).await;
+        let steps = join_all(
+            distinct
+                .iter()
+                .zip(found)
+                .map(|(key, found)| self.batch_step(key, found, &loader)),
+        )
+        .await;
         let outcomes = self.batch_load(&distinct, steps, &loader).await;
         keys.iter()
             .map(|key| outcomes[position[key]].clone())
             .collect()
     }
 
-    /// The read stages for one key of a batch: lookup, plan, admission.
-    async fn batch_step<F, Fut, E>(&self, key: &K, loader: &Arc<F>) -> Step<V>
+    /// The read stages after the lookup for one key of a batch: plan, admission.
+    async fn batch_step<F, Fut, E>(&self, key: &K, found: Found<V>, loader: &Arc<F>) -> Step<V>
     where
         F: Fn(Vec<K>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
         E: Into<BoxError> + Send + 'static,
     {
-        let (mut at, found) = match self.inner.lookup_tiers(key, true).await {
+        let (mut at, found) = match found {
             Found::Near(v) => return Step::Done(Ok(v)),
             Found::Tier(at, found) => (at, found),
         };

@@ -330,6 +330,18 @@ where
             Some(read) => Ok(read),
             None => self.s.store.get(key).await,
         };
+        self.classify(key, read, started, count)
+    }
+
+    /// What a read of the shared store means for the key: decoded, counted,
+    /// and classified by freshness.
+    fn classify(
+        &self,
+        key: &StoreKey,
+        read: Result<Read, StoreError>,
+        started: std::time::Instant,
+        count: bool,
+    ) -> Lookup<V> {
         match read {
             Ok(Read::Hit(entry)) => {
                 let meta = entry.meta;
@@ -392,6 +404,58 @@ where
             ticket: None,
         };
         Found::Tier(at, lookup)
+    }
+
+    /// Stage 1 for many keys: [`lookup_tiers`](Self::lookup_tiers) for each,
+    /// the shared store's reads sent as one batch read.
+    pub(crate) async fn lookup_tiers_many(&self, keys: &[&K], count: bool) -> Vec<Found<V>> {
+        let mut found = Vec::with_capacity(keys.len());
+        if self.local.is_some() {
+            // In-process lookups never wait: one by one.
+            for key in keys {
+                found.push(self.lookup_tiers(key, count).await);
+            }
+            return found;
+        }
+        let mut pending = Vec::new();
+        let mut skeys = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let group = self.group_of(key);
+            if let Some(v) = self.near_hit(key, group.as_deref(), count) {
+                found.push(Found::Near(v));
+                continue;
+            }
+            let skey = self.key_with(key, group.as_deref());
+            let ticket = self.near.as_ref().and_then(|n| n.ticket(&skey));
+            // A placeholder, replaced below.
+            found.push(Found::Near(None));
+            pending.push((i, group, ticket));
+            skeys.push(skey);
+        }
+        if skeys.is_empty() {
+            return found;
+        }
+        let started = std::time::Instant::now();
+        let reads = self.s.store.get_many(&skeys).await;
+        let mut reads = match reads {
+            Ok(reads) => reads.into_iter().map(Ok).collect(),
+            Err(e) => each_failed(e, skeys.len()),
+        };
+        for (((i, group, ticket), skey), read) in
+            pending.into_iter().zip(skeys).zip(reads.drain(..))
+        {
+            let lookup = self.classify(&skey, read, started, count);
+            if let Lookup::Fresh(v, meta) = &lookup {
+                self.near_put(keys[i], &skey, ticket, v, meta.soft_expiry_ms);
+            }
+            let at = At {
+                group,
+                skey: Some(skey),
+                ticket,
+            };
+            found[i] = Found::Tier(at, lookup);
+        }
+        found
     }
 
     /// Writes `value` unconditionally, or version-checked, revoking any lease.
@@ -768,4 +832,13 @@ where
             near.put(key, skey.group(), ticket, value.clone(), ttl);
         }
     }
+}
+
+/// A batch read's failure as the failure of each of its `n` reads: the first
+/// carries the error, the others its kind and message.
+fn each_failed(e: StoreError, n: usize) -> Vec<Result<Read, StoreError>> {
+    let copy = || StoreError::new(e.kind(), cachet_core::Report(&e).to_string());
+    let mut failed: Vec<_> = (1..n).map(|_| Err(copy())).collect();
+    failed.insert(0, Err(e));
+    failed
 }

@@ -219,7 +219,13 @@ where
     /// `get` and `peek`: stage 1 of the read path, and nothing else.
     #[inline]
     async fn read(&self, key: &K, count: bool) -> Result<Option<V>, Error> {
-        match self.inner.lookup_tiers(key, count).await {
+        let found = self.inner.lookup_tiers(key, count).await;
+        self.served(key, found)
+    }
+
+    /// What a read serves from what stage 1 found.
+    pub(super) fn served(&self, key: &K, found: Found<V>) -> Result<Option<V>, Error> {
+        match found {
             Found::Near(v) => Ok(v),
             Found::Tier(_, Lookup::Fresh(v, _) | Lookup::Stale(v, _)) => Ok(v),
             Found::Tier(mut at, Lookup::Failed(e)) => {
