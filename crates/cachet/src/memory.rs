@@ -184,7 +184,18 @@ where
             .filter(|item| self.current(item, group))
     }
 
-    #[inline]
+    /// The live item under `key`, whatever its generation: the hit fast path
+    /// of a cache without groups.
+    #[inline(always)]
+    pub(crate) fn get_ungrouped<B>(&self, key: &B) -> Option<P>
+    where
+        Q: Borrow<B>,
+        B: Hash + Eq + ?Sized,
+    {
+        self.live(key, self.clock.coarse_ms())
+    }
+
+    #[inline(always)]
     fn live<B>(&self, key: &B, now: u64) -> Option<P>
     where
         Q: Borrow<B>,
@@ -396,6 +407,10 @@ impl<V> Generational for Slot<V> {
 /// `group` is the escaped group of the key, for caches with groups.
 pub(crate) trait LocalTier<K: ?Sized, V>: Send + Sync {
     fn get(&self, key: &K, group: Option<&str>) -> Option<Slot<V>>;
+    /// The value of a key without a group whose entry needs nothing but its
+    /// value (fresh, no soft expiry); `None` for anything else, which the full
+    /// read path then looks at.
+    fn hit(&self, key: &K) -> Option<Option<V>>;
     fn acquire(
         &self,
         key: &K,
@@ -631,6 +646,14 @@ where
     #[inline]
     fn get(&self, key: &K, group: Option<&str>) -> Option<Slot<V>> {
         self.table.get(key, group)
+    }
+    #[inline]
+    fn hit(&self, key: &K) -> Option<Option<V>> {
+        let slot = self.table.get_ungrouped(key)?;
+        if slot.meta.soft_expiry_ms != 0 {
+            return None;
+        }
+        Some(slot.value)
     }
     fn acquire(
         &self,

@@ -293,18 +293,15 @@ where
             // A near cache's hit is just as local.
             return self.near_hit(key, None, count);
         };
-        let slot = local.get(key, None)?;
-        if slot.meta.soft_expiry_ms != 0 {
-            return None;
-        }
+        let value = local.hit(key)?;
         if count {
-            if slot.value.is_some() {
+            if value.is_some() {
                 self.counters.hits.inc();
             } else {
                 self.counters.negative_hits.inc();
             }
         }
-        Some(slot.value)
+        Some(value)
     }
 
     #[inline]

@@ -16,6 +16,7 @@ mod inner;
 mod load;
 mod read;
 
+use futures::future::Either;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -197,14 +198,11 @@ where
         &'a self,
         key: &'a K,
     ) -> impl Future<Output = Result<Option<V>, Error>> + Send + 'a {
-        // An in-process hit is answered before any future state is built; the
-        // rest is boxed so that the future a hit returns stays small.
-        let hit = self.inner.local_hit(key, true);
-        async move {
-            match hit {
-                Some(v) => Ok(v),
-                None => Box::pin(self.read(key, true)).await,
-            }
+        // An in-process hit is answered before any future is built: a ready
+        // one; the rest of the read path is boxed.
+        match self.inner.local_hit(key, true) {
+            Some(v) => Either::Left(std::future::ready(Ok(v))),
+            None => Either::Right(Box::pin(self.read(key, true))),
         }
     }
 
@@ -289,14 +287,10 @@ where
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: Into<BoxError> + Send + 'static,
     {
-        // An in-process hit is answered before any future state is built; the
-        // rest is boxed so that the future a hit returns stays small.
-        let hit = self.inner.local_hit(key, true);
-        async move {
-            match hit {
-                Some(v) => Ok(v),
-                None => Box::pin(self.load_path(key, options, loader)).await,
-            }
+        // As in `get`: a hit is a ready future, the rest is boxed.
+        match self.inner.local_hit(key, true) {
+            Some(v) => Either::Left(std::future::ready(Ok(v))),
+            None => Either::Right(Box::pin(self.load_path(key, options, loader))),
         }
     }
 
