@@ -35,15 +35,19 @@ use rand::{Rng as _, SeedableRng as _};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::Lab;
 use super::admin::RedisAdmin;
 use super::double_delete::namespace;
 use super::redis_server::{Persistence, ScenarioRedis};
 use super::report::{Latency, Row, find, format_us};
 use super::source::{Db, Item};
 use super::workload::{build_cache, fill, join_within, loader};
+use super::{Entry, Lab};
 
 pub(super) const NAME: &str = "outage";
+/// What it stages, for `--help` and the progress line.
+const ABOUT: &str = "Redis unavailable mid-run, with and without the circuit breaker (needs Redis)";
+/// Its entry in the lab's registry.
+pub(super) const SCENARIO: Entry = Entry::new(NAME, ABOUT, |lab| Box::pin(run(lab)), summary);
 const NAIVE: &str = "naive (no breaker)";
 const PROTECTED: &str = "protected (breaker + retried invalidations)";
 
@@ -302,7 +306,7 @@ async fn run_rows(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
                 during.record(*took);
             }
         }
-        let mut row = lab.row(NAME, lane.strategy.name());
+        let mut row = lab.row(NAME, lane.strategy.slug(), lane.strategy.name());
         row.store = target.kind();
         row.requests = outcome.reads.len() as u64 + outcome.writes;
         row.writes = outcome.writes;
@@ -321,7 +325,11 @@ async fn run_rows(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
             row.short_circuits = Some(stats.short_circuits);
             row.retried_invalidations = Some(stats.retried_invalidations);
         }
-        rows.push(row.with_latency(&all).elapsed(started.elapsed()));
+        rows.push(
+            row.with_latency(&all)
+                .time_boxed(duration)
+                .elapsed(started.elapsed()),
+        );
     }
     for lane in &lanes {
         lab.forget(&lane.cache).await;

@@ -15,11 +15,19 @@ use serde::Serialize;
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct Row {
     pub(crate) scenario: &'static str,
+    /// The strategy's stable name within its scenario (`naive`, `lease`…):
+    /// what summaries, tests and `--json` consumers find a row by.
+    pub(crate) slug: &'static str,
+    /// The strategy as the table shows it; free to change.
     pub(crate) strategy: &'static str,
     pub(crate) store: &'static str,
     pub(crate) database: &'static str,
     /// Operations the workload issued: reads and writes.
     pub(crate) requests: u64,
+    /// How long the workload ran when it runs for a fixed time rather than a
+    /// fixed count (`requests` then depends on the machine: the notes state
+    /// both, so two runs can be compared).
+    pub(crate) time_box_ms: Option<u64>,
     /// Of which writes (UPDATE, then invalidate when there is a cache).
     pub(crate) writes: u64,
     /// Read queries sent to the source of truth.
@@ -114,13 +122,20 @@ pub(crate) struct Row {
 
 impl Row {
     /// A row with the identity fields set and every measurement empty.
-    pub(crate) fn new(scenario: &'static str, strategy: &'static str, ctx: RowContext) -> Self {
+    pub(crate) fn new(
+        scenario: &'static str,
+        slug: &'static str,
+        strategy: &'static str,
+        ctx: RowContext,
+    ) -> Self {
         Self {
             scenario,
+            slug,
             strategy,
             store: ctx.store,
             database: ctx.database,
             requests: 0,
+            time_box_ms: None,
             writes: 0,
             db_queries: 0,
             loads: None,
@@ -171,6 +186,13 @@ impl Row {
     pub(crate) fn with_latency(mut self, latency: &Latency) -> Self {
         self.p50_us = latency.quantile_us(0.50);
         self.p99_us = latency.quantile_us(0.99);
+        self
+    }
+
+    /// Marks the row's workload as running for `duration`, whatever the
+    /// number of requests it made.
+    pub(crate) fn time_boxed(mut self, duration: Duration) -> Self {
+        self.time_box_ms = Some(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX));
         self
     }
 
@@ -237,10 +259,10 @@ pub(crate) struct RowContext {
     pub(crate) seed: u64,
 }
 
-/// Finds a scenario's row by a word of its strategy name.
-pub(crate) fn find<'a>(rows: &'a [Row], scenario: &str, word: &str) -> Option<&'a Row> {
+/// Finds a scenario's row by its strategy's slug.
+pub(crate) fn find<'a>(rows: &'a [Row], scenario: &str, slug: &str) -> Option<&'a Row> {
     rows.iter()
-        .find(|r| r.scenario == scenario && r.strategy.contains(word))
+        .find(|r| r.scenario == scenario && r.slug == slug)
 }
 
 /// A latency histogram in microseconds.
@@ -396,6 +418,13 @@ pub(crate) fn times(n: u64) -> String {
 /// The measurements only some scenarios have, as short text.
 fn detail(r: &Row) -> String {
     let mut parts = Vec::new();
+    if let Some(ms) = r.time_box_ms {
+        parts.push(format!(
+            "{} in {} (time-boxed)",
+            count(r.requests, "request"),
+            format_us(ms.saturating_mul(1_000))
+        ));
+    }
     if let Some(audit) = &r.audit {
         let within: Vec<String> = audit
             .bounds
@@ -515,7 +544,7 @@ mod tests {
 
     #[test]
     fn table_aligns_and_fits_120_columns() {
-        let mut a = Row::new("write-behind", "naive cache-aside", ctx());
+        let mut a = Row::new("write-behind", "naive", "naive cache-aside", ctx());
         a.requests = 12_345;
         a.stale_entries = Some(3);
         a.p50_us = Some(1_234_567);
@@ -524,6 +553,7 @@ mod tests {
         a.db_queries_saved = Some(123_456);
         let mut b = Row::new(
             "write-behind",
+            "durable",
             "durable double-delete (killed after first delete)",
             ctx(),
         );
@@ -535,7 +565,7 @@ mod tests {
         b.lost_writes = Some(0);
         b.flusher_kills = Some(1);
         b.reclaimed = Some(93);
-        let c = Row::new("stampede", "naive cache-aside", ctx());
+        let c = Row::new("stampede", "naive", "naive cache-aside", ctx());
         let t = table(&[a, b, c]);
         for line in t.lines() {
             assert!(
@@ -565,7 +595,7 @@ mod tests {
 
     #[test]
     fn json_uses_null_for_missing_fields() {
-        let row = Row::new("penetration", "negative caching", ctx());
+        let row = Row::new("penetration", "negative", "negative caching", ctx());
         let v: serde_json::Value = serde_json::from_str(&json_line(&row)).unwrap();
         assert_eq!(v["scenario"], "penetration");
         assert!(v["stale_entries"].is_null());
