@@ -36,6 +36,14 @@ fn embedded_run_shows_each_failure_and_its_fix() {
     crate::near_cache::assert_near_cache(&rows);
     crate::outage::assert_outage(&rows);
     crate::write_behind::assert_write_behind(&rows);
+    crate::refresh_ahead::assert_refresh_ahead(&rows);
+    crate::fail_safe::assert_fail_safe(&rows);
+    crate::write_through_race::assert_write_through_race(&rows);
+    // The durability note about the lab's own throwaway redis-server is
+    // labelled as such.
+    for line in rows.stderr.lines().filter(|l| l.contains("durability")) {
+        assert!(line.starts_with("(expected, staged by the lab"), "{line}");
+    }
 }
 
 #[test]
@@ -92,6 +100,9 @@ async fn redis_and_postgres_run_cleans_up_after_itself() {
     assert_eq!(rows.u64("stampede", "4 processes", "db_queries"), 1);
     crate::near_cache::assert_near_cache(&rows);
     crate::write_behind::assert_write_behind(&rows);
+    crate::refresh_ahead::assert_refresh_ahead(&rows);
+    crate::fail_safe::assert_fail_safe(&rows);
+    crate::write_through_race::assert_write_through_race(&rows);
     // The outage scenario disrupts a server it was given only when allowed to.
     assert!(
         !rows.rows.iter().any(|r| r["scenario"] == "outage"),

@@ -93,6 +93,14 @@ pub(crate) const SMALL: &[&str] = &[
     "300,1000",
     "--audit-max-ms",
     "2000",
+    "--ra-ms",
+    "1200",
+    "--fs-ms",
+    "1000",
+    "--fs-down-ms",
+    "400",
+    "--wtr-keys",
+    "100",
 ];
 
 /// The variables `cachet` reads flags from: unset in every test run unless a
@@ -269,6 +277,23 @@ impl Rows {
                 r["scenario"] == scenario && r["strategy"].as_str().unwrap_or("").contains(word)
             })
             .unwrap_or_else(|| panic!("no {scenario} row with {word:?} in {:#?}", self.rows))
+    }
+
+    /// The row of `scenario` whose strategy's slug is `slug` (its stable
+    /// name; the strategy text may change).
+    pub(crate) fn by_slug(&self, scenario: &str, slug: &str) -> &Value {
+        self.rows
+            .iter()
+            .find(|r| r["scenario"] == scenario && r["slug"] == slug)
+            .unwrap_or_else(|| panic!("no {scenario} row with slug {slug:?} in {:#?}", self.rows))
+    }
+
+    /// An unsigned field of the row of `scenario` whose slug is `slug`.
+    pub(crate) fn count(&self, scenario: &str, slug: &str, field: &str) -> u64 {
+        let row = self.by_slug(scenario, slug);
+        row[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{field} of {row} is not a count"))
     }
 
     /// An unsigned field of a row.

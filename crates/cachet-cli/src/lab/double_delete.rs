@@ -251,15 +251,8 @@ async fn run_strategy(lab: &Lab, redis: &LabRedis, durable: bool) -> Result<Row>
     };
     let elapsed = started.elapsed();
 
-    let mut stale = 0;
-    for id in 1..=last {
-        let truth = lab.source.read(id).await?;
-        match cache.peek(&id).await {
-            Ok(Some(cached)) if Some(&cached) != truth.as_ref() => stale += 1,
-            Ok(_) => {}
-            Err(_) => errors += 1,
-        }
-    }
+    let (stale, unread) = lab.stale_entries(&cache, 1..=last).await?;
+    errors += unread;
     lab.forget(&cache).await;
 
     let mut row = lab.row(NAME, slug, name);

@@ -20,6 +20,8 @@ mod audit;
 mod avalanche;
 pub(crate) mod child;
 mod double_delete;
+pub(crate) mod expected;
+mod fail_safe;
 mod groups;
 mod hit_rate;
 mod near_cache;
@@ -29,12 +31,14 @@ mod penetration;
 mod plot;
 mod race;
 pub(crate) mod redis_server;
+mod refresh_ahead;
 mod report;
 mod source;
 mod stampede;
 mod vanish;
 mod workload;
 mod write_behind;
+mod write_through_race;
 
 use std::io::IsTerminal as _;
 use std::ops::RangeInclusive;
@@ -151,6 +155,12 @@ pub(crate) struct LabArgs {
     write_behind: write_behind::WriteBehindArgs,
     #[command(flatten)]
     audit: audit::AuditArgs,
+    #[command(flatten)]
+    refresh_ahead: refresh_ahead::RefreshAheadArgs,
+    #[command(flatten)]
+    fail_safe: fail_safe::FailSafeArgs,
+    #[command(flatten)]
+    write_through_race: write_through_race::WriteThroughRaceArgs,
 }
 
 /// A failure mode the lab runs, naive vs protected: one module of its own.
@@ -232,9 +242,9 @@ const SCENARIOS: &[&dyn Scenario] = &[
     &outage::SCENARIO,
     &write_behind::SCENARIO,
     &audit::SCENARIO,
-    //&refresh_ahead::SCENARIO,
-    //&fail_safe::SCENARIO,
-    //&write_through_race::SCENARIO,
+    &refresh_ahead::SCENARIO,
+    &fail_safe::SCENARIO,
+    &write_through_race::SCENARIO,
 ];
 
 /// The scenario called `name`, if any.
@@ -373,6 +383,26 @@ impl Lab {
                 seed: self.seed,
             },
         )
+    }
+
+    /// Compares what `cache` holds of each of `keys` with the source, once
+    /// writes have stopped: the entries holding another value than the
+    /// source's row, and the keys the cache could not be read for.
+    async fn stale_entries(
+        &self,
+        cache: &Cache<i64, Item>,
+        keys: RangeInclusive<i64>,
+    ) -> Result<(u64, u64)> {
+        let (mut stale, mut unread) = (0, 0);
+        for id in keys {
+            let truth = self.source.read(id).await?;
+            match cache.peek(&id).await {
+                Ok(Some(cached)) if Some(&cached) != truth.as_ref() => stale += 1,
+                Ok(_) => {}
+                Err(_) => unread += 1,
+            }
+        }
+        Ok((stale, unread))
     }
 
     /// A per-task seed derived from the run's seed, so tasks draw different but

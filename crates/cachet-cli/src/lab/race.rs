@@ -414,15 +414,8 @@ async fn run_strategy(lab: &Lab, strategy: Strategy) -> Result<Row> {
     }
     let elapsed = started.elapsed();
 
-    let mut stale = 0;
-    for id in 1..=hot_rows {
-        let truth = lab.source.read(id).await?;
-        match cache.peek(&id).await {
-            Ok(Some(cached)) if Some(&cached) != truth.as_ref() => stale += 1,
-            Ok(_) => {}
-            Err(_) => total.errors += 1,
-        }
-    }
+    let (stale, unread) = lab.stale_entries(&cache, 1..=hot_rows).await?;
+    total.errors += unread;
     lab.forget(&cache).await;
 
     let stats = cache.stats();

@@ -114,6 +114,25 @@ pub(crate) struct Row {
     pub(crate) flusher_kills: Option<u64>,
     /// Writes a killed flusher held that the last one claimed.
     pub(crate) reclaimed: Option<u64>,
+    /// Lookups that missed and made their caller wait for a load (background
+    /// refreshes not counted).
+    pub(crate) caller_misses: Option<u64>,
+    /// Background refreshes the cache started (refresh-ahead, XFetch,
+    /// stale-while-revalidate).
+    pub(crate) refreshes: Option<u64>,
+    /// How long the source of truth was down (failing every query), in
+    /// milliseconds.
+    pub(crate) source_down_ms: Option<u64>,
+    /// Values served although past their fresh life because their loads
+    /// failed (fail-safe).
+    pub(crate) fail_safe_serves: Option<u64>,
+    /// The most a value served was past its fresh life, in milliseconds.
+    pub(crate) max_staleness_served_ms: Option<u64>,
+    /// The configured bound on that (fail-safe's maximum staleness), in
+    /// milliseconds.
+    pub(crate) max_staleness_ms: Option<u64>,
+    /// Writes whose value the cache refused because it held a newer version.
+    pub(crate) older_writes_refused: Option<u64>,
     /// The consistency audit's figures (`cachet::audit`).
     pub(crate) audit: Option<AuditFigures>,
     pub(crate) elapsed_ms: u64,
@@ -176,6 +195,13 @@ impl Row {
             transactions: None,
             flusher_kills: None,
             reclaimed: None,
+            caller_misses: None,
+            refreshes: None,
+            source_down_ms: None,
+            fail_safe_serves: None,
+            max_staleness_served_ms: None,
+            max_staleness_ms: None,
+            older_writes_refused: None,
             audit: None,
             elapsed_ms: 0,
             seed: ctx.seed,
@@ -422,7 +448,7 @@ fn detail(r: &Row) -> String {
         parts.push(format!(
             "{} in {} (time-boxed)",
             count(r.requests, "request"),
-            format_us(ms.saturating_mul(1_000))
+            format_ms(ms)
         ));
     }
     if let Some(audit) = &r.audit {
@@ -506,6 +532,28 @@ fn detail(r: &Row) -> String {
             "acknowledged {acked}, applied {applied}, lost_writes {lost}"
         ));
     }
+    if let Some(misses) = r.caller_misses {
+        parts.push(format!("misses on the caller's path {misses}"));
+    }
+    if let Some(n) = r.refreshes {
+        parts.push(format!("background refreshes {n}"));
+    }
+    if let Some(ms) = r.source_down_ms {
+        parts.push(format!("source down {}", format_ms(ms)));
+    }
+    if let Some(n) = r.fail_safe_serves {
+        parts.push(format!("fail-safe serves {n}"));
+    }
+    if let Some(ms) = r.max_staleness_served_ms {
+        let mut s = format!("served up to {} past the TTL", format_ms(ms));
+        if let Some(max) = r.max_staleness_ms {
+            let _ = write!(s, " (maximum {})", format_ms(max));
+        }
+        parts.push(s);
+    }
+    if let Some(n) = r.older_writes_refused {
+        parts.push(format!("older writes refused {n}"));
+    }
     if let Some(kills) = r.flusher_kills {
         let mut s = format!("flusher killed and restarted {}", times(kills));
         if let Some(n) = r.reclaimed {
@@ -514,6 +562,11 @@ fn detail(r: &Row) -> String {
         parts.push(s);
     }
     parts.join("; ")
+}
+
+/// Milliseconds as a short human duration.
+pub(crate) fn format_ms(ms: u64) -> String {
+    format_us(ms.saturating_mul(1_000))
 }
 
 /// Microseconds as a short human duration.

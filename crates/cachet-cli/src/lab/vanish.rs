@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::admin::Admin;
 use super::report::{Row, find, format_us};
-use super::workload::{ReadLoad, Timeline, delta, fill};
+use super::workload::{ReadLoad, Timeline, fill};
 use super::{Entry, Lab};
 
 pub(super) const NAME: &str = "vanish";
@@ -130,7 +130,7 @@ async fn run_strategy(lab: &Lab, admin: &Admin, vanishing: bool) -> Result<Row> 
     };
     let outcome = reads?;
     let elapsed = started.elapsed();
-    let stats = delta(cache.stats(), before);
+    let stats = cache.stats().since(&before);
     lab.forget(&cache).await;
 
     let mut row = lab.row(NAME, slug, name);
