@@ -100,8 +100,9 @@ pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
         a.fs_down_ms
     );
     lab.source.reset(a.fs_keys).await?;
-    // The failed loads the library logs meanwhile are this scenario's doing.
-    let _expected = expected::expect(&["cachet::cache"], "source of truth outage");
+    // The failed loads the library logs meanwhile (fail-safe serving the last
+    // value, in the load stage) are this scenario's doing.
+    let _expected = expected::expect(&["cachet::cache::load"], "source of truth outage");
     let mut rows = Vec::new();
     for strategy in [Strategy::Naive, Strategy::FailSafe] {
         rows.push(run_strategy(lab, strategy).await?);
