@@ -24,17 +24,17 @@ pub(crate) const ARGS: &[&str] = &[
 pub(crate) fn assert_fail_safe(rows: &Rows) {
     const S: &str = "fail-safe";
     // Without fail-safe, reads of expired keys fail while the source is down.
-    assert!(rows.count(S, "naive", "errors") > 0, "{:#?}", rows.rows);
+    assert!(rows.u64(S, "naive", "errors") > 0, "{:#?}", rows.rows);
     // With it, none fails: the last value is served instead…
-    assert_eq!(rows.count(S, "fail-safe", "errors"), 0, "{:#?}", rows.rows);
+    assert_eq!(rows.u64(S, "fail-safe", "errors"), 0, "{:#?}", rows.rows);
     assert!(
-        rows.count(S, "fail-safe", "fail_safe_serves") > 0,
+        rows.u64(S, "fail-safe", "fail_safe_serves") > 0,
         "{:#?}",
         rows.rows
     );
     // …past its TTL, but never past the configured maximum.
-    let served = rows.count(S, "fail-safe", "max_staleness_served_ms");
-    let max = rows.count(S, "fail-safe", "max_staleness_ms");
+    let served = rows.u64(S, "fail-safe", "max_staleness_served_ms");
+    let max = rows.u64(S, "fail-safe", "max_staleness_ms");
     assert_eq!(max, 1000);
     assert!(served > 0, "no stale value served\n{:#?}", rows.rows);
     assert!(
@@ -42,9 +42,9 @@ pub(crate) fn assert_fail_safe(rows: &Rows) {
         "served {served} ms past the TTL, maximum {max}"
     );
     for slug in ["naive", "fail-safe"] {
-        assert_eq!(rows.count(S, slug, "source_down_ms"), 400);
-        assert!(rows.count(S, slug, "requests") > 0);
-        assert!(rows.by_slug(S, slug)["time_box_ms"].is_u64());
+        assert_eq!(rows.u64(S, slug, "source_down_ms"), 400);
+        assert!(rows.u64(S, slug, "requests") > 0);
+        assert!(rows.find(S, slug)["time_box_ms"].is_u64());
     }
 }
 

@@ -24,37 +24,37 @@ pub(crate) const ARGS: &[&str] = &[
 pub(crate) fn assert_refresh_ahead(rows: &Rows) {
     const S: &str = "refresh-ahead";
     for slug in ["plain", "refresh-ahead", "xfetch"] {
-        assert_eq!(rows.count(S, slug, "errors"), 0, "{:#?}", rows.rows);
-        assert!(rows.count(S, slug, "requests") > 0, "{:#?}", rows.rows);
+        assert_eq!(rows.u64(S, slug, "errors"), 0, "{:#?}", rows.rows);
+        assert!(rows.u64(S, slug, "requests") > 0, "{:#?}", rows.rows);
         assert!(
-            rows.by_slug(S, slug)["time_box_ms"].is_u64(),
+            rows.find(S, slug)["time_box_ms"].is_u64(),
             "{:#?}",
             rows.rows
         );
     }
     // Every hot key expires at least three times in the run, and with a plain
     // TTL each expiry is a reader's miss.
-    let plain = rows.count(S, "plain", "caller_misses");
+    let plain = rows.u64(S, "plain", "caller_misses");
     assert!(plain >= 20, "plain TTL: {plain} misses\n{:#?}", rows.rows);
-    assert_eq!(rows.count(S, "plain", "refreshes"), 0);
+    assert_eq!(rows.u64(S, "plain", "refreshes"), 0);
     // Refresh-ahead reloads hot keys before they expire: readers rarely miss.
-    let ahead = rows.count(S, "refresh-ahead", "caller_misses");
+    let ahead = rows.u64(S, "refresh-ahead", "caller_misses");
     assert!(
         ahead * 4 <= plain,
         "refresh-ahead: {ahead} misses vs {plain}\n{:#?}",
         rows.rows
     );
-    assert!(rows.count(S, "refresh-ahead", "refreshes") >= 20);
+    assert!(rows.u64(S, "refresh-ahead", "refreshes") >= 20);
     // XFetch refreshes early with a probability: fewer misses, some refreshes.
-    let xfetch = rows.count(S, "xfetch", "caller_misses");
+    let xfetch = rows.u64(S, "xfetch", "caller_misses");
     assert!(
         xfetch < plain,
         "XFetch: {xfetch} misses vs {plain}\n{:#?}",
         rows.rows
     );
-    assert!(rows.count(S, "xfetch", "refreshes") > 0);
+    assert!(rows.u64(S, "xfetch", "refreshes") > 0);
     // The background reloads still reach the source.
-    assert!(rows.count(S, "refresh-ahead", "loads") > 0);
+    assert!(rows.u64(S, "refresh-ahead", "loads") > 0);
 }
 
 #[test]

@@ -269,19 +269,9 @@ pub(crate) struct Rows {
 }
 
 impl Rows {
-    /// The row of `scenario` whose strategy contains `word`.
-    pub(crate) fn find(&self, scenario: &str, word: &str) -> &Value {
-        self.rows
-            .iter()
-            .find(|r| {
-                r["scenario"] == scenario && r["strategy"].as_str().unwrap_or("").contains(word)
-            })
-            .unwrap_or_else(|| panic!("no {scenario} row with {word:?} in {:#?}", self.rows))
-    }
-
     /// The row of `scenario` whose strategy's slug is `slug` (its stable
     /// name; the strategy text may change).
-    pub(crate) fn by_slug(&self, scenario: &str, slug: &str) -> &Value {
+    pub(crate) fn find(&self, scenario: &str, slug: &str) -> &Value {
         self.rows
             .iter()
             .find(|r| r["scenario"] == scenario && r["slug"] == slug)
@@ -289,16 +279,8 @@ impl Rows {
     }
 
     /// An unsigned field of the row of `scenario` whose slug is `slug`.
-    pub(crate) fn count(&self, scenario: &str, slug: &str, field: &str) -> u64 {
-        let row = self.by_slug(scenario, slug);
-        row[field]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{field} of {row} is not a count"))
-    }
-
-    /// An unsigned field of a row.
-    pub(crate) fn u64(&self, scenario: &str, word: &str, field: &str) -> u64 {
-        let row = self.find(scenario, word);
+    pub(crate) fn u64(&self, scenario: &str, slug: &str, field: &str) -> u64 {
+        let row = self.find(scenario, slug);
         row[field]
             .as_u64()
             .unwrap_or_else(|| panic!("{field} of {row} is not a count"))

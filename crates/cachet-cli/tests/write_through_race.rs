@@ -18,22 +18,22 @@ pub(crate) const ARGS: &[&str] = &[
 pub(crate) fn assert_write_through_race(rows: &Rows) {
     const S: &str = "write-through-race";
     for slug in ["naive", "versioned"] {
-        assert_eq!(rows.count(S, slug, "errors"), 0, "{:#?}", rows.rows);
-        assert_eq!(rows.count(S, slug, "writes"), 200);
+        assert_eq!(rows.u64(S, slug, "errors"), 0, "{:#?}", rows.rows);
+        assert_eq!(rows.u64(S, slug, "writes"), 200);
     }
     // The older value reaches the cache last about half the time: a plain SET
     // leaves it there.
-    let naive = rows.count(S, "naive", "stale_entries");
+    let naive = rows.u64(S, "naive", "stale_entries");
     assert!(naive > 0, "naive left no stale entry\n{:#?}", rows.rows);
     // The versioned write refuses it every time.
     assert_eq!(
-        rows.count(S, "versioned", "stale_entries"),
+        rows.u64(S, "versioned", "stale_entries"),
         0,
         "{:#?}",
         rows.rows
     );
-    assert!(rows.count(S, "versioned", "older_writes_refused") > 0);
-    assert!(rows.by_slug(S, "naive")["older_writes_refused"].is_null());
+    assert!(rows.u64(S, "versioned", "older_writes_refused") > 0);
+    assert!(rows.find(S, "naive")["older_writes_refused"].is_null());
 }
 
 #[test]
