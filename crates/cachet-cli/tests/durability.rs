@@ -35,6 +35,8 @@ fn embedded_race_rows_close_the_holes() {
         .collect();
     assert_eq!(strategies.len(), 5, "{strategies:?}");
     for row in &rows.rows {
+        // Rows run for --race-ms, and say how many requests that was.
+        assert!(row["time_box_ms"].is_u64(), "{row}");
         assert_eq!(row["store"], "memory");
         assert_eq!(row["database"], "sqlite");
         assert_eq!(row["errors"], 0, "errors in {row}");
@@ -108,6 +110,8 @@ fn race_ops_runs_a_fixed_number_of_operations() {
     for row in &rows.rows {
         assert_eq!(row["requests"], 3000, "{row}");
         assert_eq!(row["errors"], 0, "{row}");
+        // A fixed count of operations, not a fixed time.
+        assert!(row["time_box_ms"].is_null(), "{row}");
     }
     // Leases of 10 ms expire during loads of up to 50 ms: refused, not stale.
     assert_eq!(rows.u64("race", "lease", "stale_entries"), 0);

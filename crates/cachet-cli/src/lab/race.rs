@@ -436,10 +436,12 @@ async fn run_strategy(lab: &Lab, strategy: Strategy) -> Result<Row> {
     row.deferred_ran = deferred_ran;
     row.outbox_delivered = outbox.as_ref().map(|o| o.delivered());
     let latency = total.latency.unwrap_or_else(Latency::new);
-    Ok(row
-        .with_latency(&latency)
-        .time_boxed(race_for)
-        .elapsed(elapsed))
+    let mut row = row.with_latency(&latency);
+    // With --race-ops the row runs a fixed number of operations instead.
+    if a.race_ops.is_none() {
+        row = row.time_boxed(race_for);
+    }
+    Ok(row.elapsed(elapsed))
 }
 
 /// The essay's race, played once on row 1: the reader misses and reads the
