@@ -53,7 +53,8 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     // Library warnings (a store that stopped answering, say) go to stderr, so
-    // that stdout stays machine-readable under --json.
+    // that stdout stays machine-readable under --json; those a lab scenario
+    // causes on purpose are labelled as expected.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -61,6 +62,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        .event_format(lab::expected::Labelled(tracing_subscriber::fmt::format()))
         .init();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()

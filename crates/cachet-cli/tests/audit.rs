@@ -67,7 +67,7 @@ fn audit_shows_nines_per_strategy_at_each_bound() {
 
     // The scripted race and crash leave naive with stale entries for the
     // whole row, and leases with the crash's.
-    for word in ["naive", "lease-guarded"] {
+    for word in ["naive", "lease"] {
         let row = rows.find("audit", word);
         for (checked, inconsistent) in per_bound(row) {
             assert!(inconsistent > 0, "{row}");

@@ -24,7 +24,7 @@ pub(crate) fn assert_avalanche(rows: &Rows) {
     let peak = |word| rows.u64("avalanche", word, "peak_db_queries_per_100ms");
     let fixed = peak("fixed");
     assert!(fixed > 0, "no expiry wave: {:#?}", rows.rows);
-    for word in ["jittered TTL", "stale-while-revalidate"] {
+    for word in ["jitter", "swr"] {
         let protected = peak(word);
         assert!(
             protected < fixed,

@@ -34,7 +34,7 @@ pub(crate) fn assert_near_cache(rows: &Rows) {
         rows.rows
     );
     assert_eq!(rows.find(S, "naive")["messages_per_write"], 0.0);
-    for word in ["L1 with coherence", "disconnected"] {
+    for word in ["coherent", "disconnected"] {
         let row = rows.find(S, word);
         // A notice arrives a moment after `invalidate` returns, so a read in
         // that moment may see the old value; none later.

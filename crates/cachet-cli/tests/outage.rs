@@ -61,6 +61,19 @@ fn the_breaker_keeps_reads_up_and_entries_fresh_through_a_restart() {
         assert_eq!(row["store"], "redis", "{row}");
     }
     assert_outage(&rows);
+    // What the library logs about the outage the lab staged is labelled so.
+    let breaker: Vec<&str> = rows
+        .stderr
+        .lines()
+        .filter(|l| l.contains("cachet::breaker"))
+        .collect();
+    assert!(!breaker.is_empty(), "{}", rows.stderr);
+    for line in breaker {
+        assert!(
+            line.starts_with("(expected, staged by the lab: Redis outage)"),
+            "{line}"
+        );
+    }
 }
 
 #[test]

@@ -2,6 +2,29 @@
 
 use cachet_testkit::{RedisCluster, RedisServer};
 
+use crate::util::{Cachet, Rows};
+
+/// Runs `cachet lab` with `args` on a throwaway Redis, checks that every row
+/// ran there and that the run left it clean, and returns the rows.
+pub(crate) fn lab_on_redis(args: &[&str]) -> Rows {
+    let redis = RedisServer::start();
+    let rows = Cachet::lab()
+        .args(args)
+        .args(["--redis-url", &redis.url()])
+        .rows();
+    assert!(
+        !rows.rows.is_empty(),
+        "no rows
+{}",
+        rows.stderr
+    );
+    for row in &rows.rows {
+        assert_eq!(row["store"], "redis", "{row}");
+    }
+    assert_clean(&redis);
+    rows
+}
+
 /// Every key left on `redis` expires, except the store's `:sys:` structures,
 /// and no command that scans or flushes a whole database ran.
 pub(crate) fn assert_clean(redis: &RedisServer) {

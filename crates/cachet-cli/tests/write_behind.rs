@@ -12,15 +12,15 @@ pub(crate) const ARGS: &[&str] = &["--scenario", "write-behind"];
 /// What every write-behind run must show, whatever the backends.
 pub(crate) fn assert_write_behind(rows: &Rows) {
     const S: &str = "write-behind";
-    let behind = rows.find(S, "killed");
+    let behind = rows.find(S, "behind");
     for field in ["acknowledged", "applied", "lost_writes", "transactions"] {
         assert!(behind[field].is_u64(), "{field} of {behind}");
     }
-    assert_eq!(rows.u64(S, "killed", "lost_writes"), 0, "{behind}");
-    assert_eq!(rows.u64(S, "killed", "errors"), 0, "{behind}");
+    assert_eq!(rows.u64(S, "behind", "lost_writes"), 0, "{behind}");
+    assert_eq!(rows.u64(S, "behind", "errors"), 0, "{behind}");
     assert_eq!(behind["applied"], behind["acknowledged"], "{behind}");
-    assert_eq!(rows.u64(S, "killed", "acknowledged"), 1000, "{behind}");
-    assert!(rows.u64(S, "killed", "flusher_kills") >= 1, "{behind}");
+    assert_eq!(rows.u64(S, "behind", "acknowledged"), 1000, "{behind}");
+    assert!(rows.u64(S, "behind", "flusher_kills") >= 1, "{behind}");
 
     let sync = rows.find(S, "synchronous");
     assert_eq!(rows.u64(S, "synchronous", "lost_writes"), 0, "{sync}");
@@ -28,7 +28,7 @@ pub(crate) fn assert_write_behind(rows: &Rows) {
     assert_eq!(sync["applied"], sync["acknowledged"], "{sync}");
     assert_eq!(rows.u64(S, "synchronous", "transactions"), 1000, "{sync}");
     assert!(
-        rows.u64(S, "killed", "transactions") < rows.u64(S, "synchronous", "transactions"),
+        rows.u64(S, "behind", "transactions") < rows.u64(S, "synchronous", "transactions"),
         "write-behind batches: {behind}\nsynchronous: {sync}"
     );
 }

@@ -17,11 +17,15 @@ use anyhow::{Result, bail};
 use clap::Args;
 use tokio::time::Instant;
 
-use super::Lab;
 use super::report::{Row, find, format_us};
-use super::workload::{ReadLoad, Timeline, delta, fill_at_once, lab_cache};
+use super::workload::{ReadLoad, fill_at_once, lab_cache};
+use super::{Entry, Lab};
 
 pub(super) const NAME: &str = "avalanche";
+/// What it stages, for `--help` and the progress line.
+const ABOUT: &str = "Many keys filled at once expire at once";
+/// Its entry in the lab's registry.
+pub(super) const SCENARIO: Entry = Entry::new(NAME, ABOUT, |lab| Box::pin(run(lab)), summary);
 const FIXED: &str = "fixed TTL";
 const JITTER: &str = "jittered TTL (±30%)";
 const SWR: &str = "jittered + stale-while-revalidate";
@@ -112,10 +116,10 @@ pub(super) fn summary(rows: &[Row]) -> String {
          ±30%), jitter + stale-while-revalidate {} (as many reloads, but readers get the stale \
          value instead of waiting: p99 {} vs {}).",
         peak("fixed"),
-        peak("jittered TTL"),
-        peak("stale-while"),
-        p99("stale-while"),
-        p99("jittered TTL"),
+        peak("jitter"),
+        peak("swr"),
+        p99("swr"),
+        p99("jitter"),
     )
 }
 
@@ -137,27 +141,22 @@ async fn run_strategy(lab: &Lab, strategy: Strategy) -> Result<Row> {
     })?;
     let started = Instant::now();
     fill_at_once(&cache, &db, keys.clone()).await?;
-    let before = cache.stats();
-
     let load = ReadLoad {
         rate: a.avalanche_rate,
         duration,
         keys,
     };
-    let start = Instant::now();
-    let timeline = Timeline::new(start, duration);
-    let outcome = load.run(lab, NAME, &cache, &db, &timeline, start).await?;
+    let measured = load.measure(lab, NAME, &cache, &db).await?;
     let elapsed = started.elapsed();
-    let stats = delta(cache.stats(), before);
     lab.forget(&cache).await;
 
-    let mut row = lab.row(NAME, strategy.name());
-    row.requests = outcome.reads;
-    row.db_queries = timeline.total();
-    row.loads = Some(stats.loads);
-    row.errors = outcome.errors;
-    row.hit_rate = Some(stats.hit_rate());
-    row.peak_db_queries_per_100ms = Some(timeline.peak_per_100ms());
-    row.db_queries_per_100ms = Some(timeline.per_100ms());
-    Ok(row.with_latency(&outcome.latency).elapsed(elapsed))
+    let (peak, per_100ms) = (
+        measured.timeline.peak_per_100ms(),
+        measured.timeline.per_100ms(),
+    );
+    let row = lab.row(NAME, strategy.slug(), strategy.name());
+    let mut row = measured.into_row(row, duration);
+    row.peak_db_queries_per_100ms = Some(peak);
+    row.db_queries_per_100ms = Some(per_100ms);
+    Ok(row.elapsed(elapsed))
 }

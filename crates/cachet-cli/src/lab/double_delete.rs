@@ -27,10 +27,15 @@ use super::child::ChildProcess;
 use super::redis_server::{Persistence, ScenarioRedis};
 use super::report::{Row, find};
 use super::source::{Db, Item};
-use super::{ENTRY_TTL, LEASE_TTL, Lab};
+use super::{ENTRY_TTL, Entry, LEASE_TTL, Lab};
 use crate::target::RedisTarget;
 
 pub(super) const NAME: &str = "double-delete";
+/// What it stages, for `--help` and the progress line.
+const ABOUT: &str =
+    "A writer killed between the two deletes of a delayed double-delete (needs Redis)";
+/// Its entry in the lab's registry.
+pub(super) const SCENARIO: Entry = Entry::new(NAME, ABOUT, |lab| Box::pin(run(lab)), summary);
 const NAIVE: &str = "naive (single delete)";
 const DURABLE: &str = "durable double-delete (killed after first delete)";
 
@@ -246,18 +251,11 @@ async fn run_strategy(lab: &Lab, redis: &LabRedis, durable: bool) -> Result<Row>
     };
     let elapsed = started.elapsed();
 
-    let mut stale = 0;
-    for id in 1..=last {
-        let truth = lab.source.read(id).await?;
-        match cache.peek(&id).await {
-            Ok(Some(cached)) if Some(&cached) != truth.as_ref() => stale += 1,
-            Ok(_) => {}
-            Err(_) => errors += 1,
-        }
-    }
+    let (stale, unread) = lab.stale_entries(&cache, 1..=last).await?;
+    errors += unread;
     lab.forget(&cache).await;
 
-    let mut row = lab.row(NAME, name);
+    let mut row = lab.row(NAME, slug, name);
     row.store = redis.redis.target.kind();
     row.requests = 3 * n;
     row.writes = n;

@@ -21,13 +21,17 @@ use clap::Args;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::Lab;
 use super::admin::Admin;
 use super::report::{Row, count, find, format_us};
 use super::source::Item;
 use super::workload::{fill, lab_cache};
+use super::{Entry, Lab};
 
 pub(super) const NAME: &str = "groups";
+/// What it stages, for `--help` and the progress line.
+const ABOUT: &str = "Invalidating every key of one tenant";
+/// Its entry in the lab's registry.
+pub(super) const SCENARIO: Entry = Entry::new(NAME, ABOUT, |lab| Box::pin(run(lab)), summary);
 const GENERATION: &str = "generation bump (invalidate_group)";
 const ONE_BY_ONE: &str = "delete one by one (naive)";
 const EVICTED: &str = "generation key evicted (DEL)";
@@ -117,7 +121,15 @@ async fn run_rows(
     })
     .await?;
     let seen = check(grouped, shape).await?;
-    rows.push(row(lab, GENERATION, &cost, &seen, db.reads(), started));
+    rows.push(row(
+        lab,
+        "generation",
+        GENERATION,
+        &cost,
+        &seen,
+        db.reads(),
+        started,
+    ));
 
     // One by one, in a cache without groups.
     let plain = lab.cache(NAME, "one-by-one", shape.all())?;
@@ -135,7 +147,15 @@ async fn run_rows(
     .await?;
     let seen = check(&plain, shape).await?;
     lab.forget(&plain).await;
-    rows.push(row(lab, ONE_BY_ONE, &cost, &seen, db.reads(), started));
+    rows.push(row(
+        lab,
+        "one-by-one",
+        ONE_BY_ONE,
+        &cost,
+        &seen,
+        db.reads(),
+        started,
+    ));
 
     // The generation key itself lost: only Redis lets it be deleted from outside.
     if admin.is_redis() {
@@ -156,15 +176,23 @@ async fn run_rows(
         })
         .await?;
         let seen = check(grouped, shape).await?;
-        rows.push(row(lab, EVICTED, &cost, &seen, db.reads(), started));
+        rows.push(row(
+            lab,
+            "evicted",
+            EVICTED,
+            &cost,
+            &seen,
+            db.reads(),
+            started,
+        ));
     }
     Ok(rows)
 }
 
 pub(super) fn summary(rows: &[Row]) -> String {
     let (Some(generation), Some(naive)) = (
-        find(rows, NAME, "generation bump"),
-        find(rows, NAME, "one by one"),
+        find(rows, NAME, "generation"),
+        find(rows, NAME, "one-by-one"),
     ) else {
         return "groups: no result.".to_owned();
     };
@@ -312,13 +340,14 @@ async fn readable(cache: &Cache<i64, Item>, keys: RangeInclusive<i64>) -> Result
 
 fn row(
     lab: &Lab,
+    slug: &'static str,
     strategy: &'static str,
     cost: &Cost,
     check: &Check,
     db_queries: u64,
     started: Instant,
 ) -> Row {
-    let mut row = lab.row(NAME, strategy);
+    let mut row = lab.row(NAME, slug, strategy);
     row.requests = check.reads;
     row.db_queries = db_queries;
     row.stale_entries = Some(check.stale);

@@ -18,9 +18,13 @@ use tokio::time::Instant;
 
 use super::report::{Latency, Row, find};
 use super::source::{Db, Item};
-use super::{Lab, shares};
+use super::{Entry, Lab, shares};
 
 pub(super) const NAME: &str = "hit-rate";
+/// What it stages, for `--help` and the progress line.
+const ABOUT: &str = "A skewed read workload with a few writes";
+/// Its entry in the lab's registry.
+pub(super) const SCENARIO: Entry = Entry::new(NAME, ABOUT, |lab| Box::pin(run(lab)), summary);
 const NAIVE: &str = "naive (no cache)";
 const LEASE: &str = "lease-guarded cache";
 
@@ -148,7 +152,12 @@ async fn run_strategy(lab: &Lab, cached: bool) -> Result<Row> {
     }
     let elapsed = started.elapsed();
 
-    let mut row = lab.row(NAME, if cached { LEASE } else { NAIVE });
+    let (slug, name) = if cached {
+        ("lease", LEASE)
+    } else {
+        ("naive", NAIVE)
+    };
+    let mut row = lab.row(NAME, slug, name);
     row.requests = total.reads + total.writes;
     row.writes = total.writes;
     row.db_queries = db.reads();

@@ -3,15 +3,25 @@
 //!
 //! This module owns the command's flags, the run's shared context ([`Lab`]: the
 //! store, the source of truth, the run id that keeps keys and schemas apart) and
-//! the order of scenarios. Each scenario lives in a module of its own with the
-//! same two entry points, `run(&Lab) -> Vec<Row>` and `summary(&[Row]) -> String`;
-//! adding one means adding a module and a [`Scenario`] variant.
+//! the registry of scenarios, [`SCENARIOS`], in their default order. Each
+//! scenario lives in a module of its own with the same entry points,
+//! `run(&Lab) -> Vec<Row>` and `summary(&[Row]) -> String`, which its
+//! `SCENARIO` constant (an [`Entry`], a [`Scenario`]) registers under its name.
+//!
+//! Adding a scenario touches exactly these places: its own module (its rows,
+//! its summary, its flags as a clap `Args` struct), its `mod` line and its
+//! line in [`SCENARIOS`] here, and, when it has flags, one
+//! `#[command(flatten)]` field of [`LabArgs`]. `--scenario` takes its values
+//! from the registry. Rows carry a stable strategy slug ([`Row::slug`]) that
+//! summaries, tests and `--json` consumers find them by.
 
 mod admin;
 mod audit;
 mod avalanche;
 pub(crate) mod child;
 mod double_delete;
+pub(crate) mod expected;
+mod fail_safe;
 mod groups;
 mod hit_rate;
 mod near_cache;
@@ -21,12 +31,14 @@ mod penetration;
 mod plot;
 mod race;
 pub(crate) mod redis_server;
+mod refresh_ahead;
 mod report;
 mod source;
 mod stampede;
 mod vanish;
 mod workload;
 mod write_behind;
+mod write_through_race;
 
 use std::io::IsTerminal as _;
 use std::ops::RangeInclusive;
@@ -35,7 +47,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow};
 use cachet::{Cache, MemoryStore, Store};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use tokio::task::JoinSet;
 
 use crate::target::{
@@ -59,8 +71,8 @@ use source::{Item, Source};
 )]
 pub(crate) struct LabArgs {
     /// Scenario to run; repeat for several [default: all, in the order shown]
-    #[arg(long = "scenario", value_name = "NAME", value_enum)]
-    scenarios: Vec<Scenario>,
+    #[arg(long = "scenario", value_name = "NAME", value_parser = scenario_names())]
+    scenarios: Vec<String>,
 
     /// Use the Redis server at URL as the cache store instead of the in-process
     /// one (rediss:// for TLS)
@@ -143,103 +155,110 @@ pub(crate) struct LabArgs {
     write_behind: write_behind::WriteBehindArgs,
     #[command(flatten)]
     audit: audit::AuditArgs,
+    #[command(flatten)]
+    refresh_ahead: refresh_ahead::RefreshAheadArgs,
+    #[command(flatten)]
+    fail_safe: fail_safe::FailSafeArgs,
+    #[command(flatten)]
+    write_through_race: write_through_race::WriteThroughRaceArgs,
 }
 
-/// The scenarios, in their default order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Scenario {
-    /// A slow reader fills an old value after a writer's invalidation
-    Race,
-    /// A writer killed between the two deletes of a delayed double-delete (needs Redis)
-    DoubleDelete,
-    /// Many callers miss one cold key at once
-    Stampede,
-    /// Lookups of IDs that do not exist
-    Penetration,
-    /// A skewed read workload with a few writes
-    HitRate,
-    /// Many keys filled at once expire at once
-    Avalanche,
-    /// Entries deleted behind the cache's back during reads
-    Vanish,
-    /// Invalidating every key of one tenant
-    Groups,
-    /// Near caches (L1) in several instances, with and without the invalidation bus (needs Redis)
-    NearCache,
-    /// Redis unavailable mid-run, with and without the circuit breaker (needs Redis)
-    Outage,
-    /// A burst of writes, synchronous vs write-behind with its flusher killed (needs Redis)
-    WriteBehind,
-    /// Consistency in nines within 1 s and 10 s: the race with writer crashes, audited
-    Audit,
+/// A failure mode the lab runs, naive vs protected: one module of its own.
+///
+/// `run` measures the strategies and returns their rows; `summary` states, on
+/// one line, what those rows show (it is found by its first words, the name).
+pub(crate) trait Scenario: Sync {
+    /// The value of `--scenario`, and the first column of its rows.
+    fn name(&self) -> &'static str;
+    /// What it stages, in a few words (`--help`, the progress line).
+    fn about(&self) -> &'static str;
+    /// Runs every strategy of the scenario.
+    fn run<'a>(&'a self, lab: &'a Lab) -> RunFuture<'a>;
+    /// One line (or one per extra row group) on what the rows show.
+    fn summary(&self, rows: &[Row]) -> String;
 }
 
-impl Scenario {
-    const ALL: [Scenario; 12] = [
-        Scenario::Race,
-        Scenario::DoubleDelete,
-        Scenario::Stampede,
-        Scenario::Penetration,
-        Scenario::HitRate,
-        Scenario::Avalanche,
-        Scenario::Vanish,
-        Scenario::Groups,
-        Scenario::NearCache,
-        Scenario::Outage,
-        Scenario::WriteBehind,
-        Scenario::Audit,
-    ];
+/// What [`Scenario::run`] returns.
+pub(crate) type RunFuture<'a> = std::pin::Pin<Box<dyn Future<Output = Result<Vec<Row>>> + 'a>>;
 
-    fn name(self) -> &'static str {
-        match self {
-            Scenario::Race => race::NAME,
-            Scenario::DoubleDelete => double_delete::NAME,
-            Scenario::Stampede => stampede::NAME,
-            Scenario::Penetration => penetration::NAME,
-            Scenario::HitRate => hit_rate::NAME,
-            Scenario::Avalanche => avalanche::NAME,
-            Scenario::Vanish => vanish::NAME,
-            Scenario::Groups => groups::NAME,
-            Scenario::NearCache => near_cache::NAME,
-            Scenario::Outage => outage::NAME,
-            Scenario::WriteBehind => write_behind::NAME,
-            Scenario::Audit => audit::NAME,
+/// A scenario module's entry points as a [`Scenario`]: its `NAME`, a few
+/// words on what it stages, its `run` and its `summary`. Each module declares
+/// one as `SCENARIO`; a scenario with state of its own may implement the trait
+/// itself instead.
+pub(crate) struct Entry {
+    name: &'static str,
+    about: &'static str,
+    run: for<'a> fn(&'a Lab) -> RunFuture<'a>,
+    summary: fn(&[Row]) -> String,
+}
+
+impl Entry {
+    pub(crate) const fn new(
+        name: &'static str,
+        about: &'static str,
+        run: for<'a> fn(&'a Lab) -> RunFuture<'a>,
+        summary: fn(&[Row]) -> String,
+    ) -> Self {
+        Self {
+            name,
+            about,
+            run,
+            summary,
         }
     }
+}
 
-    async fn run(self, lab: &Lab) -> Result<Vec<Row>> {
-        match self {
-            Scenario::Race => race::run(lab).await,
-            Scenario::DoubleDelete => double_delete::run(lab).await,
-            Scenario::Stampede => stampede::run(lab).await,
-            Scenario::Penetration => penetration::run(lab).await,
-            Scenario::HitRate => hit_rate::run(lab).await,
-            Scenario::Avalanche => avalanche::run(lab).await,
-            Scenario::Vanish => vanish::run(lab).await,
-            Scenario::Groups => groups::run(lab).await,
-            Scenario::NearCache => near_cache::run(lab).await,
-            Scenario::Outage => outage::run(lab).await,
-            Scenario::WriteBehind => write_behind::run(lab).await,
-            Scenario::Audit => audit::run(lab).await,
-        }
+impl Scenario for Entry {
+    fn name(&self) -> &'static str {
+        self.name
     }
 
-    fn summary(self, rows: &[Row]) -> String {
-        match self {
-            Scenario::Race => race::summary(rows),
-            Scenario::DoubleDelete => double_delete::summary(rows),
-            Scenario::Stampede => stampede::summary(rows),
-            Scenario::Penetration => penetration::summary(rows),
-            Scenario::HitRate => hit_rate::summary(rows),
-            Scenario::Avalanche => avalanche::summary(rows),
-            Scenario::Vanish => vanish::summary(rows),
-            Scenario::Groups => groups::summary(rows),
-            Scenario::NearCache => near_cache::summary(rows),
-            Scenario::Outage => outage::summary(rows),
-            Scenario::WriteBehind => write_behind::summary(rows),
-            Scenario::Audit => audit::summary(rows),
-        }
+    fn about(&self) -> &'static str {
+        self.about
     }
+
+    fn run<'a>(&'a self, lab: &'a Lab) -> RunFuture<'a> {
+        (self.run)(lab)
+    }
+
+    fn summary(&self, rows: &[Row]) -> String {
+        (self.summary)(rows)
+    }
+}
+
+/// Every scenario, in the default order. A new scenario is a module of its
+/// own, its `mod` line above, and one line here (plus, if it has flags of its
+/// own, a `#[command(flatten)]` field of [`LabArgs`]).
+const SCENARIOS: &[&dyn Scenario] = &[
+    &race::SCENARIO,
+    &double_delete::SCENARIO,
+    &stampede::SCENARIO,
+    &penetration::SCENARIO,
+    &hit_rate::SCENARIO,
+    &avalanche::SCENARIO,
+    &vanish::SCENARIO,
+    &groups::SCENARIO,
+    &near_cache::SCENARIO,
+    &outage::SCENARIO,
+    &write_behind::SCENARIO,
+    &audit::SCENARIO,
+    &refresh_ahead::SCENARIO,
+    &fail_safe::SCENARIO,
+    &write_through_race::SCENARIO,
+];
+
+/// The scenario called `name`, if any.
+fn scenario(name: &str) -> Option<&'static dyn Scenario> {
+    SCENARIOS.iter().copied().find(|s| s.name() == name)
+}
+
+/// `--scenario`'s values: the registry's names, each with its `about`.
+fn scenario_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        SCENARIOS
+            .iter()
+            .map(|s| clap::builder::PossibleValue::new(s.name()).help(s.about())),
+    )
 }
 
 /// The store a lab cache lives in, handed to the builder the way a user
@@ -352,16 +371,38 @@ impl Lab {
             .push((scenario, line));
     }
 
-    fn row(&self, scenario: &'static str, strategy: &'static str) -> Row {
+    /// A row of `scenario` for the strategy found by `slug` and shown as `label`.
+    fn row(&self, scenario: &'static str, slug: &'static str, label: &'static str) -> Row {
         Row::new(
             scenario,
-            strategy,
+            slug,
+            label,
             RowContext {
                 store: self.store_kind,
                 database: self.source.kind(),
                 seed: self.seed,
             },
         )
+    }
+
+    /// Compares what `cache` holds of each of `keys` with the source, once
+    /// writes have stopped: the entries holding another value than the
+    /// source's row, and the keys the cache could not be read for.
+    async fn stale_entries(
+        &self,
+        cache: &Cache<i64, Item>,
+        keys: RangeInclusive<i64>,
+    ) -> Result<(u64, u64)> {
+        let (mut stale, mut unread) = (0, 0);
+        for id in keys {
+            let truth = self.source.read(id).await?;
+            match cache.peek(&id).await {
+                Ok(Some(cached)) if Some(&cached) != truth.as_ref() => stale += 1,
+                Ok(_) => {}
+                Err(_) => unread += 1,
+            }
+        }
+        Ok((stale, unread))
     }
 
     /// A per-task seed derived from the run's seed, so tasks draw different but
@@ -540,7 +581,7 @@ pub(crate) async fn run(args: LabArgs) -> Result<()> {
 
 async fn run_scenarios(
     lab: &Lab,
-    scenarios: &[Scenario],
+    scenarios: &[&dyn Scenario],
     json: bool,
     progress: bool,
 ) -> Result<Vec<Row>> {
@@ -559,10 +600,7 @@ async fn run_scenarios(
         indicatif::ProgressBar::hidden()
     };
     for scenario in scenarios {
-        let about = clap::ValueEnum::to_possible_value(scenario)
-            .and_then(|v| v.get_help().map(ToString::to_string))
-            .unwrap_or_default();
-        bar.set_message(format!("{}: {about}", scenario.name()));
+        bar.set_message(format!("{}: {}", scenario.name(), scenario.about()));
         let started = std::time::Instant::now();
         let new = scenario
             .run(lab)
@@ -590,14 +628,15 @@ async fn run_scenarios(
 }
 
 /// The scenarios asked for, each once, in the order first asked; all by default.
-fn selected(asked: &[Scenario]) -> Vec<Scenario> {
+/// Names come from the registry through clap, so every one is found.
+fn selected(asked: &[String]) -> Vec<&'static dyn Scenario> {
     if asked.is_empty() {
-        return Scenario::ALL.to_vec();
+        return SCENARIOS.to_vec();
     }
-    let mut out = Vec::new();
-    for s in asked {
-        if !out.contains(s) {
-            out.push(*s);
+    let mut out: Vec<&'static dyn Scenario> = Vec::new();
+    for s in asked.iter().filter_map(|name| scenario(name)) {
+        if !out.iter().any(|o| o.name() == s.name()) {
+            out.push(s);
         }
     }
     out
@@ -616,13 +655,15 @@ fn shares(total: u64, parts: u32) -> Vec<u64> {
 mod tests {
     use super::*;
 
+    fn names(scenarios: &[&dyn Scenario]) -> Vec<&'static str> {
+        scenarios.iter().map(|s| s.name()).collect()
+    }
+
     #[test]
     fn selection_keeps_order_and_drops_repeats() {
-        assert_eq!(selected(&[]), Scenario::ALL.to_vec());
-        assert_eq!(
-            selected(&[Scenario::HitRate, Scenario::Race, Scenario::HitRate]),
-            vec![Scenario::HitRate, Scenario::Race]
-        );
+        assert_eq!(names(&selected(&[])), names(SCENARIOS));
+        let asked = ["hit-rate", "race", "hit-rate"].map(String::from);
+        assert_eq!(names(&selected(&asked)), ["hit-rate", "race"]);
     }
 
     #[test]
@@ -633,10 +674,12 @@ mod tests {
     }
 
     #[test]
-    fn scenario_names_match_the_flag_values() {
-        for s in Scenario::ALL {
-            let value = s.to_possible_value().unwrap();
-            assert_eq!(value.get_name(), s.name());
+    fn scenario_names_are_unique_flag_values() {
+        let mut seen = std::collections::HashSet::new();
+        for s in SCENARIOS {
+            assert!(seen.insert(s.name()), "{} registered twice", s.name());
+            assert_eq!(scenario(s.name()).map(|f| f.name()), Some(s.name()));
+            assert!(!s.about().is_empty());
         }
     }
 }

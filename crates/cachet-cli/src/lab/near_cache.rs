@@ -52,9 +52,14 @@ use super::redis_server::{Persistence, ScenarioRedis};
 use super::report::{Latency, Row, find, format_us};
 use super::source::{Db, Item};
 use super::workload::{build_cache, fill, join_within, loader};
-use super::{LEASE_TTL, Lab};
+use super::{Entry, LEASE_TTL, Lab};
 
 pub(super) const NAME: &str = "near-cache";
+/// What it stages, for `--help` and the progress line.
+const ABOUT: &str =
+    "Near caches (L1) in several instances, with and without the invalidation bus (needs Redis)";
+/// Its entry in the lab's registry.
+pub(super) const SCENARIO: Entry = Entry::new(NAME, ABOUT, |lab| Box::pin(run(lab)), summary);
 const NAIVE: &str = "L1 without coherence (naive)";
 const COHERENT: &str = "L1 with coherence";
 const DISCONNECTED: &str = "L1 with coherence, bus disconnected mid-run";
@@ -149,7 +154,7 @@ pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
 }
 
 pub(super) fn summary(rows: &[Row]) -> String {
-    let (Some(naive), Some(coherent)) = (find(rows, NAME, "naive"), find(rows, NAME, COHERENT))
+    let (Some(naive), Some(coherent)) = (find(rows, NAME, "naive"), find(rows, NAME, "coherent"))
     else {
         return format!("{NAME}: no result.");
     };
@@ -322,7 +327,7 @@ async fn run_strategy(
 
     let sum = |f: fn(&Stats) -> u64| stats.iter().map(f).sum::<u64>();
     let lookups = sum(Stats::lookups);
-    let mut row = lab.row(NAME, strategy.name());
+    let mut row = lab.row(NAME, strategy.slug(), strategy.name());
     row.store = target.kind();
     row.requests = tally.reads + tally.writes;
     row.writes = tally.writes;
@@ -344,7 +349,10 @@ async fn run_strategy(
     row.near_clears = Some(sum(|s| s.near_clears));
     row.stale_reads_past_window = Some(tally.late);
     row.stale_read_max_lag_us = Some(tally.lag.max_us().unwrap_or(0));
-    Ok(row.with_latency(&tally.latency).elapsed(elapsed))
+    Ok(row
+        .with_latency(&tally.latency)
+        .time_boxed(Duration::from_millis(lab.args.near_cache.near_ms))
+        .elapsed(elapsed))
 }
 
 /// Waits until every reader's bus subscription is up: a near cache empties

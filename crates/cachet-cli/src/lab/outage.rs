@@ -35,15 +35,19 @@ use rand::{Rng as _, SeedableRng as _};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::Lab;
 use super::admin::RedisAdmin;
 use super::double_delete::namespace;
 use super::redis_server::{Persistence, ScenarioRedis};
 use super::report::{Latency, Row, find, format_us};
 use super::source::{Db, Item};
 use super::workload::{build_cache, fill, join_within, loader};
+use super::{Entry, Lab, expected};
 
 pub(super) const NAME: &str = "outage";
+/// What it stages, for `--help` and the progress line.
+const ABOUT: &str = "Redis unavailable mid-run, with and without the circuit breaker (needs Redis)";
+/// Its entry in the lab's registry.
+pub(super) const SCENARIO: Entry = Entry::new(NAME, ABOUT, |lab| Box::pin(run(lab)), summary);
 const NAIVE: &str = "naive (no breaker)";
 const PROTECTED: &str = "protected (breaker + retried invalidations)";
 
@@ -142,8 +146,14 @@ pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
         );
         return Ok(Vec::new());
     };
+    // The store failures, breaker openings and reconnections the library logs
+    // meanwhile are this scenario's doing.
+    let _expected = expected::expect(OUTAGE_TARGETS, "Redis outage");
     run_rows(lab, &mut redis).await
 }
+
+/// Where the library logs what a Redis outage does to it.
+const OUTAGE_TARGETS: &[&str] = &["cachet::cache", "cachet::breaker", "cachet_redis"];
 
 pub(super) fn summary(rows: &[Row]) -> String {
     let (Some(naive), Some(protected)) = (find(rows, NAME, "naive"), find(rows, NAME, "protected"))
@@ -281,15 +291,8 @@ async fn run_rows(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
     for (lane, outcome) in lanes.iter().zip(outcomes) {
         let outcome = outcome.context("an outage load did not report")?;
         let mut errors = outcome.read_errors;
-        let mut stale = 0;
-        for id in lane.keys.clone() {
-            let truth = lab.source.read(id).await?;
-            match lane.cache.peek(&id).await {
-                Ok(Some(cached)) if Some(&cached) != truth.as_ref() => stale += 1,
-                Ok(_) => {}
-                Err(_) => errors += 1,
-            }
-        }
+        let (stale, unread) = lab.stale_entries(&lane.cache, lane.keys.clone()).await?;
+        errors += unread;
         if !drained && lane.strategy == Strategy::Protected {
             errors += 1;
         }
@@ -302,7 +305,7 @@ async fn run_rows(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
                 during.record(*took);
             }
         }
-        let mut row = lab.row(NAME, lane.strategy.name());
+        let mut row = lab.row(NAME, lane.strategy.slug(), lane.strategy.name());
         row.store = target.kind();
         row.requests = outcome.reads.len() as u64 + outcome.writes;
         row.writes = outcome.writes;
@@ -321,7 +324,11 @@ async fn run_rows(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
             row.short_circuits = Some(stats.short_circuits);
             row.retried_invalidations = Some(stats.retried_invalidations);
         }
-        rows.push(row.with_latency(&all).elapsed(started.elapsed()));
+        rows.push(
+            row.with_latency(&all)
+                .time_boxed(duration)
+                .elapsed(started.elapsed()),
+        );
     }
     for lane in &lanes {
         lab.forget(&lane.cache).await;

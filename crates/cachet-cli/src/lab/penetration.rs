@@ -24,9 +24,13 @@ use super::admin::Admin;
 use super::report::{Latency, Row, find};
 use super::source::{Db, Item};
 use super::workload::lab_cache;
-use super::{Lab, shares};
+use super::{Entry, Lab, shares};
 
 pub(super) const NAME: &str = "penetration";
+/// What it stages, for `--help` and the progress line.
+const ABOUT: &str = "Lookups of IDs that do not exist";
+/// Its entry in the lab's registry.
+pub(super) const SCENARIO: Entry = Entry::new(NAME, ABOUT, |lab| Box::pin(run(lab)), summary);
 const NAIVE: &str = "naive cache-aside";
 const NEGATIVE: &str = "negative caching";
 const NEGATIVE_RANDOM: &str = "negative caching, random IDs";
@@ -77,7 +81,7 @@ pub(super) fn summary(rows: &[Row]) -> String {
         queries("negative")
     );
     if let (Some(negative), Some(bloom)) = (
-        find(rows, NAME, "negative caching, random"),
+        find(rows, NAME, "negative-random"),
         find(rows, NAME, "bloom"),
     ) {
         #[allow(clippy::cast_precision_loss)]
@@ -117,7 +121,7 @@ async fn run_strategy(lab: &Lab, negative: bool) -> Result<Row> {
     lab.forget(&cache).await;
 
     let stats = cache.stats();
-    let mut row = lab.row(NAME, name);
+    let mut row = lab.row(NAME, slug, name);
     row.requests = requests;
     row.db_queries = db.reads();
     row.errors = errors;
@@ -254,7 +258,7 @@ async fn run_random(lab: &Lab, bloom: bool) -> Result<Row> {
     }
 
     let stats = cache.stats();
-    let mut row = lab.row(NAME, name);
+    let mut row = lab.row(NAME, slug, name);
     row.requests = requests;
     row.db_queries = db.reads();
     row.errors = errors;

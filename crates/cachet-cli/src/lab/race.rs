@@ -44,9 +44,13 @@ use super::double_delete::{await_deferred, cache_on_store, deferred_store};
 use super::outbox::LabOutbox;
 use super::report::{Latency, Row, find};
 use super::source::{Db, Item};
-use super::{LEASE_TTL, Lab};
+use super::{Entry, LEASE_TTL, Lab};
 
 pub(super) const NAME: &str = "race";
+/// What it stages, for `--help` and the progress line.
+const ABOUT: &str = "A slow reader fills an old value after a writer's invalidation";
+/// Its entry in the lab's registry.
+pub(super) const SCENARIO: Entry = Entry::new(NAME, ABOUT, |lab| Box::pin(run(lab)), summary);
 const NAIVE: &str = "naive cache-aside";
 const LEASE: &str = "lease-guarded";
 const DOUBLE_DELETE: &str = "delayed double-delete";
@@ -203,39 +207,39 @@ pub(super) fn summary(rows: &[Row]) -> String {
         "race: hot rows left holding an old value once writes stopped: naive {} \
          (a slow fill landed after the writer's invalidation), lease-guarded {} \
          (the invalidation revoked the lease, so the late fill was refused).",
-        stale(NAIVE),
-        stale(LEASE)
+        stale("naive"),
+        stale("lease")
     );
-    if let Some(dd) = find(rows, NAME, DOUBLE_DELETE) {
+    if let Some(dd) = find(rows, NAME, "double-delete") {
         out.push_str(&format!(
             "\nrace, delayed double-delete: {} stale with the same naive readers: a second \
              delete, later than the slowest reader's delay, removed what slow readers put back \
              ({} second deletes ran). A probabilistic fix bounded by that delay: a reader \
              slower than it still leaves a stale value, which leases rule out.",
-            stale(DOUBLE_DELETE),
+            stale("double-delete"),
             dd.deferred_ran.unwrap_or(0)
         ));
     }
-    if let Some(with) = find(rows, NAME, OUTBOX) {
+    if let Some(with) = find(rows, NAME, "outbox") {
         out.push_str(&format!(
             "\nrace, lease + outbox: {} of {} writes' writers died after COMMIT without \
              invalidating; {} stale: each invalidation was recorded in its write's transaction \
              and a relay delivered it ({} records; {}).",
             with.crashed_writes.unwrap_or(0),
             with.writes,
-            stale(OUTBOX),
+            stale("outbox"),
             with.outbox_delivered.unwrap_or(0),
             LabOutbox::describe(with.database),
         ));
     }
-    if let Some(without) = find(rows, NAME, NO_OUTBOX) {
+    if let Some(without) = find(rows, NAME, "no-outbox") {
         out.push_str(&format!(
             "\nrace, writer crash without outbox: {} of {} writes' writers died after COMMIT \
              without invalidating; {} stale, kept until their TTL (leases cannot help with an \
              invalidation that never comes).",
             without.crashed_writes.unwrap_or(0),
             without.writes,
-            stale(NO_OUTBOX),
+            stale("no-outbox"),
         ));
     }
     out
@@ -410,19 +414,12 @@ async fn run_strategy(lab: &Lab, strategy: Strategy) -> Result<Row> {
     }
     let elapsed = started.elapsed();
 
-    let mut stale = 0;
-    for id in 1..=hot_rows {
-        let truth = lab.source.read(id).await?;
-        match cache.peek(&id).await {
-            Ok(Some(cached)) if Some(&cached) != truth.as_ref() => stale += 1,
-            Ok(_) => {}
-            Err(_) => total.errors += 1,
-        }
-    }
+    let (stale, unread) = lab.stale_entries(&cache, 1..=hot_rows).await?;
+    total.errors += unread;
     lab.forget(&cache).await;
 
     let stats = cache.stats();
-    let mut row = lab.row(NAME, strategy.name());
+    let mut row = lab.row(NAME, strategy.slug(), strategy.name());
     row.requests = total.reads + total.writes - total.scripted_writes;
     row.writes = total.writes;
     row.db_queries = db.reads();
@@ -439,7 +436,12 @@ async fn run_strategy(lab: &Lab, strategy: Strategy) -> Result<Row> {
     row.deferred_ran = deferred_ran;
     row.outbox_delivered = outbox.as_ref().map(|o| o.delivered());
     let latency = total.latency.unwrap_or_else(Latency::new);
-    Ok(row.with_latency(&latency).elapsed(elapsed))
+    let mut row = row.with_latency(&latency);
+    // With --race-ops the row runs a fixed number of operations instead.
+    if a.race_ops.is_none() {
+        row = row.time_boxed(race_for);
+    }
+    Ok(row.elapsed(elapsed))
 }
 
 /// The essay's race, played once on row 1: the reader misses and reads the

@@ -15,11 +15,19 @@ use serde::Serialize;
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct Row {
     pub(crate) scenario: &'static str,
+    /// The strategy's stable name within its scenario (`naive`, `lease`…):
+    /// what summaries, tests and `--json` consumers find a row by.
+    pub(crate) slug: &'static str,
+    /// The strategy as the table shows it; free to change.
     pub(crate) strategy: &'static str,
     pub(crate) store: &'static str,
     pub(crate) database: &'static str,
     /// Operations the workload issued: reads and writes.
     pub(crate) requests: u64,
+    /// How long the workload ran when it runs for a fixed time rather than a
+    /// fixed count (`requests` then depends on the machine: the notes state
+    /// both, so two runs can be compared).
+    pub(crate) time_box_ms: Option<u64>,
     /// Of which writes (UPDATE, then invalidate when there is a cache).
     pub(crate) writes: u64,
     /// Read queries sent to the source of truth.
@@ -106,6 +114,25 @@ pub(crate) struct Row {
     pub(crate) flusher_kills: Option<u64>,
     /// Writes a killed flusher held that the last one claimed.
     pub(crate) reclaimed: Option<u64>,
+    /// Lookups that missed and made their caller wait for a load (background
+    /// refreshes not counted).
+    pub(crate) caller_misses: Option<u64>,
+    /// Background refreshes the cache started (refresh-ahead, XFetch,
+    /// stale-while-revalidate).
+    pub(crate) refreshes: Option<u64>,
+    /// How long the source of truth was down (failing every query), in
+    /// milliseconds.
+    pub(crate) source_down_ms: Option<u64>,
+    /// Values served although past their fresh life because their loads
+    /// failed (fail-safe).
+    pub(crate) fail_safe_serves: Option<u64>,
+    /// The most a value served was past its fresh life, in milliseconds.
+    pub(crate) max_staleness_served_ms: Option<u64>,
+    /// The configured bound on that (fail-safe's maximum staleness), in
+    /// milliseconds.
+    pub(crate) max_staleness_ms: Option<u64>,
+    /// Writes whose value the cache refused because it held a newer version.
+    pub(crate) older_writes_refused: Option<u64>,
     /// The consistency audit's figures (`cachet::audit`).
     pub(crate) audit: Option<AuditFigures>,
     pub(crate) elapsed_ms: u64,
@@ -114,13 +141,20 @@ pub(crate) struct Row {
 
 impl Row {
     /// A row with the identity fields set and every measurement empty.
-    pub(crate) fn new(scenario: &'static str, strategy: &'static str, ctx: RowContext) -> Self {
+    pub(crate) fn new(
+        scenario: &'static str,
+        slug: &'static str,
+        strategy: &'static str,
+        ctx: RowContext,
+    ) -> Self {
         Self {
             scenario,
+            slug,
             strategy,
             store: ctx.store,
             database: ctx.database,
             requests: 0,
+            time_box_ms: None,
             writes: 0,
             db_queries: 0,
             loads: None,
@@ -161,6 +195,13 @@ impl Row {
             transactions: None,
             flusher_kills: None,
             reclaimed: None,
+            caller_misses: None,
+            refreshes: None,
+            source_down_ms: None,
+            fail_safe_serves: None,
+            max_staleness_served_ms: None,
+            max_staleness_ms: None,
+            older_writes_refused: None,
             audit: None,
             elapsed_ms: 0,
             seed: ctx.seed,
@@ -171,6 +212,13 @@ impl Row {
     pub(crate) fn with_latency(mut self, latency: &Latency) -> Self {
         self.p50_us = latency.quantile_us(0.50);
         self.p99_us = latency.quantile_us(0.99);
+        self
+    }
+
+    /// Marks the row's workload as running for `duration`, whatever the
+    /// number of requests it made.
+    pub(crate) fn time_boxed(mut self, duration: Duration) -> Self {
+        self.time_box_ms = Some(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX));
         self
     }
 
@@ -237,10 +285,10 @@ pub(crate) struct RowContext {
     pub(crate) seed: u64,
 }
 
-/// Finds a scenario's row by a word of its strategy name.
-pub(crate) fn find<'a>(rows: &'a [Row], scenario: &str, word: &str) -> Option<&'a Row> {
+/// Finds a scenario's row by its strategy's slug.
+pub(crate) fn find<'a>(rows: &'a [Row], scenario: &str, slug: &str) -> Option<&'a Row> {
     rows.iter()
-        .find(|r| r.scenario == scenario && r.strategy.contains(word))
+        .find(|r| r.scenario == scenario && r.slug == slug)
 }
 
 /// A latency histogram in microseconds.
@@ -396,6 +444,13 @@ pub(crate) fn times(n: u64) -> String {
 /// The measurements only some scenarios have, as short text.
 fn detail(r: &Row) -> String {
     let mut parts = Vec::new();
+    if let Some(ms) = r.time_box_ms {
+        parts.push(format!(
+            "{} in {} (time-boxed)",
+            count(r.requests, "request"),
+            format_ms(ms)
+        ));
+    }
     if let Some(audit) = &r.audit {
         let within: Vec<String> = audit
             .bounds
@@ -477,6 +532,28 @@ fn detail(r: &Row) -> String {
             "acknowledged {acked}, applied {applied}, lost_writes {lost}"
         ));
     }
+    if let Some(misses) = r.caller_misses {
+        parts.push(format!("misses on the caller's path {misses}"));
+    }
+    if let Some(n) = r.refreshes {
+        parts.push(format!("background refreshes {n}"));
+    }
+    if let Some(ms) = r.source_down_ms {
+        parts.push(format!("source down {}", format_ms(ms)));
+    }
+    if let Some(n) = r.fail_safe_serves {
+        parts.push(format!("fail-safe serves {n}"));
+    }
+    if let Some(ms) = r.max_staleness_served_ms {
+        let mut s = format!("served up to {} past the TTL", format_ms(ms));
+        if let Some(max) = r.max_staleness_ms {
+            let _ = write!(s, " (maximum {})", format_ms(max));
+        }
+        parts.push(s);
+    }
+    if let Some(n) = r.older_writes_refused {
+        parts.push(format!("older writes refused {n}"));
+    }
     if let Some(kills) = r.flusher_kills {
         let mut s = format!("flusher killed and restarted {}", times(kills));
         if let Some(n) = r.reclaimed {
@@ -485,6 +562,11 @@ fn detail(r: &Row) -> String {
         parts.push(s);
     }
     parts.join("; ")
+}
+
+/// Milliseconds as a short human duration.
+pub(crate) fn format_ms(ms: u64) -> String {
+    format_us(ms.saturating_mul(1_000))
 }
 
 /// Microseconds as a short human duration.
@@ -515,7 +597,7 @@ mod tests {
 
     #[test]
     fn table_aligns_and_fits_120_columns() {
-        let mut a = Row::new("write-behind", "naive cache-aside", ctx());
+        let mut a = Row::new("write-behind", "naive", "naive cache-aside", ctx());
         a.requests = 12_345;
         a.stale_entries = Some(3);
         a.p50_us = Some(1_234_567);
@@ -524,6 +606,7 @@ mod tests {
         a.db_queries_saved = Some(123_456);
         let mut b = Row::new(
             "write-behind",
+            "durable",
             "durable double-delete (killed after first delete)",
             ctx(),
         );
@@ -535,7 +618,7 @@ mod tests {
         b.lost_writes = Some(0);
         b.flusher_kills = Some(1);
         b.reclaimed = Some(93);
-        let c = Row::new("stampede", "naive cache-aside", ctx());
+        let c = Row::new("stampede", "naive", "naive cache-aside", ctx());
         let t = table(&[a, b, c]);
         for line in t.lines() {
             assert!(
@@ -565,7 +648,7 @@ mod tests {
 
     #[test]
     fn json_uses_null_for_missing_fields() {
-        let row = Row::new("penetration", "negative caching", ctx());
+        let row = Row::new("penetration", "negative", "negative caching", ctx());
         let v: serde_json::Value = serde_json::from_str(&json_line(&row)).unwrap();
         assert_eq!(v["scenario"], "penetration");
         assert!(v["stale_entries"].is_null());

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::str::FromStr as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
@@ -349,12 +349,18 @@ fn schema_pool(schema: &str, connections: u32) -> PgPoolOptions {
         })
 }
 
-/// A counted handle on the source of truth. Cheap to clone; clones share counts.
+/// A counted handle on the source of truth. Cheap to clone; clones share
+/// counts and the [`set_down`](Self::set_down) switch.
 #[derive(Clone, Debug)]
 pub(crate) struct Db {
     pool: Pool,
     reads: Arc<AtomicU64>,
     transactions: Arc<AtomicU64>,
+    /// While set, [`load`](Self::load) fails without reaching the database:
+    /// a source outage the lab stages.
+    down: Arc<AtomicBool>,
+    /// How long each load takes on top of its query (a slow source).
+    delay: Duration,
 }
 
 impl Db {
@@ -363,7 +369,22 @@ impl Db {
             pool,
             reads: Arc::default(),
             transactions: Arc::default(),
+            down: Arc::default(),
+            delay: Duration::ZERO,
         }
+    }
+
+    /// This handle with every load taking `delay` more, as an expensive query
+    /// would.
+    pub(crate) fn slowed(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Takes the source down (every load fails at once, as on a database that
+    /// refuses connections) or brings it back, for this handle and its clones.
+    pub(crate) fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
     }
 
     /// Opens the run's source of truth again, from another process of the lab
@@ -388,10 +409,21 @@ impl Db {
         Ok(Self::new(pool))
     }
 
-    /// `SELECT` one item; counted in [`reads`](Self::reads).
+    /// `SELECT` one item; counted in [`reads`](Self::reads), also while the
+    /// source is down (the query was sent; it failed).
     pub(crate) async fn load(&self, id: i64) -> Result<Option<Item>, sqlx::Error> {
         self.reads.fetch_add(1, Ordering::Relaxed);
-        fetch(&self.pool, id).await
+        if self.down.load(Ordering::Relaxed) {
+            return Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!("cannot read item {id}: the source of truth is down (staged by the lab)"),
+            )));
+        }
+        let item = fetch(&self.pool, id).await?;
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        Ok(item)
     }
 
     /// Increments an item's value. Writes are counted by the workloads, which

@@ -26,10 +26,14 @@ use super::child::{ChildProcess, DONE, READY, source_args};
 use super::double_delete::cache_in;
 use super::report::{Latency, Row, find};
 use super::source::{Db, Item};
-use super::{LEASE_TTL, Lab, shares};
+use super::{Entry, LEASE_TTL, Lab, shares};
 use crate::target::RedisTarget;
 
 pub(super) const NAME: &str = "stampede";
+/// What it stages, for `--help` and the progress line.
+const ABOUT: &str = "Many callers miss one cold key at once";
+/// Its entry in the lab's registry.
+pub(super) const SCENARIO: Entry = Entry::new(NAME, ABOUT, |lab| Box::pin(run(lab)), summary);
 const NAIVE: &str = "naive cache-aside";
 const SINGLE_FLIGHT: &str = "single-flight (lease)";
 const CONNECTIONS: &str = "single-flight across 4 connections";
@@ -86,21 +90,21 @@ pub(super) fn summary(rows: &[Row]) -> String {
         queries("naive"),
         queries("single-flight")
     );
-    if find(rows, NAME, CONNECTIONS).is_some() {
+    if find(rows, NAME, "connections").is_some() {
         out.push_str(&format!(
             "\nstampede, {INSTANCES} connections: the same callers split over {INSTANCES} \
              independent caches, each with its own store handle and its own in-process \
              single-flight: database queries {} (one cache took the store's lease, the others \
              waited for its fill).",
-            queries(CONNECTIONS)
+            queries("connections")
         ));
     }
-    if find(rows, NAME, PROCESSES).is_some() {
+    if find(rows, NAME, "processes").is_some() {
         out.push_str(&format!(
             "\nstampede, {INSTANCES} processes: the callers in {INSTANCES} processes sharing \
              Redis, each reading the database itself: database queries {} (the lease works \
              across processes).",
-            queries(PROCESSES)
+            queries("processes")
         ));
     }
     out
@@ -156,7 +160,7 @@ async fn run_strategy(lab: &Lab, mode: Mode) -> Result<Row> {
     let elapsed = started.elapsed();
     lab.forget(&cache).await;
 
-    let mut row = lab.row(NAME, name);
+    let mut row = lab.row(NAME, slug, name);
     row.requests = u64::from(a.callers);
     row.db_queries = db.reads();
     row.errors = errors;
@@ -261,7 +265,7 @@ async fn run_processes(lab: &Lab, target: &RedisTarget) -> Result<Row> {
     }
     lab.forget(&cache).await;
 
-    let mut row = lab.row(NAME, PROCESSES);
+    let mut row = lab.row(NAME, "processes", PROCESSES);
     row.requests = u64::from(a.callers);
     row.db_queries = queries;
     row.loads = Some(loads);

@@ -19,12 +19,16 @@ use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tokio::time::Instant;
 
-use super::Lab;
 use super::admin::Admin;
 use super::report::{Row, find, format_us};
-use super::workload::{ReadLoad, Timeline, delta, fill};
+use super::workload::{ReadLoad, Timeline, fill};
+use super::{Entry, Lab};
 
 pub(super) const NAME: &str = "vanish";
+/// What it stages, for `--help` and the progress line.
+const ABOUT: &str = "Entries deleted behind the cache's back during reads";
+/// Its entry in the lab's registry.
+pub(super) const SCENARIO: Entry = Entry::new(NAME, ABOUT, |lab| Box::pin(run(lab)), summary);
 const BASELINE: &str = "no vanishing (baseline)";
 const VANISH: &str = "random + mass vanishing";
 
@@ -61,7 +65,7 @@ pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
 }
 
 pub(super) fn summary(rows: &[Row]) -> String {
-    let (Some(base), Some(vanish)) = (find(rows, NAME, "baseline"), find(rows, NAME, "random"))
+    let (Some(base), Some(vanish)) = (find(rows, NAME, "baseline"), find(rows, NAME, "vanish"))
     else {
         return "vanish: no result.".to_owned();
     };
@@ -126,10 +130,10 @@ async fn run_strategy(lab: &Lab, admin: &Admin, vanishing: bool) -> Result<Row> 
     };
     let outcome = reads?;
     let elapsed = started.elapsed();
-    let stats = delta(cache.stats(), before);
+    let stats = cache.stats().since(&before);
     lab.forget(&cache).await;
 
-    let mut row = lab.row(NAME, name);
+    let mut row = lab.row(NAME, slug, name);
     row.requests = outcome.reads;
     row.db_queries = timeline.total();
     row.loads = Some(stats.loads);
@@ -138,7 +142,10 @@ async fn run_strategy(lab: &Lab, admin: &Admin, vanishing: bool) -> Result<Row> 
     row.vanished = Some(vanished.unwrap_or(0));
     row.peak_db_queries_per_100ms = Some(timeline.peak_per_100ms());
     row.db_queries_per_100ms = Some(timeline.per_100ms());
-    Ok(row.with_latency(&outcome.latency).elapsed(elapsed))
+    Ok(row
+        .with_latency(&outcome.latency)
+        .time_boxed(duration)
+        .elapsed(elapsed))
 }
 
 /// The admin path's plan: random deletions at a steady rate, and all entries

@@ -17,7 +17,7 @@ use rand::{Rng as _, SeedableRng as _};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::report::Latency;
+use super::report::{Latency, Row};
 use super::source::{Db, Item};
 use super::{ENTRY_TTL, LEASE_TTL, Lab};
 
@@ -143,7 +143,7 @@ impl Timeline {
 }
 
 /// The future of a [`loader`].
-type Load = Pin<Box<dyn Future<Output = Result<Option<Item>, sqlx::Error>> + Send>>;
+pub(super) type Load = Pin<Box<dyn Future<Output = Result<Option<Item>, sqlx::Error>> + Send>>;
 
 /// A loader that counts its query on `timeline` (if any) and reads `id`.
 pub(super) fn loader(
@@ -348,19 +348,48 @@ impl ReadLoad {
     }
 }
 
-/// The counters that moved between two snapshots.
-pub(super) fn delta(after: Stats, before: Stats) -> Stats {
-    let mut d = after;
-    d.hits -= before.hits;
-    d.negative_hits -= before.negative_hits;
-    d.misses -= before.misses;
-    d.loads -= before.loads;
-    d.load_errors -= before.load_errors;
-    d.stale_hits -= before.stale_hits;
-    d.refreshes -= before.refreshes;
-    d.bloom_rejections -= before.bloom_rejections;
-    d.refused_fills -= before.refused_fills;
-    d
+/// What [`ReadLoad::measure`] saw.
+#[derive(Debug)]
+pub(super) struct Measured {
+    pub(super) outcome: ReadOutcome,
+    /// The source queries the load's loads sent.
+    pub(super) timeline: Arc<Timeline>,
+    /// The cache's counters over the load alone.
+    pub(super) stats: Stats,
+}
+
+impl ReadLoad {
+    /// Runs the load from now on `cache` (already warmed up), and measures it.
+    pub(super) async fn measure(
+        &self,
+        lab: &Lab,
+        scenario: &str,
+        cache: &Cache<i64, Item>,
+        db: &Db,
+    ) -> Result<Measured> {
+        let before = cache.stats();
+        let start = Instant::now();
+        let timeline = Timeline::new(start, self.duration);
+        let outcome = self.run(lab, scenario, cache, db, &timeline, start).await?;
+        Ok(Measured {
+            outcome,
+            timeline,
+            stats: cache.stats().since(&before),
+        })
+    }
+}
+
+impl Measured {
+    /// `row` with the figures every read-load row has: reads, source
+    /// queries and loads, errors, hit rate, latency, and the time box.
+    pub(super) fn into_row(self, mut row: Row, duration: Duration) -> Row {
+        row.requests = self.outcome.reads;
+        row.db_queries = self.timeline.total();
+        row.loads = Some(self.stats.loads);
+        row.errors = self.outcome.errors;
+        row.hit_rate = Some(self.stats.hit_rate());
+        row.with_latency(&self.outcome.latency).time_boxed(duration)
+    }
 }
 
 /// Waits for the `what` still in `tasks`, handing each to `add`, for at most
