@@ -2,7 +2,8 @@
 //!
 //! [`RedisStore`] speaks the lease protocol of [`cachet_core::store`] to Redis ≥ 7
 //! (or Valkey) through one multiplexed, automatically reconnecting connection
-//! (redis-rs `ConnectionManager`), or to a [Redis Cluster](#redis-cluster).
+//! (redis-rs `ConnectionManager`), to a [Redis Cluster](#redis-cluster), or to
+//! the primary that [Redis Sentinel](#redis-sentinel) names.
 //! Each primitive is one round trip:
 //!
 //! | primitive | Redis command |
@@ -169,6 +170,51 @@
 //!   over the nodes; a [`run_deferred`](cachet_core::DeferredQueue::run_deferred) then costs one
 //!   round trip per shard when nothing is due. The shards' hash tags are
 //!   their numbers alone, so keep braces out of the system prefix.
+//!
+//! # Redis Sentinel
+//!
+//! Give the store the sentinels and the name they know the primary by; it
+//! connects to the primary they name and follows it across failovers:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cachet_core::StoreError> {
+//! use cachet_redis::RedisStore;
+//!
+//! let store = RedisStore::sentinel_builder(
+//!     [
+//!         "redis://10.0.0.1:26379/",
+//!         "redis://10.0.0.2:26379/",
+//!         "redis://10.0.0.3:26379/",
+//!     ],
+//!     "mymaster",
+//! )
+//! .node_auth("cachet", "primary-password")
+//! .connect()
+//! .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The sentinels' own credentials go in their URLs; the data nodes' in
+//! [`node_auth`](RedisStoreBuilder::node_auth). With `rediss://` sentinels,
+//! the data nodes are reached over TLS too, with the same [TLS](#tls)
+//! settings.
+//!
+//! The primary is found by redis-rs's `SentinelClient` (the sentinels asked in
+//! turn, a primary flagged down skipped, the node checked with `ROLE`), each
+//! time within the connection timeout. The store asks again, in the
+//! background, when its connection breaks, when the node answers `READONLY`
+//! (a primary demoted to replica: writes must not keep failing there), when a
+//! reply times out (the connection is replaced only if the sentinels name
+//! another node), and when a sentinel announces a failover on its
+//! `+switch-master` channel, which the store follows: a requested failover
+//! leaves the old primary up and writable until the sentinels demote it, up to
+//! ten seconds later. Calls made while the primary is looked for wait for the
+//! new connection within their response timeout. The invalidation bus's
+//! subscriptions ask the sentinels at each reconnect.
+//!
+//! A failover loses what the old primary acknowledged but had not replicated,
+//! invalidations included: an entry may be stale until its TTL afterwards.
+//! `docs/production.md` says what a failover costs and how to bound it.
 #![deny(missing_docs)]
 
 mod bloom;
