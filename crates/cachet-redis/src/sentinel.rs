@@ -169,6 +169,9 @@ struct Shared {
     link: watch::Sender<Link>,
     /// Whether a background task is following the primary.
     following: AtomicBool,
+    /// When a timeout last made the store ask the sentinels: a slow primary
+    /// times out many calls, and each lookup opens a connection to check it.
+    silence_checked: std::sync::Mutex<Option<Instant>>,
 }
 
 /// The current primary. `epoch` counts connections, so that a failure on an
@@ -218,6 +221,7 @@ pub(crate) async fn connect(
         response_timeout,
         link,
         following: AtomicBool::new(false),
+        silence_checked: std::sync::Mutex::new(None),
     }));
     primary.0.refresh(0).await?;
     tokio::spawn(watch_switches(Arc::downgrade(&primary.0)));
@@ -289,7 +293,8 @@ impl Shared {
     }
 
     /// The connection of `epoch` failed: forget it if it is `gone`, and look
-    /// for the primary in the background unless that is under way.
+    /// for the primary in the background unless that is under way (or, for a
+    /// mere timeout, was done less than a second ago).
     fn lost(self: &Arc<Self>, epoch: u64, gone: bool) {
         if gone {
             self.link.send_if_modified(|l| {
@@ -299,6 +304,15 @@ impl Shared {
                 }
                 drop
             });
+        } else {
+            let mut checked = self
+                .silence_checked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if checked.is_some_and(|at| at.elapsed() < SILENCE_CHECK_PERIOD) {
+                return;
+            }
+            *checked = Some(Instant::now());
         }
         if self.link.borrow().epoch == epoch && !self.following.swap(true, Ordering::AcqRel) {
             tracing::debug!(master = %self.master, gone, "asking the sentinels for the primary");
@@ -396,6 +410,9 @@ async fn follow(shared: Weak<Shared>, epoch: u64) {
         backoff = (backoff * 2).min(Duration::from_millis(500));
     }
 }
+
+/// How often timeouts at most make the store ask the sentinels.
+const SILENCE_CHECK_PERIOD: Duration = Duration::from_secs(1);
 
 /// The sentinels' channel announcing failovers: `<master> <old ip> <old port>
 /// <new ip> <new port>`.
