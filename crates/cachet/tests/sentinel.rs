@@ -20,8 +20,8 @@ type Db = Arc<std::sync::Mutex<HashMap<u64, u64>>>;
 enum Failover {
     /// `SENTINEL FAILOVER`: the primary is demoted to a replica.
     Requested,
-    /// SIGKILL of the primary; it is restarted after the failover and comes
-    /// back as a replica of the new one.
+    /// SIGKILL of the primary; it is restarted after the failover (and made a
+    /// replica of the new one by the sentinels, later).
     Killed,
 }
 
@@ -183,20 +183,14 @@ async fn failover_under_load(how: Failover) {
     let settled = failing_over.elapsed();
 
     if let Failover::Killed = how {
-        // The old primary comes back empty and is made a replica of the new one.
+        // The old primary comes back, empty and calling itself a primary,
+        // until the sentinels make it a replica of the new one (seconds
+        // later): the store stays on the primary the sentinels name.
         tokio::task::block_in_place(|| sentinels.node_mut(0).restart());
-        let old = &sentinels.nodes()[0];
-        eventually("the old primary to become a replica", LIMIT, || {
-            std::future::ready(
-                old.command(&["INFO", "replication"])
-                    .contains("master_link_status:up"),
-            )
-        })
-        .await;
     }
     let base = Counts::get(&counts.reads, SETTLED);
     eventually("reads after the failover", LIMIT, || {
-        std::future::ready(Counts::get(&counts.reads, SETTLED) > base + 500)
+        std::future::ready(Counts::get(&counts.reads, SETTLED) > base + 5_000)
     })
     .await;
 
