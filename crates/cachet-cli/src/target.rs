@@ -1,11 +1,14 @@
-//! Where Redis is, for every command: one server (`--redis-url`) or a Redis
-//! Cluster (`--redis-cluster`), and the servers behind it.
+//! Where Redis is, for every command: one server (`--redis-url`), a Redis
+//! Cluster (`--redis-cluster`) or the primary of a Redis Sentinel deployment
+//! (`--redis-sentinel` with `--sentinel-master`, for the commands that take
+//! [`RedisArgs`]), and the servers behind it.
 //!
-//! A [`RedisTarget`] builds [`RedisStore`]s (`RedisStore::builder` or
-//! `RedisStore::cluster_builder`) and, for commands about a server rather than a
-//! key (`INFO`, `CLIENT …`), lists the servers to send them to: the server
-//! itself, or every master of the cluster (from `CLUSTER NODES`), each reached
-//! by a plain connection of its own.
+//! A [`RedisTarget`] builds [`RedisStore`]s (`RedisStore::builder`,
+//! `RedisStore::cluster_builder` or `RedisStore::sentinel_builder`) and, for
+//! commands about a server rather than a key (`INFO`, `CLIENT …`), lists the
+//! servers to send them to: the server itself, every master of the cluster
+//! (from `CLUSTER NODES`), or the primary the sentinels name, each reached by
+//! a plain connection of its own.
 //!
 //! URLs may hold a password, so they never show in a `Debug`, a message or a
 //! child process's command line: [`SecretUrl`] redacts itself, and the lab
@@ -26,6 +29,10 @@ use clap::Args;
 pub(crate) const REDIS_URL_ENV: &str = "CACHET_REDIS_URL";
 /// The variable that gives `--redis-cluster`.
 pub(crate) const REDIS_CLUSTER_ENV: &str = "CACHET_REDIS_CLUSTER";
+/// The variable that gives `--redis-sentinel`.
+pub(crate) const REDIS_SENTINEL_ENV: &str = "CACHET_REDIS_SENTINEL";
+/// The variable that gives `--sentinel-master`.
+pub(crate) const SENTINEL_MASTER_ENV: &str = "CACHET_SENTINEL_MASTER";
 /// The variable that gives `--database-url`.
 pub(crate) const DATABASE_URL_ENV: &str = "DATABASE_URL";
 
@@ -187,9 +194,9 @@ impl Tls {
 /// How long an administrative command may take.
 pub(crate) const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `--redis-url` or `--redis-cluster`, one of them required: for the commands
-/// that only make sense against Redis (`stats`, `inspect`, the lab's child
-/// processes).
+/// `--redis-url`, `--redis-cluster` or `--redis-sentinel`, one of them
+/// required: for the commands that only make sense against Redis (`stats`,
+/// `inspect`, the lab's child processes).
 #[derive(Clone, Debug, Args)]
 #[group(required = true, multiple = false)]
 pub(crate) struct RedisUrlArgs {
@@ -206,13 +213,28 @@ pub(crate) struct RedisUrlArgs {
         hide_env_values = true
     )]
     pub(crate) redis_cluster: Vec<SecretUrl>,
+    /// The sentinels of a Redis Sentinel deployment (give them all; with
+    /// --sentinel-master), comma-separated or repeated: cachet uses the
+    /// primary they name
+    #[arg(
+        long,
+        value_name = "URL,…",
+        value_delimiter = ',',
+        env = REDIS_SENTINEL_ENV,
+        hide_env_values = true
+    )]
+    pub(crate) redis_sentinel: Vec<SecretUrl>,
 }
 
-/// `--redis-url` or `--redis-cluster` ([`RedisUrlArgs`]), and the TLS flags.
+/// `--redis-url`, `--redis-cluster` or `--redis-sentinel` ([`RedisUrlArgs`]),
+/// `--sentinel-master`, and the TLS flags.
 #[derive(Clone, Debug, Args)]
 pub(crate) struct RedisArgs {
     #[command(flatten)]
     at: RedisUrlArgs,
+    /// The name the sentinels of --redis-sentinel know the primary by
+    #[arg(long, value_name = "NAME", env = SENTINEL_MASTER_ENV)]
+    sentinel_master: Option<String>,
     #[command(flatten)]
     tls: RedisTlsArgs,
 }
@@ -220,20 +242,32 @@ pub(crate) struct RedisArgs {
 impl RedisArgs {
     /// The target these flags name.
     pub(crate) fn target(&self) -> Result<RedisTarget> {
+        if !self.at.redis_sentinel.is_empty() {
+            let master = self
+                .sentinel_master
+                .as_deref()
+                .context("give --sentinel-master with --redis-sentinel")?;
+            return RedisTarget::sentinel(&self.at.redis_sentinel, master, &self.tls);
+        }
         RedisTarget::from_flags(
             self.at.redis_url.as_deref(),
             &self.at.redis_cluster,
             &self.tls,
         )?
-        .context("give --redis-url or --redis-cluster")
+        .context("give --redis-url, --redis-cluster or --redis-sentinel")
     }
 }
 
-/// One Redis server, or the seed nodes of a Redis Cluster.
+/// One Redis server, the seed nodes of a Redis Cluster, or the sentinels of a
+/// primary and its name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Endpoint {
     Server(SecretUrl),
     Cluster(Vec<SecretUrl>),
+    Sentinel {
+        sentinels: Vec<SecretUrl>,
+        master: String,
+    },
 }
 
 /// Where Redis is, and how to reach it over TLS. Its `Debug` shows no
@@ -309,11 +343,38 @@ impl RedisTarget {
         }))
     }
 
-    /// The URL of a single server; `None` for a cluster.
+    /// The primary that `sentinels` name `master` (`--redis-sentinel`,
+    /// `--sentinel-master`), with the TLS flags.
+    pub(crate) fn sentinel(
+        sentinels: &[SecretUrl],
+        master: &str,
+        tls: &RedisTlsArgs,
+    ) -> Result<Self> {
+        let sentinels: Vec<SecretUrl> = sentinels
+            .iter()
+            .map(|u| u.trim())
+            .filter(|u| !u.is_empty())
+            .map(|u| SecretUrl(u.to_owned()))
+            .collect();
+        if sentinels.is_empty() || master.trim().is_empty() {
+            bail!(
+                "--redis-sentinel needs the URL of at least one sentinel, and --sentinel-master a name"
+            );
+        }
+        Ok(Self {
+            endpoint: Endpoint::Sentinel {
+                sentinels,
+                master: master.trim().to_owned(),
+            },
+            tls: Tls::load(tls)?,
+        })
+    }
+
+    /// The URL of a single server; `None` for a cluster or Sentinel.
     pub(crate) fn server_url(&self) -> Option<&str> {
         match &self.endpoint {
             Endpoint::Server(url) => Some(url),
-            Endpoint::Cluster(_) => None,
+            Endpoint::Cluster(_) | Endpoint::Sentinel { .. } => None,
         }
     }
 
@@ -322,11 +383,12 @@ impl RedisTarget {
         self.tls.is_set()
     }
 
-    /// `redis` or `redis-cluster`, for the lab's rows.
+    /// `redis`, `redis-cluster` or `redis-sentinel`, for the lab's rows.
     pub(crate) fn kind(&self) -> &'static str {
         match self.endpoint {
             Endpoint::Server(_) => "redis",
             Endpoint::Cluster(_) => "redis-cluster",
+            Endpoint::Sentinel { .. } => "redis-sentinel",
         }
     }
 
@@ -342,6 +404,10 @@ impl RedisTarget {
                 let urls: Vec<String> = urls.iter().map(|u| redact_url(u)).collect();
                 format!("cluster {}", urls.join(","))
             }
+            Endpoint::Sentinel { sentinels, master } => {
+                let urls: Vec<String> = sentinels.iter().map(|u| redact_url(u)).collect();
+                format!("sentinel master {master} via {}", urls.join(","))
+            }
         }
     }
 
@@ -352,6 +418,10 @@ impl RedisTarget {
             Endpoint::Cluster(urls) => {
                 RedisStore::cluster_builder(urls.iter().map(|u| u.to_string()))
             }
+            Endpoint::Sentinel { sentinels, master } => RedisStore::sentinel_builder(
+                sentinels.iter().map(|u| u.to_string()),
+                master.clone(),
+            ),
         };
         self.tls.apply(builder)
     }
@@ -379,7 +449,7 @@ impl RedisTarget {
     /// once), so each master is checked through a connection of its own.
     pub(crate) async fn connect_checked(&self) -> Result<RedisStore> {
         match &self.endpoint {
-            Endpoint::Server(_) => self.connect(self.builder()).await,
+            Endpoint::Server(_) | Endpoint::Sentinel { .. } => self.connect(self.builder()).await,
             Endpoint::Cluster(_) => {
                 let store = self.connect(self.another()).await?;
                 for node in self.masters(&store.connection()).await? {
@@ -430,26 +500,32 @@ impl RedisTarget {
     }
 
     /// The environment that names this target to a child process
-    /// (`CACHET_REDIS_URL` or `CACHET_REDIS_CLUSTER`).
+    /// (`CACHET_REDIS_URL`, `CACHET_REDIS_CLUSTER`, or `CACHET_REDIS_SENTINEL`
+    /// and `CACHET_SENTINEL_MASTER`), removing the others'.
     pub(crate) fn child_env(&self) -> ChildEnv {
-        ChildEnv(match &self.endpoint {
-            Endpoint::Server(url) => vec![
-                (REDIS_URL_ENV, Some(url.to_string())),
-                (REDIS_CLUSTER_ENV, None),
-            ],
-            Endpoint::Cluster(urls) => {
-                let urls: Vec<&str> = urls.iter().map(|u| &**u).collect();
-                vec![
-                    (REDIS_URL_ENV, None),
-                    (REDIS_CLUSTER_ENV, Some(urls.join(","))),
-                ]
+        let joined = |urls: &[SecretUrl]| {
+            let urls: Vec<&str> = urls.iter().map(|u| &**u).collect();
+            Some(urls.join(","))
+        };
+        let (url, cluster, sentinels, master) = match &self.endpoint {
+            Endpoint::Server(url) => (Some(url.to_string()), None, None, None),
+            Endpoint::Cluster(urls) => (None, joined(urls), None, None),
+            Endpoint::Sentinel { sentinels, master } => {
+                (None, None, joined(sentinels), Some(master.clone()))
             }
-        })
+        };
+        ChildEnv(vec![
+            (REDIS_URL_ENV, url),
+            (REDIS_CLUSTER_ENV, cluster),
+            (REDIS_SENTINEL_ENV, sentinels),
+            (SENTINEL_MASTER_ENV, master),
+        ])
     }
 
-    /// The servers behind this target: the server, or every master of the
+    /// The servers behind this target: the server, every master of the
     /// cluster as `CLUSTER NODES` (sent through `conn`, a connection of a store
-    /// on this target) lists them.
+    /// on this target) lists them, or the primary the sentinels name now
+    /// (reached with the scheme and credentials of the first sentinel's URL).
     pub(crate) async fn masters(&self, conn: &RedisConnection) -> Result<Vec<Node>> {
         match &self.endpoint {
             Endpoint::Server(url) => Ok(vec![Node {
@@ -481,7 +557,48 @@ impl RedisTarget {
                 }
                 Ok(nodes)
             }
+            Endpoint::Sentinel { sentinels, master } => {
+                let (host, port) = self.primary_of(sentinels, master).await?;
+                let seed = sentinels
+                    .first()
+                    .context("a Sentinel target without URLs")?;
+                Ok(vec![Node {
+                    addr: format!("{host}:{port}"),
+                    url: with_host_port(seed, &host, port),
+                    tls: self.tls.clone(),
+                }])
+            }
         }
+    }
+
+    /// The primary's address, from the first sentinel that names one
+    /// (`SENTINEL get-master-addr-by-name`).
+    async fn primary_of(&self, sentinels: &[SecretUrl], master: &str) -> Result<(String, u16)> {
+        let mut last = None;
+        for url in sentinels {
+            let sentinel = Node {
+                addr: host_port(url).unwrap_or_else(|| redact_url(url)),
+                url: url.to_string(),
+                tls: self.tls.clone(),
+            };
+            let asked = async {
+                let mut conn = sentinel.connect().await?;
+                let addr: Option<(String, String)> = redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(master)
+                    .query_async(&mut conn)
+                    .await?;
+                let (host, port) = addr.context("it knows no such master")?;
+                Ok::<_, anyhow::Error>((host, port.parse().context("a port that is not a number")?))
+            };
+            match asked.await {
+                Ok(found) => return Ok(found),
+                Err(e) => last = Some(e.context(format!("sentinel {}", sentinel.addr))),
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| anyhow::anyhow!("no sentinel given"))
+            .context(format!("no sentinel names the primary {master:?}")))
     }
 }
 
@@ -691,6 +808,88 @@ mod tests {
             tls: Tls::default(),
         };
         assert!(!format!("{node:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn sentinel_flags_name_the_sentinels_and_the_master() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            redis: RedisArgs,
+        }
+        let parse = |args: &[&str]| {
+            <Cli as clap::Parser>::try_parse_from(
+                std::iter::once("cachet").chain(args.iter().copied()),
+            )
+        };
+        let target = parse(&[
+            "--redis-sentinel",
+            "redis://:hunter2@s1:26379/,redis://s2:26379/",
+            "--sentinel-master",
+            "mymaster",
+        ])
+        .unwrap()
+        .redis
+        .target()
+        .unwrap();
+        assert_eq!(target.kind(), "redis-sentinel");
+        assert_eq!(target.server_url(), None);
+        assert_eq!(
+            target.describe(),
+            "sentinel master mymaster via redis://:***@s1:26379/,redis://s2:26379/"
+        );
+        assert!(!format!("{target:?}").contains("hunter2"));
+        let env = target.child_env().0;
+        let var = |name: &str| {
+            env.iter()
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, v)| v.clone())
+        };
+        assert_eq!(var(SENTINEL_MASTER_ENV).as_deref(), Some("mymaster"));
+        assert!(var(REDIS_SENTINEL_ENV).is_some_and(|v| v.contains("s2:26379")));
+        assert_eq!(var(REDIS_URL_ENV), None);
+        // The master's name is required, and one target at a time.
+        let e = parse(&["--redis-sentinel", "redis://s1:26379/"])
+            .unwrap()
+            .redis
+            .target();
+        assert!(e.is_err());
+        assert!(
+            parse(&[
+                "--redis-sentinel",
+                "redis://s1/",
+                "--redis-url",
+                "redis://h/"
+            ])
+            .is_err()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sentinel_target_reaches_the_primary() {
+        let sentinels = cachet_testkit::RedisSentinels::start();
+        let urls: Vec<SecretUrl> = sentinels
+            .sentinel_urls()
+            .into_iter()
+            .map(SecretUrl)
+            .collect();
+        let target = RedisTarget::sentinel(
+            &urls,
+            cachet_testkit::RedisSentinels::MASTER,
+            &RedisTlsArgs::default(),
+        )
+        .unwrap();
+        let store = target.admin_store().await.unwrap();
+        let nodes = target.masters(&store.connection()).await.unwrap();
+        let primary = sentinels.nodes()[0].port();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].addr, format!("127.0.0.1:{primary}"));
+        let mut conn = nodes[0].connect().await.unwrap();
+        let role: redis::Value = redis::cmd("ROLE").query_async(&mut conn).await.unwrap();
+        assert!(format!("{role:?}").contains("master"), "{role:?}");
+        let unknown = RedisTarget::sentinel(&urls, "nosuch", &RedisTlsArgs::default()).unwrap();
+        let e = unknown.masters(&store.connection()).await.unwrap_err();
+        assert!(format!("{e:#}").contains("nosuch"), "{e:#}");
     }
 
     #[test]

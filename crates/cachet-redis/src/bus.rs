@@ -37,6 +37,7 @@ use futures::StreamExt as _;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::RedisConnection;
+use crate::sentinel::Nodes;
 
 /// The most notices in one batch.
 const BATCH: usize = 512;
@@ -172,18 +173,19 @@ pub(crate) fn parse(payload: &str) -> Vec<Notice> {
         .collect()
 }
 
-/// Subscribes to `head`'s channel on the server of `client`, keeping the
-/// subscription up until the receiver is dropped.
-pub(crate) fn subscribe(client: redis::Client, head: &str) -> mpsc::Receiver<BusEvent> {
+/// Subscribes to `head`'s channel on the server of `nodes` (with Sentinel, the
+/// primary named at each connect), keeping the subscription up until the
+/// receiver is dropped.
+pub(crate) fn subscribe(nodes: Nodes, head: &str) -> mpsc::Receiver<BusEvent> {
     let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(follow(client, channel(head), tx));
+    tokio::spawn(follow(nodes, channel(head), tx));
     rx
 }
 
-async fn follow(client: redis::Client, channel: String, tx: mpsc::Sender<BusEvent>) {
+async fn follow(nodes: Nodes, channel: String, tx: mpsc::Sender<BusEvent>) {
     let mut backoff = Duration::from_millis(50);
     while !tx.is_closed() {
-        match listen(&client, &channel, &tx).await {
+        match listen(&nodes, &channel, &tx).await {
             Listened::ReceiverGone => return,
             Listened::Lost { was_connected } => {
                 if was_connected {
@@ -205,9 +207,16 @@ enum Listened {
 }
 
 /// One subscription, until it breaks.
-async fn listen(client: &redis::Client, channel: &str, tx: &mpsc::Sender<BusEvent>) -> Listened {
+async fn listen(nodes: &Nodes, channel: &str, tx: &mpsc::Sender<BusEvent>) -> Listened {
     let lost = Listened::Lost {
         was_connected: false,
+    };
+    let client = match nodes.client().await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::debug!(%channel, error = %cachet_core::Report(&e), "invalidation bus: no server");
+            return lost;
+        }
     };
     let pubsub = match tokio::time::timeout(PING, client.get_async_pubsub()).await {
         Ok(Ok(pubsub)) => pubsub,

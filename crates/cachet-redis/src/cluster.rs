@@ -1,5 +1,5 @@
-//! The connection of a [`RedisStore`](crate::RedisStore): one server or a
-//! Redis Cluster.
+//! The connection of a [`RedisStore`](crate::RedisStore): one server, a
+//! Redis Cluster, or the primary that Redis Sentinel names.
 
 use std::fmt;
 use std::time::Duration;
@@ -12,13 +12,15 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr
 use redis::{Arg, Cmd, ErrorKind, Pipeline, RedisFuture, ServerErrorKind, Value};
 
 use crate::redact;
+use crate::sentinel::{self, Primary, SentinelTarget};
 
-/// Where a store connects: one server, or the seed nodes of a cluster. Its
-/// `Debug` never shows a password.
+/// Where a store connects: one server, the seed nodes of a cluster, or the
+/// sentinels of a primary. Its `Debug` never shows a password.
 #[derive(Clone)]
 pub(crate) enum Target {
     Server(String),
     Cluster(Vec<String>),
+    Sentinel(SentinelTarget),
 }
 
 impl fmt::Debug for Target {
@@ -29,6 +31,7 @@ impl fmt::Debug for Target {
                 let urls: Vec<String> = urls.iter().map(|u| redact(u)).collect();
                 f.debug_tuple("Cluster").field(&urls).finish()
             }
+            Self::Sentinel(target) => target.fmt(f),
         }
     }
 }
@@ -39,6 +42,7 @@ impl Target {
         match self {
             Self::Server(url) => Self::Server(redact(url)),
             Self::Cluster(urls) => Self::Cluster(urls.iter().map(|u| redact(u)).collect()),
+            Self::Sentinel(target) => Self::Sentinel(target.redacted()),
         }
     }
 }
@@ -48,7 +52,8 @@ impl Target {
 /// reconnecting connection to one server (redis-rs `ConnectionManager`), or a
 /// Redis Cluster connection (redis-rs `cluster_async::ClusterConnection`) that
 /// routes each command to the node serving its keys' slot and follows `MOVED`
-/// and `ASK` redirections.
+/// and `ASK` redirections, or a connection to the primary that Redis Sentinel
+/// names, which follows it across failovers.
 ///
 /// It is a [`redis::aio::ConnectionLike`], so `redis::cmd(…).query_async(&mut
 /// conn)` and `Script::invoke_async` work on both. On a cluster, send only
@@ -61,6 +66,7 @@ pub struct RedisConnection(Conn);
 enum Conn {
     Server(ConnectionManager),
     Cluster(Cluster),
+    Sentinel(Primary),
 }
 
 /// A cluster connection, and where the last command through this handle got
@@ -85,6 +91,10 @@ impl RedisConnection {
         Self(Conn::Server(conn))
     }
 
+    pub(crate) fn sentinel(primary: Primary) -> Self {
+        Self(Conn::Sentinel(primary))
+    }
+
     /// Whether this is a Redis Cluster connection.
     pub fn is_cluster(&self) -> bool {
         matches!(self.0, Conn::Cluster(_))
@@ -96,6 +106,7 @@ impl fmt::Debug for RedisConnection {
         f.write_str(match self.0 {
             Conn::Server(_) => "RedisConnection::Server",
             Conn::Cluster(_) => "RedisConnection::Cluster",
+            Conn::Sentinel(_) => "RedisConnection::Sentinel",
         })
     }
 }
@@ -105,6 +116,10 @@ impl ConnectionLike for RedisConnection {
         match &mut self.0 {
             Conn::Server(conn) => conn.req_packed_command(cmd),
             Conn::Cluster(cluster) => cluster.req_packed_command(cmd),
+            Conn::Sentinel(primary) => Box::pin(primary.call(
+                move |mut conn| async move { conn.req_packed_command(cmd).await },
+                sentinel::is_readonly,
+            )),
         }
     }
 
@@ -119,6 +134,14 @@ impl ConnectionLike for RedisConnection {
             // Routed by the slot of its keys; every pipeline the store sends
             // keeps its keys in one slot.
             Conn::Cluster(cluster) => cluster.conn.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(primary) => {
+                Box::pin(primary.call(
+                    move |mut conn| async move {
+                        conn.req_packed_commands(pipeline, offset, count).await
+                    },
+                    |values: &Vec<Value>| values.iter().any(sentinel::is_readonly),
+                ))
+            }
         }
     }
 
@@ -126,6 +149,7 @@ impl ConnectionLike for RedisConnection {
         match &self.0 {
             Conn::Server(conn) => conn.get_db(),
             Conn::Cluster(cluster) => cluster.conn.get_db(),
+            Conn::Sentinel(_) => 0,
         }
     }
 }

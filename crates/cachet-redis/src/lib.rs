@@ -2,7 +2,8 @@
 //!
 //! [`RedisStore`] speaks the lease protocol of [`cachet_core::store`] to Redis ≥ 7
 //! (or Valkey) through one multiplexed, automatically reconnecting connection
-//! (redis-rs `ConnectionManager`), or to a [Redis Cluster](#redis-cluster).
+//! (redis-rs `ConnectionManager`), to a [Redis Cluster](#redis-cluster), or to
+//! the primary that [Redis Sentinel](#redis-sentinel) names.
 //! Each primitive is one round trip:
 //!
 //! | primitive | Redis command |
@@ -169,6 +170,51 @@
 //!   over the nodes; a [`run_deferred`](cachet_core::DeferredQueue::run_deferred) then costs one
 //!   round trip per shard when nothing is due. The shards' hash tags are
 //!   their numbers alone, so keep braces out of the system prefix.
+//!
+//! # Redis Sentinel
+//!
+//! Give the store the sentinels and the name they know the primary by; it
+//! connects to the primary they name and follows it across failovers:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cachet_core::StoreError> {
+//! use cachet_redis::RedisStore;
+//!
+//! let store = RedisStore::sentinel_builder(
+//!     [
+//!         "redis://10.0.0.1:26379/",
+//!         "redis://10.0.0.2:26379/",
+//!         "redis://10.0.0.3:26379/",
+//!     ],
+//!     "mymaster",
+//! )
+//! .node_auth("cachet", "primary-password")
+//! .connect()
+//! .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The sentinels' own credentials go in their URLs; the data nodes' in
+//! [`node_auth`](RedisStoreBuilder::node_auth). With `rediss://` sentinels,
+//! the data nodes are reached over TLS too, with the same [TLS](#tls)
+//! settings.
+//!
+//! The primary is found by redis-rs's `SentinelClient` (the sentinels asked in
+//! turn, a primary flagged down skipped, the node checked with `ROLE`), each
+//! time within the connection timeout. The store asks again, in the
+//! background, when its connection breaks, when the node answers `READONLY`
+//! (a primary demoted to replica: writes must not keep failing there), when a
+//! reply times out (the connection is replaced only if the sentinels name
+//! another node), and when a sentinel announces a failover on its
+//! `+switch-master` channel, which the store follows: a requested failover
+//! leaves the old primary up and writable until the sentinels demote it, up to
+//! ten seconds later. Calls made while the primary is looked for wait for the
+//! new connection within their response timeout. The invalidation bus's
+//! subscriptions ask the sentinels at each reconnect.
+//!
+//! A failover loses what the old primary acknowledged but had not replicated,
+//! invalidations included: an entry may be stale until its TTL afterwards.
+//! `docs/production.md` says what a failover costs and how to bound it.
 #![deny(missing_docs)]
 
 mod bloom;
@@ -178,6 +224,7 @@ mod cluster;
 pub mod fuzz;
 mod info;
 mod scripts;
+mod sentinel;
 mod tls;
 
 pub use cluster::RedisConnection;
@@ -237,9 +284,9 @@ struct Inner {
     next_shard: AtomicUsize,
     /// Sends invalidation notices, when the bus is on.
     publisher: Option<bus::Publisher>,
-    /// The server (or a cluster node) subscriptions connect to, with the
-    /// store's TLS settings.
-    bus_client: redis::Client,
+    /// The server (a cluster's first node, Sentinel's primary) that
+    /// subscriptions connect to, with the store's TLS settings.
+    nodes: sentinel::Nodes,
     /// The largest payload sent in one entry.
     max_payload: usize,
 }
@@ -264,9 +311,25 @@ pub struct RedisStoreBuilder {
     eviction_check: bool,
     max_payload: Option<usize>,
     tls: tls::TlsOptions,
+    /// `node_auth` was called on a store that is not on Sentinel.
+    misplaced_node_auth: bool,
 }
 
 impl RedisStoreBuilder {
+    /// The ACL user (empty: the default user) and password for the data nodes
+    /// of a [Sentinel](crate#redis-sentinel) store, the primary that the
+    /// sentinels name; the sentinels' own credentials go in their URLs.
+    /// Only for stores from [`RedisStore::sentinel_builder`]: on one server or
+    /// a cluster, the credentials go in the URL, and `connect` refuses this.
+    pub fn node_auth(mut self, username: impl Into<String>, password: impl Into<String>) -> Self {
+        let auth = (username.into(), password.into());
+        match &mut self.target {
+            Target::Sentinel(target) => target.node_auth = Some(auth),
+            _ => self.misplaced_node_auth = true,
+        }
+        self
+    }
+
     /// The largest payload (encoded value) the store sends in one entry.
     /// Defaults to what the server accepts: its `proto-max-bulk-len` (read at
     /// connect; 512 MiB, Redis's default, if `CONFIG` is not allowed) less
@@ -373,17 +436,42 @@ impl RedisStoreBuilder {
     /// When a URL is invalid, or the server (on a cluster, every node given)
     /// cannot be reached.
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        if self.misplaced_node_auth {
+            return Err(StoreError::config(
+                "node_auth is for Sentinel stores; give the credentials in the Redis URL",
+            ));
+        }
         self.tls.warn_if_insecure(&self.target);
-        let conn = match &self.target {
-            Target::Server(url) => self.connect_server(url).await?,
-            Target::Cluster(urls) => {
+        // The connection, and where connections of one's own go.
+        let (conn, nodes) = match &self.target {
+            Target::Server(url) => (
+                self.connect_server(url).await?,
+                sentinel::Nodes::Fixed(Box::new(self.tls.client(url)?)),
+            ),
+            Target::Cluster(urls) => (
                 cluster::connect(
                     urls,
                     self.response_timeout,
                     self.connection_timeout,
                     &self.tls,
                 )
-                .await?
+                .await?,
+                sentinel::Nodes::Fixed(Box::new(
+                    self.tls.client(urls.first().map_or("", String::as_str))?,
+                )),
+            ),
+            Target::Sentinel(target) => {
+                let primary = sentinel::connect(
+                    target,
+                    &self.tls,
+                    self.response_timeout,
+                    self.connection_timeout,
+                )
+                .await?;
+                (
+                    RedisConnection::sentinel(primary.clone()),
+                    sentinel::Nodes::Primary(primary),
+                )
             }
         };
         let shards = (0..self.deferred_shards)
@@ -392,11 +480,6 @@ impl RedisStoreBuilder {
                 claimed: format!("{}sys:deferred:{{{i}}}:claimed", self.system_prefix),
             })
             .collect();
-        let bus_url = match &self.target {
-            Target::Server(url) => url.as_str(),
-            Target::Cluster(urls) => urls.first().map_or("", String::as_str),
-        };
-        let bus_client = self.tls.client(bus_url)?;
         let publisher = self
             .invalidation_bus
             .then(|| bus::Publisher::spawn(conn.clone()));
@@ -408,7 +491,7 @@ impl RedisStoreBuilder {
         let store = RedisStore {
             inner: Arc::new(Inner {
                 publisher,
-                bus_client,
+                nodes,
                 max_payload,
                 conn,
                 tokens: TokenSource::new(),
@@ -482,6 +565,7 @@ impl RedisStore {
             eviction_check: true,
             max_payload: None,
             tls: tls::TlsOptions::default(),
+            misplaced_node_auth: false,
         }
     }
 
@@ -512,6 +596,40 @@ impl RedisStore {
         }
     }
 
+    /// Connects to the primary that these Redis Sentinel nodes
+    /// (`redis://host:port/` each) name for `master`, with default settings.
+    /// See [Redis Sentinel](crate#redis-sentinel).
+    ///
+    /// # Errors
+    /// When a URL is invalid, or no sentinel names a primary that can be reached.
+    pub async fn connect_sentinel<S: AsRef<str>>(
+        sentinels: &[S],
+        master: &str,
+    ) -> Result<Self, StoreError> {
+        Self::sentinel_builder(sentinels.iter().map(AsRef::as_ref), master)
+            .connect()
+            .await
+    }
+
+    /// A builder for a store on the primary that these Redis Sentinel nodes
+    /// name for `master` (give all of them: they are asked in turn). The store
+    /// follows the primary across failovers; see
+    /// [Redis Sentinel](crate#redis-sentinel).
+    pub fn sentinel_builder<I>(sentinels: I, master: impl Into<String>) -> RedisStoreBuilder
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        RedisStoreBuilder {
+            target: Target::Sentinel(sentinel::SentinelTarget {
+                urls: sentinels.into_iter().map(Into::into).collect(),
+                master: master.into(),
+                node_auth: None,
+            }),
+            ..Self::builder(String::new())
+        }
+    }
+
     /// A handle on the underlying connection, for commands outside the protocol
     /// (on a cluster, each with its keys in one slot): write-behind's scripts,
     /// the CLI's admin commands. Not part of the documented API, which exposes
@@ -522,12 +640,13 @@ impl RedisStore {
     }
 
     /// A client for connections of one's own to the store's server (a
-    /// cluster's first node), with the store's TLS settings: write-behind's
+    /// cluster's first node; on Sentinel, the primary last found), with the
+    /// store's TLS settings: write-behind's
     /// flushers, whose blocking reads must not hold the shared connection.
     /// Not part of the documented API, which exposes no redis-rs type.
     #[doc(hidden)]
     pub fn own_client(&self) -> redis::Client {
-        self.inner.bus_client.clone()
+        self.inner.nodes.current()
     }
 
     /// Whether the store is on a Redis Cluster.
@@ -685,6 +804,7 @@ impl fmt::Debug for RedisStore {
             Target::Cluster(urls) => d
                 .field("cluster", urls)
                 .field("deferred_shards", &self.inner.deferred.len()),
+            Target::Sentinel(target) => d.field("sentinel", target),
         };
         d.field("response_timeout", &self.inner.response_timeout)
             .finish()
@@ -1155,7 +1275,7 @@ impl InvalidationBus for RedisStore {
         &'a self,
         head: &'a str,
     ) -> StoreFuture<'a, tokio::sync::mpsc::Receiver<BusEvent>> {
-        let events = bus::subscribe(self.inner.bus_client.clone(), head);
+        let events = bus::subscribe(self.inner.nodes.clone(), head);
         Box::pin(std::future::ready(Ok(events)))
     }
 }

@@ -42,7 +42,7 @@ impl TlsOptions {
         self.root_ca.is_some() || self.client.is_some() || self.accept_invalid_certs
     }
 
-    fn certificates(&self) -> Option<TlsCertificates> {
+    pub(crate) fn certificates(&self) -> Option<TlsCertificates> {
         (self.root_ca.is_some() || self.client.is_some()).then(|| TlsCertificates {
             client_tls: self.client.as_ref().map(|(cert, key)| ClientTlsConfig {
                 client_cert: cert.to_vec(),

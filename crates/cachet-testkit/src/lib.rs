@@ -17,10 +17,12 @@ pub mod conformance;
 mod postgres;
 mod redis_cluster;
 mod redis_server;
+mod sentinel;
 mod tls;
 
 pub use child::{TestChild, child_args, eventually};
 pub use postgres::{DEFAULT_SERVER_URL, PgDatabase};
 pub use redis_cluster::RedisCluster;
 pub use redis_server::{ClientAuth, RedisServer, RedisServerOptions};
+pub use sentinel::RedisSentinels;
 pub use tls::{CertFiles, TestPki};

@@ -210,18 +210,7 @@ impl RedisServer {
     /// # Panics
     /// If the server cannot be reached.
     pub fn command_bytes(&self, args: &[&[u8]]) -> String {
-        let mut stream = TcpStream::connect(self.addr()).expect("connect to test redis-server");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("set read timeout");
-        let mut req = format!("*{}\r\n", args.len()).into_bytes();
-        for a in args {
-            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            req.extend_from_slice(a);
-            req.extend_from_slice(b"\r\n");
-        }
-        stream.write_all(&req).expect("send command");
-        read_reply(&mut stream)
+        command_at(self.port, args)
     }
 
     fn log_path(&self) -> PathBuf {
@@ -308,6 +297,26 @@ impl Drop for RedisServer {
             );
         }
     }
+}
+
+/// Sends one command to the server on 127.0.0.1:`port` and returns the raw
+/// reply as text (see [`RedisServer::command`]).
+pub(crate) fn command_at(port: u16, args: &[&[u8]]) -> String {
+    try_command_at(port, args).expect("send a command to a test redis-server")
+}
+
+/// [`command_at`], or `None` when the server cannot be reached.
+pub(crate) fn try_command_at(port: u16, args: &[&[u8]]) -> Option<String> {
+    let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut req = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        req.extend_from_slice(a);
+        req.extend_from_slice(b"\r\n");
+    }
+    stream.write_all(&req).ok()?;
+    Some(read_reply(&mut stream))
 }
 
 pub(crate) fn free_port() -> u16 {

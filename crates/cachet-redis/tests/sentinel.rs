@@ -1,0 +1,134 @@
+//! A store on Redis Sentinel: configuration errors, bounded connects, and the
+//! invalidation bus following the primary across a failover. (A cache's
+//! workload across failovers: `crates/cachet/tests/sentinel.rs`.)
+
+use std::time::{Duration, Instant};
+
+use cachet_core::{BusEvent, KeyLayout, Notice, Store, StoreErrorKind};
+use cachet_redis::RedisStore;
+use cachet_testkit::RedisSentinels;
+use tokio::sync::mpsc;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn next_event(events: &mut mpsc::Receiver<BusEvent>) -> BusEvent {
+    tokio::time::timeout(Duration::from_secs(10), events.recv())
+        .await
+        .expect("no bus event within 10 s")
+        .expect("subscription closed")
+}
+
+#[tokio::test]
+async fn unreachable_sentinels_fail_within_the_connection_timeout() {
+    let urls = [
+        format!("redis://:sentinel-secret@127.0.0.1:{}/", free_port()),
+        format!("redis://127.0.0.1:{}/", free_port()),
+    ];
+    let started = Instant::now();
+    let e = RedisStore::sentinel_builder(urls.clone(), "mymaster")
+        .node_auth("app", "node-secret")
+        .connection_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            StoreErrorKind::Unavailable | StoreErrorKind::Timeout
+        ),
+        "{e:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let shown = format!(
+        "{e} {e:?} {:?}",
+        RedisStore::sentinel_builder(urls, "m").node_auth("a", "node-secret")
+    );
+    assert!(!shown.contains("secret"), "{shown}");
+}
+
+#[tokio::test]
+async fn sentinel_settings_are_checked() {
+    let none: [&str; 0] = [];
+    let e = RedisStore::connect_sentinel(&none, "mymaster")
+        .await
+        .unwrap_err();
+    assert!(e.kind() == StoreErrorKind::Config, "{e:?}");
+    let e = RedisStore::connect_sentinel(&["redis://127.0.0.1:1/", "rediss://127.0.0.1:2/"], "m")
+        .await
+        .unwrap_err();
+    assert!(e.kind() == StoreErrorKind::Config, "{e:?}");
+    // Credentials for data nodes only make sense when the sentinels name them.
+    let e = RedisStore::builder("redis://127.0.0.1:1/")
+        .node_auth("app", "pw")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(e.kind() == StoreErrorKind::Config, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bus_follows_the_primary_across_a_failover() {
+    let mut sentinels = RedisSentinels::start();
+    let connect = |master: &str| {
+        RedisStore::sentinel_builder(sentinels.sentinel_urls(), master)
+            .response_timeout(Duration::from_millis(200))
+            .connection_timeout(Duration::from_millis(500))
+            .connect()
+    };
+    // A name the sentinels do not know is an error that names it.
+    let e = connect("nosuchmaster").await.unwrap_err();
+    assert!(e.kind() == StoreErrorKind::Unavailable, "{e:?}");
+    assert!(e.to_string().contains("nosuchmaster"), "{e}");
+
+    let (reader, writer) = (
+        connect(RedisSentinels::MASTER).await.unwrap(),
+        connect(RedisSentinels::MASTER).await.unwrap(),
+    );
+    let key = KeyLayout::new("cachet:", "sentinel-bus").unwrap().key("k");
+    let bus = reader.bus().expect("RedisStore has a bus");
+    let mut events = bus.subscribe_invalidations(key.head()).await.unwrap();
+    assert!(matches!(next_event(&mut events).await, BusEvent::Connected));
+    writer.invalidate(&key).await.unwrap();
+    assert!(matches!(
+        next_event(&mut events).await,
+        BusEvent::Notices(_)
+    ));
+
+    sentinels.node_mut(0).kill();
+    let new = tokio::task::block_in_place(|| sentinels.wait_for_new_primary(0));
+    // The subscription is lost with the old primary, and comes back.
+    assert!(matches!(next_event(&mut events).await, BusEvent::Lost));
+    assert!(matches!(next_event(&mut events).await, BusEvent::Connected));
+    let channel = format!("{}:sys:bus", key.head());
+    assert_eq!(
+        sentinels.nodes()[new].command(&["PUBSUB", "NUMSUB", &channel]),
+        format!("{channel}\n1"),
+        "the subscription is on the new primary"
+    );
+    // The writer reaches the new primary too, and its notice arrives.
+    let mut invalidated = false;
+    for _ in 0..100 {
+        if writer.invalidate(&key).await.is_ok() {
+            invalidated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(invalidated, "the writer did not reach the new primary");
+    match next_event(&mut events).await {
+        BusEvent::Notices(notices) => {
+            assert!(notices.contains(&Notice::Key(key.clone())), "{notices:?}");
+        }
+        other => panic!("expected notices, got {other:?}"),
+    }
+}
