@@ -36,8 +36,8 @@ use crate::bloom::BloomKey;
 use crate::key::{GroupKey, StoreKey};
 use crate::store::{
     Acquire, AcquireMode, BloomBits, BusEvent, Capability, Deferred, DeferredQueue, Entry, Fill,
-    Groups, InvalidationBus, LeaseToken, PayloadKind, Read, Store, StoreFuture, Ttls, Versioned,
-    VersionedSet,
+    FillOf, Groups, InvalidationBus, LeaseToken, PayloadKind, Read, Store, StoreFuture, Ttls,
+    Versioned, VersionedSet,
 };
 
 /// One call of a store: which primitive, on what.
@@ -50,8 +50,12 @@ pub enum Op<'a> {
     GetMany(&'a [StoreKey]),
     /// [`Store::acquire`].
     Acquire(&'a StoreKey, AcquireMode),
+    /// [`Store::acquire_many`].
+    AcquireMany(&'a [StoreKey], AcquireMode),
     /// [`Store::fill`].
     Fill(&'a StoreKey),
+    /// [`Store::fill_many`].
+    FillMany(&'a [FillOf<'a>]),
     /// [`Store::release`].
     Release(&'a StoreKey),
     /// [`Store::set`].
@@ -184,6 +188,21 @@ impl<L: StoreLayer, S: Store> Store for Layered<L, S> {
     ) -> StoreFuture<'a, Fill> {
         let call = self.inner.fill(key, lease, entry, ttl);
         self.layer.call(Op::Fill(key), call)
+    }
+    fn acquire_many<'a>(
+        &'a self,
+        keys: &'a [StoreKey],
+        mode: AcquireMode,
+        lease_ttl: Duration,
+    ) -> StoreFuture<'a, Vec<Acquire>> {
+        self.layer.call(
+            Op::AcquireMany(keys, mode),
+            self.inner.acquire_many(keys, mode, lease_ttl),
+        )
+    }
+    fn fill_many<'a>(&'a self, fills: &'a [FillOf<'a>]) -> StoreFuture<'a, Vec<Fill>> {
+        self.layer
+            .call(Op::FillMany(fills), self.inner.fill_many(fills))
     }
     fn release<'a>(&'a self, key: &'a StoreKey, lease: &'a LeaseToken) -> StoreFuture<'a, bool> {
         self.layer

@@ -36,6 +36,6 @@ pub use key::{
 pub use layer::{Layered, Op, StoreLayer};
 pub use store::{
     Acquire, AcquireMode, BloomBits, BusEvent, Capability, Deferred, DeferredQueue, Entry, Fill,
-    Groups, InvalidationBus, LeaseToken, Notice, Payload, PayloadKind, Read, Store, StoreError,
-    StoreFuture, TokenSource, Ttls, Versioned, VersionedSet, ttl_millis,
+    FillOf, Groups, InvalidationBus, LeaseToken, Notice, Payload, PayloadKind, Read, Store,
+    StoreError, StoreFuture, TokenSource, Ttls, Versioned, VersionedSet, ttl_millis,
 };

@@ -143,6 +143,19 @@ pub enum Fill {
     Refused,
 }
 
+/// One fill of [`Store::fill_many`]: what [`Store::fill`] takes.
+#[derive(Clone, Debug)]
+pub struct FillOf<'a> {
+    /// The entry's key.
+    pub key: &'a StoreKey,
+    /// The lease the fill is made under.
+    pub lease: &'a LeaseToken,
+    /// The entry to write.
+    pub entry: Entry,
+    /// Its TTL.
+    pub ttl: Duration,
+}
+
 /// The remaining lifetimes of an entry and of its lease, from [`Store::ttl`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ttls {
@@ -356,6 +369,38 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         ttl: Duration,
     ) -> StoreFuture<'a, Fill>;
 
+    /// [`acquire`](Self::acquire) for many keys, in the order of `keys`, in
+    /// as few round trips as the store can (Redis: one script per hash slot).
+    /// Each key's read-or-lease is atomic, the batch as a whole is not. The
+    /// default calls `acquire` for each key in turn.
+    fn acquire_many<'a>(
+        &'a self,
+        keys: &'a [StoreKey],
+        mode: AcquireMode,
+        lease_ttl: Duration,
+    ) -> StoreFuture<'a, Vec<Acquire>> {
+        Box::pin(async move {
+            let mut claims = Vec::with_capacity(keys.len());
+            for key in keys {
+                claims.push(self.acquire(key, mode, lease_ttl).await?);
+            }
+            Ok(claims)
+        })
+    }
+
+    /// [`fill`](Self::fill) for many keys, each under its own lease, in the
+    /// order of `fills`, in as few round trips as the store can (Redis: one
+    /// script per hash slot). The default fills each in turn.
+    fn fill_many<'a>(&'a self, fills: &'a [FillOf<'a>]) -> StoreFuture<'a, Vec<Fill>> {
+        Box::pin(async move {
+            let mut filled = Vec::with_capacity(fills.len());
+            for f in fills {
+                filled.push(self.fill(f.key, f.lease, f.entry.clone(), f.ttl).await?);
+            }
+            Ok(filled)
+        })
+    }
+
     /// Gives the lease up if `lease` still holds it; returns whether it did.
     fn release<'a>(&'a self, key: &'a StoreKey, lease: &'a LeaseToken) -> StoreFuture<'a, bool>;
 
@@ -568,6 +613,17 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         ttl: Duration,
     ) -> StoreFuture<'a, Fill> {
         (**self).fill(key, lease, entry, ttl)
+    }
+    fn acquire_many<'a>(
+        &'a self,
+        keys: &'a [StoreKey],
+        mode: AcquireMode,
+        lease_ttl: Duration,
+    ) -> StoreFuture<'a, Vec<Acquire>> {
+        (**self).acquire_many(keys, mode, lease_ttl)
+    }
+    fn fill_many<'a>(&'a self, fills: &'a [FillOf<'a>]) -> StoreFuture<'a, Vec<Fill>> {
+        (**self).fill_many(fills)
     }
     fn release<'a>(&'a self, key: &'a StoreKey, lease: &'a LeaseToken) -> StoreFuture<'a, bool> {
         (**self).release(key, lease)

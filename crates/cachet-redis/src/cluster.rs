@@ -250,8 +250,32 @@ pub(crate) async fn connect(
     })))
 }
 
+/// The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag (the
+/// part between the first `{` and the next `}`, if not empty) or of the whole
+/// key, modulo 16384.
+pub(crate) fn slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &bytes[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(bytes)) % 16384
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn slots_are_the_clusters() {
+        // Values from `CLUSTER KEYSLOT`.
+        assert_eq!(super::slot("foo"), 12182);
+        assert_eq!(super::slot("bar"), 5061);
+        assert_eq!(super::slot("{user1000}.following"), super::slot("user1000"));
+        // An empty tag hashes the whole key.
+        assert_ne!(super::slot("foo{}{bar}"), super::slot("bar"));
+        assert_eq!(super::slot("foo{{bar}}zap"), super::slot("{bar"));
+    }
+
     use std::time::Instant;
 
     use super::*;

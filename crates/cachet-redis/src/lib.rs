@@ -245,8 +245,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use cachet_core::BloomKey;
 use cachet_core::{
-    Acquire, AcquireMode, BloomBits, BusEvent, Deferred, DeferredQueue, Entry, Fill, GroupKey,
-    Groups, InvalidationBus, LeaseToken, Payload, PayloadKind, Read, Store, StoreError,
+    Acquire, AcquireMode, BloomBits, BusEvent, Deferred, DeferredQueue, Entry, Fill, FillOf,
+    GroupKey, Groups, InvalidationBus, LeaseToken, Payload, PayloadKind, Read, Store, StoreError,
     StoreFuture, StoreKey, TokenSource, Ttls, Versioned, VersionedSet, envelope, ttl_millis,
 };
 use cluster::Target;
@@ -718,6 +718,24 @@ impl RedisStore {
         map_err(e, self.inner.response_timeout)
     }
 
+    /// `keys` with their positions, in one batch on a single server, one per
+    /// hash slot on a cluster (a script may only touch keys of one slot).
+    fn by_slot<'k>(&self, keys: Vec<&'k StoreKey>) -> Vec<Vec<(usize, &'k StoreKey)>> {
+        let keys = keys.into_iter().enumerate();
+        if !self.is_cluster() {
+            return vec![keys.collect()];
+        }
+        let mut slots: std::collections::BTreeMap<u16, Vec<(usize, &StoreKey)>> =
+            std::collections::BTreeMap::new();
+        for (i, key) in keys {
+            slots
+                .entry(cluster::slot(key.as_str()))
+                .or_default()
+                .push((i, key));
+        }
+        slots.into_values().collect()
+    }
+
     /// The names of the deferred-invalidation queue's sorted sets, shard by shard.
     pub fn deferred_queue_keys(&self) -> Vec<(String, String)> {
         self.inner
@@ -920,6 +938,26 @@ fn protocol(what: &str, reply: &redis::Value) -> StoreError {
     StoreError::protocol(format!("{what}: {reply:?}"))
 }
 
+/// The acquire scripts' mode argument.
+fn mode_arg(mode: AcquireMode) -> &'static str {
+    match mode {
+        AcquireMode::IfAbsent => "0",
+        AcquireMode::Replace => "1",
+    }
+}
+
+/// The results of a batch's slots, each tagged with its key's position, in
+/// the order of the batch's `n` keys.
+fn in_order<T>(n: usize, per_slot: Vec<Vec<(usize, T)>>) -> Result<Vec<T>, StoreError> {
+    let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(n).collect();
+    for (i, t) in per_slot.into_iter().flatten() {
+        out[i] = Some(t);
+    }
+    out.into_iter()
+        .map(|t| t.ok_or_else(|| StoreError::protocol("a batch left a key without a result")))
+        .collect()
+}
+
 fn parse_acquire(reply: redis::Value, token: LeaseToken) -> Result<Acquire, StoreError> {
     use redis::Value;
     let Value::Array(items) = &reply else {
@@ -1019,6 +1057,113 @@ impl Store for RedisStore {
         })
     }
 
+    /// One script per hash slot (one in all on a single server), the slots'
+    /// scripts sent concurrently. Grouped keys take one script each.
+    fn acquire_many<'a>(
+        &'a self,
+        keys: &'a [StoreKey],
+        mode: AcquireMode,
+        lease_ttl: Duration,
+    ) -> StoreFuture<'a, Vec<Acquire>> {
+        Box::pin(async move {
+            if keys.len() < 2 || keys.iter().any(|k| k.group().is_some()) {
+                let each = keys.iter().map(|k| self.acquire(k, mode, lease_ttl));
+                return futures::future::try_join_all(each).await;
+            }
+            let per_slot =
+                self.by_slot(keys.iter().collect())
+                    .into_iter()
+                    .map(|batch| async move {
+                        let tokens: Vec<LeaseToken> = batch
+                            .iter()
+                            .map(|_| self.inner.tokens.next_token())
+                            .collect();
+                        let mut script = scripts::ACQUIRE_MANY.prepare_invoke();
+                        for (_, key) in &batch {
+                            script.key(key.as_str()).key(key.lease_key());
+                        }
+                        script.arg(ttl_millis(lease_ttl)).arg(mode_arg(mode));
+                        for token in &tokens {
+                            script.arg(&token.as_bytes()[..]);
+                        }
+                        let replies: Vec<redis::Value> = script
+                            .invoke_async(&mut self.conn())
+                            .await
+                            .map_err(|e| self.err(e))?;
+                        if replies.len() != batch.len() {
+                            return Err(protocol("acquire", &redis::Value::Array(replies)));
+                        }
+                        let claims = replies
+                            .into_iter()
+                            .zip(tokens)
+                            .map(|(reply, token)| parse_acquire(reply, token))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        Ok::<_, StoreError>(
+                            batch
+                                .into_iter()
+                                .map(|(i, _)| i)
+                                .zip(claims)
+                                .collect::<Vec<_>>(),
+                        )
+                    });
+            in_order(keys.len(), futures::future::try_join_all(per_slot).await?)
+        })
+    }
+
+    /// One script per hash slot (one in all on a single server), the slots'
+    /// scripts sent concurrently. Grouped keys take one script each.
+    fn fill_many<'a>(&'a self, fills: &'a [FillOf<'a>]) -> StoreFuture<'a, Vec<Fill>> {
+        Box::pin(async move {
+            if fills.len() < 2 || fills.iter().any(|f| f.key.group().is_some()) {
+                let each = fills
+                    .iter()
+                    .map(|f| self.fill(f.key, f.lease, f.entry.clone(), f.ttl));
+                return futures::future::try_join_all(each).await;
+            }
+            let encoded = fills
+                .iter()
+                .map(|f| encode(&f.entry))
+                .collect::<Result<Vec<_>, _>>()?;
+            let keys = fills.iter().map(|f| f.key).collect();
+            let per_slot = self.by_slot(keys).into_iter().map(|batch| {
+                let encoded = &encoded;
+                async move {
+                    let mut script = scripts::FILL_MANY.prepare_invoke();
+                    for &(i, key) in &batch {
+                        let f = &fills[i];
+                        script.key(key.as_str()).key(key.lease_key());
+                        script
+                            .arg(&f.lease.as_bytes()[..])
+                            .arg(&encoded[i][..])
+                            .arg(ttl_millis(f.ttl));
+                    }
+                    let filled: Vec<i64> = script
+                        .invoke_async(&mut self.conn())
+                        .await
+                        .map_err(|e| self.err(e))?;
+                    if filled.len() != batch.len() {
+                        return Err(StoreError::protocol(format!(
+                            "a fill of {} keys answered {} results",
+                            batch.len(),
+                            filled.len()
+                        )));
+                    }
+                    let filled = filled
+                        .into_iter()
+                        .map(|n| if n == 1 { Fill::Filled } else { Fill::Refused });
+                    Ok::<_, StoreError>(
+                        batch
+                            .into_iter()
+                            .map(|(i, _)| i)
+                            .zip(filled)
+                            .collect::<Vec<_>>(),
+                    )
+                }
+            });
+            in_order(fills.len(), futures::future::try_join_all(per_slot).await?)
+        })
+    }
+
     fn acquire<'a>(
         &'a self,
         key: &'a StoreKey,
@@ -1027,10 +1172,6 @@ impl Store for RedisStore {
     ) -> StoreFuture<'a, Acquire> {
         Box::pin(async move {
             let token = self.inner.tokens.next_token();
-            let mode_arg = |mode| match mode {
-                AcquireMode::IfAbsent => "0",
-                AcquireMode::Replace => "1",
-            };
             let Some(group) = key.group_key() else {
                 let reply: redis::Value = scripts::ACQUIRE
                     .key(key.as_str())

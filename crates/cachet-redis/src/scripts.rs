@@ -19,24 +19,47 @@ use redis::Script;
 /// TTL is no lease of cachet's (each has one): it is taken over at once rather
 /// than waited for.
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if ARGV[3] == '0' then
-  local v = redis.pcall('GET', KEYS[1])
-  if type(v) == 'table' then return {1, ''} end
-  if v then return {1, v} end
+    Script::new(&format!(
+        "{ACQUIRE_FN}return acquire(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])"
+    ))
+});
+
+/// The body of [`ACQUIRE`], as a function of entry, lease, token, lease TTL
+/// and mode.
+const ACQUIRE_FN: &str = r"
+local function acquire(entry, lease, token, ttl, mode)
+  if mode == '0' then
+    local v = redis.pcall('GET', entry)
+    if type(v) == 'table' then return {1, ''} end
+    if v then return {1, v} end
+  end
+  if redis.call('SET', lease, token, 'NX', 'PX', ttl) then
+    return {2}
+  end
+  local left = redis.call('PTTL', lease)
+  if left == -1 then
+    redis.call('SET', lease, token, 'PX', ttl)
+    return {2}
+  end
+  return {3, left}
 end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {2}
+";
+
+/// [`ACQUIRE`] for many keys (of one hash slot on a cluster).
+///
+/// `KEYS` entry and lease of each key in turn; `ARGV[1]` lease TTL in ms,
+/// `ARGV[2]` mode, then each key's token. Returns `ACQUIRE`'s reply for each
+/// key, in order.
+pub(crate) static ACQUIRE_MANY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{ACQUIRE_FN}
+local replies = {{}}
+for i = 1, #KEYS / 2 do
+  replies[i] = acquire(KEYS[2 * i - 1], KEYS[2 * i], ARGV[2 + i], ARGV[1], ARGV[2])
 end
-local left = redis.call('PTTL', KEYS[2])
-if left == -1 then
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-  return {2}
-end
-return {3, left}
-",
-    )
+return replies
+"
+    ))
 });
 
 /// Fill-if-lease-valid.
@@ -45,16 +68,37 @@ return {3, left}
 /// `ARGV[3]` entry TTL in ms. Writes value and TTL in one `SET … PX` and consumes
 /// the lease if `ARGV[1]` still holds it. Returns 1 if written, 0 if refused.
 pub(crate) static FILL: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[2]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  redis.call('DEL', KEYS[2])
-  return 1
+    Script::new(&format!(
+        "{FILL_FN}return fill(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])"
+    ))
+});
+
+/// The body of [`FILL`], as a function of entry, lease, token, bytes and TTL.
+const FILL_FN: &str = r"
+local function fill(entry, lease, token, bytes, ttl)
+  if redis.call('GET', lease) == token then
+    redis.call('SET', entry, bytes, 'PX', ttl)
+    redis.call('DEL', lease)
+    return 1
+  end
+  return 0
 end
-return 0
-",
-    )
+";
+
+/// [`FILL`] for many keys (of one hash slot on a cluster).
+///
+/// `KEYS` entry and lease of each key in turn; `ARGV` token, entry bytes and
+/// TTL of each key in turn. Returns 1 or 0 for each key, in order.
+pub(crate) static FILL_MANY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{FILL_FN}
+local filled = {{}}
+for i = 1, #KEYS / 2 do
+  filled[i] = fill(KEYS[2 * i - 1], KEYS[2 * i], ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i])
+end
+return filled
+"
+    ))
 });
 
 /// Owner-only release: compare-and-delete of the lease.

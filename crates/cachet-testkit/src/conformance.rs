@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cachet_core::{
-    Acquire, AcquireMode, Entry, Fill, KeyLayout, LeaseToken, Meta, Payload, Read, Store, StoreKey,
+    Acquire, AcquireMode, Entry, Fill, FillOf, KeyLayout, LeaseToken, Meta, Payload, Read, Store,
+    StoreKey,
 };
 
 /// A boxed future, as harness methods return them.
@@ -74,7 +75,8 @@ macro_rules! conformance_tests {
             hostile_keys_are_distinct,
             deferred_invalidations_run_when_due,
             groups_orphan_old_entries_and_refuse_old_leases,
-            versioned_sets_keep_the_newest
+            versioned_sets_keep_the_newest,
+            batches_keep_each_keys_protocol
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
@@ -711,4 +713,70 @@ pub async fn versioned_sets_keep_the_newest(h: &dyn Harness) {
         payload_of(&store.get(&g).await.unwrap()).as_deref(),
         Some(&b"g2"[..])
     );
+}
+
+/// The batch calls keep each key's protocol: a batch read-or-lease finds the
+/// entry, grants a lease or reports the holder, key by key; a batch fill
+/// writes only under leases still valid (an invalidation since revokes its
+/// key's only); a batch read returns each key's entry, in the keys' order.
+/// Enough keys that, on a cluster, they span several slots.
+pub async fn batches_keep_each_keys_protocol(h: &dyn Harness) {
+    let store = h.store();
+    let layout = h.layout();
+    let keys: Vec<StoreKey> = (0..12).map(|i| layout.key(&format!("batch:{i}"))).collect();
+    // Key 0 holds an entry, key 1's lease is held elsewhere, the rest are absent.
+    store.set(&keys[0], entry(b"present"), TTL).await.unwrap();
+    let _held = lease(&*store, &keys[1], LEASE_TTL).await;
+    let claims = store
+        .acquire_many(&keys, AcquireMode::IfAbsent, LEASE_TTL)
+        .await
+        .unwrap();
+    assert_eq!(claims.len(), keys.len());
+    assert!(
+        matches!(&claims[0], Acquire::Hit(Entry { payload: Payload::Bytes(b), .. }) if b.as_ref() == b"present"),
+        "{:?}",
+        claims[0]
+    );
+    assert!(matches!(claims[1], Acquire::Busy { .. }), "{:?}", claims[1]);
+    let tokens: Vec<(usize, LeaseToken)> = claims
+        .into_iter()
+        .enumerate()
+        .skip(2)
+        .map(|(i, c)| match c {
+            Acquire::Leased(t) => (i, t),
+            other => panic!("key {i}: expected a lease, got {other:?}"),
+        })
+        .collect();
+    // A writer invalidates key 2 while the batch loads.
+    store.invalidate(&keys[2]).await.unwrap();
+    let fills: Vec<FillOf<'_>> = tokens
+        .iter()
+        .map(|(i, t)| FillOf {
+            key: &keys[*i],
+            lease: t,
+            entry: entry(b"loaded"),
+            ttl: TTL,
+        })
+        .collect();
+    let filled = store.fill_many(&fills).await.unwrap();
+    assert_eq!(filled[0], Fill::Refused, "key 2 was invalidated");
+    assert!(filled[1..].iter().all(|f| *f == Fill::Filled), "{filled:?}");
+
+    let reads = store.get_many(&keys).await.unwrap();
+    let payloads: Vec<Option<Vec<u8>>> = reads.iter().map(payload_of).collect();
+    assert_eq!(payloads[0].as_deref(), Some(&b"present"[..]));
+    assert_eq!(payloads[1], None, "leased elsewhere, never filled");
+    assert_eq!(payloads[2], None, "the refused fill wrote nothing");
+    for (i, p) in payloads.iter().enumerate().skip(3) {
+        assert_eq!(p.as_deref(), Some(&b"loaded"[..]), "key {i}");
+        assert_eq!(
+            h.ttl(&keys[i], true).await,
+            KeyTtl::Absent,
+            "key {i}'s lease consumed"
+        );
+        assert!(
+            matches!(h.ttl(&keys[i], false).await, KeyTtl::Expires(_)),
+            "key {i} has a TTL"
+        );
+    }
 }

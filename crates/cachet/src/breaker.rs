@@ -382,13 +382,7 @@ impl StoreLayer for Breaker {
             Op::InvalidateGroup(group) => Some(Kept::Group(group)),
             _ => None,
         };
-        let read: &[StoreKey] = match op {
-            Op::Get(key) | Op::Acquire(key, _) | Op::Fill(key) | Op::Ttl(key) => {
-                std::slice::from_ref(key)
-            }
-            Op::GetMany(keys) => keys,
-            _ => &[],
-        };
+
         if !self.allow() {
             if let Some(what) = write {
                 self.keep(what);
@@ -396,11 +390,13 @@ impl StoreLayer for Breaker {
             return Box::pin(std::future::ready(Err(self.open_error())));
         }
         Box::pin(async move {
-            for key in read {
-                if self.pending() == 0 {
-                    break;
+            if self.pending() > 0 {
+                for key in read_keys(op) {
+                    if self.pending() == 0 {
+                        break;
+                    }
+                    self.deliver_before_read(key).await?;
                 }
-                self.deliver_before_read(key).await?;
             }
             // A call still waiting when the breaker opens stops waiting.
             let opened = self.opened.notified();
@@ -420,6 +416,17 @@ impl StoreLayer for Breaker {
             }
             result
         })
+    }
+}
+
+/// The entry keys a call reads (or fills, which reads the lease): a kept
+/// invalidation of any of them is delivered first.
+fn read_keys<'a>(op: Op<'a>) -> Vec<&'a StoreKey> {
+    match op {
+        Op::Get(key) | Op::Acquire(key, _) | Op::Fill(key) | Op::Ttl(key) => vec![key],
+        Op::GetMany(keys) | Op::AcquireMany(keys, _) => keys.iter().collect(),
+        Op::FillMany(fills) => fills.iter().map(|f| f.key).collect(),
+        _ => Vec::new(),
     }
 }
 

@@ -1481,6 +1481,9 @@ async fn overlapping_batches_from_four_processes_load_each_key_once(fx: Fx) {
 struct CountReads {
     gets: AtomicU64,
     batches: AtomicU64,
+    /// Single acquires and fills, then batch ones.
+    singles: AtomicU64,
+    batch_writes: AtomicU64,
 }
 
 impl StoreLayer for CountReads {
@@ -1492,6 +1495,10 @@ impl StoreLayer for CountReads {
         match op {
             Op::Get(_) => self.gets.fetch_add(1, Ordering::SeqCst),
             Op::GetMany(_) => self.batches.fetch_add(1, Ordering::SeqCst),
+            Op::Acquire(..) | Op::Fill(_) => self.singles.fetch_add(1, Ordering::SeqCst),
+            Op::AcquireMany(..) | Op::FillMany(_) => {
+                self.batch_writes.fetch_add(1, Ordering::SeqCst)
+            }
             _ => 0,
         };
         call
@@ -1499,8 +1506,8 @@ impl StoreLayer for CountReads {
 }
 
 /// `get_many` and the lookups of `get_or_load_many` reach the store as one
-/// batch read, never a read per key; hits and misses come back in the
-/// keys' order.
+/// batch read, never a read per key, and the missing keys' leases and fills
+/// as one batch call each; hits and misses come back in the keys' order.
 async fn a_batch_reads_the_store_in_one_call(fx: Fx) {
     let counted = Arc::new(Layered::new(CountReads::default(), fx.store()));
     let mut builder: CacheBuilder<u64, String> =
@@ -1532,6 +1539,16 @@ async fn a_batch_reads_the_store_in_one_call(fx: Fx) {
     assert_eq!(got, vec![some(1), some(2), some(3), some(4)]);
     assert_eq!(*calls.lock().unwrap(), vec![vec![2, 4]], "{}", fx.name());
     assert_eq!(reads(counted.layer()), (0, 2), "{}", fx.name());
+    let c = counted.layer();
+    assert_eq!(
+        (
+            c.singles.load(Ordering::SeqCst),
+            c.batch_writes.load(Ordering::SeqCst)
+        ),
+        (0, 2),
+        "{}: one batch acquire, one batch fill",
+        fx.name()
+    );
     let s = cache.stats();
     assert_eq!((s.hits, s.misses), (5, 4), "{}: {s:?}", fx.name());
 }

@@ -17,11 +17,11 @@ use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cachet_core::{AcquireMode, CacheKey, LeaseToken, StoreKey};
+use cachet_core::{AcquireMode, CacheKey, LeaseToken, StoreError, StoreKey};
 use futures::future::join_all;
 use tokio::sync::watch;
 
-use super::inner::{At, Claim, Found, Inner};
+use super::inner::{At, Claim, Found, Inner, each_failed};
 use super::load::{LoadPlan, span};
 use super::read::Plan;
 use super::{Cache, LoadOptions};
@@ -91,8 +91,9 @@ where
     /// once, but never twice for one key by one batch.
     ///
     /// Costs on Redis: one batch read (as in [`get_many`](Self::get_many)),
-    /// one lease script per missing key (pipelined), the loader, one fill script per loaded key
-    /// (pipelined).
+    /// the missing keys' leases in one script per hash slot, the loader, the
+    /// fills in one script per hash slot (slots in parallel; one script each
+    /// on a single server). Keys with groups take one script each.
     ///
     /// # Errors
     /// When the loader fails or times out for the batch (every key it was
@@ -259,11 +260,13 @@ where
 {
     let inner = &*inner;
     let hard_timeout = inner.s.hard_timeout;
-    let claims = join_all(
-        led.iter()
-            .map(|l| inner.acquire(&l.key, &l.skey, AcquireMode::IfAbsent)),
-    )
-    .await;
+    let keys: Vec<(&K, &StoreKey)> = led.iter().map(|l| (&l.key, &l.skey)).collect();
+    let claims: Vec<Result<Claim<V>, StoreError>> =
+        match inner.acquire_many(&keys, AcquireMode::IfAbsent).await {
+            Ok(claims) => claims.into_iter().map(Ok).collect(),
+            Err(e) => each_failed(e, led.len()),
+        };
+    drop(keys);
     let mut leased: Vec<(Led<K, V>, LeaseToken)> = Vec::new();
     let mut alone_keys = Vec::new();
     for (l, claim) in led.into_iter().zip(claims) {
@@ -328,16 +331,18 @@ async fn load_leased<K, V, F, Fut, E>(
     span.record("outcome", if loaded.is_ok() { "batch" } else { "error" });
     match loaded {
         Ok((mut found, took)) => {
-            let fills = leased.into_iter().map(|(l, token)| {
-                let value = found.remove(&l.key);
-                async move {
-                    inner
-                        .fill_loaded(&l.key, &l.skey, token, &value, took)
-                        .await;
-                    l.leader.finish(&Ok(value));
-                }
-            });
-            join_all(fills.collect::<Vec<_>>()).await;
+            let (led, tokens): (Vec<_>, Vec<_>) = leased.into_iter().unzip();
+            let values: Vec<Option<V>> = led.iter().map(|l| found.remove(&l.key)).collect();
+            let fills = led
+                .iter()
+                .zip(tokens)
+                .zip(&values)
+                .map(|((l, token), value)| (&l.key, &l.skey, token, value))
+                .collect();
+            inner.fill_loaded_many(fills, took).await;
+            for (l, value) in led.into_iter().zip(values) {
+                l.leader.finish(&Ok(value));
+            }
         }
         Err(e) => {
             let releases = leased.into_iter().map(|(l, token)| {

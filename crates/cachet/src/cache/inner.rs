@@ -676,20 +676,51 @@ where
                 },
             );
         }
-        Ok(
-            match self.s.store.acquire(skey, mode, self.s.lease_ttl).await? {
-                Acquire::Hit(entry) => match self.decode(skey, entry) {
-                    Some(v) => Claim::Hit(v),
-                    None => Claim::Corrupt,
-                },
-                Acquire::Corrupt => {
-                    self.decode_failed(skey, &"stored bytes are not a cachet entry");
-                    Claim::Corrupt
-                }
-                Acquire::Leased(token) => Claim::Leased(token),
-                Acquire::Busy { expires_in } => Claim::Busy(expires_in),
+        let acquired = self.s.store.acquire(skey, mode, self.s.lease_ttl).await?;
+        Ok(self.claim_of(skey, acquired))
+    }
+
+    /// [`acquire`](Self::acquire) for many keys: on a shared store one batch
+    /// call (on Redis one script per hash slot).
+    pub(crate) async fn acquire_many(
+        &self,
+        keys: &[(&K, &StoreKey)],
+        mode: AcquireMode,
+    ) -> Result<Vec<Claim<V>>, StoreError> {
+        if self.local.is_some() {
+            let mut claims = Vec::with_capacity(keys.len());
+            for (key, skey) in keys {
+                claims.push(self.acquire(key, skey, mode).await?);
+            }
+            return Ok(claims);
+        }
+        let skeys: Vec<StoreKey> = keys.iter().map(|(_, skey)| (*skey).clone()).collect();
+        let acquired = self
+            .s
+            .store
+            .acquire_many(&skeys, mode, self.s.lease_ttl)
+            .await?;
+        Ok(skeys
+            .iter()
+            .zip(acquired)
+            .map(|(skey, a)| self.claim_of(skey, a))
+            .collect())
+    }
+
+    /// What a store's read-or-lease answer means for the key, decoded.
+    fn claim_of(&self, skey: &StoreKey, acquired: Acquire) -> Claim<V> {
+        match acquired {
+            Acquire::Hit(entry) => match self.decode(skey, entry) {
+                Some(v) => Claim::Hit(v),
+                None => Claim::Corrupt,
             },
-        )
+            Acquire::Corrupt => {
+                self.decode_failed(skey, &"stored bytes are not a cachet entry");
+                Claim::Corrupt
+            }
+            Acquire::Leased(token) => Claim::Leased(token),
+            Acquire::Busy { expires_in } => Claim::Busy(expires_in),
+        }
     }
 
     /// Fill-if-lease-valid. `Err` carries a codec or store failure, already logged.
@@ -833,7 +864,7 @@ where
 
 /// A batch read's failure as the failure of each of its `n` reads: the first
 /// carries the error, the others its kind and message.
-fn each_failed(e: StoreError, n: usize) -> Vec<Result<Read, StoreError>> {
+pub(crate) fn each_failed<T>(e: StoreError, n: usize) -> Vec<Result<T, StoreError>> {
     let copy = || StoreError::new(e.kind(), cachet_core::Report(&e).to_string());
     let mut failed: Vec<_> = (1..n).map(|_| Err(copy())).collect();
     failed.insert(0, Err(e));

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cachet_core::{AcquireMode, CacheKey, Fill, LeaseToken, StoreKey};
+use cachet_core::{AcquireMode, CacheKey, Fill, FillOf, LeaseToken, StoreKey};
 
 use super::inner::{Claim, Inner, Lookup};
 use crate::Error;
@@ -399,6 +399,88 @@ where
                 self.release(key, skey, &token).await;
             }
             Err(()) => self.release(key, skey, &token).await,
+        }
+    }
+
+    /// [`fill_loaded`](Self::fill_loaded) for the keys of a batch load: on a
+    /// shared store the fills go as one batch call (on Redis one script per
+    /// hash slot); a key whose value the policy keeps out, or that cannot be
+    /// encoded, releases its lease instead.
+    pub(crate) async fn fill_loaded_many(
+        &self,
+        loaded: Vec<(&K, &StoreKey, LeaseToken, &Option<V>)>,
+        load_time: Duration,
+    ) {
+        if self.local.is_some() {
+            for (key, skey, token, value) in loaded {
+                self.fill_loaded(key, skey, token, value, load_time).await;
+            }
+            return;
+        }
+        let mut ready = Vec::with_capacity(loaded.len());
+        let mut fills = Vec::with_capacity(loaded.len());
+        for (key, skey, token, value) in loaded {
+            let entry = self
+                .placement(key, value.as_ref(), load_time)
+                .map(|(meta, ttl)| (self.entry_for(skey, meta, value.as_ref()), ttl));
+            match entry {
+                Some((Ok(entry), ttl)) => {
+                    fills.push((entry, ttl));
+                    ready.push((key, skey, token));
+                }
+                Some((Err(e), _)) => {
+                    tracing::error!(error = %crate::Report(&e),
+                        "the loaded value is returned but not cached");
+                    self.release(key, skey, &token).await;
+                }
+                // The expiry policy keeps it out (a "not found" without
+                // negative caching).
+                None => self.release(key, skey, &token).await,
+            }
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let batch: Vec<FillOf<'_>> = ready
+            .iter()
+            .zip(fills)
+            .map(|((_, skey, token), (entry, ttl))| FillOf {
+                key: skey,
+                lease: token,
+                entry,
+                ttl,
+            })
+            .collect();
+        let span = span("cachet.fill", self.namespace(), ready[0].1);
+        let filled = self
+            .s
+            .store
+            .fill_many(&batch)
+            .instrument(span.clone())
+            .await;
+        span.record("outcome", if filled.is_ok() { "batch" } else { "failed" });
+        drop(batch);
+        let filled = match filled {
+            Ok(filled) => filled.into_iter().map(Some).collect(),
+            Err(e) => {
+                self.counters.store_errors.inc();
+                self.warn_store(
+                    "fill failed; the values are returned but not cached",
+                    ready[0].1,
+                    &e,
+                );
+                vec![None; ready.len()]
+            }
+        };
+        for ((key, skey, token), filled) in ready.into_iter().zip(filled) {
+            match filled {
+                Some(Fill::Filled) => self.counters.fills.inc(),
+                Some(Fill::Refused) => {
+                    self.counters.refused_fills.inc();
+                    self.release(key, skey, &token).await;
+                }
+                None => self.release(key, skey, &token).await,
+            }
         }
     }
 
