@@ -13,6 +13,7 @@ use cachet_core::{
 };
 
 use super::fresh::{AheadReads, Freshness, State};
+use super::tags::{Claimed, TagsFn};
 use crate::bloom::BloomFilter;
 use crate::breaker::Guarded;
 use crate::codec::Codec;
@@ -46,6 +47,12 @@ pub(crate) type VersionFn<V> = Arc<dyn Fn(&V) -> u64 + Send + Sync>;
 /// Maps a key to its escaped group.
 pub(crate) type GroupFn<K> = Arc<dyn Fn(&K) -> String + Send + Sync>;
 
+/// How a cache partitions its entries for bulk invalidation: by group, by tags.
+pub(crate) struct Partitions<K: ?Sized, V> {
+    pub(crate) group: Option<GroupFn<K>>,
+    pub(crate) tags: Option<TagsFn<K, V>>,
+}
+
 pub(crate) struct Inner<K: ?Sized, V> {
     pub(crate) s: Settings<V>,
     /// How long each value stays fresh.
@@ -54,6 +61,8 @@ pub(crate) struct Inner<K: ?Sized, V> {
     pub(crate) bloom: Option<BloomFilter>,
     /// The key's group, for caches with groups.
     pub(crate) group: Option<GroupFn<K>>,
+    /// The value's tags, for caches with tags.
+    pub(crate) tags: Option<TagsFn<K, V>>,
     /// The cache's typed table when the store is a `MemoryStore`.
     pub(crate) local: Option<Arc<dyn LocalTier<K, V>>>,
     pub(crate) kind: PayloadKind,
@@ -164,7 +173,7 @@ where
     pub(crate) fn new(
         s: Settings<V>,
         expiry: Arc<dyn Expiry<K, V>>,
-        group: Option<GroupFn<K>>,
+        partitions: Partitions<K, V>,
         local: Option<Arc<dyn LocalTier<K, V>>>,
         bloom: Option<BloomFilter>,
         near: Option<NearCache>,
@@ -177,7 +186,8 @@ where
             s,
             expiry,
             bloom,
-            group,
+            group: partitions.group,
+            tags: partitions.tags,
             local,
             kind,
             counters,
@@ -282,11 +292,11 @@ where
     }
 
     /// A hit in the cache's in-process table (or near cache), when it needs no
-    /// more than the value: no groups, no soft expiry. Counts only hits;
-    /// everything else (`None`) takes the full path, which counts it.
+    /// more than the value: no groups, no tags, no soft expiry. Counts only
+    /// hits; everything else (`None`) takes the full path, which counts it.
     #[inline]
     pub(crate) fn local_hit(&self, key: &K, count: bool) -> Option<Option<V>> {
-        if self.group.is_some() {
+        if self.group.is_some() || self.tags.is_some() {
             return None;
         }
         let Some(local) = &self.local else {
@@ -324,6 +334,50 @@ where
         }
     }
 
+    /// A lookup on the cache's typed table of a cache with tags, whose entries'
+    /// tags are checked as on a shared store.
+    async fn lookup_local_tagged(
+        &self,
+        local: &dyn LocalTier<K, V>,
+        key: &K,
+        group: Option<&str>,
+        count: bool,
+    ) -> Lookup<V> {
+        let Some(slot) = local.get(key, group) else {
+            self.count_miss(count);
+            return Lookup::Missing { corrupt: false };
+        };
+        match self.tags_current(&slot.meta).await {
+            Ok(true) => self.found(slot.value, slot.meta, count),
+            Ok(false) => self.tags_moved(count),
+            Err(e) => {
+                self.counters.store_errors.inc();
+                Lookup::Failed(e)
+            }
+        }
+    }
+
+    /// An entry one of whose tags was invalidated since it was filled: a miss,
+    /// and the next load replaces it (as a corrupt entry is replaced).
+    fn tags_moved(&self, count: bool) -> Lookup<V> {
+        self.count_miss(count);
+        Lookup::Missing { corrupt: true }
+    }
+
+    /// A lookup on the cache's typed table.
+    async fn lookup_typed(
+        &self,
+        local: &dyn LocalTier<K, V>,
+        key: &K,
+        group: Option<&str>,
+        count: bool,
+    ) -> Lookup<V> {
+        if self.tags.is_some() {
+            return self.lookup_local_tagged(local, key, group, count).await;
+        }
+        self.lookup_local(local, key, group, count)
+    }
+
     pub(crate) async fn lookup_shared(&self, key: &StoreKey, count: bool) -> Lookup<V> {
         let started = std::time::Instant::now();
         let read = match self.s.store.get_now(key) {
@@ -332,7 +386,15 @@ where
         };
         match read {
             Ok(Read::Hit(entry)) => {
-                let meta = entry.meta;
+                let meta = entry.meta.clone();
+                match self.tags_current(&meta).await {
+                    Ok(true) => {}
+                    Ok(false) => return self.tags_moved(count),
+                    Err(e) => {
+                        self.counters.store_errors.inc();
+                        return Lookup::Failed(e);
+                    }
+                }
                 match self.decode(key, entry) {
                     Some(v) => {
                         if count {
@@ -385,7 +447,7 @@ where
             };
             return Found::Tier(at, lookup);
         };
-        let lookup = self.lookup_local(&**local, key, group.as_deref(), count);
+        let lookup = (self.lookup_typed(&**local, key, group.as_deref(), count)).await;
         let at = At {
             group,
             skey: None,
@@ -402,11 +464,16 @@ where
         value: V,
         versioned: bool,
     ) -> Result<Versioned, Error> {
+        let tags = match self.claim_tags(key, skey, Some(&value), u64::MAX).await? {
+            Claimed::Tags(tags) => tags,
+            Claimed::Refused => unreachable!("a claim without a load's clock is never refused"),
+        };
         if let Some(local) = &self.local {
-            let Some((meta, ttl)) = self.placement(key, Some(&value), Duration::ZERO) else {
+            let Some((mut meta, ttl)) = self.placement(key, Some(&value), Duration::ZERO) else {
                 local.invalidate(key);
                 return Ok(Versioned::Written);
             };
+            meta.tags = tags;
             let slot = Slot {
                 value: Some(value),
                 meta,
@@ -418,10 +485,11 @@ where
                 Versioned::Written
             });
         }
-        let Some((entry, ttl)) = self.stored_entry(key, skey, &value)? else {
+        let Some((mut entry, ttl)) = self.stored_entry(key, skey, &value)? else {
             // The policy keeps this value out of the cache: the old one goes.
             return self.remove(key, skey).await.map(|()| Versioned::Written);
         };
+        entry.meta.tags = tags;
         let store = &self.s.store;
         let written = if versioned {
             match store.versioned_set() {
@@ -501,7 +569,7 @@ where
     /// A lookup on whichever store the cache has.
     pub(crate) async fn lookup(&self, key: &K, skey: &StoreKey, count: bool) -> Lookup<V> {
         match &self.local {
-            Some(local) => self.lookup_local(&**local, key, skey.group(), count),
+            Some(local) => self.lookup_typed(&**local, key, skey.group(), count).await,
             None => self.lookup_shared(skey, count).await,
         }
     }
@@ -606,27 +674,54 @@ where
         skey: &StoreKey,
         mode: AcquireMode,
     ) -> Result<Claim<V>, StoreError> {
+        let claim = self.acquire_untagged(key, skey, mode).await?;
+        if self.tags.is_none() {
+            return Ok(claim.0);
+        }
+        Ok(match claim {
+            (Claim::Leased(token), _) => Claim::Leased(token.with_tag_clock(self.tag_clock().await?)),
+            (Claim::Hit(v), Some(meta)) => {
+                if self.tags_current(&meta).await? {
+                    Claim::Hit(v)
+                } else {
+                    Claim::Corrupt
+                }
+            }
+            (claim, _) => claim,
+        })
+    }
+
+    /// Read-or-lease, the tags aside: the claim, and the envelope of a hit.
+    async fn acquire_untagged(
+        &self,
+        key: &K,
+        skey: &StoreKey,
+        mode: AcquireMode,
+    ) -> Result<(Claim<V>, Option<Meta>), StoreError> {
         if let Some(local) = &self.local {
             return Ok(
                 match local.acquire(key, skey.group(), mode, self.s.lease_ttl) {
-                    Acquired::Hit(slot) => Claim::Hit(slot.value),
-                    Acquired::Leased(token) => Claim::Leased(token),
-                    Acquired::Busy(left) => Claim::Busy(Some(left)),
+                    Acquired::Hit(slot) => (Claim::Hit(slot.value), Some(slot.meta)),
+                    Acquired::Leased(token) => (Claim::Leased(token), None),
+                    Acquired::Busy(left) => (Claim::Busy(Some(left)), None),
                 },
             );
         }
         Ok(
             match self.s.store.acquire(skey, mode, self.s.lease_ttl).await? {
-                Acquire::Hit(entry) => match self.decode(skey, entry) {
-                    Some(v) => Claim::Hit(v),
-                    None => Claim::Corrupt,
-                },
+                Acquire::Hit(entry) => {
+                    let meta = entry.meta.clone();
+                    match self.decode(skey, entry) {
+                        Some(v) => (Claim::Hit(v), Some(meta)),
+                        None => (Claim::Corrupt, None),
+                    }
+                }
                 Acquire::Corrupt => {
                     self.decode_failed(skey, &"stored bytes are not a cachet entry");
-                    Claim::Corrupt
+                    (Claim::Corrupt, None)
                 }
-                Acquire::Leased(token) => Claim::Leased(token),
-                Acquire::Busy { expires_in } => Claim::Busy(expires_in),
+                Acquire::Leased(token) => (Claim::Leased(token), None),
+                Acquire::Busy { expires_in } => (Claim::Busy(expires_in), None),
             },
         )
     }
@@ -637,10 +732,19 @@ where
         key: &K,
         skey: &StoreKey,
         token: &LeaseToken,
-        meta: Meta,
+        mut meta: Meta,
         value: &Option<V>,
         ttl: Duration,
     ) -> Result<Fill, ()> {
+        match (self.claim_tags(key, skey, value.as_ref(), token.tag_clock())).await {
+            Ok(Claimed::Tags(tags)) => meta.tags = tags,
+            Ok(Claimed::Refused) => return Ok(Fill::Refused),
+            Err(e) => {
+                tracing::error!(error = %crate::Report(&e),
+                    "the loaded value is returned but not cached");
+                return Err(());
+            }
+        }
         if let Some(local) = &self.local {
             let slot = Slot {
                 value: value.clone(),

@@ -15,6 +15,7 @@ mod fresh;
 mod inner;
 mod load;
 mod read;
+mod tags;
 
 use std::fmt;
 use std::future::Future;
@@ -25,7 +26,8 @@ use cachet_core::{CacheKey, Capability, KeyLayout, Store, StoreKey, Versioned};
 
 pub(crate) use fresh::Freshness;
 pub use fresh::{FailSafe, RefreshAhead};
-pub(crate) use inner::{GroupFn, Settings, VersionFn};
+pub(crate) use inner::{GroupFn, Partitions, Settings, VersionFn};
+pub(crate) use tags::TagsFn;
 
 use inner::{Found, Inner, Lookup};
 
@@ -163,13 +165,13 @@ where
     pub(crate) fn from_settings(
         s: Settings<V>,
         expiry: Arc<dyn Expiry<K, V>>,
-        group: Option<GroupFn<K>>,
+        partitions: Partitions<K, V>,
         local: Option<Arc<dyn LocalTier<K, V>>>,
         bloom: Option<BloomFilter>,
         near: Option<NearCache>,
         breaker: Option<Arc<Guarded>>,
     ) -> Self {
-        let inner = Arc::new(Inner::new(s, expiry, group, local, bloom, near, breaker));
+        let inner = Arc::new(Inner::new(s, expiry, partitions, local, bloom, near, breaker));
         let source: Arc<dyn crate::metrics::Source> = inner.clone();
         crate::metrics::register(Arc::downgrade(&source));
         if inner.near.is_some() {
@@ -419,6 +421,26 @@ where
             ));
         }
         inner.bump_group(&inner.s.layout.group_key(group)).await
+    }
+
+    /// Invalidates every entry carrying `tag` (see
+    /// [`tags_by`](crate::CacheBuilder::tags_by)) at once, in O(1): one
+    /// generation moves on, no entry is listed or scanned. Entries filled under
+    /// its older generations read as misses and expire by their TTL, and loads
+    /// that began before cannot fill a value carrying the tag. On Redis it costs
+    /// two commands (the cache's tag clock, then the tag's generation).
+    ///
+    /// # Errors
+    /// When the cache has no tags, or the store fails.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<(), Error> {
+        let inner = &*self.inner;
+        if inner.tags.is_none() {
+            return Err(Error::config(
+                self.namespace(),
+                "invalidate_tag needs a cache built with tags_by",
+            ));
+        }
+        inner.bump_tag(&inner.s.layout.tag_key(tag)).await
     }
 
     /// Delivers what this cache still holds for the store before the process
