@@ -271,7 +271,9 @@ impl<L: StoreLayer, S: Store> Tags for Layered<L, S> {
         self.layer.call(Op::ReadTags(tags), call)
     }
     fn invalidate_tag<'a>(&'a self, tag: &'a TagKey) -> StoreFuture<'a, ()> {
-        let call = through(self.inner.tags(), Capability::Tags, |t| t.invalidate_tag(tag));
+        let call = through(self.inner.tags(), Capability::Tags, |t| {
+            t.invalidate_tag(tag)
+        });
         self.layer.call(Op::InvalidateTag(tag), call)
     }
 }

@@ -208,7 +208,10 @@ pub enum BusEvent {
 /// A lease token: 16 bytes, unique per grant, and, for a grouped key, the
 /// group's generation when the lease was granted (a fill is refused if the group
 /// was invalidated since).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// Two tokens are equal when their bytes are: the generation and the tag clock
+/// a token carries are what its holder noted, not part of the lease.
+#[derive(Clone, Copy)]
 pub struct LeaseToken {
     bytes: [u8; 16],
     generation: u64,
@@ -239,10 +242,7 @@ impl LeaseToken {
     /// read after the lease was granted and before its load began.
     #[must_use]
     pub const fn with_tag_clock(self, tag_clock: u64) -> Self {
-        Self {
-            tag_clock,
-            ..self
-        }
+        Self { tag_clock, ..self }
     }
 
     /// The tag clock the lease's load began at; `0` for caches without tags.
@@ -258,6 +258,20 @@ impl LeaseToken {
     /// The group generation the lease was granted under; `0` for ungrouped keys.
     pub const fn generation(&self) -> u64 {
         self.generation
+    }
+}
+
+impl PartialEq for LeaseToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl Eq for LeaseToken {}
+
+impl std::hash::Hash for LeaseToken {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.bytes.hash(state);
     }
 }
 

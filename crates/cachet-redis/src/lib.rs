@@ -1119,7 +1119,9 @@ impl RedisStore {
 /// A number a script returned for `key`.
 fn number(reply: &str, key: &str) -> Result<u64, StoreError> {
     reply.parse().map_err(|_| {
-        StoreError::protocol(format!("{key} holds {reply:?} after a script made it a number"))
+        StoreError::protocol(format!(
+            "{key} holds {reply:?} after a script made it a number"
+        ))
     })
 }
 
@@ -1145,7 +1147,10 @@ impl Tags for RedisStore {
                 .map_err(|e| self.err(e))?;
             Ok(values
                 .iter()
-                .map(|v| v.as_deref().and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()))
+                .map(|v| {
+                    v.as_deref()
+                        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                })
                 .collect())
         })
     }

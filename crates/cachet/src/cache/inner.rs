@@ -679,7 +679,9 @@ where
             return Ok(claim.0);
         }
         Ok(match claim {
-            (Claim::Leased(token), _) => Claim::Leased(token.with_tag_clock(self.tag_clock().await?)),
+            (Claim::Leased(token), _) => {
+                Claim::Leased(token.with_tag_clock(self.tag_clock().await?))
+            }
             (Claim::Hit(v), Some(meta)) => {
                 if self.tags_current(&meta).await? {
                     Claim::Hit(v)

@@ -171,7 +171,9 @@ where
         near: Option<NearCache>,
         breaker: Option<Arc<Guarded>>,
     ) -> Self {
-        let inner = Arc::new(Inner::new(s, expiry, partitions, local, bloom, near, breaker));
+        let inner = Arc::new(Inner::new(
+            s, expiry, partitions, local, bloom, near, breaker,
+        ));
         let source: Arc<dyn crate::metrics::Source> = inner.clone();
         crate::metrics::register(Arc::downgrade(&source));
         if inner.near.is_some() {

@@ -44,7 +44,10 @@ where
     V: Clone + Send + Sync + 'static,
 {
     fn tag_store(&self) -> Result<&dyn Tags, StoreError> {
-        self.s.store.tags().ok_or_else(|| Capability::Tags.missing())
+        self.s
+            .store
+            .tags()
+            .ok_or_else(|| Capability::Tags.missing())
     }
 
     /// The tag clock now, for a load about to begin; `0` without tags.

@@ -87,18 +87,35 @@ mod tests {
         let table = TagTable::new(100);
         let since = table.clock();
         let first = table.claim(&[tag("a"), tag("b")], since).unwrap();
-        assert_eq!(table.claim(&[tag("a"), tag("b")], since), Some(first.clone()));
+        assert_eq!(
+            table.claim(&[tag("a"), tag("b")], since),
+            Some(first.clone())
+        );
         table.invalidate(&tag("b"));
         assert_eq!(table.claim(&[tag("a"), tag("b")], since), None);
         assert_eq!(table.claim(&[tag("a")], since), Some(vec![first[0]]));
         let later = table.clock();
         let again = table.claim(&[tag("a"), tag("b")], later).unwrap();
         assert_ne!(again[1], first[1]);
-        assert_eq!(table.generations(&[tag("a"), tag("b"), tag("c")]), [
-            Some(again[0]),
-            Some(again[1]),
-            None
-        ]);
+        assert_eq!(
+            table.generations(&[tag("a"), tag("b"), tag("c")]),
+            [Some(again[0]), Some(again[1]), None]
+        );
+    }
+
+    #[test]
+    fn an_evicted_generation_comes_back_as_a_value_it_never_had() {
+        let table = TagTable::new(100);
+        let old = table.claim(&[tag("a")], table.clock()).unwrap()[0];
+        table.invalidate(&tag("a"));
+        let invalidated = table.generations(&[tag("a")])[0].unwrap();
+        table.generations.remove(tag("a").as_str());
+        assert_eq!(table.generations(&[tag("a")]), [None]);
+        let again = table.claim(&[tag("a")], table.clock()).unwrap()[0];
+        assert!(
+            again != old && again != invalidated,
+            "{old} {invalidated} {again}"
+        );
     }
 
     #[test]
