@@ -591,6 +591,26 @@ impl TagKey {
     pub fn clock_key(&self) -> String {
         format!("{}:sys:tagclock", self.head())
     }
+
+    /// Parses a tag generation key written by [`KeyLayout::tag_key`]; `None`
+    /// if `key` does not have that shape.
+    pub fn parse(key: &str) -> Option<TagKey> {
+        let at = key.find(":sys:tag:{")?;
+        let start = at + ":sys:tag:{".len();
+        let end = key.len().checked_sub(1)?;
+        if !key.is_ascii()
+            || !key.ends_with('}')
+            || end <= start
+            || key[start..end].contains(['{', '}'])
+        {
+            return None;
+        }
+        Some(TagKey {
+            key: key.to_owned(),
+            head: at,
+            tag: start..end,
+        })
+    }
 }
 
 /// A store key: the Redis key of an entry, from which its lease key derives.
@@ -794,6 +814,9 @@ mod tests {
         assert_eq!(t.clock_key(), "cachet:users:sys:tagclock");
         assert_eq!(layout().tag_key_escaped("red%2C1"), t);
         assert_eq!(layout().tag_key("").tag(), "%");
+        assert_eq!(TagKey::parse(t.as_str()), Some(t));
+        assert_eq!(TagKey::parse("cachet:users:sys:tag:{}"), None);
+        assert_eq!(TagKey::parse("cachet:users:sys:tag:{a}b"), None);
     }
 
     #[test]

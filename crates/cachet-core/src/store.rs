@@ -188,6 +188,8 @@ pub enum Notice {
     Key(StoreKey),
     /// This group was invalidated.
     Group(GroupKey),
+    /// This tag was invalidated.
+    Tag(TagKey),
 }
 
 /// An event of an invalidation bus subscription, from

@@ -1202,6 +1202,9 @@ impl Tags for RedisStore {
                 .await
                 .map_err(|e| self.err(e))?;
             self.raise_tag(tag, number(&now, &clock_key)?).await?;
+            if let Some(publisher) = &self.inner.publisher {
+                publisher.tag(tag);
+            }
             Ok(())
         })
     }

@@ -232,9 +232,10 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
     ///   carry the tag.
     ///
     /// An entry without tags (a "not found", or a value whose list is empty)
-    /// costs what it costs in a cache without tags. Tags need the store's
-    /// tag invalidation; they do not combine with a near cache yet (`build()`
-    /// refuses the pair).
+    /// costs what it costs in a cache without tags. Tags need the store's tag
+    /// invalidation. A [near cache](Self::near_cache) in front does not know
+    /// which of its entries carry a tag: every tag invalidation, from any
+    /// process, empties it (a near hit checks no tags).
     ///
     /// ```
     /// # async fn example() -> Result<(), cachet::Error> {
@@ -473,12 +474,6 @@ where
             return Err(Error::config(
                 ns,
                 format!("early_refresh beta must be positive, got {beta}"),
-            ));
-        }
-        if self.tags.is_some() && self.near.is_some() {
-            return Err(Error::config(
-                ns,
-                "tags_by does not combine with near_cache: a near cache would not see tag invalidations",
             ));
         }
         let needs = [

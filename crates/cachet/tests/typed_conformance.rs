@@ -293,6 +293,7 @@ typed_conformance!(
     capability_tags_a_load_that_began_before_invalidate_tag_cannot_fill,
     capability_tags_a_lost_generation_never_brings_entries_back,
     capability_tags_three_tags_in_three_slots,
+    capability_tags_reach_near_caches,
     capability_versioned_set,
     capability_deferred_queue,
     capability_bloom,
@@ -1208,6 +1209,60 @@ async fn capability_tags_three_tags_in_three_slots(fx: Fx) {
         }
     }
     assert_eq!(cache.stats().refused_fills, 0, "{:?}", cache.stats());
+}
+
+/// A tag invalidation reaches the near caches in front of the store: this
+/// process's at once, another process's through the bus. (The in-process
+/// back ends have no bus, hence no near cache.)
+async fn capability_tags_reach_near_caches(fx: Fx) {
+    if fx.clock().is_some() {
+        return;
+    }
+    let ns = fx.ns("near-tags");
+    let near = NearCache::new(1_000, Duration::from_secs(60));
+    let tags = |_: &u64, v: &Tagged| v.tags.clone();
+    let a: Cache<u64, Tagged> = fx
+        .builder(&ns)
+        .near_cache(near)
+        .tags_by(tags)
+        .build()
+        .unwrap();
+    let b: Cache<u64, Tagged> = (fx.other_builder(&ns).await)
+        .near_cache(near)
+        .tags_by(tags)
+        .build()
+        .unwrap();
+    eventually("both near caches subscribe", BOUND, || {
+        ready(a.stats().near_clears >= 1 && b.stats().near_clears >= 1)
+    })
+    .await;
+    for cache in [&a, &b] {
+        for (id, tag) in [(1, "t"), (2, "u")] {
+            let v = tagged(&format!("v{id}"), &[tag]);
+            cache.get_or_load(&id, tagged_loader(v)).await.unwrap();
+        }
+        let before = cache.stats().near_hits;
+        assert_eq!(
+            bodies(cache, &[1, 2]).await,
+            [Some("v1".into()), Some("v2".into())]
+        );
+        assert_eq!(cache.stats().near_hits, before + 2, "served from L1");
+    }
+
+    a.invalidate_tag("t").await.unwrap();
+    assert_eq!(
+        bodies(&a, &[1, 2]).await,
+        [None, Some("v2".into())],
+        "{}: the invalidating process's L1",
+        fx.name()
+    );
+    eventually("b's L1 drops the entry carrying the tag", BOUND, || {
+        let b = b.clone();
+        async move { b.get(&1).await.unwrap().is_none() }
+    })
+    .await;
+    assert_eq!(bodies(&b, &[2]).await, [Some("v2".into())]);
+    assert_eq!(a.stats().store_errors + b.stats().store_errors, 0);
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -292,17 +292,21 @@ where
     }
 
     /// A hit in the cache's in-process table (or near cache), when it needs no
-    /// more than the value: no groups, no tags, no soft expiry. Counts only
-    /// hits; everything else (`None`) takes the full path, which counts it.
+    /// more than the value: no groups, no soft expiry, and in the typed table
+    /// no tags (a near cache drops every entry on a tag invalidation). Counts
+    /// only hits; everything else (`None`) takes the full path, which counts it.
     #[inline]
     pub(crate) fn local_hit(&self, key: &K, count: bool) -> Option<Option<V>> {
-        if self.group.is_some() || self.tags.is_some() {
+        if self.group.is_some() {
             return None;
         }
         let Some(local) = &self.local else {
             // A near cache's hit is just as local.
             return self.near_hit(key, None, count);
         };
+        if self.tags.is_some() {
+            return None;
+        }
         let slot = local.get(key, None)?;
         if slot.meta.soft_expiry_ms != 0 {
             return None;

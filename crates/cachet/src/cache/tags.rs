@@ -142,9 +142,13 @@ where
         })
     }
 
-    /// Moves `tag` to a new generation.
+    /// Moves `tag` to a new generation, and empties this process's near
+    /// cache at once (other processes' near caches empty on the bus notice).
     pub(crate) async fn bump_tag(&self, tkey: &TagKey) -> Result<(), Error> {
         let bumped = async { self.tag_store()?.invalidate_tag(tkey).await }.await;
+        if let Some(near) = &self.near {
+            near.invalidate_tag();
+        }
         bumped.map_err(|e| {
             self.counters.store_errors.inc();
             Error::new(
