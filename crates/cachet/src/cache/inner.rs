@@ -468,16 +468,12 @@ where
         value: V,
         versioned: bool,
     ) -> Result<Versioned, Error> {
-        let tags = match self.claim_tags(key, skey, Some(&value), u64::MAX).await? {
-            Claimed::Tags(tags) => tags,
-            Claimed::Refused => unreachable!("a claim without a load's clock is never refused"),
-        };
         if let Some(local) = &self.local {
             let Some((mut meta, ttl)) = self.placement(key, Some(&value), Duration::ZERO) else {
                 local.invalidate(key);
                 return Ok(Versioned::Written);
             };
-            meta.tags = tags;
+            meta.tags = self.write_tags(key, skey, &value).await?;
             let slot = Slot {
                 value: Some(value),
                 meta,
@@ -489,11 +485,10 @@ where
                 Versioned::Written
             });
         }
-        let Some((mut entry, ttl)) = self.stored_entry(key, skey, &value)? else {
+        let Some((entry, ttl)) = self.stored_entry(key, skey, &value).await? else {
             // The policy keeps this value out of the cache: the old one goes.
             return self.remove(key, skey).await.map(|()| Versioned::Written);
         };
-        entry.meta.tags = tags;
         let store = &self.s.store;
         let written = if versioned {
             match store.versioned_set() {
@@ -510,19 +505,20 @@ where
     }
 
     /// The entry a write of `value` sends to a shared store, and its TTL: where
-    /// the policy places it (TTL, soft expiry, version), then its payload
-    /// (codec, size limit). `None` when the policy keeps the value out of the
-    /// cache. Every write to a shared store goes through here: `set`,
+    /// the policy places it (TTL, soft expiry, version), its tags, then its
+    /// payload (codec, size limit). `None` when the policy keeps the value out
+    /// of the cache. Every write to a shared store goes through here: `set`,
     /// `write_through`, and write-behind's script.
-    pub(crate) fn stored_entry(
+    pub(crate) async fn stored_entry(
         &self,
         key: &K,
         skey: &StoreKey,
         value: &V,
     ) -> Result<Option<(Entry, Duration)>, Error> {
-        let Some((meta, ttl)) = self.placement(key, Some(value), Duration::ZERO) else {
+        let Some((mut meta, ttl)) = self.placement(key, Some(value), Duration::ZERO) else {
             return Ok(None);
         };
+        meta.tags = self.write_tags(key, skey, value).await?;
         Ok(Some((self.entry_for(skey, meta, Some(value))?, ttl)))
     }
 

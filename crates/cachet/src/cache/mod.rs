@@ -4,7 +4,7 @@
 //! admission → coalesce → load and fill, the loads in tasks of their own in
 //! `load.rs`); `get`, `peek` and `get_or_load` share its lookup. Writes go
 //! through one routine, `Cache::write`, whose entry for a shared store
-//! (`Inner::stored_entry`: policy, version, codec) write-behind's script
+//! (`Inner::stored_entry`: policy, version, tags, codec) write-behind's script
 //! writes too. The primitives in `inner.rs` are the
 //! only code that knows whether the store is the cache's typed in-process table
 //! or a [`Store`] reached through the protocol; `fresh.rs` decides what is
@@ -531,13 +531,13 @@ where
     /// policy keeps the value out of the cache. Write-behind's script stores
     /// it along with its enqueue.
     #[cfg(feature = "write-behind")]
-    pub(crate) fn stored_entry(
+    pub(crate) async fn stored_entry(
         &self,
         key: &K,
         skey: &StoreKey,
         value: &V,
     ) -> Result<Option<(crate::store::Entry, Duration)>, Error> {
-        self.inner.stored_entry(key, skey, value)
+        self.inner.stored_entry(key, skey, value).await
     }
 
     /// The cache's [`version_by`](crate::CacheBuilder::version_by) function.

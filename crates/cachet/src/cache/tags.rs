@@ -142,6 +142,25 @@ where
         })
     }
 
+    /// The tags a write of `value` records: a claim that no invalidation
+    /// refuses, as no load is involved.
+    pub(crate) async fn write_tags(
+        &self,
+        key: &K,
+        skey: &StoreKey,
+        value: &V,
+    ) -> Result<Option<Arc<[TagGeneration]>>, Error> {
+        match self.claim_tags(key, skey, Some(value), u64::MAX).await? {
+            Claimed::Tags(tags) => Ok(tags),
+            // The trait rules this out for `u64::MAX`; a store that does it
+            // anyway fails the write rather than writing it without tags.
+            Claimed::Refused => Err(self.store_error(
+                skey,
+                StoreError::protocol("the store refused the tags of a write"),
+            )),
+        }
+    }
+
     /// Moves `tag` to a new generation, and empties this process's near
     /// cache at once (other processes' near caches empty on the bus notice).
     pub(crate) async fn bump_tag(&self, tkey: &TagKey) -> Result<(), Error> {

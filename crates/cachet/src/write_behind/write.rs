@@ -326,7 +326,7 @@ where
         // The entry as `set` stores it. A value the expiry policy keeps out of
         // the cache is queued all the same, with a TTL of 0: the script then
         // deletes the entry instead of writing it.
-        let (entry, ttl) = match s.cache.stored_entry(key, &skey, &value) {
+        let (entry, ttl) = match s.cache.stored_entry(key, &skey, &value).await {
             Ok(Some((
                 Entry {
                     meta,

@@ -256,6 +256,29 @@ async fn a_grouped_cache_gets_the_groups_generation() {
 }
 
 #[tokio::test]
+async fn a_tagged_cache_gets_the_values_tags() {
+    let fx = Fx::new().await;
+    let cache: Cache<u64, Item> = Cache::builder(support::NS)
+        .store(fx.store.clone())
+        .ttl(support::TTL)
+        .version_by(|i: &Item| i.version)
+        .tags_by(|id: &u64, _: &Item| vec![format!("parity {}", id % 2)])
+        .build()
+        .unwrap();
+    let wb = support::builder(fx.store.clone(), &cache)
+        .build()
+        .await
+        .unwrap();
+    let _ = wb.write_behind(&3, Item::new(1, "odd")).await.unwrap();
+    let _ = wb.write_behind(&4, Item::new(1, "even")).await.unwrap();
+    assert_eq!(cache.get(&3).await.unwrap(), Some(Item::new(1, "odd")));
+    // A tag invalidation drops it like any entry carrying the tag.
+    cache.invalidate_tag("parity 1").await.unwrap();
+    assert_eq!(cache.get(&3).await.unwrap(), None);
+    assert_eq!(cache.get(&4).await.unwrap(), Some(Item::new(1, "even")));
+}
+
+#[tokio::test]
 async fn idle_consumers_without_pending_entries_are_pruned() {
     let fx = Fx::new().await;
     let wb = fx.write_behind(|b| b).await;
