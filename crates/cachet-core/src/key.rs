@@ -541,20 +541,11 @@ impl GroupKey {
     /// Parses a generation key written by [`KeyLayout::group_key`]; `None` if
     /// `key` does not have that shape.
     pub fn parse(key: &str) -> Option<GroupKey> {
-        let at = key.find(":sys:gen:{")?;
-        let start = at + ":sys:gen:{".len();
-        let end = key.len().checked_sub(1)?;
-        if !key.is_ascii()
-            || !key.ends_with('}')
-            || end <= start
-            || key[start..end].contains(['{', '}'])
-        {
-            return None;
-        }
+        let (head, group) = parse_sys(key, ":sys:gen:{")?;
         Some(GroupKey {
             key: key.to_owned(),
-            head: at,
-            group: start..end,
+            head,
+            group,
         })
     }
 }
@@ -595,22 +586,29 @@ impl TagKey {
     /// Parses a tag generation key written by [`KeyLayout::tag_key`]; `None`
     /// if `key` does not have that shape.
     pub fn parse(key: &str) -> Option<TagKey> {
-        let at = key.find(":sys:tag:{")?;
-        let start = at + ":sys:tag:{".len();
-        let end = key.len().checked_sub(1)?;
-        if !key.is_ascii()
-            || !key.ends_with('}')
-            || end <= start
-            || key[start..end].contains(['{', '}'])
-        {
-            return None;
-        }
+        let (head, tag) = parse_sys(key, ":sys:tag:{")?;
         Some(TagKey {
             key: key.to_owned(),
-            head: at,
-            tag: start..end,
+            head,
+            tag,
         })
     }
+}
+
+/// Splits `{head}{marker}{name}}` (a system key whose name is its hash tag)
+/// into the length of `head` and the range of `name`.
+fn parse_sys(key: &str, marker: &str) -> Option<(usize, Range<usize>)> {
+    let at = key.find(marker)?;
+    let start = at + marker.len();
+    let end = key.len().checked_sub(1)?;
+    if !key.is_ascii()
+        || !key.ends_with('}')
+        || end <= start
+        || key[start..end].contains(['{', '}'])
+    {
+        return None;
+    }
+    Some((at, start..end))
 }
 
 /// A store key: the Redis key of an entry, from which its lease key derives.

@@ -3,7 +3,8 @@
 //! [`RedisStore`] speaks the lease protocol of [`cachet_core::store`] to Redis ≥ 7
 //! (or Valkey) through one multiplexed, automatically reconnecting connection
 //! (redis-rs `ConnectionManager`), or to a [Redis Cluster](#redis-cluster).
-//! Each primitive is one round trip:
+//! Each primitive is one round trip, but for those of tags, whose keys are in
+//! other slots than the entry's:
 //!
 //! | primitive | Redis command |
 //! |---|---|
@@ -15,6 +16,10 @@
 //! | `set_versioned` | `EVALSHA` of `SET_VERSIONED`: compare the versions in the envelopes, then as `SET` |
 //! | `invalidate` | `DEL entry lease` |
 //! | `invalidate_group` | `EVALSHA` of `BUMP`: `SET` the group's generation to a value it never had |
+//! | `tag_clock` | `EVALSHA` of `TAG_CLOCK`: `GET` the cache's tag clock, started if missing |
+//! | `tag_generations` | `MGET` of the tag generations (on a cluster, one `MGET` per slot, concurrently) |
+//! | `claim_tags` | as `tag_generations`; for each tag without a generation, `tag_clock` and `EVALSHA` of `RAISE_TAG` |
+//! | `invalidate_tag` | `EVALSHA` of `BUMP` on the tag clock, then `EVALSHA` of `RAISE_TAG`: the tag's generation to the new clock value |
 //! | `defer_invalidate` | `EVALSHA` of `DEFER`: `ZADD` to a due set scored by server time + delay |
 //! | `run_deferred` | `EVALSHA` of `CLAIM` per shard, one `DEL` per item, one `ZREM` to acknowledge |
 //! | `bloom_check` | `EVALSHA` of `BLOOM_CHECK`: `STRLEN` of the filter, then `GETBIT` per position until one is clear |
@@ -45,7 +50,8 @@
 //! # The invalidation bus
 //!
 //! Unless turned off ([`RedisStoreBuilder::invalidation_bus`]), every
-//! successful `invalidate`, `set`, `set_versioned` and `invalidate_group` —
+//! successful `invalidate`, `set`, `set_versioned`, `invalidate_group` and
+//! `invalidate_tag` —
 //! whoever calls it: a `Cache`, an outbox relay, a deferred-invalidation worker —
 //! also queues a notice for the near caches of that cache in every process. A
 //! background task batches the notices (what arrives within 1 ms, at most 512)
@@ -1079,6 +1085,7 @@ impl Groups for RedisStore {
         Box::pin(async move {
             let _: String = scripts::BUMP
                 .key(group.as_str())
+                .arg(1)
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(|e| self.err(e))?;
@@ -1196,8 +1203,9 @@ impl Tags for RedisStore {
     fn invalidate_tag<'a>(&'a self, tag: &'a TagKey) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let clock_key = tag.clock_key();
-            let now: String = scripts::TICK_TAG_CLOCK
+            let now: String = scripts::BUMP
                 .key(&clock_key)
+                .arg(2)
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(|e| self.err(e))?;

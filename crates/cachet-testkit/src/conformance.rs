@@ -687,7 +687,9 @@ pub async fn tags_refuse_claims_after_an_invalidation_and_keep_entries_round_tri
         "a load that began before the invalidation"
     );
     assert_eq!(
-        tags.claim_tags(&[a.clone()], since).await.unwrap(),
+        tags.claim_tags(std::slice::from_ref(&a), since)
+            .await
+            .unwrap(),
         Some(vec![first[0]]),
         "a load whose tags were not invalidated"
     );
@@ -713,9 +715,15 @@ pub async fn tags_refuse_claims_after_an_invalidation_and_keep_entries_round_tri
     );
     // A tag invalidated twice keeps the later generation.
     tags.invalidate_tag(&c).await.unwrap();
-    let c1 = tags.tag_generations(&[c.clone()]).await.unwrap()[0];
+    let c1 = tags
+        .tag_generations(std::slice::from_ref(&c))
+        .await
+        .unwrap()[0];
     tags.invalidate_tag(&c).await.unwrap();
-    let c2 = tags.tag_generations(&[c.clone()]).await.unwrap()[0];
+    let c2 = tags
+        .tag_generations(std::slice::from_ref(&c))
+        .await
+        .unwrap()[0];
     assert!(c2 > c1, "{c1:?} then {c2:?}");
 }
 

@@ -351,21 +351,24 @@ where
             self.count_miss(count);
             return Lookup::Missing { corrupt: false };
         };
-        match self.tags_current(&slot.meta).await {
-            Ok(true) => self.found(slot.value, slot.meta, count),
-            Ok(false) => self.tags_moved(count),
+        self.found_current(slot.value, slot.meta, count).await
+    }
+
+    /// [`found`](Self::found), once the entry's tags are checked: an entry
+    /// one of whose tags was invalidated since it was filled is a miss, and
+    /// the next load replaces it (as a corrupt entry is replaced).
+    async fn found_current(&self, value: Option<V>, meta: Meta, count: bool) -> Lookup<V> {
+        match self.tags_current(&meta).await {
+            Ok(true) => self.found(value, meta, count),
+            Ok(false) => {
+                self.count_miss(count);
+                Lookup::Missing { corrupt: true }
+            }
             Err(e) => {
                 self.counters.store_errors.inc();
                 Lookup::Failed(e)
             }
         }
-    }
-
-    /// An entry one of whose tags was invalidated since it was filled: a miss,
-    /// and the next load replaces it (as a corrupt entry is replaced).
-    fn tags_moved(&self, count: bool) -> Lookup<V> {
-        self.count_miss(count);
-        Lookup::Missing { corrupt: true }
     }
 
     /// A lookup on the cache's typed table.
@@ -391,21 +394,13 @@ where
         match read {
             Ok(Read::Hit(entry)) => {
                 let meta = entry.meta.clone();
-                match self.tags_current(&meta).await {
-                    Ok(true) => {}
-                    Ok(false) => return self.tags_moved(count),
-                    Err(e) => {
-                        self.counters.store_errors.inc();
-                        return Lookup::Failed(e);
-                    }
-                }
                 match self.decode(key, entry) {
                     Some(v) => {
                         if count {
                             let took = started.elapsed();
                             metrics::observe(metrics::STORE_HIT_DURATION, self.namespace(), took);
                         }
-                        self.found(v, meta, count)
+                        self.found_current(v, meta, count).await
                     }
                     None => {
                         self.count_miss(count);
