@@ -241,7 +241,7 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
     /// # async fn example() -> Result<(), cachet::Error> {
     /// use cachet::{Cache, MemoryStore};
     ///
-    /// #[derive(Clone)]
+    /// #[derive(Clone, serde::Serialize, serde::Deserialize)]
     /// struct Product { shop: u32, category: String }
     ///
     /// let products: Cache<u64, Product> = Cache::builder("products")
