@@ -338,22 +338,6 @@ where
         }
     }
 
-    /// A lookup on the cache's typed table of a cache with tags, whose entries'
-    /// tags are checked as on a shared store.
-    async fn lookup_local_tagged(
-        &self,
-        local: &dyn LocalTier<K, V>,
-        key: &K,
-        group: Option<&str>,
-        count: bool,
-    ) -> Lookup<V> {
-        let Some(slot) = local.get(key, group) else {
-            self.count_miss(count);
-            return Lookup::Missing { corrupt: false };
-        };
-        self.found_current(slot.value, slot.meta, count).await
-    }
-
     /// [`found`](Self::found), once the entry's tags are checked: an entry
     /// one of whose tags was invalidated since it was filled is a miss, and
     /// the next load replaces it (as a corrupt entry is replaced).
@@ -371,7 +355,8 @@ where
         }
     }
 
-    /// A lookup on the cache's typed table.
+    /// A lookup on the cache's typed table; in a cache with tags, the entry's
+    /// tags are checked as on a shared store.
     async fn lookup_typed(
         &self,
         local: &dyn LocalTier<K, V>,
@@ -379,10 +364,14 @@ where
         group: Option<&str>,
         count: bool,
     ) -> Lookup<V> {
-        if self.tags.is_some() {
-            return self.lookup_local_tagged(local, key, group, count).await;
+        if self.tags.is_none() {
+            return self.lookup_local(local, key, group, count);
         }
-        self.lookup_local(local, key, group, count)
+        let Some(slot) = local.get(key, group) else {
+            self.count_miss(count);
+            return Lookup::Missing { corrupt: false };
+        };
+        self.found_current(slot.value, slot.meta, count).await
     }
 
     pub(crate) async fn lookup_shared(&self, key: &StoreKey, count: bool) -> Lookup<V> {
