@@ -321,23 +321,6 @@ where
         Some(slot.value)
     }
 
-    #[inline]
-    pub(crate) fn lookup_local(
-        &self,
-        local: &dyn LocalTier<K, V>,
-        key: &K,
-        group: Option<&str>,
-        count: bool,
-    ) -> Lookup<V> {
-        match local.get(key, group) {
-            Some(slot) => self.found(slot.value, slot.meta, count),
-            None => {
-                self.count_miss(count);
-                Lookup::Missing { corrupt: false }
-            }
-        }
-    }
-
     /// [`found`](Self::found), once the entry's tags are checked: an entry
     /// one of whose tags was invalidated since it was filled is a miss, and
     /// the next load replaces it (as a corrupt entry is replaced).
@@ -357,6 +340,7 @@ where
 
     /// A lookup on the cache's typed table; in a cache with tags, the entry's
     /// tags are checked as on a shared store.
+    #[inline]
     async fn lookup_typed(
         &self,
         local: &dyn LocalTier<K, V>,
@@ -364,13 +348,13 @@ where
         group: Option<&str>,
         count: bool,
     ) -> Lookup<V> {
-        if self.tags.is_none() {
-            return self.lookup_local(local, key, group, count);
-        }
         let Some(slot) = local.get(key, group) else {
             self.count_miss(count);
             return Lookup::Missing { corrupt: false };
         };
+        if self.tags.is_none() {
+            return self.found(slot.value, slot.meta, count);
+        }
         self.found_current(slot.value, slot.meta, count).await
     }
 
