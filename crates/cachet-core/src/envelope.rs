@@ -16,7 +16,8 @@
 //!
 //! The tags of a tagged entry: a count (1 byte, 1–255), then for each tag its
 //! generation when the entry was filled (8 bytes), the length of its escaped
-//! name (1 byte, 1–255) and the name. A tag costs 10 bytes plus its name.
+//! name (1 byte, 1–255) and the name. A tag costs 9 bytes plus its name, the
+//! list 1 byte more.
 //!
 //! The header costs [`HEADER_LEN`] = 30 bytes per entry, the checksum 4 more. The
 //! fields sit at fixed offsets so that a Lua script can read them with

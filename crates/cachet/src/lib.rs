@@ -204,7 +204,7 @@
 //! on Redis a tagged hit is the entry's `GET` and then one `MGET` of its tags'
 //! generations (on Redis Cluster, one `MGET` per slot of the tags, sent
 //! concurrently): two round trips whatever the number of tags. Each tag adds
-//! 10 bytes and its escaped name to the entry, and its key and generation
+//! 9 bytes and its escaped name to the entry (the list 1 byte more), and its key and generation
 //! (about 55 bytes more, for a short tag) to the `MGET`; see
 //! [`CacheBuilder::tags_by`] for the full costs. A near cache in front is
 //! emptied by every tag invalidation.
