@@ -9,6 +9,16 @@
 //!   (`RedisStore::connection`, `…/redis_get`), which tells the cost of the
 //!   cluster client apart from cachet's;
 //! - `cluster_hit`: one `Cache::get` hit at a time, awaited before the next.
+//! - `tags_hit/<server>/tags_<n>`: one `Cache::get` hit at a time of entries
+//!   carrying `n` tags (0, 1, 3 and 8, drawn from 64, so that they spread over
+//!   slots and, on the cluster, over its nodes). A hit with tags is the
+//!   entry's `GET`, then one `MGET` of its tags' generations (on the cluster
+//!   one `MGET` per slot, concurrently), so `tags_1` against `tags_0` is the
+//!   cost of that second round trip, and `tags_8` against `tags_1` the cost of
+//!   the larger `MGET` (or, on the cluster, of waiting for the slowest of
+//!   several). What such a hit sends and receives, in bytes, is measured by
+//!   the test `a_tagged_hit_costs_one_mget_and_its_tags_bytes`
+//!   (`crates/cachet/tests/redis.rs`).
 //!
 //! The keys are spread over every slot, so the cluster's three nodes share the
 //! load. At the end the bench prints the cluster's throughput relative to the
@@ -30,6 +40,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const KEYS: u64 = 10_000;
+const TAG_COUNTS: [usize; 4] = [0, 1, 3, 8];
 const TASKS: u64 = 64;
 const PER_TASK: u64 = 100;
 
@@ -230,8 +241,62 @@ fn cluster_vs_single(c: &mut Criterion) {
         one_cluster / 1e3,
         one_cluster / one_single,
     );
+    let stores = [
+        ("single_node", single_store.clone()),
+        ("cluster_3_masters", cluster_store.clone()),
+    ];
+    tagged_vs_untagged(c, &rt, &stores, &keys);
     drop((readers, single, clustered, single_store, cluster_store));
     drop(rt);
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Tagged {
+    id: u64,
+    name: String,
+    tags: Vec<String>,
+}
+
+/// A cache on `store` whose every entry carries `n` tags, filled with every key.
+async fn filled_tagged(store: RedisStore, n: usize) -> Cache<u64, Tagged> {
+    let cache: Cache<u64, Tagged> = Cache::builder(format!("tags{n}"))
+        .ttl(Duration::from_secs(3600))
+        .store(store)
+        .tags_by(|_: &u64, v: &Tagged| v.tags.clone())
+        .build()
+        .unwrap();
+    for id in 0..KEYS {
+        let tags = (0..n as u64)
+            .map(|i| format!("tag{}", (id + i * 7) % 64))
+            .collect();
+        let name = format!("user {id}");
+        cache.set(&id, Tagged { id, name, tags }).await.unwrap();
+    }
+    cache
+}
+
+fn tagged_vs_untagged(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    stores: &[(&str, RedisStore)],
+    keys: &Arc<Vec<u64>>,
+) {
+    let mut g = c.benchmark_group("tags_hit");
+    g.throughput(Throughput::Elements(1));
+    for (server, store) in stores {
+        for n in TAG_COUNTS {
+            let cache = rt.block_on(filled_tagged(store.clone(), n));
+            g.bench_function(format!("{server}/tags_{n}"), |b| {
+                let mut i = 0;
+                b.to_async(rt).iter(|| {
+                    i = (i + 1) % keys.len();
+                    let (cache, key) = (&cache, keys[i]);
+                    async move { black_box(cache.get(&key).await.unwrap().unwrap()) }
+                });
+            });
+        }
+    }
+    g.finish();
 }
 
 criterion_group!(benches, cluster_vs_single);

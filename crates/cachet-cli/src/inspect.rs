@@ -305,6 +305,12 @@ impl Found {
                         meta.generation.to_string()
                     },
                 );
+                if let Some(tags) = &meta.tags {
+                    let recorded: Vec<String> = (tags.iter())
+                        .map(|t| format!("{} at generation {}", t.tag, t.generation))
+                        .collect();
+                    line("tags", &recorded.join(", "));
+                }
                 line("payload", &format!("{payload_len} bytes"));
             }
         }

@@ -25,6 +25,11 @@
 //! reads an entry and its generation. The price: a group's keys share one slot,
 //! so a very hot group is a hot slot on Redis Cluster.
 //!
+//! A cache with tags keeps each tag's generation at
+//! `{prefix}{namespace}:sys:tag:{{tag}}` (the tag is the hash tag, so tags
+//! spread over slots) and the cache's tag clock, which every tag generation
+//! is drawn from, at `{prefix}{namespace}:sys:tagclock` (see [`TagKey`]).
+//!
 //! The escaping keeps ASCII letters, digits and `-_.~:@/=+` as they are and writes
 //! every other byte as `%XX`, so spaces, newlines, `*`, braces and any Unicode are
 //! safe, the result is printable ASCII, and two different keys never share an
@@ -464,6 +469,25 @@ impl KeyLayout {
         }
     }
 
+    /// The key of a tag's generation.
+    pub fn tag_key<T: CacheKey + ?Sized>(&self, tag: &T) -> TagKey {
+        self.tag_key_escaped(&escape_key(tag))
+    }
+
+    /// [`tag_key`](Self::tag_key) with a tag already escaped by [`escape_key`].
+    pub fn tag_key_escaped(&self, escaped_tag: &str) -> TagKey {
+        let head = self.inner.prefix.len() + self.inner.namespace.len();
+        let key = format!(
+            "{}{}:sys:tag:{{{escaped_tag}}}",
+            self.inner.prefix, self.inner.namespace
+        );
+        TagKey {
+            tag: head + 10..key.len() - 1,
+            key,
+            head,
+        }
+    }
+
     /// The name of a system structure of this cache (`{prefix}{namespace}:sys:{name}`).
     ///
     /// System structures are the only keys allowed to live without a TTL.
@@ -517,22 +541,74 @@ impl GroupKey {
     /// Parses a generation key written by [`KeyLayout::group_key`]; `None` if
     /// `key` does not have that shape.
     pub fn parse(key: &str) -> Option<GroupKey> {
-        let at = key.find(":sys:gen:{")?;
-        let start = at + ":sys:gen:{".len();
-        let end = key.len().checked_sub(1)?;
-        if !key.is_ascii()
-            || !key.ends_with('}')
-            || end <= start
-            || key[start..end].contains(['{', '}'])
-        {
-            return None;
-        }
+        let (head, group) = parse_sys(key, ":sys:gen:{")?;
         Some(GroupKey {
             key: key.to_owned(),
-            head: at,
-            group: start..end,
+            head,
+            group,
         })
     }
+}
+
+/// The generation of one tag of a cache's entries.
+///
+/// Every tag generation of a cache is drawn from the cache's tag clock
+/// ([`TagKey::clock_key`]), which only moves forward, so a generation that was
+/// lost comes back as a value the tag never had.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TagKey {
+    key: String,
+    head: usize,
+    tag: Range<usize>,
+}
+
+impl TagKey {
+    /// The generation's key, `{prefix}{namespace}:sys:tag:{{tag}}`.
+    pub fn as_str(&self) -> &str {
+        &self.key
+    }
+
+    /// `{prefix}{namespace}` of the cache the tag belongs to.
+    pub fn head(&self) -> &str {
+        &self.key[..self.head]
+    }
+
+    /// The escaped tag.
+    pub fn tag(&self) -> &str {
+        &self.key[self.tag.clone()]
+    }
+
+    /// The cache's tag clock, `{prefix}{namespace}:sys:tagclock`.
+    pub fn clock_key(&self) -> String {
+        format!("{}:sys:tagclock", self.head())
+    }
+
+    /// Parses a tag generation key written by [`KeyLayout::tag_key`]; `None`
+    /// if `key` does not have that shape.
+    pub fn parse(key: &str) -> Option<TagKey> {
+        let (head, tag) = parse_sys(key, ":sys:tag:{")?;
+        Some(TagKey {
+            key: key.to_owned(),
+            head,
+            tag,
+        })
+    }
+}
+
+/// Splits `{head}{marker}{name}}` (a system key whose name is its hash tag)
+/// into the length of `head` and the range of `name`.
+fn parse_sys(key: &str, marker: &str) -> Option<(usize, Range<usize>)> {
+    let at = key.find(marker)?;
+    let start = at + marker.len();
+    let end = key.len().checked_sub(1)?;
+    if !key.is_ascii()
+        || !key.ends_with('}')
+        || end <= start
+        || key[start..end].contains(['{', '}'])
+    {
+        return None;
+    }
+    Some((at, start..end))
 }
 
 /// A store key: the Redis key of an entry, from which its lease key derives.
@@ -725,6 +801,20 @@ mod tests {
 
     fn l_grouped() -> StoreKey {
         layout().grouped_key("acme,1", &42u64)
+    }
+
+    #[test]
+    fn tag_keys_put_the_tag_in_the_hash_tag() {
+        let t = layout().tag_key("red,1");
+        assert_eq!(t.as_str(), "cachet:users:sys:tag:{red%2C1}");
+        assert_eq!(t.tag(), "red%2C1");
+        assert_eq!(t.head(), "cachet:users");
+        assert_eq!(t.clock_key(), "cachet:users:sys:tagclock");
+        assert_eq!(layout().tag_key_escaped("red%2C1"), t);
+        assert_eq!(layout().tag_key("").tag(), "%");
+        assert_eq!(TagKey::parse(t.as_str()), Some(t));
+        assert_eq!(TagKey::parse("cachet:users:sys:tag:{}"), None);
+        assert_eq!(TagKey::parse("cachet:users:sys:tag:{a}b"), None);
     }
 
     #[test]

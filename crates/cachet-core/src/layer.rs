@@ -33,10 +33,10 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::bloom::BloomKey;
-use crate::key::{GroupKey, StoreKey};
+use crate::key::{GroupKey, StoreKey, TagKey};
 use crate::store::{
     Acquire, AcquireMode, BloomBits, BusEvent, Capability, Deferred, DeferredQueue, Entry, Fill,
-    FillOf, Groups, InvalidationBus, LeaseToken, PayloadKind, Read, Store, StoreFuture, Ttls,
+    FillOf, Groups, InvalidationBus, LeaseToken, PayloadKind, Read, Store, StoreFuture, Tags, Ttls,
     Versioned, VersionedSet,
 };
 
@@ -68,6 +68,12 @@ pub enum Op<'a> {
     SetVersioned(&'a StoreKey),
     /// [`Groups::invalidate_group`].
     InvalidateGroup(&'a GroupKey),
+    /// [`Tags::tag_clock`], with the cache's key head.
+    TagClock(&'a str),
+    /// [`Tags::tag_generations`] and [`Tags::claim_tags`].
+    ReadTags(&'a [TagKey]),
+    /// [`Tags::invalidate_tag`].
+    InvalidateTag(&'a TagKey),
     /// [`InvalidationBus::subscribe_invalidations`], with the cache's key head.
     Subscribe(&'a str),
     /// [`DeferredQueue::defer_invalidate`].
@@ -225,6 +231,9 @@ impl<L: StoreLayer, S: Store> Store for Layered<L, S> {
     fn groups(&self) -> Option<&dyn Groups> {
         self.inner.groups().map(|_| self as &dyn Groups)
     }
+    fn tags(&self) -> Option<&dyn Tags> {
+        self.inner.tags().map(|_| self as &dyn Tags)
+    }
     fn versioned_set(&self) -> Option<&dyn VersionedSet> {
         self.inner
             .versioned_set()
@@ -262,6 +271,35 @@ impl<L: StoreLayer, S: Store> Groups for Layered<L, S> {
             g.invalidate_group(group)
         });
         self.layer.call(Op::InvalidateGroup(group), call)
+    }
+}
+
+impl<L: StoreLayer, S: Store> Tags for Layered<L, S> {
+    fn tag_clock<'a>(&'a self, head: &'a str) -> StoreFuture<'a, u64> {
+        let call = through(self.inner.tags(), Capability::Tags, |t| t.tag_clock(head));
+        self.layer.call(Op::TagClock(head), call)
+    }
+    fn tag_generations<'a>(&'a self, tags: &'a [TagKey]) -> StoreFuture<'a, Vec<Option<u64>>> {
+        let call = through(self.inner.tags(), Capability::Tags, |t| {
+            t.tag_generations(tags)
+        });
+        self.layer.call(Op::ReadTags(tags), call)
+    }
+    fn claim_tags<'a>(
+        &'a self,
+        tags: &'a [TagKey],
+        since: u64,
+    ) -> StoreFuture<'a, Option<Vec<u64>>> {
+        let call = through(self.inner.tags(), Capability::Tags, |t| {
+            t.claim_tags(tags, since)
+        });
+        self.layer.call(Op::ReadTags(tags), call)
+    }
+    fn invalidate_tag<'a>(&'a self, tag: &'a TagKey) -> StoreFuture<'a, ()> {
+        let call = through(self.inner.tags(), Capability::Tags, |t| {
+            t.invalidate_tag(tag)
+        });
+        self.layer.call(Op::InvalidateTag(tag), call)
     }
 }
 

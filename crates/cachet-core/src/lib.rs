@@ -28,14 +28,15 @@ pub mod store;
 
 pub use bloom::BloomKey;
 pub use clock::{Clock, MockClock};
-pub use envelope::{DecodeError, Meta};
+pub use envelope::{DecodeError, Meta, TagGeneration};
 pub use error::{Report, StoreErrorKind};
 pub use key::{
-    CacheKey, GroupKey, KeyLayout, KeyLayoutError, KeyWriter, StoreKey, escape_key, unescape,
+    CacheKey, GroupKey, KeyLayout, KeyLayoutError, KeyWriter, StoreKey, TagKey, escape_key,
+    unescape,
 };
 pub use layer::{Layered, Op, StoreLayer};
 pub use store::{
     Acquire, AcquireMode, BloomBits, BusEvent, Capability, Deferred, DeferredQueue, Entry, Fill,
     FillOf, Groups, InvalidationBus, LeaseToken, Notice, Payload, PayloadKind, Read, Store,
-    StoreError, StoreFuture, TokenSource, Ttls, Versioned, VersionedSet, ttl_millis,
+    StoreError, StoreFuture, Tags, TokenSource, Ttls, Versioned, VersionedSet, ttl_millis,
 };

@@ -25,6 +25,12 @@
 //! ignores an entry filled under an older generation, `acquire` records the
 //! current generation in the token, and `fill` is refused if the generation
 //! changed. [`Groups::invalidate_group`] moves the generation on.
+//!
+//! Tags ([`Tags`]) are checked by the cache rather than inside these
+//! primitives, since an entry's tags depend on its value: the entry records
+//! each tag's generation ([`Meta::tags`]), a read is current only while every
+//! one is still its tag's generation, and a fill is refused when a tag was
+//! invalidated after the lease's load began ([`LeaseToken::tag_clock`]).
 
 use std::any::Any;
 use std::fmt;
@@ -39,7 +45,7 @@ use bytes::Bytes;
 use crate::bloom::BloomKey;
 use crate::envelope::Meta;
 pub use crate::error::{BoxError, StoreError};
-use crate::key::{GroupKey, StoreKey};
+use crate::key::{GroupKey, StoreKey, TagKey};
 
 /// The future returned by [`Store`] methods.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -195,6 +201,8 @@ pub enum Notice {
     Key(StoreKey),
     /// This group was invalidated.
     Group(GroupKey),
+    /// This tag was invalidated.
+    Tag(TagKey),
 }
 
 /// An event of an invalidation bus subscription, from
@@ -215,10 +223,14 @@ pub enum BusEvent {
 /// A lease token: 16 bytes, unique per grant, and, for a grouped key, the
 /// group's generation when the lease was granted (a fill is refused if the group
 /// was invalidated since).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// Two tokens are equal when their bytes are: the generation and the tag clock
+/// a token carries are what its holder noted, not part of the lease.
+#[derive(Clone, Copy)]
 pub struct LeaseToken {
     bytes: [u8; 16],
     generation: u64,
+    tag_clock: u64,
 }
 
 impl LeaseToken {
@@ -227,6 +239,7 @@ impl LeaseToken {
         Self {
             bytes,
             generation: 0,
+            tag_clock: 0,
         }
     }
 
@@ -236,7 +249,20 @@ impl LeaseToken {
         Self {
             bytes: self.bytes,
             generation,
+            tag_clock: self.tag_clock,
         }
+    }
+
+    /// The same token, carrying the cache's tag clock ([`Tags::tag_clock`])
+    /// read after the lease was granted and before its load began.
+    #[must_use]
+    pub const fn with_tag_clock(self, tag_clock: u64) -> Self {
+        Self { tag_clock, ..self }
+    }
+
+    /// The tag clock the lease's load began at; `0` for caches without tags.
+    pub const fn tag_clock(&self) -> u64 {
+        self.tag_clock
     }
 
     /// The token's bytes.
@@ -247,6 +273,20 @@ impl LeaseToken {
     /// The group generation the lease was granted under; `0` for ungrouped keys.
     pub const fn generation(&self) -> u64 {
         self.generation
+    }
+}
+
+impl PartialEq for LeaseToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl Eq for LeaseToken {}
+
+impl std::hash::Hash for LeaseToken {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.bytes.hash(state);
     }
 }
 
@@ -426,6 +466,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         None
     }
 
+    /// The store's tag invalidation, if it offers it.
+    fn tags(&self) -> Option<&dyn Tags> {
+        None
+    }
+
     /// The store's version-checked set, if it offers it.
     fn versioned_set(&self) -> Option<&dyn VersionedSet> {
         None
@@ -454,6 +499,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 pub enum Capability {
     /// [`Groups`], from [`Store::groups`].
     Groups,
+    /// [`Tags`], from [`Store::tags`].
+    Tags,
     /// [`VersionedSet`], from [`Store::versioned_set`].
     VersionedSet,
     /// [`InvalidationBus`], from [`Store::bus`].
@@ -466,8 +513,9 @@ pub enum Capability {
 
 impl Capability {
     /// Every capability.
-    pub const ALL: [Capability; 5] = [
+    pub const ALL: [Capability; 6] = [
         Capability::Groups,
+        Capability::Tags,
         Capability::VersionedSet,
         Capability::InvalidationBus,
         Capability::DeferredQueue,
@@ -478,6 +526,7 @@ impl Capability {
     pub fn offered_by(self, store: &dyn Store) -> bool {
         match self {
             Capability::Groups => store.groups().is_some(),
+            Capability::Tags => store.tags().is_some(),
             Capability::VersionedSet => store.versioned_set().is_some(),
             Capability::InvalidationBus => store.bus().is_some(),
             Capability::DeferredQueue => store.deferred_queue().is_some(),
@@ -495,6 +544,7 @@ impl fmt::Display for Capability {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Capability::Groups => "group invalidation",
+            Capability::Tags => "tag invalidation",
             Capability::VersionedSet => "version-checked sets",
             Capability::InvalidationBus => "an invalidation bus",
             Capability::DeferredQueue => "a deferred-invalidation queue",
@@ -510,6 +560,42 @@ pub trait Groups: Send + Sync {
     /// under an older one reads as a miss (and expires by its TTL), and leases
     /// granted before cannot fill.
     fn invalidate_group<'a>(&'a self, group: &'a GroupKey) -> StoreFuture<'a, ()>;
+}
+
+/// Tag invalidation: a capability of a [`Store`] ([`Store::tags`]).
+///
+/// Each tag has a generation, drawn from its cache's *tag clock*, a number
+/// that only moves forward (and, once lost, comes back larger than before).
+/// An entry records the generations of its tags when it is filled; it is
+/// current while each is still its tag's generation. All tags of one call
+/// belong to one cache.
+pub trait Tags: Send + Sync {
+    /// The tag clock of the cache whose keys start with `head`
+    /// (`{prefix}{namespace}`), started if it is missing. A load reads it
+    /// after its lease is granted and before it reads the source of truth.
+    fn tag_clock<'a>(&'a self, head: &'a str) -> StoreFuture<'a, u64>;
+
+    /// The current generation of each of `tags`, in order; `None` for a tag
+    /// that has none (never invalidated nor claimed, or lost), which no entry
+    /// recorded, so an entry that recorded one for it is not current.
+    fn tag_generations<'a>(&'a self, tags: &'a [TagKey]) -> StoreFuture<'a, Vec<Option<u64>>>;
+
+    /// The generations an entry carrying `tags` records, for a fill whose load
+    /// began at tag clock `since` (or for an unconditional write, with
+    /// `u64::MAX`). `None` when one of `tags` was invalidated after `since`:
+    /// the fill must be refused. A tag without a generation is given one from
+    /// the clock; if the clock moved past `since` meanwhile, an invalidation of
+    /// that tag may have been lost with it, and the answer is `None` too.
+    fn claim_tags<'a>(
+        &'a self,
+        tags: &'a [TagKey],
+        since: u64,
+    ) -> StoreFuture<'a, Option<Vec<u64>>>;
+
+    /// Invalidates every entry carrying `tag` in O(1): the tag's generation
+    /// moves to a new value of the clock, which no entry recorded, and fills
+    /// whose load began before cannot record the tag.
+    fn invalidate_tag<'a>(&'a self, tag: &'a TagKey) -> StoreFuture<'a, ()>;
 }
 
 /// Version-checked writes: a capability of a [`Store`] ([`Store::versioned_set`]).
@@ -642,6 +728,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn groups(&self) -> Option<&dyn Groups> {
         (**self).groups()
+    }
+    fn tags(&self) -> Option<&dyn Tags> {
+        (**self).tags()
     }
     fn versioned_set(&self) -> Option<&dyn VersionedSet> {
         (**self).versioned_set()

@@ -3,9 +3,10 @@
 //!
 //! Each cache has a channel, `{prefix}{namespace}:sys:bus` (a channel, not a
 //! key: it takes no memory when nobody listens). A store with the bus on sends a
-//! notice after every invalidation, write and group invalidation that succeeds
-//! — from `Cache` calls, an outbox relay, a deferred-invalidation worker alike.
-//! Notices are one line each (`k <entry key>` or `g <generation key>`) and are
+//! notice after every invalidation, write, group and tag invalidation that
+//! succeeds — from `Cache` calls, an outbox relay, a deferred-invalidation
+//! worker alike. Notices are one line each (`k <entry key>`, `g <group
+//! generation key>` or `t <tag generation key>`) and are
 //! batched by a background task, one `PUBLISH` per channel and batch (at most
 //! 512 notices): a notice after a quiet millisecond goes out at once, with
 //! whatever is already queued; while notices keep coming, batches go out at
@@ -32,7 +33,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use cachet_core::{BusEvent, GroupKey, Notice, StoreKey};
+use cachet_core::{BusEvent, GroupKey, Notice, StoreKey, TagKey};
 use futures::StreamExt as _;
 use tokio::sync::{mpsc, oneshot};
 
@@ -88,6 +89,11 @@ impl Publisher {
     /// Waits until every notice queued so far is published; the number that
     /// could not be (since the previous flush), or `None` if the batching task
     /// is gone (its runtime shut down).
+    pub(crate) fn tag(&self, tag: &TagKey) {
+        let line = format!("t {}", tag.as_str());
+        let _ = self.tx.send(Queued::Notice(channel(tag.head()), line));
+    }
+
     pub(crate) async fn flush(&self) -> Option<u64> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Queued::Flush(tx)).ok()?;
@@ -168,6 +174,7 @@ pub(crate) fn parse(payload: &str) -> Vec<Notice> {
         .filter_map(|line| match line.split_once(' ') {
             Some(("k", key)) => StoreKey::parse(key).map(Notice::Key),
             Some(("g", key)) => GroupKey::parse(key).map(Notice::Group),
+            Some(("t", key)) => TagKey::parse(key).map(Notice::Tag),
             _ => None,
         })
         .collect()
@@ -272,8 +279,17 @@ mod tests {
         let layout = KeyLayout::new("cachet:", "users").unwrap();
         let k = layout.key("a b\nc");
         let g = layout.group_key("acme");
-        let payload = format!("k {}\ng {}\nx junk\nk not-a-key", k.as_str(), g.as_str());
-        assert_eq!(parse(&payload), vec![Notice::Key(k), Notice::Group(g)]);
+        let t = layout.tag_key("red");
+        let payload = format!(
+            "k {}\ng {}\nx junk\nk not-a-key\nt {}\nt not-a-tag",
+            k.as_str(),
+            g.as_str(),
+            t.as_str()
+        );
+        assert_eq!(
+            parse(&payload),
+            vec![Notice::Key(k), Notice::Group(g), Notice::Tag(t)]
+        );
         assert_eq!(channel("cachet:users"), "cachet:users:sys:bus");
     }
 }

@@ -4,7 +4,8 @@
 //! (or Valkey) through one multiplexed, automatically reconnecting connection
 //! (redis-rs `ConnectionManager`), to a [Redis Cluster](#redis-cluster), or to
 //! the primary that [Redis Sentinel](#redis-sentinel) names.
-//! Each primitive is one round trip:
+//! Each primitive is one round trip, but for those of tags, whose keys are in
+//! other slots than the entry's:
 //!
 //! | primitive | Redis command |
 //! |---|---|
@@ -16,6 +17,10 @@
 //! | `set_versioned` | `EVALSHA` of `SET_VERSIONED`: compare the versions in the envelopes, then as `SET` |
 //! | `invalidate` | `DEL entry lease` |
 //! | `invalidate_group` | `EVALSHA` of `BUMP`: `SET` the group's generation to a value it never had |
+//! | `tag_clock` | `EVALSHA` of `TAG_CLOCK`: `GET` the cache's tag clock, started if missing |
+//! | `tag_generations` | `MGET` of the tag generations (on a cluster, one `MGET` per slot, concurrently) |
+//! | `claim_tags` | as `tag_generations`; for each tag without a generation, `tag_clock` and `EVALSHA` of `RAISE_TAG` |
+//! | `invalidate_tag` | `EVALSHA` of `BUMP` on the tag clock, then `EVALSHA` of `RAISE_TAG`: the tag's generation to the new clock value |
 //! | `defer_invalidate` | `EVALSHA` of `DEFER`: `ZADD` to a due set scored by server time + delay |
 //! | `run_deferred` | `EVALSHA` of `CLAIM` per shard, one `DEL` per item, one `ZREM` to acknowledge |
 //! | `bloom_check` | `EVALSHA` of `BLOOM_CHECK`: `STRLEN` of the filter, then `GETBIT` per position until one is clear |
@@ -46,7 +51,8 @@
 //! # The invalidation bus
 //!
 //! Unless turned off ([`RedisStoreBuilder::invalidation_bus`]), every
-//! successful `invalidate`, `set`, `set_versioned` and `invalidate_group` —
+//! successful `invalidate`, `set`, `set_versioned`, `invalidate_group` and
+//! `invalidate_tag` —
 //! whoever calls it: a `Cache`, an outbox relay, a deferred-invalidation worker —
 //! also queues a notice for the near caches of that cache in every process. A
 //! background task batches the notices (what arrives within 1 ms, at most 512)
@@ -247,7 +253,8 @@ use cachet_core::BloomKey;
 use cachet_core::{
     Acquire, AcquireMode, BloomBits, BusEvent, Deferred, DeferredQueue, Entry, Fill, FillOf,
     GroupKey, Groups, InvalidationBus, LeaseToken, Payload, PayloadKind, Read, Store, StoreError,
-    StoreFuture, StoreKey, TokenSource, Ttls, Versioned, VersionedSet, envelope, ttl_millis,
+    StoreFuture, StoreKey, TagKey, Tags, TokenSource, Ttls, Versioned, VersionedSet, envelope,
+    ttl_millis,
 };
 use cluster::Target;
 pub use info::ServerInfo;
@@ -890,12 +897,12 @@ fn encode(entry: &Entry) -> Result<Vec<u8>, StoreError> {
 fn decode(bytes: Bytes) -> Option<Entry> {
     match envelope::decode(&bytes) {
         Ok((meta, payload)) => Some(Entry {
-            meta,
             payload: if meta.negative {
                 Payload::Empty
             } else {
                 Payload::Bytes(payload)
             },
+            meta,
         }),
         Err(e) => {
             tracing::debug!(error = %cachet_core::Report(&e), "undecodable entry in Redis");
@@ -1342,6 +1349,10 @@ impl Store for RedisStore {
         Some(self)
     }
 
+    fn tags(&self) -> Option<&dyn Tags> {
+        Some(self)
+    }
+
     fn versioned_set(&self) -> Option<&dyn VersionedSet> {
         Some(self)
     }
@@ -1364,11 +1375,133 @@ impl Groups for RedisStore {
         Box::pin(async move {
             let _: String = scripts::BUMP
                 .key(group.as_str())
+                .arg(1)
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(|e| self.err(e))?;
             if let Some(publisher) = &self.inner.publisher {
                 publisher.group(group);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The clock value at which a tag generation was made (see `scripts::RAISE_TAG`).
+const fn made_at(generation: u64) -> u64 {
+    generation & !1
+}
+
+impl RedisStore {
+    async fn tag_clock_at(&self, clock_key: &str) -> Result<u64, StoreError> {
+        let clock: String = scripts::TAG_CLOCK
+            .key(clock_key)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        number(&clock, clock_key)
+    }
+
+    async fn raise_tag(&self, tag: &TagKey, to: u64) -> Result<u64, StoreError> {
+        let generation: String = scripts::RAISE_TAG
+            .key(tag.as_str())
+            .arg(to)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        number(&generation, tag.as_str())
+    }
+}
+
+/// A number a script returned for `key`.
+fn number(reply: &str, key: &str) -> Result<u64, StoreError> {
+    reply.parse().map_err(|_| {
+        StoreError::protocol(format!(
+            "{key} holds {reply:?} after a script made it a number"
+        ))
+    })
+}
+
+impl Tags for RedisStore {
+    fn tag_clock<'a>(&'a self, head: &'a str) -> StoreFuture<'a, u64> {
+        Box::pin(async move { self.tag_clock_at(&format!("{head}:sys:tagclock")).await })
+    }
+
+    /// One `MGET`; on a cluster, redis-rs splits it into one `MGET` per slot,
+    /// sent concurrently. A generation that is not a number reads as none.
+    fn tag_generations<'a>(&'a self, tags: &'a [TagKey]) -> StoreFuture<'a, Vec<Option<u64>>> {
+        Box::pin(async move {
+            if tags.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut mget = redis::cmd("MGET");
+            for tag in tags {
+                mget.arg(tag.as_str());
+            }
+            let values: Vec<Option<Bytes>> = mget
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(values
+                .iter()
+                .map(|v| {
+                    v.as_deref()
+                        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                })
+                .collect())
+        })
+    }
+
+    /// The generations are read with one `MGET` (per slot); a tag without one
+    /// is given the tag clock plus one, if the clock is still at most `since`.
+    /// These steps are not one atomic script (the keys are in different
+    /// slots), and need not be: an invalidation after the `MGET` gives the
+    /// tag a generation the entry did not record.
+    fn claim_tags<'a>(
+        &'a self,
+        tags: &'a [TagKey],
+        since: u64,
+    ) -> StoreFuture<'a, Option<Vec<u64>>> {
+        Box::pin(async move {
+            let current = self.tag_generations(tags).await?;
+            let mut clock = None;
+            let mut claimed = Vec::with_capacity(tags.len());
+            for (tag, generation) in tags.iter().zip(current) {
+                let generation = match generation {
+                    Some(g) => g,
+                    None => {
+                        let now = match clock {
+                            Some(now) => now,
+                            None => *clock.insert(self.tag_clock_at(&tag.clock_key()).await?),
+                        };
+                        if made_at(now) > since {
+                            return Ok(None);
+                        }
+                        self.raise_tag(tag, made_at(now) + 1).await?
+                    }
+                };
+                if made_at(generation) > since {
+                    return Ok(None);
+                }
+                claimed.push(generation);
+            }
+            Ok(Some(claimed))
+        })
+    }
+
+    /// Two commands: the clock moves on, then the tag's generation is raised to it.
+    fn invalidate_tag<'a>(&'a self, tag: &'a TagKey) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let clock_key = tag.clock_key();
+            let now: String = scripts::BUMP
+                .key(&clock_key)
+                .arg(2)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| self.err(e))?;
+            self.raise_tag(tag, number(&now, &clock_key)?).await?;
+            if let Some(publisher) = &self.inner.publisher {
+                publisher.tag(tag);
             }
             Ok(())
         })

@@ -2,7 +2,9 @@
 //! one of these, run with `EVALSHA` (and loaded again on `NOSCRIPT`).
 //!
 //! Each script touches only an entry key and its lease key, which share a hash tag
-//! and hence a Redis Cluster slot.
+//! and hence a Redis Cluster slot, or keys that share one otherwise (a group's
+//! generation, a queue shard's sets), or one key (a tag's generation, the tag
+//! clock).
 
 use std::sync::LazyLock;
 
@@ -272,25 +274,76 @@ return 1
     )
 });
 
-/// Group invalidation: moves a group's generation to a value it never had.
+/// Moves a counter to a value it never had: a group's generation, for a group
+/// invalidation (step 1), or a cache's tag clock, for a tag invalidation (step
+/// 2, so the clock stays even: tag generations made by invalidations are its
+/// values, and a tag seen for the first time gets the clock plus one, odd,
+/// which no invalidation gives).
 ///
-/// `KEYS[1]` generation. The new generation is the later of the server's time
-/// in microseconds and the old generation plus one (a generation that is not a
-/// number, or a key of another type, counts as none).
+/// `KEYS[1]` the counter; `ARGV[1]` the step. The new value is the later of
+/// step times the server's time in microseconds and the old value, rounded
+/// down to a multiple of the step, plus the step (a value that is not a
+/// number, or a key of another type, counts as none). Returns it.
 pub(crate) static BUMP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+local step = tonumber(ARGV[1])
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = step * (tonumber(t[1]) * 1000000 + tonumber(t[2]))
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'table' then
   redis.call('DEL', KEYS[1])
   cur = false
 end
 local old = tonumber(cur or '0') or 0
-local new = string.format('%.0f', math.max(now, old + 1))
+local new = string.format('%.0f', math.max(now, old - old % step + step))
 redis.call('SET', KEYS[1], new)
 return new
+",
+    )
+});
+
+/// Reads a cache's tag clock, starting it if it is missing: at twice the
+/// server's time in microseconds, so that it is even and later than any value
+/// the clock had before it was lost (see [`BUMP`]). A clock that is
+/// not a number (or a key of another type) is started again the same way.
+/// Clock values stay below 2^53, exact in Lua's doubles.
+const TAG_CLOCK_LUA: &str = r"
+local function tag_clock(key)
+  local c = redis.pcall('GET', key)
+  if type(c) == 'string' and tonumber(c) then return c end
+  if type(c) == 'table' then redis.call('DEL', key) end
+  local t = redis.call('TIME')
+  c = string.format('%.0f', 2 * (tonumber(t[1]) * 1000000 + tonumber(t[2])))
+  redis.call('SET', key, c)
+  return c
+end
+";
+
+/// The tag clock, read or started.
+///
+/// `KEYS[1]` the clock. Returns its value, a decimal string.
+pub(crate) static TAG_CLOCK: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{TAG_CLOCK_LUA}return tag_clock(KEYS[1])")));
+
+/// Raises a tag's generation to at least `ARGV[1]`: for an invalidation (a
+/// new clock value) and for a tag seen for the first time (the clock plus
+/// one). Never lowers it, so of two racing invalidations the later clock value
+/// stays. A generation that is not a number (or a key of another type) counts
+/// as none and is replaced.
+///
+/// `KEYS[1]` the tag's generation. Returns the generation now, a decimal string.
+pub(crate) static RAISE_TAG: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local cur = redis.pcall('GET', KEYS[1])
+if type(cur) == 'table' then
+  redis.call('DEL', KEYS[1])
+  cur = false
+end
+if cur and tonumber(cur) and tonumber(cur) >= tonumber(ARGV[1]) then return cur end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
 ",
     )
 });

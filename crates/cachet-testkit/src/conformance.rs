@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cachet_core::{
     Acquire, AcquireMode, Entry, Fill, FillOf, KeyLayout, LeaseToken, Meta, Payload, Read, Store,
-    StoreKey,
+    StoreKey, TagGeneration,
 };
 
 /// A boxed future, as harness methods return them.
@@ -75,6 +75,7 @@ macro_rules! conformance_tests {
             hostile_keys_are_distinct,
             deferred_invalidations_run_when_due,
             groups_orphan_old_entries_and_refuse_old_leases,
+            tags_refuse_claims_after_an_invalidation_and_keep_entries_round_trip,
             versioned_sets_keep_the_newest,
             batches_keep_each_keys_protocol
         );
@@ -608,6 +609,123 @@ pub async fn groups_orphan_old_entries_and_refuse_old_leases(h: &dyn Harness) {
         payload_of(&store.get(&a2).await.unwrap()).as_deref(),
         Some(&b"set"[..])
     );
+}
+
+/// The tag primitives: a claim records generations that stay current until
+/// the tag is invalidated; a claim for a load that began before an
+/// invalidation of one of its tags is refused, one that began after is not;
+/// a write's claim (`u64::MAX`) never is; an entry's tags round-trip.
+pub async fn tags_refuse_claims_after_an_invalidation_and_keep_entries_round_trip(h: &dyn Harness) {
+    let store = h.store();
+    let layout = h.layout();
+    let tags = store.tags().expect("the store offers tags");
+    let head = format!("{}{}", layout.prefix(), layout.namespace());
+    let (a, b, c) = (
+        layout.tag_key("a"),
+        layout.tag_key("b"),
+        layout.tag_key("c"),
+    );
+    assert_eq!(
+        tags.tag_generations(&[a.clone(), b.clone()]).await.unwrap(),
+        [None, None],
+        "tags never used have no generation"
+    );
+    let since = tags.tag_clock(&head).await.unwrap();
+    assert_eq!(
+        tags.tag_clock(&head).await.unwrap(),
+        since,
+        "reads do not move it"
+    );
+    let first = tags
+        .claim_tags(&[a.clone(), b.clone()], since)
+        .await
+        .unwrap()
+        .expect("nothing was invalidated");
+    assert_eq!(
+        tags.tag_generations(&[a.clone(), b.clone(), c.clone()])
+            .await
+            .unwrap(),
+        [Some(first[0]), Some(first[1]), None]
+    );
+    assert_eq!(
+        tags.claim_tags(&[b.clone(), a.clone()], since)
+            .await
+            .unwrap(),
+        Some(vec![first[1], first[0]]),
+        "a second claim agrees"
+    );
+
+    // The entry keeps the generations it was written with.
+    let key = layout.key("tagged");
+    let mut tagged = entry(b"t");
+    tagged.meta.tags = Some(
+        [("a", first[0]), ("b", first[1])]
+            .iter()
+            .map(|&(tag, generation)| TagGeneration {
+                tag: tag.into(),
+                generation,
+            })
+            .collect(),
+    );
+    store.set(&key, tagged.clone(), TTL).await.unwrap();
+    let Read::Hit(read) = store.get(&key).await.unwrap() else {
+        panic!("the tagged entry is not read back");
+    };
+    assert_eq!(read.meta.tags, tagged.meta.tags);
+
+    tags.invalidate_tag(&b).await.unwrap();
+    let now = tags.tag_generations(&[a.clone(), b.clone()]).await.unwrap();
+    assert_eq!(now[0], Some(first[0]), "another tag is untouched");
+    assert!(
+        now[1].is_some_and(|g| g != first[1]),
+        "the invalidated tag has a new generation: {now:?}"
+    );
+    assert_eq!(
+        tags.claim_tags(&[a.clone(), b.clone()], since)
+            .await
+            .unwrap(),
+        None,
+        "a load that began before the invalidation"
+    );
+    assert_eq!(
+        tags.claim_tags(std::slice::from_ref(&a), since)
+            .await
+            .unwrap(),
+        Some(vec![first[0]]),
+        "a load whose tags were not invalidated"
+    );
+    let later = tags.tag_clock(&head).await.unwrap();
+    assert!(
+        later > since,
+        "an invalidation moves the clock: {since} {later}"
+    );
+    assert_eq!(
+        tags.claim_tags(&[a.clone(), b.clone()], later)
+            .await
+            .unwrap(),
+        Some(vec![first[0], now[1].unwrap()]),
+        "a load that began after it"
+    );
+    assert_eq!(
+        tags.claim_tags(&[b.clone(), c.clone()], u64::MAX)
+            .await
+            .unwrap()
+            .map(|g| g.len()),
+        Some(2),
+        "a write's claim"
+    );
+    // A tag invalidated twice keeps the later generation.
+    tags.invalidate_tag(&c).await.unwrap();
+    let c1 = tags
+        .tag_generations(std::slice::from_ref(&c))
+        .await
+        .unwrap()[0];
+    tags.invalidate_tag(&c).await.unwrap();
+    let c2 = tags
+        .tag_generations(std::slice::from_ref(&c))
+        .await
+        .unwrap()[0];
+    assert!(c2 > c1, "{c1:?} then {c2:?}");
 }
 
 fn versioned(payload: &'static [u8], version: u64) -> Entry {

@@ -10,14 +10,15 @@
 //! when the breaker opens fail at once too, instead of each waiting out its
 //! response timeout.
 //!
-//! An invalidation (of a key or of a group) that cannot reach the store is
+//! An invalidation (of a key, a group or a tag) that cannot reach the store is
 //! reported to its caller, and also kept in this process (up to a bound) and
 //! retried until it goes through: an entry that the store still holds after the
 //! outage must not outlive the write that invalidated it. Retries start as soon
 //! as a call succeeds again, and until a kept invalidation is delivered, a read
-//! of its key (or of a key of its group) delivers it first, and fails (falling
-//! back to the loader) if it cannot: this process never reads back a value it
-//! failed to invalidate. Other processes may, until it is delivered.
+//! of its key (or of a key of its group, or of the tag's generation, which
+//! every read of an entry carrying the tag makes) delivers it first, and fails
+//! (falling back to the loader) if it cannot: this process never reads back a
+//! value it failed to invalidate. Other processes may, until it is delivered.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -26,6 +27,7 @@ use std::time::Duration;
 
 use cachet_core::{
     Capability, Clock, GroupKey, Layered, Op, Store, StoreError, StoreFuture, StoreKey, StoreLayer,
+    TagKey,
 };
 use parking_lot::Mutex;
 
@@ -105,11 +107,27 @@ struct Pending {
     keys: HashSet<StoreKey>,
     /// By (`{prefix}{namespace}`, escaped group), to match a key's.
     groups: HashMap<(String, String), GroupKey>,
+    tags: HashSet<TagKey>,
 }
 
 impl Pending {
     fn len(&self) -> usize {
-        self.keys.len() + self.groups.len()
+        self.keys.len() + self.groups.len() + self.tags.len()
+    }
+}
+
+/// Kept invalidations taken for delivery: groups and tags first.
+struct Batch {
+    groups: Vec<GroupKey>,
+    tags: Vec<TagKey>,
+    keys: Vec<StoreKey>,
+}
+
+impl Batch {
+    fn kept(&self) -> impl Iterator<Item = Kept<'_>> {
+        (self.groups.iter().map(Kept::Group))
+            .chain(self.tags.iter().map(Kept::Tag))
+            .chain(self.keys.iter().map(Kept::Key))
     }
 }
 
@@ -191,7 +209,7 @@ impl Breaker {
         )
     }
 
-    /// Keeps a failed invalidation (of a key or a group) for retry.
+    /// Keeps a failed invalidation (of a key, a group or a tag) for retry.
     fn keep(&self, what: Kept<'_>) {
         let mut pending = self.pending.lock();
         if pending.len() >= self.settings.max_pending_invalidations {
@@ -208,6 +226,9 @@ impl Breaker {
             Kept::Group(group) => {
                 let by = (group.head().to_owned(), group.group().to_owned());
                 pending.groups.insert(by, group.clone());
+            }
+            Kept::Tag(tag) => {
+                pending.tags.insert(tag.clone());
             }
         }
         self.pending_len.store(pending.len(), Ordering::Release);
@@ -249,6 +270,21 @@ impl Breaker {
         Ok(())
     }
 
+    /// Delivers the kept invalidations of `tags` before their generations are
+    /// read; an error if the store does not take one.
+    async fn deliver_before_tag_read(&self, tags: &[TagKey]) -> Result<(), StoreError> {
+        let kept: Vec<TagKey> = {
+            let pending = self.pending.lock();
+            (tags.iter().filter(|t| pending.tags.contains(*t)))
+                .cloned()
+                .collect()
+        };
+        for tag in &kept {
+            self.deliver(Kept::Tag(tag)).await?;
+        }
+        Ok(())
+    }
+
     /// Sends one kept invalidation; forgets it once the store took it.
     async fn deliver(&self, what: Kept<'_>) -> Result<(), StoreError> {
         let done = match what {
@@ -256,6 +292,10 @@ impl Breaker {
             Kept::Group(group) => match self.inner.groups() {
                 Some(groups) => groups.invalidate_group(group).await,
                 None => Err(Capability::Groups.missing()),
+            },
+            Kept::Tag(tag) => match self.inner.tags() {
+                Some(tags) => tags.invalidate_tag(tag).await,
+                None => Err(Capability::Tags.missing()),
             },
         };
         self.record(&done);
@@ -277,6 +317,7 @@ impl Breaker {
                 .groups
                 .remove(&(group.head().to_owned(), group.group().to_owned()))
                 .is_some(),
+            Kept::Tag(tag) => pending.tags.remove(tag),
         };
         self.pending_len.store(pending.len(), Ordering::Release);
         removed
@@ -292,9 +333,8 @@ impl Breaker {
                 if self.pending() == 0 {
                     return;
                 }
-                let (groups, keys) = self.batch(BATCH);
-                let kept = (groups.iter().map(Kept::Group)).chain(keys.iter().map(Kept::Key));
-                for what in kept {
+                let batch = self.batch(BATCH);
+                for what in batch.kept() {
                     if self.deliver(what).await.is_err() {
                         tokio::time::sleep(PAUSE).await;
                         break;
@@ -305,19 +345,24 @@ impl Breaker {
         let _ = tokio::time::timeout_at(deadline, delivering).await;
         let pending = self.pending.lock();
         (pending.groups.values().map(|g| g.as_str().to_owned()))
+            .chain(pending.tags.iter().map(|t| t.as_str().to_owned()))
             .chain(pending.keys.iter().map(|k| k.as_str().to_owned()))
             .collect()
     }
 
-    /// Up to `max` kept invalidations, groups first.
-    fn batch(&self, max: usize) -> (Vec<GroupKey>, Vec<StoreKey>) {
+    /// Up to `max` kept invalidations, groups and tags first.
+    fn batch(&self, max: usize) -> Batch {
         let pending = self.pending.lock();
         let groups: Vec<GroupKey> = pending.groups.values().take(max).cloned().collect();
-        let keys = (pending.keys.iter())
+        let tags: Vec<TagKey> = (pending.tags.iter())
             .take(max - groups.len())
             .cloned()
             .collect();
-        (groups, keys)
+        let keys = (pending.keys.iter())
+            .take(max - groups.len() - tags.len())
+            .cloned()
+            .collect();
+        Batch { groups, tags, keys }
     }
 }
 
@@ -326,6 +371,7 @@ impl Breaker {
 enum Kept<'a> {
     Key(&'a StoreKey),
     Group(&'a GroupKey),
+    Tag(&'a TagKey),
 }
 
 impl std::fmt::Display for Kept<'_> {
@@ -333,6 +379,7 @@ impl std::fmt::Display for Kept<'_> {
         match self {
             Kept::Key(key) => key.fmt(f),
             Kept::Group(group) => f.write_str(group.as_str()),
+            Kept::Tag(tag) => f.write_str(tag.as_str()),
         }
     }
 }
@@ -354,9 +401,8 @@ async fn retry_invalidations(guarded: Weak<Guarded>) {
         let g = strong.layer();
         let _ = tokio::time::timeout(PERIOD, g.reachable.notified()).await;
         'drain: while g.pending() > 0 {
-            let (groups, keys) = g.batch(BATCH);
-            let kept = (groups.iter().map(Kept::Group)).chain(keys.iter().map(Kept::Key));
-            for what in kept {
+            let batch = g.batch(BATCH);
+            for what in batch.kept() {
                 if !g.allow() || g.deliver(what).await.is_err() {
                     break 'drain;
                 }
@@ -380,6 +426,7 @@ impl StoreLayer for Breaker {
         let write = match op {
             Op::Set(key) | Op::SetVersioned(key) | Op::Invalidate(key) => Some(Kept::Key(key)),
             Op::InvalidateGroup(group) => Some(Kept::Group(group)),
+            Op::InvalidateTag(tag) => Some(Kept::Tag(tag)),
             _ => None,
         };
 
@@ -397,6 +444,11 @@ impl StoreLayer for Breaker {
                     }
                     self.deliver_before_read(key).await?;
                 }
+            }
+            if let Op::ReadTags(tags) = op
+                && self.pending() > 0
+            {
+                self.deliver_before_tag_read(tags).await?;
             }
             // A call still waiting when the breaker opens stops waiting.
             let opened = self.opened.notified();

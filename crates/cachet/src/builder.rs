@@ -8,7 +8,9 @@ use cachet_core::{CacheKey, Capability, Clock, KeyLayout, PayloadKind, Store};
 
 use crate::bloom::{BloomFilter, BloomOptions};
 use crate::breaker::{self, CircuitBreaker};
-use crate::cache::{Cache, FailSafe, Freshness, GroupFn, RefreshAhead, Settings, VersionFn};
+use crate::cache::{
+    Cache, FailSafe, Freshness, GroupFn, RefreshAhead, Settings, TagsFn, VersionFn,
+};
 use crate::codec::{Codec, Postcard};
 use crate::expiry::{Expiry, Ttl};
 use crate::near::NearCache;
@@ -52,6 +54,7 @@ pub struct CacheBuilder<K: ?Sized, V, C = Postcard> {
     backend: Backend,
     clock: Option<Clock>,
     group: Option<GroupFn<K>>,
+    tags: Option<TagsFn<K, V>>,
     bloom: Option<BloomOptions>,
     near: Option<NearCache>,
     breaker: Option<CircuitBreaker>,
@@ -76,6 +79,7 @@ impl<K: ?Sized, V, C: std::fmt::Debug> std::fmt::Debug for CacheBuilder<K, V, C>
             .field("lease_wait", &self.lease_wait)
             .field("backend", &self.backend)
             .field("grouped", &self.group.is_some())
+            .field("tagged", &self.tags.is_some())
             .field("bloom", &self.bloom)
             .field("freshness", &self.fresh)
             .field("soft_timeout", &self.soft_timeout)
@@ -99,6 +103,7 @@ impl<K: ?Sized, V> CacheBuilder<K, V, Postcard> {
             backend: Backend::Default,
             clock: None,
             group: None,
+            tags: None,
             bloom: None,
             near: None,
             breaker: Some(CircuitBreaker::default()),
@@ -194,6 +199,78 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
     /// to expire entries without sleeping.
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = Some(clock);
+        self
+    }
+
+    /// Gives each entry the tags `tags` returns for its key and value (none for
+    /// a cached "not found"), so that [`Cache::invalidate_tag`] drops every
+    /// entry carrying a tag at once, in O(1), without listing or scanning
+    /// entries. An entry may carry up to 255 tags (each at most 255 bytes once
+    /// escaped); repeated tags count once.
+    ///
+    /// Tags are as safe as [groups](Self::group_by): a load that began before
+    /// a tag was invalidated cannot fill a value carrying it, and a tag's lost
+    /// generation (a `:sys:` key on Redis) never makes old entries current
+    /// again. Unlike a group, a tag does not place the entry: entries stay
+    /// spread over the cluster, and the tags are checked on every read.
+    ///
+    /// What it costs, for an entry carrying `n` tags:
+    ///
+    /// - **bytes**: the entry records each tag with its generation: 1 byte,
+    ///   then 9 bytes plus the escaped name per tag;
+    /// - **a hit** on Redis is the `GET` of the entry, then one `MGET` of its
+    ///   tags' generations: 2 round trips whatever `n` (each tag adds its key
+    ///   to the request and its generation, 16 digits, to the reply). On
+    ///   Redis Cluster tag keys live in slots of their own: the `MGET` is one
+    ///   `MGET` per slot of the tags, sent concurrently, so a hit waits for the
+    ///   `GET` and then for the slowest of them. On the in-process store the
+    ///   check is `n` map lookups, off the untagged hit's fast path;
+    /// - **a miss** adds a read of the cache's tag clock before the load and,
+    ///   at the fill, one `MGET` of the tags' generations (and, for a tag
+    ///   seen for the first time, two commands more);
+    /// - [`Cache::invalidate_tag`] is two commands, whatever number of entries
+    ///   carry the tag.
+    ///
+    /// An entry without tags (a "not found", or a value whose list is empty)
+    /// costs what it costs in a cache without tags. Tags need the store's tag
+    /// invalidation. A [near cache](Self::near_cache) in front does not know
+    /// which of its entries carry a tag: every tag invalidation, from any
+    /// process, empties it (a near hit checks no tags).
+    ///
+    /// ```
+    /// # async fn example() -> Result<(), cachet::Error> {
+    /// use cachet::{Cache, MemoryStore};
+    ///
+    /// #[derive(Clone, serde::Serialize, serde::Deserialize)]
+    /// struct Product { shop: u32, category: String }
+    ///
+    /// let products: Cache<u64, Product> = Cache::builder("products")
+    ///     .memory(MemoryStore::new(1_000))
+    ///     .tags_by(|_id: &u64, p: &Product| vec![format!("shop:{}", p.shop), p.category.clone()])
+    ///     .build()?;
+    /// let load = |shop, category: &str| {
+    ///     let p = Product { shop, category: category.to_owned() };
+    ///     move || async move { Ok::<_, std::io::Error>(Some(p)) }
+    /// };
+    /// products.get_or_load(&1, load(7, "books")).await?;
+    /// products.get_or_load(&2, load(7, "games")).await?;
+    /// products.get_or_load(&3, load(8, "books")).await?;
+    ///
+    /// products.invalidate_tag("books").await?;
+    /// assert!(products.get(&1).await?.is_none());
+    /// assert!(products.get(&2).await?.is_some());
+    /// assert!(products.get(&3).await?.is_none());
+    /// products.invalidate_tag("shop:7").await?;
+    /// assert!(products.get(&2).await?.is_none());
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(example()).unwrap();
+    /// ```
+    pub fn tags_by<F>(mut self, tags: F) -> Self
+    where
+        F: Fn(&K, &V) -> Vec<String> + Send + Sync + 'static,
+    {
+        self.tags = Some(Arc::new(tags));
         self
     }
 
@@ -329,6 +406,7 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
             backend: self.backend,
             clock: self.clock,
             group: self.group,
+            tags: self.tags,
             bloom: self.bloom,
             near: self.near,
             breaker: self.breaker,
@@ -400,6 +478,7 @@ where
         }
         let needs = [
             (self.group.is_some(), "group_by", Capability::Groups),
+            (self.tags.is_some(), "tags_by", Capability::Tags),
             (
                 self.near.is_some(),
                 "near_cache",
@@ -492,7 +571,10 @@ where
                 codec: Arc::new(self.codec),
             },
             expiry,
-            self.group,
+            crate::cache::Partitions {
+                group: self.group,
+                tags: self.tags,
+            },
             local,
             bloom,
             self.near,

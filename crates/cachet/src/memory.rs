@@ -40,11 +40,12 @@ use cachet_core::BloomKey;
 use cachet_core::{
     Acquire, AcquireMode, BloomBits, CacheKey, Clock, Deferred, DeferredQueue, Entry, Fill,
     GroupKey, Groups, LeaseToken, Meta, Payload, PayloadKind, Read, Store, StoreFuture, StoreKey,
-    TokenSource, Ttls, Versioned, VersionedSet, ttl_millis,
+    TagKey, Tags, TokenSource, Ttls, Versioned, VersionedSet, ttl_millis,
 };
 use parking_lot::{Mutex, RwLock};
 
 mod bloom;
+mod tags;
 
 /// Number of lease stripes per table; a power of two.
 const STRIPES: usize = 64;
@@ -746,6 +747,8 @@ struct StoreInner {
     deferred_seq: AtomicU64,
     /// Bloom filters by key.
     blooms: bloom::Blooms,
+    /// Tag generations, shared by the typed tables and the protocol.
+    tags: tags::TagTable,
 }
 
 struct TypedEntry {
@@ -777,6 +780,7 @@ impl MemoryStore {
                 deferred: Mutex::new(BTreeMap::new()),
                 deferred_seq: AtomicU64::new(0),
                 blooms: bloom::Blooms::default(),
+                tags: tags::TagTable::new(capacity),
             }),
         }
     }
@@ -944,6 +948,10 @@ impl Store for MemoryStore {
         Some(self)
     }
 
+    fn tags(&self) -> Option<&dyn Tags> {
+        Some(self)
+    }
+
     fn versioned_set(&self) -> Option<&dyn VersionedSet> {
         Some(self)
     }
@@ -967,6 +975,28 @@ impl Groups for MemoryStore {
                 table.invalidate_group(group.group());
             }
         })
+    }
+}
+
+impl Tags for MemoryStore {
+    fn tag_clock<'a>(&'a self, _head: &'a str) -> StoreFuture<'a, u64> {
+        lazy(move || self.inner.tags.clock())
+    }
+
+    fn tag_generations<'a>(&'a self, tags: &'a [TagKey]) -> StoreFuture<'a, Vec<Option<u64>>> {
+        lazy(move || self.inner.tags.generations(tags))
+    }
+
+    fn claim_tags<'a>(
+        &'a self,
+        tags: &'a [TagKey],
+        since: u64,
+    ) -> StoreFuture<'a, Option<Vec<u64>>> {
+        lazy(move || self.inner.tags.claim(tags, since))
+    }
+
+    fn invalidate_tag<'a>(&'a self, tag: &'a TagKey) -> StoreFuture<'a, ()> {
+        lazy(move || self.inner.tags.invalidate(tag))
     }
 }
 

@@ -5,7 +5,7 @@
 //! decoding. What keeps it right:
 //!
 //! - **Every invalidation reaches every L1.** The store publishes a notice for
-//!   every invalidation, write and group invalidation made through it (batched,
+//!   every invalidation, write, group and tag invalidation made through it (batched,
 //!   see the Redis store's docs), from any process, and every near cache
 //!   subscribes to the notices of its cache. Notices for this process's own
 //!   writes come back too; applying them twice is harmless.
@@ -177,6 +177,14 @@ where
         self.table.invalidate_group(group);
     }
 
+    /// A tag of the cache was invalidated (here or elsewhere). L1 does not
+    /// know which of its entries carry the tag, so it drops them all, and
+    /// fills in flight are void as after a group invalidation.
+    pub(crate) fn invalidate_tag(&self) {
+        self.group_epoch.fetch_add(1, Ordering::SeqCst);
+        self.table.clear();
+    }
+
     /// Empties L1 and starts a new session: up (odd) or down (even). Tickets
     /// of earlier sessions are void.
     fn reset(&self, up: bool) {
@@ -218,6 +226,7 @@ where
                             keys.push(skey);
                         }
                         Notice::Group(group) => self.invalidate_group(group.group()),
+                        Notice::Tag(_) => self.invalidate_tag(),
                         _ => self.reset(self.connected()),
                     }
                 }

@@ -239,6 +239,38 @@ async fn no_read_after_an_outage_returns_what_the_outage_kept_from_being_invalid
     assert_eq!(loaded.as_deref(), Some("new 3"));
 }
 
+/// A tag invalidation that failed during an outage is kept like a key's: the
+/// first read of an entry carrying the tag delivers it before it reads the
+/// tag's generation, so the entry is not served.
+#[tokio::test]
+async fn no_read_after_an_outage_returns_an_entry_whose_tag_invalidation_failed() {
+    let store = Arc::new(cachet::store::Layered::new(
+        Switch::default(),
+        cachet::MemoryStore::new(100),
+    ));
+    let cache: Cache<u64, String> = Cache::builder("outage-tags")
+        .store(Arc::clone(&store))
+        .circuit_breaker(Some(CircuitBreaker::new(u32::MAX, Duration::ZERO)))
+        .tags_by(|k: &u64, _: &String| vec![format!("parity {}", k % 2)])
+        .build()
+        .unwrap();
+    cache.set(&1, "old 1".into()).await.unwrap();
+    cache.set(&2, "old 2".into()).await.unwrap();
+
+    store.layer().down.store(true, Ordering::SeqCst);
+    cache.invalidate_tag("parity 1").await.unwrap_err();
+    assert_eq!(cache.stats().pending_invalidations, 1);
+    store.layer().down.store(false, Ordering::SeqCst);
+
+    assert_eq!(
+        cache.get(&1).await.unwrap(),
+        None,
+        "key 1's tag was invalidated"
+    );
+    assert_eq!(cache.stats().pending_invalidations, 0);
+    assert_eq!(cache.get(&2).await.unwrap().as_deref(), Some("old 2"));
+}
+
 /// Kept invalidations are delivered as soon as a call succeeds, without
 /// waiting for a read of their keys.
 #[tokio::test]

@@ -493,3 +493,117 @@ async fn the_documented_acl_user_is_enough() {
     let denied = server.command(&["ACL", "DRYRUN", "app", "GET", "other:key"]);
     assert!(denied.contains("no permissions"), "{denied}");
 }
+
+/// Counts the store calls of a cache: entry reads and reads of tag generations.
+#[derive(Debug, Default)]
+struct Count {
+    gets: std::sync::atomic::AtomicU64,
+    tag_reads: std::sync::atomic::AtomicU64,
+}
+
+impl cachet::store::StoreLayer for Count {
+    fn call<'a, T: Send + 'a>(
+        &'a self,
+        op: cachet::store::Op<'a>,
+        call: cachet::store::StoreFuture<'a, T>,
+    ) -> cachet::store::StoreFuture<'a, T> {
+        use std::sync::atomic::Ordering::Relaxed;
+        match op {
+            cachet::store::Op::Get(_) => self.gets.fetch_add(1, Relaxed),
+            cachet::store::Op::ReadTags(_) => self.tag_reads.fetch_add(1, Relaxed),
+            _ => 0,
+        };
+        call
+    }
+}
+
+/// The server's byte counters: (received from clients, sent to them).
+fn net_bytes(server: &cachet_testkit::RedisServer) -> (u64, u64) {
+    let info = server.command(&["INFO", "stats"]);
+    let field = |name: &str| -> u64 {
+        let line = info.lines().find(|l| l.starts_with(name)).unwrap();
+        line[name.len() + 1..].trim().parse().unwrap()
+    };
+    (
+        field("total_net_input_bytes"),
+        field("total_net_output_bytes"),
+    )
+}
+
+/// What a tagged hit costs on Redis, measured: the store calls of a hit (a
+/// counting layer) and the bytes on the wire (the server's own counters), for
+/// entries with 0, 1, 3 and 8 tags. The extra bytes are checked against the
+/// RESP sizes of the one `MGET` a tagged hit adds and of the tags in the
+/// entry, so the cost the docs of `tags_by` state is the cost paid.
+#[tokio::test]
+async fn a_tagged_hit_costs_one_mget_and_its_tags_bytes() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const HITS: u64 = 200;
+    let server = cachet_testkit::RedisServer::start();
+    let store = cachet::RedisStore::connect(&server.url()).await.unwrap();
+    let mut untagged_bytes = 0.0;
+    for n in [0usize, 1, 3, 8] {
+        let count =
+            std::sync::Arc::new(cachet::store::Layered::new(Count::default(), store.clone()));
+        let tags: Vec<String> = (1..=n).map(|i| format!("t{i}")).collect();
+        let of = tags.clone();
+        let cache: Cache<u64, User> = Cache::builder(format!("cost{n}"))
+            .store(std::sync::Arc::clone(&count))
+            .circuit_breaker(None)
+            .tags_by(move |_: &u64, _: &User| of.clone())
+            .build()
+            .unwrap();
+        let user = User {
+            id: 1,
+            name: "a name".into(),
+        };
+        cache.set(&1, user.clone()).await.unwrap();
+        let (gets, tag_reads) = (
+            count.layer().gets.load(Relaxed),
+            count.layer().tag_reads.load(Relaxed),
+        );
+        let (in0, out0) = net_bytes(&server);
+        for _ in 0..HITS {
+            assert_eq!(cache.get(&1).await.unwrap().as_ref(), Some(&user));
+        }
+        let (in1, out1) = net_bytes(&server);
+        assert_eq!(
+            count.layer().gets.load(Relaxed) - gets,
+            HITS,
+            "one GET a hit"
+        );
+        let mgets = count.layer().tag_reads.load(Relaxed) - tag_reads;
+        assert_eq!(
+            mgets,
+            if n == 0 { 0 } else { HITS },
+            "{n} tags: one MGET a hit"
+        );
+        // The INFO call between the counters adds a few bytes of its own.
+        let per_hit = ((in1 - in0) + (out1 - out0)) as f64 / HITS as f64;
+        eprintln!("{n} tags: {per_hit:.1} bytes on the wire per hit ({mgets} MGETs)");
+        if n == 0 {
+            untagged_bytes = per_hit;
+            continue;
+        }
+        // RESP: `*<n+1>\r\n$4\r\nMGET\r\n` then `$<len>\r\n<key>\r\n` per key;
+        // the reply `*<n>\r\n` then `$16\r\n<16 digits>\r\n` per generation;
+        // the entry carries 1 byte, then 9 bytes and the name per tag.
+        let keys: usize = (tags.iter())
+            .map(|t| {
+                let key = cache.layout().tag_key(t.as_str());
+                let len = key.as_str().len();
+                len.to_string().len() + 3 + len + 2
+            })
+            .sum();
+        let request = format!("*{}\r\n$4\r\nMGET\r\n", n + 1).len() + keys;
+        let reply = format!("*{n}\r\n").len() + n * "$16\r\n0123456789012345\r\n".len();
+        let envelope = 1 + tags.iter().map(|t| 9 + t.len()).sum::<usize>();
+        let expected = (request + reply + envelope) as f64;
+        let extra = per_hit - untagged_bytes;
+        eprintln!("{n} tags: {extra:.1} bytes more than untagged, {expected} expected");
+        assert!(
+            (extra - expected).abs() < 2.0,
+            "{n} tags: {extra} bytes more, {expected} expected"
+        );
+    }
+}

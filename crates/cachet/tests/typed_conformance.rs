@@ -290,6 +290,11 @@ typed_conformance!(
     concurrent_loads_of_one_key_run_one_loader,
     capability_groups,
     capability_groups_a_refused_fill_leaves_no_lease,
+    capability_tags,
+    capability_tags_a_load_that_began_before_invalidate_tag_cannot_fill,
+    capability_tags_a_lost_generation_never_brings_entries_back,
+    capability_tags_three_tags_in_three_slots,
+    capability_tags_reach_near_caches,
     capability_versioned_set,
     capability_deferred_queue,
     capability_bloom,
@@ -947,6 +952,319 @@ async fn capability_groups_a_refused_fill_leaves_no_lease(fx: Fx) {
         "{}: the first load after the group invalidation was not cached",
         fx.name()
     );
+}
+
+/// A value that names its own tags.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Tagged {
+    body: String,
+    tags: Vec<String>,
+}
+
+fn tagged(body: &str, tags: &[&str]) -> Tagged {
+    Tagged {
+        body: body.to_owned(),
+        tags: tags.iter().map(|&t| t.to_owned()).collect(),
+    }
+}
+
+fn tagged_cache(fx: &Fx) -> Cache<u64, Tagged> {
+    fx.builder(&fx.ns("tags"))
+        .tags_by(|_: &u64, v: &Tagged| v.tags.clone())
+        .build()
+        .unwrap()
+}
+
+fn tagged_loader(v: Tagged) -> impl FnOnce() -> Ready<Res<Option<Tagged>>> + Send + 'static {
+    move || ready(Ok(Some(v)))
+}
+
+/// The bodies `cache` holds for `ids`, `None` where it holds nothing.
+async fn bodies(cache: &Cache<u64, Tagged>, ids: &[u64]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(cache.get(id).await.unwrap().map(|v| v.body));
+    }
+    out
+}
+
+/// Tags: `invalidate_tag` drops every entry carrying the tag and none other,
+/// whatever else they carry; writes carry tags like fills.
+async fn capability_tags(fx: Fx) {
+    let cache = tagged_cache(&fx);
+    let values = [
+        (1, tagged("one", &["red", "round", "big"])),
+        (2, tagged("two", &["round"])),
+        (3, tagged("three", &[])),
+        (4, tagged("four", &["blue", "big"])),
+    ];
+    for (id, v) in &values {
+        cache
+            .get_or_load(id, tagged_loader(v.clone()))
+            .await
+            .unwrap();
+    }
+    let ids = [1, 2, 3, 4];
+    let all: Vec<Option<String>> = values.iter().map(|(_, v)| Some(v.body.clone())).collect();
+    assert_eq!(bodies(&cache, &ids).await, all, "{}", fx.name());
+
+    cache.invalidate_tag("round").await.unwrap();
+    assert_eq!(
+        bodies(&cache, &ids).await,
+        [None, None, Some("three".into()), Some("four".into())],
+        "{}: the entries tagged round, and only them",
+        fx.name()
+    );
+    cache.invalidate_tag("never used").await.unwrap();
+    assert_eq!(cache.get(&4).await.unwrap().unwrap().body, "four");
+
+    // Loaded again, they carry the tag's new generation and serve.
+    for (id, v) in &values[..2] {
+        cache
+            .get_or_load(id, tagged_loader(v.clone()))
+            .await
+            .unwrap();
+    }
+    assert_eq!(bodies(&cache, &ids).await, all, "{}", fx.name());
+    cache.invalidate_tag("big").await.unwrap();
+    assert_eq!(
+        bodies(&cache, &ids).await,
+        [None, Some("two".into()), Some("three".into()), None]
+    );
+
+    // `set` tags its value too.
+    cache.set(&5, tagged("five", &["green"])).await.unwrap();
+    cache.set(&6, tagged("six", &["big"])).await.unwrap();
+    assert_eq!(
+        bodies(&cache, &[5, 6]).await,
+        [Some("five".into()), Some("six".into())]
+    );
+    cache.invalidate_tag("green").await.unwrap();
+    assert_eq!(bodies(&cache, &[5, 6]).await, [None, Some("six".into())]);
+    assert_eq!(cache.stats().refused_fills, 0, "{:?}", cache.stats());
+
+    // A cache without tags has no invalidate_tag.
+    let plain: Cache<u64, String> = fx.builder(&fx.ns("plain")).build().unwrap();
+    assert_eq!(
+        plain.invalidate_tag("red").await.unwrap_err().kind(),
+        ErrorKind::Config
+    );
+}
+
+/// A load that began before `invalidate_tag` of one of its value's tags cannot
+/// fill, and leaves no lease behind; a load of a value without the tag fills.
+async fn capability_tags_a_load_that_began_before_invalidate_tag_cannot_fill(fx: Fx) {
+    let cache = tagged_cache(&fx);
+    let slow_load = |id: u64, v: Tagged| {
+        let (read_tx, read_rx) = oneshot::channel::<()>();
+        let release = Arc::new(Notify::new());
+        let task = {
+            let (cache, release) = (cache.clone(), Arc::clone(&release));
+            tokio::spawn(async move {
+                cache
+                    .get_or_load(&id, move || async move {
+                        read_tx.send(()).unwrap();
+                        release.notified().await;
+                        Res::Ok(Some(v))
+                    })
+                    .await
+            })
+        };
+        (read_rx, release, task)
+    };
+    // `w` has a generation before the loads begin. (A tag seen for the first
+    // time by a fill is refused if any tag was invalidated during its load:
+    // a new tag cannot be told from one whose generation was lost.)
+    cache.set(&9, tagged("w", &["w"])).await.unwrap();
+    let (read_a, release_a, a) = slow_load(1, tagged("old", &["x", "y", "z"]));
+    let (read_b, release_b, b) = slow_load(2, tagged("other", &["w"]));
+    read_a.await.unwrap();
+    read_b.await.unwrap();
+    cache.invalidate_tag("y").await.unwrap();
+    release_a.notify_one();
+    release_b.notify_one();
+    assert_eq!(a.await.unwrap().unwrap().unwrap().body, "old");
+    assert_eq!(b.await.unwrap().unwrap().unwrap().body, "other");
+    assert_eq!(
+        bodies(&cache, &[1, 2]).await,
+        [None, Some("other".into())],
+        "{}: the load that read before the invalidation of its tag filled",
+        fx.name()
+    );
+    assert_eq!(cache.stats().refused_fills, 1, "{:?}", cache.stats());
+    let ttls = cache.store().ttl(&cache.store_key(&1)).await.unwrap();
+    assert_eq!(
+        ttls.lease,
+        None,
+        "{}: the refused load's lease is left",
+        fx.name()
+    );
+
+    // The next load takes the lease at once and fills.
+    cache
+        .get_or_load(&1, tagged_loader(tagged("new", &["x", "y", "z"])))
+        .await
+        .unwrap();
+    assert_eq!(bodies(&cache, &[1]).await, [Some("new".into())]);
+    assert_eq!(cache.stats().lease_waits, 0, "{:?}", cache.stats());
+}
+
+/// A tag generation that is lost (a `:sys:` key deleted or evicted on Redis)
+/// never makes the entries it orphaned current again; later loads fill and
+/// serve as usual.
+async fn capability_tags_a_lost_generation_never_brings_entries_back(fx: Fx) {
+    let cache = tagged_cache(&fx);
+    cache
+        .get_or_load(&1, tagged_loader(tagged("old", &["t", "u"])))
+        .await
+        .unwrap();
+    cache.invalidate_tag("t").await.unwrap();
+    assert_eq!(bodies(&cache, &[1]).await, [None]);
+    let lose = |key: &str| {
+        if fx.clock().is_none() {
+            assert_eq!(fx.command_for_key(key, &["DEL", key]), "1", "{key}");
+        }
+    };
+    let layout = cache.layout();
+    let (t, u) = (layout.tag_key("t"), layout.tag_key("u"));
+    lose(t.as_str());
+    assert_eq!(
+        bodies(&cache, &[1]).await,
+        [None],
+        "{}: back after losing t",
+        fx.name()
+    );
+    lose(u.as_str());
+    lose(&t.clock_key());
+    assert_eq!(
+        bodies(&cache, &[1]).await,
+        [None],
+        "{}: back after losing u and the clock",
+        fx.name()
+    );
+    cache
+        .get_or_load(&1, tagged_loader(tagged("new", &["t", "u"])))
+        .await
+        .unwrap();
+    assert_eq!(
+        bodies(&cache, &[1]).await,
+        [Some("new".into())],
+        "{}",
+        fx.name()
+    );
+    cache.invalidate_tag("u").await.unwrap();
+    assert_eq!(bodies(&cache, &[1]).await, [None], "{}", fx.name());
+}
+
+/// An entry with three tags in three slots (three nodes of the cluster):
+/// each tag's invalidation reaches it, and the tag generations are `:sys:`
+/// keys of their own slots.
+async fn capability_tags_three_tags_in_three_slots(fx: Fx) {
+    let cache = tagged_cache(&fx);
+    let layout = cache.layout();
+    let tags = ["a", "b", "c"];
+    if let Fx::Cluster { cluster, .. } = &fx {
+        let mut slots: Vec<u16> = tags
+            .iter()
+            .map(|t| cluster.slot_of(layout.tag_key(*t).as_str()))
+            .collect();
+        slots.push(cluster.slot_of(cache.store_key(&7).as_str()));
+        slots.sort_unstable();
+        slots.dedup();
+        assert_eq!(
+            slots.len(),
+            4,
+            "the entry and its tags share a slot: {slots:?}"
+        );
+        let mut nodes: Vec<usize> = tags
+            .iter()
+            .map(|t| cluster.node_of(layout.tag_key(*t).as_str()))
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        assert_eq!(nodes.len(), 3, "the tags are not on three nodes: {nodes:?}");
+    }
+    for gone in tags {
+        cache
+            .get_or_load(&7, tagged_loader(tagged("v", &tags)))
+            .await
+            .unwrap();
+        assert_eq!(
+            bodies(&cache, &[7]).await,
+            [Some("v".into())],
+            "{}",
+            fx.name()
+        );
+        cache.invalidate_tag(gone).await.unwrap();
+        assert_eq!(
+            bodies(&cache, &[7]).await,
+            [None],
+            "{}: invalidating {gone}",
+            fx.name()
+        );
+    }
+    if fx.clock().is_none() {
+        for t in tags {
+            let key = layout.tag_key(t);
+            let pttl = fx.command_for_key(key.as_str(), &["PTTL", key.as_str()]);
+            assert_eq!(pttl, "-1", "{key:?} is a `:sys:` key, without a TTL");
+        }
+    }
+    assert_eq!(cache.stats().refused_fills, 0, "{:?}", cache.stats());
+}
+
+/// A tag invalidation reaches the near caches in front of the store: this
+/// process's at once, another process's through the bus. (The in-process
+/// back ends have no bus, hence no near cache.)
+async fn capability_tags_reach_near_caches(fx: Fx) {
+    if fx.clock().is_some() {
+        return;
+    }
+    let ns = fx.ns("near-tags");
+    let near = NearCache::new(1_000, Duration::from_secs(60));
+    let tags = |_: &u64, v: &Tagged| v.tags.clone();
+    let a: Cache<u64, Tagged> = fx
+        .builder(&ns)
+        .near_cache(near)
+        .tags_by(tags)
+        .build()
+        .unwrap();
+    let b: Cache<u64, Tagged> = (fx.other_builder(&ns).await)
+        .near_cache(near)
+        .tags_by(tags)
+        .build()
+        .unwrap();
+    eventually("both near caches subscribe", BOUND, || {
+        ready(a.stats().near_clears >= 1 && b.stats().near_clears >= 1)
+    })
+    .await;
+    for cache in [&a, &b] {
+        for (id, tag) in [(1, "t"), (2, "u")] {
+            let v = tagged(&format!("v{id}"), &[tag]);
+            cache.get_or_load(&id, tagged_loader(v)).await.unwrap();
+        }
+        let before = cache.stats().near_hits;
+        assert_eq!(
+            bodies(cache, &[1, 2]).await,
+            [Some("v1".into()), Some("v2".into())]
+        );
+        assert_eq!(cache.stats().near_hits, before + 2, "served from L1");
+    }
+
+    a.invalidate_tag("t").await.unwrap();
+    assert_eq!(
+        bodies(&a, &[1, 2]).await,
+        [None, Some("v2".into())],
+        "{}: the invalidating process's L1",
+        fx.name()
+    );
+    eventually("b's L1 drops the entry carrying the tag", BOUND, || {
+        let b = b.clone();
+        async move { b.get(&1).await.unwrap().is_none() }
+    })
+    .await;
+    assert_eq!(bodies(&b, &[2]).await, [Some("v2".into())]);
+    assert_eq!(a.stats().store_errors + b.stats().store_errors, 0);
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -11,8 +11,10 @@ use cachet_core::{
     Acquire, AcquireMode, CacheKey, Capability, Clock, Entry, Fill, GroupKey, KeyLayout,
     LeaseToken, Meta, Payload, PayloadKind, Read, Store, StoreError, StoreKey, Versioned,
 };
+use futures::future::join_all;
 
 use super::fresh::{AheadReads, Freshness, State};
+use super::tags::{Claimed, TagsFn};
 use crate::bloom::BloomFilter;
 use crate::breaker::Guarded;
 use crate::codec::Codec;
@@ -46,6 +48,12 @@ pub(crate) type VersionFn<V> = Arc<dyn Fn(&V) -> u64 + Send + Sync>;
 /// Maps a key to its escaped group.
 pub(crate) type GroupFn<K> = Arc<dyn Fn(&K) -> String + Send + Sync>;
 
+/// How a cache partitions its entries for bulk invalidation: by group, by tags.
+pub(crate) struct Partitions<K: ?Sized, V> {
+    pub(crate) group: Option<GroupFn<K>>,
+    pub(crate) tags: Option<TagsFn<K, V>>,
+}
+
 pub(crate) struct Inner<K: ?Sized, V> {
     pub(crate) s: Settings<V>,
     /// How long each value stays fresh.
@@ -54,6 +62,8 @@ pub(crate) struct Inner<K: ?Sized, V> {
     pub(crate) bloom: Option<BloomFilter>,
     /// The key's group, for caches with groups.
     pub(crate) group: Option<GroupFn<K>>,
+    /// The value's tags, for caches with tags.
+    pub(crate) tags: Option<TagsFn<K, V>>,
     /// The cache's typed table when the store is a `MemoryStore`.
     pub(crate) local: Option<Arc<dyn LocalTier<K, V>>>,
     pub(crate) kind: PayloadKind,
@@ -164,7 +174,7 @@ where
     pub(crate) fn new(
         s: Settings<V>,
         expiry: Arc<dyn Expiry<K, V>>,
-        group: Option<GroupFn<K>>,
+        partitions: Partitions<K, V>,
         local: Option<Arc<dyn LocalTier<K, V>>>,
         bloom: Option<BloomFilter>,
         near: Option<NearCache>,
@@ -177,7 +187,8 @@ where
             s,
             expiry,
             bloom,
-            group,
+            group: partitions.group,
+            tags: partitions.tags,
             local,
             kind,
             counters,
@@ -282,8 +293,9 @@ where
     }
 
     /// A hit in the cache's in-process table (or near cache), when it needs no
-    /// more than the value: no groups, no soft expiry. Counts only hits;
-    /// everything else (`None`) takes the full path, which counts it.
+    /// more than the value: no groups, no soft expiry, and in the typed table
+    /// no tags (a near cache drops every entry on a tag invalidation). Counts
+    /// only hits; everything else (`None`) takes the full path, which counts it.
     #[inline]
     pub(crate) fn local_hit(&self, key: &K, count: bool) -> Option<Option<V>> {
         if self.group.is_some() {
@@ -293,6 +305,9 @@ where
             // A near cache's hit is just as local.
             return self.near_hit(key, None, count);
         };
+        if self.tags.is_some() {
+            return None;
+        }
         let value = local.hit(key)?;
         if count {
             if value.is_some() {
@@ -304,21 +319,41 @@ where
         Some(value)
     }
 
+    /// [`found`](Self::found), once the entry's tags are checked: an entry
+    /// one of whose tags was invalidated since it was filled is a miss, and
+    /// the next load replaces it (as a corrupt entry is replaced).
+    async fn found_current(&self, value: Option<V>, meta: Meta, count: bool) -> Lookup<V> {
+        match self.tags_current(&meta).await {
+            Ok(true) => self.found(value, meta, count),
+            Ok(false) => {
+                self.count_miss(count);
+                Lookup::Missing { corrupt: true }
+            }
+            Err(e) => {
+                self.counters.store_errors.inc();
+                Lookup::Failed(e)
+            }
+        }
+    }
+
+    /// A lookup on the cache's typed table; in a cache with tags, the entry's
+    /// tags are checked as on a shared store.
     #[inline]
-    pub(crate) fn lookup_local(
+    async fn lookup_typed(
         &self,
         local: &dyn LocalTier<K, V>,
         key: &K,
         group: Option<&str>,
         count: bool,
     ) -> Lookup<V> {
-        match local.get(key, group) {
-            Some(slot) => self.found(slot.value, slot.meta, count),
-            None => {
-                self.count_miss(count);
-                Lookup::Missing { corrupt: false }
-            }
+        let Some(slot) = local.get(key, group) else {
+            self.count_miss(count);
+            return Lookup::Missing { corrupt: false };
+        };
+        if self.tags.is_none() {
+            return self.found(slot.value, slot.meta, count);
         }
+        self.found_current(slot.value, slot.meta, count).await
     }
 
     pub(crate) async fn lookup_shared(&self, key: &StoreKey, count: bool) -> Lookup<V> {
@@ -327,12 +362,12 @@ where
             Some(read) => Ok(read),
             None => self.s.store.get(key).await,
         };
-        self.classify(key, read, started, count)
+        self.classify(key, read, started, count).await
     }
 
     /// What a read of the shared store means for the key: decoded, counted,
     /// and classified by freshness.
-    fn classify(
+    async fn classify(
         &self,
         key: &StoreKey,
         read: Result<Read, StoreError>,
@@ -341,14 +376,14 @@ where
     ) -> Lookup<V> {
         match read {
             Ok(Read::Hit(entry)) => {
-                let meta = entry.meta;
+                let meta = entry.meta.clone();
                 match self.decode(key, entry) {
                     Some(v) => {
                         if count {
                             let took = started.elapsed();
                             metrics::observe(metrics::STORE_HIT_DURATION, self.namespace(), took);
                         }
-                        self.found(v, meta, count)
+                        self.found_current(v, meta, count).await
                     }
                     None => {
                         self.count_miss(count);
@@ -394,7 +429,7 @@ where
             };
             return Found::Tier(at, lookup);
         };
-        let lookup = self.lookup_local(&**local, key, group.as_deref(), count);
+        let lookup = (self.lookup_typed(&**local, key, group.as_deref(), count)).await;
         let at = At {
             group,
             skey: None,
@@ -438,19 +473,23 @@ where
             Ok(reads) => reads.into_iter().map(Ok).collect(),
             Err(e) => each_failed(e, skeys.len()),
         };
-        for (((i, group, ticket), skey), read) in
-            pending.into_iter().zip(skeys).zip(reads.drain(..))
-        {
-            let lookup = self.classify(&skey, read, started, count);
-            if let Lookup::Fresh(v, meta) = &lookup {
-                self.near_put(keys[i], &skey, ticket, v, meta.soft_expiry_ms);
-            }
-            let at = At {
-                group,
-                skey: Some(skey),
-                ticket,
-            };
-            found[i] = Found::Tier(at, lookup);
+        // Concurrently: with tags, each hit reads its tags' generations.
+        let classify = pending.into_iter().zip(skeys).zip(reads.drain(..)).map(
+            |(((i, group, ticket), skey), read)| async move {
+                let lookup = self.classify(&skey, read, started, count).await;
+                if let Lookup::Fresh(v, meta) = &lookup {
+                    self.near_put(keys[i], &skey, ticket, v, meta.soft_expiry_ms);
+                }
+                let at = At {
+                    group,
+                    skey: Some(skey),
+                    ticket,
+                };
+                (i, Found::Tier(at, lookup))
+            },
+        );
+        for (i, f) in join_all(classify).await {
+            found[i] = f;
         }
         found
     }
@@ -464,10 +503,11 @@ where
         versioned: bool,
     ) -> Result<Versioned, Error> {
         if let Some(local) = &self.local {
-            let Some((meta, ttl)) = self.placement(key, Some(&value), Duration::ZERO) else {
+            let Some((mut meta, ttl)) = self.placement(key, Some(&value), Duration::ZERO) else {
                 local.invalidate(key);
                 return Ok(Versioned::Written);
             };
+            meta.tags = self.write_tags(key, skey, &value).await?;
             let slot = Slot {
                 value: Some(value),
                 meta,
@@ -479,7 +519,7 @@ where
                 Versioned::Written
             });
         }
-        let Some((entry, ttl)) = self.stored_entry(key, skey, &value)? else {
+        let Some((entry, ttl)) = self.stored_entry(key, skey, &value).await? else {
             // The policy keeps this value out of the cache: the old one goes.
             return self.remove(key, skey).await.map(|()| Versioned::Written);
         };
@@ -499,19 +539,20 @@ where
     }
 
     /// The entry a write of `value` sends to a shared store, and its TTL: where
-    /// the policy places it (TTL, soft expiry, version), then its payload
-    /// (codec, size limit). `None` when the policy keeps the value out of the
-    /// cache. Every write to a shared store goes through here: `set`,
+    /// the policy places it (TTL, soft expiry, version), its tags, then its
+    /// payload (codec, size limit). `None` when the policy keeps the value out
+    /// of the cache. Every write to a shared store goes through here: `set`,
     /// `write_through`, and write-behind's script.
-    pub(crate) fn stored_entry(
+    pub(crate) async fn stored_entry(
         &self,
         key: &K,
         skey: &StoreKey,
         value: &V,
     ) -> Result<Option<(Entry, Duration)>, Error> {
-        let Some((meta, ttl)) = self.placement(key, Some(value), Duration::ZERO) else {
+        let Some((mut meta, ttl)) = self.placement(key, Some(value), Duration::ZERO) else {
             return Ok(None);
         };
+        meta.tags = self.write_tags(key, skey, value).await?;
         Ok(Some((self.entry_for(skey, meta, Some(value))?, ttl)))
     }
 
@@ -562,7 +603,7 @@ where
     /// A lookup on whichever store the cache has.
     pub(crate) async fn lookup(&self, key: &K, skey: &StoreKey, count: bool) -> Lookup<V> {
         match &self.local {
-            Some(local) => self.lookup_local(&**local, key, skey.group(), count),
+            Some(local) => self.lookup_typed(&**local, key, skey.group(), count).await,
             None => self.lookup_shared(skey, count).await,
         }
     }
@@ -667,12 +708,38 @@ where
         skey: &StoreKey,
         mode: AcquireMode,
     ) -> Result<Claim<V>, StoreError> {
+        let claim = self.acquire_untagged(key, skey, mode).await?;
+        if self.tags.is_none() {
+            return Ok(claim.0);
+        }
+        Ok(match claim {
+            (Claim::Leased(token), _) => {
+                Claim::Leased(token.with_tag_clock(self.tag_clock().await?))
+            }
+            (Claim::Hit(v), Some(meta)) => {
+                if self.tags_current(&meta).await? {
+                    Claim::Hit(v)
+                } else {
+                    Claim::Corrupt
+                }
+            }
+            (claim, _) => claim,
+        })
+    }
+
+    /// Read-or-lease, the tags aside: the claim, and the envelope of a hit.
+    async fn acquire_untagged(
+        &self,
+        key: &K,
+        skey: &StoreKey,
+        mode: AcquireMode,
+    ) -> Result<(Claim<V>, Option<Meta>), StoreError> {
         if let Some(local) = &self.local {
             return Ok(
                 match local.acquire(key, skey.group(), mode, self.s.lease_ttl) {
-                    Acquired::Hit(slot) => Claim::Hit(slot.value),
-                    Acquired::Leased(token) => Claim::Leased(token),
-                    Acquired::Busy(left) => Claim::Busy(Some(left)),
+                    Acquired::Hit(slot) => (Claim::Hit(slot.value), Some(slot.meta)),
+                    Acquired::Leased(token) => (Claim::Leased(token), None),
+                    Acquired::Busy(left) => (Claim::Busy(Some(left)), None),
                 },
             );
         }
@@ -687,7 +754,8 @@ where
         keys: &[(&K, &StoreKey)],
         mode: AcquireMode,
     ) -> Result<Vec<Claim<V>>, StoreError> {
-        if self.local.is_some() {
+        // A local table never waits; with tags, each claim's tags are checked.
+        if self.local.is_some() || self.tags.is_some() {
             let mut claims = Vec::with_capacity(keys.len());
             for (key, skey) in keys {
                 claims.push(self.acquire(key, skey, mode).await?);
@@ -703,23 +771,27 @@ where
         Ok(skeys
             .iter()
             .zip(acquired)
-            .map(|(skey, a)| self.claim_of(skey, a))
+            .map(|(skey, a)| self.claim_of(skey, a).0)
             .collect())
     }
 
-    /// What a store's read-or-lease answer means for the key, decoded.
-    fn claim_of(&self, skey: &StoreKey, acquired: Acquire) -> Claim<V> {
+    /// What a store's read-or-lease answer means for the key, decoded, with
+    /// the envelope of a hit.
+    fn claim_of(&self, skey: &StoreKey, acquired: Acquire) -> (Claim<V>, Option<Meta>) {
         match acquired {
-            Acquire::Hit(entry) => match self.decode(skey, entry) {
-                Some(v) => Claim::Hit(v),
-                None => Claim::Corrupt,
-            },
+            Acquire::Hit(entry) => {
+                let meta = entry.meta.clone();
+                match self.decode(skey, entry) {
+                    Some(v) => (Claim::Hit(v), Some(meta)),
+                    None => (Claim::Corrupt, None),
+                }
+            }
             Acquire::Corrupt => {
                 self.decode_failed(skey, &"stored bytes are not a cachet entry");
-                Claim::Corrupt
+                (Claim::Corrupt, None)
             }
-            Acquire::Leased(token) => Claim::Leased(token),
-            Acquire::Busy { expires_in } => Claim::Busy(expires_in),
+            Acquire::Leased(token) => (Claim::Leased(token), None),
+            Acquire::Busy { expires_in } => (Claim::Busy(expires_in), None),
         }
     }
 
@@ -729,10 +801,19 @@ where
         key: &K,
         skey: &StoreKey,
         token: &LeaseToken,
-        meta: Meta,
+        mut meta: Meta,
         value: &Option<V>,
         ttl: Duration,
     ) -> Result<Fill, ()> {
+        match (self.claim_tags(key, skey, value.as_ref(), token.tag_clock())).await {
+            Ok(Claimed::Tags(tags)) => meta.tags = tags,
+            Ok(Claimed::Refused) => return Ok(Fill::Refused),
+            Err(e) => {
+                tracing::error!(error = %crate::Report(&e),
+                    "the loaded value is returned but not cached");
+                return Err(());
+            }
+        }
         if let Some(local) = &self.local {
             let slot = Slot {
                 value: value.clone(),

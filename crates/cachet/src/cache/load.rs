@@ -411,7 +411,8 @@ where
         loaded: Vec<(&K, &StoreKey, LeaseToken, &Option<V>)>,
         load_time: Duration,
     ) {
-        if self.local.is_some() {
+        // A local table never waits; with tags, each fill claims its tags.
+        if self.local.is_some() || self.tags.is_some() {
             for (key, skey, token, value) in loaded {
                 self.fill_loaded(key, skey, token, value, load_time).await;
             }

@@ -4,7 +4,7 @@
 //! admission → coalesce → load and fill, the loads in tasks of their own in
 //! `load.rs`); `get`, `peek` and `get_or_load` share its lookup. Writes go
 //! through one routine, `Cache::write`, whose entry for a shared store
-//! (`Inner::stored_entry`: policy, version, codec) write-behind's script
+//! (`Inner::stored_entry`: policy, version, tags, codec) write-behind's script
 //! writes too. The primitives in `inner.rs` are the
 //! only code that knows whether the store is the cache's typed in-process table
 //! or a [`Store`] reached through the protocol; `fresh.rs` decides what is
@@ -15,6 +15,7 @@ mod fresh;
 mod inner;
 mod load;
 mod read;
+mod tags;
 
 use futures::future::Either;
 use std::fmt;
@@ -26,7 +27,8 @@ use cachet_core::{CacheKey, Capability, KeyLayout, Store, StoreKey, Versioned};
 
 pub(crate) use fresh::Freshness;
 pub use fresh::{FailSafe, RefreshAhead};
-pub(crate) use inner::{GroupFn, Settings, VersionFn};
+pub(crate) use inner::{GroupFn, Partitions, Settings, VersionFn};
+pub(crate) use tags::TagsFn;
 
 use inner::{Found, Inner, Lookup};
 
@@ -164,13 +166,15 @@ where
     pub(crate) fn from_settings(
         s: Settings<V>,
         expiry: Arc<dyn Expiry<K, V>>,
-        group: Option<GroupFn<K>>,
+        partitions: Partitions<K, V>,
         local: Option<Arc<dyn LocalTier<K, V>>>,
         bloom: Option<BloomFilter>,
         near: Option<NearCache>,
         breaker: Option<Arc<Guarded>>,
     ) -> Self {
-        let inner = Arc::new(Inner::new(s, expiry, group, local, bloom, near, breaker));
+        let inner = Arc::new(Inner::new(
+            s, expiry, partitions, local, bloom, near, breaker,
+        ));
         let source: Arc<dyn crate::metrics::Source> = inner.clone();
         crate::metrics::register(Arc::downgrade(&source));
         if inner.near.is_some() {
@@ -421,6 +425,26 @@ where
         inner.bump_group(&inner.s.layout.group_key(group)).await
     }
 
+    /// Invalidates every entry carrying `tag` (see
+    /// [`tags_by`](crate::CacheBuilder::tags_by)) at once, in O(1): one
+    /// generation moves on, no entry is listed or scanned. Entries filled under
+    /// its older generations read as misses and expire by their TTL, and loads
+    /// that began before cannot fill a value carrying the tag. On Redis it costs
+    /// two commands (the cache's tag clock, then the tag's generation).
+    ///
+    /// # Errors
+    /// When the cache has no tags, or the store fails.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<(), Error> {
+        let inner = &*self.inner;
+        if inner.tags.is_none() {
+            return Err(Error::config(
+                self.namespace(),
+                "invalidate_tag needs a cache built with tags_by",
+            ));
+        }
+        inner.bump_tag(&inner.s.layout.tag_key(tag)).await
+    }
+
     /// Delivers what this cache still holds for the store before the process
     /// exits, within `within`: invalidations kept after a store failure (see
     /// [`CircuitBreaker`](crate::CircuitBreaker)), then the notices of the
@@ -507,13 +531,13 @@ where
     /// policy keeps the value out of the cache. Write-behind's script stores
     /// it along with its enqueue.
     #[cfg(feature = "write-behind")]
-    pub(crate) fn stored_entry(
+    pub(crate) async fn stored_entry(
         &self,
         key: &K,
         skey: &StoreKey,
         value: &V,
     ) -> Result<Option<(crate::store::Entry, Duration)>, Error> {
-        self.inner.stored_entry(key, skey, value)
+        self.inner.stored_entry(key, skey, value).await
     }
 
     /// The cache's [`version_by`](crate::CacheBuilder::version_by) function.

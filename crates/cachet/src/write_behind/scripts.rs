@@ -45,7 +45,8 @@ fn script(body: &str) -> Script {
 /// codec bytes), `ARGV[2]` its TTL in ms (0: the cache's expiry policy keeps
 /// the value out of the cache), `ARGV[3]` the backlog bound,
 /// `ARGV[4]` the version in decimal, `ARGV[5]` the cache's invalidation bus
-/// channel.
+/// channel, `ARGV[6]` where the codec bytes start in the entry (1-based: 31,
+/// or after the tags of a tagged entry).
 ///
 /// 1. If the stream holds `ARGV[3]` entries or more, nothing is written:
 ///    returns `{0, backlog}`.
@@ -83,7 +84,7 @@ else
   redis.call('DEL', KEYS[2])
 end
 local id = redis.call('XADD', KEYS[3], '*', 'key', KEYS[1], 'version', ARGV[4],
-  'value', string.sub(entry, 31, -5))
+  'value', string.sub(entry, tonumber(ARGV[6]), -5))
 redis.call('PUBLISH', ARGV[5], 'k ' .. KEYS[1])
 return {1, id}
 ",

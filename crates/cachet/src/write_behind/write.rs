@@ -326,14 +326,18 @@ where
         // The entry as `set` stores it. A value the expiry policy keeps out of
         // the cache is queued all the same, with a TTL of 0: the script then
         // deletes the entry instead of writing it.
-        let (entry, ttl) = match s.cache.stored_entry(key, &skey, &value) {
+        let (entry, payload_len, ttl) = match s.cache.stored_entry(key, &skey, &value).await {
             Ok(Some((
                 Entry {
                     meta,
                     payload: Payload::Bytes(bytes),
                 },
                 ttl,
-            ))) => (envelope::encode(&meta, &bytes), ttl_millis(ttl).max(1)),
+            ))) => (
+                envelope::encode(&meta, &bytes),
+                bytes.len(),
+                ttl_millis(ttl).max(1),
+            ),
             Ok(Some(_)) => {
                 return Err(value_error(
                     "encoding",
@@ -347,10 +351,12 @@ where
                     version,
                     ..Meta::default()
                 };
-                (envelope::encode(&meta, &payload), 0)
+                (envelope::encode(&meta, &payload), payload.len(), 0)
             }
             Err(e) => return Err(value_error("encoding", Box::new(e))),
         };
+        // The codec bytes sit before the 4-byte checksum (1-based, for Lua).
+        let value_at = entry.len() - 4 - payload_len + 1;
         let lease = skey.lease_key();
         let group = skey.group_key();
         let mut invocation = scripts::WRITE.key(skey.as_str());
@@ -363,7 +369,8 @@ where
             .arg(ttl)
             .arg(s.max_backlog)
             .arg(version)
-            .arg(&s.bus);
+            .arg(&s.bus)
+            .arg(value_at);
 
         let started = Instant::now();
         let mut pause = MIN_FULL_PAUSE;

@@ -229,13 +229,14 @@ async fn a_running_flusher_flushes_as_writes_arrive_and_stops_on_request() {
 }
 
 #[tokio::test]
-async fn a_grouped_cache_gets_the_groups_generation() {
+async fn a_grouped_and_tagged_cache_gets_the_groups_generation_and_the_values_tags() {
     let fx = Fx::new().await;
     let cache: Cache<u64, Item> = Cache::builder(support::NS)
         .store(fx.store.clone())
         .ttl(support::TTL)
         .version_by(|i: &Item| i.version)
         .group_by(|id: &u64| id % 2)
+        .tags_by(|_: &u64, i: &Item| vec![format!("version {}", i.version)])
         .build()
         .unwrap();
     let wb = support::builder(fx.store.clone(), &cache)
@@ -253,6 +254,11 @@ async fn a_grouped_cache_gets_the_groups_generation() {
     let flusher = fx.flusher(&wb, fx.sink(), |f| f).await;
     assert_eq!(flusher.flush_once().await.unwrap(), 2);
     assert_eq!(rows(&fx.pool).await[&3], (2, "odd 2".to_owned()));
+    // A tag invalidation drops the entries carrying the tag, and only them.
+    let _ = wb.write_behind(&4, Item::new(1, "even")).await.unwrap();
+    cache.invalidate_tag("version 2").await.unwrap();
+    assert_eq!(cache.get(&3).await.unwrap(), None);
+    assert_eq!(cache.get(&4).await.unwrap(), Some(Item::new(1, "even")));
 }
 
 #[tokio::test]
