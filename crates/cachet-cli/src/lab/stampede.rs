@@ -7,7 +7,8 @@
 //! each with its own store handle (its own Redis connection; in process, its own
 //! cache over the shared store), as separate service instances would be: each
 //! cache's in-process single-flight lets one of its callers through, and the
-//! store's lease then lets only one of those load. On Redis, a fourth row runs
+//! store's lease then lets only one of those load. On Redis (the lab's, or a
+//! private `redis-server` on the embedded default), a fourth row runs
 //! the callers in separate processes (`cachet __child stampede`), each reading
 //! the source of truth itself.
 
@@ -24,6 +25,7 @@ use tokio::time::Instant;
 
 use super::child::{ChildProcess, DONE, READY, source_args};
 use super::double_delete::cache_in;
+use super::redis_server::{Persistence, ScenarioRedis};
 use super::report::{Latency, Row, find};
 use super::source::{Db, Item};
 use super::{Entry, LEASE_TTL, Lab, shares};
@@ -74,8 +76,11 @@ pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
     for mode in [Mode::Naive, Mode::SingleFlight, Mode::Connections] {
         rows.push(run_strategy(lab, mode).await?);
     }
-    if let Some(target) = &lab.redis {
-        rows.push(run_processes(lab, target).await?);
+    // Across processes the lease needs a shared store: the lab's Redis, or
+    // else a private server; without either the summary says why the row
+    // is missing.
+    if let Some(redis) = ScenarioRedis::open(lab, Persistence::None).await? {
+        rows.push(run_processes(lab, &redis.target).await?);
     }
     Ok(rows)
 }
@@ -97,6 +102,12 @@ pub(super) fn summary(rows: &[Row]) -> String {
              single-flight: database queries {} (one cache took the store's lease, the others \
              waited for its fill).",
             queries("connections")
+        ));
+    }
+    if find(rows, NAME, "processes").is_none() {
+        out.push_str(&format!(
+            "\nstampede, {INSTANCES} processes: not run: callers in several processes need \
+             Redis, and there is no --redis-url, no --redis-cluster and no redis-server on PATH."
         ));
     }
     if find(rows, NAME, "processes").is_some() {
@@ -266,6 +277,7 @@ async fn run_processes(lab: &Lab, target: &RedisTarget) -> Result<Row> {
     lab.forget(&cache).await;
 
     let mut row = lab.row(NAME, "processes", PROCESSES);
+    row.store = target.kind();
     row.requests = u64::from(a.callers);
     row.db_queries = queries;
     row.loads = Some(loads);
