@@ -372,9 +372,8 @@ pub use cachet_redis::{RedisStore, RedisStoreBuilder, ServerInfo};
 #[cfg(feature = "outbox")]
 pub use cachet_outbox as outbox;
 
-/// Write-behind on a durable Redis stream (feature `write-behind`): a write
-/// is acknowledged once the entry is written and the write queued; flushers
-/// apply queued writes to the source of truth later, in batches.
+// Its docs are the module's own (`write_behind/mod.rs`), so that their
+// links resolve inside it.
 #[cfg(feature = "write-behind")]
 pub mod write_behind;
 

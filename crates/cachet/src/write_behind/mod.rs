@@ -1,5 +1,6 @@
-//! Write-behind for cachet: a write returns once the cache entry is written and
-//! the write is durably queued in Redis; flushers apply queued writes to the
+//! Write-behind on a durable Redis stream (feature `write-behind`): a write
+//! returns once the cache entry is written and the write is durably queued
+//! in Redis; flushers apply queued writes to the
 //! source of truth later, in batches, coalesced per key, and lose nothing they
 //! were given.
 //!
@@ -234,7 +235,7 @@
 //! ```
 //!
 //! Applied twice, or after a newer version, it changes nothing. Versions come
-//! from the value ([`version_by`](WriteBehindBuilder::version_by)), and each
+//! from the value (the cache's [`version_by`](crate::CacheBuilder::version_by)), and each
 //! write of a key must carry a higher version than the one before: a write
 //! whose version is not newer than the cached entry's is not queued at all
 //! ([`WriteOutcome::Stale`]).
