@@ -3,6 +3,7 @@
 
 use cachet_testkit::RedisServer;
 
+use crate::redis_checks::assert_clean;
 use crate::util::{Cachet, Rows};
 
 /// A short run with a fixed seed: the three faults fall within 4 s.
@@ -88,7 +89,7 @@ fn protected_reads_stay_up_and_fresh_through_kill_pause_and_source_restart() {
 }
 
 #[test]
-fn a_given_server_is_left_alone_without_allow_disruption() {
+fn a_given_server_is_only_paused_and_only_when_allowed() {
     let redis = RedisServer::start();
     let rows = Cachet::lab()
         .args(ARGS)
@@ -104,4 +105,21 @@ fn a_given_server_is_left_alone_without_allow_disruption() {
     assert!(skipped[0].contains("--allow-disruption"), "{}", rows.stderr);
     let stats = redis.command(&["INFO", "commandstats"]);
     assert!(!stats.contains("cmdstat_client|pause"), "{stats}");
+
+    let rows = Cachet::lab()
+        .args(ARGS)
+        .args(["--redis-url", &redis.url(), "--allow-disruption"])
+        .rows();
+    // Paused, never killed: the only Redis fault on a server the lab did not start.
+    assert_chaos(&rows, &["pause", "db-down"]);
+    assert!(
+        !rows.find("chaos", "protected")["strategy"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("kill@")
+    );
+    assert_eq!(redis.command(&["PING"]), "PONG");
+    let stats = redis.command(&["INFO", "commandstats"]);
+    assert!(stats.contains("cmdstat_client|pause"), "{stats}");
+    assert_clean(&redis);
 }

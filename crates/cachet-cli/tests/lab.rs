@@ -10,11 +10,17 @@ fn embedded_run_shows_each_failure_and_its_fix() {
     let rows = Cachet::lab().args(SMALL).rows();
     rows.assert_lab_properties(2000, 50);
     for row in &rows.rows {
-        // The double-delete, near-cache, outage and write-behind scenarios need
-        // Redis: they start a private redis-server (on PATH wherever the tests
-        // run).
-        let store = if ["double-delete", "near-cache", "outage", "write-behind"]
-            .contains(&row["scenario"].as_str().unwrap())
+        // The double-delete, near-cache, outage, write-behind and chaos
+        // scenarios need Redis: they start a private redis-server (on PATH
+        // wherever the tests run).
+        let store = if [
+            "double-delete",
+            "near-cache",
+            "outage",
+            "write-behind",
+            "chaos",
+        ]
+        .contains(&row["scenario"].as_str().unwrap())
         {
             "redis"
         } else {

@@ -42,7 +42,7 @@ use rand::{Rng as _, SeedableRng as _};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::admin::RedisAdmin;
+use super::admin::{Admin, RedisAdmin};
 use super::double_delete::namespace;
 use super::near_cache::subscribed;
 use super::redis_server::{Persistence, ScenarioRedis};
@@ -434,8 +434,16 @@ async fn run_lanes(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
         row.store = redis.target.kind();
         rows.push(row.time_boxed(duration).elapsed(started.elapsed()));
     }
-    for (_, writer, _, _) in &built {
+    for (strategy, writer, _, _) in &built {
         lab.forget(writer).await;
+        // Group generations are `:sys:` keys without a TTL: the run removes
+        // its own from a Redis it was given.
+        if *strategy == Strategy::Protected && !redis.is_private() {
+            let generations: Vec<String> = (0..TENANTS)
+                .map(|t| writer.layout().group_key(&t).as_str().to_owned())
+                .collect();
+            Admin::open(lab).await?.forget_sys_keys(&generations).await;
+        }
     }
     Ok(rows)
 }

@@ -100,9 +100,9 @@ pub(crate) struct LabArgs {
     #[command(flatten)]
     redis_tls: RedisTlsArgs,
 
-    /// Let the outage and chaos scenarios make the Redis given with --redis-url or
-    /// --redis-cluster hang for a moment (CLIENT PAUSE on every node); without
-    /// it, that scenario is skipped there
+    /// Let the outage and chaos scenarios make the Redis given with --redis-url
+    /// or --redis-cluster hang for a moment (CLIENT PAUSE on every node);
+    /// without it, they are skipped there
     #[arg(long)]
     allow_disruption: bool,
 
