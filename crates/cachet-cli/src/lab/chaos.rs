@@ -694,3 +694,45 @@ impl Lane {
         (acknowledged, lost)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [Kind; 3] = [Kind::Kill, Kind::Pause, Kind::SourceDown];
+
+    #[test]
+    fn faults_are_drawn_from_the_seed_within_the_run_and_never_overlap() {
+        for ms in [3_000, 8_000, 60_000] {
+            let duration = Duration::from_millis(ms);
+            for seed in 0..200 {
+                let faults = schedule(seed, duration, &ALL);
+                assert_eq!(faults.len(), 3);
+                for kind in ALL {
+                    assert!(faults.iter().any(|f| f.kind == kind), "{faults:?}");
+                }
+                let mut free_from = duration / 20;
+                for f in &faults {
+                    // Writes are held for the lead, then the fault lasts its length,
+                    // and Redis has room to come back before the last tenth.
+                    assert!(
+                        f.at - f.lead >= free_from,
+                        "{ms} ms, seed {seed}: {faults:?}"
+                    );
+                    assert!(f.length > Duration::ZERO && f.length <= f.kind.nominal());
+                    free_from = f.at + f.length;
+                }
+                assert!(free_from <= duration - duration / 10, "{faults:?}");
+                let again = schedule(seed, duration, &ALL);
+                assert_eq!(format!("{faults:?}"), format!("{again:?}"));
+            }
+        }
+    }
+
+    #[test]
+    fn a_given_redis_is_only_paused() {
+        let faults = schedule(7, Duration::from_secs(8), &[Kind::Pause, Kind::SourceDown]);
+        assert!(faults.iter().all(|f| f.kind != Kind::Kill), "{faults:?}");
+        assert_eq!(faults.len(), 2);
+    }
+}
