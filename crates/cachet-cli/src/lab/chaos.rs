@@ -13,7 +13,7 @@
 //! - *protected*: `get_or_load` (leases), the default circuit breaker, a near
 //!   cache in every reader with the invalidation bus, groups and fail-safe.
 //!
-//! The faults, one at a time, each in its own third of the run: the private
+//! The faults, one at a time, each in its own share of the run: the private
 //! `redis-server` killed (SIGKILL) and restarted on its port with its
 //! append-only file (on a Redis given on the command line, with
 //! `--allow-disruption`, not killed: only paused), Redis paused (`CLIENT
@@ -157,9 +157,9 @@ struct Fault {
 }
 
 /// The faults of a run of `duration`, drawn from `seed`: each kind once, in a
-/// drawn order, each at a drawn time within its own third of the run (past a
-/// 5% start, before the last 10%), so they never overlap and Redis has a fifth
-/// of its slot to come back before the next.
+/// drawn order, each at a drawn time within its own equal share of the run
+/// (past a 5% start, before the last 10%), so they never overlap and Redis has
+/// a fifth of its share to come back before the next.
 fn schedule(seed: u64, duration: Duration, kinds: &[Kind]) -> Vec<Fault> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut kinds = kinds.to_vec();
