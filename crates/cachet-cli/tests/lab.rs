@@ -10,14 +10,21 @@ fn embedded_run_shows_each_failure_and_its_fix() {
     let rows = Cachet::lab().args(SMALL).rows();
     rows.assert_lab_properties(2000, 50);
     for row in &rows.rows {
-        // The double-delete, near-cache, outage and write-behind scenarios,
-        // and the stampede's callers in several processes, need Redis: they
-        // start a private redis-server (on PATH wherever the tests run).
+        // The double-delete, near-cache, outage, write-behind and chaos
+        // scenarios, and the stampede's callers in several processes, need
+        // Redis: they start a private redis-server (on PATH wherever the tests
+        // run).
         let across_processes = row["scenario"] == "stampede"
             && row["strategy"].as_str().unwrap().contains("processes");
         let store = if across_processes
-            || ["double-delete", "near-cache", "outage", "write-behind"]
-                .contains(&row["scenario"].as_str().unwrap())
+            || [
+                "double-delete",
+                "near-cache",
+                "outage",
+                "write-behind",
+                "chaos",
+            ]
+            .contains(&row["scenario"].as_str().unwrap())
         {
             "redis"
         } else {

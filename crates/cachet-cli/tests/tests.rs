@@ -6,6 +6,7 @@ mod avalanche;
 mod bad_input;
 mod bench;
 mod bloom;
+mod chaos;
 mod cluster;
 mod durability;
 mod fail_safe;

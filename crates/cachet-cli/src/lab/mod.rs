@@ -18,6 +18,7 @@
 mod admin;
 mod audit;
 mod avalanche;
+mod chaos;
 pub(crate) mod child;
 mod double_delete;
 pub(crate) mod expected;
@@ -66,7 +67,7 @@ use source::{Item, Source};
         database (the scenarios that need Redis start a private redis-server). --redis-url or \
         --redis-cluster, and --database-url, run it against real servers; it then keeps to a \
         namespace (Redis) and a schema (PostgreSQL) of its own, and removes them at the end. \
-        It never sends KEYS, SCAN or FLUSH*, and disrupts a server it was given (outage) only \
+        It never sends KEYS, SCAN or FLUSH*, and disrupts a server it was given (outage, chaos) only \
         with --allow-disruption."
 )]
 pub(crate) struct LabArgs {
@@ -99,9 +100,9 @@ pub(crate) struct LabArgs {
     #[command(flatten)]
     redis_tls: RedisTlsArgs,
 
-    /// Let the outage scenario make the Redis given with --redis-url or
-    /// --redis-cluster hang for a moment (CLIENT PAUSE on every node); without
-    /// it, that scenario is skipped there
+    /// Let the outage and chaos scenarios make the Redis given with --redis-url
+    /// or --redis-cluster hang for a moment (CLIENT PAUSE on every node);
+    /// without it, they are skipped there
     #[arg(long)]
     allow_disruption: bool,
 
@@ -161,6 +162,8 @@ pub(crate) struct LabArgs {
     fail_safe: fail_safe::FailSafeArgs,
     #[command(flatten)]
     write_through_race: write_through_race::WriteThroughRaceArgs,
+    #[command(flatten)]
+    chaos: chaos::ChaosArgs,
 }
 
 /// A failure mode the lab runs, naive vs protected: one module of its own.
@@ -245,6 +248,7 @@ const SCENARIOS: &[&dyn Scenario] = &[
     &refresh_ahead::SCENARIO,
     &fail_safe::SCENARIO,
     &write_through_race::SCENARIO,
+    &chaos::SCENARIO,
 ];
 
 /// The scenario called `name`, if any.

@@ -359,7 +359,7 @@ async fn run_strategy(
 /// itself when its subscription comes up (counted in `near_clears`), and
 /// neither reads nor fills L1 before. There is no signal for it: the counter
 /// is polled.
-async fn subscribed(readers: &[Cache<i64, Item>]) -> Result<()> {
+pub(super) async fn subscribed(readers: &[Cache<i64, Item>]) -> Result<()> {
     const STEP: Duration = Duration::from_millis(5);
     let deadline = Instant::now() + SUBSCRIBE_TIMEOUT;
     while !readers.iter().all(|c| c.stats().near_clears > 0) {

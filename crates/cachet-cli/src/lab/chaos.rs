@@ -1,0 +1,738 @@
+//! The `chaos` scenario: a mixed load while Redis is killed and restarted,
+//! paused, and the source of truth restarted, at times drawn from the seed.
+//!
+//! Two lanes run the same load at the same time, through the same faults, each
+//! in a namespace of its own: several reading instances and one writing
+//! instance, every one on a Redis connection of its own, as separate processes
+//! would. Readers read uniformly drawn keys; writers UPDATE a row, then
+//! invalidate it (every fourth write through its group instead).
+//!
+//! - *naive*: plain cache-aside (`get`, on a miss read the source and `set`),
+//!   no circuit breaker, no near cache, no invalidation bus; a store error
+//!   reaches the caller;
+//! - *protected*: `get_or_load` (leases), the default circuit breaker, a near
+//!   cache in every reader with the invalidation bus, groups and fail-safe.
+//!
+//! The faults, one at a time, each in its own share of the run: the private
+//! `redis-server` killed (SIGKILL) and restarted on its port with its
+//! append-only file (on a Redis given on the command line, with
+//! `--allow-disruption`, not killed: only paused), Redis paused (`CLIENT
+//! PAUSE`), and the source down (`Db::set_down`) as during a restart. Writers
+//! hold their writes from shortly before the source goes down until it is back,
+//! as before a planned database restart, so that no read meets a key just
+//! invalidated that cannot be loaded.
+//!
+//! A read is stale past the window when it returns a version older than a write
+//! whose invalidation returned more than the bus window before the read began
+//! (the near-cache scenario's measure). A write is lost when the UPDATE was
+//! acknowledged but the row does not hold it at the end. Write-behind is not
+//! part of the load.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use cachet::{Cache, CircuitBreaker, NearCache, Stats};
+use clap::Args;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom as _;
+use rand::{Rng as _, SeedableRng as _};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::admin::{Admin, RedisAdmin};
+use super::double_delete::namespace;
+use super::near_cache::subscribed;
+use super::redis_server::{Persistence, ScenarioRedis};
+use super::report::{Latency, Row, find, format_us};
+use super::source::{Db, Item};
+use super::workload::{build_cache, fill, join_within, loader};
+use super::{Entry, Lab, LabStore, expected};
+
+pub(super) const NAME: &str = "chaos";
+/// What it stages, for `--help` and the progress line.
+const ABOUT: &str =
+    "Redis killed, paused and the source restarted under a mixed load (needs Redis)";
+/// Its entry in the lab's registry.
+pub(super) const SCENARIO: Entry = Entry::new(NAME, ABOUT, |lab| Box::pin(run(lab)), summary);
+
+/// Keys each lane reads and writes (uniformly drawn).
+const KEYS: i64 = 50;
+/// Reading instances per lane, each with its own connection (and near cache).
+const READERS: u32 = 3;
+/// Concurrent readers in each reading instance.
+const WORKERS_PER_READER: u32 = 2;
+/// Reads per second of each reading instance.
+const READ_RATE: u64 = 600;
+/// Writer tasks per lane, each owning its share of the keys.
+const WRITERS: i64 = 2;
+/// Writes per second of each writer task.
+const WRITE_RATE: u64 = 10;
+/// Every this many writes, the invalidation goes through the key's group.
+const GROUP_EVERY: u64 = 4;
+/// Groups (tenants) the protected lane's keys fall into.
+const TENANTS: i64 = 10;
+/// How long an invalidation notice may take to reach every near cache.
+const BUS_WINDOW: Duration = Duration::from_millis(100);
+/// How long an entry stays in a near cache: longer than any run.
+const L1_TTL: Duration = Duration::from_secs(60);
+const FAIL_SAFE_MAX_STALENESS: Duration = Duration::from_secs(5);
+const FAIL_SAFE_THROTTLE: Duration = Duration::from_millis(50);
+/// How long past the planned end the load may run before it counts as stuck.
+const GRACE: Duration = Duration::from_secs(30);
+/// Where the library logs what the staged faults do to it.
+const FAULT_TARGETS: &[&str] = &["cachet", "cachet_redis"];
+
+/// Flags of the `chaos` scenario.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "chaos")]
+pub(super) struct ChaosArgs {
+    /// How long the mixed load runs, in milliseconds (the faults fall within it)
+    #[arg(long, default_value_t = 8_000, value_parser = clap::value_parser!(u64).range(3_000..=600_000))]
+    chaos_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Strategy {
+    Naive,
+    Protected,
+}
+
+impl Strategy {
+    fn slug(self) -> &'static str {
+        match self {
+            Strategy::Naive => "naive",
+            Strategy::Protected => "protected",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Strategy::Naive => "naive (GET/SET, no breaker, no bus)",
+            Strategy::Protected => "protected (leases, breaker, near cache + bus, fail-safe)",
+        }
+    }
+}
+
+/// A staged fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// The private redis-server killed (SIGKILL), then restarted.
+    Kill,
+    /// Every Redis node paused (`CLIENT PAUSE`).
+    Pause,
+    /// The source of truth down.
+    SourceDown,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Kill => "kill",
+            Kind::Pause => "pause",
+            Kind::SourceDown => "db-down",
+        }
+    }
+
+    /// How long the fault lasts, at most.
+    fn nominal(self) -> Duration {
+        match self {
+            Kind::Kill => Duration::from_millis(300),
+            Kind::Pause => Duration::from_millis(1_000),
+            Kind::SourceDown => Duration::from_millis(500),
+        }
+    }
+}
+
+/// A fault as planned: when from the load's start, and for how long; writes
+/// are held for `lead` before it (source restarts only).
+#[derive(Clone, Copy, Debug)]
+struct Fault {
+    kind: Kind,
+    at: Duration,
+    lead: Duration,
+    length: Duration,
+}
+
+/// The faults of a run of `duration`, drawn from `seed`: each kind once, in a
+/// drawn order, each at a drawn time within its own equal share of the run
+/// (past a 5% start, before the last 10%), so they never overlap and Redis has
+/// a fifth of its share to come back before the next.
+fn schedule(seed: u64, duration: Duration, kinds: &[Kind]) -> Vec<Fault> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut kinds = kinds.to_vec();
+    kinds.shuffle(&mut rng);
+    let first = duration / 20;
+    let slot = (duration - first - duration / 10) / u32::try_from(kinds.len().max(1)).unwrap_or(1);
+    let mut at = first;
+    let mut out = Vec::new();
+    for kind in kinds {
+        let length = kind.nominal().min(slot * 9 / 20);
+        let lead = match kind {
+            Kind::SourceDown => Duration::from_millis(500).min(slot / 4),
+            Kind::Kill | Kind::Pause => Duration::ZERO,
+        };
+        let room = slot.saturating_sub(lead + length + slot / 5);
+        let jitter = rng.random_range(0..=room.as_millis().try_into().unwrap_or(0_u64));
+        out.push(Fault {
+            kind,
+            at: at + lead + Duration::from_millis(jitter),
+            lead,
+            length,
+        });
+        at += slot;
+    }
+    out
+}
+
+pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
+    let redis = match &lab.redis {
+        Some(target) if !lab.args.allow_disruption => {
+            lab.skip(
+                NAME,
+                &format!(
+                    "it would pause the Redis at {} for everyone; pass --allow-disruption to let \
+                     it pause every node (CLIENT PAUSE) for about a second.",
+                    target.describe()
+                ),
+            );
+            return Ok(Vec::new());
+        }
+        _ => ScenarioRedis::open(lab, Persistence::Aof).await?,
+    };
+    let Some(mut redis) = redis else {
+        lab.skip(
+            NAME,
+            "the scenario kills and restarts a redis-server of its own, and there is no \
+             redis-server on PATH (or pass --redis-url / --redis-cluster with \
+             --allow-disruption).",
+        );
+        return Ok(Vec::new());
+    };
+    let _expected = expected::expect(FAULT_TARGETS, "chaos: Redis and source faults");
+    run_lanes(lab, &mut redis).await
+}
+
+pub(super) fn summary(rows: &[Row]) -> String {
+    let (Some(naive), Some(protected)) = (find(rows, NAME, "naive"), find(rows, NAME, "protected"))
+    else {
+        return format!("{NAME}: no result.");
+    };
+    let n = |v: Option<u64>| v.map_or_else(|| "?".to_owned(), |n| n.to_string());
+    let us = |v: Option<u64>| v.map_or_else(|| "?".to_owned(), format_us);
+    format!(
+        "{NAME}: {}; errors surfaced to readers naive {} vs protected {}; stale reads past \
+         the bus window {} vs {}; lost writes {} vs {}; read p99 during faults {} vs {} (outside \
+         {} vs {}). Write-behind is not part of the load.",
+        protected
+            .strategy
+            .split_once("; ")
+            .map_or("no faults", |(_, faults)| faults),
+        naive.errors,
+        protected.errors,
+        n(naive.stale_reads_past_window),
+        n(protected.stale_reads_past_window),
+        n(naive.lost_writes),
+        n(protected.lost_writes),
+        us(naive.outage_p99_us),
+        us(protected.outage_p99_us),
+        us(naive.p99_us),
+        us(protected.p99_us),
+    )
+}
+
+/// What one lane's tasks share.
+#[derive(Debug)]
+struct Lane {
+    strategy: Strategy,
+    db: Db,
+    /// The lane's keys are `base + 1..=base + KEYS`, its rows of the source.
+    base: i64,
+    start: Instant,
+    end: Instant,
+    /// Per key (indexed by id less `base`), the version of the last completed write (its
+    /// invalidation returned) and when it completed.
+    done: Box<[Mutex<(u64, Instant)>]>,
+    /// Per key, the UPDATEs acknowledged to the writers.
+    acknowledged: Box<[Mutex<u64>]>,
+    /// Set while writes are held (around a source restart).
+    hold: Arc<AtomicBool>,
+}
+
+/// What a lane's tasks counted.
+#[derive(Debug)]
+struct Tally {
+    /// Each read's start (from the load's start) and latency.
+    reads: Vec<(Duration, Duration)>,
+    read_errors: u64,
+    writes: u64,
+    failed_writes: u64,
+    failed_invalidations: u64,
+    stale: u64,
+    late: u64,
+    lag: Latency,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Self {
+            reads: Vec::new(),
+            read_errors: 0,
+            writes: 0,
+            failed_writes: 0,
+            failed_invalidations: 0,
+            stale: 0,
+            late: 0,
+            lag: Latency::new(),
+        }
+    }
+}
+
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.reads.extend(other.reads);
+        self.read_errors += other.read_errors;
+        self.writes += other.writes;
+        self.failed_writes += other.failed_writes;
+        self.failed_invalidations += other.failed_invalidations;
+        self.stale += other.stale;
+        self.late += other.late;
+        self.lag.merge(&other.lag);
+    }
+}
+
+/// The settings of the protected lane's caches, readers and writer alike (the
+/// near cache is the readers' own).
+fn protected(b: cachet::CacheBuilder<i64, Item>) -> cachet::CacheBuilder<i64, Item> {
+    b.circuit_breaker(Some(CircuitBreaker::default()))
+        .group_by(|id: &i64| id % TENANTS)
+        .fail_safe(FAIL_SAFE_MAX_STALENESS, FAIL_SAFE_THROTTLE)
+}
+
+/// One lane's caches: its writer and its readers, each on a connection of its own.
+async fn caches(
+    lab: &Lab,
+    redis: &ScenarioRedis,
+    strategy: Strategy,
+) -> Result<(Cache<i64, Item>, Vec<Cache<i64, Item>>)> {
+    let target = &redis.target;
+    let ns = namespace(lab, NAME, strategy.slug());
+    let bus = strategy == Strategy::Protected;
+    let build = |store: &LabStore, near: bool| {
+        build_cache(ns.clone(), store, |b| match strategy {
+            Strategy::Naive => b.circuit_breaker(None),
+            Strategy::Protected if near => {
+                protected(b).near_cache(NearCache::new(KEYS as usize, L1_TTL))
+            }
+            Strategy::Protected => protected(b),
+        })
+    };
+    let mut caches = Vec::new();
+    for i in 0..=READERS {
+        let store = target
+            .connect(target.another().invalidation_bus(bus))
+            .await?;
+        caches.push(build(&LabStore::shared(store), i > 0)?);
+    }
+    let writer = caches.remove(0);
+    if !redis.is_private() {
+        let base = lane_base(strategy);
+        lab.written().push((writer.clone(), base + 1..=base + KEYS));
+    }
+    if bus {
+        subscribed(&caches).await?;
+    }
+    Ok((writer, caches))
+}
+
+/// The lane's keys start past this one: the lanes write rows of their own.
+fn lane_base(strategy: Strategy) -> i64 {
+    match strategy {
+        Strategy::Naive => 0,
+        Strategy::Protected => KEYS,
+    }
+}
+
+/// A lane as built: its strategy, writer, readers and their stats before the load.
+type Built = (
+    Strategy,
+    Cache<i64, Item>,
+    Vec<Cache<i64, Item>>,
+    Vec<Stats>,
+);
+
+async fn run_lanes(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
+    let duration = Duration::from_millis(lab.args.chaos.chaos_ms);
+    let kinds: &[Kind] = if redis.is_private() {
+        &[Kind::Kill, Kind::Pause, Kind::SourceDown]
+    } else {
+        &[Kind::Pause, Kind::SourceDown]
+    };
+    let faults = schedule(lab.seed_for(NAME, u64::MAX), duration, kinds);
+    lab.source.reset(2 * u64::try_from(KEYS)?).await?;
+    let started = Instant::now();
+    let hold = Arc::new(AtomicBool::new(false));
+    let mut built: Vec<Built> = Vec::new();
+    for strategy in [Strategy::Naive, Strategy::Protected] {
+        let (writer, readers) = caches(lab, redis, strategy).await?;
+        let base = lane_base(strategy);
+        fill(&writer, &lab.source.counted(), base + 1..=base + KEYS).await?;
+        let before = readers.iter().map(Cache::stats).collect();
+        built.push((strategy, writer, readers, before));
+    }
+
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    let mut lanes = Vec::new();
+    for (l, (strategy, writer, readers, _)) in built.iter().enumerate() {
+        let lane = Arc::new(Lane {
+            strategy: *strategy,
+            db: lab.source.counted(),
+            base: lane_base(*strategy),
+            start,
+            end: start + duration,
+            done: (0..=KEYS).map(|_| Mutex::new((0, start))).collect(),
+            acknowledged: (0..=KEYS).map(|_| Mutex::new(0)).collect(),
+            hold: Arc::clone(&hold),
+        });
+        let seed = |task: u64| lab.seed_for(NAME, task + 1000 * l as u64);
+        for w in 0..WRITERS {
+            let (lane, cache) = (Arc::clone(&lane), writer.clone());
+            let seed = seed(w.unsigned_abs());
+            tasks.spawn(async move { (l, lane.write(&cache, w, seed).await) });
+        }
+        for (r, reader) in readers.iter().enumerate() {
+            for w in 0..WORKERS_PER_READER {
+                let (lane, cache) = (Arc::clone(&lane), reader.clone());
+                let seed = seed(100 + u64::from(w) + 10 * r as u64);
+                tasks.spawn(async move { (l, lane.read(&cache, seed).await) });
+            }
+        }
+        lanes.push(lane);
+    }
+
+    let windows = stage(redis, &faults, &lanes, start).await?;
+    let mut tallies: Vec<Tally> = built.iter().map(|_| Tally::default()).collect();
+    join_within(&mut tasks, start + duration, GRACE, "chaos loads", |done| {
+        let (l, tally) = done.context("a chaos task panicked")?;
+        tallies[l].add(tally);
+        Ok(())
+    })
+    .await?;
+
+    let plan = faults
+        .iter()
+        .map(|f| format!("{}@{:.1}s", f.kind.label(), f.at.as_secs_f64()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let items = lab.source.items().await?;
+    let mut rows = Vec::new();
+    for ((lane, built), tally) in lanes.iter().zip(&built).zip(&tallies) {
+        let mut row = lane.row(lab, built, tally, &windows, &plan, &items);
+        row.store = redis.target.kind();
+        rows.push(row.time_boxed(duration).elapsed(started.elapsed()));
+    }
+    for (strategy, writer, _, _) in &built {
+        lab.forget(writer).await;
+        // Group generations are `:sys:` keys without a TTL: the run removes
+        // its own from a Redis it was given.
+        if *strategy == Strategy::Protected && !redis.is_private() {
+            let generations: Vec<String> = (0..TENANTS)
+                .map(|t| writer.layout().group_key(&t).as_str().to_owned())
+                .collect();
+            Admin::open(lab).await?.forget_sys_keys(&generations).await;
+        }
+    }
+    Ok(rows)
+}
+
+/// A fault as it happened: its kind, and when it made Redis or the source
+/// unavailable, from the load's start.
+type Window = (Kind, Range<Duration>);
+
+/// Stages `faults` in order, from `start`, one at a time.
+async fn stage(
+    redis: &mut ScenarioRedis,
+    faults: &[Fault],
+    lanes: &[Arc<Lane>],
+    start: Instant,
+) -> Result<Vec<Window>> {
+    let mut windows = Vec::new();
+    for fault in faults {
+        tokio::time::sleep_until(start + fault.at.saturating_sub(fault.lead)).await;
+        let hold = &lanes[0].hold;
+        if fault.kind == Kind::SourceDown {
+            hold.store(true, Ordering::SeqCst);
+            tokio::time::sleep_until(start + fault.at).await;
+        }
+        let from = start.elapsed();
+        match fault.kind {
+            Kind::Kill => {
+                let server = redis
+                    .server
+                    .as_mut()
+                    .context("only a private redis-server is killed")?;
+                server.kill();
+                tokio::time::sleep(fault.length).await;
+                server.restart().await?;
+            }
+            Kind::Pause => {
+                let admin = RedisAdmin::connect(&redis.target).await?;
+                let ms = u64::try_from(fault.length.as_millis()).unwrap_or(u64::MAX);
+                admin.pause_all(ms).await?;
+                tokio::time::sleep(fault.length).await;
+            }
+            Kind::SourceDown => {
+                lanes.iter().for_each(|l| l.db.set_down(true));
+                tokio::time::sleep(fault.length).await;
+                lanes.iter().for_each(|l| l.db.set_down(false));
+                hold.store(false, Ordering::SeqCst);
+            }
+        }
+        windows.push((fault.kind, from..start.elapsed()));
+    }
+    Ok(windows)
+}
+
+impl Lane {
+    /// The lane's row. Its label names the run's faults, so it is made once
+    /// per run.
+    fn row(
+        &self,
+        lab: &Lab,
+        (strategy, writer, readers, before): &Built,
+        tally: &Tally,
+        windows: &[Window],
+        plan: &str,
+        items: &[Item],
+    ) -> Row {
+        let (mut during, mut outside) = (Latency::new(), Latency::new());
+        for (at, took) in &tally.reads {
+            match windows.iter().any(|(_, w)| w.contains(at)) {
+                true => during.record(*took),
+                false => outside.record(*took),
+            }
+        }
+        let ms = |kinds: &[Kind]| {
+            let total: Duration = windows
+                .iter()
+                .filter(|(k, _)| kinds.contains(k))
+                .map(|(_, w)| w.end - w.start)
+                .sum();
+            Some(u64::try_from(total.as_millis()).unwrap_or(u64::MAX))
+        };
+        let label: &'static str =
+            Box::leak(format!("{}; faults {plan}", strategy.name()).into_boxed_str());
+        let mut row = lab.row(NAME, strategy.slug(), label);
+        row.requests = tally.reads.len() as u64 + tally.writes;
+        row.writes = tally.writes;
+        row.db_queries = self.db.reads();
+        row.errors = tally.read_errors + tally.failed_writes;
+        row.failed_invalidations = Some(tally.failed_invalidations);
+        row.stale_reads = Some(tally.stale);
+        row.stale_reads_past_window = Some(tally.late);
+        row.stale_read_max_lag_us = Some(tally.lag.max_us().unwrap_or(0));
+        let (acknowledged, lost) = self.lost_writes(items);
+        row.acknowledged = Some(acknowledged);
+        row.lost_writes = Some(lost);
+        row.outage_ms = ms(&[Kind::Kill, Kind::Pause]);
+        row.source_down_ms = ms(&[Kind::SourceDown]);
+        row.outage_p50_us = during.quantile_us(0.50);
+        row.outage_p99_us = during.quantile_us(0.99);
+        row.outage_max_us = during.max_us();
+        if *strategy == Strategy::Protected {
+            let stats: Vec<Stats> = readers
+                .iter()
+                .zip(before)
+                .map(|(c, b)| c.stats().since(b))
+                .collect();
+            let sum = |f: fn(&Stats) -> u64| stats.iter().map(f).sum::<u64>();
+            let writer = writer.stats();
+            row.loads = Some(sum(|s| s.loads));
+            row.near_clears = Some(sum(|s| s.near_clears));
+            row.breaker_opens = Some(sum(|s| s.breaker_opens) + writer.breaker_opens);
+            row.short_circuits = Some(sum(|s| s.short_circuits) + writer.short_circuits);
+            row.retried_invalidations = Some(writer.retried_invalidations);
+        }
+        row.with_latency(&outside)
+    }
+
+    fn ticker(&self, rate: u64) -> tokio::time::Interval {
+        let period = Duration::from_secs(1) / u32::try_from(rate.max(1)).unwrap_or(u32::MAX);
+        let mut tick = tokio::time::interval_at(self.start, period);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        tick
+    }
+
+    /// At most this many operations at `rate` per second: the loops' bound
+    /// on top of the clock.
+    fn budget(&self, rate: u64) -> u64 {
+        let ms = (self.end - self.start).as_millis();
+        u64::try_from(u128::from(rate) * ms / 1000)
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+    }
+
+    fn done(&self, id: i64) -> std::sync::MutexGuard<'_, (u64, Instant)> {
+        self.done[usize::try_from(id - self.base).unwrap_or(0)]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn acknowledged(&self, id: i64) -> std::sync::MutexGuard<'_, u64> {
+        self.acknowledged[usize::try_from(id - self.base).unwrap_or(0)]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reads random keys at a worker's share of its instance's rate until the
+    /// end, the lane's way; a read is stale when it returns a version older
+    /// than the last write completed before it began.
+    async fn read(&self, cache: &Cache<i64, Item>, seed: u64) -> Tally {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let rate = READ_RATE.div_ceil(u64::from(WORKERS_PER_READER));
+        let mut tick = self.ticker(rate);
+        let mut out = Tally::default();
+        for _ in 0..self.budget(rate) {
+            tick.tick().await;
+            if Instant::now() >= self.end {
+                break;
+            }
+            let id = self.base + rng.random_range(1..=KEYS);
+            let (floor, completed) = *self.done(id);
+            let t = Instant::now();
+            let read = match self.strategy {
+                Strategy::Naive => self.naive_read(cache, id).await,
+                Strategy::Protected => cache
+                    .get_or_load(&id, loader(&self.db, None, id))
+                    .await
+                    .map_err(anyhow::Error::from),
+            };
+            out.reads.push((t - self.start, t.elapsed()));
+            match read {
+                Ok(Some(item)) if u64::try_from(item.value).unwrap_or(0) < floor => {
+                    let lag = t.saturating_duration_since(completed);
+                    out.stale += 1;
+                    out.late += u64::from(lag > BUS_WINDOW);
+                    out.lag.record(lag);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => out.read_errors += 1,
+            }
+        }
+        out
+    }
+
+    /// Cache-aside as commonly written: on a miss, read the source and put what
+    /// was read into the cache; a store error reaches the caller.
+    async fn naive_read(&self, cache: &Cache<i64, Item>, id: i64) -> Result<Option<Item>> {
+        if let Some(item) = cache.get(&id).await? {
+            return Ok(Some(item));
+        }
+        let item = self.db.load(id).await?;
+        if let Some(item) = &item {
+            cache.set(&id, item.clone()).await?;
+        }
+        Ok(item)
+    }
+
+    /// Writes the keys writer `w` owns (`id % WRITERS == w`, less one) until
+    /// the end, unless writes are held: UPDATE, then invalidate the key, or
+    /// every [`GROUP_EVERY`] writes its group (protected). A write whose
+    /// invalidation returned is complete.
+    async fn write(&self, cache: &Cache<i64, Item>, w: i64, seed: u64) -> Tally {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut tick = self.ticker(WRITE_RATE);
+        let mut out = Tally::default();
+        // The only writer of its keys, so it knows their versions.
+        let mut versions = vec![0_u64; self.done.len()];
+        for _ in 0..self.budget(WRITE_RATE) {
+            tick.tick().await;
+            if Instant::now() >= self.end {
+                break;
+            }
+            if self.hold.load(Ordering::SeqCst) {
+                continue;
+            }
+            let id = self.base + WRITERS * rng.random_range(0..KEYS / WRITERS) + w + 1;
+            let i = usize::try_from(id - self.base).unwrap_or(0);
+            out.writes += 1;
+            if self.db.bump(id).await.is_err() {
+                out.failed_writes += 1;
+                continue;
+            }
+            versions[i] += 1;
+            *self.acknowledged(id) += 1;
+            let grouped = self.strategy == Strategy::Protected && out.writes % GROUP_EVERY == 0;
+            let invalidated = match grouped {
+                true => cache.invalidate_group(&(id % TENANTS)).await,
+                false => cache.invalidate(&id).await,
+            };
+            match invalidated {
+                Ok(()) => *self.done(id) = (versions[i], Instant::now()),
+                Err(_) => out.failed_invalidations += 1,
+            }
+        }
+        out
+    }
+
+    /// The writes acknowledged, and of them those the source does not hold at
+    /// the end (a row's value counts the UPDATEs applied to it).
+    fn lost_writes(&self, items: &[Item]) -> (u64, u64) {
+        let (mut acknowledged, mut lost) = (0, 0);
+        for id in self.base + 1..=self.base + KEYS {
+            let acked = *self.acknowledged(id);
+            let value = items
+                .iter()
+                .find(|item| item.id == id)
+                .map_or(0, |item| u64::try_from(item.value).unwrap_or(0));
+            acknowledged += acked;
+            lost += acked.saturating_sub(value);
+        }
+        (acknowledged, lost)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [Kind; 3] = [Kind::Kill, Kind::Pause, Kind::SourceDown];
+
+    #[test]
+    fn faults_are_drawn_from_the_seed_within_the_run_and_never_overlap() {
+        for ms in [3_000, 8_000, 60_000] {
+            let duration = Duration::from_millis(ms);
+            for seed in 0..200 {
+                let faults = schedule(seed, duration, &ALL);
+                assert_eq!(faults.len(), 3);
+                for kind in ALL {
+                    assert!(faults.iter().any(|f| f.kind == kind), "{faults:?}");
+                }
+                let mut free_from = duration / 20;
+                for f in &faults {
+                    // Writes are held for the lead, then the fault lasts its length,
+                    // and Redis has room to come back before the last tenth.
+                    assert!(
+                        f.at - f.lead >= free_from,
+                        "{ms} ms, seed {seed}: {faults:?}"
+                    );
+                    assert!(f.length > Duration::ZERO && f.length <= f.kind.nominal());
+                    free_from = f.at + f.length;
+                }
+                assert!(free_from <= duration - duration / 10, "{faults:?}");
+                let again = schedule(seed, duration, &ALL);
+                assert_eq!(format!("{faults:?}"), format!("{again:?}"));
+            }
+        }
+    }
+
+    #[test]
+    fn a_given_redis_is_only_paused() {
+        let faults = schedule(7, Duration::from_secs(8), &[Kind::Pause, Kind::SourceDown]);
+        assert!(faults.iter().all(|f| f.kind != Kind::Kill), "{faults:?}");
+        assert_eq!(faults.len(), 2);
+    }
+}
