@@ -111,8 +111,12 @@ where
         if !self.connected() {
             return None;
         }
-        let slot = self.table.get(key, group)?;
-        Some(slot.value)
+        match group {
+            // L1 entries carry no soft expiry: a live one is a hit, answered
+            // by the table's fast path.
+            None => self.table.hit(key),
+            Some(_) => self.table.get(key, group).map(|slot| slot.value),
+        }
     }
 
     /// A ticket for filling `skey` later; `None` while the subscription is down.
