@@ -45,7 +45,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::admin::{Admin, RedisAdmin};
 use super::double_delete::namespace;
 use super::near_cache::subscribed;
-use super::redis_server::{Persistence, ScenarioRedis};
+use super::redis_server::ScenarioRedis;
 use super::report::{Latency, Row, find, format_us};
 use super::source::{Db, Item};
 use super::workload::{build_cache, fill, join_within, loader};
@@ -188,27 +188,8 @@ fn schedule(seed: u64, duration: Duration, kinds: &[Kind]) -> Vec<Fault> {
 }
 
 pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
-    let redis = match &lab.redis {
-        Some(target) if !lab.args.allow_disruption => {
-            lab.skip(
-                NAME,
-                &format!(
-                    "it would pause the Redis at {} for everyone; pass --allow-disruption to let \
-                     it pause every node (CLIENT PAUSE) for about a second.",
-                    target.describe()
-                ),
-            );
-            return Ok(Vec::new());
-        }
-        _ => ScenarioRedis::open(lab, Persistence::Aof).await?,
-    };
-    let Some(mut redis) = redis else {
-        lab.skip(
-            NAME,
-            "the scenario kills and restarts a redis-server of its own, and there is no \
-             redis-server on PATH (or pass --redis-url / --redis-cluster with \
-             --allow-disruption).",
-        );
+    let Some(mut redis) = ScenarioRedis::open_disruptive(lab, NAME, "for about a second").await?
+    else {
         return Ok(Vec::new());
     };
     let _expected = expected::expect(FAULT_TARGETS, "chaos: Redis and source faults");

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use super::admin::RedisAdmin;
 use super::double_delete::namespace;
-use super::redis_server::{Persistence, ScenarioRedis};
+use super::redis_server::ScenarioRedis;
 use super::report::{Latency, Row, find, format_us};
 use super::source::{Db, Item};
 use super::workload::{build_cache, fill, join_within, loader};
@@ -121,29 +121,8 @@ pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
             a.outage_down_ms
         );
     }
-    let redis = match &lab.redis {
-        Some(target) if !lab.args.allow_disruption => {
-            lab.skip(
-                NAME,
-                &format!(
-                    "it would make the Redis at {} unavailable for everyone; pass \
-                     --allow-disruption to let it pause every node (CLIENT PAUSE) for \
-                     {} ms.",
-                    target.describe(),
-                    a.outage_down_ms
-                ),
-            );
-            return Ok(Vec::new());
-        }
-        _ => ScenarioRedis::open(lab, Persistence::Aof).await?,
-    };
-    let Some(mut redis) = redis else {
-        lab.skip(
-            NAME,
-            "the scenario kills and restarts a redis-server of its own, and there is no \
-             redis-server on PATH (or pass --redis-url / --redis-cluster with \
-             --allow-disruption).",
-        );
+    let pause = format!("for {} ms", a.outage_down_ms);
+    let Some(mut redis) = ScenarioRedis::open_disruptive(lab, NAME, &pause).await? else {
         return Ok(Vec::new());
     };
     // The store failures, breaker openings and reconnections the library logs

@@ -53,6 +53,41 @@ impl ScenarioRedis {
         }))
     }
 
+    /// The Redis a scenario that kills or pauses its server may use: a
+    /// private server (AOF, so a kill loses nothing acknowledged), or the
+    /// lab's Redis with `--allow-disruption`. `None`, with the scenario
+    /// recorded as skipped and why, otherwise; `pause` says what the
+    /// scenario would do to a given server ("for about a second").
+    pub(super) async fn open_disruptive(
+        lab: &Lab,
+        scenario: &'static str,
+        pause: &str,
+    ) -> Result<Option<Self>> {
+        if let Some(target) = &lab.redis
+            && !lab.args.allow_disruption
+        {
+            lab.skip(
+                scenario,
+                &format!(
+                    "it would make the Redis at {} unavailable for everyone; pass \
+                     --allow-disruption to let it pause every node (CLIENT PAUSE) {pause}.",
+                    target.describe()
+                ),
+            );
+            return Ok(None);
+        }
+        let redis = Self::open(lab, Persistence::Aof).await?;
+        if redis.is_none() {
+            lab.skip(
+                scenario,
+                "the scenario kills and restarts a redis-server of its own, and there is no \
+                 redis-server on PATH (or pass --redis-url / --redis-cluster with \
+                 --allow-disruption).",
+            );
+        }
+        Ok(redis)
+    }
+
     /// Whether the server is the scenario's own.
     pub(super) fn is_private(&self) -> bool {
         self.server.is_some()
