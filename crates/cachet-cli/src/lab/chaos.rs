@@ -25,8 +25,14 @@
 //! A read is stale past the window when it returns a version older than a write
 //! whose invalidation returned more than the bus window before the read began
 //! (the near-cache scenario's measure). A write is lost when the UPDATE was
-//! acknowledged but the row does not hold it at the end. Write-behind is not
-//! part of the load.
+//! acknowledged but the row does not hold it at the end.
+//!
+//! A third lane writes through write-behind (on a single Redis node): one
+//! writer queues versioned writes of keys of its own, without holding them
+//! while the source is down, and a flusher in this process applies the queue
+//! to the source, retrying while it is down. Once the load ends and the queue
+//! is drained, a write acknowledged by write-behind is lost when its key's row
+//! holds an older version.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +40,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use cachet::{Cache, CircuitBreaker, NearCache, Stats};
+use cachet::write_behind::{Sink, Write, WriteBehind, WriteOutcome};
+use cachet::{BoxError, Cache, CircuitBreaker, NearCache, Stats};
 use clap::Args;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom as _;
@@ -49,6 +56,7 @@ use super::redis_server::ScenarioRedis;
 use super::report::{Latency, Row, find, format_us};
 use super::source::{Db, Item};
 use super::workload::{build_cache, fill, join_within, loader};
+use super::write_behind::{self, FLUSHER_BLOCK, FLUSHER_MAX_BACKOFF};
 use super::{Entry, Lab, LabStore, expected};
 
 pub(super) const NAME: &str = "chaos";
@@ -70,6 +78,11 @@ const READ_RATE: u64 = 600;
 const WRITERS: i64 = 2;
 /// Writes per second of each writer task.
 const WRITE_RATE: u64 = 10;
+/// Writes per second of the write-behind lane's writer.
+const BEHIND_RATE: u64 = 40;
+/// How long the flusher leaves a batch the source refused before claiming it
+/// again (its `min_idle`): the run's only flusher holds no batch for long.
+const BEHIND_MIN_IDLE: Duration = Duration::from_millis(300);
 /// Every this many writes, the invalidation goes through the key's group.
 const GROUP_EVERY: u64 = 4;
 /// Groups (tenants) the protected lane's keys fall into.
@@ -203,10 +216,23 @@ pub(super) fn summary(rows: &[Row]) -> String {
     };
     let n = |v: Option<u64>| v.map_or_else(|| "?".to_owned(), |n| n.to_string());
     let us = |v: Option<u64>| v.map_or_else(|| "?".to_owned(), format_us);
+    let behind = find(rows, NAME, "write-behind").map_or_else(
+        || " Write-behind was not part of the load (it needs a single Redis node).".to_owned(),
+        |b| {
+            format!(
+                " Write-behind: {} writes acknowledged ({} while the source was down), {} \
+                 lost, {} failed while Redis was away.",
+                n(b.acknowledged),
+                n(b.acknowledged_while_source_down),
+                n(b.lost_writes),
+                b.errors,
+            )
+        },
+    );
     format!(
         "{NAME}: {}; errors surfaced to readers naive {} vs protected {}; stale reads past \
          the bus window {} vs {}; lost writes {} vs {}; read p99 during faults {} vs {} (outside \
-         {} vs {}). Write-behind is not part of the load.",
+         {} vs {}).{behind}",
         protected
             .strategy
             .split_once("; ")
@@ -352,7 +378,7 @@ async fn run_lanes(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
         &[Kind::Pause, Kind::SourceDown]
     };
     let faults = schedule(lab.seed_for(NAME, u64::MAX), duration, kinds);
-    lab.source.reset(2 * u64::try_from(KEYS)?).await?;
+    lab.source.reset(3 * u64::try_from(KEYS)?).await?;
     let started = Instant::now();
     let hold = Arc::new(AtomicBool::new(false));
     let mut built: Vec<Built> = Vec::new();
@@ -364,7 +390,14 @@ async fn run_lanes(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
         built.push((strategy, writer, readers, before));
     }
 
+    let behind = Behind::open(lab, redis).await?;
+
     let start = Instant::now();
+    let behind_writer = behind.as_ref().map(|b| {
+        let writer = b.writer(start, duration);
+        let seed = lab.seed_for(NAME, 9_999);
+        tokio::spawn(async move { writer.write(seed).await })
+    });
     let mut tasks = JoinSet::new();
     let mut lanes = Vec::new();
     for (l, (strategy, writer, readers, _)) in built.iter().enumerate() {
@@ -394,7 +427,9 @@ async fn run_lanes(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
         lanes.push(lane);
     }
 
-    let windows = stage(redis, &faults, &lanes, start).await?;
+    let mut sources: Vec<&Db> = lanes.iter().map(|l| &l.db).collect();
+    sources.extend(behind.as_ref().map(|b| &b.db));
+    let windows = stage(redis, &faults, &lanes[0].hold, &sources, start).await?;
     let mut tallies: Vec<Tally> = built.iter().map(|_| Tally::default()).collect();
     join_within(&mut tasks, start + duration, GRACE, "chaos loads", |done| {
         let (l, tally) = done.context("a chaos task panicked")?;
@@ -402,6 +437,18 @@ async fn run_lanes(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
         Ok(())
     })
     .await?;
+    let behind_tally = match behind_writer {
+        Some(task) => Some(
+            tokio::time::timeout_at(start + duration + GRACE, task)
+                .await
+                .context("the write-behind writer is stuck")?
+                .context("the write-behind writer panicked")?,
+        ),
+        None => None,
+    };
+    if let Some(behind) = &behind {
+        behind.drain().await?;
+    }
 
     let plan = faults
         .iter()
@@ -414,6 +461,14 @@ async fn run_lanes(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
         let mut row = lane.row(lab, built, tally, &windows, &plan, &items);
         row.store = redis.target.kind();
         rows.push(row.time_boxed(duration).elapsed(started.elapsed()));
+    }
+    if let Some(behind) = behind {
+        if let Some(tally) = &behind_tally {
+            let mut row = behind.row(lab, tally, &windows, &plan, &items);
+            row.store = redis.target.kind();
+            rows.push(row.time_boxed(duration).elapsed(started.elapsed()));
+        }
+        behind.close(lab, redis).await;
     }
     for (strategy, writer, _, _) in &built {
         lab.forget(writer).await;
@@ -434,16 +489,18 @@ async fn run_lanes(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
 type Window = (Kind, Range<Duration>);
 
 /// Stages `faults` in order, from `start`, one at a time.
+/// `hold` holds the writers of the invalidating lanes; `sources` are the
+/// lanes' handles on the source of truth, all taken down together.
 async fn stage(
     redis: &mut ScenarioRedis,
     faults: &[Fault],
-    lanes: &[Arc<Lane>],
+    hold: &AtomicBool,
+    sources: &[&Db],
     start: Instant,
 ) -> Result<Vec<Window>> {
     let mut windows = Vec::new();
     for fault in faults {
         tokio::time::sleep_until(start + fault.at.saturating_sub(fault.lead)).await;
-        let hold = &lanes[0].hold;
         if fault.kind == Kind::SourceDown {
             hold.store(true, Ordering::SeqCst);
             tokio::time::sleep_until(start + fault.at).await;
@@ -466,9 +523,9 @@ async fn stage(
                 tokio::time::sleep(fault.length).await;
             }
             Kind::SourceDown => {
-                lanes.iter().for_each(|l| l.db.set_down(true));
+                sources.iter().for_each(|db| db.set_down(true));
                 tokio::time::sleep(fault.length).await;
-                lanes.iter().for_each(|l| l.db.set_down(false));
+                sources.iter().for_each(|db| db.set_down(false));
                 hold.store(false, Ordering::SeqCst);
             }
         }
@@ -489,21 +546,6 @@ impl Lane {
         plan: &str,
         items: &[Item],
     ) -> Row {
-        let (mut during, mut outside) = (Latency::new(), Latency::new());
-        for (at, took) in &tally.reads {
-            match windows.iter().any(|(_, w)| w.contains(at)) {
-                true => during.record(*took),
-                false => outside.record(*took),
-            }
-        }
-        let ms = |kinds: &[Kind]| {
-            let total: Duration = windows
-                .iter()
-                .filter(|(k, _)| kinds.contains(k))
-                .map(|(_, w)| w.end - w.start)
-                .sum();
-            Some(u64::try_from(total.as_millis()).unwrap_or(u64::MAX))
-        };
         let label: &'static str =
             Box::leak(format!("{}; faults {plan}", strategy.name()).into_boxed_str());
         let mut row = lab.row(NAME, strategy.slug(), label);
@@ -517,12 +559,9 @@ impl Lane {
         row.stale_read_max_lag_us = Some(tally.lag.max_us().unwrap_or(0));
         let (acknowledged, lost) = self.lost_writes(items);
         row.acknowledged = Some(acknowledged);
+        row.applied = Some(acknowledged - lost);
         row.lost_writes = Some(lost);
-        row.outage_ms = ms(&[Kind::Kill, Kind::Pause]);
-        row.source_down_ms = ms(&[Kind::SourceDown]);
-        row.outage_p50_us = during.quantile_us(0.50);
-        row.outage_p99_us = during.quantile_us(0.99);
-        row.outage_max_us = during.max_us();
+        let outside = with_faults(&mut row, windows, &tally.reads);
         if *strategy == Strategy::Protected {
             let stats: Vec<Stats> = readers
                 .iter()
@@ -541,19 +580,11 @@ impl Lane {
     }
 
     fn ticker(&self, rate: u64) -> tokio::time::Interval {
-        let period = Duration::from_secs(1) / u32::try_from(rate.max(1)).unwrap_or(u32::MAX);
-        let mut tick = tokio::time::interval_at(self.start, period);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        tick
+        ticker(self.start, rate)
     }
 
-    /// At most this many operations at `rate` per second: the loops' bound
-    /// on top of the clock.
     fn budget(&self, rate: u64) -> u64 {
-        let ms = (self.end - self.start).as_millis();
-        u64::try_from(u128::from(rate) * ms / 1000)
-            .unwrap_or(u64::MAX)
-            .saturating_add(1)
+        budget(self.end - self.start, rate)
     }
 
     fn done(&self, id: i64) -> std::sync::MutexGuard<'_, (u64, Instant)> {
@@ -673,6 +704,263 @@ impl Lane {
             lost += acked.saturating_sub(value);
         }
         (acknowledged, lost)
+    }
+}
+
+/// A tick `rate` times a second from `start`, skipping missed ticks.
+fn ticker(start: Instant, rate: u64) -> tokio::time::Interval {
+    let period = Duration::from_secs(1) / u32::try_from(rate.max(1)).unwrap_or(u32::MAX);
+    let mut tick = tokio::time::interval_at(start, period);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    tick
+}
+
+/// At most this many operations at `rate` per second in `run`: the loops'
+/// bound on top of the clock.
+fn budget(run: Duration, rate: u64) -> u64 {
+    u64::try_from(u128::from(rate) * run.as_millis() / 1000)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
+}
+
+/// Fills `row`'s fault figures: how long each kind of fault lasted, and the
+/// latency of the `calls` (start from the load's start, latency) made during
+/// one; returns the latency of the others.
+fn with_faults(row: &mut Row, windows: &[Window], calls: &[(Duration, Duration)]) -> Latency {
+    let (mut during, mut outside) = (Latency::new(), Latency::new());
+    for (at, took) in calls {
+        match windows.iter().any(|(_, w)| w.contains(at)) {
+            true => during.record(*took),
+            false => outside.record(*took),
+        }
+    }
+    let ms = |kinds: &[Kind]| {
+        let total: Duration = windows
+            .iter()
+            .filter(|(k, _)| kinds.contains(k))
+            .map(|(_, w)| w.end - w.start)
+            .sum();
+        Some(u64::try_from(total.as_millis()).unwrap_or(u64::MAX))
+    };
+    row.outage_ms = ms(&[Kind::Kill, Kind::Pause]);
+    row.source_down_ms = ms(&[Kind::SourceDown]);
+    row.outage_p50_us = during.quantile_us(0.50);
+    row.outage_p99_us = during.quantile_us(0.99);
+    row.outage_max_us = during.max_us();
+    outside
+}
+
+/// The write-behind lane: write-behind over a cache of its own keys
+/// (`BEHIND_BASE + 1..=BEHIND_BASE + KEYS`), and its flusher, in this process.
+struct Behind {
+    wb: WriteBehind<i64, Item>,
+    /// The flusher's handle on the source, taken down with the others.
+    db: Db,
+    flusher: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The write-behind lane's keys start past this one.
+const BEHIND_BASE: i64 = 2 * KEYS;
+
+/// What the write-behind writer saw.
+#[derive(Debug, Default)]
+struct BehindTally {
+    /// Each write's start (from the load's start) and latency.
+    writes: Vec<(Duration, Duration)>,
+    /// The writes write-behind acknowledged: key, version and start.
+    acknowledged: Vec<(i64, u64, Duration)>,
+    /// Writes that failed (Redis away), not acknowledged.
+    failed: u64,
+}
+
+impl Behind {
+    /// Write-behind on the scenario's Redis, and a flusher applying its queue to
+    /// the source; `None` on a Redis Cluster (write-behind needs one node).
+    async fn open(lab: &Lab, redis: &ScenarioRedis) -> Result<Option<Self>> {
+        if redis.target.server_url().is_none() {
+            return Ok(None);
+        }
+        let wb = write_behind::open(&redis.target, namespace(lab, NAME, "write-behind")).await?;
+        let db = lab.source.counted();
+        let flusher = wb
+            .flusher(SourceSink(db.clone()))
+            .consumer("chaos")
+            .block(FLUSHER_BLOCK)
+            .min_idle(BEHIND_MIN_IDLE)
+            .max_backoff(FLUSHER_MAX_BACKOFF)
+            .connect_store()
+            .await
+            .context("cannot start the write-behind flusher")?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let flusher = tokio::spawn(async move {
+            flusher
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Some(Self {
+            wb,
+            db,
+            flusher,
+            stop,
+        }))
+    }
+
+    fn writer(&self, start: Instant, run: Duration) -> BehindWriter {
+        BehindWriter {
+            wb: self.wb.clone(),
+            start,
+            end: start + run,
+        }
+    }
+
+    /// Waits until the flusher has emptied the queue (within [`GRACE`]).
+    async fn drain(&self) -> Result<()> {
+        let deadline = Instant::now() + GRACE;
+        let rounds = GRACE.as_millis() / FLUSHER_BLOCK.as_millis() + 1;
+        for _ in 0..rounds {
+            if self.wb.backlog().await.is_ok_and(|n| n == 0) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(FLUSHER_BLOCK).await;
+        }
+        anyhow::bail!("write-behind's queue was not flushed within {GRACE:?} of the load's end")
+    }
+
+    /// The lane's row: writes acknowledged, and those the source lacks.
+    fn row(
+        &self,
+        lab: &Lab,
+        tally: &BehindTally,
+        windows: &[Window],
+        plan: &str,
+        items: &[Item],
+    ) -> Row {
+        let label: &'static str = Box::leak(
+            format!("write-behind (queue in Redis, flusher in process); faults {plan}")
+                .into_boxed_str(),
+        );
+        let mut row = lab.row(NAME, "write-behind", label);
+        row.requests = tally.writes.len() as u64;
+        row.writes = row.requests;
+        row.errors = tally.failed;
+        let held = |id: i64| {
+            items
+                .iter()
+                .find(|item| item.id == id)
+                .map_or(0, |item| u64::try_from(item.value).unwrap_or(0))
+        };
+        let lost = tally
+            .acknowledged
+            .iter()
+            .filter(|(id, version, _)| held(*id) < *version)
+            .count() as u64;
+        let acknowledged = tally.acknowledged.len() as u64;
+        row.acknowledged = Some(acknowledged);
+        row.applied = Some(acknowledged - lost);
+        row.lost_writes = Some(lost);
+        row.acknowledged_while_source_down = Some(
+            tally
+                .acknowledged
+                .iter()
+                .filter(|(_, _, at)| {
+                    windows
+                        .iter()
+                        .any(|(kind, w)| *kind == Kind::SourceDown && w.contains(at))
+                })
+                .count() as u64,
+        );
+        row.transactions = Some(self.db.transactions());
+        let outside = with_faults(&mut row, windows, &tally.writes);
+        row.with_latency(&outside)
+    }
+
+    /// Stops the flusher, and removes what the lane wrote.
+    async fn close(self, lab: &Lab, redis: &ScenarioRedis) {
+        let _ = self.stop.send(());
+        if tokio::time::timeout(GRACE, self.flusher).await.is_err() {
+            tracing::warn!("the chaos scenario's write-behind flusher did not stop");
+        }
+        write_behind::forget(lab, &redis.target, &self.wb).await;
+    }
+}
+
+/// The write-behind lane's writer.
+struct BehindWriter {
+    wb: WriteBehind<i64, Item>,
+    start: Instant,
+    end: Instant,
+}
+
+impl BehindWriter {
+    /// Writes random keys of the lane, each at its next version, until the end;
+    /// never held: write-behind does not need the source.
+    async fn write(self, seed: u64) -> BehindTally {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut tick = ticker(self.start, BEHIND_RATE);
+        let mut versions = vec![0_u64; usize::try_from(KEYS).unwrap_or(0) + 1];
+        let mut out = BehindTally::default();
+        for _ in 0..budget(self.end - self.start, BEHIND_RATE) {
+            tick.tick().await;
+            if Instant::now() >= self.end {
+                break;
+            }
+            let k = rng.random_range(1..=KEYS);
+            let i = usize::try_from(k).unwrap_or(0);
+            versions[i] += 1;
+            let (id, version) = (BEHIND_BASE + k, versions[i]);
+            let item = Item {
+                id,
+                value: i64::try_from(version).unwrap_or(i64::MAX),
+                payload: format!("item-{id} v{version}"),
+            };
+            let t = Instant::now();
+            let written = self.wb.write_behind(&id, item).await;
+            out.writes.push((t - self.start, t.elapsed()));
+            match written {
+                Ok(WriteOutcome::Queued { .. }) => {
+                    out.acknowledged.push((id, version, t - self.start));
+                }
+                Ok(_) | Err(_) => out.failed += 1,
+            }
+        }
+        out
+    }
+}
+
+/// Applies write-behind's writes to the source, idempotently by version; while
+/// the source is down, fails with [`SourceDown`], a transient failure.
+struct SourceSink(Db);
+
+/// The source was down (staged by the lab).
+#[derive(Debug)]
+struct SourceDown;
+
+impl std::fmt::Display for SourceDown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the source of truth is down (staged by the lab)")
+    }
+}
+
+impl std::error::Error for SourceDown {}
+
+impl Sink<i64, Item> for SourceSink {
+    async fn apply(&self, batch: &[Write<i64, Item>]) -> Result<(), BoxError> {
+        if self.0.is_down() {
+            return Err(Box::new(SourceDown));
+        }
+        let items: Vec<Item> = batch.iter().map(|w| w.value.clone()).collect();
+        self.0.write_versioned_batch(&items).await?;
+        Ok(())
+    }
+
+    fn is_transient(&self, error: &BoxError) -> bool {
+        error.is::<SourceDown>()
     }
 }
 

@@ -108,6 +108,9 @@ pub(crate) struct Row {
     pub(crate) applied: Option<u64>,
     /// Acknowledged writes not in the source of truth at the end.
     pub(crate) lost_writes: Option<u64>,
+    /// Of the acknowledged writes, those made while the source of truth was
+    /// down (write-behind queues them).
+    pub(crate) acknowledged_while_source_down: Option<u64>,
     /// Write transactions begun on the source of truth.
     pub(crate) transactions: Option<u64>,
     /// Times a write-behind flusher was killed (SIGKILL) and another started.
@@ -192,6 +195,7 @@ impl Row {
             acknowledged: None,
             applied: None,
             lost_writes: None,
+            acknowledged_while_source_down: None,
             transactions: None,
             flusher_kills: None,
             reclaimed: None,
@@ -515,7 +519,16 @@ fn detail(r: &Row) -> String {
     }
     if let Some(max) = r.outage_max_us {
         let p99 = r.outage_p99_us.map_or_else(|| "?".to_owned(), format_us);
-        parts.push(format!("reads in outage p99 {p99}, max {}", format_us(max)));
+        // The write-behind lane times its writes; every other row its reads.
+        let calls = if r.acknowledged_while_source_down.is_some() {
+            "writes"
+        } else {
+            "reads"
+        };
+        parts.push(format!(
+            "{calls} in outage p99 {p99}, max {}",
+            format_us(max)
+        ));
     }
     if let Some(failed) = r.failed_invalidations {
         parts.push(format!("failed invalidations {failed}"));
@@ -531,6 +544,9 @@ fn detail(r: &Row) -> String {
         parts.push(format!(
             "acknowledged {acked}, applied {applied}, lost_writes {lost}"
         ));
+    }
+    if let Some(n) = r.acknowledged_while_source_down {
+        parts.push(format!("{n} of them while the source was down"));
     }
     if let Some(misses) = r.caller_misses {
         parts.push(format!("misses on the caller's path {misses}"));

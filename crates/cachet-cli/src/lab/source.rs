@@ -387,6 +387,11 @@ impl Db {
         self.down.store(down, Ordering::Relaxed);
     }
 
+    /// Whether [`set_down`](Self::set_down) made the source fail.
+    pub(crate) fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+
     /// Opens the run's source of truth again, from another process of the lab
     /// (`connections` at most).
     pub(crate) async fn attach(at: Location<'_>, connections: u32) -> Result<Self> {

@@ -222,6 +222,25 @@ pub(super) async fn open(
         .context("cannot set up write-behind")
 }
 
+/// Removes what `wb` wrote: its cache's keys, and its streams, which live
+/// without a TTL, whatever happened.
+pub(super) async fn forget(lab: &Lab, target: &RedisTarget, wb: &WriteBehind<i64, Item>) {
+    let deleted = async {
+        let mut conn = store(target).await?.connection();
+        redis::cmd("DEL")
+            .arg(wb.stream())
+            .arg(wb.dead_letter_stream())
+            .query_async::<()>(&mut conn)
+            .await
+            .context("DEL failed")
+    };
+    if let Err(e) = deleted.await {
+        tracing::warn!(stream = wb.stream(), error = %format!("{e:#}"),
+            "cannot delete the lab's write-behind stream");
+    }
+    lab.forget(wb.cache()).await;
+}
+
 /// The keys of the run: `1..=wb_keys`.
 fn keys(lab: &Lab) -> Result<RangeInclusive<i64>> {
     Ok(1..=i64::try_from(lab.args.write_behind.wb_keys).context("too many keys")?)
@@ -262,21 +281,7 @@ async fn behind(lab: &Lab, redis: &ScenarioRedis) -> Result<Row> {
     let wb = open(&redis.target, namespace(lab, NAME, "behind")).await?;
     register(lab, redis, wb.cache())?;
     let outcome = flush_killed(lab, &redis.target, &wb).await;
-    // The stream lives without a TTL: it goes whatever happened.
-    let deleted = async {
-        let mut conn = store(&redis.target).await?.connection();
-        redis::cmd("DEL")
-            .arg(wb.stream())
-            .arg(wb.dead_letter_stream())
-            .query_async::<()>(&mut conn)
-            .await
-            .context("DEL failed")
-    };
-    if let Err(e) = deleted.await {
-        tracing::warn!(stream = wb.stream(), error = %format!("{e:#}"),
-            "cannot delete the lab's write-behind stream");
-    }
-    lab.forget(wb.cache()).await;
+    forget(lab, &redis.target, &wb).await;
     let mut row = outcome?;
     row.store = redis.target.kind();
     Ok(row)
