@@ -80,9 +80,6 @@ const WRITERS: i64 = 2;
 const WRITE_RATE: u64 = 10;
 /// Writes per second of the write-behind lane's writer.
 const BEHIND_RATE: u64 = 40;
-/// How long the flusher leaves a batch the source refused before claiming it
-/// again (its `min_idle`): the run's only flusher holds no batch for long.
-const BEHIND_MIN_IDLE: Duration = Duration::from_millis(300);
 /// Every this many writes, the invalidation goes through the key's group.
 const GROUP_EVERY: u64 = 4;
 /// Groups (tenants) the protected lane's keys fall into.
@@ -787,7 +784,6 @@ impl Behind {
             .flusher(SourceSink(db.clone()))
             .consumer("chaos")
             .block(FLUSHER_BLOCK)
-            .min_idle(BEHIND_MIN_IDLE)
             .max_backoff(FLUSHER_MAX_BACKOFF)
             .connect_store()
             .await

@@ -357,6 +357,7 @@ where
                 config,
                 counters: Counters::default(),
                 schedule: Mutex::new(Schedule {
+                    retry_own: false,
                     cursor: "0-0".to_owned(),
                     next_claim: Instant::now(),
                     next_prune: Instant::now(),
@@ -390,6 +391,8 @@ struct Inner<K: ?Sized, V, S> {
 /// When the next claim and prune are due, and where the claim scan is.
 #[derive(Debug)]
 struct Schedule {
+    /// Whether the next round takes this flusher's own entries again first.
+    retry_own: bool,
     cursor: String,
     next_claim: Instant,
     next_prune: Instant,
@@ -505,21 +508,26 @@ where
         }
     }
 
-    /// One round, without waiting for new writes: claims entries pending for
-    /// the minimum idle time (when a claim is due), reads new ones, applies
-    /// them, acknowledges what was applied. Returns how many entries left the
-    /// stream (applied, coalesced or dead-lettered).
+    /// One round, without waiting for new writes: takes again the entries
+    /// this flusher holds after a transient sink failure, claims entries
+    /// pending for the minimum idle time (when a claim is due), reads new
+    /// ones, applies them, acknowledges what was applied. Returns how many
+    /// entries left the stream (applied, coalesced or dead-lettered).
     ///
     /// # Errors
     /// When Redis fails, or the sink fails ([`Error::Sink`]): the entries not
-    /// applied stay pending, to be claimed again after the minimum idle time.
+    /// applied stay pending; after a [transient](Sink::is_transient) failure
+    /// the next round takes them again, after a refusal they are claimed again
+    /// after the minimum idle time.
     pub async fn flush_once(&self) -> Result<usize, Error> {
         self.round(None).await
     }
 
     /// Flushes until `shutdown` completes.
     ///
-    /// Each round claims entries pending for the minimum idle time (when a
+    /// Each round takes again the entries this flusher holds after a round
+    /// that failed for a reason not theirs (a transient sink failure, a Redis
+    /// error), claims entries pending for the minimum idle time (when a
     /// claim is due: every half minimum idle time, and at once while a claim
     /// scan has more), reads up to `batch_size` new entries (waiting up to
     /// [`block`](FlusherBuilder::block) for some), applies them, and
@@ -552,6 +560,11 @@ where
                     Duration::ZERO
                 }
                 Err(e) => {
+                    if matches!(e, Error::Redis { .. }) {
+                        // Entries may have been delivered to this flusher
+                        // in a reply it never got.
+                        self.retry_own_later();
+                    }
                     let pause = failures.next_pause();
                     tracing::warn!(stream = self.stream(), consumer = self.consumer(),
                         error = %cachet_core::Report(&e), retry_in = ?pause, "write-behind flush failed");
@@ -570,8 +583,16 @@ where
         self.maybe_prune().await;
         let mut removed = 0;
         let mut block = block;
+        if self.take_retry_own() {
+            let (n, more) = self.claim(Claim::Own).await?;
+            removed += n;
+            if more {
+                self.retry_own_later();
+                block = None;
+            }
+        }
         if let Some(cursor) = self.claim_due() {
-            let (n, more) = self.claim(&cursor).await?;
+            let (n, more) = self.claim(Claim::Idle(&cursor)).await?;
             removed += n;
             if more {
                 // More to claim right away: do not wait for new writes.
@@ -585,6 +606,29 @@ where
                 .await?;
         }
         Ok(removed)
+    }
+
+    /// After a failure that was not the writes' (a transient sink error, a
+    /// Redis error): the entries this flusher holds are taken again at the
+    /// next round, after the backoff, not left for the minimum idle time.
+    fn retry_own_later(&self) {
+        self.inner
+            .schedule
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retry_own = true;
+    }
+
+    /// Whether the entries this flusher holds are to be taken again now.
+    fn take_retry_own(&self) -> bool {
+        std::mem::take(
+            &mut self
+                .inner
+                .schedule
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retry_own,
+        )
     }
 
     /// The claim cursor, when a claim is due.
@@ -650,37 +694,51 @@ where
         }
     }
 
-    /// Claims entries pending for the minimum idle time, dead-letters those
+    /// Claims entries pending for the minimum idle time (or, for
+    /// [`Claim::Own`], those this flusher holds), dead-letters those
     /// delivered too often, and applies the others.
-    /// Returns how many left the stream, and whether the scan has more.
-    async fn claim(&self, cursor: &str) -> Result<(usize, bool), Error> {
+    /// Returns how many left the stream, and whether there are more to take.
+    async fn claim(&self, what: Claim<'_>) -> Result<(usize, bool), Error> {
         let c = &self.inner.config;
-        let reply: Result<Value, _> = scripts::CLAIM
+        let (mut invocation, doing) = match what {
+            Claim::Idle(_) => (scripts::CLAIM.prepare_invoke(), "claiming idle entries"),
+            Claim::Own => (
+                scripts::RETRY_OWN.prepare_invoke(),
+                "taking its entries again",
+            ),
+        };
+        invocation
             .key(self.stream())
             .key(&self.inner.wb.inner.dead)
             .arg(&self.inner.group)
-            .arg(&self.inner.consumer)
-            .arg(u64::try_from(c.min_idle.as_millis()).unwrap_or(u64::MAX))
-            .arg(cursor)
-            .arg(c.batch_size)
-            .arg(c.max_deliveries)
-            .invoke_async(&mut self.conn())
-            .await;
+            .arg(&self.inner.consumer);
+        if let Claim::Idle(cursor) = what {
+            invocation
+                .arg(u64::try_from(c.min_idle.as_millis()).unwrap_or(u64::MAX))
+                .arg(cursor);
+        }
+        invocation.arg(c.batch_size).arg(c.max_deliveries);
+        let reply: Result<Value, _> = invocation.invoke_async(&mut self.conn()).await;
         let reply = match reply {
             Err(e) if e.code() == Some("NOGROUP") => {
                 self.create_group().await?;
-                self.claim_done("0-0".to_owned());
+                if let Claim::Idle(_) = what {
+                    self.claim_done("0-0".to_owned());
+                }
                 return Ok((0, false));
             }
-            other => other.map_err(Error::redis(self.stream(), "claiming idle entries", None))?,
+            other => other.map_err(Error::redis(self.stream(), doing, None))?,
         };
-        let (next, live, counts, dead) = parse_claim(reply).map_err(Error::redis(
-            self.stream(),
-            "claiming idle entries",
-            None,
-        ))?;
-        let more = self.claim_done(next);
-        add(&self.inner.counters.reclaimed, live.len() + dead.len() / 4);
+        let (next, live, counts, dead) =
+            parse_claim(reply).map_err(Error::redis(self.stream(), doing, None))?;
+        let taken = live.len() + dead.len() / 4;
+        let more = match what {
+            Claim::Idle(_) => {
+                add(&self.inner.counters.reclaimed, taken);
+                self.claim_done(next)
+            }
+            Claim::Own => taken >= c.batch_size,
+        };
         let mut removed = 0;
         for d in dead.chunks(4) {
             let text = |v: &Value| match v {
@@ -748,6 +806,7 @@ where
             Err((source, true)) => {
                 // Not the writes' fault: this delivery was no attempt.
                 self.recount(batch.keys.iter()).await?;
+                self.retry_own_later();
                 return Err(self.sink_error(batch.writes.len(), source));
             }
             Err((source, false)) if batch.writes.len() == 1 => {
@@ -777,6 +836,7 @@ where
                 }
                 Err((source, true)) => {
                     self.recount(batch.keys[i..].iter()).await?;
+                    self.retry_own_later();
                     failed += 1;
                     last = source;
                     break;
@@ -1055,6 +1115,16 @@ where
             ))?;
         Ok(())
     }
+}
+
+/// What [`Flusher::claim`] takes.
+#[derive(Clone, Copy, Debug)]
+enum Claim<'a> {
+    /// Entries of any consumer idle for the minimum idle time, scanning from
+    /// this cursor.
+    Idle(&'a str),
+    /// The entries this flusher holds.
+    Own,
 }
 
 /// Entries of an `XRANGE`-shaped reply: `[[id, [field, value, …]], …]`.

@@ -166,6 +166,13 @@
 //! in one process or many, each with its own consumer name. Each round of
 //! [`Flusher::run`]:
 //!
+//! 0. after a round that failed for a reason not the writes' own (the sink
+//!    called its error [transient](Sink::is_transient), or a Redis call
+//!    failed, perhaps after its reply had delivered entries), takes the
+//!    entries this flusher holds again (`XPENDING` of its consumer, then
+//!    `XCLAIM` to itself, in one script), so that they are retried after the
+//!    backoff rather than after `min_idle`; they are applied as in steps 3
+//!    to 5;
 //! 1. when a claim is due, `XAUTOCLAIM`s entries pending for at least
 //!    [`min_idle`](FlusherBuilder::min_idle) (their flusher died, or their
 //!    batch failed), reading each one's delivery count (`XPENDING`) in the same
@@ -188,9 +195,10 @@
 //!    **poison write**: it is moved to the dead-letter stream (copied with its
 //!    delivery count and the reason, then acknowledged and deleted, in one
 //!    script), logged at `error` level and counted in
-//!    [`FlusherStats::dead_lettered`]; never dropped. Other failed entries stay
-//!    pending and are claimed again after `min_idle`, by this flusher or
-//!    another, and the flusher backs off (100 ms doubling to
+//!    [`FlusherStats::dead_lettered`]; never dropped. Other entries the sink
+//!    refused stay pending and are claimed again after `min_idle`, by this
+//!    flusher or another (entries of a transient failure are retried as in
+//!    step 0), and the flusher backs off (100 ms doubling to
 //!    [`max_backoff`](FlusherBuilder::max_backoff)).
 //!
 //! Why two bounds rather than "delivered more than `max_attempts` times": a

@@ -167,6 +167,53 @@ return moved
     )
 });
 
+/// Sorts entries just claimed (`claimed`, `XCLAIM`-shaped) into those to try
+/// again and those delivered more than `max_deliveries` times without being
+/// acknowledged, which it moves to the dead-letter stream as [`DEAD_LETTER`]
+/// does, without trying them again: they probably crash or stall the flushers
+/// that take them. `KEYS[1]` the stream, `KEYS[2]` the dead-letter stream.
+/// Returns `live entries, their delivery counts, dead` where `dead` is flat:
+/// id, key, version, deliveries for each.
+const SORT_CLAIMED_LUA: &str = r"
+local function sort_claimed(group, claimed, max)
+  local live, counts, dead = {}, {}, {}
+  for _, e in ipairs(claimed) do
+    local id, fields = e[1], e[2]
+    if not fields then
+      -- Deleted from the stream while pending (Redis 6.2 reports it this way).
+      redis.call('XACK', KEYS[1], group, id)
+    else
+      local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
+      local n = 1
+      if p[1] then n = tonumber(p[1][4]) end
+      if n > max then
+        local args = {KEYS[2], '*'}
+        local key, version = '', ''
+        for i = 1, #fields, 2 do
+          args[#args + 1] = fields[i]; args[#args + 1] = fields[i + 1]
+          if fields[i] == 'key' then key = fields[i + 1] end
+          if fields[i] == 'version' then version = fields[i + 1] end
+        end
+        args[#args + 1] = 'origin_id'; args[#args + 1] = id
+        args[#args + 1] = 'deliveries'; args[#args + 1] = tostring(n)
+        args[#args + 1] = 'reason'
+        args[#args + 1] = 'poison: delivered ' .. n .. ' times without being acknowledged, more '
+          .. 'than max_deliveries ' .. max .. '; it may crash or stall its flushers'
+        redis.call('XADD', unpack(args))
+        redis.call('XACK', KEYS[1], group, id)
+        redis.call('XDEL', KEYS[1], id)
+        dead[#dead + 1] = id; dead[#dead + 1] = key
+        dead[#dead + 1] = version; dead[#dead + 1] = n
+      else
+        live[#live + 1] = e
+        counts[#counts + 1] = n
+      end
+    end
+  end
+  return live, counts, dead
+end
+";
+
 /// Claims entries left pending too long (their flusher died, or their batch
 /// failed), and dead-letters those delivered too often.
 ///
@@ -174,55 +221,45 @@ return moved
 /// `ARGV[2]` this consumer, `ARGV[3]` the minimum idle time in ms, `ARGV[4]`
 /// the scan cursor, `ARGV[5]` the most to claim, `ARGV[6]` `max_deliveries`.
 ///
-/// `XAUTOCLAIM` (which counts a delivery), then for each claimed entry its
-/// delivery count from `XPENDING`. An entry delivered more than
-/// `max_deliveries` times without being acknowledged is moved to the
-/// dead-letter stream as [`DEAD_LETTER`] does, without being tried again: it
-/// probably crashes or stalls the flushers that take it. Returns
-/// `{next cursor, live entries, their delivery counts, dead}` where `dead` is
-/// flat: id, key, version, deliveries for each.
+/// `XAUTOCLAIM` (which counts a delivery), then the claimed entries sorted as
+/// `sort_claimed` does. Returns `{next cursor, live entries, their delivery
+/// counts, dead}`.
 pub(crate) static CLAIM: LazyLock<Script> = LazyLock::new(|| {
-    script(
+    script(&format!(
+        "{SORT_CLAIMED_LUA}{}",
         r"
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
-local max = tonumber(ARGV[6])
-local live, counts, dead = {}, {}, {}
-for _, e in ipairs(r[2]) do
-  local id, fields = e[1], e[2]
-  if not fields then
-    -- Deleted from the stream while pending (Redis 6.2 reports it this way).
-    redis.call('XACK', KEYS[1], ARGV[1], id)
-  else
-    local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-    local n = 1
-    if p[1] then n = tonumber(p[1][4]) end
-    if n > max then
-      local args = {KEYS[2], '*'}
-      local key, version = '', ''
-      for i = 1, #fields, 2 do
-        args[#args + 1] = fields[i]; args[#args + 1] = fields[i + 1]
-        if fields[i] == 'key' then key = fields[i + 1] end
-        if fields[i] == 'version' then version = fields[i + 1] end
-      end
-      args[#args + 1] = 'origin_id'; args[#args + 1] = id
-      args[#args + 1] = 'deliveries'; args[#args + 1] = tostring(n)
-      args[#args + 1] = 'reason'
-      args[#args + 1] = 'poison: delivered ' .. n .. ' times without being acknowledged, more '
-        .. 'than max_deliveries ' .. max .. '; it may crash or stall its flushers'
-      redis.call('XADD', unpack(args))
-      redis.call('XACK', KEYS[1], ARGV[1], id)
-      redis.call('XDEL', KEYS[1], id)
-      dead[#dead + 1] = id; dead[#dead + 1] = key
-      dead[#dead + 1] = version; dead[#dead + 1] = n
-    else
-      live[#live + 1] = e
-      counts[#counts + 1] = n
-    end
-  end
-end
+local live, counts, dead = sort_claimed(ARGV[1], r[2], tonumber(ARGV[6]))
 return {r[1], live, counts, dead}
-",
-    )
+"
+    ))
+});
+
+/// Takes again the entries this consumer holds, however briefly idle: after
+/// a failure that was not theirs (a transient sink error, a lost connection),
+/// so that they are retried after the flusher's backoff rather than after the
+/// minimum idle time. Other consumers' entries are left alone.
+///
+/// `KEYS[1]` the stream, `KEYS[2]` the dead-letter stream. `ARGV[1]` the group,
+/// `ARGV[2]` this consumer, `ARGV[3]` the most to take, `ARGV[4]`
+/// `max_deliveries`.
+///
+/// `XPENDING` of this consumer, `XCLAIM` of those ids to itself (which
+/// counts a delivery), then sorted as `sort_claimed` does. Returns `{'0-0',
+/// live entries, their delivery counts, dead}`, as [`CLAIM`] does.
+pub(crate) static RETRY_OWN: LazyLock<Script> = LazyLock::new(|| {
+    script(&format!(
+        "{SORT_CLAIMED_LUA}{}",
+        r"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', ARGV[3], ARGV[2])
+if #p == 0 then return {'0-0', {}, {}, {}} end
+local ids = {}
+for _, e in ipairs(p) do ids[#ids + 1] = e[1] end
+local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(ids))
+local live, counts, dead = sort_claimed(ARGV[1], claimed, tonumber(ARGV[4]))
+return {'0-0', live, counts, dead}
+"
+    ))
 });
 
 /// Sets the delivery counts of entries this consumer holds, after failures

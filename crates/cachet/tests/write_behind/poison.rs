@@ -157,6 +157,37 @@ async fn transient_failures_do_not_count_as_attempts() {
 }
 
 #[tokio::test]
+async fn a_batch_the_sink_failed_transiently_is_retried_at_the_next_round() {
+    let fx = Fx::new().await;
+    let wb = fx.write_behind(|b| b).await;
+    for id in 1..=3u64 {
+        let _ = wb.write_behind(&id, Item::new(1, "x")).await.unwrap();
+    }
+    let sink = Flaky {
+        inner: fx.sink(),
+        failures: AtomicU32::new(1),
+    };
+    // A minimum idle time longer than the test: no claim can flush the batch,
+    // only this flusher taking its own entries again.
+    let flusher = fx
+        .flusher(&wb, sink, |f| f.min_idle(Duration::from_secs(3600)))
+        .await;
+    assert!(flusher.flush_once().await.is_err());
+    assert_eq!(fx.pending(&wb), 3);
+    assert_eq!(flusher.flush_once().await.unwrap(), 3);
+    assert_eq!(rows(&fx.pool).await.len(), 3);
+    assert_eq!((wb.backlog().await.unwrap(), fx.pending(&wb)), (0, 0));
+    let stats = flusher.stats();
+    assert_eq!(
+        (stats.flushed, stats.sink_errors, stats.reclaimed),
+        (3, 1, 0),
+        "{stats:?}"
+    );
+    // Nothing left to take again: the next round reads new entries only.
+    assert_eq!(flusher.flush_once().await.unwrap(), 0);
+}
+
+#[tokio::test]
 async fn a_malformed_entry_is_dead_lettered_at_once() {
     let fx = Fx::new().await;
     let wb = fx.write_behind(|b| b).await;
