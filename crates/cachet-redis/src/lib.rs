@@ -283,6 +283,7 @@ struct Inner {
     conn: RedisConnection,
     tokens: TokenSource,
     response_timeout: Duration,
+    connection_timeout: Duration,
     /// Redacted.
     target: Target,
     deferred: Box<[QueueShard]>,
@@ -503,6 +504,7 @@ impl RedisStoreBuilder {
                 conn,
                 tokens: TokenSource::new(),
                 response_timeout: self.response_timeout,
+                connection_timeout: self.connection_timeout,
                 target: self.target.redacted(),
                 deferred: shards,
                 deferred_visibility: self.deferred_visibility,
@@ -646,14 +648,43 @@ impl RedisStore {
         self.inner.conn.clone()
     }
 
-    /// A client for connections of one's own to the store's server (a
-    /// cluster's first node; on Sentinel, the primary last found), with the
-    /// store's TLS settings: write-behind's
-    /// flushers, whose blocking reads must not hold the shared connection.
-    /// Not part of the documented API, which exposes no redis-rs type.
+    /// A connection of one's own to the store's server (on Sentinel, to the
+    /// primary the sentinels name, followed across failovers on its own), with
+    /// the store's TLS settings and connection timeout, and calls bounded by
+    /// `response_timeout`: write-behind's flushers, whose blocking reads must
+    /// not hold the shared connection. Not part of the documented API, which
+    /// exposes no redis-rs type.
+    ///
+    /// # Errors
+    /// When the server (or, on Sentinel, the primary) cannot be reached, or
+    /// on a cluster, which has no single server.
     #[doc(hidden)]
-    pub fn own_client(&self) -> redis::Client {
-        self.inner.nodes.current()
+    pub async fn own_connection(
+        &self,
+        response_timeout: Duration,
+    ) -> Result<RedisConnection, StoreError> {
+        let limit = self.inner.connection_timeout;
+        match &self.inner.nodes {
+            _ if self.is_cluster() => Err(StoreError::config(
+                "a connection of one's own needs a single Redis server, not a Redis Cluster",
+            )),
+            sentinel::Nodes::Primary(primary) => Ok(RedisConnection::sentinel(
+                primary.sibling(response_timeout).await?,
+            )),
+            sentinel::Nodes::Fixed(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(response_timeout))
+                    .set_connection_timeout(Some(limit))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_millis(500));
+                let connecting =
+                    ConnectionManager::new_with_config(client.as_ref().clone(), config);
+                let conn = within_connect_timeout(limit, connecting)
+                    .await?
+                    .map_err(|e| connect_err(e, limit))?;
+                Ok(RedisConnection::server(conn))
+            }
+        }
     }
 
     /// Whether the store is on a Redis Cluster.

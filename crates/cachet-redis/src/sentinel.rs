@@ -160,6 +160,9 @@ impl SentinelTarget {
 pub(crate) struct Primary(Arc<Shared>);
 
 struct Shared {
+    /// The sentinels and TLS settings, for connections of one's own.
+    target: SentinelTarget,
+    tls: TlsOptions,
     master: String,
     /// Asks the sentinels; one resolution at a time.
     sentinel: Mutex<SentinelClient>,
@@ -212,6 +215,8 @@ pub(crate) async fn connect(
         conn: None,
     });
     let primary = Primary(Arc::new(Shared {
+        target: target.clone(),
+        tls: tls.clone(),
         master: target.master.clone(),
         sentinel: Mutex::new(sentinel),
         config: AsyncConnectionConfig::new()
@@ -229,6 +234,15 @@ pub(crate) async fn connect(
 }
 
 impl Primary {
+    /// Another connection to the primary the same sentinels name, following
+    /// it on its own, with calls bounded by `response_timeout`: for a
+    /// connection of one's own (write-behind's flushers, whose blocking reads
+    /// must not hold the shared connection).
+    pub(crate) async fn sibling(&self, response_timeout: Duration) -> Result<Self, StoreError> {
+        let s = &self.0;
+        connect(&s.target, &s.tls, response_timeout, s.connection_timeout).await
+    }
+
     /// Sends through the current primary's connection (waiting for one while it
     /// is looked for), all within the response timeout, and starts looking for
     /// the primary again if the reply says it is gone.
@@ -523,16 +537,6 @@ impl Nodes {
         match self {
             Self::Fixed(client) => Ok(client.as_ref().clone()),
             Self::Primary(primary) => primary.fresh_client().await,
-        }
-    }
-
-    /// A client for the server, or the primary last found.
-    pub(crate) fn current(&self) -> redis::Client {
-        match self {
-            Self::Fixed(client) => client.as_ref().clone(),
-            Self::Primary(primary) => primary
-                .current_client()
-                .expect("a connected Sentinel store has found a primary"),
         }
     }
 }

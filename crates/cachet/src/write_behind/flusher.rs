@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::{BoxError, CacheKey, StoreKey};
 use cachet_core::retry::{Backoff, Clipped};
 use cachet_core::ttl_millis;
+use cachet_redis::RedisConnection;
 use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
@@ -318,26 +319,50 @@ where
     /// [`RedisStore`](crate::RedisStore), on a connection of its own, with the
     /// store's TLS settings (its CA and client certificate): the way to run a
     /// flusher against a server whose certificate the system does not trust,
-    /// or that asks for a client certificate.
+    /// or that asks for a client certificate. On a store built with
+    /// [`RedisStore::sentinel_builder`](crate::RedisStore::sentinel_builder),
+    /// the flusher's connection finds the primary through the sentinels and
+    /// follows it across failovers, as the store's own does.
     ///
     /// # Errors
     /// When Redis cannot be reached.
     pub async fn connect_store(self) -> Result<Flusher<K, V, S>, Error> {
-        let client = self.wb.inner.store.own_client();
-        self.connect_client(client).await
+        let conn = self
+            .wb
+            .inner
+            .store
+            .own_connection(self.response_timeout())
+            .await
+            .map_err(|e| Error::Redis {
+                stream: self.wb.inner.stream.clone(),
+                action: "connecting the flusher",
+                key: None,
+                source: Box::new(e),
+            })?;
+        self.with_connection(conn).await
+    }
+
+    /// The flusher connection's response timeout: a blocking read takes up
+    /// to `block`; scripts and acknowledgements are quick.
+    fn response_timeout(&self) -> Duration {
+        self.config.block + Duration::from_secs(5)
     }
 
     async fn connect_client(self, client: redis::Client) -> Result<Flusher<K, V, S>, Error> {
         let stream = self.wb.inner.stream.clone();
         let manager = ConnectionManagerConfig::new()
-            // A blocking read takes up to `block`; scripts and acks are quick.
-            .set_response_timeout(Some(self.config.block + Duration::from_secs(5)))
+            .set_response_timeout(Some(self.response_timeout()))
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_with_config(client, manager)
             .await
             .map_err(Error::redis(&stream, "connecting the flusher", None))?;
+        self.with_connection(RedisConnection::from_manager(conn))
+            .await
+    }
+
+    async fn with_connection(self, conn: RedisConnection) -> Result<Flusher<K, V, S>, Error> {
         let mut config = self.config;
         config.max_deliveries = config.max_deliveries.max(config.max_attempts);
         let consumer = self.consumer.unwrap_or_else(|| {
@@ -380,7 +405,7 @@ pub struct Flusher<K: ?Sized, V, S> {
 struct Inner<K: ?Sized, V, S> {
     wb: WriteBehind<K, V>,
     sink: S,
-    conn: ConnectionManager,
+    conn: RedisConnection,
     group: String,
     consumer: String,
     config: Config,
@@ -485,7 +510,7 @@ where
         &self.inner.wb.inner.stream
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> RedisConnection {
         self.inner.conn.clone()
     }
 

@@ -1,6 +1,6 @@
 //! Write-behind (feature `write-behind`) on real Redis servers and PostgreSQL:
-//! writes, flushes, backpressure, durability, poison writes, replicas and
-//! flushers killed mid-batch.
+//! writes, flushes, backpressure, durability, poison writes, replicas, a
+//! Sentinel failover and flushers killed mid-batch.
 
 mod support;
 
@@ -8,5 +8,6 @@ mod backpressure;
 mod basics;
 mod crash;
 mod durability;
+mod failover;
 mod poison;
 mod replicas;
