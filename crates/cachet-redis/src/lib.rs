@@ -201,7 +201,8 @@
 //! ```
 //!
 //! The sentinels' own credentials go in their URLs; the data nodes' in
-//! [`node_auth`](RedisStoreBuilder::node_auth). With `rediss://` sentinels,
+//! [`node_auth`](RedisStoreBuilder::node_auth), and their database, if not 0,
+//! in [`node_database`](RedisStoreBuilder::node_database). With `rediss://` sentinels,
 //! the data nodes are reached over TLS too, with the same [TLS](#tls)
 //! settings.
 //!
@@ -319,8 +320,9 @@ pub struct RedisStoreBuilder {
     eviction_check: bool,
     max_payload: Option<usize>,
     tls: tls::TlsOptions,
-    /// `node_auth` was called on a store that is not on Sentinel.
-    misplaced_node_auth: bool,
+    /// A Sentinel-only setting (`node_auth`, `node_database`) given to a store
+    /// that is not on Sentinel: its name.
+    misplaced: Option<&'static str>,
 }
 
 impl RedisStoreBuilder {
@@ -333,7 +335,21 @@ impl RedisStoreBuilder {
         let auth = (username.into(), password.into());
         match &mut self.target {
             Target::Sentinel(target) => target.node_auth = Some(auth),
-            _ => self.misplaced_node_auth = true,
+            _ => self.misplaced = Some("node_auth"),
+        }
+        self
+    }
+
+    /// The database (`SELECT`) on the data nodes of a
+    /// [Sentinel](crate#redis-sentinel) store; 0 by default. Only for stores
+    /// from [`RedisStore::sentinel_builder`] (the sentinels' URLs carry no
+    /// database): on one server the database goes in the URL
+    /// (`redis://host:6379/3`), and a cluster has only database 0; `connect`
+    /// refuses this there.
+    pub fn node_database(mut self, db: u32) -> Self {
+        match &mut self.target {
+            Target::Sentinel(target) => target.node_db = i64::from(db),
+            _ => self.misplaced = Some("node_database"),
         }
         self
     }
@@ -444,10 +460,10 @@ impl RedisStoreBuilder {
     /// When a URL is invalid, or the server (on a cluster, every node given)
     /// cannot be reached.
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
-        if self.misplaced_node_auth {
-            return Err(StoreError::config(
-                "node_auth is for Sentinel stores; give the credentials in the Redis URL",
-            ));
+        if let Some(setting) = self.misplaced {
+            return Err(StoreError::config(format!(
+                "{setting} is for Sentinel stores; on one server give it in the Redis URL"
+            )));
         }
         self.tls.warn_if_insecure(&self.target);
         // The connection, and where connections of one's own go.
@@ -574,7 +590,7 @@ impl RedisStore {
             eviction_check: true,
             max_payload: None,
             tls: tls::TlsOptions::default(),
-            misplaced_node_auth: false,
+            misplaced: None,
         }
     }
 
@@ -634,6 +650,7 @@ impl RedisStore {
                 urls: sentinels.into_iter().map(Into::into).collect(),
                 master: master.into(),
                 node_auth: None,
+                node_db: 0,
             }),
             ..Self::builder(String::new())
         }

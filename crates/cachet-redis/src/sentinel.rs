@@ -53,6 +53,8 @@ pub(crate) struct SentinelTarget {
     pub(crate) master: String,
     /// Username (empty: the default user) and password for the primary.
     pub(crate) node_auth: Option<(String, String)>,
+    /// The database selected on the primary.
+    pub(crate) node_db: i64,
 }
 
 impl fmt::Debug for SentinelTarget {
@@ -69,6 +71,7 @@ impl fmt::Debug for SentinelTarget {
                     "<none>"
                 },
             )
+            .field("node_db", &self.node_db)
             .finish()
     }
 }
@@ -83,6 +86,7 @@ impl SentinelTarget {
                 .node_auth
                 .as_ref()
                 .map(|(user, _)| (user.clone(), "***".to_owned())),
+            node_db: self.node_db,
         }
     }
 
@@ -143,6 +147,9 @@ impl SentinelTarget {
                     .set_client_to_sentinel_certificates(certs.clone())
                     .set_client_to_redis_certificates(certs);
             }
+        }
+        if self.node_db != 0 {
+            builder = builder.set_client_to_redis_db(self.node_db);
         }
         if let Some((user, password)) = &self.node_auth {
             if !user.is_empty() {
@@ -572,10 +579,12 @@ mod tests {
             urls: vec!["redis://:sentinelpw@a:26379/".into()],
             master: "mymaster".into(),
             node_auth: Some(("app".into(), "nodepw".into())),
+            node_db: 2,
         };
         for shown in [format!("{t:?}"), format!("{:?}", t.redacted())] {
             assert!(!shown.contains("pw"), "{shown}");
             assert!(shown.contains("mymaster"), "{shown}");
+            assert!(shown.contains("node_db: 2"), "{shown}");
         }
     }
 }

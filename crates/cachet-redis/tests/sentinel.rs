@@ -74,6 +74,42 @@ async fn sentinel_settings_are_checked() {
         .await
         .unwrap_err();
     assert!(e.kind() == StoreErrorKind::Config, "{e:?}");
+    let e = RedisStore::builder("redis://127.0.0.1:1/")
+        .node_database(3)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(e.kind() == StoreErrorKind::Config, "{e:?}");
+    assert!(e.to_string().contains("node_database"), "{e}");
+}
+
+/// The store, and a connection of its own, use the database given.
+#[tokio::test]
+async fn the_primary_is_used_on_the_database_given() {
+    let sentinels = RedisSentinels::start();
+    let store = RedisStore::sentinel_builder(sentinels.sentinel_urls(), RedisSentinels::MASTER)
+        .node_database(3)
+        .connect()
+        .await
+        .unwrap();
+    let db_of = |info: String| {
+        info.split_whitespace()
+            .find_map(|f| f.strip_prefix("db="))
+            .map(str::to_owned)
+    };
+    let info: String = redis::cmd("CLIENT")
+        .arg("INFO")
+        .query_async(&mut store.connection())
+        .await
+        .unwrap();
+    assert_eq!(db_of(info).as_deref(), Some("3"));
+    let mut own = store.own_connection(Duration::from_secs(1)).await.unwrap();
+    let info: String = redis::cmd("CLIENT")
+        .arg("INFO")
+        .query_async(&mut own)
+        .await
+        .unwrap();
+    assert_eq!(db_of(info).as_deref(), Some("3"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
