@@ -206,9 +206,11 @@
 //! the data nodes are reached over TLS too, with the same [TLS](#tls)
 //! settings.
 //!
-//! The primary is found by redis-rs's `SentinelClient` (the sentinels asked in
-//! turn, a primary flagged down skipped, the node checked with `ROLE`), each
-//! time within the connection timeout. The store asks again, in the
+//! The primary is found by redis-rs's `SentinelClient` (the sentinels asked,
+//! their answers taken in order, a primary flagged down skipped, the node
+//! checked with `ROLE`), each time within the connection timeout; the sentinel
+//! that answers a `PING` first is asked first, so that one that accepts
+//! connections and never answers does not hold up the lookup. The store asks again, in the
 //! background, when its connection breaks, when the node answers `READONLY`
 //! (a primary demoted to replica: writes must not keep failing there), when a
 //! reply times out (the connection is replaced only if the sentinels name

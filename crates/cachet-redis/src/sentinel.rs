@@ -1,9 +1,11 @@
 //! Redis Sentinel: a store on the primary that the sentinels name, following
 //! it across failovers.
 //!
-//! redis-rs's `SentinelClient` finds the primary: it asks the sentinels in
-//! turn (`SENTINEL MASTERS`, skipping a primary flagged down) and checks with
-//! `ROLE` that the node it names is a primary. [`Primary`] keeps one
+//! redis-rs's `SentinelClient` finds the primary: it asks the sentinels
+//! (`SENTINEL MASTERS`, skipping a primary flagged down), takes their answers
+//! in order, and checks with `ROLE` that the node it names is a primary. Each
+//! lookup puts first the sentinel that answered a `PING` first, so that a
+//! sentinel that accepts connections and never answers does not hold it up. [`Primary`] keeps one
 //! multiplexed connection to it and asks again — in a background task, each
 //! attempt bounded by the connection timeout — when that connection says the
 //! primary is gone:
@@ -87,6 +89,48 @@ impl SentinelTarget {
                 .as_ref()
                 .map(|(user, _)| (user.clone(), "***".to_owned())),
             node_db: self.node_db,
+        }
+    }
+
+    /// A client like [`client`](Self::client) that asks first the sentinel
+    /// that answered a `PING` first, the others in their order: redis-rs asks
+    /// the sentinels at once but takes their answers in order, so a sentinel
+    /// that accepts connections and never answers, asked first, would hold
+    /// every lookup until the connection timeout. `None` when there is one
+    /// sentinel, when none answers (the lookup then fails as it would), or
+    /// when the first already answers first.
+    async fn answering_first(&self, tls: &TlsOptions) -> Option<SentinelClient> {
+        if self.urls.len() < 2 {
+            return None;
+        }
+        let mut pings: futures::stream::FuturesUnordered<_> = self
+            .urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| async move {
+                let client = tls.client(url).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                let pong: RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+                pong.ok().map(|_| i)
+            })
+            .collect();
+        let mut first = None;
+        while let Some(answer) = pings.next().await {
+            if answer.is_some() {
+                first = answer;
+                break;
+            }
+        }
+        let first = first.filter(|&i| i > 0)?;
+        let mut ordered = self.clone();
+        let url = ordered.urls.remove(first);
+        ordered.urls.insert(0, url);
+        match ordered.client(tls) {
+            Ok(client) => Some(client),
+            Err(e) => {
+                tracing::debug!(master = %self.master, error = %e, "cannot reorder the sentinels");
+                None
+            }
         }
     }
 
@@ -355,6 +399,9 @@ impl Shared {
             return Ok(());
         }
         let found = crate::within_connect_timeout(self.connection_timeout, async {
+            if let Some(ordered) = self.target.answering_first(&self.tls).await {
+                *sentinel = ordered;
+            }
             let client = sentinel.async_get_client().await?;
             let found = client.get_connection_info().addr().to_string();
             if alive && found == addr {

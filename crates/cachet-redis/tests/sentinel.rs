@@ -83,6 +83,31 @@ async fn sentinel_settings_are_checked() {
     assert!(e.to_string().contains("node_database"), "{e}");
 }
 
+/// A sentinel that accepts connections and never answers, listed first, does
+/// not hold up finding the primary through the others.
+#[tokio::test]
+async fn a_mute_sentinel_listed_first_does_not_hold_up_the_others() {
+    let sentinels = RedisSentinels::start();
+    // Listening, never accepting: connects succeed, nothing ever answers.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut urls = vec![format!(
+        "redis://127.0.0.1:{}/",
+        mute.local_addr().unwrap().port()
+    )];
+    urls.extend(sentinels.sentinel_urls());
+    // The default connection timeout (1 s): redis-rs gives up on the mute
+    // one after its own, also 1 s.
+    let store = RedisStore::sentinel_builder(urls, RedisSentinels::MASTER)
+        .connect()
+        .await
+        .unwrap();
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut store.connection())
+        .await
+        .unwrap();
+    assert_eq!(pong, "PONG");
+}
+
 /// The store, and a connection of its own, use the database given.
 #[tokio::test]
 async fn the_primary_is_used_on_the_database_given() {
