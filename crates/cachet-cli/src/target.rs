@@ -33,6 +33,8 @@ pub(crate) const REDIS_CLUSTER_ENV: &str = "CACHET_REDIS_CLUSTER";
 pub(crate) const REDIS_SENTINEL_ENV: &str = "CACHET_REDIS_SENTINEL";
 /// The variable that gives `--sentinel-master`.
 pub(crate) const SENTINEL_MASTER_ENV: &str = "CACHET_SENTINEL_MASTER";
+/// The variable that gives `--sentinel-db`.
+pub(crate) const SENTINEL_DB_ENV: &str = "CACHET_SENTINEL_DB";
 /// The variable that gives `--database-url`.
 pub(crate) const DATABASE_URL_ENV: &str = "DATABASE_URL";
 
@@ -235,6 +237,9 @@ pub(crate) struct RedisArgs {
     /// The name the sentinels of --redis-sentinel know the primary by
     #[arg(long, value_name = "NAME", env = SENTINEL_MASTER_ENV)]
     sentinel_master: Option<String>,
+    /// The database on the primary that --redis-sentinel names [default: 0]
+    #[arg(long, value_name = "N", env = SENTINEL_DB_ENV)]
+    sentinel_db: Option<u32>,
     #[command(flatten)]
     tls: RedisTlsArgs,
 }
@@ -247,7 +252,14 @@ impl RedisArgs {
                 .sentinel_master
                 .as_deref()
                 .context("give --sentinel-master with --redis-sentinel")?;
-            return RedisTarget::sentinel(&self.at.redis_sentinel, master, &self.tls);
+            let db = self.sentinel_db.unwrap_or(0);
+            return RedisTarget::sentinel(&self.at.redis_sentinel, master, db, &self.tls);
+        }
+        if self.sentinel_db.is_some() {
+            bail!(
+                "--sentinel-db goes with --redis-sentinel; on one server the database is in the \
+                 URL (redis://host:6379/3)"
+            );
         }
         RedisTarget::from_flags(
             self.at.redis_url.as_deref(),
@@ -267,6 +279,8 @@ pub(crate) enum Endpoint {
     Sentinel {
         sentinels: Vec<SecretUrl>,
         master: String,
+        /// The database on the primary.
+        db: u32,
     },
 }
 
@@ -344,10 +358,12 @@ impl RedisTarget {
     }
 
     /// The primary that `sentinels` name `master` (`--redis-sentinel`,
-    /// `--sentinel-master`), with the TLS flags.
+    /// `--sentinel-master`), its database `db` (`--sentinel-db`), with the TLS
+    /// flags.
     pub(crate) fn sentinel(
         sentinels: &[SecretUrl],
         master: &str,
+        db: u32,
         tls: &RedisTlsArgs,
     ) -> Result<Self> {
         let sentinels: Vec<SecretUrl> = sentinels
@@ -365,6 +381,7 @@ impl RedisTarget {
             endpoint: Endpoint::Sentinel {
                 sentinels,
                 master: master.trim().to_owned(),
+                db,
             },
             tls: Tls::load(tls)?,
         })
@@ -404,9 +421,18 @@ impl RedisTarget {
                 let urls: Vec<String> = urls.iter().map(|u| redact_url(u)).collect();
                 format!("cluster {}", urls.join(","))
             }
-            Endpoint::Sentinel { sentinels, master } => {
+            Endpoint::Sentinel {
+                sentinels,
+                master,
+                db,
+            } => {
                 let urls: Vec<String> = sentinels.iter().map(|u| redact_url(u)).collect();
-                format!("sentinel master {master} via {}", urls.join(","))
+                let db = if *db == 0 {
+                    String::new()
+                } else {
+                    format!(" (db {db})")
+                };
+                format!("sentinel master {master}{db} via {}", urls.join(","))
             }
         }
     }
@@ -418,10 +444,15 @@ impl RedisTarget {
             Endpoint::Cluster(urls) => {
                 RedisStore::cluster_builder(urls.iter().map(|u| u.to_string()))
             }
-            Endpoint::Sentinel { sentinels, master } => RedisStore::sentinel_builder(
+            Endpoint::Sentinel {
+                sentinels,
+                master,
+                db,
+            } => RedisStore::sentinel_builder(
                 sentinels.iter().map(|u| u.to_string()),
                 master.clone(),
-            ),
+            )
+            .node_database(*db),
         };
         self.tls.apply(builder)
     }
@@ -507,18 +538,27 @@ impl RedisTarget {
             let urls: Vec<&str> = urls.iter().map(|u| &**u).collect();
             Some(urls.join(","))
         };
-        let (url, cluster, sentinels, master) = match &self.endpoint {
-            Endpoint::Server(url) => (Some(url.to_string()), None, None, None),
-            Endpoint::Cluster(urls) => (None, joined(urls), None, None),
-            Endpoint::Sentinel { sentinels, master } => {
-                (None, None, joined(sentinels), Some(master.clone()))
-            }
+        let (url, cluster, sentinels, master, db) = match &self.endpoint {
+            Endpoint::Server(url) => (Some(url.to_string()), None, None, None, None),
+            Endpoint::Cluster(urls) => (None, joined(urls), None, None, None),
+            Endpoint::Sentinel {
+                sentinels,
+                master,
+                db,
+            } => (
+                None,
+                None,
+                joined(sentinels),
+                Some(master.clone()),
+                Some(db.to_string()),
+            ),
         };
         ChildEnv(vec![
             (REDIS_URL_ENV, url),
             (REDIS_CLUSTER_ENV, cluster),
             (REDIS_SENTINEL_ENV, sentinels),
             (SENTINEL_MASTER_ENV, master),
+            (SENTINEL_DB_ENV, db),
         ])
     }
 
@@ -557,14 +597,18 @@ impl RedisTarget {
                 }
                 Ok(nodes)
             }
-            Endpoint::Sentinel { sentinels, master } => {
+            Endpoint::Sentinel {
+                sentinels,
+                master,
+                db,
+            } => {
                 let (host, port) = self.primary_of(sentinels, master).await?;
                 let seed = sentinels
                     .first()
                     .context("a Sentinel target without URLs")?;
                 Ok(vec![Node {
                     addr: format!("{host}:{port}"),
-                    url: with_host_port(seed, &host, port),
+                    url: with_db(&with_host_port(seed, &host, port), *db),
                     tls: self.tls.clone(),
                 }])
             }
@@ -671,6 +715,14 @@ fn authority(url: &str) -> Option<(usize, usize)> {
 }
 
 /// `url` with its host and port replaced, keeping scheme, credentials and path.
+/// `url` with its path set to database `db`, unless `db` is 0.
+fn with_db(url: &str, db: u32) -> String {
+    match authority(url) {
+        Some((_, end)) if db != 0 => format!("{}/{db}", &url[..end]),
+        _ => url.to_owned(),
+    }
+}
+
 fn with_host_port(url: &str, host: &str, port: u16) -> String {
     let host = if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]")
@@ -846,6 +898,7 @@ mod tests {
                 .and_then(|(_, v)| v.clone())
         };
         assert_eq!(var(SENTINEL_MASTER_ENV).as_deref(), Some("mymaster"));
+        assert_eq!(var(SENTINEL_DB_ENV).as_deref(), Some("0"));
         assert!(var(REDIS_SENTINEL_ENV).is_some_and(|v| v.contains("s2:26379")));
         assert_eq!(var(REDIS_URL_ENV), None);
         // The master's name is required, and one target at a time.
@@ -863,6 +916,33 @@ mod tests {
             ])
             .is_err()
         );
+        // A database on the primary, given to children; only with sentinels.
+        let target = parse(&[
+            "--redis-sentinel",
+            "redis://s1:26379/",
+            "--sentinel-master",
+            "m",
+            "--sentinel-db",
+            "3",
+        ])
+        .unwrap()
+        .redis
+        .target()
+        .unwrap();
+        assert_eq!(
+            target.describe(),
+            "sentinel master m (db 3) via redis://s1:26379/"
+        );
+        let env = target.child_env().0;
+        assert!(env.contains(&(SENTINEL_DB_ENV, Some("3".to_owned()))));
+        let e = parse(&["--redis-url", "redis://h/", "--sentinel-db", "3"])
+            .unwrap()
+            .redis
+            .target()
+            .unwrap_err();
+        assert!(e.to_string().contains("--sentinel-db"), "{e}");
+        assert_eq!(with_db("redis://:pw@h:1/", 3), "redis://:pw@h:1/3");
+        assert_eq!(with_db("redis://h:1/", 0), "redis://h:1/");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -876,6 +956,7 @@ mod tests {
         let target = RedisTarget::sentinel(
             &urls,
             cachet_testkit::RedisSentinels::MASTER,
+            0,
             &RedisTlsArgs::default(),
         )
         .unwrap();
@@ -887,7 +968,33 @@ mod tests {
         let mut conn = nodes[0].connect().await.unwrap();
         let role: redis::Value = redis::cmd("ROLE").query_async(&mut conn).await.unwrap();
         assert!(format!("{role:?}").contains("master"), "{role:?}");
-        let unknown = RedisTarget::sentinel(&urls, "nosuch", &RedisTlsArgs::default()).unwrap();
+        // On another database: the store and the node both select it.
+        let db3 = RedisTarget::sentinel(
+            &urls,
+            cachet_testkit::RedisSentinels::MASTER,
+            3,
+            &RedisTlsArgs::default(),
+        )
+        .unwrap();
+        let db_of = |info: String| {
+            info.split_whitespace()
+                .find_map(|f| f.strip_prefix("db=").map(str::to_owned))
+        };
+        let on3 = db3.admin_store().await.unwrap();
+        let info: String = redis::cmd("CLIENT")
+            .arg("INFO")
+            .query_async(&mut on3.connection())
+            .await
+            .unwrap();
+        assert_eq!(db_of(info).as_deref(), Some("3"));
+        let node = &db3.masters(&on3.connection()).await.unwrap()[0];
+        let info: String = redis::cmd("CLIENT")
+            .arg("INFO")
+            .query_async(&mut node.connect().await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(db_of(info).as_deref(), Some("3"));
+        let unknown = RedisTarget::sentinel(&urls, "nosuch", 0, &RedisTlsArgs::default()).unwrap();
         let e = unknown.masters(&store.connection()).await.unwrap_err();
         assert!(format!("{e:#}").contains("nosuch"), "{e:#}");
     }

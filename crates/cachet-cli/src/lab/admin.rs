@@ -27,7 +27,7 @@ pub(super) enum Admin {
     /// The in-process store, through the `Store` protocol.
     Memory(Arc<dyn Store>),
     /// Connections of its own to the lab's Redis.
-    Redis(RedisAdmin),
+    Redis(Box<RedisAdmin>),
 }
 
 /// Connections of the lab's own to a Redis server or cluster: one that routes
@@ -60,7 +60,7 @@ impl Admin {
     pub(super) async fn open(lab: &Lab) -> Result<Self> {
         match &lab.redis {
             None => Ok(Self::Memory(lab.store.protocol())),
-            Some(target) => Ok(Self::Redis(RedisAdmin::connect(target).await?)),
+            Some(target) => Ok(Self::Redis(Box::new(RedisAdmin::connect(target).await?))),
         }
     }
 
