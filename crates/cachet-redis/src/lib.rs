@@ -537,17 +537,28 @@ impl RedisStoreBuilder {
 
     async fn connect_server(&self, url: &str) -> Result<RedisConnection, StoreError> {
         let client = self.tls.client(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(self.response_timeout))
-            .set_connection_timeout(Some(self.connection_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let connecting = ConnectionManager::new_with_config(client, config);
-        let conn = within_connect_timeout(self.connection_timeout, connecting)
-            .await?
-            .map_err(|e| connect_err(e, self.connection_timeout))?;
-        Ok(RedisConnection::server(conn))
+        managed(client, self.response_timeout, self.connection_timeout).await
     }
+}
+
+/// A reconnecting connection to one server (redis-rs `ConnectionManager`),
+/// each call within `response_timeout`, the first connect within
+/// `connection_timeout` whatever the retries.
+async fn managed(
+    client: redis::Client,
+    response_timeout: Duration,
+    connection_timeout: Duration,
+) -> Result<RedisConnection, StoreError> {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(response_timeout))
+        .set_connection_timeout(Some(connection_timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    let connecting = ConnectionManager::new_with_config(client, config);
+    let conn = within_connect_timeout(connection_timeout, connecting)
+        .await?
+        .map_err(|e| connect_err(e, connection_timeout))?;
+    Ok(RedisConnection::server(conn))
 }
 
 /// Bytes kept out of the server's bulk limit for the envelope around a
@@ -682,7 +693,6 @@ impl RedisStore {
         &self,
         response_timeout: Duration,
     ) -> Result<RedisConnection, StoreError> {
-        let limit = self.inner.connection_timeout;
         match &self.inner.nodes {
             _ if self.is_cluster() => Err(StoreError::config(
                 "a connection of one's own needs a single Redis server, not a Redis Cluster",
@@ -691,17 +701,8 @@ impl RedisStore {
                 primary.sibling(response_timeout).await?,
             )),
             sentinel::Nodes::Fixed(client) => {
-                let config = ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(response_timeout))
-                    .set_connection_timeout(Some(limit))
-                    .set_number_of_retries(2)
-                    .set_max_delay(Duration::from_millis(500));
-                let connecting =
-                    ConnectionManager::new_with_config(client.as_ref().clone(), config);
-                let conn = within_connect_timeout(limit, connecting)
-                    .await?
-                    .map_err(|e| connect_err(e, limit))?;
-                Ok(RedisConnection::server(conn))
+                let client = client.as_ref().clone();
+                managed(client, response_timeout, self.inner.connection_timeout).await
             }
         }
     }
