@@ -117,34 +117,25 @@ async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<Queu
         let mut flushes = Vec::new();
         let mut batch: HashMap<String, Vec<String>> = HashMap::new();
         batch.entry(first.0).or_default().push(first.1);
-        let mut n = 1;
         // After a quiet spell the deadline has passed: only what is already
         // queued joins. Otherwise the batch gathers until LINGER after the
-        // previous one.
-        let deadline = previous.map(|at| at + LINGER);
-        while n < BATCH {
-            let next = match rx.try_recv() {
-                Ok(queued) => queued,
-                Err(mpsc::error::TryRecvError::Empty) => match deadline {
-                    Some(deadline) if tokio::time::Instant::now() < deadline => {
-                        match tokio::time::timeout_at(deadline, rx.recv()).await {
-                            Ok(Some(queued)) => queued,
-                            Ok(None) | Err(_) => break,
-                        }
-                    }
-                    _ => break,
-                },
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-            };
-            match next {
-                Queued::Notice(channel, line) => batch.entry(channel).or_default().push(line),
+        // previous one, asleep: notices queued meanwhile do not wake the task
+        // (a wake-up per notice costs the writers a thread switch each).
+        if let Some(deadline) = previous.map(|at| at + LINGER)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep_until(deadline).await;
+        }
+        for _ in 1..BATCH {
+            match rx.try_recv() {
+                Ok(Queued::Notice(channel, line)) => batch.entry(channel).or_default().push(line),
                 // Answered once this batch is out; nothing after it joins.
-                Queued::Flush(done) => {
+                Ok(Queued::Flush(done)) => {
                     flushes.push(done);
                     break;
                 }
+                Err(_) => break,
             }
-            n += 1;
         }
         previous = Some(tokio::time::Instant::now());
         for (channel, lines) in batch {
