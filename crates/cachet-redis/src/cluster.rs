@@ -95,14 +95,6 @@ impl RedisConnection {
         Self(Conn::Sentinel(primary))
     }
 
-    /// A connection to one server over a redis-rs `ConnectionManager`: for
-    /// write-behind's flushers connected by URL. Not part of the documented
-    /// API, which exposes no redis-rs type.
-    #[doc(hidden)]
-    pub fn from_manager(conn: ConnectionManager) -> Self {
-        Self::server(conn)
-    }
-
     /// Whether this is a Redis Cluster connection.
     pub fn is_cluster(&self) -> bool {
         matches!(self.0, Conn::Cluster(_))

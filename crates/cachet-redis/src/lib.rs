@@ -707,6 +707,25 @@ impl RedisStore {
         }
     }
 
+    /// A connection of one's own to the server at `url`, with the store's
+    /// connection timeout and calls bounded by `response_timeout` (TLS only as
+    /// the URL's scheme asks: no CA or client certificate). Not part of the
+    /// documented API.
+    ///
+    /// # Errors
+    /// When the URL is invalid or the server cannot be reached within the
+    /// connection timeout.
+    #[doc(hidden)]
+    pub async fn connection_to(
+        &self,
+        url: &str,
+        response_timeout: Duration,
+    ) -> Result<RedisConnection, StoreError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::config(format!("invalid Redis URL: {e}")))?;
+        managed(client, response_timeout, self.inner.connection_timeout).await
+    }
+
     /// Whether the store is on a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         self.inner.conn.is_cluster()

@@ -12,7 +12,6 @@ use cachet_core::retry::{Backoff, Clipped};
 use cachet_core::ttl_millis;
 use cachet_redis::RedisConnection;
 use redis::Value;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
 use super::write::unexpected;
@@ -305,14 +304,23 @@ where
     /// ran are not skipped.
     ///
     /// The flusher needs a connection of its own: a blocking `XREADGROUP` holds
-    /// its connection until it returns.
+    /// its connection until it returns. It connects within the store's
+    /// connection timeout ([`RedisStoreBuilder::connection_timeout`](crate::RedisStoreBuilder::connection_timeout)),
+    /// retries included. TLS is as the URL's scheme asks, with the system's
+    /// roots: for a CA or a client certificate of the store's, use
+    /// [`connect_store`](Self::connect_store).
     ///
     /// # Errors
-    /// When the URL is invalid or Redis cannot be reached.
+    /// When the URL is invalid or Redis cannot be reached in time.
     pub async fn connect(self, url: &str) -> Result<Flusher<K, V, S>, Error> {
-        let client = redis::Client::open(url)
-            .map_err(|e| Error::Config(format!("invalid Redis URL for the flusher: {e}")))?;
-        self.connect_client(client).await
+        let conn = self
+            .wb
+            .inner
+            .store
+            .connection_to(url, self.response_timeout())
+            .await
+            .map_err(|e| self.connect_err(e))?;
+        self.with_connection(conn).await
     }
 
     /// Connects the flusher to the server of the write-behind's
@@ -333,12 +341,7 @@ where
             .store
             .own_connection(self.response_timeout())
             .await
-            .map_err(|e| Error::Redis {
-                stream: self.wb.inner.stream.clone(),
-                action: "connecting the flusher",
-                key: None,
-                source: Box::new(e),
-            })?;
+            .map_err(|e| self.connect_err(e))?;
         self.with_connection(conn).await
     }
 
@@ -348,18 +351,13 @@ where
         self.config.block + Duration::from_secs(5)
     }
 
-    async fn connect_client(self, client: redis::Client) -> Result<Flusher<K, V, S>, Error> {
-        let stream = self.wb.inner.stream.clone();
-        let manager = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(self.response_timeout()))
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, manager)
-            .await
-            .map_err(Error::redis(&stream, "connecting the flusher", None))?;
-        self.with_connection(RedisConnection::from_manager(conn))
-            .await
+    fn connect_err(&self, e: cachet_core::StoreError) -> Error {
+        Error::Redis {
+            stream: self.wb.inner.stream.clone(),
+            action: "connecting the flusher",
+            key: None,
+            source: Box::new(e),
+        }
     }
 
     async fn with_connection(self, conn: RedisConnection) -> Result<Flusher<K, V, S>, Error> {

@@ -595,3 +595,38 @@ async fn a_flusher_connects_over_tls_with_the_stores_settings() {
     assert_eq!(got, vec![(0, 1), (1, 1), (2, 1)]);
     assert_eq!(wb.backlog().await.unwrap(), 0);
 }
+
+/// A flusher connecting by URL to a server that accepts and never answers
+/// gives up within the store's connection timeout, retries included, and the
+/// error names that limit.
+#[tokio::test]
+async fn a_flusher_connecting_by_url_gives_up_within_the_connection_timeout() {
+    use cachet_testkit::RedisServer;
+    let server = RedisServer::start();
+    let limit = Duration::from_millis(400);
+    let store = cachet::RedisStore::builder(server.url())
+        .connection_timeout(limit)
+        .connect()
+        .await
+        .unwrap();
+    let cache = support::cache(store.clone());
+    let wb = support::builder(store, &cache).build().await.unwrap();
+    // Listening, never accepting: connects succeed, nothing ever answers.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://127.0.0.1:{}/", mute.local_addr().unwrap().port());
+
+    let started = std::time::Instant::now();
+    let e = match wb.flusher(Collect::default()).connect(&url).await {
+        Ok(_) => panic!("a flusher connected to a server that never answers"),
+        Err(e) => e,
+    };
+    let took = started.elapsed();
+    let shown = cachet::Report(&e).to_string();
+    assert!(
+        shown.contains("connection timeout (400ms)"),
+        "the error does not name the limit: {shown}"
+    );
+    // Bounded by the limit, not by retries of it (3 attempts) nor by the
+    // flusher's response timeout (its block time + 5 s).
+    assert!(took < limit * 2, "took {took:?}");
+}
