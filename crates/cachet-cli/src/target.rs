@@ -35,6 +35,10 @@ pub(crate) const REDIS_SENTINEL_ENV: &str = "CACHET_REDIS_SENTINEL";
 pub(crate) const SENTINEL_MASTER_ENV: &str = "CACHET_SENTINEL_MASTER";
 /// The variable that gives `--sentinel-db`.
 pub(crate) const SENTINEL_DB_ENV: &str = "CACHET_SENTINEL_DB";
+/// The variable that gives `--sentinel-node-user`.
+pub(crate) const SENTINEL_NODE_USER_ENV: &str = "CACHET_SENTINEL_NODE_USER";
+/// The variable that gives `--sentinel-node-password`.
+pub(crate) const SENTINEL_NODE_PASSWORD_ENV: &str = "CACHET_SENTINEL_NODE_PASSWORD";
 /// The variable that gives `--database-url`.
 pub(crate) const DATABASE_URL_ENV: &str = "DATABASE_URL";
 
@@ -66,6 +70,32 @@ impl fmt::Debug for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&redact_url(&self.0), f)
     }
+}
+
+/// A password from the command line or the environment: its `Debug` shows
+/// `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Secret(String);
+
+impl From<String> for Secret {
+    fn from(secret: String) -> Self {
+        Self(secret)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The ACL user and password for the data nodes of a Sentinel target
+/// (`--sentinel-node-user`, `--sentinel-node-password`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct NodeAuth {
+    /// Empty: the default user.
+    user: String,
+    password: Secret,
 }
 
 /// Variables to set (or, `None`, to remove) in a child process's
@@ -240,6 +270,19 @@ pub(crate) struct RedisArgs {
     /// The database on the primary that --redis-sentinel names [default: 0]
     #[arg(long, value_name = "N", env = SENTINEL_DB_ENV)]
     sentinel_db: Option<u32>,
+    /// The ACL user for the data nodes behind --redis-sentinel (with
+    /// --sentinel-node-password) [default: the default user]
+    #[arg(long, value_name = "NAME", env = SENTINEL_NODE_USER_ENV)]
+    sentinel_node_user: Option<String>,
+    /// The password for the data nodes behind --redis-sentinel (the
+    /// sentinels' own credentials go in their URLs)
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = SENTINEL_NODE_PASSWORD_ENV,
+        hide_env_values = true
+    )]
+    sentinel_node_password: Option<Secret>,
     #[command(flatten)]
     tls: RedisTlsArgs,
 }
@@ -253,12 +296,35 @@ impl RedisArgs {
                 .as_deref()
                 .context("give --sentinel-master with --redis-sentinel")?;
             let db = self.sentinel_db.unwrap_or(0);
-            return RedisTarget::sentinel(&self.at.redis_sentinel, master, db, &self.tls);
+            let node_auth = match (&self.sentinel_node_user, &self.sentinel_node_password) {
+                (user, Some(password)) => Some(NodeAuth {
+                    user: user.clone().unwrap_or_default(),
+                    password: password.clone(),
+                }),
+                (Some(_), None) => {
+                    bail!("--sentinel-node-user needs --sentinel-node-password")
+                }
+                (None, None) => None,
+            };
+            return RedisTarget::sentinel(
+                &self.at.redis_sentinel,
+                master,
+                db,
+                node_auth,
+                &self.tls,
+            );
         }
         if self.sentinel_db.is_some() {
             bail!(
                 "--sentinel-db goes with --redis-sentinel; on one server the database is in the \
                  URL (redis://host:6379/3)"
+            );
+        }
+        if self.sentinel_node_user.is_some() || self.sentinel_node_password.is_some() {
+            bail!(
+                "--sentinel-node-user and --sentinel-node-password go with --redis-sentinel; on \
+                 one server or a cluster the credentials are in the URL \
+                 (redis://user:password@host:6379/)"
             );
         }
         RedisTarget::from_flags(
@@ -281,6 +347,8 @@ pub(crate) enum Endpoint {
         master: String,
         /// The database on the primary.
         db: u32,
+        /// The credentials for the data nodes; `None`: none.
+        node_auth: Option<NodeAuth>,
     },
 }
 
@@ -358,12 +426,14 @@ impl RedisTarget {
     }
 
     /// The primary that `sentinels` name `master` (`--redis-sentinel`,
-    /// `--sentinel-master`), its database `db` (`--sentinel-db`), with the TLS
-    /// flags.
+    /// `--sentinel-master`), its database `db` (`--sentinel-db`) and
+    /// credentials (`--sentinel-node-user`, `--sentinel-node-password`), with
+    /// the TLS flags.
     pub(crate) fn sentinel(
         sentinels: &[SecretUrl],
         master: &str,
         db: u32,
+        node_auth: Option<NodeAuth>,
         tls: &RedisTlsArgs,
     ) -> Result<Self> {
         let sentinels: Vec<SecretUrl> = sentinels
@@ -382,6 +452,7 @@ impl RedisTarget {
                 sentinels,
                 master: master.trim().to_owned(),
                 db,
+                node_auth,
             },
             tls: Tls::load(tls)?,
         })
@@ -425,6 +496,7 @@ impl RedisTarget {
                 sentinels,
                 master,
                 db,
+                ..
             } => {
                 let urls: Vec<String> = sentinels.iter().map(|u| redact_url(u)).collect();
                 let db = if *db == 0 {
@@ -448,11 +520,18 @@ impl RedisTarget {
                 sentinels,
                 master,
                 db,
-            } => RedisStore::sentinel_builder(
-                sentinels.iter().map(|u| u.to_string()),
-                master.clone(),
-            )
-            .node_database(*db),
+                node_auth,
+            } => {
+                let builder = RedisStore::sentinel_builder(
+                    sentinels.iter().map(|u| u.to_string()),
+                    master.clone(),
+                )
+                .node_database(*db);
+                match node_auth {
+                    Some(auth) => builder.node_auth(auth.user.clone(), auth.password.0.clone()),
+                    None => builder,
+                }
+            }
         };
         self.tls.apply(builder)
     }
@@ -536,36 +615,48 @@ impl RedisTarget {
     pub(crate) fn child_env(&self) -> ChildEnv {
         let joined = |urls: &[SecretUrl]| {
             let urls: Vec<&str> = urls.iter().map(|u| &**u).collect();
-            Some(urls.join(","))
+            urls.join(",")
         };
-        let (url, cluster, sentinels, master, db) = match &self.endpoint {
-            Endpoint::Server(url) => (Some(url.to_string()), None, None, None, None),
-            Endpoint::Cluster(urls) => (None, joined(urls), None, None, None),
+        let mut vars = ChildEnv(vec![
+            (REDIS_URL_ENV, None),
+            (REDIS_CLUSTER_ENV, None),
+            (REDIS_SENTINEL_ENV, None),
+            (SENTINEL_MASTER_ENV, None),
+            (SENTINEL_DB_ENV, None),
+            (SENTINEL_NODE_USER_ENV, None),
+            (SENTINEL_NODE_PASSWORD_ENV, None),
+        ]);
+        let mut set = |name: &str, value: String| {
+            if let Some((_, slot)) = vars.0.iter_mut().find(|(n, _)| *n == name) {
+                *slot = Some(value);
+            }
+        };
+        match &self.endpoint {
+            Endpoint::Server(url) => set(REDIS_URL_ENV, url.to_string()),
+            Endpoint::Cluster(urls) => set(REDIS_CLUSTER_ENV, joined(urls)),
             Endpoint::Sentinel {
                 sentinels,
                 master,
                 db,
-            } => (
-                None,
-                None,
-                joined(sentinels),
-                Some(master.clone()),
-                Some(db.to_string()),
-            ),
-        };
-        ChildEnv(vec![
-            (REDIS_URL_ENV, url),
-            (REDIS_CLUSTER_ENV, cluster),
-            (REDIS_SENTINEL_ENV, sentinels),
-            (SENTINEL_MASTER_ENV, master),
-            (SENTINEL_DB_ENV, db),
-        ])
+                node_auth,
+            } => {
+                set(REDIS_SENTINEL_ENV, joined(sentinels));
+                set(SENTINEL_MASTER_ENV, master.clone());
+                set(SENTINEL_DB_ENV, db.to_string());
+                if let Some(auth) = node_auth {
+                    set(SENTINEL_NODE_USER_ENV, auth.user.clone());
+                    set(SENTINEL_NODE_PASSWORD_ENV, auth.password.0.clone());
+                }
+            }
+        }
+        vars
     }
 
     /// The servers behind this target: the server, every master of the
     /// cluster as `CLUSTER NODES` (sent through `conn`, a connection of a store
     /// on this target) lists them, or the primary the sentinels name now
-    /// (reached with the scheme and credentials of the first sentinel's URL).
+    /// (reached with the scheme of the first sentinel's URL and the data nodes'
+    /// credentials, as the store reaches it).
     pub(crate) async fn masters(&self, conn: &RedisConnection) -> Result<Vec<Node>> {
         match &self.endpoint {
             Endpoint::Server(url) => Ok(vec![Node {
@@ -601,14 +692,16 @@ impl RedisTarget {
                 sentinels,
                 master,
                 db,
+                node_auth,
             } => {
                 let (host, port) = self.primary_of(sentinels, master).await?;
                 let seed = sentinels
                     .first()
                     .context("a Sentinel target without URLs")?;
+                let url = with_db(&with_host_port(seed, &host, port), *db);
                 Ok(vec![Node {
                     addr: format!("{host}:{port}"),
-                    url: with_db(&with_host_port(seed, &host, port), *db),
+                    url: with_credentials(&url, node_auth.as_ref()),
                     tls: self.tls.clone(),
                 }])
             }
@@ -714,7 +807,6 @@ fn authority(url: &str) -> Option<(usize, usize)> {
     Some((host_start, end))
 }
 
-/// `url` with its host and port replaced, keeping scheme, credentials and path.
 /// `url` with its path set to database `db`, unless `db` is 0.
 fn with_db(url: &str, db: u32) -> String {
     match authority(url) {
@@ -723,6 +815,7 @@ fn with_db(url: &str, db: u32) -> String {
     }
 }
 
+/// `url` with its host and port replaced, keeping scheme, credentials and path.
 fn with_host_port(url: &str, host: &str, port: u16) -> String {
     let host = if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]")
@@ -733,6 +826,24 @@ fn with_host_port(url: &str, host: &str, port: u16) -> String {
         Some((start, end)) => format!("{}{host}:{port}{}", &url[..start], &url[end..]),
         None => format!("redis://{host}:{port}/"),
     }
+}
+
+/// `url` with the credentials `auth` (percent-encoded) in place of its own,
+/// or without any when `auth` is `None`.
+fn with_credentials(url: &str, auth: Option<&NodeAuth>) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let Some((host_start, _)) = authority(url) else {
+        return url.to_owned();
+    };
+    let userinfo = auth.map_or_else(String::new, |auth| {
+        let encode = |s: &str| {
+            percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+        };
+        format!("{}:{}@", encode(&auth.user), encode(&auth.password.0))
+    });
+    format!("{}{userinfo}{}", &url[..scheme_end], &url[host_start..])
 }
 
 /// `url` with any password replaced, for messages.
@@ -862,27 +973,32 @@ mod tests {
         assert!(!format!("{node:?}").contains("hunter2"));
     }
 
+    /// A command line of the Redis flags alone.
+    #[derive(clap::Parser)]
+    struct RedisCli {
+        #[command(flatten)]
+        redis: RedisArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<RedisCli, clap::Error> {
+        <RedisCli as clap::Parser>::try_parse_from(
+            std::iter::once("cachet").chain(args.iter().copied()),
+        )
+    }
+
+    /// The target those flags name.
+    fn target_of(args: &[&str]) -> Result<RedisTarget> {
+        parse(args).unwrap().redis.target()
+    }
+
     #[test]
     fn sentinel_flags_name_the_sentinels_and_the_master() {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            redis: RedisArgs,
-        }
-        let parse = |args: &[&str]| {
-            <Cli as clap::Parser>::try_parse_from(
-                std::iter::once("cachet").chain(args.iter().copied()),
-            )
-        };
-        let target = parse(&[
+        let target = target_of(&[
             "--redis-sentinel",
             "redis://:hunter2@s1:26379/,redis://s2:26379/",
             "--sentinel-master",
             "mymaster",
         ])
-        .unwrap()
-        .redis
-        .target()
         .unwrap();
         assert_eq!(target.kind(), "redis-sentinel");
         assert_eq!(target.server_url(), None);
@@ -902,10 +1018,7 @@ mod tests {
         assert!(var(REDIS_SENTINEL_ENV).is_some_and(|v| v.contains("s2:26379")));
         assert_eq!(var(REDIS_URL_ENV), None);
         // The master's name is required, and one target at a time.
-        let e = parse(&["--redis-sentinel", "redis://s1:26379/"])
-            .unwrap()
-            .redis
-            .target();
+        let e = target_of(&["--redis-sentinel", "redis://s1:26379/"]);
         assert!(e.is_err());
         assert!(
             parse(&[
@@ -917,7 +1030,7 @@ mod tests {
             .is_err()
         );
         // A database on the primary, given to children; only with sentinels.
-        let target = parse(&[
+        let target = target_of(&[
             "--redis-sentinel",
             "redis://s1:26379/",
             "--sentinel-master",
@@ -925,9 +1038,6 @@ mod tests {
             "--sentinel-db",
             "3",
         ])
-        .unwrap()
-        .redis
-        .target()
         .unwrap();
         assert_eq!(
             target.describe(),
@@ -935,14 +1045,72 @@ mod tests {
         );
         let env = target.child_env().0;
         assert!(env.contains(&(SENTINEL_DB_ENV, Some("3".to_owned()))));
-        let e = parse(&["--redis-url", "redis://h/", "--sentinel-db", "3"])
-            .unwrap()
-            .redis
-            .target()
-            .unwrap_err();
+        let e = target_of(&["--redis-url", "redis://h/", "--sentinel-db", "3"]).unwrap_err();
         assert!(e.to_string().contains("--sentinel-db"), "{e}");
+        // The data nodes' credentials: given to children, never shown; only
+        // with sentinels, and a user only with a password.
+        let with_user = [
+            "--redis-sentinel",
+            "redis://s1:26379/",
+            "--sentinel-master",
+            "m",
+            "--sentinel-node-user",
+            "app",
+        ];
+        let target =
+            target_of(&[&with_user[..], &["--sentinel-node-password", "hunter2"]].concat())
+                .unwrap();
+        assert!(!format!("{target:?}").contains("hunter2"), "{target:?}");
+        let env = target.child_env().0;
+        assert!(env.contains(&(SENTINEL_NODE_USER_ENV, Some("app".to_owned()))));
+        assert!(env.contains(&(SENTINEL_NODE_PASSWORD_ENV, Some("hunter2".to_owned()))));
+        let e = target_of(&with_user).unwrap_err();
+        assert!(e.to_string().contains("--sentinel-node-password"), "{e}");
+        let e = target_of(&[
+            "--redis-url",
+            "redis://h/",
+            "--sentinel-node-password",
+            "pw",
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("--sentinel-node-password"), "{e}");
+        // A server's own URL has no credentials of its own once the node's
+        // are put in, and keeps its path.
+        let auth = NodeAuth {
+            user: String::new(),
+            password: Secret("a@b".to_owned()),
+        };
+        assert_eq!(
+            with_credentials("rediss://:old@h:1/2", Some(&auth)),
+            "rediss://:a%40b@h:1/2"
+        );
+        assert_eq!(with_credentials("redis://:old@h:1/", None), "redis://h:1/");
         assert_eq!(with_db("redis://:pw@h:1/", 3), "redis://:pw@h:1/3");
         assert_eq!(with_db("redis://h:1/", 0), "redis://h:1/");
+    }
+
+    /// `CLIENT INFO` of a store on `target`, then of a connection to the
+    /// master `masters` names.
+    async fn client_infos(target: &RedisTarget) -> [String; 2] {
+        let store = target.admin_store().await.unwrap();
+        let node = &target.masters(&store.connection()).await.unwrap()[0];
+        async fn info(mut conn: impl redis::aio::ConnectionLike) -> String {
+            redis::cmd("CLIENT")
+                .arg("INFO")
+                .query_async(&mut conn)
+                .await
+                .unwrap()
+        }
+        [
+            info(store.connection()).await,
+            info(node.connect().await.unwrap()).await,
+        ]
+    }
+
+    /// The value of `name=` in `CLIENT INFO` output.
+    fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+        info.split_whitespace()
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -957,6 +1125,7 @@ mod tests {
             &urls,
             cachet_testkit::RedisSentinels::MASTER,
             0,
+            None,
             &RedisTlsArgs::default(),
         )
         .unwrap();
@@ -973,30 +1142,49 @@ mod tests {
             &urls,
             cachet_testkit::RedisSentinels::MASTER,
             3,
+            None,
             &RedisTlsArgs::default(),
         )
         .unwrap();
-        let db_of = |info: String| {
-            info.split_whitespace()
-                .find_map(|f| f.strip_prefix("db=").map(str::to_owned))
-        };
-        let on3 = db3.admin_store().await.unwrap();
-        let info: String = redis::cmd("CLIENT")
-            .arg("INFO")
-            .query_async(&mut on3.connection())
-            .await
-            .unwrap();
-        assert_eq!(db_of(info).as_deref(), Some("3"));
-        let node = &db3.masters(&on3.connection()).await.unwrap()[0];
-        let info: String = redis::cmd("CLIENT")
-            .arg("INFO")
-            .query_async(&mut node.connect().await.unwrap())
-            .await
-            .unwrap();
-        assert_eq!(db_of(info).as_deref(), Some("3"));
-        let unknown = RedisTarget::sentinel(&urls, "nosuch", 0, &RedisTlsArgs::default()).unwrap();
+        for info in client_infos(&db3).await {
+            assert_eq!(field(&info, "db"), Some("3"), "{info}");
+        }
+        let unknown =
+            RedisTarget::sentinel(&urls, "nosuch", 0, None, &RedisTlsArgs::default()).unwrap();
         let e = unknown.masters(&store.connection()).await.unwrap_err();
         assert!(format!("{e:#}").contains("nosuch"), "{e:#}");
+
+        // The data nodes' own ACL user, whose password URLs would mangle
+        // unless encoded; the sentinels still take none.
+        let password = "p@ss:w/rd%";
+        for node in sentinels.nodes() {
+            let pass = format!(">{password}");
+            node.command(&["ACL", "SETUSER", "app", "on", &pass, "~*", "&*", "+@all"]);
+        }
+        let parsed = target_of(&[
+            "--redis-sentinel",
+            &urls[0],
+            "--sentinel-master",
+            cachet_testkit::RedisSentinels::MASTER,
+            "--sentinel-node-user",
+            "app",
+            "--sentinel-node-password",
+            password,
+        ])
+        .unwrap();
+        for info in client_infos(&parsed).await {
+            assert_eq!(field(&info, "user"), Some("app"), "{info}");
+        }
+        let store = parsed.admin_store().await.unwrap();
+        let node = &parsed.masters(&store.connection()).await.unwrap()[0];
+        for shown in [
+            format!("{parsed:?}"),
+            format!("{node:?}"),
+            parsed.describe(),
+            format!("{:?}", parsed.child_env()),
+        ] {
+            assert!(!shown.contains(password), "{shown}");
+        }
     }
 
     #[test]
