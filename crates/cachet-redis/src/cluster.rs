@@ -60,7 +60,11 @@ impl Target {
 /// commands whose keys share one slot: a command or script over several slots is
 /// refused with `CROSSSLOT`. Cloning is cheap; clones share the connection.
 #[derive(Clone)]
-pub struct RedisConnection(Conn);
+pub struct RedisConnection {
+    conn: Conn,
+    /// What bounds each call, for errors that name it.
+    response_timeout: Duration,
+}
 
 #[derive(Clone)]
 enum Conn {
@@ -87,23 +91,38 @@ struct Cluster {
 }
 
 impl RedisConnection {
-    pub(crate) fn server(conn: ConnectionManager) -> Self {
-        Self(Conn::Server(conn))
+    pub(crate) fn server(conn: ConnectionManager, response_timeout: Duration) -> Self {
+        Self {
+            conn: Conn::Server(conn),
+            response_timeout,
+        }
     }
 
-    pub(crate) fn sentinel(primary: Primary) -> Self {
-        Self(Conn::Sentinel(primary))
+    pub(crate) fn sentinel(primary: Primary, response_timeout: Duration) -> Self {
+        Self {
+            conn: Conn::Sentinel(primary),
+            response_timeout,
+        }
+    }
+
+    /// `e`, the failure of a call on this connection, as a store error: a
+    /// timeout names the connection's response timeout, a broken connection
+    /// reads as the store being unavailable. Not part of the documented API,
+    /// which exposes no redis-rs type.
+    #[doc(hidden)]
+    pub fn error(&self, e: redis::RedisError) -> StoreError {
+        crate::map_err(e, self.response_timeout)
     }
 
     /// Whether this is a Redis Cluster connection.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.0, Conn::Cluster(_))
+        matches!(self.conn, Conn::Cluster(_))
     }
 }
 
 impl fmt::Debug for RedisConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self.0 {
+        f.write_str(match self.conn {
             Conn::Server(_) => "RedisConnection::Server",
             Conn::Cluster(_) => "RedisConnection::Cluster",
             Conn::Sentinel(_) => "RedisConnection::Sentinel",
@@ -113,7 +132,7 @@ impl fmt::Debug for RedisConnection {
 
 impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match &mut self.0 {
+        match &mut self.conn {
             Conn::Server(conn) => conn.req_packed_command(cmd),
             Conn::Cluster(cluster) => cluster.req_packed_command(cmd),
             Conn::Sentinel(primary) => Box::pin(primary.call(
@@ -129,7 +148,7 @@ impl ConnectionLike for RedisConnection {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match &mut self.0 {
+        match &mut self.conn {
             Conn::Server(conn) => conn.req_packed_commands(pipeline, offset, count),
             // Routed by the slot of its keys; every pipeline the store sends
             // keeps its keys in one slot.
@@ -146,7 +165,7 @@ impl ConnectionLike for RedisConnection {
     }
 
     fn get_db(&self) -> i64 {
-        match &self.0 {
+        match &self.conn {
             Conn::Server(conn) => conn.get_db(),
             Conn::Cluster(cluster) => cluster.conn.get_db(),
             Conn::Sentinel(_) => 0,
@@ -244,10 +263,13 @@ pub(crate) async fn connect(
             crate::connect_err(e, connection_timeout)
         }
     })?;
-    Ok(RedisConnection(Conn::Cluster(Cluster {
-        conn,
-        noscript: None,
-    })))
+    Ok(RedisConnection {
+        conn: Conn::Cluster(Cluster {
+            conn,
+            noscript: None,
+        }),
+        response_timeout,
+    })
 }
 
 /// The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag (the

@@ -495,7 +495,7 @@ impl RedisStoreBuilder {
                 )
                 .await?;
                 (
-                    RedisConnection::sentinel(primary.clone()),
+                    RedisConnection::sentinel(primary.clone(), self.response_timeout),
                     sentinel::Nodes::Primary(primary),
                 )
             }
@@ -558,7 +558,7 @@ async fn managed(
     let conn = within_connect_timeout(connection_timeout, connecting)
         .await?
         .map_err(|e| connect_err(e, connection_timeout))?;
-    Ok(RedisConnection::server(conn))
+    Ok(RedisConnection::server(conn, response_timeout))
 }
 
 /// Bytes kept out of the server's bulk limit for the envelope around a
@@ -699,6 +699,7 @@ impl RedisStore {
             )),
             sentinel::Nodes::Primary(primary) => Ok(RedisConnection::sentinel(
                 primary.sibling(response_timeout).await?,
+                response_timeout,
             )),
             sentinel::Nodes::Fixed(client) => {
                 let client = client.as_ref().clone();
@@ -792,7 +793,7 @@ impl RedisStore {
     }
 
     fn err(&self, e: redis::RedisError) -> StoreError {
-        map_err(e, self.inner.response_timeout)
+        self.inner.conn.error(e)
     }
 
     /// `keys` with their positions, in one batch on a single server, one per
@@ -906,9 +907,14 @@ impl fmt::Debug for RedisStore {
     }
 }
 
+/// A failed call as a store error: a timeout names `timeout`, the response
+/// timeout of the connection that made the call.
 fn map_err(e: redis::RedisError, timeout: Duration) -> StoreError {
     if e.is_timeout() {
-        StoreError::timeout(timeout)
+        StoreError::new(
+            cachet_core::StoreErrorKind::Timeout,
+            format!("no reply within the response timeout ({timeout:?})"),
+        )
     } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
         StoreError::unavailable(e)
     } else {

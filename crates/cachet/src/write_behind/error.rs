@@ -4,6 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::BoxError;
+use cachet_redis::RedisConnection;
 
 /// An error from a [`WriteBehind`](crate::write_behind::WriteBehind) or a
 /// [`Flusher`](crate::write_behind::Flusher).
@@ -119,6 +120,7 @@ impl Error {
 
     /// Maps a Redis error; allocates only when there is one.
     pub(crate) fn redis<'a>(
+        conn: &'a RedisConnection,
         stream: &'a str,
         action: &'static str,
         key: Option<&'a str>,
@@ -127,7 +129,7 @@ impl Error {
             stream: stream.to_owned(),
             action,
             key: key.map(str::to_owned),
-            source: Box::new(e),
+            source: Box::new(conn.error(e)),
         }
     }
 }

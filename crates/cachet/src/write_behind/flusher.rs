@@ -523,6 +523,7 @@ where
             .await;
         match created {
             Err(e) if e.code() != Some("BUSYGROUP") => Err(Error::redis(
+                &self.inner.conn,
                 self.stream(),
                 "creating the consumer group",
                 None,
@@ -750,10 +751,14 @@ where
                 }
                 return Ok((0, false));
             }
-            other => other.map_err(Error::redis(self.stream(), doing, None))?,
+            other => other.map_err(Error::redis(&self.inner.conn, self.stream(), doing, None))?,
         };
-        let (next, live, counts, dead) =
-            parse_claim(reply).map_err(Error::redis(self.stream(), doing, None))?;
+        let (next, live, counts, dead) = parse_claim(reply).map_err(Error::redis(
+            &self.inner.conn,
+            self.stream(),
+            doing,
+            None,
+        ))?;
         let taken = live.len() + dead.len() / 4;
         let more = match what {
             Claim::Idle(_) => {
@@ -802,9 +807,12 @@ where
         }
         cmd.arg("STREAMS").arg(self.stream()).arg(">");
         match cmd.query_async::<Value>(&mut self.conn()).await {
-            Ok(reply) => {
-                parse_read(reply).map_err(Error::redis(self.stream(), "reading new entries", None))
-            }
+            Ok(reply) => parse_read(reply).map_err(Error::redis(
+                &self.inner.conn,
+                self.stream(),
+                "reading new entries",
+                None,
+            )),
             // The stream and its group were deleted (a Redis without
             // persistence restarted, say): writes queued since are in a new
             // stream, and a group reading it from the start gets them all.
@@ -812,7 +820,12 @@ where
                 self.create_group().await?;
                 Ok(Vec::new())
             }
-            Err(e) => Err(Error::redis(self.stream(), "reading new entries", None)(e)),
+            Err(e) => Err(Error::redis(
+                &self.inner.conn,
+                self.stream(),
+                "reading new entries",
+                None,
+            )(e)),
         }
     }
 
@@ -975,6 +988,7 @@ where
                 .query_async(&mut self.conn())
                 .await
                 .map_err(Error::redis(
+                    &self.inner.conn,
                     self.stream(),
                     "acknowledging deleted entries",
                     None,
@@ -1050,7 +1064,7 @@ where
         let moved: usize = invocation
             .invoke_async(&mut self.conn())
             .await
-            .map_err(Error::redis(&s.stream, doing, None))?;
+            .map_err(Error::redis(&self.inner.conn, &s.stream, doing, None))?;
         add(&self.inner.counters.dead_lettered, moved);
         Ok(moved)
     }
@@ -1109,6 +1123,7 @@ where
             .invoke_async(&mut self.conn())
             .await
             .map_err(Error::redis(
+                &self.inner.conn,
                 self.stream(),
                 "acknowledging a flushed batch",
                 None,
@@ -1132,6 +1147,7 @@ where
             .invoke_async(&mut self.conn())
             .await
             .map_err(Error::redis(
+                &self.inner.conn,
                 self.stream(),
                 "restoring delivery counts",
                 None,

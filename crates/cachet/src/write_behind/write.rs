@@ -378,11 +378,13 @@ where
         // least MIN_FULL_PAUSE.
         loop {
             let (reply, acked) = self.invoke(&invocation).await.map_err(Error::redis(
+                &s.store.connection(),
                 &s.stream,
                 "queueing a write",
                 Some(user),
             ))?;
             match parse_reply(reply).map_err(Error::redis(
+                &s.store.connection(),
                 &s.stream,
                 "queueing a write",
                 Some(user),
@@ -496,7 +498,12 @@ where
             .arg(&s.stream)
             .query_async(&mut s.store.connection())
             .await
-            .map_err(Error::redis(&s.stream, "reading the backlog", None))
+            .map_err(Error::redis(
+                &s.store.connection(),
+                &s.stream,
+                "reading the backlog",
+                None,
+            ))
     }
 
     /// Writes in the dead-letter stream.
@@ -510,6 +517,7 @@ where
             .query_async(&mut s.store.connection())
             .await
             .map_err(Error::redis(
+                &s.store.connection(),
                 &s.stream,
                 "reading the dead-letter stream",
                 None,
@@ -531,7 +539,12 @@ where
             .arg(max.max(1))
             .invoke_async(&mut s.store.connection())
             .await
-            .map_err(Error::redis(&s.stream, "replaying dead letters", None))
+            .map_err(Error::redis(
+                &s.store.connection(),
+                &s.stream,
+                "replaying dead letters",
+                None,
+            ))
     }
 
     /// A builder for a [`Flusher`](crate::write_behind::Flusher) of this write-behind's

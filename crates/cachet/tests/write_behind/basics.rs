@@ -630,3 +630,26 @@ async fn a_flusher_connecting_by_url_gives_up_within_the_connection_timeout() {
     // flusher's response timeout (its block time + 5 s).
     assert!(took < limit * 2, "took {took:?}");
 }
+
+/// A write-behind call that Redis does not answer in time fails with an
+/// error that names the response timeout and its value, once.
+#[tokio::test]
+async fn a_write_redis_does_not_answer_names_the_response_timeout() {
+    use cachet_testkit::RedisServer;
+    let server = RedisServer::start();
+    let store = cachet::RedisStore::builder(server.url())
+        .response_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let cache = support::cache(store.clone());
+    let wb = support::builder(store, &cache).build().await.unwrap();
+    server.command(&["CLIENT", "PAUSE", "2000", "ALL"]);
+    let e = wb.write_behind(&1, Item::new(1, "x")).await.unwrap_err();
+    let shown = cachet::Report(&e).to_string();
+    assert_eq!(
+        shown,
+        "write-behind stream cachet:items:sys:wb: queueing a write failed for key 1: \
+         no reply within the response timeout (300ms)"
+    );
+}
