@@ -106,16 +106,12 @@ fn write_stdout(s: &str) -> anyhow::Result<()> {
 }
 
 /// The error and its causes, one per line. cachet's errors never repeat
-/// their cause in their own message, so each line is news.
+/// their cause in their own message, and a cause that repeats the line
+/// before it (an error of another crate that both prints and returns its
+/// cause) is left out, so each line is news.
 fn error_chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for (i, cause) in e.chain().enumerate() {
-        if i > 0 {
-            out.push_str("\n  caused by: ");
-        }
-        out.push_str(&cause.to_string());
-    }
-    out
+    let lines: Vec<String> = cachet::Report(e.as_ref()).messages().collect();
+    lines.join("\n  caused by: ")
 }
 
 #[cfg(test)]
@@ -126,6 +122,17 @@ mod tests {
     fn error_chain_prints_each_cause_once() {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let e = anyhow::Error::new(cachet::StoreError::unavailable(io)).context("cannot connect");
+        assert_eq!(
+            error_chain(&e),
+            "cannot connect\n  caused by: store unreachable\n  caused by: refused"
+        );
+        // redis-rs's error around an I/O error prints the I/O error and
+        // returns it as its source: one line.
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let redis = redis::RedisError::from(io);
+        assert_eq!(redis.to_string(), "refused");
+        let e =
+            anyhow::Error::new(cachet::StoreError::unavailable(redis)).context("cannot connect");
         assert_eq!(
             error_chain(&e),
             "cannot connect\n  caused by: store unreachable\n  caused by: refused"

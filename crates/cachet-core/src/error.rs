@@ -131,16 +131,39 @@ impl std::error::Error for StoreError {
 
 /// Displays an error and its causes on one line, `error: cause: cause…`, for
 /// logs and terminals.
+///
+/// A cause whose message is the one just shown is left out: some errors
+/// (redis-rs's around an I/O error, for one) both print their cause and
+/// return it as their source.
 #[derive(Debug)]
 pub struct Report<'a>(pub &'a (dyn std::error::Error + 'a));
 
+impl<'a> Report<'a> {
+    /// The messages of the error and its causes, outermost first, each once.
+    pub fn messages(&self) -> impl Iterator<Item = String> + 'a {
+        let mut next: Option<&'a (dyn std::error::Error + 'a)> = Some(self.0);
+        let mut previous: Option<String> = None;
+        std::iter::from_fn(move || {
+            while let Some(e) = next {
+                next = e.source();
+                let message = e.to_string();
+                if previous.as_deref() != Some(message.as_str()) {
+                    previous = Some(message.clone());
+                    return Some(message);
+                }
+            }
+            None
+        })
+    }
+}
+
 impl fmt::Display for Report<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cause = self.0.source();
-        while let Some(e) = cause {
-            write!(f, ": {e}")?;
-            cause = e.source();
+        for (i, message) in self.messages().enumerate() {
+            if i > 0 {
+                f.write_str(": ")?;
+            }
+            f.write_str(&message)?;
         }
         Ok(())
     }
@@ -159,6 +182,24 @@ mod tests {
         assert!(e.is_outage() && !e.is_timeout());
         let source = std::error::Error::source(&e).unwrap();
         assert_eq!(source.to_string(), "refused");
+        assert_eq!(Report(&e).to_string(), "store unreachable: refused");
+
+        // A cause that prints its own cause, and returns it as its source,
+        // is shown once.
+        #[derive(Debug)]
+        struct Echo(std::io::Error);
+        impl fmt::Display for Echo {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+        impl std::error::Error for Echo {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = StoreError::unavailable(Echo(io));
         assert_eq!(Report(&e).to_string(), "store unreachable: refused");
 
         let e = StoreError::timeout(Duration::from_millis(5));
