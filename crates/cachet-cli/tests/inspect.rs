@@ -91,7 +91,7 @@ async fn inspect_shows_entries_as_the_cache_wrote_them() {
         assert_eq!(v["exists"], true, "{v}");
         assert_eq!(v["state"], "current", "{v}");
         let e = &v["envelope"];
-        assert_eq!(e["format_version"], 1, "{v}");
+        assert_eq!(e["format_version"], 2, "{v}");
         assert_eq!(e["negative"], false, "{v}");
         assert_eq!(e["version"], 12, "{v}");
         assert_eq!(e["generation"], 0, "{v}");

@@ -1,54 +1,123 @@
-//! The entry envelope: a fixed header in front of every stored payload.
+//! The entry envelope: a header in front of every stored payload.
 //!
-//! Byte layout, version 1 (all integers big-endian):
+//! Byte layout, format 2, which this crate writes (integers big-endian):
 //!
 //! | offset | size | field                                                        |
 //! |-------:|-----:|--------------------------------------------------------------|
-//! | 0      | 1    | format version, `1`                                          |
-//! | 1      | 1    | flags: bit 0 = negative ("not found"), bit 1 = checksummed; bits 2–7 must be 0 |
-//! | 2      | 8    | soft expiry, Unix milliseconds; `0` = none                   |
-//! | 10     | 8    | value version from the source of truth; `0` = unversioned    |
-//! | 18     | 4    | duration of the load that produced the value, microseconds   |
-//! | 22     | 8    | group generation the entry was filled under; `0` = no group  |
-//! | 30     | …    | when tagged (flag bit 2): the tags, see below                |
+//! | 0      | 1    | format version, `2`                                          |
+//! | 1      | 1    | flags, below; bit 7 must be 0                                |
+//! | 2      | …    | the fields whose flag is set, in this order: soft expiry (8), version (8), load time (4), group generation (8) |
+//! | …      | …    | when tagged (flag bit 2): the tags, see below                |
 //! | …      | …    | payload as written by the cache's codec; empty when negative |
 //! | end − 4 | 4   | when checksummed: the low 32 bits of the XXH3-64 of everything after the header (tags and payload) |
+//!
+//! The flags: bit 0 negative ("not found"), bit 1 checksummed, bit 2 tagged,
+//! bit 3 soft expiry (Unix milliseconds), bit 4 value version from the source
+//! of truth, bit 5 duration of the load that produced the value
+//! (microseconds), bit 6 group generation the entry was filled under. A field
+//! whose flag is clear is 0 (none). An entry with none of them costs 2 bytes of
+//! header and 4 of checksum: a 100-byte value stays within the allocator size
+//! class of a plain `SET` of the same value (`docs/performance.md`).
 //!
 //! The tags of a tagged entry: a count (1 byte, 1–255), then for each tag its
 //! generation when the entry was filled (8 bytes), the length of its escaped
 //! name (1 byte, 1–255) and the name. A tag costs 9 bytes plus its name, the
 //! list 1 byte more.
 //!
-//! The header costs [`HEADER_LEN`] = 30 bytes per entry, the checksum 4 more. The
-//! fields sit at fixed offsets so that a Lua script can read them with
-//! `string.sub` (and stamp the generation without touching the checksum, which
-//! covers what follows the header only). Anything that does not decode (too
-//! short, an unknown version or flag, a negative entry with a payload, a
-//! malformed tag list, bytes whose checksum does not match) is reported as a
-//! [`DecodeError`], which the cache treats as a miss. Every entry this crate
-//! writes is checksummed; entries without the flag (written before it existed)
-//! and entries without tags (written before tags existed) still decode.
+//! The Lua scripts read the version and the generation, and stamp the
+//! generation, by walking the flags ([`ENVELOPE_LUA`]); the checksum covers
+//! what follows the header only, so stamping leaves it valid.
+//!
+//! Format 1, written by earlier versions and still read: the same flags byte
+//! with bits 0–2 only, then every field at a fixed offset whether set or not
+//! (soft expiry at 2, version at 10, load time at 18, generation at 22), 30
+//! bytes in all, then tags, payload and checksum as above.
+//!
+//! Anything that does not decode (too short, an unknown version or flag, a
+//! negative entry with a payload, a malformed tag list, bytes whose checksum
+//! does not match) is reported as a [`DecodeError`], which the cache treats as
+//! a miss. Every entry this crate writes is checksummed; entries without the
+//! flag (written before it existed) and entries without tags still decode.
 
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes};
 
-/// Length of the envelope header in bytes.
-pub const HEADER_LEN: usize = 30;
+/// The envelope format version this crate writes.
+pub const FORMAT_VERSION: u8 = 2;
+/// The format of earlier versions, with fixed offsets, still read.
+const FORMAT_FIXED: u8 = 1;
 
-/// The envelope format version this crate writes and reads.
-pub const FORMAT_VERSION: u8 = 1;
-
-const FLAG_NEGATIVE: u8 = 0b0000_0001;
-const FLAG_CHECKSUM: u8 = 0b0000_0010;
-const FLAG_TAGS: u8 = 0b0000_0100;
-const KNOWN_FLAGS: u8 = FLAG_NEGATIVE | FLAG_CHECKSUM | FLAG_TAGS;
+const FLAG_NEGATIVE: u8 = 1 << 0;
+const FLAG_CHECKSUM: u8 = 1 << 1;
+const FLAG_TAGS: u8 = 1 << 2;
+const FLAG_SOFT_EXPIRY: u8 = 1 << 3;
+const FLAG_VERSION: u8 = 1 << 4;
+const FLAG_LOAD_TIME: u8 = 1 << 5;
+const FLAG_GENERATION: u8 = 1 << 6;
+/// The flags of format 1.
+const FIXED_FLAGS: u8 = FLAG_NEGATIVE | FLAG_CHECKSUM | FLAG_TAGS;
+const KNOWN_FLAGS: u8 =
+    FIXED_FLAGS | FLAG_SOFT_EXPIRY | FLAG_VERSION | FLAG_LOAD_TIME | FLAG_GENERATION;
 /// The most tags one entry carries.
 pub const MAX_TAGS: usize = 255;
 /// The longest escaped tag name, in bytes.
 pub const MAX_TAG_LEN: usize = 255;
 /// Length of the checksum after the payload.
 const CHECKSUM_LEN: usize = 4;
+/// The longest header: format, flags and every field.
+pub const MAX_HEADER_LEN: usize = 2 + 8 + 8 + 4 + 8;
+
+/// Lua functions over stored entries, for the scripts that compare versions
+/// or stamp a group's generation, on both formats:
+///
+/// - `envelope(v)`: whether `v` is an entry of a known format (long enough
+///   for its header);
+/// - `envelope_version(v)`, `envelope_generation(v)`: the field of the entry
+///   `v` as 8 big-endian bytes (zeros when not set);
+/// - `envelope_stamp(v, g)`: the format-2 entry `v` with its generation set to
+///   the 8 bytes `g`.
+///
+/// The field functions expect an entry (check with `envelope` first); on other
+/// bytes they return something, never raise an error.
+///
+/// They rely on `bit` and `string` only, which every Redis and Valkey
+/// provides to scripts.
+pub const ENVELOPE_LUA: &str = r"
+local ENVELOPE_ZERO8 = string.rep(string.char(0), 8)
+local function envelope_offset(v, field)
+  if string.byte(v, 1) == 1 then
+    return ({[8] = 3, [16] = 11, [32] = 19, [64] = 23})[field], true
+  end
+  local flags = string.byte(v, 2) or 0
+  local at = 3
+  for _, f in ipairs({8, 16, 32, 64}) do
+    if f == field then return at, bit.band(flags, f) ~= 0 end
+    if bit.band(flags, f) ~= 0 then at = at + (f == 32 and 4 or 8) end
+  end
+end
+local function envelope(v)
+  if not v then return false end
+  local format = string.byte(v, 1)
+  if format == 1 then return string.len(v) >= 30 end
+  if format ~= 2 or string.len(v) < 2 then return false end
+  local last = envelope_offset(v, 64)
+  return string.len(v) >= last - 1 + (bit.band(string.byte(v, 2), 64) ~= 0 and 8 or 0)
+end
+local function envelope_field8(v, field)
+  local at, present = envelope_offset(v, field)
+  if not present then return ENVELOPE_ZERO8 end
+  return string.sub(v, at, at + 7)
+end
+local function envelope_version(v) return envelope_field8(v, 16) end
+local function envelope_generation(v) return envelope_field8(v, 64) end
+local function envelope_stamp(v, g)
+  local at, present = envelope_offset(v, 64)
+  local rest = present and string.sub(v, at + 8) or string.sub(v, at)
+  local flags = bit.bor(string.byte(v, 2), 64)
+  return string.sub(v, 1, 1) .. string.char(flags) .. string.sub(v, 3, at - 1) .. g .. rest
+end
+";
 
 /// The checksum of a payload: the low 32 bits of its XXH3-64.
 fn checksum(payload: &[u8]) -> [u8; CHECKSUM_LEN] {
@@ -93,10 +162,10 @@ pub struct Meta {
 #[non_exhaustive]
 pub enum DecodeError {
     /// Fewer bytes than the header needs.
-    #[error("entry is {0} bytes, shorter than the {HEADER_LEN}-byte header")]
+    #[error("entry is {0} bytes, shorter than its header")]
     Truncated(usize),
     /// A format version this build does not know.
-    #[error("entry has format version {0}, this build reads version {FORMAT_VERSION}")]
+    #[error("entry has format version {0}, this build reads versions 1 and {FORMAT_VERSION}")]
     Version(u8),
     /// Flags this build does not know.
     #[error("entry has unknown flags {0:#010b}")]
@@ -125,20 +194,34 @@ pub enum DecodeError {
 pub fn encode(meta: &Meta, payload: &[u8]) -> Vec<u8> {
     let tags: &[TagGeneration] = meta.tags.as_deref().unwrap_or_default();
     let tags_len: usize = tags.iter().map(|t| 9 + t.tag.len()).sum();
-    let mut out = Vec::with_capacity(HEADER_LEN + 1 + tags_len + payload.len() + CHECKSUM_LEN);
+    let mut out = Vec::with_capacity(MAX_HEADER_LEN + 1 + tags_len + payload.len() + CHECKSUM_LEN);
     let mut flags = FLAG_CHECKSUM;
-    if meta.negative {
-        flags |= FLAG_NEGATIVE;
-    }
-    if !tags.is_empty() {
-        flags |= FLAG_TAGS;
-    }
+    let mut set = |flag: u8, on: bool| {
+        if on {
+            flags |= flag;
+        }
+    };
+    set(FLAG_NEGATIVE, meta.negative);
+    set(FLAG_TAGS, !tags.is_empty());
+    set(FLAG_SOFT_EXPIRY, meta.soft_expiry_ms != 0);
+    set(FLAG_VERSION, meta.version != 0);
+    set(FLAG_LOAD_TIME, meta.load_time_us != 0);
+    set(FLAG_GENERATION, meta.generation != 0);
     out.put_u8(FORMAT_VERSION);
     out.put_u8(flags);
-    out.put_u64(meta.soft_expiry_ms);
-    out.put_u64(meta.version);
-    out.put_u32(meta.load_time_us);
-    out.put_u64(meta.generation);
+    if flags & FLAG_SOFT_EXPIRY != 0 {
+        out.put_u64(meta.soft_expiry_ms);
+    }
+    if flags & FLAG_VERSION != 0 {
+        out.put_u64(meta.version);
+    }
+    if flags & FLAG_LOAD_TIME != 0 {
+        out.put_u32(meta.load_time_us);
+    }
+    if flags & FLAG_GENERATION != 0 {
+        out.put_u64(meta.generation);
+    }
+    let header = out.len();
     if !tags.is_empty() {
         out.put_u8(u8::try_from(tags.len()).expect("at most MAX_TAGS tags"));
         for t in tags {
@@ -148,7 +231,7 @@ pub fn encode(meta: &Meta, payload: &[u8]) -> Vec<u8> {
         }
     }
     out.extend_from_slice(payload);
-    let sum = checksum(&out[HEADER_LEN..]);
+    let sum = checksum(&out[header..]);
     out.extend_from_slice(&sum);
     out
 }
@@ -182,45 +265,22 @@ fn decode_tags(b: &[u8]) -> Result<(Arc<[TagGeneration]>, usize), DecodeError> {
 /// The payload is a zero-copy slice of `bytes`.
 pub fn decode(bytes: &Bytes) -> Result<(Meta, Bytes), DecodeError> {
     let b = bytes.as_ref();
-    if b.len() < HEADER_LEN {
-        return Err(DecodeError::Truncated(b.len()));
-    }
-    if b[0] != FORMAT_VERSION {
-        return Err(DecodeError::Version(b[0]));
-    }
-    let flags = b[1];
-    if flags & !KNOWN_FLAGS != 0 {
-        return Err(DecodeError::Flags(flags));
-    }
-    let u64_at = |at: usize| {
-        let mut a = [0; 8];
-        a.copy_from_slice(&b[at..at + 8]);
-        u64::from_be_bytes(a)
-    };
-    let mut load = [0; 4];
-    load.copy_from_slice(&b[18..22]);
-    let mut meta = Meta {
-        negative: flags & FLAG_NEGATIVE != 0,
-        soft_expiry_ms: u64_at(2),
-        version: u64_at(10),
-        load_time_us: u32::from_be_bytes(load),
-        generation: u64_at(22),
-        tags: None,
-    };
+    let (meta, flags, header) = decode_header(b)?;
     let end = if flags & FLAG_CHECKSUM == 0 {
         b.len()
     } else {
         let end = (b.len().checked_sub(CHECKSUM_LEN))
-            .filter(|&end| end >= HEADER_LEN)
+            .filter(|&end| end >= header)
             .ok_or(DecodeError::Truncated(b.len()))?;
-        if b[end..] != checksum(&b[HEADER_LEN..end]) {
+        if b[end..] != checksum(&b[header..end]) {
             return Err(DecodeError::Checksum);
         }
         end
     };
-    let mut start = HEADER_LEN;
+    let mut meta = meta;
+    let mut start = header;
     if flags & FLAG_TAGS != 0 {
-        let (tags, len) = decode_tags(&b[HEADER_LEN..end])?;
+        let (tags, len) = decode_tags(&b[header..end])?;
         meta.tags = Some(tags);
         start += len;
     }
@@ -231,13 +291,51 @@ pub fn decode(bytes: &Bytes) -> Result<(Meta, Bytes), DecodeError> {
     Ok((meta, bytes.slice(start..end)))
 }
 
+/// The header's fields (tags aside), its flags and its length.
+fn decode_header(b: &[u8]) -> Result<(Meta, u8, usize), DecodeError> {
+    let (&format, rest) = b.split_first().ok_or(DecodeError::Truncated(b.len()))?;
+    let (&flags, mut rest) = rest.split_first().ok_or(DecodeError::Truncated(b.len()))?;
+    let (known, fixed) = match format {
+        FORMAT_VERSION => (KNOWN_FLAGS, false),
+        FORMAT_FIXED => (FIXED_FLAGS, true),
+        other => return Err(DecodeError::Version(other)),
+    };
+    if flags & !known != 0 {
+        return Err(DecodeError::Flags(flags));
+    }
+    // Format 1 has every field; format 2 those whose flag is set.
+    let mut field = |flag: u8, len: usize| -> Result<u64, DecodeError> {
+        if !fixed && flags & flag == 0 {
+            return Ok(0);
+        }
+        let (bytes, after) = rest
+            .split_at_checked(len)
+            .ok_or(DecodeError::Truncated(b.len()))?;
+        rest = after;
+        Ok(bytes.iter().fold(0, |n, &byte| (n << 8) | u64::from(byte)))
+    };
+    let soft_expiry_ms = field(FLAG_SOFT_EXPIRY, 8)?;
+    let version = field(FLAG_VERSION, 8)?;
+    let load_time_us = u32::try_from(field(FLAG_LOAD_TIME, 4)?).expect("4 bytes fit in a u32");
+    let generation = field(FLAG_GENERATION, 8)?;
+    let meta = Meta {
+        negative: flags & FLAG_NEGATIVE != 0,
+        soft_expiry_ms,
+        version,
+        load_time_us,
+        generation,
+        tags: None,
+    };
+    Ok((meta, flags, b.len() - rest.len()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    #[test]
-    fn layout_is_as_documented() {
+    /// A meta with every field set, and those fields as laid out.
+    fn every_field() -> (Meta, [u8; 28]) {
         let meta = Meta {
             negative: false,
             soft_expiry_ms: 0x0102_0304_0506_0708,
@@ -246,22 +344,69 @@ mod tests {
             generation: 0x1112_1314_1516_1718,
             tags: None,
         };
+        let fields = [
+            1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 9, 0x0A, 0x0B, 0x0C, 0x0D, 0x11, 0x12,
+            0x13, 0x14, 0x15, 0x16, 0x17, 0x18,
+        ];
+        (meta, fields)
+    }
+
+    #[test]
+    fn layout_is_as_documented() {
+        let (meta, fields) = every_field();
         let bytes = encode(&meta, b"xy");
         let sum = (xxhash_rust::xxh3::xxh3_64(b"xy") as u32).to_be_bytes();
-        assert_eq!(
-            bytes,
-            [
-                1, 2, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 9, 0x0A, 0x0B, 0x0C, 0x0D, 0x11,
-                0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, b'x', b'y', sum[0], sum[1], sum[2],
-                sum[3]
-            ]
-        );
-        // An entry from before checksums still decodes.
-        let mut old = bytes[..32].to_vec();
+        let all =
+            FLAG_CHECKSUM | FLAG_SOFT_EXPIRY | FLAG_VERSION | FLAG_LOAD_TIME | FLAG_GENERATION;
+        assert_eq!(all, 0b0111_1010);
+        assert_eq!(bytes, [&[2, all][..], &fields, b"xy", &sum].concat());
+        // Fields that are 0 take no room: format, flags, payload, checksum.
+        let plain = encode(&Meta::default(), b"xy");
+        assert_eq!(plain, [&[2, FLAG_CHECKSUM][..], b"xy", &sum].concat());
+        let versioned = Meta {
+            version: 9,
+            ..Meta::default()
+        };
+        let flags = FLAG_CHECKSUM | FLAG_VERSION;
+        let expected = [&[2, flags][..], &fields[8..16], b"xy", &sum].concat();
+        assert_eq!(encode(&versioned, b"xy"), expected);
+        for (meta, bytes) in [(&meta, bytes), (&Meta::default(), plain)] {
+            let (m, p) = decode(&Bytes::from(bytes)).unwrap();
+            assert_eq!((&m, &p[..]), (meta, &b"xy"[..]));
+        }
+    }
+
+    #[test]
+    fn format_1_entries_still_decode() {
+        let (meta, fields) = every_field();
+        let header = [&[1, FLAG_CHECKSUM][..], &fields].concat();
+        assert_eq!(header.len(), FIXED_HEADER_LEN);
+        let sum = (xxhash_rust::xxh3::xxh3_64(b"xy") as u32).to_be_bytes();
+        let checksummed = [&header[..], b"xy", &sum].concat();
+        let (m, p) = decode(&Bytes::from(checksummed)).unwrap();
+        assert_eq!((&m, &p[..]), (&meta, &b"xy"[..]));
+        // From before checksums.
+        let mut old = [&header[..], b"xy"].concat();
         old[1] = 0;
         let (m, p) = decode(&Bytes::from(old)).unwrap();
         assert_eq!((m, &p[..]), (meta, &b"xy"[..]));
+        // Format 1 has no field flags.
+        let mut flagged = [&header[..], b"xy"].concat();
+        flagged[1] = FLAG_VERSION;
+        assert_eq!(
+            decode(&Bytes::from(flagged)),
+            Err(DecodeError::Flags(FLAG_VERSION))
+        );
+        assert_eq!(
+            decode(&Bytes::from(header[..29].to_vec())),
+            Err(DecodeError::Truncated(29))
+        );
     }
+
+    /// The header of an entry with none of the optional fields.
+    const HEADER: usize = 2;
+    /// Length of a format-1 header in bytes.
+    const FIXED_HEADER_LEN: usize = 30;
 
     fn tagged(tags: &[(&str, u64)]) -> Meta {
         Meta {
@@ -283,7 +428,7 @@ mod tests {
         let bytes = encode(&meta, b"xy");
         assert_eq!(bytes[1], FLAG_CHECKSUM | FLAG_TAGS);
         assert_eq!(
-            bytes[HEADER_LEN..bytes.len() - CHECKSUM_LEN],
+            bytes[HEADER..bytes.len() - CHECKSUM_LEN],
             [
                 2, 0, 0, 0, 0, 0, 0, 1, 2, 2, b'a', b'b', 0, 0, 0, 0, 0, 0, 0, 7, 1, b'c', b'x',
                 b'y'
@@ -291,7 +436,7 @@ mod tests {
         );
         let (m, p) = decode(&Bytes::from(bytes.clone())).unwrap();
         assert_eq!((m, &p[..]), (meta, &b"xy"[..]));
-        for i in HEADER_LEN..bytes.len() {
+        for i in HEADER..bytes.len() {
             let mut changed = bytes.clone();
             changed[i] ^= 0x01;
             assert!(decode(&Bytes::from(changed)).is_err(), "byte {i}");
@@ -304,7 +449,7 @@ mod tests {
         // checksum that matches, so the tag list itself is what is refused.
         let reseal = |mut b: Vec<u8>| {
             b.truncate(b.len() - CHECKSUM_LEN);
-            let sum = checksum(&b[HEADER_LEN..]);
+            let sum = checksum(&b[HEADER..]);
             b.extend_from_slice(&sum);
             Bytes::from(b)
         };
@@ -312,13 +457,13 @@ mod tests {
         empty[1] |= FLAG_TAGS;
         assert!(decode(&reseal(empty)).is_err());
         let mut zero = encode(&tagged(&[("a", 1)]), b"");
-        zero[HEADER_LEN] = 0;
+        zero[HEADER] = 0;
         assert_eq!(decode(&reseal(zero)), Err(DecodeError::Tags));
         let mut long = encode(&tagged(&[("a", 1)]), b"");
-        long[HEADER_LEN + 9] = 200;
+        long[HEADER + 9] = 200;
         assert_eq!(decode(&reseal(long)), Err(DecodeError::Tags));
         let mut nameless = encode(&tagged(&[("a", 1)]), b"");
-        nameless[HEADER_LEN + 9] = 0;
+        nameless[HEADER + 9] = 0;
         assert_eq!(decode(&reseal(nameless)), Err(DecodeError::Tags));
     }
 
@@ -357,7 +502,7 @@ mod tests {
     #[test]
     fn a_changed_payload_byte_is_caught() {
         let entry = encode(&Meta::default(), b"a 100-byte value, or any other");
-        for i in HEADER_LEN..entry.len() {
+        for i in HEADER..entry.len() {
             let mut changed = entry.clone();
             changed[i] ^= 0x01;
             assert!(decode(&Bytes::from(changed)).is_err(), "byte {i}");

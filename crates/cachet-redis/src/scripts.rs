@@ -8,6 +8,7 @@
 
 use std::sync::LazyLock;
 
+use cachet_core::envelope::ENVELOPE_LUA;
 use redis::Script;
 
 /// Read-or-lease.
@@ -199,7 +200,7 @@ end
 ";
 
 fn with_generation(body: &str) -> Script {
-    Script::new(&format!("{GENERATION}{body}"))
+    Script::new(&format!("{GENERATION}{ENVELOPE_LUA}{body}"))
 }
 
 /// Read of a grouped key: the entry and its group's generation, in one round trip.
@@ -258,7 +259,7 @@ return 0
 });
 
 /// [`SET`] for a grouped key: stamps the group's current generation into the
-/// envelope (bytes 23–30, see `cachet_core::envelope`) before writing.
+/// envelope (see `cachet_core::envelope`) before writing.
 ///
 /// `KEYS[1]` entry, `KEYS[2]` lease, `KEYS[3]` generation; `ARGV[1]` entry
 /// bytes, `ARGV[2]` TTL in ms.
@@ -266,7 +267,7 @@ pub(crate) static SET_GROUPED: LazyLock<Script> = LazyLock::new(|| {
     with_generation(
         r"
 local g = generation(KEYS[3])
-local v = string.sub(ARGV[1], 1, 22) .. struct.pack('>I8', tonumber(g)) .. string.sub(ARGV[1], 31)
+local v = envelope_stamp(ARGV[1], struct.pack('>I8', tonumber(g)))
 redis.call('SET', KEYS[1], v, 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
 return 1
@@ -427,16 +428,13 @@ return 1
     )
 });
 
-/// Compares the versions of two envelopes (bytes 11–18, big-endian), as two
-/// 32-bit halves so that Lua's doubles stay exact.
+/// Compares the versions of two envelopes (big-endian), as two 32-bit halves
+/// so that Lua's doubles stay exact.
 const NEWER: &str = r"
 local function at_least_as_new(current, offered)
-  local ch, cl = struct.unpack('>I4I4', string.sub(current, 11, 18))
-  local oh, ol = struct.unpack('>I4I4', string.sub(offered, 11, 18))
+  local ch, cl = struct.unpack('>I4I4', envelope_version(current))
+  local oh, ol = struct.unpack('>I4I4', envelope_version(offered))
   return ch > oh or (ch == oh and cl >= ol)
-end
-local function envelope(v)
-  return v and string.len(v) >= 30 and string.byte(v, 1) == 1
 end
 ";
 
@@ -446,11 +444,11 @@ end
 /// ms. Returns `{1}` when written, `{0, current version bytes}` when not.
 pub(crate) static SET_VERSIONED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{NEWER}{}",
+        "{ENVELOPE_LUA}{NEWER}{}",
         r"
 local current = redis.call('GET', KEYS[1])
 if envelope(current) and at_least_as_new(current, ARGV[1]) then
-  return {0, string.sub(current, 11, 18)}
+  return {0, envelope_version(current)}
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
@@ -465,19 +463,143 @@ return {1}
 /// `KEYS[1]` entry, `KEYS[2]` lease, `KEYS[3]` generation.
 pub(crate) static SET_VERSIONED_GROUPED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{GENERATION}{NEWER}{}",
+        "{GENERATION}{ENVELOPE_LUA}{NEWER}{}",
         r"
 local g = generation(KEYS[3])
 local current = redis.call('GET', KEYS[1])
 if envelope(current)
-  and struct.unpack('>I8', string.sub(current, 23, 30)) == tonumber(g)
+  and struct.unpack('>I8', envelope_generation(current)) == tonumber(g)
   and at_least_as_new(current, ARGV[1]) then
-  return {0, string.sub(current, 11, 18)}
+  return {0, envelope_version(current)}
 end
-local v = string.sub(ARGV[1], 1, 22) .. struct.pack('>I8', tonumber(g)) .. string.sub(ARGV[1], 31)
+local v = envelope_stamp(ARGV[1], struct.pack('>I8', tonumber(g)))
 redis.call('SET', KEYS[1], v, 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
 return {1}
 "
     ))
 });
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use cachet_core::envelope::{self, ENVELOPE_LUA, Meta};
+    use cachet_testkit::RedisServer;
+
+    /// `{is an entry, version bytes, generation bytes}` of `entry`, or, with
+    /// `stamp`, the entry with its generation set to it.
+    async fn lua(
+        conn: &mut redis::aio::MultiplexedConnection,
+        entry: &[u8],
+        stamp: Option<u64>,
+    ) -> redis::Value {
+        let script = redis::Script::new(&format!(
+            "{ENVELOPE_LUA}
+if ARGV[2] then return envelope_stamp(ARGV[1], struct.pack('>I8', tonumber(ARGV[2]))) end
+return {{envelope(ARGV[1]) and 1 or 0, envelope_version(ARGV[1]), envelope_generation(ARGV[1])}}"
+        ));
+        let mut call = script.prepare_invoke();
+        call.arg(entry);
+        if let Some(g) = stamp {
+            call.arg(g);
+        }
+        call.invoke_async(conn).await.unwrap()
+    }
+
+    fn fields(version: u64, generation: u64) -> redis::Value {
+        redis::Value::Array(vec![
+            redis::Value::Int(1),
+            redis::Value::BulkString(version.to_be_bytes().to_vec()),
+            redis::Value::BulkString(generation.to_be_bytes().to_vec()),
+        ])
+    }
+
+    /// The scripts read version and generation, and stamp the generation, on
+    /// entries of both formats and whichever fields they set; bytes that are
+    /// not an entry are told apart.
+    #[tokio::test]
+    async fn scripts_read_and_stamp_both_envelope_formats() {
+        let server = RedisServer::start();
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let full = Meta {
+            soft_expiry_ms: 1_790_000_000_000,
+            version: 0x0102_0304_0506_0708,
+            load_time_us: 1200,
+            generation: 77,
+            ..Meta::default()
+        };
+        let metas = [
+            full.clone(),
+            Meta::default(),
+            Meta {
+                version: 9,
+                ..Meta::default()
+            },
+            Meta {
+                generation: 5,
+                load_time_us: 3,
+                ..Meta::default()
+            },
+            Meta {
+                soft_expiry_ms: 1,
+                generation: 5,
+                ..Meta::default()
+            },
+        ];
+        for meta in &metas {
+            let entry = envelope::encode(meta, b"payload");
+            assert_eq!(
+                lua(&mut conn, &entry, None).await,
+                fields(meta.version, meta.generation),
+                "{meta:?}"
+            );
+            // Stamped: the generation is the new one, the rest as it was,
+            // the checksum still valid.
+            let stamped = match lua(&mut conn, &entry, Some(123_456_789)).await {
+                redis::Value::BulkString(b) => b,
+                other => panic!("{other:?}"),
+            };
+            let (m, p) = envelope::decode(&Bytes::from(stamped)).unwrap();
+            assert_eq!(
+                m,
+                Meta {
+                    generation: 123_456_789,
+                    ..meta.clone()
+                }
+            );
+            assert_eq!(&p[..], b"payload");
+        }
+
+        // Format 1: every field at its fixed offset.
+        let mut v1 = vec![1, 2];
+        v1.extend_from_slice(&full.soft_expiry_ms.to_be_bytes());
+        v1.extend_from_slice(&full.version.to_be_bytes());
+        v1.extend_from_slice(&full.load_time_us.to_be_bytes());
+        v1.extend_from_slice(&full.generation.to_be_bytes());
+        v1.extend_from_slice(b"payload");
+        assert_eq!(
+            lua(&mut conn, &v1, None).await,
+            fields(full.version, full.generation)
+        );
+
+        // Not entries: too short for their header, an unknown format. The
+        // field functions still answer, without a script error.
+        let truncated = &envelope::encode(&full, b"")[..20];
+        for bytes in [
+            &b""[..],
+            b"\x02",
+            &v1[..29],
+            truncated,
+            b"\x03\x02xyz",
+            b"garbage",
+        ] {
+            match lua(&mut conn, bytes, None).await {
+                redis::Value::Array(fields) => {
+                    assert_eq!(fields[0], redis::Value::Int(0), "{bytes:?}");
+                }
+                other => panic!("{bytes:?}: {other:?}"),
+            }
+        }
+    }
+}

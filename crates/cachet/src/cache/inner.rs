@@ -694,6 +694,9 @@ where
         };
         let fresh = self.expiry.fresh_for(key, value)?;
         if value.is_none() || !self.s.fresh.soft() {
+            // The load time serves early refresh only, which needs a soft
+            // expiry: without one it takes no room in the entry.
+            meta.load_time_us = 0;
             return Some((meta, fresh));
         }
         let fresh_ms = u64::try_from(fresh.as_millis()).unwrap_or(u64::MAX);

@@ -5,18 +5,20 @@
 //! together with the stream, keys in different hash slots: they need a single
 //! Redis node, not a Redis Cluster.
 //!
-//! Versions travel as the 8 big-endian bytes of the envelope (bytes 11–18), and
-//! are compared byte by byte: Lua numbers are doubles, exact only below 2^53,
-//! and Lua's string comparison follows the server's locale.
+//! Versions travel as the 8 big-endian bytes of the envelope's version field
+//! (read with `cachet_core::envelope::ENVELOPE_LUA`), and are compared byte by
+//! byte: Lua numbers are doubles, exact only below 2^53, and Lua's string
+//! comparison follows the server's locale.
 
 use std::sync::LazyLock;
 
+use cachet_core::envelope::ENVELOPE_LUA;
 use cachet_redis::GENERATION_LUA;
 use redis::Script;
 
 /// `older(a, b)`: whether the 8-byte big-endian version `a` is below `b`.
-/// `entry_version(bytes)`: the version of an envelope-v1 entry, or `nil` when
-/// the bytes are not one.
+/// `entry_version(bytes)`: the version of an entry, or `nil` when the bytes
+/// are not one.
 const HELPERS: &str = r"
 local function older(a, b)
   for i = 1, 8 do
@@ -26,16 +28,14 @@ local function older(a, b)
   return false
 end
 local function entry_version(bytes)
-  if bytes and #bytes >= 30 and string.byte(bytes, 1) == 1 then
-    return string.sub(bytes, 11, 18)
-  end
+  if envelope(bytes) then return envelope_version(bytes) end
   return nil
 end
 local UNVERSIONED = string.rep('\0', 8)
 ";
 
 fn script(body: &str) -> Script {
-    Script::new(&format!("{HELPERS}{GENERATION_LUA}{body}"))
+    Script::new(&format!("{ENVELOPE_LUA}{HELPERS}{GENERATION_LUA}{body}"))
 }
 
 /// One write-behind write, in one atomic step.
@@ -45,8 +45,8 @@ fn script(body: &str) -> Script {
 /// codec bytes), `ARGV[2]` its TTL in ms (0: the cache's expiry policy keeps
 /// the value out of the cache), `ARGV[3]` the backlog bound,
 /// `ARGV[4]` the version in decimal, `ARGV[5]` the cache's invalidation bus
-/// channel, `ARGV[6]` where the codec bytes start in the entry (1-based: 31,
-/// or after the tags of a tagged entry).
+/// channel, `ARGV[6]` the length of the codec bytes, which end 4 bytes (the
+/// checksum) before the entry does.
 ///
 /// 1. If the stream holds `ARGV[3]` entries or more, nothing is written:
 ///    returns `{0, backlog}`.
@@ -69,12 +69,12 @@ local entry = ARGV[1]
 local stamp = nil
 if KEYS[4] then
   stamp = struct.pack('>I8', tonumber(generation(KEYS[4])))
-  entry = string.sub(entry, 1, 22) .. stamp .. string.sub(entry, 31)
+  entry = envelope_stamp(entry, stamp)
 end
 local old = redis.call('GET', KEYS[1])
 local current = entry_version(old)
-if current and current ~= UNVERSIONED and (not stamp or string.sub(old, 23, 30) == stamp)
-   and not older(current, string.sub(entry, 11, 18)) then
+if current and current ~= UNVERSIONED and (not stamp or envelope_generation(old) == stamp)
+   and not older(current, envelope_version(entry)) then
   return {2, current}
 end
 if ARGV[2] == '0' then
@@ -84,7 +84,7 @@ else
   redis.call('DEL', KEYS[2])
 end
 local id = redis.call('XADD', KEYS[3], '*', 'key', KEYS[1], 'version', ARGV[4],
-  'value', string.sub(entry, tonumber(ARGV[6]), -5))
+  'value', string.sub(entry, -4 - tonumber(ARGV[6]), -5))
 redis.call('PUBLISH', ARGV[5], 'k ' .. KEYS[1])
 return {1, id}
 ",

@@ -355,8 +355,6 @@ where
             }
             Err(e) => return Err(value_error("encoding", Box::new(e))),
         };
-        // The codec bytes sit before the 4-byte checksum (1-based, for Lua).
-        let value_at = entry.len() - 4 - payload_len + 1;
         let lease = skey.lease_key();
         let group = skey.group_key();
         let mut invocation = scripts::WRITE.key(skey.as_str());
@@ -370,7 +368,7 @@ where
             .arg(s.max_backlog)
             .arg(version)
             .arg(&s.bus)
-            .arg(value_at);
+            .arg(payload_len);
 
         let started = Instant::now();
         let mut pause = MIN_FULL_PAUSE;
