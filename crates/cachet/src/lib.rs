@@ -96,7 +96,9 @@
 //! - **Redis keeps what it acknowledged.** A lease or an invalidation lost in a
 //!   Redis crash or failover (no persistence, asynchronous replication) is lost:
 //!   a failover to a replica that missed the `DEL` can bring an old entry back.
-//!   The TTL bounds it.
+//!   The TTL bounds it. Across a crash of the Redis process, only
+//!   `appendfsync always` keeps every acknowledged write (`everysec` may not
+//!   have written the last seconds to the file).
 //! - **Clocks.** Lease and entry TTLs run on the store's clock (Redis, or this
 //!   process for [`MemoryStore`]); no correctness property depends on clients'
 //!   clocks agreeing.

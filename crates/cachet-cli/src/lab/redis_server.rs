@@ -24,8 +24,11 @@ const REDIS_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) enum Persistence {
     /// Nothing on disk: a restart starts empty.
     None,
-    /// An append-only file (`appendfsync everysec`): acknowledged writes are in
-    /// the file before the reply, so they survive a killed process.
+    /// An append-only file (`appendfsync always`): acknowledged writes are in
+    /// the file before the reply, so they survive a killed process. (With
+    /// `everysec`, Redis postpones writing the file for up to 2 s while a
+    /// slow fsync runs, and replies meanwhile: a kill then loses writes it
+    /// acknowledged.)
     Aof,
 }
 
@@ -154,7 +157,7 @@ impl PrivateRedis {
             .args(["--maxmemory", "256mb", "--maxmemory-policy", "volatile-lru"]);
         match self.persistence {
             Persistence::None => cmd.args(["--appendonly", "no"]),
-            Persistence::Aof => cmd.args(["--appendonly", "yes", "--appendfsync", "everysec"]),
+            Persistence::Aof => cmd.args(["--appendonly", "yes", "--appendfsync", "always"]),
         };
         let mut child = cmd
             .arg("--dir")
