@@ -66,7 +66,7 @@ pub const MAX_TAG_LEN: usize = 255;
 /// Length of the checksum after the payload.
 const CHECKSUM_LEN: usize = 4;
 /// The longest header: format, flags and every field.
-pub const MAX_HEADER_LEN: usize = 2 + 8 + 8 + 4 + 8;
+const MAX_HEADER_LEN: usize = 2 + 8 + 8 + 4 + 8;
 
 /// Lua functions over stored entries, for the scripts that compare versions
 /// or stamp a group's generation, on both formats:
@@ -85,13 +85,13 @@ pub const MAX_HEADER_LEN: usize = 2 + 8 + 8 + 4 + 8;
 /// provides to scripts.
 pub const ENVELOPE_LUA: &str = r"
 local ENVELOPE_ZERO8 = string.rep(string.char(0), 8)
+local ENVELOPE_FIELDS = {8, 16, 32, 64}
+local ENVELOPE_FIXED_AT = {[8] = 3, [16] = 11, [32] = 19, [64] = 23}
 local function envelope_offset(v, field)
-  if string.byte(v, 1) == 1 then
-    return ({[8] = 3, [16] = 11, [32] = 19, [64] = 23})[field], true
-  end
+  if string.byte(v, 1) == 1 then return ENVELOPE_FIXED_AT[field], true end
   local flags = string.byte(v, 2) or 0
   local at = 3
-  for _, f in ipairs({8, 16, 32, 64}) do
+  for _, f in ipairs(ENVELOPE_FIELDS) do
     if f == field then return at, bit.band(flags, f) ~= 0 end
     if bit.band(flags, f) ~= 0 then at = at + (f == 32 and 4 or 8) end
   end
