@@ -295,7 +295,11 @@ impl Found {
                 );
                 line(
                     "load time",
-                    &human(Duration::from_micros(u64::from(meta.load_time_us))),
+                    &if meta.load_time_us == 0 {
+                        "not recorded (kept only with a soft expiry, for early refresh)".to_owned()
+                    } else {
+                        human(Duration::from_micros(u64::from(meta.load_time_us)))
+                    },
                 );
                 line(
                     "generation",
@@ -548,6 +552,10 @@ mod tests {
         ));
         let text = found(Some(b"junk"), None).text(false);
         assert!(text.contains("does not decode"), "{text}");
+        // A load time of 0 is one the entry does not carry, not a load that
+        // took no time.
+        let text = found(Some(&entry), Some(Some("7"))).text(false);
+        assert!(text.contains("load time     not recorded"), "{text}");
         let v = found(Some(&entry), Some(Some("7"))).json(true);
         assert_eq!(v["envelope"]["generation"], 7);
         assert_eq!(v["payload_bytes"], 2);
