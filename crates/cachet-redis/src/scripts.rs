@@ -200,7 +200,7 @@ end
 ";
 
 fn with_generation(body: &str) -> Script {
-    Script::new(&format!("{GENERATION}{ENVELOPE_LUA}{body}"))
+    Script::new(&format!("{GENERATION}{body}"))
 }
 
 /// Read of a grouped key: the entry and its group's generation, in one round trip.
@@ -264,15 +264,16 @@ return 0
 /// `KEYS[1]` entry, `KEYS[2]` lease, `KEYS[3]` generation; `ARGV[1]` entry
 /// bytes, `ARGV[2]` TTL in ms.
 pub(crate) static SET_GROUPED: LazyLock<Script> = LazyLock::new(|| {
-    with_generation(
+    with_generation(&format!(
+        "{ENVELOPE_LUA}{}",
         r"
 local g = generation(KEYS[3])
 local v = envelope_stamp(ARGV[1], struct.pack('>I8', tonumber(g)))
 redis.call('SET', KEYS[1], v, 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
 return 1
-",
-    )
+"
+    ))
 });
 
 /// Moves a counter to a value it never had: a group's generation, for a group
