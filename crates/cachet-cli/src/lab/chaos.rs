@@ -19,8 +19,9 @@
 //! `--allow-disruption`, not killed: only paused), Redis paused (`CLIENT
 //! PAUSE`), and the source down (`Db::set_down`) as during a restart. Writers
 //! hold their writes from shortly before the source goes down until it is back,
-//! as before a planned database restart, so that no read meets a key just
-//! invalidated that cannot be loaded.
+//! as before a planned database restart; once the writes in progress complete,
+//! each lane reads every key back into its cache, so that no read meets a key
+//! just invalidated that cannot be loaded, however slow the machine.
 //!
 //! A read is stale past the window when it returns a version older than a write
 //! whose invalidation returned more than the bus window before the read began
@@ -261,8 +262,36 @@ struct Lane {
     done: Box<[Mutex<(u64, Instant)>]>,
     /// Per key, the UPDATEs acknowledged to the writers.
     acknowledged: Box<[Mutex<u64>]>,
-    /// Set while writes are held (around a source restart).
-    hold: Arc<AtomicBool>,
+    /// Holds writes around a source restart.
+    hold: Arc<Hold>,
+}
+
+/// Holds the cache-aside writers around a source restart.
+#[derive(Debug, Default)]
+struct Hold {
+    held: AtomicBool,
+    /// Shared by each write in progress, taken by [`hold`](Self::hold) to
+    /// wait for them.
+    writes: tokio::sync::RwLock<()>,
+}
+
+impl Hold {
+    /// Starts a write, unless writes are held: the guard keeps
+    /// [`hold`](Self::hold) waiting until the write completes.
+    async fn write(&self) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        let writing = self.writes.read().await;
+        (!self.held.load(Ordering::SeqCst)).then_some(writing)
+    }
+
+    /// Holds writes, and returns once those in progress completed.
+    async fn hold(&self) {
+        self.held.store(true, Ordering::SeqCst);
+        drop(self.writes.write().await);
+    }
+
+    fn release(&self) {
+        self.held.store(false, Ordering::SeqCst);
+    }
 }
 
 /// What a lane's tasks counted.
@@ -377,7 +406,7 @@ async fn run_lanes(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
     let faults = schedule(lab.seed_for(NAME, u64::MAX), duration, kinds);
     lab.source.reset(3 * u64::try_from(KEYS)?).await?;
     let started = Instant::now();
-    let hold = Arc::new(AtomicBool::new(false));
+    let hold = Arc::new(Hold::default());
     let mut built: Vec<Built> = Vec::new();
     for strategy in [Strategy::Naive, Strategy::Protected] {
         let (writer, readers) = caches(lab, redis, strategy).await?;
@@ -426,7 +455,12 @@ async fn run_lanes(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
 
     let mut sources: Vec<&Db> = lanes.iter().map(|l| &l.db).collect();
     sources.extend(behind.as_ref().map(|b| &b.db));
-    let windows = stage(redis, &faults, &lanes[0].hold, &sources, start).await?;
+    let writers: Vec<(&Lane, &Cache<i64, Item>)> = lanes
+        .iter()
+        .zip(&built)
+        .map(|(lane, (_, writer, _, _))| (&**lane, writer))
+        .collect();
+    let windows = stage(redis, &faults, &hold, &writers, &sources, start).await?;
     let mut tallies: Vec<Tally> = built.iter().map(|_| Tally::default()).collect();
     join_within(&mut tasks, start + duration, GRACE, "chaos loads", |done| {
         let (l, tally) = done.context("a chaos task panicked")?;
@@ -486,12 +520,13 @@ async fn run_lanes(lab: &Lab, redis: &mut ScenarioRedis) -> Result<Vec<Row>> {
 type Window = (Kind, Range<Duration>);
 
 /// Stages `faults` in order, from `start`, one at a time.
-/// `hold` holds the writers of the invalidating lanes; `sources` are the
-/// lanes' handles on the source of truth, all taken down together.
+/// `hold` holds the writers of the invalidating lanes, `writers`; `sources`
+/// are the lanes' handles on the source of truth, all taken down together.
 async fn stage(
     redis: &mut ScenarioRedis,
     faults: &[Fault],
-    hold: &AtomicBool,
+    hold: &Hold,
+    writers: &[(&Lane, &Cache<i64, Item>)],
     sources: &[&Db],
     start: Instant,
 ) -> Result<Vec<Window>> {
@@ -499,7 +534,10 @@ async fn stage(
     for fault in faults {
         tokio::time::sleep_until(start + fault.at.saturating_sub(fault.lead)).await;
         if fault.kind == Kind::SourceDown {
-            hold.store(true, Ordering::SeqCst);
+            hold.hold().await;
+            for (lane, writer) in writers {
+                lane.warm(writer).await;
+            }
             tokio::time::sleep_until(start + fault.at).await;
         }
         let from = start.elapsed();
@@ -523,7 +561,7 @@ async fn stage(
                 sources.iter().for_each(|db| db.set_down(true));
                 tokio::time::sleep(fault.length).await;
                 sources.iter().for_each(|db| db.set_down(false));
-                hold.store(false, Ordering::SeqCst);
+                hold.release();
             }
         }
         windows.push((fault.kind, from..start.elapsed()));
@@ -612,13 +650,7 @@ impl Lane {
             let id = self.base + rng.random_range(1..=KEYS);
             let (floor, completed) = *self.done(id);
             let t = Instant::now();
-            let read = match self.strategy {
-                Strategy::Naive => self.naive_read(cache, id).await,
-                Strategy::Protected => cache
-                    .get_or_load(&id, loader(&self.db, None, id))
-                    .await
-                    .map_err(anyhow::Error::from),
-            };
+            let read = self.get(cache, id).await;
             out.reads.push((t - self.start, t.elapsed()));
             match read {
                 Ok(Some(item)) if u64::try_from(item.value).unwrap_or(0) < floor => {
@@ -634,6 +666,17 @@ impl Lane {
         out
     }
 
+    /// Reads `id` the lane's way.
+    async fn get(&self, cache: &Cache<i64, Item>, id: i64) -> Result<Option<Item>> {
+        match self.strategy {
+            Strategy::Naive => self.naive_read(cache, id).await,
+            Strategy::Protected => cache
+                .get_or_load(&id, loader(&self.db, None, id))
+                .await
+                .map_err(anyhow::Error::from),
+        }
+    }
+
     /// Cache-aside as commonly written: on a miss, read the source and put what
     /// was read into the cache; a store error reaches the caller.
     async fn naive_read(&self, cache: &Cache<i64, Item>, id: i64) -> Result<Option<Item>> {
@@ -645,6 +688,15 @@ impl Lane {
             cache.set(&id, item.clone()).await?;
         }
         Ok(item)
+    }
+
+    /// Reads every key of the lane into its cache, the lane's way, through
+    /// `cache`. A read that fails leaves its key out; the run's reads of it
+    /// show it.
+    async fn warm(&self, cache: &Cache<i64, Item>) {
+        for id in self.base + 1..=self.base + KEYS {
+            let _ = self.get(cache, id).await;
+        }
     }
 
     /// Writes the keys writer `w` owns (`id % WRITERS == w`, less one) until
@@ -662,9 +714,9 @@ impl Lane {
             if Instant::now() >= self.end {
                 break;
             }
-            if self.hold.load(Ordering::SeqCst) {
+            let Some(_writing) = self.hold.write().await else {
                 continue;
-            }
+            };
             let id = self.base + WRITERS * rng.random_range(0..KEYS / WRITERS) + w + 1;
             let i = usize::try_from(id - self.base).unwrap_or(0);
             out.writes += 1;
@@ -965,6 +1017,27 @@ mod tests {
     use super::*;
 
     const ALL: [Kind; 3] = [Kind::Kill, Kind::Pause, Kind::SourceDown];
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_waits_for_the_write_in_progress_then_stops_new_ones() {
+        let hold = Arc::new(Hold::default());
+        let writing = hold.write().await.expect("writes are not held yet");
+        let holding = tokio::spawn({
+            let hold = Arc::clone(&hold);
+            async move { hold.hold().await }
+        });
+        // The clock is paused: it moves on once every task is waiting.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(
+            !holding.is_finished(),
+            "the hold did not wait for the write"
+        );
+        drop(writing);
+        holding.await.unwrap();
+        assert!(hold.write().await.is_none(), "a write started while held");
+        hold.release();
+        assert!(hold.write().await.is_some());
+    }
 
     #[test]
     fn faults_are_drawn_from_the_seed_within_the_run_and_never_overlap() {
