@@ -132,9 +132,9 @@ impl std::error::Error for StoreError {
 /// Displays an error and its causes on one line, `error: cause: cause…`, for
 /// logs and terminals.
 ///
-/// A cause whose message is the one just shown is left out: some errors
-/// (redis-rs's around an I/O error, for one) both print their cause and
-/// return it as their source.
+/// A cause whose message is the one just shown, or ends it after a `": "`, is
+/// left out: some errors (redis-rs's and sqlx's around an I/O error, for two)
+/// both print their cause and return it as their source.
 #[derive(Debug)]
 pub struct Report<'a>(pub &'a (dyn std::error::Error + 'a));
 
@@ -147,7 +147,7 @@ impl<'a> Report<'a> {
             while let Some(e) = next {
                 next = e.source();
                 let message = e.to_string();
-                if previous.as_deref() != Some(message.as_str()) {
+                if !previous.as_deref().is_some_and(|p| shows(p, &message)) {
                     previous = Some(message.clone());
                     return Some(message);
                 }
@@ -155,6 +155,14 @@ impl<'a> Report<'a> {
             None
         })
     }
+}
+
+/// Whether `message` already shows `cause`: it is `cause`, or ends with
+/// `": "` and `cause`.
+fn shows(message: &str, cause: &str) -> bool {
+    message
+        .strip_suffix(cause)
+        .is_some_and(|head| head.is_empty() || head.ends_with(": "))
 }
 
 impl fmt::Display for Report<'_> {
@@ -201,6 +209,41 @@ mod tests {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let e = StoreError::unavailable(Echo(io));
         assert_eq!(Report(&e).to_string(), "store unreachable: refused");
+
+        // One that prints it after a message of its own (sqlx's `Io`, say).
+        #[derive(Debug)]
+        struct Wrap(std::io::Error);
+        impl fmt::Display for Wrap {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "error communicating with database: {}", self.0)
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = StoreError::unavailable(Wrap(io));
+        assert_eq!(
+            Report(&e).to_string(),
+            "store unreachable: error communicating with database: refused"
+        );
+        // A message that merely ends with the same letters keeps its cause.
+        #[derive(Debug)]
+        struct Paused(std::io::Error);
+        impl fmt::Display for Paused {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("paused")
+            }
+        }
+        impl std::error::Error for Paused {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = StoreError::unavailable(Paused(std::io::Error::other("used")));
+        assert_eq!(Report(&e).to_string(), "store unreachable: paused: used");
 
         let e = StoreError::timeout(Duration::from_millis(5));
         assert!(e.is_timeout() && e.is_outage());
