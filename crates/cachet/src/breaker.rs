@@ -174,9 +174,15 @@ impl Breaker {
 
     fn record<T>(&self, result: &Result<T, StoreError>) {
         match result {
+            // Stores only what changes: every call records, and a store to
+            // a line shared by every thread costs far more than a load.
             Ok(_) => {
-                self.failures.store(0, Ordering::Release);
-                self.open_until.store(0, Ordering::Release);
+                if self.failures.load(Ordering::Acquire) != 0 {
+                    self.failures.store(0, Ordering::Release);
+                }
+                if self.open_until.load(Ordering::Acquire) != 0 {
+                    self.open_until.store(0, Ordering::Release);
+                }
                 if self.pending_len.load(Ordering::Acquire) > 0 {
                     self.reachable.notify_one();
                 }
@@ -197,7 +203,11 @@ impl Breaker {
                 }
             }
             // The store answered: it is up, even if the answer is an error.
-            Err(_) => self.failures.store(0, Ordering::Release),
+            Err(_) => {
+                if self.failures.load(Ordering::Acquire) != 0 {
+                    self.failures.store(0, Ordering::Release);
+                }
+            }
         }
     }
 

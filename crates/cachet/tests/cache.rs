@@ -1154,19 +1154,20 @@ async fn every_way_onto_one_memory_store_sees_the_same_entries() {
 }
 
 /// Loads and lease waits are timed into their histograms, against the global
-/// recorder (the only test of this binary that installs one).
+/// recorder (the only test of this binary that installs one), installed after
+/// the caches were built.
 #[tokio::test]
 async fn loads_and_lease_waits_are_timed_into_histograms() {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    metrics::set_global_recorder(recorder).expect("no other global recorder in this process");
     let store = MemoryStore::new(1_000);
     let a: Cache<u64, u64> = Cache::builder("timed")
         .memory(store.clone())
         .build()
         .unwrap();
     let b: Cache<u64, u64> = Cache::builder("timed").memory(store).build().unwrap();
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::set_global_recorder(recorder).expect("no other global recorder in this process");
     let (a_loading, release) = (Gate::default(), Gate::default());
     let holder = {
         let (a, a_loading, release) = (a.clone(), a_loading.clone(), release.clone());

@@ -21,7 +21,7 @@ use crate::codec::Codec;
 use crate::expiry::Expiry;
 use crate::flight::Flights;
 use crate::memory::{Acquired, LocalTier, Slot};
-use crate::metrics;
+use crate::metrics::{self, Histograms};
 use crate::near::{Near, NearCache};
 use crate::stats::Counters;
 use crate::{Error, Stats};
@@ -68,6 +68,7 @@ pub(crate) struct Inner<K: ?Sized, V> {
     pub(crate) local: Option<Arc<dyn LocalTier<K, V>>>,
     pub(crate) kind: PayloadKind,
     pub(crate) counters: Counters,
+    pub(crate) histograms: Histograms,
     pub(crate) flights: Arc<Flights<V>>,
     /// Reads of keys near their soft expiry, for refresh-ahead.
     pub(crate) ahead_reads: AheadReads,
@@ -182,6 +183,7 @@ where
     ) -> Self {
         let kind = s.store.payload_kind();
         let counters = Counters::default();
+        let histograms = Histograms::new(s.layout.namespace());
         let s_clock = s.clock.clone();
         Self {
             s,
@@ -192,6 +194,7 @@ where
             local,
             kind,
             counters,
+            histograms,
             flights: Arc::new(Flights::new()),
             ahead_reads: AheadReads::new(),
             throttled: quick_cache::sync::Cache::new(1_000),
@@ -381,7 +384,7 @@ where
                     Some(v) => {
                         if count {
                             let took = started.elapsed();
-                            metrics::observe(metrics::STORE_HIT_DURATION, self.namespace(), took);
+                            self.histograms.store_hit.observe(took);
                         }
                         self.found_current(v, meta, count).await
                     }

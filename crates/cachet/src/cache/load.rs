@@ -16,7 +16,7 @@ use super::inner::{Claim, Inner, Lookup};
 use crate::Error;
 use crate::error::BoxError;
 use crate::flight::{Leader, Outcome, Role};
-use crate::metrics::{LEASE_WAIT_DURATION, LOAD_DURATION};
+use crate::metrics::Histogram;
 use tracing::Instrument as _;
 
 /// Upper bound on acquire attempts in one load, on top of the `lease_wait` deadline.
@@ -178,7 +178,7 @@ where
         let deadline = tokio::time::Instant::now() + self.s.lease_wait;
         let mut backoff = FIRST_BACKOFF;
         let mut wait = LeaseWait {
-            cache: self.namespace(),
+            histogram: &self.histograms.lease_wait,
             since: None,
         };
         for _ in 0..MAX_ACQUIRE_ROUNDS {
@@ -294,14 +294,14 @@ where
             Some(limit) => match tokio::time::timeout(limit, unwound(loader)).await {
                 Ok(loaded) => loaded,
                 Err(_) => {
-                    crate::metrics::observe(LOAD_DURATION, self.namespace(), started.elapsed());
+                    self.histograms.load.observe(started.elapsed());
                     self.counters.load_timeouts.inc();
                     return Err(Error::timeout(self.namespace(), skey.user_key(), limit));
                 }
             },
         };
         let took = started.elapsed();
-        crate::metrics::observe(LOAD_DURATION, self.namespace(), took);
+        self.histograms.load.observe(took);
         match loaded {
             Ok(Ok(value)) => {
                 self.counters.loads.inc();
@@ -523,14 +523,14 @@ pub(crate) fn span(name: &'static str, cache: &str, key: &StoreKey) -> tracing::
 /// `cachet_lease_wait_duration_seconds` when it ends: explicitly before a load,
 /// or when the wait returns what the holder filled.
 struct LeaseWait<'a> {
-    cache: &'a str,
+    histogram: &'a Histogram,
     since: Option<Instant>,
 }
 
 impl LeaseWait<'_> {
     fn end(&mut self) {
         if let Some(since) = self.since.take() {
-            crate::metrics::observe(LEASE_WAIT_DURATION, self.cache, since.elapsed());
+            self.histogram.observe(since.elapsed());
         }
     }
 }
