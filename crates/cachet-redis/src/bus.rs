@@ -30,7 +30,6 @@
 //! Its cost is delay: the notice leaves after the write returned, one round
 //! trip later than a tracking push.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use cachet_core::{BusEvent, GroupKey, Notice, StoreKey, TagKey};
@@ -61,8 +60,15 @@ pub(crate) struct Publisher {
 
 /// What the batching task is sent.
 enum Queued {
-    /// A notice: its channel and its line.
-    Notice(String, String),
+    /// A notice: its line's tag (`"k "`, `"g "` or `"t "`) and key, and the
+    /// length of the key's head, which names the channel. The line and the
+    /// channel are written in the batching task, once per batch for the
+    /// channel: an invalidation only copies its key.
+    Notice {
+        tag: &'static str,
+        key: Box<str>,
+        head: usize,
+    },
     /// Publish everything queued before this, then answer with how many
     /// notices could not be published since the previous flush.
     Flush(oneshot::Sender<u64>),
@@ -77,23 +83,30 @@ impl Publisher {
     }
 
     pub(crate) fn key(&self, key: &StoreKey) {
-        let line = format!("k {}", key.as_str());
-        let _ = self.tx.send(Queued::Notice(channel(key.head()), line));
+        self.notice("k ", key.as_str(), key.head());
     }
 
     pub(crate) fn group(&self, group: &GroupKey) {
-        let line = format!("g {}", group.as_str());
-        let _ = self.tx.send(Queued::Notice(channel(group.head()), line));
+        self.notice("g ", group.as_str(), group.head());
+    }
+
+    pub(crate) fn tag(&self, tag: &TagKey) {
+        self.notice("t ", tag.as_str(), tag.head());
+    }
+
+    /// Queues the notice of `key`, whose head is `head` (a prefix of it).
+    fn notice(&self, tag: &'static str, key: &str, head: &str) {
+        debug_assert!(key.starts_with(head));
+        let _ = self.tx.send(Queued::Notice {
+            tag,
+            key: key.into(),
+            head: head.len(),
+        });
     }
 
     /// Waits until every notice queued so far is published; the number that
     /// could not be (since the previous flush), or `None` if the batching task
     /// is gone (its runtime shut down).
-    pub(crate) fn tag(&self, tag: &TagKey) {
-        let line = format!("t {}", tag.as_str());
-        let _ = self.tx.send(Queued::Notice(channel(tag.head()), line));
-    }
-
     pub(crate) async fn flush(&self) -> Option<u64> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Queued::Flush(tx)).ok()?;
@@ -107,16 +120,15 @@ async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<Queu
     let mut previous: Option<tokio::time::Instant> = None;
     let mut failed = 0u64;
     while let Some(first) = rx.recv().await {
-        let first = match first {
-            Queued::Notice(channel, line) => (channel, line),
+        let mut batch = Batch::default();
+        match first {
+            Queued::Notice { tag, key, head } => batch.add(tag, &key, head),
             Queued::Flush(done) => {
                 let _ = done.send(std::mem::take(&mut failed));
                 continue;
             }
-        };
+        }
         let mut flushes = Vec::new();
-        let mut batch: HashMap<String, Vec<String>> = HashMap::new();
-        batch.entry(first.0).or_default().push(first.1);
         // After a quiet spell the deadline has passed: only what is already
         // queued joins. Otherwise the batch gathers until LINGER after the
         // previous one, asleep: notices queued meanwhile do not wake the task
@@ -128,7 +140,7 @@ async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<Queu
         }
         for _ in 1..BATCH {
             match rx.try_recv() {
-                Ok(Queued::Notice(channel, line)) => batch.entry(channel).or_default().push(line),
+                Ok(Queued::Notice { tag, key, head }) => batch.add(tag, &key, head),
                 // Answered once this batch is out; nothing after it joins.
                 Ok(Queued::Flush(done)) => {
                     flushes.push(done);
@@ -138,23 +150,63 @@ async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<Queu
             }
         }
         previous = Some(tokio::time::Instant::now());
-        for (channel, lines) in batch {
+        for message in batch.messages {
             let published: Result<i64, _> = redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(lines.join("\n"))
+                .arg(&message.channel)
+                .arg(&message.lines)
                 .query_async(&mut conn)
                 .await;
             if let Err(e) = published {
                 // Subscribers whose connection is fine would miss these: their
                 // near caches rely on their TTL for them.
-                failed += lines.len() as u64;
-                tracing::warn!(%channel, notices = lines.len(), error = %cachet_core::Report(&e),
-                    "publishing invalidation notices failed");
+                failed += message.notices;
+                tracing::warn!(channel = %message.channel, notices = message.notices,
+                    error = %cachet_core::Report(&e), "publishing invalidation notices failed");
             }
         }
         for done in flushes {
             let _ = done.send(std::mem::take(&mut failed));
         }
+    }
+}
+
+/// The messages of one batch, one per channel (almost always a single one).
+#[derive(Default)]
+struct Batch {
+    messages: Vec<Message>,
+}
+
+/// One `PUBLISH`: a channel, and its notices' lines, newline-separated.
+struct Message {
+    head: Box<str>,
+    channel: String,
+    lines: String,
+    notices: u64,
+}
+
+impl Batch {
+    /// Adds the notice of `key`, whose first `head` bytes name its channel.
+    fn add(&mut self, tag: &str, key: &str, head: usize) {
+        let head = &key[..head];
+        let i = match self.messages.iter().position(|m| *m.head == *head) {
+            Some(i) => i,
+            None => {
+                self.messages.push(Message {
+                    head: head.into(),
+                    channel: channel(head),
+                    lines: String::new(),
+                    notices: 0,
+                });
+                self.messages.len() - 1
+            }
+        };
+        let message = &mut self.messages[i];
+        if message.notices > 0 {
+            message.lines.push('\n');
+        }
+        message.lines.push_str(tag);
+        message.lines.push_str(key);
+        message.notices += 1;
     }
 }
 
@@ -282,5 +334,40 @@ mod tests {
             vec![Notice::Key(k), Notice::Group(g), Notice::Tag(t)]
         );
         assert_eq!(channel("cachet:users"), "cachet:users:sys:bus");
+    }
+
+    #[test]
+    fn a_batch_is_one_message_per_channel_that_parses_back_in_order() {
+        let users = KeyLayout::new("cachet:", "users").unwrap();
+        let orders = KeyLayout::new("cachet:", "orders").unwrap();
+        let (k1, k2) = (users.key("a b\nc"), users.key(&7_u64));
+        let (g, t) = (users.group_key("acme"), orders.tag_key("red"));
+        let k3 = orders.key("x");
+        let mut batch = Batch::default();
+        batch.add("k ", k1.as_str(), k1.head().len());
+        batch.add("t ", t.as_str(), t.head().len());
+        batch.add("g ", g.as_str(), g.head().len());
+        batch.add("k ", k2.as_str(), k2.head().len());
+        batch.add("k ", k3.as_str(), k3.head().len());
+        let messages: Vec<(&str, u64, Vec<Notice>)> = batch
+            .messages
+            .iter()
+            .map(|m| (m.channel.as_str(), m.notices, parse(&m.lines)))
+            .collect();
+        assert_eq!(
+            messages,
+            vec![
+                (
+                    "cachet:users:sys:bus",
+                    3,
+                    vec![Notice::Key(k1), Notice::Group(g), Notice::Key(k2)]
+                ),
+                (
+                    "cachet:orders:sys:bus",
+                    2,
+                    vec![Notice::Tag(t), Notice::Key(k3)]
+                ),
+            ]
+        );
     }
 }

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -27,6 +28,9 @@ type Shard<V> = Mutex<HashMap<Box<str>, Arc<Slot<V>>>>;
 pub(crate) struct Flights<V> {
     shards: Box<[Shard<V>]>,
     hasher: std::collections::hash_map::RandomState,
+    /// Flights in the table, changed under their shard's lock: with none,
+    /// [`detach`](Self::detach) (after every write) hashes nothing.
+    len: AtomicUsize,
 }
 
 pub(crate) enum Role<V> {
@@ -47,6 +51,7 @@ impl<V> Flights<V> {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
+            len: AtomicUsize::new(0),
         }
     }
 
@@ -65,6 +70,7 @@ impl<V> Flights<V> {
         }
         let slot = Arc::new(watch::Sender::new(None));
         shard.insert(key.into(), Arc::clone(&slot));
+        self.len.fetch_add(1, Ordering::SeqCst);
         Role::Leader(Leader {
             flights: Arc::clone(self),
             key: key.into(),
@@ -76,21 +82,32 @@ impl<V> Flights<V> {
     /// get its outcome, but later callers start a new load. Used after writes, so
     /// that a caller arriving after an invalidation never receives a value read
     /// before it.
+    ///
+    /// With no flight in the table it returns at once. A flight that joins
+    /// after that check began its load after it, so after the write.
     pub(crate) fn detach(&self, key: &str) {
-        self.shard(key).lock().remove(key);
+        if self.len.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        if self.shard(key).lock().remove(key).is_some() {
+            self.len.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     fn remove_if_same(&self, key: &str, slot: &Arc<Slot<V>>) {
         let mut shard = self.shard(key).lock();
         if shard.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
             shard.remove(key);
+            self.len.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
     /// Number of loads in flight (for tests).
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().len()).sum()
+        let len = self.shards.iter().map(|s| s.lock().len()).sum();
+        assert_eq!(len, self.len.load(Ordering::SeqCst));
+        len
     }
 }
 
