@@ -144,7 +144,8 @@
 //! [`wait_replicas`](WriteBehindBuilder::wait_replicas)** (`WAIT` after each
 //! write: the write then survives the loss of the primary if a replica that
 //! acknowledged it takes over). A failover to a replica that had not received
-//! a write loses it, whatever the disk settings. A `maxmemory-policy` of
+//! a write loses it, whatever the disk settings; one to a replica that had
+//! not received a flushed write's acknowledgement applies that write again. A `maxmemory-policy` of
 //! `allkeys-*` may evict the stream itself (it has no TTL), queued writes and
 //! all: use `volatile-lru` or `volatile-lfu` (every cache entry and lease
 //! carries a TTL, so these evict cache entries as `allkeys-*` would, and never
