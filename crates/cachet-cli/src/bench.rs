@@ -43,7 +43,9 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use crate::lab::redis_server::{Persistence, PrivateRedis};
-use crate::target::{REDIS_URL_ENV, RedisTarget, RedisTlsArgs, SecretUrl};
+use crate::target::{
+    REDIS_SENTINEL_ENV, REDIS_URL_ENV, RedisTarget, RedisTlsArgs, SecretUrl, SentinelArgs,
+};
 use crate::write_stdout;
 
 /// Flags of `cachet bench`.
@@ -60,7 +62,7 @@ use crate::write_stdout;
         invalidate   Cache::invalidate vs a raw DEL\n\n\
         Hit rows run at each --tasks count; misses and invalidations at the smallest and the \
         largest. The two sides of a row alternate in slices of --duration/4 each. The Redis \
-        rows use --redis-url, or else a private redis-server started for the run (they are \
+        rows use --redis-url (or --redis-sentinel), or else a private redis-server started for the run (they are \
         skipped, saying why, when none is installed). On a given Redis the bench writes only \
         under namespaces of its own (bench-<run>-…), every key with a TTL, and deletes the keys \
         it wrote by name at the end; it never sends KEYS, SCAN or FLUSH*.\n\n\
@@ -83,6 +85,21 @@ pub(crate) struct BenchArgs {
     /// [default: a private redis-server, if one is installed]
     #[arg(long, value_name = "URL", env = REDIS_URL_ENV, hide_env_values = true)]
     redis_url: Option<SecretUrl>,
+
+    /// Run the Redis rows on the primary that these sentinels name (give them
+    /// all, with --sentinel-master; comma-separated or repeated)
+    #[arg(
+        long,
+        value_name = "URL,…",
+        value_delimiter = ',',
+        env = REDIS_SENTINEL_ENV,
+        hide_env_values = true,
+        conflicts_with = "redis_url"
+    )]
+    redis_sentinel: Vec<SecretUrl>,
+
+    #[command(flatten)]
+    sentinel: SentinelArgs,
 
     #[command(flatten)]
     redis_tls: RedisTlsArgs,
@@ -439,13 +456,18 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
 
     let _metrics =
         crate::metrics_server::MetricsServer::start_if(args.metrics_addr, "bench").await?;
-    let given =
-        RedisTarget::from_flags(args.redis_url.as_deref(), &[] as &[String], &args.redis_tls)?;
+    let given = RedisTarget::from_all_flags(
+        args.redis_url.as_deref(),
+        &[],
+        &args.redis_sentinel,
+        &args.sentinel,
+        &args.redis_tls,
+    )?;
     // Connect first: a wrong URL fails before anything is measured.
     let (redis, private, redis_line) = match given {
         Some(target) => {
             let store = target.connect_checked().await?;
-            let line = format!("Redis: {} (--redis-url)", target.describe());
+            let line = format!("Redis: {} (given)", target.describe());
             (Some((target, store)), None, line)
         }
         None => match PrivateRedis::start(Persistence::None).await? {

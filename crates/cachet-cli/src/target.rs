@@ -259,11 +259,21 @@ pub(crate) struct RedisUrlArgs {
 }
 
 /// `--redis-url`, `--redis-cluster` or `--redis-sentinel` ([`RedisUrlArgs`]),
-/// `--sentinel-master`, and the TLS flags.
+/// the Sentinel flags, and the TLS flags.
 #[derive(Clone, Debug, Args)]
 pub(crate) struct RedisArgs {
     #[command(flatten)]
     at: RedisUrlArgs,
+    #[command(flatten)]
+    sentinel: SentinelArgs,
+    #[command(flatten)]
+    tls: RedisTlsArgs,
+}
+
+/// What goes with `--redis-sentinel`: the primary's name and database, and
+/// the data nodes' credentials.
+#[derive(Clone, Debug, Default, Args)]
+pub(crate) struct SentinelArgs {
     /// The name the sentinels of --redis-sentinel know the primary by
     #[arg(long, value_name = "NAME", env = SENTINEL_MASTER_ENV)]
     sentinel_master: Option<String>,
@@ -283,14 +293,27 @@ pub(crate) struct RedisArgs {
         hide_env_values = true
     )]
     sentinel_node_password: Option<Secret>,
-    #[command(flatten)]
-    tls: RedisTlsArgs,
 }
 
 impl RedisArgs {
     /// The target these flags name.
     pub(crate) fn target(&self) -> Result<RedisTarget> {
-        if !self.at.redis_sentinel.is_empty() {
+        RedisTarget::from_all_flags(
+            self.at.redis_url.as_deref(),
+            &self.at.redis_cluster,
+            &self.at.redis_sentinel,
+            &self.sentinel,
+            &self.tls,
+        )?
+        .context("give --redis-url, --redis-cluster or --redis-sentinel")
+    }
+}
+
+impl SentinelArgs {
+    /// The target of `sentinels` (given with `--redis-sentinel`), or, with
+    /// none, a check that no Sentinel flag was given.
+    fn target(&self, sentinels: &[SecretUrl], tls: &RedisTlsArgs) -> Result<Option<RedisTarget>> {
+        if !sentinels.is_empty() {
             let master = self
                 .sentinel_master
                 .as_deref()
@@ -306,13 +329,7 @@ impl RedisArgs {
                 }
                 (None, None) => None,
             };
-            return RedisTarget::sentinel(
-                &self.at.redis_sentinel,
-                master,
-                db,
-                node_auth,
-                &self.tls,
-            );
+            return RedisTarget::sentinel(sentinels, master, db, node_auth, tls).map(Some);
         }
         if self.sentinel_db.is_some() {
             bail!(
@@ -327,12 +344,7 @@ impl RedisArgs {
                  (redis://user:password@host:6379/)"
             );
         }
-        RedisTarget::from_flags(
-            self.at.redis_url.as_deref(),
-            &self.at.redis_cluster,
-            &self.tls,
-        )?
-        .context("give --redis-url, --redis-cluster or --redis-sentinel")
+        Ok(None)
     }
 }
 
@@ -399,6 +411,25 @@ impl RedisTarget {
 
     /// The target of `--redis-url URL` or `--redis-cluster URL,…` and the TLS
     /// flags; `None` when neither URL flag is given.
+    /// The target of `--redis-url`, `--redis-cluster` or `--redis-sentinel`
+    /// (at most one of them) with the Sentinel and TLS flags; `None` when
+    /// none is given.
+    pub(crate) fn from_all_flags(
+        url: Option<&str>,
+        cluster: &[SecretUrl],
+        sentinels: &[SecretUrl],
+        sentinel: &SentinelArgs,
+        tls: &RedisTlsArgs,
+    ) -> Result<Option<Self>> {
+        if !sentinels.is_empty() && (url.is_some() || !cluster.is_empty()) {
+            bail!("give one of --redis-url, --redis-cluster and --redis-sentinel");
+        }
+        match sentinel.target(sentinels, tls)? {
+            Some(target) => Ok(Some(target)),
+            None => Self::from_flags(url, cluster, tls),
+        }
+    }
+
     pub(crate) fn from_flags<S: AsRef<str>>(
         url: Option<&str>,
         cluster: &[S],

@@ -38,7 +38,7 @@ pub(crate) fn assert_cluster_clean(cluster: &RedisCluster) {
     }
 }
 
-fn assert_server_clean(command: impl Fn(&[&str]) -> String) {
+pub(crate) fn assert_server_clean(command: impl Fn(&[&str]) -> String) {
     let mut cursor = "0".to_owned();
     for _ in 0..10_000 {
         let reply = command(&["SCAN", &cursor, "COUNT", "1000"]);

@@ -20,6 +20,7 @@ mod real_backends;
 mod redis_checks;
 mod refresh_ahead;
 mod secrets;
+mod sentinel;
 mod tls;
 mod torture;
 mod util;

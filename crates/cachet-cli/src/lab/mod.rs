@@ -52,7 +52,8 @@ use clap::Args;
 use tokio::task::JoinSet;
 
 use crate::target::{
-    DATABASE_URL_ENV, REDIS_CLUSTER_ENV, REDIS_URL_ENV, RedisTarget, RedisTlsArgs, SecretUrl,
+    DATABASE_URL_ENV, REDIS_CLUSTER_ENV, REDIS_SENTINEL_ENV, REDIS_URL_ENV, RedisTarget,
+    RedisTlsArgs, SecretUrl, SentinelArgs,
 };
 use crate::write_stdout;
 use report::{Row, RowContext};
@@ -64,8 +65,8 @@ use source::{Item, Source};
     about = "Run caching failure modes side by side, naive vs protected",
     long_about = "Run caching failure modes side by side, naive vs protected, and print one table.\n\n\
         Without flags the lab runs embedded: an in-process store and a temporary SQLite \
-        database (the scenarios that need Redis start a private redis-server). --redis-url or \
-        --redis-cluster, and --database-url, run it against real servers; it then keeps to a \
+        database (the scenarios that need Redis start a private redis-server). --redis-url, \
+        --redis-cluster or --redis-sentinel, and --database-url, run it against real servers; it then keeps to a \
         namespace (Redis) and a schema (PostgreSQL) of its own, and removes them at the end. \
         It never sends KEYS, SCAN or FLUSH*, and disrupts a server it was given (outage, chaos) only \
         with --allow-disruption."
@@ -97,12 +98,27 @@ pub(crate) struct LabArgs {
     )]
     redis_cluster: Vec<SecretUrl>,
 
+    /// Use the primary that these sentinels name as the cache store (give
+    /// them all, with --sentinel-master; comma-separated or repeated)
+    #[arg(
+        long,
+        value_name = "URL,…",
+        value_delimiter = ',',
+        env = REDIS_SENTINEL_ENV,
+        hide_env_values = true
+    )]
+    redis_sentinel: Vec<SecretUrl>,
+
+    #[command(flatten)]
+    sentinel: SentinelArgs,
+
     #[command(flatten)]
     redis_tls: RedisTlsArgs,
 
-    /// Let the outage and chaos scenarios make the Redis given with --redis-url
-    /// or --redis-cluster hang for a moment (CLIENT PAUSE on every node);
-    /// without it, they are skipped there
+    /// Let the outage and chaos scenarios make the Redis given with --redis-url,
+    /// --redis-cluster or --redis-sentinel hang for a moment (CLIENT PAUSE on
+    /// every node; behind Sentinel, the primary); without it, they are skipped
+    /// there
     #[arg(long)]
     allow_disruption: bool,
 
@@ -493,9 +509,11 @@ pub(crate) async fn run(args: LabArgs) -> Result<()> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let scenarios = selected(&args.scenarios);
 
-    let redis = RedisTarget::from_flags(
+    let redis = RedisTarget::from_all_flags(
         args.redis_url.as_deref(),
         &args.redis_cluster,
+        &args.redis_sentinel,
+        &args.sentinel,
         &args.redis_tls,
     )?;
     let (store, store_kind, store_description) = match &redis {
