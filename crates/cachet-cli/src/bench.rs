@@ -62,8 +62,8 @@ use crate::write_stdout;
         invalidate   Cache::invalidate vs a raw DEL\n\n\
         Hit rows run at each --tasks count; misses and invalidations at the smallest and the \
         largest. The two sides of a row alternate in slices of --duration/4 each. The Redis \
-        rows use --redis-url (or --redis-sentinel), or else a private redis-server started for the run (they are \
-        skipped, saying why, when none is installed). On a given Redis the bench writes only \
+        rows use --redis-url (or --redis-sentinel), or else a private redis-server started for \
+        the run (they are skipped, saying why, when none is installed). On a given Redis the bench writes only \
         under namespaces of its own (bench-<run>-…), every key with a TTL, and deletes the keys \
         it wrote by name at the end; it never sends KEYS, SCAN or FLUSH*.\n\n\
         Latencies include the two clock reads around each operation, on both sides.\n\n\

@@ -409,8 +409,6 @@ impl RedisTarget {
         }
     }
 
-    /// The target of `--redis-url URL` or `--redis-cluster URL,…` and the TLS
-    /// flags; `None` when neither URL flag is given.
     /// The target of `--redis-url`, `--redis-cluster` or `--redis-sentinel`
     /// (at most one of them) with the Sentinel and TLS flags; `None` when
     /// none is given.
@@ -430,6 +428,8 @@ impl RedisTarget {
         }
     }
 
+    /// The target of `--redis-url URL` or `--redis-cluster URL,…` and the TLS
+    /// flags; `None` when neither URL flag is given.
     pub(crate) fn from_flags<S: AsRef<str>>(
         url: Option<&str>,
         cluster: &[S],

@@ -49,8 +49,11 @@ const PING: Duration = Duration::from_secs(1);
 
 /// The channel of the cache whose keys start with `head`.
 pub(crate) fn channel(head: &str) -> String {
-    format!("{head}:sys:bus")
+    format!("{head}{CHANNEL_SUFFIX}")
 }
+
+/// What a cache's channel adds to its head.
+const CHANNEL_SUFFIX: &str = ":sys:bus";
 
 /// The sending side: a queue in front of the batching task.
 #[derive(Debug)]
@@ -178,7 +181,6 @@ struct Batch {
 
 /// One `PUBLISH`: a channel, and its notices' lines, newline-separated.
 struct Message {
-    head: Box<str>,
     channel: String,
     lines: String,
     notices: u64,
@@ -188,11 +190,11 @@ impl Batch {
     /// Adds the notice of `key`, whose first `head` bytes name its channel.
     fn add(&mut self, tag: &str, key: &str, head: usize) {
         let head = &key[..head];
-        let i = match self.messages.iter().position(|m| *m.head == *head) {
+        let of_head = |m: &Message| m.channel.strip_suffix(CHANNEL_SUFFIX) == Some(head);
+        let i = match self.messages.iter().position(of_head) {
             Some(i) => i,
             None => {
                 self.messages.push(Message {
-                    head: head.into(),
                     channel: channel(head),
                     lines: String::new(),
                     notices: 0,

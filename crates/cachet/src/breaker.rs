@@ -177,9 +177,7 @@ impl Breaker {
             // Stores only what changes: every call records, and a store to
             // a line shared by every thread costs far more than a load.
             Ok(_) => {
-                if self.failures.load(Ordering::Acquire) != 0 {
-                    self.failures.store(0, Ordering::Release);
-                }
+                self.clear_failures();
                 if self.open_until.load(Ordering::Acquire) != 0 {
                     self.open_until.store(0, Ordering::Release);
                 }
@@ -203,11 +201,13 @@ impl Breaker {
                 }
             }
             // The store answered: it is up, even if the answer is an error.
-            Err(_) => {
-                if self.failures.load(Ordering::Acquire) != 0 {
-                    self.failures.store(0, Ordering::Release);
-                }
-            }
+            Err(_) => self.clear_failures(),
+        }
+    }
+
+    fn clear_failures(&self) {
+        if self.failures.load(Ordering::Acquire) != 0 {
+            self.failures.store(0, Ordering::Release);
         }
     }
 

@@ -66,8 +66,9 @@ use source::{Item, Source};
     long_about = "Run caching failure modes side by side, naive vs protected, and print one table.\n\n\
         Without flags the lab runs embedded: an in-process store and a temporary SQLite \
         database (the scenarios that need Redis start a private redis-server). --redis-url, \
-        --redis-cluster or --redis-sentinel, and --database-url, run it against real servers; it then keeps to a \
-        namespace (Redis) and a schema (PostgreSQL) of its own, and removes them at the end. \
+        --redis-cluster or --redis-sentinel, and --database-url, run it against real servers; \
+        it then keeps to a namespace (Redis) and a schema (PostgreSQL) of its own, and removes \
+        them at the end. \
         It never sends KEYS, SCAN or FLUSH*, and disrupts a server it was given (outage, chaos) only \
         with --allow-disruption."
 )]
