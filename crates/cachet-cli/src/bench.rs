@@ -13,9 +13,11 @@
 //! `redis_hit` (a hit on Redis vs a raw `GET` of the same bytes on a
 //! connection of its own), `redis_miss` (`get_or_load` with a loader that
 //! sleeps `--load-latency` vs naive `GET`, load, `SET`) and `invalidate`
-//! (`Cache::invalidate` vs a raw `DEL`). The Redis rows run on `--redis-url`,
-//! or else on a private `redis-server` started for the run, and are skipped
-//! (with the reason) when there is neither.
+//! (`Cache::invalidate` vs a raw `DEL`). The Redis rows run on `--redis-url`
+//! (or `--redis-cluster`, or `--redis-sentinel`), or else on a private
+//! `redis-server` started for the run, and are skipped (with the reason) when
+//! there is neither. On a cluster the baselines use a redis-rs cluster
+//! connection.
 //!
 //! On a given Redis the bench keeps to namespaces of its own (`bench-<run>-…`),
 //! every key it writes has a TTL, and at the end it deletes the keys it wrote
@@ -38,13 +40,15 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 use serde::Serialize;
 use tokio::task::JoinSet;
 
 use crate::lab::redis_server::{Persistence, PrivateRedis};
 use crate::target::{
-    REDIS_SENTINEL_ENV, REDIS_URL_ENV, RedisTarget, RedisTlsArgs, SecretUrl, SentinelArgs,
+    REDIS_CLUSTER_ENV, REDIS_SENTINEL_ENV, REDIS_URL_ENV, RedisTarget, RedisTlsArgs, SecretUrl,
+    SentinelArgs,
 };
 use crate::write_stdout;
 
@@ -62,8 +66,10 @@ use crate::write_stdout;
         invalidate   Cache::invalidate vs a raw DEL\n\n\
         Hit rows run at each --tasks count; misses and invalidations at the smallest and the \
         largest. The two sides of a row alternate in slices of --duration/4 each. The Redis \
-        rows use --redis-url (or --redis-sentinel), or else a private redis-server started for \
-        the run (they are skipped, saying why, when none is installed). On a given Redis the bench writes only \
+        rows use --redis-url (or --redis-cluster, or --redis-sentinel), or else a private \
+        redis-server started for the run (they are skipped, saying why, when none is \
+        installed). On a cluster, the baselines send their commands through a redis-rs \
+        cluster connection, which routes each by its key. On a given Redis the bench writes only \
         under namespaces of its own (bench-<run>-…), every key with a TTL, and deletes the keys \
         it wrote by name at the end; it never sends KEYS, SCAN or FLUSH*.\n\n\
         Latencies include the two clock reads around each operation, on both sides.\n\n\
@@ -86,6 +92,18 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_name = "URL", env = REDIS_URL_ENV, hide_env_values = true)]
     redis_url: Option<SecretUrl>,
 
+    /// Run the Redis rows on the Redis Cluster these nodes belong to (any of
+    /// its nodes will do; comma-separated or repeated)
+    #[arg(
+        long,
+        value_name = "URL,…",
+        value_delimiter = ',',
+        env = REDIS_CLUSTER_ENV,
+        hide_env_values = true,
+        conflicts_with = "redis_url"
+    )]
+    redis_cluster: Vec<SecretUrl>,
+
     /// Run the Redis rows on the primary that these sentinels name (give them
     /// all, with --sentinel-master; comma-separated or repeated)
     #[arg(
@@ -94,7 +112,7 @@ pub(crate) struct BenchArgs {
         value_delimiter = ',',
         env = REDIS_SENTINEL_ENV,
         hide_env_values = true,
-        conflicts_with = "redis_url"
+        conflicts_with_all = ["redis_url", "redis_cluster"]
     )]
     redis_sentinel: Vec<SecretUrl>,
 
@@ -151,8 +169,10 @@ const MAX_WRITES: u64 = 300_000;
 const MAX_OPS_PER_TASK: u64 = 100_000_000;
 /// Writes in flight at once while filling the Redis hit rows.
 const FILL_CONCURRENCY: usize = 64;
-/// Keys per `DEL` or per pipeline while preparing and cleaning up.
+/// Commands per pipeline while preparing and cleaning up.
 const BATCH: usize = 500;
+/// Entries whose `DEL`s are built at once while cleaning up.
+const CLEANUP_CHUNK: usize = 10_000;
 /// How long deleting the run's keys may take.
 const CLEANUP_TIME_LIMIT: Duration = Duration::from_secs(30);
 /// How long the near cache's bus subscription may take to come up.
@@ -458,7 +478,7 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
         crate::metrics_server::MetricsServer::start_if(args.metrics_addr, "bench").await?;
     let given = RedisTarget::from_all_flags(
         args.redis_url.as_deref(),
-        &[],
+        &args.redis_cluster,
         &args.redis_sentinel,
         &args.sentinel,
         &args.redis_tls,
@@ -527,16 +547,20 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
         ))?;
     }
 
+    let raw = match &redis {
+        Some((target, store)) => Some(Raw::connect(target, store).await?),
+        None => None,
+    };
     let written = Written::default();
     let outcome = tokio::select! {
-        r = run_rows(&mut run, redis.as_ref(), &written) => r,
+        r = run_rows(&mut run, redis.as_ref().zip(raw.as_ref()), &written) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
     };
     run.progress.finish_and_clear();
     // A private server takes its keys with it; on a given one, delete them.
-    if let (Some((target, store)), None) = (&redis, &private) {
+    if let (Some(raw), None) = (&raw, &private) {
         let cleaned = tokio::select! {
-            r = tokio::time::timeout(CLEANUP_TIME_LIMIT, cleanup(target, store, &written)) => r,
+            r = tokio::time::timeout(CLEANUP_TIME_LIMIT, cleanup(raw, &written)) => r,
             _ = tokio::signal::ctrl_c() => Ok(Err(anyhow!("interrupted"))),
         };
         match cleaned {
@@ -589,11 +613,11 @@ impl Written {
 
 async fn run_rows(
     run: &mut Run,
-    redis: Option<&(RedisTarget, RedisStore)>,
+    redis: Option<(&(RedisTarget, RedisStore), &Raw)>,
     written: &Written,
 ) -> Result<()> {
     memory_hit(run).await.context("row memory_hit failed")?;
-    let Some((target, store)) = redis else {
+    let Some(((target, store), raw)) = redis else {
         let why =
             "no redis-server is installed to start a private one, and no --redis-url was given";
         for kind in Kind::ALL.into_iter().filter(|k| k.needs_redis()) {
@@ -601,18 +625,11 @@ async fn run_rows(
         }
         return Ok(());
     };
-    let node = target
-        .masters(&store.connection())
-        .await?
-        .into_iter()
-        .next()
-        .context("no Redis server to connect to")?;
-    let raw = node.connect().await?;
     let store: Arc<dyn Store> = Arc::new(store.clone());
     let ctx = RedisCtx {
         target,
         store,
-        raw,
+        raw: raw.clone(),
         written,
     };
     near_hit(run, &ctx).await.context("row near_hit failed")?;
@@ -633,8 +650,8 @@ async fn run_rows(
 struct RedisCtx<'a> {
     target: &'a RedisTarget,
     store: Arc<dyn Store>,
-    /// A plain connection of the baselines' own.
-    raw: MultiplexedConnection,
+    /// The baselines' connection.
+    raw: Raw,
     written: &'a Written,
 }
 
@@ -840,7 +857,7 @@ async fn near_hit(run: &mut Run, ctx: &RedisCtx<'_>) -> Result<()> {
 
 /// A raw `GET` of the entry a cache wrote.
 struct RawGet {
-    conn: MultiplexedConnection,
+    conn: Raw,
     names: Arc<[String]>,
     draws: Arc<[u64]>,
 }
@@ -943,7 +960,7 @@ impl Op for CacheLoad {
 
 /// Naive cache-aside: `GET`, on a miss load, `SET` with a TTL.
 struct NaiveLoad {
-    conn: MultiplexedConnection,
+    conn: Raw,
     layout: KeyLayout,
     ids: Ids,
     value: Bytes,
@@ -1015,7 +1032,7 @@ async fn redis_miss(run: &mut Run, ctx: &RedisCtx<'_>) -> Result<()> {
 struct Delete {
     cache: Option<Cache<u64, Bytes>>,
     layout: KeyLayout,
-    conn: MultiplexedConnection,
+    conn: Raw,
     ids: Ids,
     value: Bytes,
     /// The end of the ids written, raised before each batch is written.
@@ -1055,23 +1072,20 @@ impl Op for Delete {
             return Ok(());
         }
         self.written.store(new_end, Ordering::Release);
-        let mut conn = self.conn.clone();
-        let ids: Vec<u64> = (end..new_end).collect();
-        for chunk in ids.chunks(BATCH) {
-            let mut pipe = redis::pipe();
-            for id in chunk {
-                pipe.cmd("SET")
-                    .arg(self.layout.key(id).as_str())
+        let sets: Vec<Cmd> = (end..new_end)
+            .map(|id| {
+                let mut set = redis::cmd("SET");
+                set.arg(self.layout.key(&id).as_str())
                     .arg(self.value.as_ref())
                     .arg("PX")
-                    .arg(ttl_ms())
-                    .ignore();
-            }
-            let () = pipe
-                .query_async(&mut conn)
-                .await
-                .context("cannot write the keys to invalidate")?;
-        }
+                    .arg(ttl_ms());
+                set
+            })
+            .collect();
+        self.conn
+            .send_all(sets)
+            .await
+            .context("cannot write the keys to invalidate")?;
         self.ids.end.store(new_end, Ordering::Release);
         Ok(())
     }
@@ -1101,53 +1115,117 @@ async fn invalidate(run: &mut Run, ctx: &RedisCtx<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Deletes every key the run wrote on a given Redis, by name, a batch per
-/// `DEL`: entry keys, and the lease keys of cachet's namespaces.
-async fn cleanup(target: &RedisTarget, store: &RedisStore, written: &Written) -> Result<()> {
+/// Deletes every key the run wrote on a given Redis, by name: entry keys,
+/// and with each the lease key of cachet's namespaces (in the same slot), one
+/// `DEL` per entry.
+async fn cleanup(raw: &Raw, written: &Written) -> Result<()> {
     let all = std::mem::take(
         &mut *written
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
-    if all.is_empty() {
-        return Ok(());
-    }
-    let node = target
-        .masters(&store.connection())
-        .await?
-        .into_iter()
-        .next()
-        .context("no Redis server to connect to")?;
-    let mut conn = node.connect().await?;
     for (layout, leases, upto) in all {
-        let mut names = Vec::with_capacity(BATCH);
-        for id in 0..upto.load(Ordering::Acquire) {
-            let key = layout.key(&id);
-            if leases {
-                names.push(key.lease_key());
-            }
-            names.push(key.as_str().to_owned());
-            if names.len() >= BATCH {
-                del(&mut conn, &mut names).await?;
-            }
+        let ids: Vec<u64> = (0..upto.load(Ordering::Acquire)).collect();
+        for chunk in ids.chunks(CLEANUP_CHUNK) {
+            let dels = chunk
+                .iter()
+                .map(|id| {
+                    let key = layout.key(id);
+                    let mut del = redis::cmd("DEL");
+                    del.arg(key.as_str());
+                    if leases {
+                        del.arg(key.lease_key());
+                    }
+                    del
+                })
+                .collect();
+            raw.send_all(dels).await.context("DEL failed")?;
         }
-        del(&mut conn, &mut names).await?;
     }
     Ok(())
 }
 
-async fn del(conn: &mut MultiplexedConnection, names: &mut Vec<String>) -> Result<()> {
-    if names.is_empty() {
-        return Ok(());
+/// The baselines' connection: a plain one to the server, or on a cluster a
+/// redis-rs cluster connection, which routes each command by its key.
+#[derive(Clone)]
+enum Raw {
+    Server(MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Raw {
+    async fn connect(target: &RedisTarget, store: &RedisStore) -> Result<Self> {
+        if target.is_cluster() {
+            return Ok(Self::Cluster(target.cluster_connection().await?));
+        }
+        let node = target
+            .masters(&store.connection())
+            .await?
+            .into_iter()
+            .next()
+            .context("no Redis server to connect to")?;
+        Ok(Self::Server(node.connect().await?))
     }
-    let _: i64 = redis::cmd("DEL")
-        .arg(&names[..])
-        .query_async(conn)
-        .await
-        .context("DEL failed")?;
-    names.clear();
-    Ok(())
+
+    /// Sends `cmds`, each of whose keys share a slot, and checks every reply:
+    /// [`BATCH`] to a pipeline on a server; on a cluster, where a pipeline
+    /// must keep to one slot, each on its own, [`FILL_CONCURRENCY`] at once.
+    async fn send_all(&self, cmds: Vec<Cmd>) -> Result<()> {
+        if let Self::Server(conn) = self {
+            let mut conn = conn.clone();
+            for chunk in cmds.chunks(BATCH) {
+                let mut pipe = redis::pipe();
+                for cmd in chunk {
+                    pipe.add_command(cmd.clone()).ignore();
+                }
+                let () = pipe.query_async(&mut conn).await?;
+            }
+            return Ok(());
+        }
+        let mut pending = JoinSet::new();
+        for cmd in cmds {
+            if pending.len() >= FILL_CONCURRENCY
+                && let Some(done) = pending.join_next().await
+            {
+                done.context("a Redis command's task panicked")??;
+            }
+            let mut conn = self.clone();
+            pending.spawn(async move { cmd.query_async::<Value>(&mut conn).await });
+        }
+        while let Some(done) = pending.join_next().await {
+            done.context("a Redis command's task panicked")??;
+        }
+        Ok(())
+    }
+}
+
+impl ConnectionLike for Raw {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Server(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Server(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Server(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
 }
 
 /// The table of `rows`, within 120 columns.

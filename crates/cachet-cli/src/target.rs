@@ -199,16 +199,17 @@ impl Tls {
 
     /// A plain client for `url` with these settings.
     fn client(&self, url: &str) -> Result<redis::Client> {
-        let shown = redact_url(url);
-        if url.contains('#') {
-            bail!(
-                "the Redis URL {shown} has a fragment; a URL cannot turn off certificate verification"
-            );
+        let shown = no_fragment(url)?;
+        match self.certificates() {
+            None => redis::Client::open(url).with_context(|| format!("invalid Redis URL {shown}")),
+            Some(certs) => redis::Client::build_with_tls(url, certs)
+                .with_context(|| format!("invalid Redis URL or TLS settings for {shown}")),
         }
-        if !self.is_set() {
-            return redis::Client::open(url).with_context(|| format!("invalid Redis URL {shown}"));
-        }
-        let certs = redis::TlsCertificates {
+    }
+
+    /// The CA and client certificate for redis-rs; `None` when neither is set.
+    fn certificates(&self) -> Option<redis::TlsCertificates> {
+        self.is_set().then(|| redis::TlsCertificates {
             client_tls: self
                 .client
                 .as_ref()
@@ -217,10 +218,20 @@ impl Tls {
                     client_key: key.to_vec(),
                 }),
             root_cert: self.ca.as_ref().map(|ca| ca.to_vec()),
-        };
-        redis::Client::build_with_tls(url, certs)
-            .with_context(|| format!("invalid Redis URL or TLS settings for {shown}"))
+        })
     }
+}
+
+/// `url` without its password, for messages; an error if it has a fragment,
+/// which cannot turn off certificate verification here.
+fn no_fragment(url: &str) -> Result<String> {
+    let shown = redact_url(url);
+    if url.contains('#') {
+        bail!(
+            "the Redis URL {shown} has a fragment; a URL cannot turn off certificate verification"
+        );
+    }
+    Ok(shown)
 }
 
 /// How long an administrative command may take.
@@ -604,6 +615,34 @@ impl RedisTarget {
                 Ok(store)
             }
         }
+    }
+
+    /// A bare redis-rs connection to this cluster, with the target's TLS
+    /// settings, which routes each command by the slot of its key: the
+    /// baseline that `cachet bench` measures a cache on a cluster against.
+    pub(crate) async fn cluster_connection(
+        &self,
+    ) -> Result<redis::cluster_async::ClusterConnection> {
+        let Endpoint::Cluster(urls) = &self.endpoint else {
+            bail!("{} is not a Redis Cluster", self.describe());
+        };
+        for url in urls {
+            no_fragment(url)?;
+        }
+        let mut builder =
+            redis::cluster::ClusterClientBuilder::new(urls.iter().map(|u| u.to_string()))
+                .connection_timeout(ADMIN_TIMEOUT)
+                .response_timeout(ADMIN_TIMEOUT);
+        if let Some(certs) = self.tls.certificates() {
+            builder = builder.certs(certs);
+        }
+        let client = builder
+            .build()
+            .with_context(|| format!("invalid Redis Cluster URLs {}", self.describe()))?;
+        client
+            .get_async_connection()
+            .await
+            .with_context(|| format!("cannot connect to Redis at {}", self.describe()))
     }
 
     /// A store for administrative commands: no invalidation bus, no eviction

@@ -1,5 +1,6 @@
-//! `--redis-cluster`: the scenarios on a Redis Cluster, `stats` over its
-//! masters, and a cluster flag given a server that is not a cluster node.
+//! `--redis-cluster`: the scenarios on a Redis Cluster, `bench` and `stats`
+//! over its masters, and a cluster flag given a server that is not a cluster
+//! node.
 
 use cachet_testkit::{RedisCluster, RedisServer};
 
@@ -86,6 +87,44 @@ fn scenarios_run_on_a_redis_cluster() {
         assert!(line["maxmemory"].is_u64(), "{line}");
         assert!(line["warnings"].is_array(), "{line}");
     }
+}
+
+#[test]
+fn bench_runs_on_a_redis_cluster_and_deletes_what_it_wrote() {
+    let cluster = RedisCluster::start();
+    cluster.command_for_key("someone-else", &["SET", "someone-else", "1"]);
+    let rows = Cachet::command("bench")
+        .args(["--redis-cluster", &cluster.urls()[1]])
+        .args(["--duration", "100ms", "--tasks", "2", "--keys", "300"])
+        .json();
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    for row in &rows {
+        assert!(row["cachet"]["ops"].as_u64().unwrap() > 0, "{row}");
+        assert!(row["baseline"]["ops"].as_u64().unwrap() > 0, "{row}");
+    }
+    // Both sides reached every master: the keys spread over the slots.
+    for node in 0..cluster.nodes().len() {
+        let calls = cluster.command(node, &["INFO", "commandstats"]);
+        for command in ["get", "set", "del", "evalsha"] {
+            assert!(
+                calls.contains(&format!("cmdstat_{command}:")),
+                "node {node}: {calls}"
+            );
+        }
+    }
+    // Only the key it did not write is left.
+    let keys: u64 = cluster
+        .command_all(&["DBSIZE"])
+        .iter()
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(keys, 1);
+    assert_eq!(
+        cluster.command_for_key("someone-else", &["GET", "someone-else"]),
+        "1"
+    );
+    cluster.command_for_key("someone-else", &["DEL", "someone-else"]);
+    assert_cluster_clean(&cluster);
 }
 
 #[test]
