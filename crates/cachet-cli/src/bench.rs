@@ -48,7 +48,7 @@ use tokio::task::JoinSet;
 use crate::lab::redis_server::{Persistence, PrivateRedis};
 use crate::target::{
     REDIS_CLUSTER_ENV, REDIS_SENTINEL_ENV, REDIS_URL_ENV, RedisTarget, RedisTlsArgs, SecretUrl,
-    SentinelArgs,
+    SentinelArgs, parse_duration,
 };
 use crate::write_stdout;
 
@@ -1330,28 +1330,6 @@ fn format_ns(ns: u64) -> String {
     } else {
         format!("{v:.0}{unit}")
     }
-}
-
-/// A duration such as `1s`, `500ms`, `250us`, `2m`; bare numbers are
-/// milliseconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration such as 500ms or 2s"))?;
-    let scale = match unit.trim() {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "" | "ms" => 1e-3,
-        "s" => 1.0,
-        "m" | "min" => 60.0,
-        other => return Err(format!("unknown unit `{other}` (use ns, us, ms, s or m)")),
-    };
-    Duration::try_from_secs_f64(number * scale).map_err(|e| format!("`{s}`: {e}"))
 }
 
 fn parse_measure_time(s: &str) -> Result<Duration, String> {

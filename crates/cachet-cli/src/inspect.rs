@@ -20,7 +20,7 @@ use cachet::{KeyLayout, Store as _, StoreKey};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::target::RedisArgs;
+use crate::target::AdminArgs;
 
 /// Payload bytes shown at most with `--payload`.
 const PAYLOAD_SHOWN: usize = 256;
@@ -59,7 +59,7 @@ pub(crate) struct InspectArgs {
     #[arg(long, requires = "namespace")]
     group: Option<String>,
     #[command(flatten)]
-    redis: RedisArgs,
+    redis: AdminArgs,
     /// Print one JSON object on stdout, and nothing else
     #[arg(long)]
     json: bool,

@@ -13,7 +13,7 @@ use cachet::ServerInfo;
 use clap::Args;
 use serde_json::json;
 
-use crate::target::{ADMIN_TIMEOUT, RedisArgs, redact_url};
+use crate::target::{AdminArgs, redact_url};
 
 /// Flags of `cachet stats`.
 #[derive(Debug, Args)]
@@ -27,7 +27,7 @@ use crate::target::{ADMIN_TIMEOUT, RedisArgs, redact_url};
 )]
 pub(crate) struct StatsArgs {
     #[command(flatten)]
-    redis: RedisArgs,
+    redis: AdminArgs,
     /// Print one JSON object per server (and, on a cluster, one for the sums)
     /// on stdout, and nothing else
     #[arg(long)]
@@ -46,7 +46,8 @@ pub(crate) async fn run(args: StatsArgs) -> Result<()> {
             .builder()
             .eviction_check(false)
             .invalidation_bus(false)
-            .response_timeout(ADMIN_TIMEOUT)
+            .response_timeout(target.admin_timeout())
+            .connection_timeout(target.admin_timeout())
             .connect()
             .await
             .with_context(|| format!("cannot connect to Redis at {shown}"))?;

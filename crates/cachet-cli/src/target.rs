@@ -234,8 +234,30 @@ fn no_fragment(url: &str) -> Result<String> {
     Ok(shown)
 }
 
-/// How long an administrative command may take.
+/// How long an administrative command may take, unless `--timeout` says.
 pub(crate) const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A duration such as `1s`, `500ms`, `250us`, `2m`; bare numbers are
+/// milliseconds.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration such as 500ms or 2s"))?;
+    let scale = match unit.trim() {
+        "ns" => 1e-9,
+        "us" | "µs" => 1e-6,
+        "" | "ms" => 1e-3,
+        "s" => 1.0,
+        "m" | "min" => 60.0,
+        other => return Err(format!("unknown unit `{other}` (use ns, us, ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(number * scale).map_err(|e| format!("`{s}`: {e}"))
+}
 
 /// `--redis-url`, `--redis-cluster` or `--redis-sentinel`, one of them
 /// required: for the commands that only make sense against Redis (`stats`,
@@ -279,6 +301,35 @@ pub(crate) struct RedisArgs {
     sentinel: SentinelArgs,
     #[command(flatten)]
     tls: RedisTlsArgs,
+}
+
+/// The flags of a command that asks Redis and waits for its answers
+/// (`stats`, `inspect`): where Redis is, and how long to wait.
+#[derive(Clone, Debug, Args)]
+pub(crate) struct AdminArgs {
+    #[command(flatten)]
+    redis: RedisArgs,
+    /// How long connecting, and each command, may take (e.g. 500ms, 10s)
+    #[arg(long, value_name = "TIME", default_value = "10s", value_parser = parse_timeout)]
+    timeout: Duration,
+}
+
+impl AdminArgs {
+    /// The target these flags name, its administrative calls bounded by
+    /// `--timeout`.
+    pub(crate) fn target(&self) -> Result<RedisTarget> {
+        let mut target = self.redis.target()?;
+        target.admin_timeout = self.timeout;
+        Ok(target)
+    }
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if !(Duration::from_millis(1)..=Duration::from_secs(3600)).contains(&d) {
+        return Err("give 1ms to 1h".to_owned());
+    }
+    Ok(d)
 }
 
 /// What goes with `--redis-sentinel`: the primary's name and database, and
@@ -381,6 +432,9 @@ pub(crate) enum Endpoint {
 pub(crate) struct RedisTarget {
     pub(crate) endpoint: Endpoint,
     tls: Tls,
+    /// What bounds connecting and each command of the administrative
+    /// connections ([`admin_store`](Self::admin_store), [`Node::connect`]).
+    admin_timeout: Duration,
 }
 
 impl fmt::Debug for RedisTarget {
@@ -400,6 +454,8 @@ pub(crate) struct Node {
     /// A URL for it, with the scheme and credentials of the target's URL.
     pub(crate) url: String,
     tls: Tls,
+    /// The target's administrative timeout.
+    timeout: Duration,
 }
 
 impl fmt::Debug for Node {
@@ -417,6 +473,7 @@ impl RedisTarget {
         Self {
             endpoint: Endpoint::Server(SecretUrl(url)),
             tls: Tls::default(),
+            admin_timeout: ADMIN_TIMEOUT,
         }
     }
 
@@ -464,6 +521,7 @@ impl RedisTarget {
         Ok(Some(Self {
             endpoint,
             tls: Tls::load(tls)?,
+            admin_timeout: ADMIN_TIMEOUT,
         }))
     }
 
@@ -497,6 +555,7 @@ impl RedisTarget {
                 node_auth,
             },
             tls: Tls::load(tls)?,
+            admin_timeout: ADMIN_TIMEOUT,
         })
     }
 
@@ -631,8 +690,8 @@ impl RedisTarget {
         }
         let mut builder =
             redis::cluster::ClusterClientBuilder::new(urls.iter().map(|u| u.to_string()))
-                .connection_timeout(ADMIN_TIMEOUT)
-                .response_timeout(ADMIN_TIMEOUT);
+                .connection_timeout(self.admin_timeout)
+                .response_timeout(self.admin_timeout);
         if let Some(certs) = self.tls.certificates() {
             builder = builder.certs(certs);
         }
@@ -645,6 +704,12 @@ impl RedisTarget {
             .with_context(|| format!("cannot connect to Redis at {}", self.describe()))
     }
 
+    /// What bounds connecting and each command of the administrative
+    /// connections (`--timeout` of `stats` and `inspect`).
+    pub(crate) fn admin_timeout(&self) -> Duration {
+        self.admin_timeout
+    }
+
     /// A store for administrative commands: no invalidation bus, no eviction
     /// warning at connect, a long response timeout.
     pub(crate) async fn admin_store(&self) -> Result<RedisStore> {
@@ -652,8 +717,8 @@ impl RedisTarget {
             .builder()
             .invalidation_bus(false)
             .eviction_check(false)
-            .response_timeout(ADMIN_TIMEOUT)
-            .connection_timeout(ADMIN_TIMEOUT);
+            .response_timeout(self.admin_timeout)
+            .connection_timeout(self.admin_timeout);
         self.connect(builder).await
     }
 
@@ -733,6 +798,7 @@ impl RedisTarget {
                 addr: host_port(url).unwrap_or_else(|| redact_url(url)),
                 url: url.to_string(),
                 tls: self.tls.clone(),
+                timeout: self.admin_timeout,
             }]),
             Endpoint::Cluster(urls) => {
                 let seed = urls.first().context("a cluster target without URLs")?;
@@ -748,6 +814,7 @@ impl RedisTarget {
                         addr: format!("{host}:{port}"),
                         url: with_host_port(seed, &host, port),
                         tls: self.tls.clone(),
+                        timeout: self.admin_timeout,
                     })
                     .collect();
                 if nodes.is_empty() {
@@ -773,6 +840,7 @@ impl RedisTarget {
                     addr: format!("{host}:{port}"),
                     url: with_credentials(&url, node_auth.as_ref()),
                     tls: self.tls.clone(),
+                    timeout: self.admin_timeout,
                 }])
             }
         }
@@ -787,6 +855,7 @@ impl RedisTarget {
                 addr: host_port(url).unwrap_or_else(|| redact_url(url)),
                 url: url.to_string(),
                 tls: self.tls.clone(),
+                timeout: self.admin_timeout,
             };
             let asked = async {
                 let mut conn = sentinel.connect().await?;
@@ -821,8 +890,8 @@ impl Node {
         let shown = redact_url(&self.url);
         let client = self.tls.client(&self.url)?;
         let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(ADMIN_TIMEOUT))
-            .set_response_timeout(Some(ADMIN_TIMEOUT));
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
         client
             .get_multiplexed_async_connection_with_config(&config)
             .await
@@ -1039,6 +1108,7 @@ mod tests {
             addr: "h:1".into(),
             url: "redis://:hunter2@h:1/".into(),
             tls: Tls::default(),
+            timeout: ADMIN_TIMEOUT,
         };
         assert!(!format!("{node:?}").contains("hunter2"));
     }

@@ -1,6 +1,7 @@
 //! Bad input ends with a clear message and a non-zero exit, never a panic.
 
 use std::net::TcpListener;
+use std::time::{Duration, Instant};
 
 use crate::util::Cachet;
 
@@ -27,6 +28,38 @@ fn unreachable_redis_names_the_url_and_the_cause() {
         .failure();
     assert!(stderr.contains(&url), "{stderr}");
     assert!(stderr.to_lowercase().contains("refused"), "{stderr}");
+}
+
+#[test]
+fn stats_and_inspect_wait_for_a_silent_server_no_longer_than_their_timeout() {
+    // It accepts connections (the kernel does, into the backlog) and never
+    // answers.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://{}/", silent.local_addr().unwrap());
+    for command in [
+        vec!["stats", "--timeout", "300ms"],
+        vec![
+            "inspect",
+            "--namespace",
+            "users",
+            "--key",
+            "1",
+            "--timeout",
+            "0.3s",
+        ],
+    ] {
+        let start = Instant::now();
+        let stderr = Cachet::command(command[0])
+            .args(&command[1..])
+            .args(["--redis-url", &url])
+            .failure();
+        // Well below the default of 10 s: the flag's limit fired.
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(8), "{command:?} took {took:?}");
+        assert!(stderr.contains(&url), "{stderr}");
+        assert!(stderr.contains("timeout (300ms)"), "{stderr}");
+    }
+    drop(silent);
 }
 
 #[test]
