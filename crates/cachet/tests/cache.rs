@@ -1013,6 +1013,35 @@ async fn an_expiry_policy_sets_each_entrys_life_and_can_refuse_one(fx: Fx) {
     assert_eq!(cache.stats().loads, 3);
 }
 
+/// A load whose task is dropped before it ends (its runtime shut down) ends
+/// the call with an error naming the key, not a panic: the loader went with
+/// the task.
+#[test]
+fn a_load_dropped_with_its_runtime_ends_the_call_with_an_error() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    let loads = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let cache: Cache<u64, u64> = Cache::builder("dropped").build().unwrap();
+    let mut call = Box::pin(cache.get_or_load(&1, || async { Res::Ok(Some(1)) }));
+    let mut cx = Context::from_waker(Waker::noop());
+    {
+        // The load is spawned on `loads`, which never runs it.
+        let _on = loads.enter();
+        assert!(call.as_mut().poll(&mut cx).is_pending());
+    }
+    drop(loads);
+    let Poll::Ready(outcome) = call.as_mut().poll(&mut cx) else {
+        panic!("the call still waits for a load that is gone");
+    };
+    let e = outcome.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Load);
+    assert_eq!(e.key(), Some("1"));
+    assert!(e.to_string().contains("task was dropped"), "{e}");
+}
+
 async fn a_panicking_loader_fails_every_caller_once_and_leaves_no_lease(fx: Fx) {
     let cache: Cache<u64, u64> = fx.builder("panics").build().unwrap();
     let runs = Arc::new(AtomicU64::new(0));

@@ -189,7 +189,17 @@ where
                 Role::Leader(leader) => {
                     let rx = leader.subscribe();
                     let Some(loader) = loader.take() else {
-                        unreachable!("a caller leads at most once: it then waits for the outcome")
+                        // This caller's own load ended without an outcome (its
+                        // task was dropped, as when its runtime shuts down),
+                        // and the loader went with it.
+                        let e = Error::with_message(
+                            crate::ErrorKind::Load,
+                            self.namespace(),
+                            Some(skey.user_key()),
+                            "the load's task was dropped before it ended".into(),
+                        );
+                        leader.finish(&Err(e.clone()));
+                        return Err(e);
                     };
                     let plan = LoadPlan {
                         fallback: plan.fallback.take(),
