@@ -1,5 +1,6 @@
 //! `rediss://` from the command line: `--redis-ca`, `--redis-cert`,
-//! `--redis-key`, also for the lab's child processes.
+//! `--redis-key`, also for the lab's child processes and the bench's
+//! baselines.
 
 use cachet_testkit::{ClientAuth, RedisCluster, RedisServer, TestPki};
 
@@ -93,7 +94,7 @@ fn lab_child_processes_get_the_tls_settings() {
 }
 
 #[test]
-fn stats_over_a_tls_cluster() {
+fn stats_and_bench_over_a_tls_cluster() {
     let pki = TestPki::generate();
     let cluster = RedisCluster::start_tls(&pki);
     let urls = cluster.tls_urls();
@@ -107,4 +108,15 @@ fn stats_over_a_tls_cluster() {
         assert!(stdout.contains(&addr), "{addr} missing:\n{stdout}");
     }
     assert!(stdout.contains("cluster total (3 masters)"), "{stdout}");
+
+    // The bench's baselines connect to the cluster with the same settings.
+    let rows = Cachet::command("bench")
+        .args(["--redis-cluster", &urls[1]])
+        .args(tls_flags(&pki))
+        .args(["--duration", "100ms", "--tasks", "1", "--keys", "100"])
+        .json();
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    for row in &rows {
+        assert!(row["baseline"]["ops"].as_u64().unwrap() > 0, "{row}");
+    }
 }
