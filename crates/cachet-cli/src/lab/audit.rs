@@ -48,6 +48,7 @@ use super::double_delete::cache_on_store;
 use super::outbox::LabOutbox;
 use super::report::{AuditBound, AuditFigures, Latency, Row, find};
 use super::source::{Db, Item};
+use super::workload::CrashShare;
 use super::{Entry, LEASE_TTL, Lab};
 
 pub(super) const NAME: &str = "audit";
@@ -96,7 +97,8 @@ pub(super) struct AuditArgs {
     /// Concurrent writers
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1024))]
     audit_writers: u32,
-    /// Share of writes, in percent, whose writer dies after COMMIT without invalidating
+    /// Share of writes, in percent, whose writer dies after COMMIT without
+    /// invalidating, spread evenly over each writer's writes
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=100))]
     audit_crash_percent: u32,
     /// Upper bound of a writer's random pause between bursts, in milliseconds
@@ -383,7 +385,10 @@ async fn workload(
             writer: writer.clone(),
             ids: crash_key + 1..=*ids.end(),
             rng: StdRng::seed_from_u64(lab.seed_for("audit-writer", u64::from(w))),
-            crash_percent: a.audit_crash_percent,
+            crashes: CrashShare::new(
+                a.audit_crash_percent,
+                lab.seed_for("audit-crash", u64::from(w)),
+            ),
             pause: Duration::from_millis(a.audit_pause_ms),
             stop: Arc::clone(&stop),
         };
@@ -555,7 +560,7 @@ struct WriterTask {
     writer: Writer,
     ids: RangeInclusive<i64>,
     rng: StdRng,
-    crash_percent: u32,
+    crashes: CrashShare,
     pause: Duration,
     stop: Arc<AtomicBool>,
 }
@@ -571,7 +576,7 @@ impl WriterTask {
                 if i > 0 {
                     tokio::time::sleep(BURST_GAP).await;
                 }
-                let crash = self.rng.random_range(0..100) < self.crash_percent;
+                let crash = self.crashes.next();
                 out.writes += 1;
                 match self.writer.write(&self.cache, &self.db, id, crash).await {
                     Ok(()) if crash => out.crashed += 1,

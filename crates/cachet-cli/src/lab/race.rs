@@ -44,6 +44,7 @@ use super::double_delete::{await_deferred, cache_on_store, deferred_store};
 use super::outbox::LabOutbox;
 use super::report::{Latency, Row, find};
 use super::source::{Db, Item};
+use super::workload::CrashShare;
 use super::{Entry, LEASE_TTL, Lab};
 
 pub(super) const NAME: &str = "race";
@@ -106,7 +107,8 @@ pub(super) struct RaceArgs {
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
     second_delete_ms: Option<u64>,
     /// Share of writes, in percent, whose writer dies after COMMIT without
-    /// invalidating (the writer-crash rows)
+    /// invalidating (the writer-crash rows), spread evenly over each writer's
+    /// writes
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=100))]
     crash_percent: u32,
     /// Upper bound of the random pause of a writer after each write in the
@@ -330,7 +332,7 @@ async fn run_strategy(lab: &Lab, strategy: Strategy) -> Result<Row> {
         deadline,
         budget: budget.clone(),
         writer: writer.clone(),
-        crash_percent,
+        crashes: CrashShare::new(crash_percent, lab.seed_for("race-crash", u64::from(i))),
         pause: if strategy.crashes() {
             Duration::from_millis(a.crash_pause_ms.unwrap_or(a.max_delay_ms))
         } else {
@@ -568,7 +570,7 @@ struct Task {
     deadline: Instant,
     budget: Option<Arc<Budget>>,
     writer: Writer,
-    crash_percent: u32,
+    crashes: CrashShare,
     /// Upper bound of a writer's random pause after each write.
     pause: Duration,
     /// For the scripted race: hold the load of this row between its read and
@@ -677,8 +679,7 @@ impl Task {
         let mut out = TaskOutcome::default();
         while self.go_on(out.writes) {
             let id = self.rng.random_range(1..=self.hot_rows);
-            let crash =
-                self.crash_percent > 0 && self.rng.random_range(0..100) < self.crash_percent;
+            let crash = self.crashes.next();
             out.writes += 1;
             match self.write(id, crash).await {
                 Ok(Written::Invalidated) => {}

@@ -417,6 +417,36 @@ pub(super) async fn join_within<T: 'static>(
     }
 }
 
+/// Which of a writer's writes crash: `percent` of them, one every
+/// `100 / percent` from a start drawn from the seed. Even a row of a few
+/// writes has its share of crashes, which a draw per write would not promise.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct CrashShare {
+    percent: u32,
+    /// Hundredths of a crash owed; one is due at 100.
+    owed: u32,
+}
+
+impl CrashShare {
+    pub(super) fn new(percent: u32, seed: u64) -> Self {
+        Self {
+            percent: percent.min(100),
+            // Below 100: the remainder fits.
+            owed: (seed % 100) as u32,
+        }
+    }
+
+    /// Whether the next write crashes.
+    pub(super) fn next(&mut self) -> bool {
+        self.owed += self.percent;
+        if self.owed < 100 {
+            return false;
+        }
+        self.owed -= 100;
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,5 +466,32 @@ mod tests {
         assert_eq!(t.total(), 11);
         assert_eq!(t.peak_per_100ms(), 10);
         assert_eq!(t.per_100ms(), vec![5, 5, 0, 0, 1]);
+    }
+
+    /// Crashes among the first `n` writes, and the index of the first.
+    fn crashes(percent: u32, seed: u64, n: usize) -> (usize, Option<usize>) {
+        let mut share = CrashShare::new(percent, seed);
+        let outcomes: Vec<bool> = (0..n).map(|_| share.next()).collect();
+        (
+            outcomes.iter().filter(|&&c| c).count(),
+            outcomes.iter().position(|&c| c),
+        )
+    }
+
+    #[test]
+    fn a_share_of_crashes_is_exact_and_starts_within_one_period() {
+        for seed in 0..300 {
+            // One in five, the first among the first five.
+            let (count, first) = crashes(20, seed, 100);
+            assert_eq!(count, 20, "seed {seed}");
+            assert!(first.unwrap() < 5, "seed {seed}: {first:?}");
+            let (count, _) = crashes(20, seed, 5);
+            assert_eq!(count, 1, "seed {seed}");
+            assert_eq!(crashes(0, seed, 100).0, 0);
+            assert_eq!(crashes(100, seed, 100).0, 100);
+            let (count, first) = crashes(33, seed, 300);
+            assert_eq!(count, 99, "seed {seed}");
+            assert!(first.unwrap() < 4, "seed {seed}: {first:?}");
+        }
     }
 }
