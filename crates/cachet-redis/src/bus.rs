@@ -17,7 +17,9 @@
 //! Pub/sub is fire-and-forget: a subscriber that is disconnected misses
 //! messages. Subscribers therefore report every loss and every recovery, and the
 //! near cache empties itself on both. While connected, a subscriber pings every
-//! second and treats a ping that goes unanswered for a second as a loss.
+//! heartbeat (1 s by default) and treats a ping that goes unanswered for a
+//! heartbeat as a loss: a stalled server, which delivers no notice, is a loss
+//! too.
 //!
 //! Why pub/sub rather than RESP3 client tracking (measured in
 //! `docs/decisions.md`): tracking's default mode makes the server remember
@@ -44,8 +46,11 @@ const BATCH: usize = 512;
 /// The shortest time between two batches: while notices keep coming, a batch
 /// waits until this long after the previous one, gathering more.
 const LINGER: Duration = Duration::from_millis(1);
-/// Ping period and timeout of a subscription.
-const PING: Duration = Duration::from_secs(1);
+/// Ping period and timeout of a subscription, unless the store says
+/// ([`RedisStoreBuilder::bus_heartbeat`](crate::RedisStoreBuilder::bus_heartbeat)).
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long connecting and subscribing may take.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The channel of the cache whose keys start with `head`.
 pub(crate) fn channel(head: &str) -> String {
@@ -228,16 +233,16 @@ pub(crate) fn parse(payload: &str) -> Vec<Notice> {
 /// Subscribes to `head`'s channel on the server of `nodes` (with Sentinel, the
 /// primary named at each connect), keeping the subscription up until the
 /// receiver is dropped.
-pub(crate) fn subscribe(nodes: Nodes, head: &str) -> mpsc::Receiver<BusEvent> {
+pub(crate) fn subscribe(nodes: Nodes, head: &str, heartbeat: Duration) -> mpsc::Receiver<BusEvent> {
     let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(follow(nodes, channel(head), tx));
+    tokio::spawn(follow(nodes, channel(head), tx, heartbeat));
     rx
 }
 
-async fn follow(nodes: Nodes, channel: String, tx: mpsc::Sender<BusEvent>) {
+async fn follow(nodes: Nodes, channel: String, tx: mpsc::Sender<BusEvent>, heartbeat: Duration) {
     let mut backoff = Duration::from_millis(50);
     while !tx.is_closed() {
-        match listen(&nodes, &channel, &tx).await {
+        match listen(&nodes, &channel, &tx, heartbeat).await {
             Listened::ReceiverGone => return,
             Listened::Lost { was_connected } => {
                 if was_connected {
@@ -259,7 +264,12 @@ enum Listened {
 }
 
 /// One subscription, until it breaks.
-async fn listen(nodes: &Nodes, channel: &str, tx: &mpsc::Sender<BusEvent>) -> Listened {
+async fn listen(
+    nodes: &Nodes,
+    channel: &str,
+    tx: &mpsc::Sender<BusEvent>,
+    heartbeat: Duration,
+) -> Listened {
     let lost = Listened::Lost {
         was_connected: false,
     };
@@ -270,7 +280,7 @@ async fn listen(nodes: &Nodes, channel: &str, tx: &mpsc::Sender<BusEvent>) -> Li
             return lost;
         }
     };
-    let pubsub = match tokio::time::timeout(PING, client.get_async_pubsub()).await {
+    let pubsub = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, client.get_async_pubsub()).await {
         Ok(Ok(pubsub)) => pubsub,
         Ok(Err(e)) => {
             tracing::debug!(%channel, error = %cachet_core::Report(&e), "invalidation bus: cannot connect");
@@ -279,7 +289,7 @@ async fn listen(nodes: &Nodes, channel: &str, tx: &mpsc::Sender<BusEvent>) -> Li
         Err(_) => return lost,
     };
     let (mut sink, mut stream) = pubsub.split();
-    match tokio::time::timeout(PING, sink.subscribe(channel)).await {
+    match tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(channel)).await {
         Ok(Ok(())) => {}
         _ => return lost,
     }
@@ -289,7 +299,7 @@ async fn listen(nodes: &Nodes, channel: &str, tx: &mpsc::Sender<BusEvent>) -> Li
     let lost = Listened::Lost {
         was_connected: true,
     };
-    let mut ping = tokio::time::interval(PING);
+    let mut ping = tokio::time::interval(heartbeat);
     ping.tick().await;
     loop {
         tokio::select! {
@@ -303,7 +313,7 @@ async fn listen(nodes: &Nodes, channel: &str, tx: &mpsc::Sender<BusEvent>) -> Li
             }
             _ = ping.tick() => {
                 let pong: Result<Result<redis::Value, _>, _> =
-                    tokio::time::timeout(PING, sink.ping()).await;
+                    tokio::time::timeout(heartbeat, sink.ping()).await;
                 if !matches!(pong, Ok(Ok(_))) {
                     tracing::debug!(%channel, "invalidation bus: ping unanswered");
                     return lost;

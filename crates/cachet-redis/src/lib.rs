@@ -300,6 +300,8 @@ struct Inner {
     nodes: sentinel::Nodes,
     /// The largest payload sent in one entry.
     max_payload: usize,
+    /// How often a bus subscription pings, and how long it waits for the pong.
+    bus_heartbeat: Duration,
 }
 
 /// One shard of the deferred-invalidation queue: two sorted sets in one slot.
@@ -319,6 +321,7 @@ pub struct RedisStoreBuilder {
     deferred_shards: u16,
     deferred_visibility: Duration,
     invalidation_bus: bool,
+    bus_heartbeat: Duration,
     eviction_check: bool,
     max_payload: Option<usize>,
     tls: tls::TlsOptions,
@@ -381,6 +384,19 @@ impl RedisStoreBuilder {
     /// used. See [the bus](crate#the-invalidation-bus).
     pub fn invalidation_bus(mut self, on: bool) -> Self {
         self.invalidation_bus = on;
+        self
+    }
+
+    /// How often a near cache's bus subscription pings the server, and how
+    /// long it waits for the answer before it counts the subscription as lost
+    /// (default 1 s; at least 10 ms). A lost subscription empties the near
+    /// cache and keeps it out of use until it is back. So while Redis stalls
+    /// (`CLIENT PAUSE`, a failover, a blocked server), when notices cannot
+    /// arrive, a near cache serves what it holds for at most about twice this
+    /// long. Shorter is fresher during a stall, at the cost of that many more
+    /// `PING`s per near cache, and of spurious losses on a slow network.
+    pub fn bus_heartbeat(mut self, every: Duration) -> Self {
+        self.bus_heartbeat = every.max(Duration::from_millis(10));
         self
     }
 
@@ -519,6 +535,7 @@ impl RedisStoreBuilder {
                 publisher,
                 nodes,
                 max_payload,
+                bus_heartbeat: self.bus_heartbeat,
                 conn,
                 tokens: TokenSource::new(),
                 response_timeout: self.response_timeout,
@@ -600,6 +617,7 @@ impl RedisStore {
             deferred_shards: 1,
             deferred_visibility: Duration::from_secs(10),
             invalidation_bus: true,
+            bus_heartbeat: bus::HEARTBEAT,
             eviction_check: true,
             max_payload: None,
             tls: tls::TlsOptions::default(),
@@ -1625,7 +1643,7 @@ impl InvalidationBus for RedisStore {
         &'a self,
         head: &'a str,
     ) -> StoreFuture<'a, tokio::sync::mpsc::Receiver<BusEvent>> {
-        let events = bus::subscribe(self.inner.nodes.clone(), head);
+        let events = bus::subscribe(self.inner.nodes.clone(), head, self.inner.bus_heartbeat);
         Box::pin(std::future::ready(Ok(events)))
     }
 }

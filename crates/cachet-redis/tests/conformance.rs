@@ -60,3 +60,39 @@ impl Harness for RedisHarness {
 }
 
 cachet_testkit::conformance_tests!(RedisHarness::new().await);
+
+/// A stalled server delivers no notice: a subscription whose ping goes
+/// unanswered for a heartbeat reports the loss while the server is still
+/// paused, so that near caches stop serving what they hold.
+#[tokio::test]
+async fn a_paused_server_is_a_lost_subscription_within_two_heartbeats() {
+    use cachet_core::BusEvent;
+
+    let server = RedisServer::start();
+    let store = RedisStore::builder(server.url())
+        .eviction_check(false)
+        .bus_heartbeat(Duration::from_millis(50))
+        .connect()
+        .await
+        .unwrap();
+    let layout = KeyLayout::new("cachet:", "heartbeat").unwrap();
+    let bus = store.bus().expect("RedisStore has a bus");
+    let mut events = bus
+        .subscribe_invalidations(layout.key("k").head())
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), events.recv()).await;
+    assert!(matches!(first, Ok(Some(BusEvent::Connected))), "{first:?}");
+
+    const PAUSE: Duration = Duration::from_millis(1500);
+    let paused_at = tokio::time::Instant::now();
+    server.command(&["CLIENT", "PAUSE", &PAUSE.as_millis().to_string(), "ALL"]);
+    let next = tokio::time::timeout(PAUSE * 4, events.recv()).await;
+    assert!(matches!(next, Ok(Some(BusEvent::Lost))), "{next:?}");
+    // Two heartbeats are 100 ms; the pause is fifteen times that.
+    let took = paused_at.elapsed();
+    assert!(
+        took < PAUSE,
+        "the loss was reported after the pause ended: {took:?}"
+    );
+}

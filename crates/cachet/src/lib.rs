@@ -222,7 +222,11 @@
 //! tag); an invalidation that
 //! lands while an L1 fill is in flight wins; L1 is emptied whenever the bus
 //! subscription breaks or comes back (a lost message must not become a stale
-//! L1), and is neither read nor filled while it is down. Every L1 entry also
+//! L1), and is neither read nor filled while it is down. A server that stalls
+//! (paused, failing over) delivers no notice: the subscription counts as
+//! broken once a ping goes unanswered for the store's bus heartbeat
+//! (`RedisStoreBuilder::bus_heartbeat`, 1 s by default), so during a stall L1
+//! serves what it holds for at most about two heartbeats. Every L1 entry also
 //! has a short TTL, the bound on staleness should a notice be lost while the
 //! subscription stays up. See [`NearCache`].
 //!

@@ -87,6 +87,10 @@ const GROUP_EVERY: u64 = 4;
 const TENANTS: i64 = 10;
 /// How long an invalidation notice may take to reach every near cache.
 const BUS_WINDOW: Duration = Duration::from_millis(100);
+/// The protected lane's bus heartbeat: while Redis is paused no notice
+/// arrives, and the readers' near caches empty themselves within two
+/// heartbeats of the pause, inside [`BUS_WINDOW`].
+const BUS_HEARTBEAT: Duration = Duration::from_millis(25);
 /// How long an entry stays in a near cache: longer than any run.
 const L1_TTL: Duration = Duration::from_secs(60);
 const FAIL_SAFE_MAX_STALENESS: Duration = Duration::from_secs(5);
@@ -365,7 +369,12 @@ async fn caches(
     let mut caches = Vec::new();
     for i in 0..=READERS {
         let store = target
-            .connect(target.another().invalidation_bus(bus))
+            .connect(
+                target
+                    .another()
+                    .invalidation_bus(bus)
+                    .bus_heartbeat(BUS_HEARTBEAT),
+            )
             .await?;
         caches.push(build(&LabStore::shared(store), i > 0)?);
     }
