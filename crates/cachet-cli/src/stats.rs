@@ -42,12 +42,8 @@ pub(crate) async fn run(args: StatsArgs) -> Result<()> {
     let mut servers = Vec::with_capacity(nodes.len());
     for node in &nodes {
         let shown = redact_url(&node.url);
-        let store = node
-            .builder()
-            .eviction_check(false)
-            .invalidation_bus(false)
-            .response_timeout(target.admin_timeout())
-            .connection_timeout(target.admin_timeout())
+        let store = target
+            .admin(node.builder())
             .connect()
             .await
             .with_context(|| format!("cannot connect to Redis at {shown}"))?;

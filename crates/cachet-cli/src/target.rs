@@ -704,22 +704,20 @@ impl RedisTarget {
             .with_context(|| format!("cannot connect to Redis at {}", self.describe()))
     }
 
-    /// What bounds connecting and each command of the administrative
-    /// connections (`--timeout` of `stats` and `inspect`).
-    pub(crate) fn admin_timeout(&self) -> Duration {
-        self.admin_timeout
+    /// A store for administrative commands: no invalidation bus, no eviction
+    /// warning at connect, the administrative timeout.
+    pub(crate) async fn admin_store(&self) -> Result<RedisStore> {
+        self.connect(self.admin(self.builder())).await
     }
 
-    /// A store for administrative commands: no invalidation bus, no eviction
-    /// warning at connect, a long response timeout.
-    pub(crate) async fn admin_store(&self) -> Result<RedisStore> {
-        let builder = self
-            .builder()
+    /// `builder` (of this target or one of its servers) with the settings of
+    /// an administrative store ([`admin_store`](Self::admin_store)).
+    pub(crate) fn admin(&self, builder: RedisStoreBuilder) -> RedisStoreBuilder {
+        builder
             .invalidation_bus(false)
             .eviction_check(false)
             .response_timeout(self.admin_timeout)
-            .connection_timeout(self.admin_timeout);
-        self.connect(builder).await
+            .connection_timeout(self.admin_timeout)
     }
 
     /// The flags of this target on a command line of the lab's child
