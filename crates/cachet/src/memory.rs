@@ -383,22 +383,65 @@ where
 }
 
 /// An item of a cache's typed table: the decoded value, `None` for a negative
-/// entry, and the envelope fields (soft expiry, load time, group generation).
+/// entry, and the envelope fields (soft expiry, load time, group generation,
+/// version, tags) when any of them is set.
+///
+/// The table clones its item on every hit, so the item stays small: most
+/// entries (no soft expiry, version, group or tags) hold the value alone, and
+/// the others keep their envelope behind an `Arc`.
 #[derive(Clone, Debug)]
 pub(crate) struct Slot<V> {
     pub(crate) value: Option<V>,
-    pub(crate) meta: Meta,
+    meta: Option<Arc<Meta>>,
+}
+
+impl<V> Slot<V> {
+    /// A slot of `value` and its envelope; whether it is negative follows
+    /// from `value`.
+    pub(crate) fn new(value: Option<V>, meta: Meta) -> Self {
+        let plain = meta.soft_expiry_ms == 0
+            && meta.version == 0
+            && meta.load_time_us == 0
+            && meta.generation == 0
+            && meta.tags.is_none();
+        Self {
+            value,
+            meta: (!plain).then(|| Arc::new(meta)),
+        }
+    }
+
+    /// The value and its envelope.
+    pub(crate) fn into_parts(self) -> (Option<V>, Meta) {
+        let meta = match self.meta {
+            Some(meta) => Arc::unwrap_or_clone(meta),
+            None => Meta::default(),
+        };
+        let negative = self.value.is_none();
+        (self.value, Meta { negative, ..meta })
+    }
+
+    /// The value, when the entry has no soft expiry: all a plain hit needs.
+    #[inline]
+    pub(crate) fn plain_value(self) -> Option<Option<V>> {
+        match &self.meta {
+            Some(meta) if meta.soft_expiry_ms != 0 => None,
+            _ => Some(self.value),
+        }
+    }
 }
 
 impl<V> Generational for Slot<V> {
     fn generation(&self) -> u64 {
-        self.meta.generation
+        self.meta.as_ref().map_or(0, |m| m.generation)
     }
     fn set_generation(&mut self, generation: u64) {
-        self.meta.generation = generation;
+        if generation == self.generation() {
+            return;
+        }
+        Arc::make_mut(self.meta.get_or_insert_default()).generation = generation;
     }
     fn version(&self) -> u64 {
-        self.meta.version
+        self.meta.as_ref().map_or(0, |m| m.version)
     }
 }
 
@@ -515,19 +558,17 @@ where
             Payload::Object(obj) => Some(obj.downcast_ref::<V>()?.clone()),
             Payload::Empty | Payload::Bytes(_) => return None,
         };
-        Some(Slot {
-            value,
-            meta: entry.meta,
-        })
+        Some(Slot::new(value, entry.meta))
     }
 
     fn entry(slot: Slot<V>) -> Entry {
+        let (value, meta) = slot.into_parts();
         Entry {
-            payload: match slot.value {
+            payload: match value {
                 Some(v) => Payload::Object(Arc::new(v)),
                 None => Payload::Empty,
             },
-            meta: slot.meta,
+            meta,
         }
     }
 
@@ -650,11 +691,7 @@ where
     }
     #[inline]
     fn hit(&self, key: &K) -> Option<Option<V>> {
-        let slot = self.table.get_ungrouped(key)?;
-        if slot.meta.soft_expiry_ms != 0 {
-            return None;
-        }
-        Some(slot.value)
+        self.table.get_ungrouped(key)?.plain_value()
     }
     fn acquire(
         &self,
@@ -1117,5 +1154,86 @@ impl MemoryStore {
         {
             tracing::warn!(key = %key, "the key does not decode into the key type of the in-process cache it belongs to; its entry stays until its TTL");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(value: Option<u32>, meta: Meta) {
+        let (v, m) = Slot::new(value, meta.clone()).into_parts();
+        assert_eq!(v, value);
+        assert_eq!(m, meta);
+    }
+
+    #[test]
+    fn a_slot_gives_back_the_envelope_it_was_given() {
+        round_trip(Some(7), Meta::default());
+        round_trip(
+            None,
+            Meta {
+                negative: true,
+                ..Meta::default()
+            },
+        );
+        round_trip(
+            Some(7),
+            Meta {
+                soft_expiry_ms: 10,
+                load_time_us: 3,
+                ..Meta::default()
+            },
+        );
+        round_trip(
+            Some(7),
+            Meta {
+                version: 4,
+                generation: 2,
+                tags: Some(Arc::from(vec![])),
+                ..Meta::default()
+            },
+        );
+    }
+
+    #[test]
+    fn a_slot_serves_a_plain_hit_only_without_a_soft_expiry() {
+        let plain = Slot::new(Some(1), Meta::default());
+        assert_eq!(plain.plain_value(), Some(Some(1)));
+        let versioned = Slot::new(
+            Some(1),
+            Meta {
+                version: 9,
+                ..Meta::default()
+            },
+        );
+        assert_eq!(versioned.plain_value(), Some(Some(1)));
+        let soft = Slot::new(
+            Some(1),
+            Meta {
+                soft_expiry_ms: 5,
+                ..Meta::default()
+            },
+        );
+        assert_eq!(soft.plain_value(), None);
+    }
+
+    #[test]
+    fn a_slot_keeps_its_generation_and_version() {
+        let mut slot = Slot::new(
+            Some(1),
+            Meta {
+                version: 3,
+                ..Meta::default()
+            },
+        );
+        assert_eq!((slot.generation(), slot.version()), (0, 3));
+        slot.set_generation(6);
+        assert_eq!((slot.generation(), slot.version()), (6, 3));
+        let mut plain = Slot::new(Some(1), Meta::default());
+        plain.set_generation(0);
+        assert!(plain.meta.is_none(), "a plain slot stays plain");
+        plain.set_generation(2);
+        assert_eq!(plain.generation(), 2);
     }
 }

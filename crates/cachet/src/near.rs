@@ -158,10 +158,7 @@ where
         if ttl.is_zero() {
             return;
         }
-        let slot = Slot {
-            value,
-            meta: Meta::default(),
-        };
+        let slot = Slot::new(value, Meta::default());
         self.table.set(key, group, slot, ttl);
         if !self.valid(&ticket) {
             // A notice slipped in between the check and the write.

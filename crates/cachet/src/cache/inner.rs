@@ -353,10 +353,11 @@ where
             self.count_miss(count);
             return Lookup::Missing { corrupt: false };
         };
+        let (value, meta) = slot.into_parts();
         if self.tags.is_none() {
-            return self.found(slot.value, slot.meta, count);
+            return self.found(value, meta, count);
         }
-        self.found_current(slot.value, slot.meta, count).await
+        self.found_current(value, meta, count).await
     }
 
     pub(crate) async fn lookup_shared(&self, key: &StoreKey, count: bool) -> Lookup<V> {
@@ -511,10 +512,7 @@ where
                 return Ok(Versioned::Written);
             };
             meta.tags = self.write_tags(key, skey, &value).await?;
-            let slot = Slot {
-                value: Some(value),
-                meta,
-            };
+            let slot = Slot::new(Some(value), meta);
             return Ok(if versioned {
                 local.set_versioned(key, skey.group(), slot, ttl)
             } else {
@@ -743,7 +741,10 @@ where
         if let Some(local) = &self.local {
             return Ok(
                 match local.acquire(key, skey.group(), mode, self.s.lease_ttl) {
-                    Acquired::Hit(slot) => (Claim::Hit(slot.value), Some(slot.meta)),
+                    Acquired::Hit(slot) => {
+                        let (value, meta) = slot.into_parts();
+                        (Claim::Hit(value), Some(meta))
+                    }
                     Acquired::Leased(token) => (Claim::Leased(token), None),
                     Acquired::Busy(left) => (Claim::Busy(Some(left)), None),
                 },
@@ -821,10 +822,7 @@ where
             }
         }
         if let Some(local) = &self.local {
-            let slot = Slot {
-                value: value.clone(),
-                meta,
-            };
+            let slot = Slot::new(value.clone(), meta);
             return Ok(local.fill(key, skey.group(), token, slot, ttl));
         }
         let entry = match self.entry_for(skey, meta, value.as_ref()) {
