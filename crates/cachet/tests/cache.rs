@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cachet::{Cache, ErrorKind, MemoryStore, NoCodec, Stats};
-use support::{Fx, Gate, Row};
+use support::{Fx, Gate, Logs, Row};
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 struct User {
@@ -1242,26 +1242,7 @@ async fn loads_and_lease_waits_are_timed_into_histograms() {
 /// the cache, a hash of the key (never the key) and the outcome.
 #[tokio::test]
 async fn loads_and_fills_are_traced_with_their_outcome() {
-    #[derive(Clone, Default)]
-    struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Buffer {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buffer = Buffer::default();
-    let writer = buffer.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Logs::capture(tracing::Level::DEBUG);
 
     let cache: Cache<String, u64> = Cache::builder("traced").build().unwrap();
     let secret = "user-4711@example.com".to_owned();
@@ -1273,7 +1254,7 @@ async fn loads_and_fills_are_traced_with_their_outcome() {
         .get_or_load(&"nobody".to_owned(), || async { Res::Ok(None) })
         .await
         .unwrap();
-    let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     let closed = |name: &str, outcome: &str| {
         text.lines()
             .filter(|l| l.contains(&format!("{name}{{")) && l.contains("close"))

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cachet::{Cache, CacheBuilder, Clock, ErrorKind, LoadOptions, MockClock, RefreshAhead};
-use support::{Fx, Gate};
+use support::{Fx, Gate, Logs};
 
 type Res<T> = Result<T, std::io::Error>;
 
@@ -451,4 +451,42 @@ async fn a_refresh_granted_the_lease_after_another_filled_does_not_load() {
         "b's refresh found the entry refreshed"
     );
     assert_eq!(a.peek(&1).await.unwrap().as_deref(), Some("v2"));
+}
+
+/// A source outage fails over every hot key within one throttle period; the
+/// cache says so once a second, with the count of keys it did not name.
+#[tokio::test]
+async fn fail_safe_warns_once_a_second_per_cache_not_once_per_key() {
+    let (logs, _guard) = Logs::capture(tracing::Level::INFO);
+
+    let clock = Clock::mock();
+    let cache: Cache<u64, String> = Cache::builder("failsafe-logs")
+        .ttl(TTL)
+        .jitter(0.0)
+        .clock(clock.clock())
+        .fail_safe(Duration::from_secs(60), Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let loads = Arc::new(AtomicU64::new(0));
+    for key in 0..100 {
+        cache.get_or_load(&key, counted(&loads, "v")).await.unwrap();
+    }
+    clock.advance(TTL + Duration::from_secs(1));
+    let failing = || async { Res::<Option<String>>::Err(std::io::Error::other("database down")) };
+    for key in 0..100 {
+        let v = cache.get_or_load(&key, failing).await.unwrap();
+        assert_eq!(v.as_deref(), Some("v"), "fail-safe for key {key}");
+    }
+    assert_eq!(cache.stats().fail_safe_serves, 100);
+    let warned = logs.lines_with("serving the last value (fail-safe)");
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    assert!(warned[0].contains("held_back=0"), "{}", warned[0]);
+
+    // A second later, past the throttle, the next failure is logged with the
+    // count of those held back.
+    clock.advance(Duration::from_secs(6));
+    cache.get_or_load(&0, failing).await.unwrap();
+    let warned = logs.lines_with("serving the last value (fail-safe)");
+    assert_eq!(warned.len(), 2, "{warned:#?}");
+    assert!(warned[1].contains("held_back=99"), "{}", warned[1]);
 }

@@ -81,10 +81,40 @@ pub(crate) struct Inner<K: ?Sized, V> {
     pub(crate) _bus_stop: tokio::sync::watch::Sender<()>,
     /// The circuit breaker in front of a shared store (also `s.store`).
     pub(crate) breaker: Option<Arc<Guarded>>,
-    /// Rate limit of store-failure warnings: when the last one was logged
-    /// (Unix ms), and how many were held back since.
-    last_warning_ms: AtomicU64,
+    /// Rate limits of the warnings of store failures and of fail-safe serves.
+    store_warnings: WarnLimit,
+    pub(crate) fail_safe_warnings: WarnLimit,
+}
+
+/// At most one warning of a kind a second per cache: an outage would
+/// otherwise log once per operation (or per key). The count of warnings held
+/// back goes with the next one.
+#[derive(Default)]
+pub(crate) struct WarnLimit {
+    /// When the last warning was logged (Unix ms, at least 1); 0 before.
+    last_ms: AtomicU64,
     held_back: AtomicU64,
+}
+
+impl WarnLimit {
+    const PERIOD_MS: u64 = 1_000;
+
+    /// Whether a warning may be logged at `now_ms`: `Some` of the number held
+    /// back since the last one, or `None` (and one more held back).
+    pub(crate) fn allow(&self, now_ms: u64) -> Option<u64> {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let now = now_ms.max(1);
+        if (last != 0 && now.saturating_sub(last) < Self::PERIOD_MS)
+            || self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.held_back.swap(0, Ordering::Relaxed))
+    }
 }
 
 /// What a lookup found.
@@ -201,8 +231,8 @@ where
             near: near.map(|options| Arc::new(Near::new(options, s_clock))),
             _bus_stop: tokio::sync::watch::Sender::new(()),
             breaker,
-            last_warning_ms: AtomicU64::new(0),
-            held_back: AtomicU64::new(0),
+            store_warnings: WarnLimit::default(),
+            fail_safe_warnings: WarnLimit::default(),
         }
     }
 
@@ -232,21 +262,11 @@ where
     }
 
     /// Logs a store failure that the cache worked around, at most once a second
-    /// per cache: an outage would otherwise log once per operation. The count of
-    /// warnings held back goes with the next one.
+    /// per cache (see [`WarnLimit`]).
     pub(crate) fn warn_store(&self, what: &str, key: &StoreKey, e: &StoreError) {
-        let now = self.s.clock.coarse_ms();
-        let last = self.last_warning_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < 1_000
-            || self
-                .last_warning_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            self.held_back.fetch_add(1, Ordering::Relaxed);
+        let Some(held_back) = self.store_warnings.allow(self.s.clock.coarse_ms()) else {
             return;
-        }
-        let held_back = self.held_back.swap(0, Ordering::Relaxed);
+        };
         tracing::warn!(cache = self.namespace(), key = key.user_key(), error = %crate::Report(&e), held_back,
             "{what}");
     }

@@ -79,8 +79,14 @@ where
                 {
                     inner.counters.fail_safe_serves.inc();
                     inner.throttle(&skey, value.clone());
-                    tracing::warn!(cache = inner.namespace(), key = skey.user_key(), error = %crate::Report(&e),
-                        stale_for = ?past, "load failed; serving the last value (fail-safe)");
+                    // Once a second per cache: in an outage of the source, every
+                    // hot key fails over within one throttle period.
+                    if let Some(held_back) =
+                        inner.fail_safe_warnings.allow(inner.s.clock.coarse_ms())
+                    {
+                        tracing::warn!(cache = inner.namespace(), key = skey.user_key(), error = %crate::Report(&e),
+                            stale_for = ?past, held_back, "load failed; serving the last value (fail-safe)");
+                    }
                     Ok(value)
                 }
                 (outcome, _) => outcome,
