@@ -46,15 +46,15 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use crate::lab::redis_server::{Persistence, PrivateRedis};
-use crate::target::{
-    REDIS_CLUSTER_ENV, REDIS_SENTINEL_ENV, REDIS_URL_ENV, RedisTarget, RedisTlsArgs, SecretUrl,
-    SentinelArgs, parse_duration,
-};
+use crate::target::{RedisArgs, RedisTarget, parse_duration};
 use crate::write_stdout;
 
 /// Flags of `cachet bench`.
 #[derive(Debug, Args)]
 #[command(
+    mut_group("RedisUrlArgs", |g| g.required(false)),
+    mut_arg("redis_url", |a| a.help("The Redis server the Redis rows run on (rediss:// for TLS) \
+        [default: a private redis-server, if one is installed]")),
     about = "Measure cachet's hits, misses and invalidations against raw baselines",
     long_about = "Measure throughput and latency of cachet's hits, misses and invalidations, \
         each against its raw baseline in the same run, and print one table.\n\n\
@@ -87,40 +87,9 @@ use crate::write_stdout;
         A skipped row is one line on stderr: `<row>: skipped: <reason>`."
 )]
 pub(crate) struct BenchArgs {
-    /// Run the Redis rows on the Redis server at URL (rediss:// for TLS)
-    /// [default: a private redis-server, if one is installed]
-    #[arg(long, value_name = "URL", env = REDIS_URL_ENV, hide_env_values = true)]
-    redis_url: Option<SecretUrl>,
-
-    /// Run the Redis rows on the Redis Cluster these nodes belong to (any of
-    /// its nodes will do; comma-separated or repeated)
-    #[arg(
-        long,
-        value_name = "URL,…",
-        value_delimiter = ',',
-        env = REDIS_CLUSTER_ENV,
-        hide_env_values = true,
-        conflicts_with = "redis_url"
-    )]
-    redis_cluster: Vec<SecretUrl>,
-
-    /// Run the Redis rows on the primary that these sentinels name (give them
-    /// all, with --sentinel-master; comma-separated or repeated)
-    #[arg(
-        long,
-        value_name = "URL,…",
-        value_delimiter = ',',
-        env = REDIS_SENTINEL_ENV,
-        hide_env_values = true,
-        conflicts_with_all = ["redis_url", "redis_cluster"]
-    )]
-    redis_sentinel: Vec<SecretUrl>,
-
+    // Where the Redis rows run; by default on a private redis-server.
     #[command(flatten)]
-    sentinel: SentinelArgs,
-
-    #[command(flatten)]
-    redis_tls: RedisTlsArgs,
+    redis: RedisArgs,
 
     /// How long each side of each row is measured (e.g. 500ms, 2s)
     #[arg(long, value_name = "TIME", default_value = "1s", value_parser = parse_measure_time)]
@@ -476,13 +445,7 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
 
     let _metrics =
         crate::metrics_server::MetricsServer::start_if(args.metrics_addr, "bench").await?;
-    let given = RedisTarget::from_all_flags(
-        args.redis_url.as_deref(),
-        &args.redis_cluster,
-        &args.redis_sentinel,
-        &args.sentinel,
-        &args.redis_tls,
-    )?;
+    let given = args.redis.given()?;
     // Connect first: a wrong URL fails before anything is measured.
     let (redis, private, redis_line) = match given {
         Some(target) => {

@@ -360,14 +360,20 @@ pub(crate) struct SentinelArgs {
 impl RedisArgs {
     /// The target these flags name.
     pub(crate) fn target(&self) -> Result<RedisTarget> {
+        self.given()?
+            .context("give --redis-url, --redis-cluster or --redis-sentinel")
+    }
+
+    /// The target these flags name, if they name one (`lab` and `bench`,
+    /// which flatten them with their URL group made optional).
+    pub(crate) fn given(&self) -> Result<Option<RedisTarget>> {
         RedisTarget::from_all_flags(
             self.at.redis_url.as_deref(),
             &self.at.redis_cluster,
             &self.at.redis_sentinel,
             &self.sentinel,
             &self.tls,
-        )?
-        .context("give --redis-url, --redis-cluster or --redis-sentinel")
+        )
     }
 }
 

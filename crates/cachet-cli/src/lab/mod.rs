@@ -51,10 +51,7 @@ use cachet::{Cache, MemoryStore, Store};
 use clap::Args;
 use tokio::task::JoinSet;
 
-use crate::target::{
-    DATABASE_URL_ENV, REDIS_CLUSTER_ENV, REDIS_SENTINEL_ENV, REDIS_URL_ENV, RedisTarget,
-    RedisTlsArgs, SecretUrl, SentinelArgs,
-};
+use crate::target::{DATABASE_URL_ENV, RedisArgs, RedisTarget, SecretUrl};
 use crate::write_stdout;
 use report::{Row, RowContext};
 use source::{Item, Source};
@@ -62,6 +59,9 @@ use source::{Item, Source};
 /// Flags of `cachet lab`.
 #[derive(Debug, Args)]
 #[command(
+    mut_group("RedisUrlArgs", |g| g.required(false)),
+    mut_arg("redis_url", |a| a.help("Use the Redis server at URL as the cache store instead of \
+        the in-process one (rediss:// for TLS)")),
     about = "Run caching failure modes side by side, naive vs protected",
     long_about = "Run caching failure modes side by side, naive vs protected, and print one table.\n\n\
         Without flags the lab runs embedded: an in-process store and a temporary SQLite \
@@ -77,44 +77,9 @@ pub(crate) struct LabArgs {
     #[arg(long = "scenario", value_name = "NAME", value_parser = scenario_names())]
     scenarios: Vec<String>,
 
-    /// Use the Redis server at URL as the cache store instead of the in-process
-    /// one (rediss:// for TLS)
-    #[arg(
-        long,
-        value_name = "URL",
-        conflicts_with = "redis_cluster",
-        env = REDIS_URL_ENV,
-        hide_env_values = true
-    )]
-    redis_url: Option<SecretUrl>,
-
-    /// Use the Redis Cluster these nodes belong to as the cache store (any of
-    /// its nodes will do; comma-separated or repeated)
-    #[arg(
-        long,
-        value_name = "URL,…",
-        value_delimiter = ',',
-        env = REDIS_CLUSTER_ENV,
-        hide_env_values = true
-    )]
-    redis_cluster: Vec<SecretUrl>,
-
-    /// Use the primary that these sentinels name as the cache store (give
-    /// them all, with --sentinel-master; comma-separated or repeated)
-    #[arg(
-        long,
-        value_name = "URL,…",
-        value_delimiter = ',',
-        env = REDIS_SENTINEL_ENV,
-        hide_env_values = true
-    )]
-    redis_sentinel: Vec<SecretUrl>,
-
+    // The Redis the caches use; by default the in-process store.
     #[command(flatten)]
-    sentinel: SentinelArgs,
-
-    #[command(flatten)]
-    redis_tls: RedisTlsArgs,
+    redis: RedisArgs,
 
     /// Let the outage and chaos scenarios make the Redis given with --redis-url,
     /// --redis-cluster or --redis-sentinel hang for a moment (CLIENT PAUSE on
@@ -510,13 +475,7 @@ pub(crate) async fn run(args: LabArgs) -> Result<()> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let scenarios = selected(&args.scenarios);
 
-    let redis = RedisTarget::from_all_flags(
-        args.redis_url.as_deref(),
-        &args.redis_cluster,
-        &args.redis_sentinel,
-        &args.sentinel,
-        &args.redis_tls,
-    )?;
+    let redis = args.redis.given()?;
     let (store, store_kind, store_description) = match &redis {
         None => (
             LabStore::Memory(MemoryStore::new(1_000_000)),
