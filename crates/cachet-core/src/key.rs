@@ -631,11 +631,18 @@ impl StoreKey {
 
     /// The key of the entry's lease: the same key with kind `l`, in the same slot.
     pub fn lease_key(&self) -> String {
+        let (head, tail) = self.lease_key_parts();
         let mut s = String::with_capacity(self.key.len());
-        s.push_str(&self.key[..self.kind_at]);
+        s.push_str(head);
         s.push('l');
-        s.push_str(&self.key[self.kind_at + 1..]);
+        s.push_str(tail);
         s
+    }
+
+    /// The lease key in parts: it is `head`, the byte `l`, then `tail`; for
+    /// writing it where it goes without a `String` of its own.
+    pub fn lease_key_parts(&self) -> (&str, &str) {
+        (&self.key[..self.kind_at], &self.key[self.kind_at + 1..])
     }
 
     /// The escaped user key, as shown in error messages.

@@ -127,8 +127,8 @@ async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<Queu
     // When the previous batch went out; `None` before the first.
     let mut previous: Option<tokio::time::Instant> = None;
     let mut failed = 0u64;
+    let mut batch = Batch::default();
     while let Some(first) = rx.recv().await {
-        let mut batch = Batch::default();
         match first {
             Queued::Notice { tag, key, head } => batch.add(tag, &key, head),
             Queued::Flush(done) => {
@@ -158,12 +158,13 @@ async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<Queu
             }
         }
         previous = Some(tokio::time::Instant::now());
-        for message in batch.messages {
-            let published: Result<i64, _> = redis::cmd("PUBLISH")
-                .arg(&message.channel)
-                .arg(&message.lines)
-                .query_async(&mut conn)
-                .await;
+        for message in batch.ready() {
+            let published: Result<i64, _> =
+                crate::command("PUBLISH", 2, message.channel.len() + message.lines.len())
+                    .arg(&message.channel)
+                    .arg(&message.lines)
+                    .query_async(&mut conn)
+                    .await;
             if let Err(e) = published {
                 // Subscribers whose connection is fine would miss these: their
                 // near caches rely on their TTL for them.
@@ -172,6 +173,7 @@ async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<Queu
                     error = %cachet_core::Report(&e), "publishing invalidation notices failed");
             }
         }
+        batch.clear();
         for done in flushes {
             let _ = done.send(std::mem::take(&mut failed));
         }
@@ -179,6 +181,10 @@ async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<Queu
 }
 
 /// The messages of one batch, one per channel (almost always a single one).
+/// The task keeps it from batch to batch and empties it after each, keeping
+/// the messages of the channels the batch used (their channel names and
+/// buffers): a steady stream of notices to a few caches allocates nothing per
+/// batch.
 #[derive(Default)]
 struct Batch {
     messages: Vec<Message>,
@@ -214,6 +220,21 @@ impl Batch {
         message.lines.push_str(tag);
         message.lines.push_str(key);
         message.notices += 1;
+    }
+
+    /// The messages to publish: those with notices.
+    fn ready(&self) -> impl Iterator<Item = &Message> {
+        self.messages.iter().filter(|m| m.notices > 0)
+    }
+
+    /// Empties the batch for the next one. The messages of channels that had
+    /// no notice in this batch go; the others stay, empty, with their buffers.
+    fn clear(&mut self) {
+        self.messages.retain(|m| m.notices > 0);
+        for message in &mut self.messages {
+            message.lines.clear();
+            message.notices = 0;
+        }
     }
 }
 
@@ -381,5 +402,39 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_cleared_batch_keeps_only_the_channels_it_used_and_starts_empty() {
+        let users = KeyLayout::new("cachet:", "users").unwrap();
+        let orders = KeyLayout::new("cachet:", "orders").unwrap();
+        let (u1, u2, o) = (users.key("1"), users.key("2"), orders.key("x"));
+        let ready = |batch: &Batch| -> Vec<(String, u64, Vec<Notice>)> {
+            batch
+                .ready()
+                .map(|m| (m.channel.clone(), m.notices, parse(&m.lines)))
+                .collect()
+        };
+        let mut batch = Batch::default();
+        batch.add("k ", u1.as_str(), u1.head().len());
+        batch.add("k ", o.as_str(), o.head().len());
+        batch.clear();
+        assert_eq!(ready(&batch), vec![]);
+        assert_eq!(batch.messages.len(), 2, "both channels were used");
+
+        // A batch with notices for one channel only.
+        batch.add("k ", u2.as_str(), u2.head().len());
+        assert_eq!(
+            ready(&batch),
+            vec![(
+                "cachet:users:sys:bus".to_owned(),
+                1,
+                vec![Notice::Key(u2.clone())]
+            )]
+        );
+        assert_eq!(batch.messages[0].lines, format!("k {}", u2.as_str()));
+        batch.clear();
+        assert_eq!(batch.messages.len(), 1, "the idle channel went");
+        assert_eq!(batch.messages[0].channel, "cachet:users:sys:bus");
     }
 }

@@ -927,6 +927,34 @@ impl fmt::Debug for RedisStore {
 
 /// A failed call as a store error: a timeout names `timeout`, the response
 /// timeout of the connection that made the call.
+/// The lease key of an entry key, as a command argument written straight into
+/// the command: no `String` of its own ([`StoreKey::lease_key`] is the same
+/// key).
+struct LeaseKey<'a>(&'a StoreKey);
+
+impl redis::ToRedisArgs for LeaseKey<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        use std::io::Write as _;
+        let (head, tail) = self.0.lease_key_parts();
+        let mut arg = out.writer_for_next_arg();
+        // Writes into a `Vec`: they do not fail.
+        let _ = arg.write_all(head.as_bytes());
+        let _ = arg.write_all(b"l");
+        let _ = arg.write_all(tail.as_bytes());
+    }
+}
+
+/// A command `name` with room for `args` more arguments of `bytes` bytes in
+/// all, so that adding them does not grow its buffers.
+pub(crate) fn command(name: &'static str, args: usize, bytes: usize) -> redis::Cmd {
+    let mut cmd = redis::Cmd::with_capacity(args + 1, name.len() + bytes);
+    cmd.arg(name);
+    cmd
+}
+
 fn map_err(e: redis::RedisError, timeout: Duration) -> StoreError {
     if e.is_timeout() {
         StoreError::new(
@@ -1116,7 +1144,7 @@ impl Store for RedisStore {
             });
         }
         Box::pin(async move {
-            let read: Result<Option<Bytes>, _> = redis::cmd("GET")
+            let read: Result<Option<Bytes>, _> = command("GET", 1, key.as_str().len())
                 .arg(key.as_str())
                 .query_async(&mut self.conn())
                 .await;
@@ -1181,7 +1209,7 @@ impl Store for RedisStore {
                             .collect();
                         let mut script = scripts::ACQUIRE_MANY.prepare_invoke();
                         for (_, key) in &batch {
-                            script.key(key.as_str()).key(key.lease_key());
+                            script.key(key.as_str()).key(LeaseKey(key));
                         }
                         script.arg(ttl_millis(lease_ttl)).arg(mode_arg(mode));
                         for token in &tokens {
@@ -1232,7 +1260,7 @@ impl Store for RedisStore {
                     let mut script = scripts::FILL_MANY.prepare_invoke();
                     for &(i, key) in &batch {
                         let f = &fills[i];
-                        script.key(key.as_str()).key(key.lease_key());
+                        script.key(key.as_str()).key(LeaseKey(key));
                         script
                             .arg(&f.lease.as_bytes()[..])
                             .arg(&encoded[i][..])
@@ -1276,7 +1304,7 @@ impl Store for RedisStore {
             let Some(group) = key.group_key() else {
                 let reply: redis::Value = scripts::ACQUIRE
                     .key(key.as_str())
-                    .key(key.lease_key())
+                    .key(LeaseKey(key))
                     .arg(&token.as_bytes()[..])
                     .arg(ttl_millis(lease_ttl))
                     .arg(mode_arg(mode))
@@ -1291,7 +1319,7 @@ impl Store for RedisStore {
             for _ in 0..2 {
                 let mut reply: redis::Value = scripts::ACQUIRE_GROUPED
                     .key(key.as_str())
-                    .key(key.lease_key())
+                    .key(LeaseKey(key))
                     .key(group.as_str())
                     .arg(&token.as_bytes()[..])
                     .arg(ttl_millis(lease_ttl))
@@ -1327,12 +1355,12 @@ impl Store for RedisStore {
             let script = match key.group_key() {
                 Some(group) => {
                     let mut s = scripts::FILL_GROUPED.key(key.as_str());
-                    s.key(key.lease_key()).key(group.as_str());
+                    s.key(LeaseKey(key)).key(group.as_str());
                     s
                 }
                 None => {
                     let mut s = scripts::FILL.key(key.as_str());
-                    s.key(key.lease_key());
+                    s.key(LeaseKey(key));
                     s
                 }
             };
@@ -1359,7 +1387,7 @@ impl Store for RedisStore {
     fn release<'a>(&'a self, key: &'a StoreKey, lease: &'a LeaseToken) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let released: i64 = scripts::RELEASE
-                .key(key.lease_key())
+                .key(LeaseKey(key))
                 .arg(&lease.as_bytes()[..])
                 .invoke_async(&mut self.conn())
                 .await
@@ -1374,12 +1402,12 @@ impl Store for RedisStore {
             let mut script = match key.group_key() {
                 Some(group) => {
                     let mut s = scripts::SET_GROUPED.key(key.as_str());
-                    s.key(key.lease_key()).key(group.as_str());
+                    s.key(LeaseKey(key)).key(group.as_str());
                     s
                 }
                 None => {
                     let mut s = scripts::SET.key(key.as_str());
-                    s.key(key.lease_key());
+                    s.key(LeaseKey(key));
                     s
                 }
             };
@@ -1411,9 +1439,10 @@ impl Store for RedisStore {
 
     fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let _: i64 = redis::cmd("DEL")
+            // The lease key is as long as the entry key.
+            let _: i64 = command("DEL", 2, 2 * key.as_str().len())
                 .arg(key.as_str())
-                .arg(key.lease_key())
+                .arg(LeaseKey(key))
                 .query_async(&mut self.conn())
                 .await
                 .map_err(|e| self.err(e))?;
@@ -1428,7 +1457,7 @@ impl Store for RedisStore {
                 .cmd("PTTL")
                 .arg(key.as_str())
                 .cmd("PTTL")
-                .arg(key.lease_key())
+                .arg(LeaseKey(key))
                 .query_async(&mut self.conn())
                 .await
                 .map_err(|e| self.err(e))?;
@@ -1614,12 +1643,12 @@ impl VersionedSet for RedisStore {
             let mut script = match key.group_key() {
                 Some(group) => {
                     let mut s = scripts::SET_VERSIONED_GROUPED.key(key.as_str());
-                    s.key(key.lease_key()).key(group.as_str());
+                    s.key(LeaseKey(key)).key(group.as_str());
                     s
                 }
                 None => {
                     let mut s = scripts::SET_VERSIONED.key(key.as_str());
-                    s.key(key.lease_key());
+                    s.key(LeaseKey(key));
                     s
                 }
             };
@@ -1743,6 +1772,18 @@ mod tests {
             meta: Meta::default(),
             payload: Payload::Bytes(Bytes::from_static(b"v")),
         }
+    }
+
+    #[test]
+    fn a_lease_key_argument_is_the_lease_key() {
+        let layout = KeyLayout::new("cachet:", "t").unwrap();
+        for key in [layout.key("k"), layout.key("a:b{c}"), layout.key(&7u64)] {
+            let written = redis::ToRedisArgs::to_redis_args(&LeaseKey(&key));
+            assert_eq!(written, vec![key.lease_key().into_bytes()]);
+        }
+        let grouped = layout.key_in_group("g", "k");
+        let written = redis::ToRedisArgs::to_redis_args(&LeaseKey(&grouped));
+        assert_eq!(written, vec![grouped.lease_key().into_bytes()]);
     }
 
     #[tokio::test]
