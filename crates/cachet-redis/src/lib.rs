@@ -925,8 +925,6 @@ impl fmt::Debug for RedisStore {
     }
 }
 
-/// A failed call as a store error: a timeout names `timeout`, the response
-/// timeout of the connection that made the call.
 /// The lease key of an entry key, as a command argument written straight into
 /// the command: no `String` of its own ([`StoreKey::lease_key`] is the same
 /// key).
@@ -955,6 +953,8 @@ pub(crate) fn command(name: &'static str, args: usize, bytes: usize) -> redis::C
     cmd
 }
 
+/// A failed call as a store error: a timeout names `timeout`, the response
+/// timeout of the connection that made the call.
 fn map_err(e: redis::RedisError, timeout: Duration) -> StoreError {
     if e.is_timeout() {
         StoreError::new(
