@@ -31,6 +31,8 @@ use cachet_core::{
 };
 use parking_lot::Mutex;
 
+use crate::log_limit::LogLimit;
+
 /// Settings of the circuit breaker, for [`CacheBuilder::circuit_breaker`](crate::CacheBuilder::circuit_breaker).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -39,8 +41,9 @@ pub struct CircuitBreaker {
     pub failures: u32,
     /// How long the breaker stays open before a probe.
     pub cooldown: Duration,
-    /// The most invalidations kept for retry; beyond it, the oldest entries
-    /// are left to their TTL (and counted).
+    /// The most invalidations kept for retry; beyond it, each further one is
+    /// left to its entries' TTL, counted in `Stats::dropped_invalidations`
+    /// and logged (at most once a second, with the count held back).
     pub max_pending_invalidations: usize,
 }
 
@@ -98,6 +101,8 @@ pub(crate) struct Breaker {
     reachable: tokio::sync::Notify,
     /// Wakes every call in flight when the breaker opens.
     opened: tokio::sync::Notify,
+    /// Rate limit of the error logged when an invalidation is dropped.
+    dropped_log: LogLimit,
     pub(crate) counts: BreakerCounts,
 }
 
@@ -145,6 +150,7 @@ pub(crate) fn guard(inner: Arc<dyn Store>, settings: CircuitBreaker, clock: Cloc
         pending_len: AtomicUsize::new(0),
         reachable: tokio::sync::Notify::new(),
         opened: tokio::sync::Notify::new(),
+        dropped_log: LogLimit::default(),
         counts: BreakerCounts::default(),
     };
     let guarded = Arc::new(Layered::new(breaker, inner));
@@ -226,7 +232,11 @@ impl Breaker {
             self.counts
                 .dropped_invalidations
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::error!(key = %what, "too many invalidations waiting for the store; this one is left to the entries' TTL");
+            // Once a second: past the cap, an outage drops every write's.
+            if let Some(held_back) = self.dropped_log.allow(self.clock.coarse_ms()) {
+                tracing::error!(key = %what, held_back,
+                    "too many invalidations waiting for the store; this one is left to the entries' TTL");
+            }
             return;
         }
         match what {

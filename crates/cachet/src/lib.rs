@@ -337,6 +337,7 @@ mod deferred;
 mod error;
 pub mod expiry;
 mod flight;
+mod log_limit;
 mod memory;
 pub mod metrics;
 mod near;

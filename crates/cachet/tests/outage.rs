@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod support;
+
 use cachet::{Cache, CircuitBreaker, RedisStore};
 use cachet_testkit::{RedisServer, RedisServerOptions};
 use rand::Rng as _;
@@ -201,6 +203,42 @@ fn switched() -> (Arc<Switched>, Cache<u64, String>) {
         .build()
         .unwrap();
     (store, cache)
+}
+
+/// Past `max_pending_invalidations`, a failed invalidation is dropped,
+/// counted, and said once a second, not once per write.
+#[tokio::test]
+async fn dropped_invalidations_are_counted_and_logged_once_a_second() {
+    let (logs, _guard) = support::Logs::capture(tracing::Level::INFO);
+    let clock = cachet::Clock::mock();
+    let store = Arc::new(cachet::store::Layered::new(
+        Switch::default(),
+        cachet::MemoryStore::new(100),
+    ));
+    let mut settings = CircuitBreaker::new(u32::MAX, Duration::ZERO);
+    settings.max_pending_invalidations = 5;
+    let cache: Cache<u64, String> = Cache::builder("dropped")
+        .store(Arc::clone(&store))
+        .clock(clock.clock())
+        .circuit_breaker(Some(settings))
+        .build()
+        .unwrap();
+    store.layer().down.store(true, Ordering::SeqCst);
+    for k in 1..=50 {
+        cache.invalidate(&k).await.unwrap_err();
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.pending_invalidations, 5);
+    assert_eq!(stats.dropped_invalidations, 45);
+    let said = logs.lines_with("too many invalidations waiting");
+    assert_eq!(said.len(), 1, "{said:#?}");
+    assert!(said[0].contains("held_back=0"), "{}", said[0]);
+
+    clock.advance(Duration::from_secs(1));
+    cache.invalidate(&51).await.unwrap_err();
+    let said = logs.lines_with("too many invalidations waiting");
+    assert_eq!(said.len(), 2, "{said:#?}");
+    assert!(said[1].contains("held_back=44"), "{}", said[1]);
 }
 
 /// The first reads after an outage cannot return a value whose invalidation

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use cachet_core::{
@@ -20,6 +20,7 @@ use crate::breaker::Guarded;
 use crate::codec::Codec;
 use crate::expiry::Expiry;
 use crate::flight::Flights;
+use crate::log_limit::LogLimit;
 use crate::memory::{Acquired, LocalTier, Slot};
 use crate::metrics::{self, Histograms};
 use crate::near::{Near, NearCache};
@@ -82,39 +83,8 @@ pub(crate) struct Inner<K: ?Sized, V> {
     /// The circuit breaker in front of a shared store (also `s.store`).
     pub(crate) breaker: Option<Arc<Guarded>>,
     /// Rate limits of the warnings of store failures and of fail-safe serves.
-    store_warnings: WarnLimit,
-    pub(crate) fail_safe_warnings: WarnLimit,
-}
-
-/// At most one warning of a kind a second per cache: an outage would
-/// otherwise log once per operation (or per key). The count of warnings held
-/// back goes with the next one.
-#[derive(Default)]
-pub(crate) struct WarnLimit {
-    /// When the last warning was logged (Unix ms, at least 1); 0 before.
-    last_ms: AtomicU64,
-    held_back: AtomicU64,
-}
-
-impl WarnLimit {
-    const PERIOD_MS: u64 = 1_000;
-
-    /// Whether a warning may be logged at `now_ms`: `Some` of the number held
-    /// back since the last one, or `None` (and one more held back).
-    pub(crate) fn allow(&self, now_ms: u64) -> Option<u64> {
-        let last = self.last_ms.load(Ordering::Relaxed);
-        let now = now_ms.max(1);
-        if (last != 0 && now.saturating_sub(last) < Self::PERIOD_MS)
-            || self
-                .last_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            self.held_back.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(self.held_back.swap(0, Ordering::Relaxed))
-    }
+    store_warnings: LogLimit,
+    pub(crate) fail_safe_warnings: LogLimit,
 }
 
 /// What a lookup found.
@@ -231,8 +201,8 @@ where
             near: near.map(|options| Arc::new(Near::new(options, s_clock))),
             _bus_stop: tokio::sync::watch::Sender::new(()),
             breaker,
-            store_warnings: WarnLimit::default(),
-            fail_safe_warnings: WarnLimit::default(),
+            store_warnings: LogLimit::default(),
+            fail_safe_warnings: LogLimit::default(),
         }
     }
 
@@ -262,7 +232,7 @@ where
     }
 
     /// Logs a store failure that the cache worked around, at most once a second
-    /// per cache (see [`WarnLimit`]).
+    /// per cache (see [`LogLimit`]).
     pub(crate) fn warn_store(&self, what: &str, key: &StoreKey, e: &StoreError) {
         let Some(held_back) = self.store_warnings.allow(self.s.clock.coarse_ms()) else {
             return;
