@@ -252,25 +252,11 @@ async fn a_cluster_over_tls() {
     assert!(chain(&e).to_lowercase().contains("certificate"), "{e:?}");
 }
 
-/// Log lines, kept for assertions.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn skipping_verification_warns_at_every_connect() {
     let pki = TestPki::generate();
     let server = RedisServer::start_tls(&pki, ClientAuth::Optional);
-    let logs = Captured::default();
+    let logs = cachet_testkit::Logs::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(move || writer.clone())
@@ -296,7 +282,7 @@ async fn skipping_verification_warns_at_every_connect() {
         .connect()
         .await
         .unwrap();
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     let warnings = text
         .lines()
         .filter(|l| l.contains("WARN") && l.contains("certificate verification is OFF"))

@@ -14,6 +14,7 @@
 
 mod child;
 pub mod conformance;
+mod logs;
 mod postgres;
 mod redis_cluster;
 mod redis_server;
@@ -21,6 +22,7 @@ mod sentinel;
 mod tls;
 
 pub use child::{TestChild, child_args, eventually};
+pub use logs::Logs;
 pub use postgres::{DEFAULT_SERVER_URL, PgDatabase};
 pub use redis_cluster::RedisCluster;
 pub use redis_server::{ClientAuth, RedisServer, RedisServerOptions};

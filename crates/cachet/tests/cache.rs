@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cachet::{Cache, ErrorKind, MemoryStore, NoCodec, Stats};
-use support::{Fx, Gate, Logs, Row};
+use support::{Fx, Gate, Row};
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 struct User {
@@ -1242,7 +1242,7 @@ async fn loads_and_lease_waits_are_timed_into_histograms() {
 /// the cache, a hash of the key (never the key) and the outcome.
 #[tokio::test]
 async fn loads_and_fills_are_traced_with_their_outcome() {
-    let (logs, _guard) = Logs::capture(tracing::Level::DEBUG);
+    let (logs, _guard) = support::capture_logs(tracing::Level::DEBUG);
 
     let cache: Cache<String, u64> = Cache::builder("traced").build().unwrap();
     let secret = "user-4711@example.com".to_owned();

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cachet::{Cache, CacheBuilder, Clock, ErrorKind, LoadOptions, MockClock, RefreshAhead};
-use support::{Fx, Gate, Logs};
+use support::{Fx, Gate};
 
 type Res<T> = Result<T, std::io::Error>;
 
@@ -457,7 +457,7 @@ async fn a_refresh_granted_the_lease_after_another_filled_does_not_load() {
 /// cache says so once a second, with the count of keys it did not name.
 #[tokio::test]
 async fn fail_safe_warns_once_a_second_per_cache_not_once_per_key() {
-    let (logs, _guard) = Logs::capture(tracing::Level::INFO);
+    let (logs, _guard) = support::capture_logs(tracing::Level::INFO);
 
     let clock = Clock::mock();
     let cache: Cache<u64, String> = Cache::builder("failsafe-logs")

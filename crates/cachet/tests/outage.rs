@@ -209,7 +209,7 @@ fn switched() -> (Arc<Switched>, Cache<u64, String>) {
 /// counted, and said once a second, not once per write.
 #[tokio::test]
 async fn dropped_invalidations_are_counted_and_logged_once_a_second() {
-    let (logs, _guard) = support::Logs::capture(tracing::Level::INFO);
+    let (logs, _guard) = support::capture_logs(tracing::Level::INFO);
     let clock = cachet::Clock::mock();
     let store = Arc::new(cachet::store::Layered::new(
         Switch::default(),

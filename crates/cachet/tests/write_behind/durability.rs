@@ -4,36 +4,14 @@
 
 use crate::support;
 
-use std::sync::{Arc, Mutex};
-
 use cachet::write_behind::Durability;
 use cachet_testkit::{RedisServer, RedisServerOptions};
 use support::{Item, builder, cache, store};
 
-/// Collects what `tracing` writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Builds a write-behind on `url` and returns its verdict and what this crate
 /// logged at `warn` level or above.
 async fn check(url: &str) -> (Durability, String) {
-    let captured = Captured::default();
+    let captured = cachet_testkit::Logs::default();
     let subscriber = tracing_subscriber::fmt()
         .with_writer({
             let c = captured.clone();
