@@ -217,7 +217,9 @@
 //! another node), and when a sentinel announces a failover on its
 //! `+switch-master` channel, which the store follows: a requested failover
 //! leaves the old primary up and writable until the sentinels demote it, up to
-//! ten seconds later. Calls made while the primary is looked for wait for the
+//! ten seconds later. In case an announcement goes unheard, the store also asks
+//! after each attempt to subscribe, and pings the sentinel it listens to every
+//! second, leaving one that does not answer. Calls made while the primary is looked for wait for the
 //! new connection within their response timeout. The invalidation bus's
 //! subscriptions ask the sentinels at each reconnect.
 //!

@@ -22,7 +22,10 @@
 //!   background task follows): as a break. A requested failover leaves the
 //!   old primary up, and taking writes, until the sentinels get round to
 //!   demoting it (up to ten seconds later); without this the store would keep
-//!   writing there, and lose those writes when it is demoted.
+//!   writing there, and lose those writes when it is demoted. An announcement
+//!   can go unheard (no subscription up, or the sentinel listened to hangs),
+//!   so the store also asks the sentinels after each subscription attempt, and
+//!   pings the sentinel it listens to every second.
 //!
 //! Subscriptions of the invalidation bus ask the sentinels at each (re)connect
 //! ([`Nodes`]), so they follow the primary too.
@@ -488,11 +491,16 @@ const SWITCH_MASTER: &str = "+switch-master";
 
 /// Follows the failover announcements of one sentinel at a time (the first
 /// that answers), for as long as the store lives: an announcement for this
-/// master breaks the connection, so that calls wait for the new primary. After
-/// a resubscription, the primary is checked, in case one was missed.
+/// master breaks the connection, so that calls wait for the new primary.
+///
+/// An announcement can be missed: while no subscription is up, or when the
+/// sentinel listened to hangs (its connection stays open and says nothing). So
+/// the store asks the sentinels for the primary after each subscription and
+/// after each failed attempt, and pings the sentinel listened to every
+/// [`ANNOUNCEMENTS_HEARTBEAT`]: an unanswered ping ends the subscription, and
+/// the next one goes to a sentinel that answers.
 async fn watch_switches(shared: Weak<Shared>) {
     let mut backoff = Duration::from_millis(100);
-    let mut subscribed_before = false;
     loop {
         let Some(s) = shared.upgrade() else { return };
         let subscribing = crate::within_connect_timeout(s.connection_timeout, async {
@@ -501,7 +509,12 @@ async fn watch_switches(shared: Weak<Shared>) {
             pubsub.subscribe(SWITCH_MASTER).await?;
             Ok::<_, RedisError>(pubsub)
         });
-        let pubsub = match subscribing.await {
+        let subscribed = subscribing.await;
+        // Whether or not the subscription is up, a failover may have gone
+        // unheard until now.
+        let epoch = s.link.borrow().epoch;
+        s.lost(epoch, false);
+        let pubsub = match subscribed {
             Ok(Ok(pubsub)) => pubsub,
             failed => {
                 if let Ok(Err(e)) = failed {
@@ -514,16 +527,11 @@ async fn watch_switches(shared: Weak<Shared>) {
             }
         };
         backoff = Duration::from_millis(100);
-        if subscribed_before {
-            let epoch = s.link.borrow().epoch;
-            s.lost(epoch, false);
-        }
-        subscribed_before = true;
         let master = s.master.clone();
         drop(s);
-        let mut messages = pubsub.into_on_message();
-        // Wakes up now and then to end with the store.
-        let mut alive = tokio::time::interval(Duration::from_secs(1));
+        let (mut sink, mut messages) = pubsub.split();
+        let mut heartbeat = tokio::time::interval(ANNOUNCEMENTS_HEARTBEAT);
+        heartbeat.tick().await;
         loop {
             tokio::select! {
                 message = messages.next() => {
@@ -537,15 +545,26 @@ async fn watch_switches(shared: Weak<Shared>) {
                     let epoch = s.link.borrow().epoch;
                     s.lost(epoch, true);
                 }
-                _ = alive.tick() => {
+                _ = heartbeat.tick() => {
+                    // Also how the task ends with the store.
                     if shared.strong_count() == 0 {
                         return;
+                    }
+                    let pong: Result<RedisResult<Value>, _> =
+                        tokio::time::timeout(ANNOUNCEMENTS_HEARTBEAT, sink.ping()).await;
+                    if !matches!(pong, Ok(Ok(_))) {
+                        tracing::debug!(%master, "the sentinel listened to did not answer a ping");
+                        break;
                     }
                 }
             }
         }
     }
 }
+
+/// How often the sentinel whose announcements the store follows is pinged, and
+/// how long it has to answer.
+const ANNOUNCEMENTS_HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// What an error says about the primary.
 fn verdict_of(e: &RedisError) -> Verdict {

@@ -193,3 +193,85 @@ async fn the_bus_follows_the_primary_across_a_failover() {
         other => panic!("expected notices, got {other:?}"),
     }
 }
+
+/// A failover the store does not hear of, because the sentinel whose
+/// announcements it follows hangs, is still followed: the store's heartbeat on
+/// that subscription finds the sentinel silent and asks the others. Writes
+/// reach the new primary while the old one, not yet demoted by the sentinels
+/// (seconds after a requested failover), still takes them, and would lose them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_is_followed_when_the_sentinel_listened_to_hangs() {
+    let mut sentinels = RedisSentinels::start();
+    let store = RedisStore::sentinel_builder(sentinels.sentinel_urls(), RedisSentinels::MASTER)
+        .response_timeout(Duration::from_millis(200))
+        .connection_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let mut listened = Vec::new();
+    for _ in 0..200 {
+        listened = tokio::task::block_in_place(|| sentinels.listened_to());
+        if !listened.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        listened.len(),
+        1,
+        "the store follows one sentinel's announcements"
+    );
+    let hung = listened[0];
+    sentinels.pause_sentinel(hung);
+    let asked = (hung + 1) % 3;
+    sentinels.failover_via(asked);
+
+    // The sentinel asked names the replica, which is the primary now.
+    let mut switched = false;
+    for _ in 0..400 {
+        switched = tokio::task::block_in_place(|| {
+            sentinels.primary_named_by(asked) == Some(1)
+                && sentinels.nodes()[1]
+                    .command(&["ROLE"])
+                    .starts_with("master")
+        });
+        if switched {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(switched, "the sentinels did not fail over");
+
+    let still_primary =
+        |node: &cachet_testkit::RedisServer| node.command(&["ROLE"]).starts_with("master");
+    let mut reached = None;
+    for i in 0..1_000 {
+        let key = format!("probe:{i}");
+        let written: Result<(), _> = redis::cmd("SET")
+            .arg(&key)
+            .arg(1)
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut store.connection())
+            .await;
+        let (on_new, old_still_primary) = tokio::task::block_in_place(|| {
+            let on_new = sentinels.nodes()[1].command(&["EXISTS", &key]) == "1";
+            (on_new, still_primary(&sentinels.nodes()[0]))
+        });
+        if written.is_ok() && on_new {
+            reached = Some(old_still_primary);
+            break;
+        }
+        if !old_still_primary && written.is_ok() {
+            // Demoted and still not on the new one: it will be, by READONLY.
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sentinels.resume_sentinel(hung);
+    assert_eq!(
+        reached,
+        Some(true),
+        "writes reached the new primary only once the old one was demoted (Some(false)) or never (None)"
+    );
+}

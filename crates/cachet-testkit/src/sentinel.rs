@@ -125,6 +125,56 @@ impl RedisSentinels {
         assert_eq!(reply, "OK", "SENTINEL FAILOVER {}", Self::MASTER);
     }
 
+    /// Asks sentinel `sentinel` to fail over now, as [`failover`](Self::failover)
+    /// does with the first one.
+    ///
+    /// # Panics
+    /// If there is no such sentinel or it refuses.
+    pub fn failover_via(&self, sentinel: usize) {
+        let reply = self.sentinel_command(sentinel, &["SENTINEL", "FAILOVER", Self::MASTER]);
+        assert_eq!(
+            reply,
+            "OK",
+            "SENTINEL FAILOVER {} via sentinel {sentinel}",
+            Self::MASTER
+        );
+    }
+
+    /// The sentinels that have a client subscribed to one of their channels
+    /// (`CLIENT LIST TYPE pubsub`): the sentinels do not subscribe to one
+    /// another's, so these are the ones a client listens to.
+    ///
+    /// # Panics
+    /// If a sentinel cannot be reached.
+    pub fn listened_to(&self) -> Vec<usize> {
+        (0..self.sentinels.len())
+            .filter(|&s| {
+                !self
+                    .sentinel_command(s, &["CLIENT", "LIST", "TYPE", "pubsub"])
+                    .is_empty()
+            })
+            .collect()
+    }
+
+    /// Stops sentinel `sentinel` (`SIGSTOP`): its connections stay open and
+    /// nothing on them is answered, as with a hung process, until
+    /// [`resume_sentinel`](Self::resume_sentinel).
+    ///
+    /// # Panics
+    /// If there is no such sentinel or the signal cannot be sent.
+    pub fn pause_sentinel(&mut self, sentinel: usize) {
+        self.sentinels[sentinel].signal("STOP");
+    }
+
+    /// Lets a sentinel stopped by [`pause_sentinel`](Self::pause_sentinel) run
+    /// again (`SIGCONT`).
+    ///
+    /// # Panics
+    /// If there is no such sentinel or the signal cannot be sent.
+    pub fn resume_sentinel(&mut self, sentinel: usize) {
+        self.sentinels[sentinel].signal("CONT");
+    }
+
     /// Waits until every sentinel names a primary other than data node `old`,
     /// and that node says it is the primary; its index.
     ///
@@ -232,6 +282,16 @@ impl Sentinel {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sentinel.log")).unwrap_or_default()
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("a running sentinel").id();
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {pid}");
     }
 
     fn kill(&mut self) {
