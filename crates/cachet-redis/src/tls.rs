@@ -129,7 +129,11 @@ impl TlsOptions {
 fn ensure_provider() {
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         // Losing a race to another installer is fine: a provider is installed.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        // `ring`, deprecated from rustls 0.23.48 for its lack of post-quantum
+        // key exchange: see docs/decisions.md, "TLS: rustls with ring".
+        #[allow(deprecated)]
+        let provider = rustls::crypto::ring::default_provider();
+        let _ = provider.install_default();
     }
 }
 
