@@ -12,7 +12,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// The loader returned an error.
+    /// The loader returned an error, or could not be run (outside a tokio
+    /// runtime).
     Load,
     /// The loader did not finish within the hard timeout.
     Timeout,
@@ -72,6 +73,17 @@ impl Error {
 
     pub(crate) fn load(cache: &str, key: &str, source: BoxError) -> Self {
         Self::new(ErrorKind::Load, cache, Some(key), Some(source))
+    }
+
+    /// A load asked for outside a tokio runtime: the loader runs in a task of
+    /// its own, which needs one.
+    pub(crate) fn no_runtime(cache: &str, key: &str) -> Self {
+        Self::with_message(
+            ErrorKind::Load,
+            cache,
+            Some(key),
+            "the loader runs in a tokio task, and this call is not within a tokio runtime".into(),
+        )
     }
 
     pub(crate) fn timeout(cache: &str, key: &str, after: std::time::Duration) -> Self {

@@ -1267,3 +1267,30 @@ async fn loads_and_fills_are_traced_with_their_outcome() {
     assert_eq!(closed("cachet.fill", "filled"), 2, "{text}");
     assert!(!text.contains("4711"), "a key in a span: {text}");
 }
+
+/// Outside a tokio runtime a load cannot run (it runs in a task of its own):
+/// the call fails with an error that names the key and says why, instead of
+/// panicking; a hit in process is still served, and nothing is left behind.
+#[test]
+fn a_load_outside_a_tokio_runtime_is_an_error_naming_the_key() {
+    let cache: Cache<u64, u64> = Cache::builder("no-runtime").build().unwrap();
+    let load = || async { Ok::<_, std::io::Error>(Some(1)) };
+    let e = futures::executor::block_on(cache.get_or_load(&7, load)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Load);
+    let text = e.to_string();
+    assert!(
+        text.contains("`no-runtime`") && text.contains("key `7`"),
+        "{text}"
+    );
+    assert!(text.contains("tokio runtime"), "{text}");
+    let many = futures::executor::block_on(cache.get_or_load_many(&[7, 8], |_keys| async {
+        Ok::<_, std::io::Error>(std::collections::HashMap::new())
+    }));
+    let e = many.unwrap_err();
+    assert!(e.to_string().contains("key `7`"), "{e}");
+
+    futures::executor::block_on(cache.set(&7, 70)).unwrap();
+    let hit = futures::executor::block_on(cache.get_or_load(&7, load)).unwrap();
+    assert_eq!(hit, Some(70));
+    assert_eq!(cache.stats().loads, 0);
+}

@@ -99,8 +99,8 @@ where
     /// When the loader fails or times out for the batch (every key it was
     /// loading fails with the same error), or a single-key load fails.
     ///
-    /// # Panics
-    /// Outside a tokio runtime, like `tokio::spawn`.
+    /// Outside a tokio runtime (loads run in tasks of their own), an error of
+    /// kind [`Load`](crate::ErrorKind::Load) naming the first key.
     pub async fn get_or_load_many<F, Fut, E>(
         &self,
         keys: &[K],
@@ -111,6 +111,11 @@ where
         Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
         E: Into<BoxError> + Send + 'static,
     {
+        if let Some(first) = keys.first()
+            && tokio::runtime::Handle::try_current().is_err()
+        {
+            return Err(self.no_runtime(first));
+        }
         let loader = Arc::new(loader);
         let mut distinct: Vec<&K> = Vec::with_capacity(keys.len());
         let mut position: HashMap<&K, usize> = HashMap::with_capacity(keys.len());

@@ -254,10 +254,10 @@ where
     /// # Errors
     /// When the loader fails or times out (and no fail-safe value applies), an
     /// error naming the key whose source is the loader's error. Store failures
-    /// are not errors here: the loader's value is returned instead.
-    ///
-    /// # Panics
-    /// Outside a tokio runtime, like `tokio::spawn`.
+    /// are not errors here: the loader's value is returned instead. Outside a
+    /// tokio runtime, a call that must load fails with an error of kind
+    /// [`Load`](crate::ErrorKind::Load) that says so (a hit in process is
+    /// still served).
     #[inline]
     pub fn get_or_load<'a, F, Fut, E>(
         &'a self,
@@ -276,9 +276,6 @@ where
     ///
     /// # Errors
     /// As [`get_or_load`](Self::get_or_load).
-    ///
-    /// # Panics
-    /// Outside a tokio runtime, like `tokio::spawn`.
     #[inline]
     pub fn get_or_load_with<'a, F, Fut, E>(
         &'a self,

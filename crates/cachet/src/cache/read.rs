@@ -50,6 +50,9 @@ where
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: Into<BoxError> + Send + 'static,
     {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(self.no_runtime(key));
+        }
         let (mut at, found) = match self.inner.lookup_tiers(key, true).await {
             Found::Near(v) => return Ok(v),
             Found::Tier(at, found) => (at, found),
@@ -67,6 +70,12 @@ where
             return Ok(ruled_out);
         }
         self.coalesce(key, at, plan, options, loader).await
+    }
+
+    /// The error of a load asked for outside a tokio runtime.
+    pub(super) fn no_runtime(&self, key: &K) -> Error {
+        let skey = self.inner.key_of(key);
+        Error::no_runtime(self.inner.namespace(), skey.user_key())
     }
 
     /// Stage 2: serve, serve and refresh, or load (and how).
