@@ -75,8 +75,8 @@ impl InspectArgs {
         if let Some(key) = &self.store_key {
             return StoreKey::parse(key).with_context(|| {
                 format!(
-                    "{key:?} is not a cachet entry key: expected \
-                     `{{prefix}}{{namespace}}:v:{{key}}` (or `…:v:{{group}}key` in a cache with \
+                    "{key:?} is not a cachet entry key: expected `<prefix><namespace>:v:{{<key>}}`, \
+                     such as `cachet:users:v:{{42}}` (or `…:v:{{<group>}}<key>` in a cache with \
                      groups), as Cache::store_key gives it; or give --namespace and --key"
                 )
             });

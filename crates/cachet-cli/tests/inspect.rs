@@ -169,6 +169,8 @@ async fn inspect_shows_entries_as_the_cache_wrote_them() {
             .args(["users:42", "--redis-url", url])
             .failure();
         assert!(stderr.contains("not a cachet entry key"), "{stderr}");
+        // With an example whose braces are the key's own.
+        assert!(stderr.contains("`cachet:users:v:{42}`"), "{stderr}");
         let stderr = Cachet::command("inspect")
             .args(["--namespace", "sys", "--key", "1", "--redis-url", url])
             .failure();
