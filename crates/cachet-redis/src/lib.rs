@@ -217,10 +217,13 @@
 //! another node), and when a sentinel announces a failover on its
 //! `+switch-master` channel, which the store follows: a requested failover
 //! leaves the old primary up and writable until the sentinels demote it, up to
-//! ten seconds later. In case an announcement goes unheard, the store also asks
-//! after each attempt to subscribe, and pings the sentinel it listens to every
-//! second, leaving one that does not answer. Calls made while the primary is looked for wait for the
-//! new connection within their response timeout. The invalidation bus's
+//! ten seconds later; the store goes to the primary the announcement names,
+//! even if the sentinel it then asks has not caught up yet (for 30 seconds
+//! after it, and once that node says it is a primary). In case an announcement
+//! goes unheard, the store also asks after each attempt to subscribe, and pings
+//! the sentinel it listens to every second, leaving one that does not answer.
+//! Calls made while the primary is looked for wait for the new connection
+//! within their response timeout. The invalidation bus's
 //! subscriptions ask the sentinels at each reconnect.
 //!
 //! A failover loses what the old primary acknowledged but had not replicated,

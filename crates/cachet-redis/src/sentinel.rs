@@ -22,7 +22,9 @@
 //!   background task follows): as a break. A requested failover leaves the
 //!   old primary up, and taking writes, until the sentinels get round to
 //!   demoting it (up to ten seconds later); without this the store would keep
-//!   writing there, and lose those writes when it is demoted. An announcement
+//!   writing there, and lose those writes when it is demoted. The store then
+//!   goes to the primary the announcement names, even if the sentinel it asks
+//!   has not caught up yet and still names the old one. An announcement
 //!   can go unheard (no subscription up, or the sentinel listened to hangs),
 //!   so the store also asks the sentinels after each subscription attempt, and
 //!   pings the sentinel it listens to every second.
@@ -229,7 +231,30 @@ struct Shared {
     /// When a timeout last made the store ask the sentinels: a slow primary
     /// times out many calls, and each lookup opens a connection to check it.
     silence_checked: std::sync::Mutex<Option<Instant>>,
+    /// The primary the last failover announcement named, until the sentinels
+    /// asked name it too.
+    announced: std::sync::Mutex<Option<Announced>>,
 }
+
+/// A primary named by a failover announcement (`+switch-master`).
+#[derive(Clone, Debug)]
+struct Announced {
+    host: String,
+    port: u16,
+    at: Instant,
+}
+
+impl Announced {
+    /// `host:port`, as a connection's address reads.
+    fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// How long an announced primary is preferred to the one the sentinels asked
+/// name: longer than the sentinels take to agree, and to demote the old
+/// primary after a requested failover (about ten seconds).
+const ANNOUNCED_FOR: Duration = Duration::from_secs(30);
 
 /// The current primary. `epoch` counts connections, so that a failure on an
 /// old one does not break its successor.
@@ -281,6 +306,7 @@ pub(crate) async fn connect(
         link,
         following: AtomicBool::new(false),
         silence_checked: std::sync::Mutex::new(None),
+        announced: std::sync::Mutex::new(None),
     }));
     primary.0.refresh(0).await?;
     tokio::spawn(watch_switches(Arc::downgrade(&primary.0)));
@@ -407,6 +433,15 @@ impl Shared {
             }
             let client = sentinel.async_get_client().await?;
             let found = client.get_connection_info().addr().to_string();
+            if let Some(announced) = self.announced_unlike(&found) {
+                if alive && announced.addr() == addr {
+                    return Ok(None);
+                }
+                if let Some((client, conn)) = self.announced_connection(&client, &announced).await?
+                {
+                    return Ok(Some((client, announced.addr(), conn)));
+                }
+            }
             if alive && found == addr {
                 return Ok(None);
             }
@@ -430,6 +465,74 @@ impl Shared {
             });
         }
         Ok(())
+    }
+
+    /// Notes the primary a failover announcement names.
+    fn announce(&self, host: &str, port: u16) {
+        *self
+            .announced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Announced {
+            host: host.to_owned(),
+            port,
+            at: Instant::now(),
+        });
+    }
+
+    /// The primary the last announcement named, if it is recent and the
+    /// sentinels asked, which named `named`, have not caught up with it. A
+    /// sentinel learns of a failover from the others, some time after the
+    /// announcement; meanwhile it names the old primary, which after a requested
+    /// failover still calls itself primary, and takes writes that its demotion
+    /// then loses.
+    fn announced_unlike(&self, named: &str) -> Option<Announced> {
+        let mut announced = self
+            .announced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = announced
+            .as_ref()
+            .filter(|a| a.at.elapsed() < ANNOUNCED_FOR && a.addr() != named)
+            .cloned();
+        if current.is_none() {
+            *announced = None;
+        }
+        current
+    }
+
+    /// A client for the announced primary, with the settings of `client` (for
+    /// the primary the sentinels named), and a connection to it, if that node
+    /// says it is a primary; `None`, and the announcement forgotten, if it says
+    /// otherwise (a later failover).
+    async fn announced_connection(
+        &self,
+        client: &redis::Client,
+        announced: &Announced,
+    ) -> RedisResult<Option<(redis::Client, MultiplexedConnection)>> {
+        let info = client.get_connection_info().clone();
+        let mut addr = info.addr().clone();
+        match &mut addr {
+            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                host.clone_from(&announced.host);
+                *port = announced.port;
+            }
+            _ => return Ok(None),
+        }
+        let announced_client = redis::Client::open(info.set_addr(addr))?;
+        let mut conn = announced_client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        let role: Value = redis::cmd("ROLE").query_async(&mut conn).await?;
+        let primary = matches!(&role, Value::Array(fields)
+            if matches!(fields.first(), Some(Value::BulkString(r)) if r == b"master"));
+        if !primary {
+            *self
+                .announced
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            return Ok(None);
+        }
+        Ok(Some((announced_client, conn)))
     }
 
     fn resolve_err(&self, e: RedisError) -> StoreError {
@@ -537,11 +640,18 @@ async fn watch_switches(shared: Weak<Shared>) {
                 message = messages.next() => {
                     let Some(message) = message else { break };
                     let payload: String = message.get_payload().unwrap_or_default();
-                    if payload.split(' ').next() != Some(master.as_str()) {
+                    // `<master> <old ip> <old port> <new ip> <new port>`
+                    let fields: Vec<&str> = payload.split(' ').collect();
+                    if fields.first() != Some(&master.as_str()) {
                         continue;
                     }
                     let Some(s) = shared.upgrade() else { return };
                     tracing::info!(master = %s.master, announcement = %payload, "a sentinel announced a failover");
+                    if let [_, _, _, host, port] = fields[..]
+                        && let Ok(port) = port.parse()
+                    {
+                        s.announce(host, port);
+                    }
                     let epoch = s.link.borrow().epoch;
                     s.lost(epoch, true);
                 }

@@ -6,6 +6,9 @@
 //!   `redis-server` per node, likewise killed and reaped on drop;
 //! - both optionally with TLS on a port of their own, with the throwaway CA and
 //!   certificates of a [`TestPki`];
+//! - [`RedisSentinels`]: a throwaway Sentinel deployment (a primary, a replica,
+//!   three sentinels), and [`ScriptedSentinel`]: a sentinel whose answers and
+//!   announcements the test decides;
 //! - [`PgDatabase`]: a fresh PostgreSQL database, dropped afterwards;
 //! - [`conformance`]: the protocol tests every [`Store`](cachet_core::Store) must pass;
 //! - [`TestChild`]: this test binary run again on one of its ignored tests, as a
@@ -18,6 +21,7 @@ mod logs;
 mod postgres;
 mod redis_cluster;
 mod redis_server;
+mod scripted_sentinel;
 mod sentinel;
 mod tls;
 
@@ -26,5 +30,6 @@ pub use logs::Logs;
 pub use postgres::{DEFAULT_SERVER_URL, PgDatabase};
 pub use redis_cluster::RedisCluster;
 pub use redis_server::{ClientAuth, RedisServer, RedisServerOptions};
+pub use scripted_sentinel::ScriptedSentinel;
 pub use sentinel::RedisSentinels;
 pub use tls::{CertFiles, TestPki};
