@@ -1015,6 +1015,16 @@ async fn capability_tags(fx: Fx) {
         "{}: the entries tagged round, and only them",
         fx.name()
     );
+    // A batch read checks each entry's tags too.
+    let many: Vec<Option<String>> = (cache.get_many(&ids).await.unwrap().into_iter())
+        .map(|v| v.map(|v| v.body))
+        .collect();
+    assert_eq!(
+        many,
+        [None, None, Some("three".into()), Some("four".into())],
+        "{}: get_many",
+        fx.name()
+    );
     cache.invalidate_tag("never used").await.unwrap();
     assert_eq!(cache.get(&4).await.unwrap().unwrap().body, "four");
 

@@ -467,7 +467,12 @@ where
             Ok(reads) => reads.into_iter().map(Ok).collect(),
             Err(e) => each_failed(e, skeys.len()),
         };
-        // Concurrently: with tags, each hit reads its tags' generations.
+        // With tags, each hit reads its tags' generations: concurrently.
+        // Without, classifying never waits: one after the other, without
+        // `join_all`'s bookkeeping (most of a batch hit's cost otherwise).
+        let tagged = reads
+            .iter()
+            .any(|r| matches!(r, Ok(Read::Hit(entry)) if entry.meta.tags.is_some()));
         let classify = pending.into_iter().zip(skeys).zip(reads.drain(..)).map(
             |(((i, group, ticket), skey), read)| async move {
                 let lookup = self.classify(&skey, read, started, count).await;
@@ -482,8 +487,15 @@ where
                 (i, Found::Tier(at, lookup))
             },
         );
-        for (i, f) in join_all(classify).await {
-            found[i] = f;
+        if tagged {
+            for (i, f) in join_all(classify).await {
+                found[i] = f;
+            }
+        } else {
+            for classified in classify {
+                let (i, f) = classified.await;
+                found[i] = f;
+            }
         }
         found
     }
