@@ -300,6 +300,7 @@ typed_conformance!(
     capability_bloom,
     capability_invalidation_bus,
     a_batch_loads_its_missing_keys_in_one_call,
+    a_batch_whose_loader_panics_fails_and_leaves_nothing_behind,
     a_write_racing_a_batch_refuses_that_keys_fill_only,
     a_key_leased_elsewhere_is_waited_for_not_loaded_again_by_a_batch,
     overlapping_batches_from_four_processes_load_each_key_once,
@@ -1661,6 +1662,55 @@ async fn a_batch_loads_its_missing_keys_in_one_call(fx: Fx) {
         (s.loads, s.fills, s.refused_fills),
         (1, 2, 0),
         "{}: {s:?}",
+        fx.name()
+    );
+}
+
+/// A batch whose loader panics fails, with an error that names a key and the
+/// panic, for each key it was loading; it leaves no lease and no flight
+/// behind: the next batch loads those keys again.
+async fn a_batch_whose_loader_panics_fails_and_leaves_nothing_behind(fx: Fx) {
+    let cache: Cache<u64, String> = fx.builder(&fx.ns("batch-panic")).build().unwrap();
+    /// Panics on the first call over `calls`, loads every key afterwards.
+    fn loader(
+        calls: &Arc<Mutex<u32>>,
+    ) -> impl Fn(Vec<u64>) -> Ready<Res<HashMap<u64, String>>> + Send + Sync + 'static {
+        let calls = Arc::clone(calls);
+        move |ids: Vec<u64>| {
+            let first = {
+                let mut calls = calls.lock().unwrap();
+                *calls += 1;
+                *calls == 1
+            };
+            assert!(!first, "the first batch's loader panics");
+            ready(Ok(ids
+                .into_iter()
+                .map(|id| (id, format!("v{id}")))
+                .collect()))
+        }
+    }
+    let calls = Arc::new(Mutex::new(0));
+    let e = cache
+        .get_or_load_many(&[1, 2, 3], loader(&calls))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Load, "{}: {e:?}", fx.name());
+    assert!(e.to_string().contains("panicked"), "{e}");
+    let got = cache
+        .get_or_load_many(&[1, 2, 3], loader(&calls))
+        .await
+        .unwrap();
+    let some = |v: &str| Some(v.to_owned());
+    assert_eq!(
+        got,
+        vec![some("v1"), some("v2"), some("v3")],
+        "{}",
+        fx.name()
+    );
+    assert_eq!(
+        *calls.lock().unwrap(),
+        2,
+        "{}: one call per batch",
         fx.name()
     );
 }

@@ -126,13 +126,21 @@ where
             });
         }
         let found = self.inner.lookup_tiers_many(&distinct, true).await;
-        let steps = join_all(
-            distinct
-                .iter()
-                .zip(found)
-                .map(|(key, found)| self.batch_step(key, found, &loader)),
-        )
-        .await;
+        let steps = distinct
+            .iter()
+            .zip(found)
+            .map(|(key, found)| self.batch_step(key, found, &loader));
+        // Only a Bloom filter's check waits in these stages: without one, the
+        // steps run one after the other, without `join_all`'s bookkeeping.
+        let steps = if self.inner.bloom.is_some() {
+            join_all(steps).await
+        } else {
+            let mut done = Vec::with_capacity(distinct.len());
+            for step in steps {
+                done.push(step.await);
+            }
+            done
+        };
         let outcomes = self.batch_load(&distinct, steps, &loader).await;
         keys.iter()
             .map(|key| outcomes[position[key]].clone())
@@ -218,21 +226,32 @@ where
             // even if this call is dropped.
             tokio::spawn(load_led(Arc::clone(inner), led, Arc::clone(loader)));
         }
-        let followed = join_all(waits.into_iter().map(|(i, mut at, rx)| async move {
-            let key = keys[i];
-            let outcome = match flight::follow(rx).await {
-                Some(outcome) => {
-                    if let Ok(v) = &outcome {
-                        let skey = at.skey(inner, key).clone();
-                        inner.near_put(key, &skey, at.ticket, v, 0);
+        let followed = async {
+            // The flights end about together (a batch's own in one go), so
+            // they are waited for one after the other, without `join_all`'s
+            // bookkeeping; the keys whose flight ended without an outcome are
+            // then loaded alone, afresh, concurrently.
+            let mut followed = Vec::with_capacity(waits.len());
+            let mut afresh = Vec::new();
+            for (i, mut at, rx) in waits {
+                let key = keys[i];
+                match flight::follow(rx).await {
+                    Some(outcome) => {
+                        if let Ok(v) = &outcome {
+                            let skey = at.skey(inner, key).clone();
+                            inner.near_put(key, &skey, at.ticket, v, 0);
+                        }
+                        followed.push((i, outcome));
                     }
-                    outcome
+                    None => afresh.push(i),
                 }
-                // The flight ended without an outcome: this key alone, afresh.
-                None => self.get_or_load(key, alone(loader, key)).await,
-            };
-            (i, outcome)
-        }));
+            }
+            let afresh = join_all(afresh.into_iter().map(|i| async move {
+                (i, self.get_or_load(keys[i], alone(loader, keys[i])).await)
+            }));
+            followed.extend(afresh.await);
+            followed
+        };
         let single = join_all(singles.into_iter().map(|(i, at, plan)| async move {
             let key = keys[i];
             let outcome = self
