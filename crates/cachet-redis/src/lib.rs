@@ -940,13 +940,14 @@ impl redis::ToRedisArgs for LeaseKey<'_> {
     where
         W: ?Sized + redis::RedisWrite,
     {
-        use std::io::Write as _;
+        use bytes::BufMut as _;
         let (head, tail) = self.0.lease_key_parts();
-        let mut arg = out.writer_for_next_arg();
-        // Writes into a `Vec`: they do not fail.
-        let _ = arg.write_all(head.as_bytes());
-        let _ = arg.write_all(b"l");
-        let _ = arg.write_all(tail.as_bytes());
+        // At its size: a script's key is a `Vec` of its own, which would
+        // otherwise grow at each part.
+        let mut arg = out.bufmut_for_next_arg(head.len() + 1 + tail.len());
+        arg.put_slice(head.as_bytes());
+        arg.put_u8(b'l');
+        arg.put_slice(tail.as_bytes());
     }
 }
 

@@ -2,11 +2,13 @@
 //! whether the store is the cache's typed in-process table or a [`Store`]
 //! reached through the protocol.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::Bytes;
 use cachet_core::{
     Acquire, AcquireMode, CacheKey, Capability, Clock, Entry, Fill, GroupKey, KeyLayout,
     LeaseToken, Meta, Payload, PayloadKind, Read, Store, StoreError, StoreKey, Versioned,
@@ -17,7 +19,7 @@ use super::fresh::{AheadReads, Freshness, State};
 use super::tags::{Claimed, TagsFn};
 use crate::bloom::BloomFilter;
 use crate::breaker::Guarded;
-use crate::codec::Codec;
+use crate::codec::{Codec, CodecError};
 use crate::expiry::Expiry;
 use crate::flight::Flights;
 use crate::log_limit::LogLimit;
@@ -647,6 +649,48 @@ where
 
     /// The entry to send for `value`: an error if it does not encode, or if
     /// it is larger than the store accepts (then it is never sent).
+    /// `v` encoded with the cache's codec, within `max_value_bytes`.
+    ///
+    /// The codec writes into a buffer this thread keeps from one encoding to
+    /// the next, and the payload is copied out at its size: one allocation,
+    /// where a fresh `Vec` grew (a reallocation each time) and then needed
+    /// another allocation to become `Bytes` with room to spare.
+    fn encode(&self, key: &StoreKey, v: &V) -> Result<Bytes, Error> {
+        /// A buffer grown past this is not kept.
+        const KEPT: usize = 64 * 1024;
+        thread_local! {
+            static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        }
+        let checked = |buf: &[u8], encoded: Result<(), CodecError>| {
+            encoded.map_err(|e| Error::codec(self.namespace(), key.user_key(), e))?;
+            match self.s.max_value_bytes {
+                Some(limit) if buf.len() > limit => Err(Error::too_large(
+                    self.namespace(),
+                    key.user_key(),
+                    buf.len(),
+                    limit,
+                )),
+                _ => Ok(Bytes::copy_from_slice(buf)),
+            }
+        };
+        BUFFER.with(|buffer| {
+            // A codec that encodes through this cache (it should not) gets a
+            // buffer of its own.
+            let Ok(mut buf) = buffer.try_borrow_mut() else {
+                let mut buf = Vec::new();
+                let encoded = self.s.codec.encode(v, &mut buf);
+                return checked(&buf, encoded);
+            };
+            buf.clear();
+            let encoded = self.s.codec.encode(v, &mut buf);
+            let payload = checked(&buf, encoded);
+            if buf.capacity() > KEPT {
+                *buf = Vec::new();
+            }
+            payload
+        })
+    }
+
     pub(crate) fn entry_for(
         &self,
         key: &StoreKey,
@@ -657,22 +701,7 @@ where
             None => Payload::Empty,
             Some(v) => match self.kind {
                 PayloadKind::Object => Payload::Object(Arc::new(v.clone())),
-                PayloadKind::Bytes => {
-                    let mut buf = Vec::new();
-                    (self.s.codec.encode(v, &mut buf))
-                        .map_err(|e| Error::codec(self.namespace(), key.user_key(), e))?;
-                    if let Some(limit) = self.s.max_value_bytes
-                        && buf.len() > limit
-                    {
-                        return Err(Error::too_large(
-                            self.namespace(),
-                            key.user_key(),
-                            buf.len(),
-                            limit,
-                        ));
-                    }
-                    Payload::Bytes(buf.into())
-                }
+                PayloadKind::Bytes => Payload::Bytes(self.encode(key, v)?),
             },
         };
         Ok(Entry { meta, payload })
