@@ -647,8 +647,6 @@ where
             "undecodable entry treated as a miss");
     }
 
-    /// The entry to send for `value`: an error if it does not encode, or if
-    /// it is larger than the store accepts (then it is never sent).
     /// `v` encoded with the cache's codec, within `max_value_bytes`.
     ///
     /// The codec writes into a buffer this thread keeps from one encoding to
@@ -691,6 +689,8 @@ where
         })
     }
 
+    /// The entry to send for `value`: an error if it does not encode, or if
+    /// it is larger than the store accepts (then it is never sent).
     pub(crate) fn entry_for(
         &self,
         key: &StoreKey,
