@@ -44,6 +44,8 @@ pub(crate) struct Leader<V> {
     flights: Arc<Flights<V>>,
     key: Box<str>,
     slot: Arc<Slot<V>>,
+    /// Whether [`Leader::finish`] ran: the flight has left the table.
+    finished: bool,
 }
 
 impl<V> Flights<V> {
@@ -75,6 +77,7 @@ impl<V> Flights<V> {
             flights: Arc::clone(self),
             key: key.into(),
             slot,
+            finished: false,
         })
     }
 
@@ -94,11 +97,20 @@ impl<V> Flights<V> {
         }
     }
 
+    /// Removes the flight of `key` if it is still the one of `slot` (a write
+    /// may have detached it, and another caller started the next one).
     fn remove_if_same(&self, key: &str, slot: &Arc<Slot<V>>) {
         let mut shard = self.shard(key).lock();
-        if shard.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-            shard.remove(key);
-            self.len.fetch_sub(1, Ordering::SeqCst);
+        // One lookup: almost always it is the same flight; otherwise it goes
+        // back in.
+        match shard.remove_entry(key) {
+            Some((_, s)) if Arc::ptr_eq(&s, slot) => {
+                self.len.fetch_sub(1, Ordering::SeqCst);
+            }
+            Some((k, s)) => {
+                shard.insert(k, s);
+            }
+            None => {}
         }
     }
 
@@ -120,15 +132,20 @@ impl<V: Clone> Leader<V> {
     /// Ends the flight and publishes the outcome to its followers. The flight
     /// leaves the table first, so that no caller arriving later joins a load
     /// that is already over.
-    pub(crate) fn finish(self, outcome: &Outcome<V>) {
+    pub(crate) fn finish(mut self, outcome: &Outcome<V>) {
         self.flights.remove_if_same(&self.key, &self.slot);
+        self.finished = true;
         self.slot.send_replace(Some(outcome.clone()));
     }
 }
 
 impl<V> Drop for Leader<V> {
     fn drop(&mut self) {
-        self.flights.remove_if_same(&self.key, &self.slot);
+        // After `finish` the flight is gone already; a flight in the table
+        // under this key now is a later caller's.
+        if !self.finished {
+            self.flights.remove_if_same(&self.key, &self.slot);
+        }
     }
 }
 
