@@ -467,12 +467,16 @@ impl Shared {
         Ok(())
     }
 
+    /// The primary the last announcement named, locked.
+    fn announced(&self) -> std::sync::MutexGuard<'_, Option<Announced>> {
+        self.announced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Notes the primary a failover announcement names.
     fn announce(&self, host: &str, port: u16) {
-        *self
-            .announced
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Announced {
+        *self.announced() = Some(Announced {
             host: host.to_owned(),
             port,
             at: Instant::now(),
@@ -486,10 +490,7 @@ impl Shared {
     /// failover still calls itself primary, and takes writes that its demotion
     /// then loses.
     fn announced_unlike(&self, named: &str) -> Option<Announced> {
-        let mut announced = self
-            .announced
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut announced = self.announced();
         let current = announced
             .as_ref()
             .filter(|a| a.at.elapsed() < ANNOUNCED_FOR && a.addr() != named)
@@ -526,10 +527,7 @@ impl Shared {
         let primary = matches!(&role, Value::Array(fields)
             if matches!(fields.first(), Some(Value::BulkString(r)) if r == b"master"));
         if !primary {
-            *self
-                .announced
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            *self.announced() = None;
             return Ok(None);
         }
         Ok(Some((announced_client, conn)))

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use cachet_core::{BusEvent, KeyLayout, Notice, Store, StoreErrorKind};
 use cachet_redis::RedisStore;
-use cachet_testkit::{RedisSentinels, ScriptedSentinel};
+use cachet_testkit::{RedisSentinels, ScriptedSentinel, eventually};
 use tokio::sync::mpsc;
 
 fn free_port() -> u16 {
@@ -15,6 +15,22 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The longest wait for a state a test brings about.
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// A store on the sentinels at `urls` that gives up quickly: calls within
+/// 200 ms, connects within 500 ms.
+fn quick_for(urls: Vec<String>, master: &str) -> cachet_redis::RedisStoreBuilder {
+    RedisStore::sentinel_builder(urls, master)
+        .response_timeout(Duration::from_millis(200))
+        .connection_timeout(Duration::from_millis(500))
+}
+
+/// [`quick_for`] the sentinels' usual master.
+fn quick(urls: Vec<String>) -> cachet_redis::RedisStoreBuilder {
+    quick_for(urls, RedisSentinels::MASTER)
 }
 
 async fn next_event(events: &mut mpsc::Receiver<BusEvent>) -> BusEvent {
@@ -140,12 +156,7 @@ async fn the_primary_is_used_on_the_database_given() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bus_follows_the_primary_across_a_failover() {
     let mut sentinels = RedisSentinels::start();
-    let connect = |master: &str| {
-        RedisStore::sentinel_builder(sentinels.sentinel_urls(), master)
-            .response_timeout(Duration::from_millis(200))
-            .connection_timeout(Duration::from_millis(500))
-            .connect()
-    };
+    let connect = |master: &str| quick_for(sentinels.sentinel_urls(), master).connect();
     // A name the sentinels do not know is an error that names it.
     let e = connect("nosuchmaster").await.unwrap_err();
     assert!(e.kind() == StoreErrorKind::Unavailable, "{e:?}");
@@ -202,20 +213,13 @@ async fn the_bus_follows_the_primary_across_a_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_is_followed_when_the_sentinel_listened_to_hangs() {
     let mut sentinels = RedisSentinels::start();
-    let store = RedisStore::sentinel_builder(sentinels.sentinel_urls(), RedisSentinels::MASTER)
-        .response_timeout(Duration::from_millis(200))
-        .connection_timeout(Duration::from_millis(500))
-        .connect()
-        .await
-        .unwrap();
-    let mut listened = Vec::new();
-    for _ in 0..200 {
-        listened = tokio::task::block_in_place(|| sentinels.listened_to());
-        if !listened.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let store = quick(sentinels.sentinel_urls()).connect().await.unwrap();
+    let listened_to = || tokio::task::block_in_place(|| sentinels.listened_to());
+    eventually("the store subscribes to a sentinel", LIMIT, || {
+        std::future::ready(!listened_to().is_empty())
+    })
+    .await;
+    let listened = listened_to();
     assert_eq!(
         listened.len(),
         1,
@@ -227,20 +231,15 @@ async fn a_failover_is_followed_when_the_sentinel_listened_to_hangs() {
     sentinels.failover_via(asked);
 
     // The sentinel asked names the replica, which is the primary now.
-    let mut switched = false;
-    for _ in 0..400 {
-        switched = tokio::task::block_in_place(|| {
+    eventually("the sentinels fail over", LIMIT, || {
+        std::future::ready(tokio::task::block_in_place(|| {
             sentinels.primary_named_by(asked) == Some(1)
                 && sentinels.nodes()[1]
                     .command(&["ROLE"])
                     .starts_with("master")
-        });
-        if switched {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(switched, "the sentinels did not fail over");
+        }))
+    })
+    .await;
 
     let reached = writes_reach(&store, &sentinels).await;
     sentinels.resume_sentinel(hung);
@@ -262,18 +261,11 @@ async fn an_announced_failover_is_followed_when_the_sentinel_asked_lags_behind()
     let (old, new) = (sentinels.nodes()[0].port(), sentinels.nodes()[1].port());
     // The store knows only a sentinel that always names the old primary.
     let lagging = ScriptedSentinel::start(RedisSentinels::MASTER, old);
-    let store = RedisStore::sentinel_builder([lagging.url()], RedisSentinels::MASTER)
-        .response_timeout(Duration::from_millis(200))
-        .connection_timeout(Duration::from_millis(500))
-        .connect()
-        .await
-        .unwrap();
-    for _ in 0..200 {
-        if lagging.subscribers() > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let store = quick(vec![lagging.url()]).connect().await.unwrap();
+    eventually("the store subscribes to the sentinel", LIMIT, || {
+        std::future::ready(lagging.subscribers() > 0)
+    })
+    .await;
     assert_eq!(
         lagging.subscribers(),
         1,

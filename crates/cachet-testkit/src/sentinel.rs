@@ -121,8 +121,7 @@ impl RedisSentinels {
     /// # Panics
     /// If the sentinel refuses.
     pub fn failover(&self) {
-        let reply = self.sentinel_command(0, &["SENTINEL", "FAILOVER", Self::MASTER]);
-        assert_eq!(reply, "OK", "SENTINEL FAILOVER {}", Self::MASTER);
+        self.failover_via(0);
     }
 
     /// Asks sentinel `sentinel` to fail over now, as [`failover`](Self::failover)
