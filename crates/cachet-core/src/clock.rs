@@ -93,18 +93,19 @@ mod coarse {
 
     #[inline]
     pub(super) fn now_ms() -> u64 {
-        match NOW_MS.load(Ordering::Relaxed) {
-            0 => {
-                START.call_once(start);
-                now_ms_slow()
-            }
-            NO_TICKER => system_ms(),
-            now => now,
+        let now = NOW_MS.load(Ordering::Relaxed);
+        // One comparison for both rare cases: 0 and `NO_TICKER`.
+        if now.wrapping_sub(1) < NO_TICKER - 1 {
+            return now;
         }
+        now_ms_slow(now)
     }
 
     #[cold]
-    fn now_ms_slow() -> u64 {
+    fn now_ms_slow(now: u64) -> u64 {
+        if now == 0 {
+            START.call_once(start);
+        }
         match NOW_MS.load(Ordering::Relaxed) {
             NO_TICKER => system_ms(),
             now => now,

@@ -201,7 +201,12 @@ impl HitCounter {
 
     #[inline]
     pub(crate) fn inc(&self) {
-        let cell = &self.cells.get_or_default().0;
+        // `get` first: the creating call is not inlined, and a hit should not
+        // pay for a call.
+        let cell = match self.cells.get() {
+            Some(cell) => &cell.0,
+            None => &self.cells.get_or_default().0,
+        };
         // Only this thread writes its cell: a load and a store suffice.
         cell.store(cell.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }

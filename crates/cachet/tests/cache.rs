@@ -1294,3 +1294,25 @@ fn a_load_outside_a_tokio_runtime_is_an_error_naming_the_key() {
     assert_eq!(hit, Some(70));
     assert_eq!(cache.stats().loads, 0);
 }
+
+/// Like any future, a read never polled does nothing: a `get` or
+/// `get_or_load` dropped unpolled reads nothing and counts nothing, even when
+/// the key is in process; polled, the same calls count their hits.
+#[tokio::test]
+async fn a_read_never_polled_does_nothing() {
+    let cache: Cache<u64, u64> = Cache::builder("unpolled").build().unwrap();
+    cache.set(&1, 10).await.unwrap();
+    drop(cache.get(&1));
+    drop(cache.get_or_load(&1, || async { Ok::<_, std::io::Error>(Some(0)) }));
+    drop(cache.get(&2));
+    assert_eq!(cache.stats().lookups(), 0);
+
+    assert_eq!(cache.get(&1).await.unwrap(), Some(10));
+    let loaded = cache
+        .get_or_load(&1, || async { Ok::<_, std::io::Error>(Some(0)) })
+        .await
+        .unwrap();
+    assert_eq!(loaded, Some(10));
+    assert_eq!(cache.stats().hits, 2);
+    assert_eq!(cache.stats().loads, 0);
+}

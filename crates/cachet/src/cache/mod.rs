@@ -11,13 +11,13 @@
 //! fresh or stale.
 
 mod batch;
+mod calls;
 mod fresh;
 mod inner;
 mod load;
 mod read;
 mod tags;
 
-use futures::future::Either;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -202,12 +202,7 @@ where
         &'a self,
         key: &'a K,
     ) -> impl Future<Output = Result<Option<V>, Error>> + Send + 'a {
-        // An in-process hit is answered before any future is built: a ready
-        // one; the rest of the read path is boxed.
-        match self.inner.local_hit(key, true) {
-            Some(v) => Either::Left(std::future::ready(Ok(v))),
-            None => Either::Right(Box::pin(self.read(key, true))),
-        }
+        calls::Get::new(self, key)
     }
 
     /// Like [`get`](Self::get), but not counted in the statistics.
@@ -288,11 +283,7 @@ where
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: Into<BoxError> + Send + 'static,
     {
-        // As in `get`: a hit is a ready future, the rest is boxed.
-        match self.inner.local_hit(key, true) {
-            Some(v) => Either::Left(std::future::ready(Ok(v))),
-            None => Either::Right(Box::pin(self.load_path(key, options, loader))),
-        }
+        calls::GetOrLoad::new(self, key, options, loader)
     }
 
     /// Writes a value with a (jittered) TTL, replacing any entry and revoking any
