@@ -1316,3 +1316,62 @@ async fn a_read_never_polled_does_nothing() {
     assert_eq!(cache.stats().hits, 2);
     assert_eq!(cache.stats().loads, 0);
 }
+
+/// A batch that follows another call's load of one of its keys loads that
+/// key itself when the followed load ends without an outcome (here, its
+/// runtime shut down under it), and the other keys as usual.
+#[test]
+fn a_batch_loads_a_key_whose_followed_load_ended_without_an_outcome() {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (leader_rt, batch_rt) = (runtime(), runtime());
+    let cache: Cache<u64, u64> = Cache::builder("afresh").build().unwrap();
+    let (started, on_start) = std::sync::mpsc::channel();
+    let leader = cache.clone();
+    leader_rt.spawn(async move {
+        leader
+            .get_or_load(&1, move || async move {
+                started.send(()).unwrap();
+                std::future::pending::<()>().await;
+                Ok::<_, std::io::Error>(Some(0))
+            })
+            .await
+    });
+    on_start.recv_timeout(Duration::from_secs(10)).unwrap();
+
+    let batch = cache.clone();
+    let loaded = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&loaded);
+    let call = batch_rt.spawn(async move {
+        batch
+            .get_or_load_many(&[1, 2], move |keys: Vec<u64>| {
+                seen.lock().unwrap().push(keys.clone());
+                async move {
+                    Ok::<_, std::io::Error>(keys.into_iter().map(|k| (k, k * 10)).collect())
+                }
+            })
+            .await
+    });
+    // The batch follows key 1's load, and loads key 2 at once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cache.stats().coalesced == 0 || loaded.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch never followed key 1's load"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(*loaded.lock().unwrap(), vec![vec![2]]);
+    assert!(!call.is_finished(), "the batch waits for key 1's load");
+
+    leader_rt.shutdown_background();
+    let got = batch_rt.block_on(call).unwrap().unwrap();
+    assert_eq!(got, vec![Some(10), Some(20)]);
+    assert_eq!(*loaded.lock().unwrap(), vec![vec![2], vec![1]]);
+    assert_eq!(batch_rt.block_on(cache.get(&1)).unwrap(), Some(10));
+}
