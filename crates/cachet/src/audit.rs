@@ -822,7 +822,7 @@ where
 }
 
 /// The audit's task: schedules each read's checks and counts their verdicts.
-struct Task<K: ?Sized, V> {
+struct Task<K: ?Sized + ToOwned, V> {
     cache: Cache<K, V>,
     shared: Arc<Shared>,
     check: CheckFn<K, V>,
@@ -994,7 +994,7 @@ where
 }
 
 /// What one look at a key needs.
-struct Look<'a, K: ?Sized, V> {
+struct Look<'a, K: ?Sized + ToOwned, V> {
     cache: &'a Cache<K, V>,
     shared: &'a Shared,
     check: &'a CheckFn<K, V>,

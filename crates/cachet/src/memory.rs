@@ -445,8 +445,9 @@ impl<V> Generational for Slot<V> {
     }
 }
 
-/// A cache's typed table, seen through its borrowed key type so that `Cache`
-/// need not name `K::Owned`.
+/// A cache's typed table, called with the cache's borrowed key type (`&str`
+/// for a table of `String`s); implemented by [`TypedTier`], which `Cache`
+/// holds by its type, so that these calls are direct.
 ///
 /// `group` is the escaped group of the key, for caches with groups.
 pub(crate) trait LocalTier<K: ?Sized, V>: Send + Sync {
@@ -489,8 +490,13 @@ pub(crate) trait LocalTier<K: ?Sized, V>: Send + Sync {
     fn invalidate_escaped(&self, escaped: &str) -> bool;
 }
 
+/// The typed table of a cache whose keys are `K`, named by the borrowed key
+/// type: what `Cache` holds, called directly (no `dyn`), so that a hit is
+/// inlined into the read that asks for it.
+pub(crate) type TypedTier<K, V> = Typed<<K as ToOwned>::Owned, V>;
+
 /// A typed table of its own, outside any store: a near cache's L1.
-pub(crate) fn standalone<K, V>(capacity: usize, clock: Clock) -> Arc<dyn LocalTier<K, V>>
+pub(crate) fn standalone<K, V>(capacity: usize, clock: Clock) -> Arc<TypedTier<K, V>>
 where
     K: CacheKey + ?Sized,
     V: Clone + Send + Sync + 'static,
@@ -503,7 +509,7 @@ where
 
 /// A cache's typed table, with the decoder of its keys so that an invalidation
 /// by store key can find the typed key.
-struct Typed<Q, V> {
+pub(crate) struct Typed<Q, V> {
     table: MemTable<Q, Slot<V>>,
     decode: fn(&str) -> Option<Q>,
 }
@@ -689,7 +695,7 @@ where
     fn get(&self, key: &K, group: Option<&str>) -> Option<Slot<V>> {
         self.table.get(key, group)
     }
-    #[inline]
+    #[inline(always)]
     fn hit(&self, key: &K) -> Option<Option<V>> {
         self.table.get_ungrouped(key)?.plain_value()
     }
@@ -834,7 +840,7 @@ impl MemoryStore {
 
     /// The typed table of the cache whose keys start with `head`
     /// (`{prefix}{namespace}`), created on first use.
-    pub(crate) fn table<K, V>(&self, head: &str) -> Result<Arc<dyn LocalTier<K, V>>, String>
+    pub(crate) fn table<K, V>(&self, head: &str) -> Result<Arc<TypedTier<K, V>>, String>
     where
         K: CacheKey + ?Sized + 'static,
         V: Clone + Send + Sync + 'static,
@@ -843,7 +849,6 @@ impl MemoryStore {
         if let Some(existing) = typed.get(head) {
             return Arc::clone(&existing.any)
                 .downcast::<Typed<K::Owned, V>>()
-                .map(|t| t as Arc<dyn LocalTier<K, V>>)
                 .map_err(|_| {
                     format!(
                         "the keys {head:?}... of this MemoryStore already hold another key or value type"

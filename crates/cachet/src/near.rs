@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use cachet_core::{BusEvent, CacheKey, Clock, Meta, Notice, StoreKey};
 
-use crate::memory::{self, LocalTier, Slot};
+use crate::memory::{self, LocalTier, Slot, TypedTier};
 
 /// Number of epoch stripes; a power of two.
 const STRIPES: usize = 256;
@@ -55,8 +55,8 @@ impl NearCache {
 }
 
 /// A near cache's state.
-pub(crate) struct Near<K: ?Sized, V> {
-    table: Arc<dyn LocalTier<K, V>>,
+pub(crate) struct Near<K: ?Sized + ToOwned, V> {
+    table: Arc<TypedTier<K, V>>,
     max_ttl: Duration,
     epochs: Box<[AtomicU64]>,
     group_epoch: AtomicU64,
@@ -175,7 +175,7 @@ where
     /// This process invalidated `group` (escaped).
     pub(crate) fn invalidate_group(&self, group: &str) {
         self.group_epoch.fetch_add(1, Ordering::SeqCst);
-        self.table.invalidate_group(group);
+        LocalTier::<K, V>::invalidate_group(&*self.table, group);
     }
 
     /// A tag of the cache was invalidated (here or elsewhere). L1 does not
@@ -183,7 +183,7 @@ where
     /// fills in flight are void as after a group invalidation.
     pub(crate) fn invalidate_tag(&self) {
         self.group_epoch.fetch_add(1, Ordering::SeqCst);
-        self.table.clear();
+        LocalTier::<K, V>::clear(&*self.table);
     }
 
     /// Empties L1 and starts a new session: up (odd) or down (even). Tickets
@@ -196,7 +196,7 @@ where
                 let next = s + 1;
                 Some(if next % 2 == parity { next } else { next + 1 })
             });
-        self.table.clear();
+        LocalTier::<K, V>::clear(&*self.table);
         self.clears.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -220,7 +220,8 @@ where
                         Notice::Key(skey) => {
                             self.epochs[self.stripe(skey.user_key())]
                                 .fetch_add(1, Ordering::SeqCst);
-                            if !self.table.invalidate_escaped(skey.user_key()) {
+                            if !LocalTier::<K, V>::invalidate_escaped(&*self.table, skey.user_key())
+                            {
                                 // A key type that cannot decode: drop everything.
                                 self.reset(self.connected());
                             }

@@ -16,13 +16,13 @@ use crate::error::BoxError;
 type Boxed<'a, V> = Pin<Box<dyn Future<Output = Result<Option<V>, Error>> + Send + 'a>>;
 
 /// [`Cache::get`]'s future.
-pub(super) struct Get<'a, K: ?Sized, V> {
+pub(super) struct Get<'a, K: ?Sized + ToOwned, V> {
     cache: &'a Cache<K, V>,
     key: &'a K,
     read: Option<Boxed<'a, V>>,
 }
 
-impl<'a, K: ?Sized, V> Get<'a, K, V> {
+impl<'a, K: ?Sized + ToOwned, V> Get<'a, K, V> {
     pub(super) fn new(cache: &'a Cache<K, V>, key: &'a K) -> Self {
         Self {
             cache,
@@ -47,7 +47,7 @@ where
 }
 
 /// [`Cache::get_or_load_with`]'s future.
-pub(super) struct GetOrLoad<'a, K: ?Sized, V, F> {
+pub(super) struct GetOrLoad<'a, K: ?Sized + ToOwned, V, F> {
     cache: &'a Cache<K, V>,
     key: &'a K,
     options: LoadOptions,
@@ -56,9 +56,9 @@ pub(super) struct GetOrLoad<'a, K: ?Sized, V, F> {
 }
 
 // The loader is moved, never pinned.
-impl<K: ?Sized, V, F> Unpin for GetOrLoad<'_, K, V, F> {}
+impl<K: ?Sized + ToOwned, V, F> Unpin for GetOrLoad<'_, K, V, F> {}
 
-impl<'a, K: ?Sized, V, F> GetOrLoad<'a, K, V, F> {
+impl<'a, K: ?Sized + ToOwned, V, F> GetOrLoad<'a, K, V, F> {
     pub(super) fn new(cache: &'a Cache<K, V>, key: &'a K, options: LoadOptions, loader: F) -> Self {
         Self {
             cache,

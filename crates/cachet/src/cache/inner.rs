@@ -23,7 +23,7 @@ use crate::codec::{Codec, CodecError};
 use crate::expiry::Expiry;
 use crate::flight::Flights;
 use crate::log_limit::LogLimit;
-use crate::memory::{Acquired, LocalTier, Slot};
+use crate::memory::{Acquired, LocalTier, Slot, TypedTier};
 use crate::metrics::{self, Histograms};
 use crate::near::{Near, NearCache};
 use crate::stats::Counters;
@@ -57,7 +57,7 @@ pub(crate) struct Partitions<K: ?Sized, V> {
     pub(crate) tags: Option<TagsFn<K, V>>,
 }
 
-pub(crate) struct Inner<K: ?Sized, V> {
+pub(crate) struct Inner<K: ?Sized + ToOwned, V> {
     pub(crate) s: Settings<V>,
     /// How long each value stays fresh.
     pub(crate) expiry: Arc<dyn Expiry<K, V>>,
@@ -68,7 +68,7 @@ pub(crate) struct Inner<K: ?Sized, V> {
     /// The value's tags, for caches with tags.
     pub(crate) tags: Option<TagsFn<K, V>>,
     /// The cache's typed table when the store is a `MemoryStore`.
-    pub(crate) local: Option<Arc<dyn LocalTier<K, V>>>,
+    pub(crate) local: Option<Arc<TypedTier<K, V>>>,
     pub(crate) kind: PayloadKind,
     pub(crate) counters: Counters,
     pub(crate) histograms: Histograms,
@@ -142,7 +142,7 @@ pub(crate) enum Claim<V> {
 
 impl<K, V> metrics::Source for Inner<K, V>
 where
-    K: ?Sized + 'static,
+    K: CacheKey + ?Sized + 'static,
     V: Clone + Send + Sync + 'static,
 {
     fn namespace(&self) -> &str {
@@ -178,7 +178,7 @@ where
         s: Settings<V>,
         expiry: Arc<dyn Expiry<K, V>>,
         partitions: Partitions<K, V>,
-        local: Option<Arc<dyn LocalTier<K, V>>>,
+        local: Option<Arc<TypedTier<K, V>>>,
         bloom: Option<BloomFilter>,
         near: Option<NearCache>,
         breaker: Option<Arc<Guarded>>,
@@ -336,7 +336,7 @@ where
     #[inline]
     async fn lookup_typed(
         &self,
-        local: &dyn LocalTier<K, V>,
+        local: &TypedTier<K, V>,
         key: &K,
         group: Option<&str>,
         count: bool,
@@ -575,7 +575,7 @@ where
     /// Moves `group` to a new generation.
     pub(crate) async fn bump_group(&self, gkey: &GroupKey) -> Result<(), Error> {
         if let Some(local) = &self.local {
-            local.invalidate_group(gkey.group());
+            LocalTier::<K, V>::invalidate_group(&**local, gkey.group());
             return Ok(());
         }
         let bumped = match self.s.store.groups() {

@@ -38,7 +38,7 @@ use crate::breaker::Guarded;
 use crate::builder::CacheBuilder;
 use crate::error::BoxError;
 use crate::expiry::Expiry;
-use crate::memory::LocalTier;
+use crate::memory::TypedTier;
 use crate::near::NearCache;
 use crate::stats::Stats;
 
@@ -123,11 +123,11 @@ impl LoadOptions {
 ///
 /// See the [crate docs](crate) for the guarantees and for what concurrent
 /// callers of [`get_or_load`](Cache::get_or_load) see.
-pub struct Cache<K: ?Sized, V> {
+pub struct Cache<K: ?Sized + ToOwned, V> {
     inner: Arc<Inner<K, V>>,
 }
 
-impl<K: ?Sized, V> Clone for Cache<K, V> {
+impl<K: ?Sized + ToOwned, V> Clone for Cache<K, V> {
     fn clone(&self) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
@@ -135,7 +135,7 @@ impl<K: ?Sized, V> Clone for Cache<K, V> {
     }
 }
 
-impl<K: ?Sized, V> fmt::Debug for Cache<K, V> {
+impl<K: ?Sized + ToOwned, V> fmt::Debug for Cache<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = &self.inner.s;
         f.debug_struct("Cache")
@@ -167,7 +167,7 @@ where
         s: Settings<V>,
         expiry: Arc<dyn Expiry<K, V>>,
         partitions: Partitions<K, V>,
-        local: Option<Arc<dyn LocalTier<K, V>>>,
+        local: Option<Arc<TypedTier<K, V>>>,
         bloom: Option<BloomFilter>,
         near: Option<NearCache>,
         breaker: Option<Arc<Guarded>>,

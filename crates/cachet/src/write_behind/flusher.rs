@@ -169,7 +169,7 @@ struct Config {
 /// | [`sink_timeout`](Self::sink_timeout) | 30 s | time limit of one sink call |
 /// | [`prune_idle`](Self::prune_idle) | 10 min | idle time after which a consumer without pending entries is deleted |
 #[must_use = "a builder does nothing until .connect() is called"]
-pub struct FlusherBuilder<K: ?Sized, V, S> {
+pub struct FlusherBuilder<K: ?Sized + ToOwned, V, S> {
     wb: WriteBehind<K, V>,
     sink: S,
     consumer: Option<String>,
@@ -177,7 +177,7 @@ pub struct FlusherBuilder<K: ?Sized, V, S> {
     config: Config,
 }
 
-impl<K: ?Sized, V, S> fmt::Debug for FlusherBuilder<K, V, S> {
+impl<K: ?Sized + ToOwned, V, S> fmt::Debug for FlusherBuilder<K, V, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FlusherBuilder")
             .field("stream", &self.wb.inner.stream)
@@ -189,7 +189,7 @@ impl<K: ?Sized, V, S> fmt::Debug for FlusherBuilder<K, V, S> {
     }
 }
 
-impl<K: ?Sized, V, S> FlusherBuilder<K, V, S> {
+impl<K: ?Sized + ToOwned, V, S> FlusherBuilder<K, V, S> {
     pub(crate) fn new(wb: WriteBehind<K, V>, sink: S) -> Self {
         Self {
             wb,
@@ -396,11 +396,11 @@ where
 /// once, in batches coalesced per key. See the [module docs](crate::write_behind#flushing).
 ///
 /// Cloning is cheap; clones share the connection and the counters.
-pub struct Flusher<K: ?Sized, V, S> {
+pub struct Flusher<K: ?Sized + ToOwned, V, S> {
     inner: Arc<Inner<K, V, S>>,
 }
 
-struct Inner<K: ?Sized, V, S> {
+struct Inner<K: ?Sized + ToOwned, V, S> {
     wb: WriteBehind<K, V>,
     sink: S,
     conn: RedisConnection,
@@ -421,7 +421,7 @@ struct Schedule {
     next_prune: Instant,
 }
 
-impl<K: ?Sized, V, S> Clone for Flusher<K, V, S> {
+impl<K: ?Sized + ToOwned, V, S> Clone for Flusher<K, V, S> {
     fn clone(&self) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
@@ -429,7 +429,7 @@ impl<K: ?Sized, V, S> Clone for Flusher<K, V, S> {
     }
 }
 
-impl<K: ?Sized, V, S> fmt::Debug for Flusher<K, V, S> {
+impl<K: ?Sized + ToOwned, V, S> fmt::Debug for Flusher<K, V, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = &self.inner;
         f.debug_struct("Flusher")

@@ -61,11 +61,11 @@ pub enum WriteOutcome {
 /// the [module docs](crate::write_behind).
 ///
 /// Cloning is cheap; clones share everything.
-pub struct WriteBehind<K: ?Sized, V> {
+pub struct WriteBehind<K: ?Sized + ToOwned, V> {
     pub(crate) inner: Arc<Shared<K, V>>,
 }
 
-pub(crate) struct Shared<K: ?Sized, V> {
+pub(crate) struct Shared<K: ?Sized + ToOwned, V> {
     pub(crate) cache: Cache<K, V>,
     pub(crate) store: RedisStore,
     pub(crate) codec: Arc<dyn Codec<V>>,
@@ -79,7 +79,7 @@ pub(crate) struct Shared<K: ?Sized, V> {
     durability: Durability,
 }
 
-impl<K: ?Sized, V> Clone for WriteBehind<K, V> {
+impl<K: ?Sized + ToOwned, V> Clone for WriteBehind<K, V> {
     fn clone(&self) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
@@ -87,7 +87,7 @@ impl<K: ?Sized, V> Clone for WriteBehind<K, V> {
     }
 }
 
-impl<K: ?Sized, V> fmt::Debug for WriteBehind<K, V> {
+impl<K: ?Sized + ToOwned, V> fmt::Debug for WriteBehind<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = &self.inner;
         f.debug_struct("WriteBehind")
@@ -116,7 +116,7 @@ impl<K: ?Sized, V> fmt::Debug for WriteBehind<K, V> {
 /// | [`on_full`](Self::on_full) | [`OnFull::Error`] | refuse or wait when the backlog is full |
 /// | [`wait_replicas`](Self::wait_replicas) | none | `WAIT` for replicas after each write |
 #[must_use = "a builder does nothing until .build() is called"]
-pub struct WriteBehindBuilder<K: ?Sized, V> {
+pub struct WriteBehindBuilder<K: ?Sized + ToOwned, V> {
     store: RedisStore,
     cache: Cache<K, V>,
     stream_name: String,
@@ -125,7 +125,7 @@ pub struct WriteBehindBuilder<K: ?Sized, V> {
     wait_replicas: Option<(usize, Duration)>,
 }
 
-impl<K: ?Sized, V> fmt::Debug for WriteBehindBuilder<K, V> {
+impl<K: ?Sized + ToOwned, V> fmt::Debug for WriteBehindBuilder<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WriteBehindBuilder")
             .field("store", &self.store)
@@ -138,7 +138,7 @@ impl<K: ?Sized, V> fmt::Debug for WriteBehindBuilder<K, V> {
     }
 }
 
-impl<K: ?Sized, V> WriteBehindBuilder<K, V> {
+impl<K: ?Sized + ToOwned, V> WriteBehindBuilder<K, V> {
     /// The stream's name within the cache's keys (default `wb`): the stream is
     /// `{prefix}{namespace}:sys:{name}`, its dead-letter stream
     /// `{prefix}{namespace}:sys:{name}:dead`. 1 to 64 characters from
