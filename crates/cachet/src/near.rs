@@ -106,7 +106,7 @@ where
     }
 
     /// An L1 hit, if the subscription is up.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn get(&self, key: &K, group: Option<&str>) -> Option<Option<V>> {
         if !self.connected() {
             return None;
