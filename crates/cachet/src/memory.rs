@@ -481,13 +481,7 @@ pub(crate) trait LocalTier<K: ?Sized, V>: Send + Sync {
         ttl: Duration,
     ) -> Versioned;
     fn invalidate(&self, key: &K);
-    fn invalidate_group(&self, group: &str);
     fn ttls(&self, key: &K) -> Ttls;
-    /// Drops every entry (a near cache whose invalidation bus was interrupted).
-    fn clear(&self);
-    /// Invalidates the entry whose escaped key is `escaped`; false if the key
-    /// type cannot decode it.
-    fn invalidate_escaped(&self, escaped: &str) -> bool;
 }
 
 /// The typed table of a cache whose keys are `K`, named by the borrowed key
@@ -736,19 +730,32 @@ where
     fn invalidate(&self, key: &K) {
         self.table.invalidate(key);
     }
-    fn invalidate_group(&self, group: &str) {
-        self.table.invalidate_group(group);
-    }
     fn ttls(&self, key: &K) -> Ttls {
         self.table.ttls(key)
     }
-    fn clear(&self) {
+}
+
+/// What a typed table does without a key of its borrowed type.
+impl<Q, V> Typed<Q, V>
+where
+    Q: Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    pub(crate) fn invalidate_group(&self, group: &str) {
+        self.table.invalidate_group(group);
+    }
+
+    /// Drops every entry (a near cache whose invalidation bus was interrupted).
+    pub(crate) fn clear(&self) {
         self.table.clear();
     }
-    fn invalidate_escaped(&self, escaped: &str) -> bool {
+
+    /// Invalidates the entry whose escaped key is `escaped`; false if the key
+    /// type cannot decode it.
+    pub(crate) fn invalidate_escaped(&self, escaped: &str) -> bool {
         match (self.decode)(escaped) {
             Some(owned) => {
-                self.table.invalidate::<K>(owned.borrow());
+                self.table.invalidate::<Q>(&owned);
                 true
             }
             None => false,

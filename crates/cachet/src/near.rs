@@ -175,7 +175,7 @@ where
     /// This process invalidated `group` (escaped).
     pub(crate) fn invalidate_group(&self, group: &str) {
         self.group_epoch.fetch_add(1, Ordering::SeqCst);
-        LocalTier::<K, V>::invalidate_group(&*self.table, group);
+        self.table.invalidate_group(group);
     }
 
     /// A tag of the cache was invalidated (here or elsewhere). L1 does not
@@ -183,7 +183,7 @@ where
     /// fills in flight are void as after a group invalidation.
     pub(crate) fn invalidate_tag(&self) {
         self.group_epoch.fetch_add(1, Ordering::SeqCst);
-        LocalTier::<K, V>::clear(&*self.table);
+        self.table.clear();
     }
 
     /// Empties L1 and starts a new session: up (odd) or down (even). Tickets
@@ -196,7 +196,7 @@ where
                 let next = s + 1;
                 Some(if next % 2 == parity { next } else { next + 1 })
             });
-        LocalTier::<K, V>::clear(&*self.table);
+        self.table.clear();
         self.clears.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -220,8 +220,7 @@ where
                         Notice::Key(skey) => {
                             self.epochs[self.stripe(skey.user_key())]
                                 .fetch_add(1, Ordering::SeqCst);
-                            if !LocalTier::<K, V>::invalidate_escaped(&*self.table, skey.user_key())
-                            {
+                            if !self.table.invalidate_escaped(skey.user_key()) {
                                 // A key type that cannot decode: drop everything.
                                 self.reset(self.connected());
                             }

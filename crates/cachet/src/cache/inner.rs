@@ -575,7 +575,7 @@ where
     /// Moves `group` to a new generation.
     pub(crate) async fn bump_group(&self, gkey: &GroupKey) -> Result<(), Error> {
         if let Some(local) = &self.local {
-            LocalTier::<K, V>::invalidate_group(&**local, gkey.group());
+            local.invalidate_group(gkey.group());
             return Ok(());
         }
         let bumped = match self.s.store.groups() {
