@@ -31,6 +31,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -59,8 +60,8 @@ const SWEEP_AT: usize = 1024;
 /// group's generation is drawn from a counter that never repeats, so a
 /// generation evicted from the bounded map comes back as a new value and never
 /// revives old items.
-pub(crate) struct MemTable<Q, P> {
-    entries: quick_cache::sync::Cache<Q, Timed<P>>,
+pub(crate) struct MemTable<Q, S> {
+    entries: quick_cache::sync::Cache<Q, S>,
     leases: Box<[Stripe<Q>]>,
     generations: quick_cache::sync::Cache<String, u64>,
     /// Held while a generation is drawn and stored; see [`Self::generation`].
@@ -90,13 +91,39 @@ impl Generational for Entry {
     }
 }
 
-type Stripe<Q> = Mutex<HashMap<Q, LeaseSlot>>;
+/// What a [`MemTable`]'s map holds: an item with its expiry. The map clones
+/// it on every hit, so it stays small (see [`Slot`]).
+pub(crate) trait Stored: Clone + Send + Sync + 'static {
+    type Item: Generational;
+    fn new(item: Self::Item, expires_at_ms: u64) -> Self;
+    fn expires_at_ms(&self) -> u64;
+    fn into_item(self) -> Self::Item;
+}
 
+/// An item stored beside its expiry.
 #[derive(Clone)]
 struct Timed<P> {
     expires_at_ms: u64,
     item: P,
 }
+
+impl<P: Generational + Clone + Send + Sync + 'static> Stored for Timed<P> {
+    type Item = P;
+    fn new(item: P, expires_at_ms: u64) -> Self {
+        Self {
+            expires_at_ms,
+            item,
+        }
+    }
+    fn expires_at_ms(&self) -> u64 {
+        self.expires_at_ms
+    }
+    fn into_item(self) -> P {
+        self.item
+    }
+}
+
+type Stripe<Q> = Mutex<HashMap<Q, LeaseSlot>>;
 
 struct LeaseSlot {
     token: LeaseToken,
@@ -110,10 +137,10 @@ pub(crate) enum Acquired<P> {
     Busy(Duration),
 }
 
-impl<Q, P> MemTable<Q, P>
+impl<Q, S> MemTable<Q, S>
 where
     Q: Hash + Eq + Send + Sync + 'static,
-    P: Clone + Generational + Send + Sync + 'static,
+    S: Stored,
 {
     fn new(capacity: usize, clock: Clock, tokens: Arc<TokenSource>) -> Self {
         Self {
@@ -153,7 +180,7 @@ where
 
     /// Whether `item` belongs to its group's current generation.
     #[inline]
-    fn current(&self, item: &P, group: Option<&str>) -> bool {
+    fn current(&self, item: &S::Item, group: Option<&str>) -> bool {
         match group {
             None => true,
             Some(group) => self.generations.get(group) == Some(item.generation()),
@@ -176,7 +203,7 @@ where
 
     /// The live item under `key` (of the current generation of `group`).
     #[inline]
-    pub(crate) fn get<B>(&self, key: &B, group: Option<&str>) -> Option<P>
+    pub(crate) fn get<B>(&self, key: &B, group: Option<&str>) -> Option<S::Item>
     where
         Q: Borrow<B>,
         B: Hash + Eq + ?Sized,
@@ -185,25 +212,14 @@ where
             .filter(|item| self.current(item, group))
     }
 
-    /// The live item under `key`, whatever its generation: the hit fast path
-    /// of a cache without groups.
     #[inline(always)]
-    pub(crate) fn get_ungrouped<B>(&self, key: &B) -> Option<P>
-    where
-        Q: Borrow<B>,
-        B: Hash + Eq + ?Sized,
-    {
-        self.live(key, self.clock.coarse_ms())
-    }
-
-    #[inline(always)]
-    fn live<B>(&self, key: &B, now: u64) -> Option<P>
+    fn live<B>(&self, key: &B, now: u64) -> Option<S::Item>
     where
         Q: Borrow<B>,
         B: Hash + Eq + ?Sized,
     {
         match self.entries.get(key) {
-            Some(t) if t.expires_at_ms > now => Some(t.item),
+            Some(stored) if stored.expires_at_ms() > now => Some(stored.into_item()),
             _ => None,
         }
     }
@@ -214,7 +230,7 @@ where
         group: Option<&str>,
         mode: AcquireMode,
         lease_ttl: Duration,
-    ) -> Acquired<P>
+    ) -> Acquired<S::Item>
     where
         Q: Borrow<B>,
         B: Hash + Eq + ToOwned<Owned = Q> + ?Sized,
@@ -252,7 +268,7 @@ where
         key: &B,
         group: Option<&str>,
         token: &LeaseToken,
-        mut item: P,
+        mut item: S::Item,
         ttl: Duration,
     ) -> Fill
     where
@@ -296,7 +312,7 @@ where
         }
     }
 
-    pub(crate) fn set<B>(&self, key: &B, group: Option<&str>, mut item: P, ttl: Duration)
+    pub(crate) fn set<B>(&self, key: &B, group: Option<&str>, mut item: S::Item, ttl: Duration)
     where
         Q: Borrow<B>,
         B: Hash + Eq + ToOwned<Owned = Q> + ?Sized,
@@ -313,7 +329,7 @@ where
         &self,
         key: &B,
         group: Option<&str>,
-        mut item: P,
+        mut item: S::Item,
         ttl: Duration,
     ) -> Versioned
     where
@@ -354,7 +370,10 @@ where
     {
         let now = self.clock.coarse_ms();
         let left = |at: u64| (at > now).then(|| Duration::from_millis(at - now));
-        let entry = self.entries.peek(key).and_then(|t| left(t.expires_at_ms));
+        let entry = self
+            .entries
+            .peek(key)
+            .and_then(|stored| left(stored.expires_at_ms()));
         let lease = self
             .stripe(key)
             .lock()
@@ -371,31 +390,70 @@ where
         self.entries.clear();
     }
 
-    fn insert(&self, key: Q, item: P, ttl: Duration, now: u64) {
-        self.entries.insert(
-            key,
-            Timed {
-                expires_at_ms: now.saturating_add(ttl_millis(ttl)),
-                item,
-            },
-        );
+    fn insert(&self, key: Q, item: S::Item, ttl: Duration, now: u64) {
+        self.entries
+            .insert(key, S::new(item, now.saturating_add(ttl_millis(ttl))));
     }
 }
 
-/// An item of a cache's typed table: the decoded value, `None` for a negative
-/// entry, and the envelope fields (soft expiry, load time, group generation,
-/// version, tags) when any of them is set.
-///
-/// The table clones its item on every hit, so the item stays small: most
-/// entries (no soft expiry, version, group or tags) hold the value alone, and
-/// the others keep their envelope behind an `Arc`.
-#[derive(Clone, Debug)]
-pub(crate) struct Slot<V> {
-    pub(crate) value: Option<V>,
-    meta: Option<Arc<Meta>>,
+impl<Q, V> MemTable<Q, Slot<V>>
+where
+    Q: Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// The value of the live item under `key`, whatever its generation, when
+    /// it has no soft expiry: the hit fast path of a cache without groups.
+    ///
+    /// It matches on the map's answer in place: the slot is taken apart where
+    /// it lands, never copied whole.
+    #[inline(always)]
+    pub(crate) fn plain_hit<B>(&self, key: &B) -> Option<Option<V>>
+    where
+        Q: Borrow<B>,
+        B: Hash + Eq + ?Sized,
+    {
+        let now = self.clock.coarse_ms();
+        match self.entries.get(key) {
+            Some(Slot::Plain {
+                expires_at_ms,
+                value,
+            }) if expires_at_ms.get() > now => Some(value),
+            Some(Slot::Rich(rich)) if rich.expires_at_ms > now && rich.meta.soft_expiry_ms == 0 => {
+                Some(rich.value.clone())
+            }
+            _ => None,
+        }
+    }
 }
 
-impl<V> Slot<V> {
+/// An item of a cache's typed table, as the table stores it: the decoded
+/// value (`None` for a negative entry), its expiry, and the envelope fields
+/// (soft expiry, load time, group generation, version, tags) when any of them
+/// is set.
+///
+/// The table clones its item on every hit, so the item is small: most entries
+/// (no soft expiry, version, group or tags) are [`Plain`](Self::Plain), the
+/// value beside its expiry, 16 bytes for a `V` of one pointer (the zero that
+/// an expiry never is tells the two forms apart); the others keep everything
+/// behind one `Arc`. A slot's expiry is set by the table when it stores it.
+#[derive(Clone, Debug)]
+pub(crate) enum Slot<V> {
+    Plain {
+        expires_at_ms: NonZeroU64,
+        value: Option<V>,
+    },
+    Rich(Arc<Rich<V>>),
+}
+
+/// A [`Slot`] with envelope fields.
+#[derive(Clone, Debug)]
+pub(crate) struct Rich<V> {
+    expires_at_ms: u64,
+    value: Option<V>,
+    meta: Meta,
+}
+
+impl<V: Clone> Slot<V> {
     /// A slot of `value` and its envelope; whether it is negative follows
     /// from `value`.
     pub(crate) fn new(value: Option<V>, meta: Meta) -> Self {
@@ -404,44 +462,103 @@ impl<V> Slot<V> {
             && meta.load_time_us == 0
             && meta.generation == 0
             && meta.tags.is_none();
-        Self {
-            value,
-            meta: (!plain).then(|| Arc::new(meta)),
+        if plain {
+            Self::Plain {
+                expires_at_ms: NonZeroU64::MAX,
+                value,
+            }
+        } else {
+            Self::Rich(Arc::new(Rich {
+                expires_at_ms: u64::MAX,
+                value,
+                meta,
+            }))
         }
     }
 
     /// The value and its envelope.
     pub(crate) fn into_parts(self) -> (Option<V>, Meta) {
-        let meta = match self.meta {
-            Some(meta) => Arc::unwrap_or_clone(meta),
-            None => Meta::default(),
+        let (value, meta) = match self {
+            Self::Plain { value, .. } => (value, Meta::default()),
+            Self::Rich(rich) => {
+                let Rich { value, meta, .. } = Arc::unwrap_or_clone(rich);
+                (value, meta)
+            }
         };
-        let negative = self.value.is_none();
-        (self.value, Meta { negative, ..meta })
+        let negative = value.is_none();
+        (value, Meta { negative, ..meta })
     }
 
-    /// The value, when the entry has no soft expiry: all a plain hit needs.
-    #[inline]
-    pub(crate) fn plain_value(self) -> Option<Option<V>> {
-        match &self.meta {
-            Some(meta) if meta.soft_expiry_ms != 0 => None,
-            _ => Some(self.value),
+    /// The value, whatever the envelope.
+    pub(crate) fn into_value(self) -> Option<V> {
+        match self {
+            Self::Plain { value, .. } => value,
+            Self::Rich(rich) => rich.value.clone(),
+        }
+    }
+
+    fn meta(&self) -> Option<&Meta> {
+        match self {
+            Self::Plain { .. } => None,
+            Self::Rich(rich) => Some(&rich.meta),
         }
     }
 }
 
-impl<V> Generational for Slot<V> {
+/// A slot is stored as it is, its expiry inside it.
+impl<V: Clone + Send + Sync + 'static> Stored for Slot<V> {
+    type Item = Self;
+
+    fn new(mut slot: Self, at: u64) -> Self {
+        match &mut slot {
+            Self::Plain { expires_at_ms, .. } => {
+                // An expiry of 0 is long past, as 1 is.
+                *expires_at_ms = NonZeroU64::new(at).unwrap_or(NonZeroU64::MIN);
+            }
+            Self::Rich(rich) => Arc::make_mut(rich).expires_at_ms = at,
+        }
+        slot
+    }
+    #[inline(always)]
+    fn expires_at_ms(&self) -> u64 {
+        match self {
+            Self::Plain { expires_at_ms, .. } => expires_at_ms.get(),
+            Self::Rich(rich) => rich.expires_at_ms,
+        }
+    }
+    #[inline(always)]
+    fn into_item(self) -> Self {
+        self
+    }
+}
+
+impl<V: Clone> Generational for Slot<V> {
     fn generation(&self) -> u64 {
-        self.meta.as_ref().map_or(0, |m| m.generation)
+        self.meta().map_or(0, |m| m.generation)
     }
     fn set_generation(&mut self, generation: u64) {
         if generation == self.generation() {
             return;
         }
-        Arc::make_mut(self.meta.get_or_insert_default()).generation = generation;
+        match self {
+            Self::Plain {
+                expires_at_ms,
+                value,
+            } => {
+                *self = Self::Rich(Arc::new(Rich {
+                    expires_at_ms: expires_at_ms.get(),
+                    value: value.take(),
+                    meta: Meta {
+                        generation,
+                        ..Meta::default()
+                    },
+                }));
+            }
+            Self::Rich(rich) => Arc::make_mut(rich).meta.generation = generation,
+        }
     }
     fn version(&self) -> u64 {
-        self.meta.as_ref().map_or(0, |m| m.version)
+        self.meta().map_or(0, |m| m.version)
     }
 }
 
@@ -691,7 +808,7 @@ where
     }
     #[inline(always)]
     fn hit(&self, key: &K) -> Option<Option<V>> {
-        self.table.get_ungrouped(key)?.plain_value()
+        self.table.plain_hit(key)
     }
     fn acquire(
         &self,
@@ -787,7 +904,7 @@ struct StoreInner {
     capacity: usize,
     clock: Clock,
     tokens: Arc<TokenSource>,
-    raw: MemTable<String, Entry>,
+    raw: MemTable<String, Timed<Entry>>,
     /// Typed tables by `{prefix}{namespace}`, as `Typed<K, V>` twice: once to
     /// downcast, once to route invalidations by store key.
     typed: RwLock<HashMap<String, TypedEntry>>,
@@ -1151,7 +1268,7 @@ impl MemoryStore {
         &self,
         key: &StoreKey,
         typed: impl FnOnce(&dyn Routable) -> Option<T>,
-        raw: impl FnOnce(&MemTable<String, Entry>) -> T,
+        raw: impl FnOnce(&MemTable<String, Timed<Entry>>) -> T,
     ) -> T {
         match self.typed(key).and_then(|t| typed(&*t)) {
             Some(done) => done,
@@ -1209,25 +1326,52 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_serves_a_plain_hit_only_without_a_soft_expiry() {
-        let plain = Slot::new(Some(1), Meta::default());
-        assert_eq!(plain.plain_value(), Some(Some(1)));
-        let versioned = Slot::new(
-            Some(1),
-            Meta {
-                version: 9,
-                ..Meta::default()
-            },
+    fn a_plain_slot_of_one_pointer_is_two_words() {
+        // The table clones its slot on every hit: a plain one is the value
+        // and its expiry, no more.
+        assert_eq!(std::mem::size_of::<Slot<Arc<String>>>(), 16);
+        assert_eq!(std::mem::size_of::<Slot<u64>>(), 24);
+    }
+
+    #[test]
+    fn a_table_serves_a_plain_hit_only_without_a_soft_expiry() {
+        let clock = Clock::mock();
+        let table: MemTable<u64, Slot<u32>> =
+            MemTable::new(16, clock.clock(), Arc::new(TokenSource::new()));
+        let ttl = Duration::from_secs(1);
+        table.set(&1, None, Slot::new(Some(1), Meta::default()), ttl);
+        let versioned = Meta {
+            version: 9,
+            ..Meta::default()
+        };
+        table.set(&2, None, Slot::new(Some(2), versioned), ttl);
+        let soft = Meta {
+            soft_expiry_ms: clock.now_ms() + 500,
+            ..Meta::default()
+        };
+        table.set(&3, None, Slot::new(Some(3), soft), ttl);
+        let negative = Meta {
+            negative: true,
+            ..Meta::default()
+        };
+        table.set(&4, None, Slot::new(None, negative), ttl);
+        assert_eq!(table.plain_hit(&1), Some(Some(1)));
+        assert_eq!(
+            table.plain_hit(&2),
+            Some(Some(2)),
+            "a version needs no more"
         );
-        assert_eq!(versioned.plain_value(), Some(Some(1)));
-        let soft = Slot::new(
-            Some(1),
-            Meta {
-                soft_expiry_ms: 5,
-                ..Meta::default()
-            },
+        assert_eq!(
+            table.plain_hit(&3),
+            None,
+            "a soft expiry takes the full path"
         );
-        assert_eq!(soft.plain_value(), None);
+        assert_eq!(table.plain_hit(&4), Some(None));
+        assert_eq!(table.plain_hit(&5), None);
+        clock.advance(ttl);
+        for key in 1..=4 {
+            assert_eq!(table.plain_hit(&key), None, "{key} expired");
+        }
     }
 
     #[test]
@@ -1244,7 +1388,10 @@ mod tests {
         assert_eq!((slot.generation(), slot.version()), (6, 3));
         let mut plain = Slot::new(Some(1), Meta::default());
         plain.set_generation(0);
-        assert!(plain.meta.is_none(), "a plain slot stays plain");
+        assert!(
+            matches!(plain, Slot::Plain { .. }),
+            "a plain slot stays plain"
+        );
         plain.set_generation(2);
         assert_eq!(plain.generation(), 2);
     }

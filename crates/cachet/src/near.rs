@@ -115,7 +115,7 @@ where
             // L1 entries carry no soft expiry: a live one is a hit, answered
             // by the table's fast path.
             None => self.table.hit(key),
-            Some(_) => self.table.get(key, group).map(|slot| slot.value),
+            Some(_) => self.table.get(key, group).map(Slot::into_value),
         }
     }
 
