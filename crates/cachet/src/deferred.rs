@@ -1,7 +1,7 @@
 //! [`DeferredWorker`]: runs deferred invalidations, the second delete of a
 //! delayed double-delete ([`Cache::invalidate_twice`](crate::Cache::invalidate_twice)).
 //!
-//! The queue lives in the store ([`Store::defer_invalidate`]): on Redis it is a
+//! The queue lives in the store ([`DeferredQueue::defer_invalidate`](cachet_core::DeferredQueue::defer_invalidate)): on Redis it is a
 //! pair of sorted sets per shard, so queued deletes survive the process that
 //! queued them and any worker, in any process, runs them. A worker claims due
 //! items with one script, deletes, then acknowledges; an item whose worker died
