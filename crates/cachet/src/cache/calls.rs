@@ -39,7 +39,7 @@ where
 {
     type Output = Result<Option<V>, Error>;
 
-    #[inline(always)]
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let Self { cache, key, read } = self.get_mut();
         poll_read(cache, key, read, cx, || Box::pin(cache.read(key, true)))
@@ -80,7 +80,7 @@ where
 {
     type Output = Result<Option<V>, Error>;
 
-    #[inline(always)]
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let Self {
             cache,
@@ -98,10 +98,7 @@ where
 
 /// The poll both futures share: a hit in process answers the first poll in
 /// place; anything else is boxed by `start` into `read`, which is polled.
-///
-/// Inlined into the caller's poll, always: the hit is a few loads and a
-/// compare once there. The rest is a call, out of line.
-#[inline(always)]
+#[inline]
 fn poll_read<'a, K, V>(
     cache: &Cache<K, V>,
     key: &K,
@@ -113,20 +110,14 @@ where
     K: CacheKey + ?Sized + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    if read.is_none()
-        && let Some(v) = cache.inner.local_hit(key, true)
-    {
-        return Poll::Ready(Ok(v));
-    }
-    poll_boxed(read, cx, start)
-}
-
-/// The read path's future, boxed by `start` at the first poll.
-#[inline(never)]
-fn poll_boxed<'a, V>(
-    read: &mut Option<Boxed<'a, V>>,
-    cx: &mut Context<'_>,
-    start: impl FnOnce() -> Boxed<'a, V>,
-) -> Poll<Result<Option<V>, Error>> {
-    read.get_or_insert_with(start).as_mut().poll(cx)
+    let read = match read {
+        Some(read) => read,
+        None => {
+            if let Some(v) = cache.inner.local_hit(key, true) {
+                return Poll::Ready(Ok(v));
+            }
+            read.insert(start())
+        }
+    };
+    read.as_mut().poll(cx)
 }
