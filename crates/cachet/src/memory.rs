@@ -95,7 +95,8 @@ impl Generational for Entry {
 /// it on every hit, so it stays small (see [`Slot`]).
 pub(crate) trait Stored: Clone + Send + Sync + 'static {
     type Item: Generational;
-    fn new(item: Self::Item, expires_at_ms: u64) -> Self;
+    /// The item stored with its expiry.
+    fn stamp(item: Self::Item, expires_at_ms: u64) -> Self;
     fn expires_at_ms(&self) -> u64;
     fn into_item(self) -> Self::Item;
 }
@@ -109,7 +110,7 @@ struct Timed<P> {
 
 impl<P: Generational + Clone + Send + Sync + 'static> Stored for Timed<P> {
     type Item = P;
-    fn new(item: P, expires_at_ms: u64) -> Self {
+    fn stamp(item: P, expires_at_ms: u64) -> Self {
         Self {
             expires_at_ms,
             item,
@@ -392,7 +393,7 @@ where
 
     fn insert(&self, key: Q, item: S::Item, ttl: Duration, now: u64) {
         self.entries
-            .insert(key, S::new(item, now.saturating_add(ttl_millis(ttl))));
+            .insert(key, S::stamp(item, now.saturating_add(ttl_millis(ttl))));
     }
 }
 
@@ -509,7 +510,7 @@ impl<V: Clone> Slot<V> {
 impl<V: Clone + Send + Sync + 'static> Stored for Slot<V> {
     type Item = Self;
 
-    fn new(mut slot: Self, at: u64) -> Self {
+    fn stamp(mut slot: Self, at: u64) -> Self {
         match &mut slot {
             Self::Plain { expires_at_ms, .. } => {
                 // An expiry of 0 is long past, as 1 is.
