@@ -21,8 +21,11 @@
 //! value it failed to invalidate. Other processes may, until it is delivered.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cachet_core::{
@@ -456,38 +459,97 @@ impl StoreLayer for Breaker {
             }
             return Box::pin(std::future::ready(Err(self.open_error())));
         }
-        Box::pin(async move {
-            if self.pending() > 0 {
-                for key in read_keys(op) {
-                    if self.pending() == 0 {
-                        break;
-                    }
-                    self.deliver_before_read(key).await?;
-                }
-            }
-            if let Op::ReadTags(tags) = op
-                && self.pending() > 0
-            {
-                self.deliver_before_tag_read(tags).await?;
-            }
-            // A call still waiting when the breaker opens stops waiting.
-            let opened = self.opened.notified();
-            let result = tokio::select! {
-                biased;
-                result = call => result,
-                () = opened => Err(self.open_error()),
-            };
-            self.record(&result);
-            match (&result, write) {
-                (Err(_), Some(what)) => self.keep(what),
-                // Written or invalidated since: nothing older is left to remove.
-                (Ok(_), Some(what)) if self.pending() > 0 => {
-                    self.forget(what);
-                }
-                _ => {}
-            }
-            result
+        Box::pin(Guard {
+            breaker: self,
+            op,
+            write,
+            deliver: None,
+            started: false,
+            call,
+            opened: None,
         })
+    }
+}
+
+impl Breaker {
+    /// Delivers the kept invalidations a call must wait for: those of the
+    /// keys it reads, and of the tags whose generations it reads.
+    async fn deliver_before(&self, op: Op<'_>) -> Result<(), StoreError> {
+        for key in read_keys(op) {
+            if self.pending() == 0 {
+                break;
+            }
+            self.deliver_before_read(key).await?;
+        }
+        if let Op::ReadTags(tags) = op
+            && self.pending() > 0
+        {
+            self.deliver_before_tag_read(tags).await?;
+        }
+        Ok(())
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call the breaker let through. At its first poll, it delivers what
+    /// the call must wait for (only while invalidations are kept); then it
+    /// runs the call, records its outcome and keeps a failed write's key;
+    /// once the call waits, the breaker's opening wakes it to fail at once.
+    struct Guard<'a, T> {
+        breaker: &'a Breaker,
+        op: Op<'a>,
+        write: Option<Kept<'a>>,
+        deliver: Option<StoreFuture<'a, ()>>,
+        started: bool,
+        call: StoreFuture<'a, T>,
+        // Made when the call first waits: a call answered at once (an
+        // in-process store) registers nothing.
+        #[pin]
+        opened: Option<tokio::sync::futures::Notified<'a>>,
+    }
+}
+
+impl<T> Future for Guard<'_, T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let breaker = *this.breaker;
+        if !*this.started {
+            *this.started = true;
+            if breaker.pending() > 0 {
+                *this.deliver = Some(Box::pin(breaker.deliver_before(*this.op)));
+            }
+        }
+        if let Some(deliver) = this.deliver {
+            // The call must not reach the store before these are delivered.
+            std::task::ready!(deliver.as_mut().poll(cx))?;
+            *this.deliver = None;
+        }
+        let result = match this.call.as_mut().poll(cx) {
+            Poll::Ready(result) => result,
+            Poll::Pending => {
+                if this.opened.is_none() {
+                    this.opened.set(Some(breaker.opened.notified()));
+                }
+                let opened = this.opened.as_pin_mut().expect("made above");
+                // A call still waiting when the breaker opens stops waiting.
+                match opened.poll(cx) {
+                    Poll::Ready(()) => Err(breaker.open_error()),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        };
+        breaker.record(&result);
+        match (&result, *this.write) {
+            (Err(_), Some(what)) => breaker.keep(what),
+            // Written or invalidated since: nothing older is left to remove.
+            (Ok(_), Some(what)) if breaker.pending() > 0 => {
+                breaker.forget(what);
+            }
+            _ => {}
+        }
+        Poll::Ready(result)
     }
 }
 
