@@ -8,10 +8,12 @@
 //! hit, so hit paths use [`Clock::coarse_ms`]: a value refreshed every millisecond
 //! by one background thread (`cachet-clock`, started on first use), at most a
 //! few milliseconds behind. An entry may therefore outlive its TTL by that much.
+//! The thread ticks only while the clock is read: after 100 ticks without a
+//! read it sleeps, and the next read asks the system clock and wakes it.
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Once};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A source of the current time in Unix milliseconds.
@@ -78,17 +80,28 @@ fn system_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The shared coarse clock: one thread stores the time every millisecond.
+/// The shared coarse clock: one thread stores the time every millisecond
+/// while it is read.
 mod coarse {
-    use super::{AtomicU64, Once, Ordering, system_ms};
+    use super::{AtomicU64, Ordering, system_ms};
+    use std::sync::OnceLock;
+    use std::sync::atomic::AtomicBool;
+    use std::thread::Thread;
     use std::time::Duration;
 
-    /// The time the ticker last stored; `0` before it started, `u64::MAX` if it
-    /// could not start (then every read asks the system clock).
+    /// The time the ticker last stored; `0` while there is none (before the
+    /// ticker starts, and while it sleeps), `u64::MAX` if it could not start
+    /// (then every read asks the system clock).
     static NOW_MS: AtomicU64 = AtomicU64::new(0);
-    static START: Once = Once::new();
+    /// Set by reads, cleared by the ticker at each tick: whether the clock
+    /// was read since the last one.
+    static READ: AtomicBool = AtomicBool::new(false);
+    /// The ticker, to wake it; `None` if it could not start.
+    static TICKER: OnceLock<Option<Thread>> = OnceLock::new();
 
     const TICK: Duration = Duration::from_millis(1);
+    /// Ticks without a read after which the ticker sleeps until the next read.
+    pub(super) const IDLE_TICKS: u32 = 100;
     const NO_TICKER: u64 = u64::MAX;
 
     #[inline]
@@ -96,35 +109,75 @@ mod coarse {
         let now = NOW_MS.load(Ordering::Relaxed);
         // One comparison for both rare cases: 0 and `NO_TICKER`.
         if now.wrapping_sub(1) < NO_TICKER - 1 {
+            // Stores only what changes: the first read after a tick.
+            if !READ.load(Ordering::Relaxed) {
+                READ.store(true, Ordering::Relaxed);
+            }
             return now;
         }
         now_ms_slow(now)
     }
 
+    /// A read with no tick to read: the ticker is asleep or not started (it
+    /// is woken or started, and this read asks the system clock), or it
+    /// could not start.
     #[cold]
     fn now_ms_slow(now: u64) -> u64 {
-        if now == 0 {
-            START.call_once(start);
+        if now == NO_TICKER {
+            return system_ms();
         }
-        match NOW_MS.load(Ordering::Relaxed) {
-            NO_TICKER => system_ms(),
-            now => now,
+        let Some(ticker) = TICKER.get_or_init(start) else {
+            return system_ms();
+        };
+        let now = system_ms().max(1);
+        READ.store(true, Ordering::Relaxed);
+        // The reads until the ticker's next tick see this one.
+        let _ = NOW_MS.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        ticker.unpark();
+        now
+    }
+
+    fn start() -> Option<Thread> {
+        let spawned = std::thread::Builder::new()
+            .name("cachet-clock".into())
+            .spawn(tick);
+        match spawned {
+            Ok(handle) => Some(handle.thread().clone()),
+            Err(_) => {
+                NOW_MS.store(NO_TICKER, Ordering::Relaxed);
+                None
+            }
         }
     }
 
-    fn start() {
-        NOW_MS.store(system_ms().max(1), Ordering::Relaxed);
-        let spawned = std::thread::Builder::new()
-            .name("cachet-clock".into())
-            .spawn(|| {
-                loop {
-                    std::thread::sleep(TICK);
-                    NOW_MS.store(system_ms().max(1), Ordering::Relaxed);
-                }
-            });
-        if spawned.is_err() {
-            NOW_MS.store(NO_TICKER, Ordering::Relaxed);
+    /// Stores the time every tick while the clock is read, and sleeps after
+    /// [`IDLE_TICKS`] ticks without a read: an idle process is not woken a
+    /// thousand times a second.
+    fn tick() {
+        let mut idle = 0;
+        loop {
+            std::thread::sleep(TICK);
+            if READ.swap(false, Ordering::Relaxed) {
+                idle = 0;
+            } else {
+                idle += 1;
+            }
+            if idle < IDLE_TICKS {
+                NOW_MS.store(system_ms().max(1), Ordering::Relaxed);
+                continue;
+            }
+            // From here a read takes the slow path, which wakes this thread
+            // (an unpark before the park makes the park return at once).
+            NOW_MS.store(0, Ordering::Relaxed);
+            std::thread::park();
+            idle = 0;
         }
+    }
+
+    /// Whether the ticker is ticking (false while it sleeps).
+    #[cfg(test)]
+    pub(super) fn ticking() -> bool {
+        NOW_MS.load(Ordering::Relaxed) != 0
     }
 }
 
@@ -191,5 +244,36 @@ mod tests {
         let mock = Clock::mock();
         mock.advance(Duration::from_millis(5));
         assert_eq!(mock.clock().coarse_ms(), mock.now_ms());
+    }
+
+    #[test]
+    fn the_coarse_clock_sleeps_while_unread_and_a_read_wakes_it() {
+        use std::time::Instant;
+        let clock = Clock::system();
+        assert!(clock.coarse_ms() > 0);
+        // Unread, the ticker stops after `IDLE_TICKS` ticks (1 ms each, or
+        // longer on a loaded machine).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while coarse::ticking() {
+            assert!(
+                Instant::now() < deadline,
+                "the ticker still ticks 10 s after the last read"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A read while it sleeps is the system clock's time...
+        let before = clock.now_ms();
+        let read = clock.coarse_ms();
+        assert!(
+            read + 1_000 >= before && read <= clock.now_ms(),
+            "{read} vs {before}"
+        );
+        // ...and wakes it: the coarse time moves on again.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while clock.coarse_ms() <= read {
+            assert!(Instant::now() < deadline, "the ticker did not wake");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(coarse::ticking());
     }
 }
