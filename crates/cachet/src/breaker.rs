@@ -100,8 +100,9 @@ pub(crate) struct Breaker {
     /// How many invalidations `pending` holds, so that reads look at it only
     /// when it holds some.
     pending_len: AtomicUsize,
-    /// Woken when a call succeeds while invalidations are kept.
-    reachable: tokio::sync::Notify,
+    /// Wakes the retry task: an invalidation was kept, a call succeeded
+    /// while some are kept, or the breaker is gone.
+    wake: Arc<tokio::sync::Notify>,
     /// Wakes every call in flight when the breaker opens.
     opened: tokio::sync::Notify,
     /// Rate limit of the error logged when an invalidation is dropped.
@@ -151,14 +152,15 @@ pub(crate) fn guard(inner: Arc<dyn Store>, settings: CircuitBreaker, clock: Cloc
         open_until: AtomicU64::new(0),
         pending: Mutex::new(Pending::default()),
         pending_len: AtomicUsize::new(0),
-        reachable: tokio::sync::Notify::new(),
+        wake: Arc::new(tokio::sync::Notify::new()),
         opened: tokio::sync::Notify::new(),
         dropped_log: LogLimit::default(),
         counts: BreakerCounts::default(),
     };
+    let wake = Arc::clone(&breaker.wake);
     let guarded = Arc::new(Layered::new(breaker, inner));
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(retry_invalidations(Arc::downgrade(&guarded)));
+        rt.spawn(retry_invalidations(Arc::downgrade(&guarded), wake));
     }
     guarded
 }
@@ -191,7 +193,7 @@ impl Breaker {
                     self.open_until.store(0, Ordering::Release);
                 }
                 if self.pending_len.load(Ordering::Acquire) > 0 {
-                    self.reachable.notify_one();
+                    self.wake.notify_one();
                 }
             }
             Err(e) if e.is_outage() => {
@@ -255,6 +257,8 @@ impl Breaker {
             }
         }
         self.pending_len.store(pending.len(), Ordering::Release);
+        drop(pending);
+        self.wake.notify_one();
     }
 
     /// Whether the breaker is open (or half open: one caller probing).
@@ -412,17 +416,27 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// Retries kept invalidations as soon as a call succeeds (and every 100 ms),
-/// all of them while the store takes them, until the store wrapper is dropped.
-async fn retry_invalidations(guarded: Weak<Guarded>) {
+/// all of them while the store takes them, until the store wrapper is
+/// dropped. With nothing kept it sleeps until something is: an idle cache
+/// does not wake its runtime.
+async fn retry_invalidations(guarded: Weak<Guarded>, wake: Arc<tokio::sync::Notify>) {
     const PERIOD: Duration = Duration::from_millis(100);
     const BATCH: usize = 256;
     loop {
-        // Held for at most one period: a dropped cache ends the task.
+        // Not held while waiting: a dropped cache wakes the task, which ends.
+        let Some(pending) = guarded.upgrade().map(|g| g.layer().pending()) else {
+            return;
+        };
+        if pending == 0 {
+            // A wake-up sent since the look above is kept for this wait.
+            wake.notified().await;
+            continue;
+        }
+        let _ = tokio::time::timeout(PERIOD, wake.notified()).await;
         let Some(strong) = guarded.upgrade() else {
             return;
         };
         let g = strong.layer();
-        let _ = tokio::time::timeout(PERIOD, g.reachable.notified()).await;
         'drain: while g.pending() > 0 {
             let batch = g.batch(BATCH);
             for what in batch.kept() {
@@ -431,6 +445,13 @@ async fn retry_invalidations(guarded: Weak<Guarded>) {
                 }
             }
         }
+    }
+}
+
+impl Drop for Breaker {
+    fn drop(&mut self) {
+        // The retry task waits for this to end.
+        self.wake.notify_one();
     }
 }
 

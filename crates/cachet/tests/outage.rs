@@ -390,3 +390,42 @@ async fn calls_in_flight_stop_waiting_when_the_breaker_opens() {
         assert_eq!(got, Some(format!("loaded {k}")));
     }
 }
+
+/// A breaker with nothing kept does not wake its runtime: its retry task
+/// sleeps until an invalidation is kept (or the cache is dropped), instead of
+/// looking every 100 ms.
+#[tokio::test]
+async fn an_idle_breaker_leaves_its_runtime_asleep() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    // How often the runtime parks in one idle second: once for the sleep, and
+    // a few times more as its timer wheel brings the deadline closer.
+    let parks_in_an_idle_second = || async {
+        let before = metrics.worker_park_count(0);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        metrics.worker_park_count(0) - before
+    };
+    let alone = parks_in_an_idle_second().await;
+    let tasks = metrics.num_alive_tasks();
+
+    let cache: Cache<u64, String> = Cache::builder("idle")
+        .store(cachet::MemoryStore::new(100))
+        .circuit_breaker(Some(CircuitBreaker::default()))
+        .build()
+        .unwrap();
+    cache.set(&1, "x".into()).await.unwrap();
+    // The breaker's retry task takes its first look.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let with_cache = parks_in_an_idle_second().await;
+    assert!(
+        with_cache <= alone + 2,
+        "the runtime parked {with_cache} times in an idle second with a cache, {alone} without"
+    );
+    // Dropping the cache ends its retry task.
+    drop(cache);
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(metrics.num_alive_tasks(), tasks);
+}
