@@ -126,14 +126,22 @@ mod coarse {
         if now == NO_TICKER {
             return system_ms();
         }
-        let Some(ticker) = TICKER.get_or_init(start) else {
+        let mut started = false;
+        let ticker = TICKER.get_or_init(|| {
+            started = true;
+            start()
+        });
+        let Some(ticker) = ticker else {
             return system_ms();
         };
         let now = system_ms().max(1);
         READ.store(true, Ordering::Relaxed);
         // The reads until the ticker's next tick see this one.
         let _ = NOW_MS.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
-        ticker.unpark();
+        // A ticker just started is ticking already.
+        if !started {
+            ticker.unpark();
+        }
         now
     }
 
