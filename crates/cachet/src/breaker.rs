@@ -523,8 +523,9 @@ pin_project_lite::pin_project! {
         deliver: Option<StoreFuture<'a, ()>>,
         started: bool,
         call: StoreFuture<'a, T>,
-        // Made when the call first waits: a call answered at once (an
-        // in-process store) registers nothing.
+        // Made before the call's first poll; registered only once the call
+        // waits, so a call answered at once (an in-process store) registers
+        // nothing.
         #[pin]
         opened: Option<tokio::sync::futures::Notified<'a>>,
     }
@@ -547,12 +548,14 @@ impl<T> Future for Guard<'_, T> {
             std::task::ready!(deliver.as_mut().poll(cx))?;
             *this.deliver = None;
         }
+        if this.opened.is_none() {
+            // Made before the call's first poll, so that an opening from then
+            // on is seen; it registers only if the call waits.
+            this.opened.set(Some(breaker.opened.notified()));
+        }
         let result = match this.call.as_mut().poll(cx) {
             Poll::Ready(result) => result,
             Poll::Pending => {
-                if this.opened.is_none() {
-                    this.opened.set(Some(breaker.opened.notified()));
-                }
                 let opened = this.opened.as_pin_mut().expect("made above");
                 // A call still waiting when the breaker opens stops waiting.
                 match opened.poll(cx) {
