@@ -101,7 +101,7 @@ mod coarse {
 
     const TICK: Duration = Duration::from_millis(1);
     /// Ticks without a read after which the ticker sleeps until the next read.
-    pub(super) const IDLE_TICKS: u32 = 100;
+    const IDLE_TICKS: u32 = 100;
     const NO_TICKER: u64 = u64::MAX;
 
     #[inline]

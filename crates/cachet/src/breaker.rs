@@ -244,6 +244,7 @@ impl Breaker {
             }
             return;
         }
+        let was_empty = pending.len() == 0;
         match what {
             Kept::Key(key) => {
                 pending.keys.insert(key.clone());
@@ -258,7 +259,11 @@ impl Breaker {
         }
         self.pending_len.store(pending.len(), Ordering::Release);
         drop(pending);
-        self.wake.notify_one();
+        // The retry task sleeps while nothing is kept; from the first kept
+        // invalidation on, it looks every period (not at every one kept).
+        if was_empty {
+            self.wake.notify_one();
+        }
     }
 
     /// Whether the breaker is open (or half open: one caller probing).
