@@ -10,9 +10,11 @@
 //! batched by a background task, one `PUBLISH` per channel and batch (at most
 //! 512 notices): a notice after a quiet millisecond goes out at once, with
 //! whatever is already queued; while notices keep coming, batches go out at
-//! most once a millisecond, gathering what arrived meanwhile. So a lone write's
-//! notice costs one round trip of delay, and a burst of writes costs a few
-//! messages, not one each (`docs/decisions.md` has the measurements).
+//! most once a millisecond, gathering what arrived meanwhile, and writers only
+//! queue their notices (they do not wake the task). So a lone write's notice
+//! costs one round trip of delay, a burst of writes costs a few messages, not
+//! one each, and a write in a burst no thread wake-up (`docs/decisions.md` has
+//! the measurements).
 //!
 //! Pub/sub is fire-and-forget: a subscriber that is disconnected misses
 //! messages. Subscribers therefore report every loss and every recovery, and the
@@ -36,15 +38,17 @@ use std::time::Duration;
 
 use cachet_core::{BusEvent, GroupKey, Notice, StoreKey, TagKey};
 use futures::StreamExt as _;
+use redis::aio::ConnectionLike;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::MissedTickBehavior;
 
 use crate::RedisConnection;
 use crate::sentinel::Nodes;
 
 /// The most notices in one batch.
 const BATCH: usize = 512;
-/// The shortest time between two batches: while notices keep coming, a batch
-/// waits until this long after the previous one, gathering more.
+/// The publishing task's tick while notices keep coming: it publishes once a
+/// tick what arrived during it.
 const LINGER: Duration = Duration::from_millis(1);
 /// Ping period and timeout of a subscription, unless the store says
 /// ([`RedisStoreBuilder::bus_heartbeat`](crate::RedisStoreBuilder::bus_heartbeat)).
@@ -123,61 +127,106 @@ impl Publisher {
 }
 
 /// Gathers notices into batches and publishes them, until every sender is gone.
-async fn publish(mut conn: RedisConnection, mut rx: mpsc::UnboundedReceiver<Queued>) {
-    // When the previous batch went out; `None` before the first.
-    let mut previous: Option<tokio::time::Instant> = None;
+///
+/// Parked, the task waits for a notice: the first one after a quiet spell wakes
+/// it and goes out at once, with whatever is already queued. From then on it
+/// ticks, every [`LINGER`], publishing at each tick what arrived since the last
+/// one, until a tick finds nothing and it parks again. While it ticks, writers
+/// only queue their notices and never wake it: that wake-up is most of what a
+/// notice costs its writer (on a multi-threaded runtime, the wake-up of a
+/// parked worker thread; `docs/performance.md`).
+async fn publish<C: ConnectionLike + Send>(mut conn: C, mut rx: mpsc::UnboundedReceiver<Queued>) {
     let mut failed = 0u64;
     let mut batch = Batch::default();
     while let Some(first) = rx.recv().await {
-        match first {
-            Queued::Notice { tag, key, head } => batch.add(tag, &key, head),
-            Queued::Flush(done) => {
+        // Ticks at a steady period from now (a `sleep` per tick would add the
+        // timer's rounding up to the millisecond each time); a tick missed
+        // while publishing is skipped, not made up.
+        let mut ticks = tokio::time::interval(LINGER);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        ticks.tick().await;
+        let mut next = Some(first);
+        loop {
+            let gathered = gather(next.take(), &mut rx, &mut batch);
+            let notices = batch.notices();
+            send(&mut conn, &batch, &mut failed).await;
+            batch.clear();
+            for done in gathered.flushes {
                 let _ = done.send(std::mem::take(&mut failed));
-                continue;
             }
-        }
-        let mut flushes = Vec::new();
-        // After a quiet spell the deadline has passed: only what is already
-        // queued joins. Otherwise the batch gathers until LINGER after the
-        // previous one, asleep: notices queued meanwhile do not wake the task
-        // (a wake-up per notice costs the writers a thread switch each).
-        if let Some(deadline) = previous.map(|at| at + LINGER)
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep_until(deadline).await;
-        }
-        for _ in 1..BATCH {
-            match rx.try_recv() {
-                Ok(Queued::Notice { tag, key, head }) => batch.add(tag, &key, head),
-                // Answered once this batch is out; nothing after it joins.
-                Ok(Queued::Flush(done)) => {
-                    flushes.push(done);
-                    break;
-                }
-                Err(_) => break,
+            if gathered.closed {
+                return;
             }
-        }
-        previous = Some(tokio::time::Instant::now());
-        for message in batch.ready() {
-            let published: Result<i64, _> =
-                crate::command("PUBLISH", 2, message.channel.len() + message.lines.len())
-                    .arg(&message.channel)
-                    .arg(&message.lines)
-                    .query_async(&mut conn)
-                    .await;
-            if let Err(e) = published {
-                // Subscribers whose connection is fine would miss these: their
-                // near caches rely on their TTL for them.
-                failed += message.notices;
-                tracing::warn!(channel = %message.channel, notices = message.notices,
-                    error = %cachet_core::Report(&e), "publishing invalidation notices failed");
+            if notices == 0 {
+                break;
             }
-        }
-        batch.clear();
-        for done in flushes {
-            let _ = done.send(std::mem::take(&mut failed));
+            ticks.tick().await;
         }
     }
+}
+
+/// Publishes the messages of `batch`, counting in `failed` the notices of
+/// those that could not be.
+async fn send<C: ConnectionLike + Send>(conn: &mut C, batch: &Batch, failed: &mut u64) {
+    for message in batch.ready() {
+        let sent: Result<i64, _> =
+            crate::command("PUBLISH", 2, message.channel.len() + message.lines.len())
+                .arg(&message.channel)
+                .arg(&message.lines)
+                .query_async(conn)
+                .await;
+        if let Err(e) = sent {
+            // Subscribers whose connection is fine would miss these: their
+            // near caches rely on their TTL for them.
+            *failed += message.notices;
+            tracing::warn!(channel = %message.channel, notices = message.notices,
+                error = %cachet_core::Report(&e), "publishing invalidation notices failed");
+        }
+    }
+}
+
+/// What [`gather`] took from the queue besides notices.
+struct Gathered {
+    /// Flushes to answer once the batch is out.
+    flushes: Vec<oneshot::Sender<u64>>,
+    /// Whether every sender is gone (and the queue empty).
+    closed: bool,
+}
+
+/// Adds `first` and what is queued to `batch`: at most [`BATCH`] notices, and
+/// nothing queued after a flush (it is answered once this batch is out).
+fn gather(
+    first: Option<Queued>,
+    rx: &mut mpsc::UnboundedReceiver<Queued>,
+    batch: &mut Batch,
+) -> Gathered {
+    let mut gathered = Gathered {
+        flushes: Vec::new(),
+        closed: false,
+    };
+    let mut next = first;
+    let mut notices = 0;
+    while notices < BATCH {
+        let queued = match next.take().map_or_else(|| rx.try_recv(), Ok) {
+            Ok(queued) => queued,
+            Err(mpsc::error::TryRecvError::Empty) => break,
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                gathered.closed = true;
+                break;
+            }
+        };
+        match queued {
+            Queued::Notice { tag, key, head } => {
+                batch.add(tag, &key, head);
+                notices += 1;
+            }
+            Queued::Flush(done) => {
+                gathered.flushes.push(done);
+                break;
+            }
+        }
+    }
+    gathered
 }
 
 /// The messages of one batch, one per channel (almost always a single one).
@@ -220,6 +269,11 @@ impl Batch {
         message.lines.push_str(tag);
         message.lines.push_str(key);
         message.notices += 1;
+    }
+
+    /// How many notices the batch holds.
+    fn notices(&self) -> u64 {
+        self.messages.iter().map(|m| m.notices).sum()
     }
 
     /// The messages to publish: those with notices.
@@ -349,6 +403,132 @@ async fn listen(
 mod tests {
     use super::*;
     use cachet_core::KeyLayout;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+
+    /// A connection that answers every `PUBLISH` at once and records when it
+    /// came and how many notices it carried.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<(tokio::time::Instant, usize)>>>);
+
+    impl Recorder {
+        fn published(&self) -> Vec<(tokio::time::Instant, usize)> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl ConnectionLike for Recorder {
+        fn req_packed_command<'a>(
+            &'a mut self,
+            cmd: &'a redis::Cmd,
+        ) -> redis::RedisFuture<'a, redis::Value> {
+            let lines = match cmd.args_iter().nth(2) {
+                Some(redis::Arg::Simple(lines)) => lines.split(|b| *b == b'\n').count(),
+                _ => panic!("not a PUBLISH"),
+            };
+            self.0
+                .lock()
+                .unwrap()
+                .push((tokio::time::Instant::now(), lines));
+            Box::pin(async { Ok(redis::Value::Int(0)) })
+        }
+
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            _: &'a redis::Pipeline,
+            _: usize,
+            _: usize,
+        ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+            unreachable!("the bus sends no pipeline")
+        }
+
+        fn get_db(&self) -> i64 {
+            0
+        }
+    }
+
+    /// A future counted each time it is polled: each time its task was woken.
+    struct Polls<F> {
+        inner: Pin<Box<F>>,
+        polls: Arc<AtomicUsize>,
+    }
+
+    impl<F: Future> Future for Polls<F> {
+        type Output = F::Output;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            self.inner.as_mut().poll(cx)
+        }
+    }
+
+    fn notice(i: usize) -> Queued {
+        Queued::Notice {
+            tag: "k ",
+            key: format!("app:c:v:{i}").into(),
+            head: "app:c".len(),
+        }
+    }
+
+    /// Writers in a burst queue their notices without waking the publishing
+    /// task: it wakes once a tick, publishes what came, and parks after a
+    /// tick without notices; a notice after that goes out at once.
+    #[tokio::test(start_paused = true)]
+    async fn writers_in_a_burst_do_not_wake_the_publishing_task() {
+        let recorder = Recorder::default();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let polls = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(Polls {
+            inner: Box::pin(publish(recorder.clone(), rx)),
+            polls: Arc::clone(&polls),
+        });
+        let start = tokio::time::Instant::now();
+        // 50 ms of writes, three each 1 ms.
+        let ticks = 50;
+        for tick in 0..ticks {
+            for i in 0..3 {
+                tx.send(notice(tick * 3 + i)).unwrap();
+                tokio::task::yield_now().await;
+            }
+            tokio::time::sleep(LINGER).await;
+        }
+        let during = polls.load(Ordering::Relaxed);
+        // The last notices go out at the next tick; the one after finds
+        // nothing and parks the task.
+        tokio::time::sleep(LINGER * 20).await;
+        let published = recorder.published();
+        assert_eq!(
+            published.iter().map(|(_, n)| n).sum::<usize>(),
+            ticks * 3,
+            "every notice published"
+        );
+        for pair in published.windows(2) {
+            assert!(pair[1].0 - pair[0].0 >= LINGER, "at most a batch a tick");
+        }
+        // Woken once a tick (by its timer), not by the writers too: at least
+        // twice a tick when each batch's first notice woke it.
+        assert!(
+            during <= ticks + 3,
+            "the task was polled {during} times in {ticks} ticks of writes"
+        );
+        let parked = polls.load(Ordering::Relaxed);
+        tokio::time::sleep(LINGER * 100).await;
+        assert_eq!(polls.load(Ordering::Relaxed), parked, "parked when idle");
+        // Sparse notices wake it, and each goes out at once.
+        for i in 0..5 {
+            let sent_at = tokio::time::Instant::now();
+            tx.send(notice(i)).unwrap();
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            let last = *recorder.published().last().unwrap();
+            assert_eq!(last, (sent_at, 1), "sparse notice {i} published at once");
+            tokio::time::sleep(LINGER * 3).await;
+        }
+        assert!(tokio::time::Instant::now() - start >= LINGER * ticks as u32);
+    }
 
     #[test]
     fn messages_parse_back() {

@@ -57,8 +57,8 @@
 //! also queues a notice for the near caches of that cache in every process. A
 //! background task batches the notices (what arrives within 1 ms, at most 512)
 //! into one `PUBLISH` per cache channel (`{prefix}{namespace}:sys:bus`), so the
-//! operation itself pays no extra round trip and a write burst costs a few
-//! messages. [`InvalidationBus::subscribe_invalidations`] keeps a subscription up,
+//! operation itself pays no extra round trip, a write burst costs a few
+//! messages, and while notices keep coming a write does not even wake the task. [`InvalidationBus::subscribe_invalidations`] keeps a subscription up,
 //! reconnecting with backoff, pinging every second, and reports every loss and
 //! recovery: a near cache empties itself on both, since pub/sub drops what is
 //! sent while a subscriber is away. Pub/sub was chosen over RESP3 client
