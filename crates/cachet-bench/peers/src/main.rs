@@ -1385,6 +1385,8 @@ async fn run_inval() {
     let mtc2 = mtc_2tier().await;
     let cb = cachet_redis_opts("invb", false, true).await;
     let cbb = cachet_redis_opts("invbb", false, false).await;
+    // A raw connection used as rarely as each cache's own: its populate and its DEL.
+    let mut own = raw_conn().await;
     let names = [
         "raw DEL (1 key)",
         "cachet invalidate (Redis, no L1)",
@@ -1395,6 +1397,7 @@ async fn run_inval() {
         "cachet invalidate (Redis, bus off)",
         "cachet invalidate (Redis, bus+breaker off)",
         "raw DEL (2 keys: entry + lease)",
+        "raw DEL (1 key), a connection of its own",
     ];
     let (warm, n) = (200usize, 2000usize);
     let mut lat: Vec<Vec<u64>> = vec![Vec::with_capacity(n); names.len()];
@@ -1431,6 +1434,14 @@ async fn run_inval() {
                         .await
                         .unwrap();
                 }
+                9 => {
+                    let _: () = redis::cmd("SET")
+                        .arg(&key)
+                        .arg(&v)
+                        .query_async(&mut own)
+                        .await
+                        .unwrap();
+                }
                 _ => unreachable!(),
             }
             let t = Instant::now();
@@ -1454,6 +1465,13 @@ async fn run_inval() {
                         .arg(&key)
                         .arg(format!("{key}:l"))
                         .query_async(&mut raw)
+                        .await
+                        .unwrap();
+                }
+                9 => {
+                    let _: i64 = redis::cmd("DEL")
+                        .arg(&key)
+                        .query_async(&mut own)
                         .await
                         .unwrap();
                 }
