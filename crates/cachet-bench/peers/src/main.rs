@@ -229,6 +229,9 @@ async fn raw_conn() -> MultiplexedConnection {
         .await
         .unwrap()
 }
+async fn raw_set(c: &mut MultiplexedConnection, k: &str, v: &str) {
+    let _: () = redis::cmd("SET").arg(k).arg(v).query_async(c).await.unwrap();
+}
 async fn raw_get(c: &mut MultiplexedConnection, k: &str) -> Option<Vec<u8>> {
     redis::cmd("GET").arg(k).query_async(c).await.unwrap()
 }
@@ -1414,14 +1417,7 @@ async fn run_inval() {
             let key = format!("i{vi}:{i}");
             // populate, untimed
             match vi {
-                0 => {
-                    let _: () = redis::cmd("SET")
-                        .arg(&key)
-                        .arg(&v)
-                        .query_async(&mut raw)
-                        .await
-                        .unwrap();
-                }
+                0 | 8 => raw_set(&mut raw, &key, &v).await,
                 1 => cr.set(&key, v.clone()).await,
                 2 => cn.set(&key, v.clone()).await,
                 3 => cached.set(&key, v.clone()).await,
@@ -1429,22 +1425,7 @@ async fn run_inval() {
                 5 => mtc2.set(&key, v.clone()).await,
                 6 => cb.set(&key, v.clone()).await,
                 7 => cbb.set(&key, v.clone()).await,
-                8 => {
-                    let _: () = redis::cmd("SET")
-                        .arg(&key)
-                        .arg(&v)
-                        .query_async(&mut raw)
-                        .await
-                        .unwrap();
-                }
-                9 => {
-                    let _: () = redis::cmd("SET")
-                        .arg(&key)
-                        .arg(&v)
-                        .query_async(&mut own)
-                        .await
-                        .unwrap();
-                }
+                9 => raw_set(&mut own, &key, &v).await,
                 _ => unreachable!(),
             }
             let t = Instant::now();
