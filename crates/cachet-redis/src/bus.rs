@@ -148,7 +148,6 @@ async fn publish<C: ConnectionLike + Send>(mut conn: C, mut rx: mpsc::UnboundedR
         let mut next = Some(first);
         loop {
             let gathered = gather(next.take(), &mut rx, &mut batch);
-            let notices = batch.notices();
             send(&mut conn, &batch, &mut failed).await;
             batch.clear();
             for done in gathered.flushes {
@@ -157,7 +156,7 @@ async fn publish<C: ConnectionLike + Send>(mut conn: C, mut rx: mpsc::UnboundedR
             if gathered.closed {
                 return;
             }
-            if notices == 0 {
+            if gathered.notices == 0 {
                 break;
             }
             ticks.tick().await;
@@ -185,8 +184,10 @@ async fn send<C: ConnectionLike + Send>(conn: &mut C, batch: &Batch, failed: &mu
     }
 }
 
-/// What [`gather`] took from the queue besides notices.
+/// What [`gather`] took from the queue.
 struct Gathered {
+    /// How many notices joined the batch.
+    notices: usize,
     /// Flushes to answer once the batch is out.
     flushes: Vec<oneshot::Sender<u64>>,
     /// Whether every sender is gone (and the queue empty).
@@ -201,12 +202,12 @@ fn gather(
     batch: &mut Batch,
 ) -> Gathered {
     let mut gathered = Gathered {
+        notices: 0,
         flushes: Vec::new(),
         closed: false,
     };
     let mut next = first;
-    let mut notices = 0;
-    while notices < BATCH {
+    while gathered.notices < BATCH {
         let queued = match next.take().map_or_else(|| rx.try_recv(), Ok) {
             Ok(queued) => queued,
             Err(mpsc::error::TryRecvError::Empty) => break,
@@ -218,7 +219,7 @@ fn gather(
         match queued {
             Queued::Notice { tag, key, head } => {
                 batch.add(tag, &key, head);
-                notices += 1;
+                gathered.notices += 1;
             }
             Queued::Flush(done) => {
                 gathered.flushes.push(done);
@@ -269,11 +270,6 @@ impl Batch {
         message.lines.push_str(tag);
         message.lines.push_str(key);
         message.notices += 1;
-    }
-
-    /// How many notices the batch holds.
-    fn notices(&self) -> u64 {
-        self.messages.iter().map(|m| m.notices).sum()
     }
 
     /// The messages to publish: those with notices.
