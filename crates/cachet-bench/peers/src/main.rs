@@ -1470,9 +1470,14 @@ async fn run_inval() {
     let base = pct(&mut lat[0].clone(), 50.0);
     for (vi, name) in names.iter().enumerate() {
         let mut l = lat[vi].clone();
-        let (p50, p99) = (pct(&mut l, 50.0), pct(&mut l, 99.0));
+        let (p25, p50, p75, p99) = (
+            pct(&mut l, 25.0),
+            pct(&mut l, 50.0),
+            pct(&mut l, 75.0),
+            pct(&mut l, 99.0),
+        );
         println!(
-            "INVAL | {name:<44} | n={} | p50={p50:8.2}us p99={p99:8.2}us | ratio p50 to raw DEL={:.3}",
+            "INVAL | {name:<44} | n={} | p25={p25:7.2}us p50={p50:7.2}us p75={p75:7.2}us p99={p99:7.2}us | ratio p50 to raw DEL={:.3}",
             l.len(),
             p50 / base
         );
@@ -1789,10 +1794,12 @@ fn run_prof(which: &str) {
                         ops += 100_000;
                     }
                 }
-                "prof-redis" | "prof-rawget" => {
+                // A Redis hit or an invalidation, cachet's or raw, on 1,000 keys.
+                "prof-redis" | "prof-rawget" | "prof-inval" | "prof-rawdel" => {
                     let mut raw = raw_conn().await;
                     let c: Cache<u64, String> = cachet_redis_t("pr").await;
-                    for k in 0..1000u64 {
+                    let reads = matches!(which.as_str(), "prof-redis" | "prof-rawget");
+                    for k in (0..1000u64).filter(|_| reads) {
                         c.set(&k, val100()).await.unwrap();
                     }
                     let phys: Vec<String> = (0..1000u64)
@@ -1802,10 +1809,22 @@ fn run_prof(which: &str) {
                     while Instant::now() < end {
                         for _ in 0..1000 {
                             i = (i + 1) % 1000;
-                            if which == "prof-redis" {
-                                black_box(c.get(&(i as u64)).await.unwrap().unwrap().len());
-                            } else {
-                                black_box(raw_get_b(&mut raw, &phys[i]).await.unwrap().len());
+                            let k = i as u64;
+                            match which.as_str() {
+                                "prof-redis" => {
+                                    black_box(c.get(&k).await.unwrap().unwrap().len());
+                                }
+                                "prof-rawget" => {
+                                    black_box(raw_get_b(&mut raw, &phys[i]).await.unwrap().len());
+                                }
+                                "prof-inval" => c.invalidate(&k).await.unwrap(),
+                                _ => {
+                                    let _: i64 = redis::cmd("DEL")
+                                        .arg(&phys[i])
+                                        .query_async(&mut raw)
+                                        .await
+                                        .unwrap();
+                                }
                             }
                         }
                         ops += 1000;
