@@ -42,11 +42,7 @@ pub(crate) async fn run(args: StatsArgs) -> Result<()> {
     let mut servers = Vec::with_capacity(nodes.len());
     for node in &nodes {
         let shown = redact_url(&node.url);
-        let store = target
-            .admin(node.builder())
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to Redis at {shown}"))?;
+        let store = target.connect(target.admin(node.builder())).await?;
         let info = store
             .server_info()
             .await

@@ -23,6 +23,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use cachet::{RedisStore, RedisStoreBuilder};
 use cachet_redis::RedisConnection;
+pub(crate) use cachet_redis::redact_url;
 use clap::Args;
 
 /// The variable that gives `--redis-url`.
@@ -650,13 +651,11 @@ impl RedisTarget {
         self.builder().eviction_check(false)
     }
 
-    /// Connects `builder` (made from [`builder`](Self::builder)), with an error
-    /// that names the target.
+    /// Connects `builder` (made from [`builder`](Self::builder)). The library's
+    /// error names what it could not connect to: the server or cluster (without
+    /// a password), the Sentinel master, or the setting that is wrong.
     pub(crate) async fn connect(&self, builder: RedisStoreBuilder) -> Result<RedisStore> {
-        builder
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to Redis at {}", self.describe()))
+        Ok(builder.connect().await?)
     }
 
     /// The first connection of a run: a store with the library's defaults, whose
@@ -989,27 +988,6 @@ fn with_credentials(url: &str, auth: Option<&NodeAuth>) -> String {
     format!("{}{userinfo}{}", &url[..scheme_end], &url[host_start..])
 }
 
-/// `url` with any password replaced, for messages.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    match rest[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end],
-            &rest[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1329,22 +1307,5 @@ mod tests {
         ] {
             assert!(!shown.contains(password), "{shown}");
         }
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(
-            redact_url("redis://:secret@h:6379/"),
-            "redis://:***@h:6379/"
-        );
-        assert_eq!(
-            redact_url("postgres://u@h:5432/db"),
-            "postgres://u@h:5432/db"
-        );
-        assert_eq!(redact_url("redis://h:6379/"), "redis://h:6379/");
     }
 }

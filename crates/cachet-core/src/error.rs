@@ -56,6 +56,15 @@ impl StoreError {
         self
     }
 
+    /// The same error, its message led by what was being done (`"cannot
+    /// connect to redis://host:6379/"`): one message that says both, the
+    /// cause still its source.
+    #[must_use]
+    pub fn context(mut self, doing: impl fmt::Display) -> Self {
+        self.message = format!("{doing}: {}", self.message).into();
+        self
+    }
+
     /// The store could not be reached: `source` says why.
     pub fn unavailable(source: impl Into<BoxError>) -> Self {
         Self::new(StoreErrorKind::Unavailable, "store unreachable").with_source(source)

@@ -11,7 +11,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Arg, Cmd, ErrorKind, Pipeline, RedisFuture, ServerErrorKind, Value};
 
-use crate::redact;
+use crate::redact_url;
 use crate::sentinel::{self, Primary, SentinelTarget};
 
 /// Where a store connects: one server, the seed nodes of a cluster, or the
@@ -26,9 +26,9 @@ pub(crate) enum Target {
 impl fmt::Debug for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Server(url) => f.debug_tuple("Server").field(&redact(url)).finish(),
+            Self::Server(url) => f.debug_tuple("Server").field(&redact_url(url)).finish(),
             Self::Cluster(urls) => {
-                let urls: Vec<String> = urls.iter().map(|u| redact(u)).collect();
+                let urls: Vec<String> = urls.iter().map(|u| redact_url(u)).collect();
                 f.debug_tuple("Cluster").field(&urls).finish()
             }
             Self::Sentinel(target) => target.fmt(f),
@@ -40,8 +40,8 @@ impl Target {
     /// The same target with passwords taken out of the URLs, for logs.
     pub(crate) fn redacted(&self) -> Self {
         match self {
-            Self::Server(url) => Self::Server(redact(url)),
-            Self::Cluster(urls) => Self::Cluster(urls.iter().map(|u| redact(u)).collect()),
+            Self::Server(url) => Self::Server(redact_url(url)),
+            Self::Cluster(urls) => Self::Cluster(urls.iter().map(|u| redact_url(u)).collect()),
             Self::Sentinel(target) => Self::Sentinel(target.redacted()),
         }
     }
@@ -256,7 +256,7 @@ pub(crate) async fn connect(
     let connected = crate::within_connect_timeout(connection_timeout, connecting).await?;
     let conn = connected.map_err(|e| {
         if e.to_string().contains("cluster support disabled") {
-            let urls: Vec<String> = urls.iter().map(|u| redact(u)).collect();
+            let urls: Vec<String> = urls.iter().map(|u| redact_url(u)).collect();
             StoreError::config(format!("{} is not a Redis Cluster node", urls.join(", ")))
                 .with_source(e)
         } else {
@@ -346,7 +346,7 @@ mod tests {
         let t = Target::Cluster(vec!["redis://:pw@a:1/".into(), "redis://b:2/".into()]);
         assert_eq!(
             format!("{:?}", t.redacted()),
-            r#"Cluster(["redis://***@a:1/", "redis://b:2/"])"#
+            r#"Cluster(["redis://:***@a:1/", "redis://b:2/"])"#
         );
     }
 }

@@ -481,7 +481,10 @@ impl RedisStoreBuilder {
     ///
     /// # Errors
     /// When a URL is invalid, or the server (on a cluster, every node given)
-    /// cannot be reached.
+    /// cannot be reached. An error of the latter kind names the server
+    /// without its password, then what failed (`cannot connect to
+    /// redis://app:***@host:6379/0: no connection within the connection timeout
+    /// (1s)`), and has the client's error, if any, as its source.
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
         if let Some(setting) = self.misplaced {
             return Err(StoreError::config(format!(
@@ -489,38 +492,7 @@ impl RedisStoreBuilder {
             )));
         }
         self.tls.warn_if_insecure(&self.target);
-        // The connection, and where connections of one's own go.
-        let (conn, nodes) = match &self.target {
-            Target::Server(url) => (
-                self.connect_server(url).await?,
-                sentinel::Nodes::Fixed(Box::new(self.tls.client(url)?)),
-            ),
-            Target::Cluster(urls) => (
-                cluster::connect(
-                    urls,
-                    self.response_timeout,
-                    self.connection_timeout,
-                    &self.tls,
-                )
-                .await?,
-                sentinel::Nodes::Fixed(Box::new(
-                    self.tls.client(urls.first().map_or("", String::as_str))?,
-                )),
-            ),
-            Target::Sentinel(target) => {
-                let primary = sentinel::connect(
-                    target,
-                    &self.tls,
-                    self.response_timeout,
-                    self.connection_timeout,
-                )
-                .await?;
-                (
-                    RedisConnection::sentinel(primary.clone(), self.response_timeout),
-                    sentinel::Nodes::Primary(primary),
-                )
-            }
-        };
+        let (conn, nodes) = self.connect_target().await?;
         let shards = (0..self.deferred_shards)
             .map(|i| QueueShard {
                 due: format!("{}sys:deferred:{{{i}}}:due", self.system_prefix),
@@ -555,6 +527,45 @@ impl RedisStoreBuilder {
             store.check_eviction_settings().await;
         }
         Ok(store)
+    }
+
+    /// The connection, and where connections of one's own go.
+    async fn connect_target(&self) -> Result<(RedisConnection, sentinel::Nodes), StoreError> {
+        Ok(match &self.target {
+            Target::Server(url) => (
+                (self.connect_server(url).await).map_err(|e| naming(e, &redact_url(url)))?,
+                sentinel::Nodes::Fixed(Box::new(self.tls.client(url)?)),
+            ),
+            Target::Cluster(urls) => (
+                cluster::connect(
+                    urls,
+                    self.response_timeout,
+                    self.connection_timeout,
+                    &self.tls,
+                )
+                .await
+                .map_err(|e| {
+                    let urls: Vec<String> = urls.iter().map(|u| redact_url(u)).collect();
+                    naming(e, &format!("the Redis Cluster at {}", urls.join(", ")))
+                })?,
+                sentinel::Nodes::Fixed(Box::new(
+                    self.tls.client(urls.first().map_or("", String::as_str))?,
+                )),
+            ),
+            Target::Sentinel(target) => {
+                let primary = sentinel::connect(
+                    target,
+                    &self.tls,
+                    self.response_timeout,
+                    self.connection_timeout,
+                )
+                .await?;
+                (
+                    RedisConnection::sentinel(primary.clone(), self.response_timeout),
+                    sentinel::Nodes::Primary(primary),
+                )
+            }
+        })
     }
 
     async fn connect_server(&self, url: &str) -> Result<RedisConnection, StoreError> {
@@ -1002,13 +1013,43 @@ pub(crate) async fn within_connect_timeout<T>(
     })
 }
 
-/// The URL without its password, for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
+/// A failure to connect to `server` (shown without its password), which it
+/// then names. A configuration error names its setting already, and a
+/// Sentinel store's errors name the master.
+fn naming(e: StoreError, server: &str) -> StoreError {
+    if e.kind() == cachet_core::StoreErrorKind::Config {
+        return e;
+    }
+    e.context(format_args!("cannot connect to {server}"))
+}
+
+/// `url` as logs and error messages show it: its password replaced by
+/// `***`, the rest (the user name too) as given. A URL without a password is
+/// shown as it is. Works on any `scheme://user:password@host…` URL.
+///
+/// ```
+/// use cachet_redis::redact_url;
+/// assert_eq!(redact_url("redis://app:s3cret@db:6379/0"), "redis://app:***@db:6379/0");
+/// assert_eq!(redact_url("rediss://:s3cret@db:6380"), "rediss://:***@db:6380");
+/// assert_eq!(redact_url("redis://db:6379/0?name=a@b"), "redis://db:6379/0?name=a@b");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
     }
 }
 
@@ -1906,10 +1947,45 @@ mod tests {
         assert!(e.is_timeout(), "{e:?}");
         assert_eq!(
             e.to_string(),
-            "no connection within the connection timeout (400ms)"
+            format!(
+                "cannot connect to redis://{addr}/: no connection within the connection timeout (400ms)"
+            )
         );
         // Bounded by the limit, not by retries of it nor by the response timeout.
         assert!(took < limit * 2, "took {took:?}");
+    }
+
+    /// A store that cannot connect says to what, without its password, and
+    /// why, with the client's error as the cause.
+    #[tokio::test]
+    async fn a_refused_connection_names_the_server_but_not_its_password() {
+        // A port nothing listens on.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let targets = [
+            RedisStore::builder(format!("redis://app:hunter2@{addr}/0")),
+            RedisStore::cluster_builder([format!("redis://:hunter2@{addr}")]),
+        ];
+        let named = [
+            format!("cannot connect to redis://app:***@{addr}/0: store unreachable"),
+            format!(
+                "cannot connect to the Redis Cluster at redis://:***@{addr}: store unreachable"
+            ),
+        ];
+        for (builder, named) in targets.into_iter().zip(named) {
+            let e = builder
+                .connection_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), cachet_core::StoreErrorKind::Unavailable, "{e:?}");
+            assert_eq!(e.to_string(), named);
+            let report = cachet_core::Report(&e).to_string();
+            assert!(!report.contains("hunter2"), "{report}");
+            assert!(report.len() > named.len(), "the cause follows: {report}");
+        }
     }
 
     #[test]
@@ -1925,10 +2001,27 @@ mod tests {
     #[test]
     fn redacts_passwords() {
         assert_eq!(
-            redact("redis://:secret@host:6379/0"),
-            "redis://***@host:6379/0"
+            redact_url("redis://:secret@host:6379/0"),
+            "redis://:***@host:6379/0"
         );
-        assert_eq!(redact("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        // A user without a password, and an `@` past the host: nothing to hide.
+        assert_eq!(
+            redact_url("postgres://u@h:5432/db"),
+            "postgres://u@h:5432/db"
+        );
+        assert_eq!(
+            redact_url("redis://h:6379/0?name=a:b@c"),
+            "redis://h:6379/0?name=a:b@c"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379/"),
+            "redis://127.0.0.1:6379/"
+        );
+        assert_eq!(redact_url("not a url"), "not a url");
     }
 
     #[test]

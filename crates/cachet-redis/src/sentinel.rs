@@ -49,7 +49,7 @@ use redis::{
 use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
 
-use crate::redact;
+use crate::redact_url;
 use crate::tls::TlsOptions;
 
 /// The sentinels to ask, the name of the primary they watch, and the ACL
@@ -66,7 +66,7 @@ pub(crate) struct SentinelTarget {
 
 impl fmt::Debug for SentinelTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let urls: Vec<String> = self.urls.iter().map(|u| redact(u)).collect();
+        let urls: Vec<String> = self.urls.iter().map(|u| redact_url(u)).collect();
         f.debug_struct("Sentinel")
             .field("sentinels", &urls)
             .field("master", &self.master)
@@ -87,7 +87,7 @@ impl SentinelTarget {
     /// The same target with passwords taken out, for logs.
     pub(crate) fn redacted(&self) -> Self {
         Self {
-            urls: self.urls.iter().map(|u| redact(u)).collect(),
+            urls: self.urls.iter().map(|u| redact_url(u)).collect(),
             master: self.master.clone(),
             node_auth: self
                 .node_auth

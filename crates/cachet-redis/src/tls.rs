@@ -8,7 +8,7 @@ use cachet_core::StoreError;
 use redis::cluster::ClusterClientBuilder;
 use redis::{ClientTlsConfig, ConnectionAddr, IntoConnectionInfo, TlsCertificates, TlsMode};
 
-use crate::redact;
+use crate::redact_url;
 
 /// What a store's connections trust and present on `rediss://`. Its `Debug`
 /// shows whether each part is set, never its contents.
@@ -60,7 +60,8 @@ impl TlsOptions {
             None => redis::Client::open(info),
         };
         client.map_err(|e| {
-            StoreError::config(format!("invalid TLS settings for {:?}", redact(url))).with_source(e)
+            StoreError::config(format!("invalid TLS settings for {:?}", redact_url(url)))
+                .with_source(e)
         })
     }
 
@@ -72,12 +73,12 @@ impl TlsOptions {
             return Err(StoreError::config(format!(
                 "the Redis URL {:?} has a fragment (such as #insecure); a URL cannot turn off \
                  certificate verification, use RedisStoreBuilder::danger_accept_invalid_certs",
-                redact(url)
+                redact_url(url)
             )));
         }
         ensure_provider();
         let info = url.into_connection_info().map_err(|e| {
-            StoreError::config(format!("invalid Redis URL {:?}", redact(url))).with_source(e)
+            StoreError::config(format!("invalid Redis URL {:?}", redact_url(url))).with_source(e)
         })?;
         match info.addr().clone() {
             ConnectionAddr::TcpTls {
@@ -93,7 +94,7 @@ impl TlsOptions {
             })),
             _ if self.is_set() => Err(StoreError::config(format!(
                 "TLS settings were given but {:?} is not a rediss:// URL",
-                redact(url)
+                redact_url(url)
             ))),
             _ => Ok(info),
         }
