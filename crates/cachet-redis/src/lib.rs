@@ -980,6 +980,12 @@ fn map_err(e: redis::RedisError, timeout: Duration) -> StoreError {
         )
     } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
         StoreError::unavailable(e)
+    } else if e.kind() == redis::ErrorKind::AuthenticationFailed {
+        StoreError::new(
+            cachet_core::StoreErrorKind::Other,
+            "Redis refused the credentials (user name and password)",
+        )
+        .with_source(e)
     } else {
         StoreError::other(e)
     }
@@ -1986,6 +1992,32 @@ mod tests {
             assert!(!report.contains("hunter2"), "{report}");
             assert!(report.len() > named.len(), "the cause follows: {report}");
         }
+    }
+
+    /// Credentials the server refuses: said as such, naming the server, and
+    /// the password given shown nowhere.
+    #[tokio::test]
+    async fn refused_credentials_are_named_as_such() {
+        let server = RedisServer::start();
+        assert_eq!(
+            server.command(&["CONFIG", "SET", "requirepass", "right-one"]),
+            "OK"
+        );
+        let e = RedisStore::builder(format!("redis://:wrong-one@127.0.0.1:{}/", server.port()))
+            .connect()
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot connect to redis://:***@127.0.0.1:{}/: Redis refused the credentials \
+                 (user name and password)",
+                server.port()
+            )
+        );
+        assert!(!e.is_outage(), "{e:?}");
+        let report = cachet_core::Report(&e).to_string();
+        assert!(!report.contains("wrong-one"), "{report}");
     }
 
     #[test]
