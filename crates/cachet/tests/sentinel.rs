@@ -194,8 +194,11 @@ async fn failover_under_load(how: Failover) {
     })
     .await;
 
-    // An invalidation after the failover is honoured: no stale read.
-    let key = 7;
+    // An invalidation after the failover is honoured: no stale read. The key
+    // is one the workload leaves alone: its writer, still running, would
+    // otherwise bump the value between this write and the read below.
+    let key = KEYS;
+    db.lock().unwrap().insert(key, 1);
     let loaded = w.load(key).await.unwrap();
     let updated = {
         let mut db = db.lock().unwrap();
