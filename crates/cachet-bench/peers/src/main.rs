@@ -232,6 +232,9 @@ async fn raw_conn() -> MultiplexedConnection {
 async fn raw_set(c: &mut MultiplexedConnection, k: &str, v: &str) {
     let _: () = redis::cmd("SET").arg(k).arg(v).query_async(c).await.unwrap();
 }
+async fn raw_del(c: &mut MultiplexedConnection, keys: &[&str]) {
+    let _: i64 = redis::cmd("DEL").arg(keys).query_async(c).await.unwrap();
+}
 async fn raw_get(c: &mut MultiplexedConnection, k: &str) -> Option<Vec<u8>> {
     redis::cmd("GET").arg(k).query_async(c).await.unwrap()
 }
@@ -1430,13 +1433,7 @@ async fn run_inval() {
             }
             let t = Instant::now();
             match vi {
-                0 => {
-                    let _: i64 = redis::cmd("DEL")
-                        .arg(&key)
-                        .query_async(&mut raw)
-                        .await
-                        .unwrap();
-                }
+                0 => raw_del(&mut raw, &[&key]).await,
                 1 => cr.invalidate(&key).await,
                 2 => cn.invalidate(&key).await,
                 3 => cached.invalidate(&key).await,
@@ -1444,21 +1441,8 @@ async fn run_inval() {
                 5 => mtc2.invalidate(&key).await,
                 6 => cb.invalidate(&key).await,
                 7 => cbb.invalidate(&key).await,
-                8 => {
-                    let _: i64 = redis::cmd("DEL")
-                        .arg(&key)
-                        .arg(format!("{key}:l"))
-                        .query_async(&mut raw)
-                        .await
-                        .unwrap();
-                }
-                9 => {
-                    let _: i64 = redis::cmd("DEL")
-                        .arg(&key)
-                        .query_async(&mut own)
-                        .await
-                        .unwrap();
-                }
+                8 => raw_del(&mut raw, &[&key, &format!("{key}:l")]).await,
+                9 => raw_del(&mut own, &[&key]).await,
                 _ => unreachable!(),
             }
             let el = t.elapsed().as_nanos() as u64;
@@ -1823,13 +1807,7 @@ fn run_prof(which: &str) {
                                     black_box(raw_get_b(&mut raw, &phys[i]).await.unwrap().len());
                                 }
                                 "prof-inval" => c.invalidate(&k).await.unwrap(),
-                                _ => {
-                                    let _: i64 = redis::cmd("DEL")
-                                        .arg(&phys[i])
-                                        .query_async(&mut raw)
-                                        .await
-                                        .unwrap();
-                                }
+                                _ => raw_del(&mut raw, &[&phys[i]]).await,
                             }
                         }
                         ops += 1000;
