@@ -3,7 +3,9 @@
 //! `cachet lab` runs caching failure modes side by side (see [`lab`]);
 //! `cachet stats` prints a Redis server's memory, eviction and hit counters
 //! and what in its settings weakens cachet's guarantees (see [`stats`]);
-//! `cachet inspect` shows one cache entry as stored (see [`inspect`]); a hidden
+//! `cachet inspect` shows one cache entry as stored (see [`inspect`]);
+//! `cachet bench` measures a cache's hits, misses and invalidations against
+//! raw commands on the same server (see [`bench`]); a hidden
 //! `cachet __child` runs work the lab starts in processes of its own (see
 //! `lab::child`). This module owns argument parsing, logging, the runtime and
 //! how errors reach the user.

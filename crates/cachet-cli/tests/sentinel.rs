@@ -69,6 +69,19 @@ fn bench_and_lab_run_on_the_primary_the_sentinels_name_and_clean_up() {
     assert_eq!(across["store"], "redis-sentinel", "{across}");
     assert_eq!(across["db_queries"], 1, "{across}");
     assert_eq!(on_primary(&["GET", "someone-else"]), "1");
+
+    // Write-behind's flusher takes one server's URL: skipped, saying why,
+    // and the lab goes on.
+    let rows = Cachet::lab()
+        .args(flags(&sentinels))
+        .args(["--scenario", "write-behind"])
+        .rows();
+    assert!(rows.rows.is_empty(), "{:#?}", rows.rows);
+    let skipped = (rows.stderr.lines())
+        .find(|l| l.starts_with("write-behind: skipped"))
+        .unwrap_or_else(|| panic!("no write-behind line in\n{}", rows.stderr));
+    assert!(skipped.contains("single Redis node"), "{skipped}");
+    assert!(skipped.contains("sentinel"), "{skipped}");
     on_primary(&["DEL", "someone-else"]);
     assert_server_clean(on_primary);
 }

@@ -140,7 +140,7 @@
 //!   the key in this process never joins a load that started before it.
 //! - **Across processes** sharing a store, the first process to miss takes the
 //!   lease. Others find it taken, wait with exponential backoff (2 ms doubling to
-//!   50 ms) for the fill and read it; if `lease_wait` passes first, they load for
+//!   8 ms) for the fill and read it; if `lease_wait` passes first, they load for
 //!   themselves and return the value without caching it. If the lease holder dies,
 //!   its lease expires after `lease_ttl` and the next caller takes over.
 //! - A loader slower than `lease_ttl` still returns its value to its callers, but
@@ -186,7 +186,7 @@
 //!
 //! # Tags
 //!
-//! A cache built with [`CacheBuilder::tags_by`] gives each entry any number of
+//! A cache built with [`CacheBuilder::tags_by`] gives each entry up to 255
 //! tags, computed from its key and value. [`Cache::invalidate_tag`] drops every
 //! entry carrying a tag in O(1), with no list of keys and no scan: the tag's
 //! generation moves on. The entry records each tag with its generation when it
@@ -281,10 +281,11 @@
 //! and TTL in one `SET … PX`) and consumes the lease: one round trip more than
 //! naive cache-aside. [`invalidate`](Cache::invalidate) is one `DEL` of the entry and its
 //! lease; [`set`](Cache::set) one `EVALSHA`.
-//! [`get_many`](Cache::get_many) sends its `GET`s together (pipelined on the
-//! connection); [`get_or_load_many`](Cache::get_or_load_many) adds one lease
-//! script per missing key, **one** loader call for all of them, and one fill
-//! script per loaded key, each step pipelined. Each entry carries an envelope
+//! [`get_many`](Cache::get_many) sends one `MGET` (which a cluster
+//! connection splits by node; keys with groups are read by one script each);
+//! [`get_or_load_many`](Cache::get_or_load_many) adds one lease script per hash
+//! slot of the missing keys, **one** loader call for all of them, and one fill
+//! script per hash slot of the loaded keys. Each entry carries an envelope
 //! header of 2 bytes plus the fields it sets (soft expiry, version, load time,
 //! group generation: 4 or 8 bytes each, 30 at most) and a 4-byte checksum of
 //! its payload (see [`store::envelope`]), so an
@@ -310,7 +311,8 @@
 //! Each load and each fill runs in a `tracing` span at debug level,
 //! `cachet.load` and `cachet.fill`, with the fields `cache`, `key_hash` (a
 //! 64-bit hash of the store key: keys may hold personal data) and `outcome`
-//! (`found`, `not_found`, `error`, `timeout`; `filled`, `refused`, `failed`),
+//! (`found`, `not_found`, `error`, `timeout`; `filled`, `refused`, `failed`;
+//! `batch` for the loads and fills of a batch),
 //! so tracing-opentelemetry and other span exporters see them.
 //!
 //! # Measuring consistency: the audit

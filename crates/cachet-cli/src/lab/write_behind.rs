@@ -110,13 +110,17 @@ pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
             a.wb_kills + 1
         );
     }
-    if let Some(target) = lab.redis.as_ref().filter(|t| t.is_cluster()) {
+    if let Some(target) = lab.redis.as_ref().filter(|t| t.server_url().is_none()) {
+        let why = if target.is_cluster() {
+            "its script writes an entry and the stream, in two slots, in one step"
+        } else {
+            "its flusher, in a process of its own, connects with one server's URL"
+        };
         lab.skip(
             NAME,
             &format!(
-                "write-behind needs a single Redis node (its script writes an entry and the \
-                 stream, in two slots, in one step), and {} is a Redis Cluster; run it with \
-                 --redis-url, or without Redis flags on a private redis-server.",
+                "write-behind needs a single Redis node ({why}), and {} is not one; run it \
+                 with --redis-url, or without Redis flags on a private redis-server.",
                 target.describe()
             ),
         );
@@ -145,9 +149,6 @@ pub(super) async fn run(lab: &Lab) -> Result<Vec<Row>> {
              --redis-cert or --redis-key; run it without them.",
         );
         return Ok(Vec::new());
-    }
-    if redis.target.server_url().is_none() {
-        bail!("write-behind needs a single Redis server");
     }
     Ok(vec![
         synchronous(lab, &redis).await?,
