@@ -358,8 +358,8 @@ fn near_hit(c: &mut Criterion) {
     drop(rt);
 }
 
-/// `invalidate` (one `DEL` of entry and lease, and a notice queued for the
-/// bus) against a raw `DEL` of the entry key, each of a key that exists.
+/// `invalidate` (one `DEL` of entry and lease, and the bus's notice, sent
+/// with it or queued) against a raw `DEL` of the entry key, each of a key that exists.
 fn invalidate(c: &mut Criterion) {
     let r = redis();
     let keys = keys(1 << 12);

@@ -6,15 +6,22 @@
 //! notice after every invalidation, write, group and tag invalidation that
 //! succeeds — from `Cache` calls, an outbox relay, a deferred-invalidation
 //! worker alike. Notices are one line each (`k <entry key>`, `g <group
-//! generation key>` or `t <tag generation key>`) and are
-//! batched by a background task, one `PUBLISH` per channel and batch (at most
-//! 512 notices): a notice after a quiet millisecond goes out at once, with
-//! whatever is already queued; while notices keep coming, batches go out at
-//! most once a millisecond, gathering what arrived meanwhile, and writers only
-//! queue their notices (they do not wake the task). So a lone write's notice
-//! costs one round trip of delay, a burst of writes costs a few messages, not
-//! one each, and a write in a burst no thread wake-up (`docs/decisions.md` has
-//! the measurements).
+//! generation key>` or `t <tag generation key>`).
+//!
+//! On one server (or behind Sentinel), an `invalidate` or `set` that finds no
+//! other notice sent with its write in the last millisecond sends its own in
+//! the same round trip: a `PUBLISH` pipelined after the `DEL`, or published by
+//! the `SET` script after the write. A lone write's notice is out when the
+//! write returns, and costs no task wake-up. Every other notice (those of a
+//! burst, of group and tag invalidations, of version-checked writes, and all
+//! of them on a cluster, whose pipelines route by key) is queued for a
+//! background task that batches them, one `PUBLISH` per channel and batch (at
+//! most 512 notices): a notice after a quiet millisecond goes out at once,
+//! with whatever is already queued; while notices keep coming, batches go out
+//! at most once a millisecond, gathering what arrived meanwhile, and writers
+//! only queue their notices (they do not wake the task). So a burst of writes
+//! costs about two messages a millisecond, not one a write, and a write in a
+//! burst no thread wake-up (`docs/decisions.md` has the measurements).
 //!
 //! Pub/sub is fire-and-forget: a subscriber that is disconnected misses
 //! messages. Subscribers therefore report every loss and every recovery, and the
@@ -34,6 +41,7 @@
 //! Its cost is delay: the notice leaves after the write returned, one round
 //! trip later than a tracking push.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cachet_core::{BusEvent, GroupKey, Notice, StoreKey, TagKey};
@@ -64,10 +72,75 @@ pub(crate) fn channel(head: &str) -> String {
 /// What a cache's channel adds to its head.
 const CHANNEL_SUFFIX: &str = ":sys:bus";
 
-/// The sending side: a queue in front of the batching task.
+/// The sending side: a queue in front of the batching task, and the notices
+/// that go out with their writes.
 #[derive(Debug)]
 pub(crate) struct Publisher {
     tx: mpsc::UnboundedSender<Queued>,
+    /// `None` on a cluster, whose pipelines route each command by its key
+    /// (and `PUBLISH` has none): there every notice is queued.
+    inline: Option<Inline>,
+}
+
+/// The pace of the notices sent with their writes: at most one a [`LINGER`]
+/// per store. A write after a quiet spell sends its notice in its own round
+/// trip (pipelined after the write, or from the write's script), so it wakes
+/// no task and the notice leaves with the write; the writes that follow
+/// within the [`LINGER`] queue theirs for the batching task, as a burst does.
+#[derive(Debug)]
+struct Inline {
+    epoch: std::time::Instant,
+    /// Nanoseconds after `epoch` from which the next notice may go inline.
+    next: AtomicU64,
+    /// Inline notices the server refused, since the last flush.
+    failed: AtomicU64,
+}
+
+impl Inline {
+    fn new() -> Self {
+        Self {
+            epoch: std::time::Instant::now(),
+            next: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A notice sent with its write: the caller adds [`channel`](Self::channel)
+/// and [`line`](Self::line) to the write's round trip (as a `PUBLISH` after it,
+/// or as a script's arguments), then reports a refusal with
+/// [`Publisher::inline_failed`].
+pub(crate) struct InlineNotice<'k> {
+    tag: &'static str,
+    key: &'k str,
+    head: &'k str,
+}
+
+impl<'k> InlineNotice<'k> {
+    /// The channel, as a command argument.
+    pub(crate) fn channel(&self) -> impl redis::ToRedisArgs + 'k {
+        Joined(self.head, CHANNEL_SUFFIX)
+    }
+
+    /// The notice's line, as a command argument.
+    pub(crate) fn line(&self) -> impl redis::ToRedisArgs + 'k {
+        Joined(self.tag, self.key)
+    }
+}
+
+/// Two strings as one command argument, written straight into the command.
+struct Joined<'a>(&'a str, &'a str);
+
+impl redis::ToRedisArgs for Joined<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        use bytes::BufMut as _;
+        let mut arg = out.bufmut_for_next_arg(self.0.len() + self.1.len());
+        arg.put_slice(self.0.as_bytes());
+        arg.put_slice(self.1.as_bytes());
+    }
 }
 
 /// What the batching task is sent.
@@ -90,12 +163,49 @@ impl Publisher {
     /// Starts the batching task on the current tokio runtime.
     pub(crate) fn spawn(conn: RedisConnection) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let inline = (!conn.is_cluster()).then(Inline::new);
         tokio::spawn(publish(conn, rx));
-        Self { tx }
+        Self { tx, inline }
     }
 
     pub(crate) fn key(&self, key: &StoreKey) {
         self.notice("k ", key.as_str(), key.head());
+    }
+
+    /// The notice of `key` to send with its write, if no other went inline
+    /// within the last [`LINGER`]; `None`: the caller queues it
+    /// ([`key`](Self::key)) once the write succeeded.
+    pub(crate) fn inline_key<'k>(&self, key: &'k StoreKey) -> Option<InlineNotice<'k>> {
+        let inline = self.inline.as_ref()?;
+        let now = u64::try_from(inline.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let next = inline.next.load(Ordering::Relaxed);
+        if now < next {
+            return None;
+        }
+        let linger = u64::try_from(LINGER.as_nanos()).unwrap_or(u64::MAX);
+        (inline.next)
+            .compare_exchange(
+                next,
+                now.saturating_add(linger),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .ok()?;
+        Some(InlineNotice {
+            tag: "k ",
+            key: key.as_str(),
+            head: key.head(),
+        })
+    }
+
+    /// Counts an inline notice the server refused (reported by the next
+    /// [`flush`](Self::flush)).
+    pub(crate) fn inline_failed(&self, notice: &InlineNotice<'_>, error: &dyn std::fmt::Display) {
+        if let Some(inline) = &self.inline {
+            inline.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::warn!(channel = %channel(notice.head), notices = 1, %error,
+            "publishing invalidation notices failed");
     }
 
     pub(crate) fn group(&self, group: &GroupKey) {
@@ -122,7 +232,9 @@ impl Publisher {
     pub(crate) async fn flush(&self) -> Option<u64> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Queued::Flush(tx)).ok()?;
-        rx.await.ok()
+        let queued = rx.await.ok()?;
+        let inline = (self.inline.as_ref()).map_or(0, |i| i.failed.swap(0, Ordering::Relaxed));
+        Some(queued + inline)
     }
 }
 
@@ -524,6 +636,35 @@ mod tests {
             tokio::time::sleep(LINGER * 3).await;
         }
         assert!(tokio::time::Instant::now() - start >= LINGER * ticks as u32);
+    }
+
+    #[test]
+    fn at_most_one_notice_a_linger_goes_with_its_write() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let publisher = Publisher {
+            tx: tx.clone(),
+            inline: Some(Inline::new()),
+        };
+        let key = KeyLayout::new("cachet:", "users").unwrap().key("a b");
+        let notice = publisher.inline_key(&key).expect("the first goes inline");
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(notice.channel()).arg(notice.line());
+        let args: Vec<String> = (publish.args_iter())
+            .map(|a| match a {
+                redis::Arg::Simple(bytes) => String::from_utf8(bytes.to_vec()).unwrap(),
+                _ => panic!("not a plain argument"),
+            })
+            .collect();
+        assert_eq!(args[1], "cachet:users:sys:bus");
+        assert_eq!(parse(&args[2]), vec![Notice::Key(key.clone())]);
+
+        assert!(publisher.inline_key(&key).is_none(), "queued within LINGER");
+        std::thread::sleep(LINGER);
+        assert!(publisher.inline_key(&key).is_some(), "inline after LINGER");
+
+        // On a cluster, every notice is queued.
+        let cluster = Publisher { tx, inline: None };
+        assert!(cluster.inline_key(&key).is_none());
     }
 
     #[test]

@@ -54,11 +54,15 @@
 //! successful `invalidate`, `set`, `set_versioned`, `invalidate_group` and
 //! `invalidate_tag` —
 //! whoever calls it: a `Cache`, an outbox relay, a deferred-invalidation worker —
-//! also queues a notice for the near caches of that cache in every process. A
-//! background task batches the notices (what arrives within 1 ms, at most 512)
-//! into one `PUBLISH` per cache channel (`{prefix}{namespace}:sys:bus`), so the
-//! operation itself pays no extra round trip, a write burst costs a few
-//! messages, and while notices keep coming a write does not even wake the task. [`InvalidationBus::subscribe_invalidations`] keeps a subscription up,
+//! also sends a notice to the near caches of that cache in every process, on
+//! the cache's channel (`{prefix}{namespace}:sys:bus`). An `invalidate` or
+//! `set` after a quiet millisecond sends its notice in its own round trip (a
+//! `PUBLISH` pipelined after the `DEL`, or from the `SET` script; not on a
+//! cluster); the others are queued for a background task that batches them
+//! (what arrives within 1 ms, at most 512) into one `PUBLISH` per channel. So
+//! no operation pays an extra round trip, a lone write's notice is out when
+//! the write returns, a write burst costs a few messages, and while notices
+//! keep coming a write does not even wake the task. [`InvalidationBus::subscribe_invalidations`] keeps a subscription up,
 //! reconnecting with backoff, pinging every second, and reports every loss and
 //! recovery: a near cache empties itself on both, since pub/sub drops what is
 //! sent while a subscriber is away. Pub/sub was chosen over RESP3 client
@@ -819,6 +823,17 @@ impl RedisStore {
         }
     }
 
+    /// The notice of `key` to send with its write, and the publisher to tell
+    /// if it is refused; `None` when the bus is off, or when the notice is to
+    /// be queued ([`notify_key`](Self::notify_key)) after the write.
+    fn inline_notice<'k>(
+        &self,
+        key: &'k StoreKey,
+    ) -> Option<(&bus::Publisher, bus::InlineNotice<'k>)> {
+        let publisher = self.inner.publisher.as_ref()?;
+        Some((publisher, publisher.inline_key(key)?))
+    }
+
     /// Tells near caches that `key` changed.
     fn notify_key(&self, key: &StoreKey) {
         if let Some(publisher) = &self.inner.publisher {
@@ -1464,13 +1479,21 @@ impl Store for RedisStore {
                     s
                 }
             };
-            let _: i64 = script
-                .arg(bytes)
-                .arg(ttl_millis(ttl))
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(|e| self.err(e))?;
-            self.notify_key(key);
+            script.arg(bytes).arg(ttl_millis(ttl));
+            let inline = self.inline_notice(key);
+            if let Some((_, notice)) = &inline {
+                // The script publishes it, after the write.
+                script.arg(notice.channel()).arg(notice.line());
+            }
+            let published: i64 =
+                (script.invoke_async(&mut self.conn()).await).map_err(|e| self.err(e))?;
+            match &inline {
+                None => self.notify_key(key),
+                Some((publisher, notice)) if published != 1 => {
+                    publisher.inline_failed(notice, &"PUBLISH refused in the write's script");
+                }
+                Some(_) => {}
+            }
             Ok(())
         })
     }
@@ -1493,14 +1516,32 @@ impl Store for RedisStore {
     fn invalidate<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             // The lease key is as long as the entry key.
-            let _: i64 = command("DEL", 2, 2 * key.as_str().len())
-                .arg(key.as_str())
-                .arg(LeaseKey(key))
-                .query_async(&mut self.conn())
-                .await
-                .map_err(|e| self.err(e))?;
-            self.notify_key(key);
-            Ok(())
+            let mut del = command("DEL", 2, 2 * key.as_str().len());
+            del.arg(key.as_str()).arg(LeaseKey(key));
+            let Some((publisher, notice)) = self.inline_notice(key) else {
+                let _: i64 = (del.query_async(&mut self.conn()).await).map_err(|e| self.err(e))?;
+                self.notify_key(key);
+                return Ok(());
+            };
+            // The notice in the same round trip, after the `DEL`; a refused
+            // `PUBLISH` does not fail the invalidation.
+            let mut pipe = redis::Pipeline::with_capacity(2);
+            pipe.add_command(del)
+                .cmd("PUBLISH")
+                .arg(notice.channel())
+                .arg(notice.line())
+                .ignore_errors();
+            let replies: Vec<redis::Value> =
+                (pipe.query_async(&mut self.conn()).await).map_err(|e| self.err(e))?;
+            match replies.as_slice() {
+                [redis::Value::Int(_), redis::Value::Int(_)] => Ok(()),
+                [redis::Value::Int(_), refused] => {
+                    publisher.inline_failed(&notice, &format_args!("{refused:?}"));
+                    Ok(())
+                }
+                [redis::Value::ServerError(e), _] => Err(self.err(e.clone().into())),
+                _ => Err(protocol("invalidate", &redis::Value::Array(replies))),
+            }
         })
     }
 

@@ -120,16 +120,29 @@ return 0
 
 /// Unconditional set that revokes the lease.
 ///
-/// `KEYS[1]` entry, `KEYS[2]` lease; `ARGV[1]` entry bytes, `ARGV[2]` TTL in ms.
+/// `KEYS[1]` entry, `KEYS[2]` lease; `ARGV[1]` entry bytes, `ARGV[2]` TTL in
+/// ms; then, for an invalidation notice sent with the write, `ARGV[3]` the
+/// channel and `ARGV[4]` the notice. Returns 1, or 0 if the notice was
+/// refused (the write stands).
 pub(crate) static SET: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{}{PUBLISH_AFTER}",
         r"
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
-return 1
-",
-    )
+"
+    ))
 });
+
+/// The end of a write's script: publishes `ARGV[4]` on channel `ARGV[3]`, if
+/// given; returns 1, or 0 if the server refused it.
+const PUBLISH_AFTER: &str = r"
+if ARGV[3] then
+  local sent = redis.pcall('PUBLISH', ARGV[3], ARGV[4])
+  if type(sent) == 'table' and sent.err then return 0 end
+end
+return 1
+";
 
 /// Queue a deferred invalidation.
 ///
@@ -262,16 +275,15 @@ return 0
 /// envelope (see `cachet_core::envelope`) before writing.
 ///
 /// `KEYS[1]` entry, `KEYS[2]` lease, `KEYS[3]` generation; `ARGV[1]` entry
-/// bytes, `ARGV[2]` TTL in ms.
+/// bytes, `ARGV[2]` TTL in ms; `ARGV[3]` and `ARGV[4]` as for [`SET`].
 pub(crate) static SET_GROUPED: LazyLock<Script> = LazyLock::new(|| {
     with_generation(&format!(
-        "{ENVELOPE_LUA}{}",
+        "{ENVELOPE_LUA}{}{PUBLISH_AFTER}",
         r"
 local g = generation(KEYS[3])
 local v = envelope_stamp(ARGV[1], struct.pack('>I8', tonumber(g)))
 redis.call('SET', KEYS[1], v, 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
-return 1
 "
     ))
 });

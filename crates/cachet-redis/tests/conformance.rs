@@ -76,13 +76,7 @@ async fn a_paused_server_is_a_lost_subscription_within_two_heartbeats() {
         .await
         .unwrap();
     let layout = KeyLayout::new("cachet:", "heartbeat").unwrap();
-    let bus = store.bus().expect("RedisStore has a bus");
-    let mut events = bus
-        .subscribe_invalidations(layout.key("k").head())
-        .await
-        .unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(10), events.recv()).await;
-    assert!(matches!(first, Ok(Some(BusEvent::Connected))), "{first:?}");
+    let mut events = listening(&store, &layout).await;
 
     const PAUSE: Duration = Duration::from_millis(1500);
     let paused_at = tokio::time::Instant::now();
@@ -95,4 +89,131 @@ async fn a_paused_server_is_a_lost_subscription_within_two_heartbeats() {
         took < PAUSE,
         "the loss was reported after the pause ended: {took:?}"
     );
+}
+
+/// A subscription of `store` to the channel of `layout`'s cache, connected.
+async fn listening(
+    store: &RedisStore,
+    layout: &KeyLayout,
+) -> tokio::sync::mpsc::Receiver<cachet_core::BusEvent> {
+    let bus = store.bus().expect("RedisStore has a bus");
+    let mut events = bus
+        .subscribe_invalidations(layout.key("k").head())
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), events.recv()).await;
+    assert!(
+        matches!(first, Ok(Some(cachet_core::BusEvent::Connected))),
+        "{first:?}"
+    );
+    events
+}
+
+/// A store on `server` with the library's defaults.
+async fn store_on(server: &RedisServer) -> RedisStore {
+    RedisStore::builder(server.url())
+        .eviction_check(false)
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// The keys noticed on `events` until `want` came, or 10 s passed.
+async fn noticed(
+    events: &mut tokio::sync::mpsc::Receiver<cachet_core::BusEvent>,
+    want: usize,
+) -> Vec<String> {
+    use cachet_core::{BusEvent, Notice};
+    let mut keys = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while keys.len() < want {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(BusEvent::Notices(notices))) => {
+                keys.extend(notices.into_iter().map(|n| match n {
+                    Notice::Key(key) => key.as_str().to_owned(),
+                    other => panic!("unexpected {other:?}"),
+                }));
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => break,
+        }
+    }
+    keys
+}
+
+/// A lone write's notice leaves in the write's own round trip: it is out
+/// once the write returns, even if its process stops right then (here, its
+/// runtime, with the task that publishes queued notices). Before, the notice
+/// waited in that task's queue and was lost with it.
+#[tokio::test]
+async fn a_lone_writes_notice_is_out_when_the_write_returns() {
+    use cachet_core::Entry;
+
+    let server = RedisServer::start();
+    let layout = KeyLayout::new("cachet:", "inline").unwrap();
+    let listener = store_on(&server).await;
+    let mut events = listening(&listener, &layout).await;
+
+    // Each write on a store and runtime of its own, dropped as the write returns.
+    let (invalidated, set) = (layout.key("invalidated"), layout.key("set"));
+    for (key, write) in [(invalidated.clone(), "invalidate"), (set.clone(), "set")] {
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let store = store_on(&server).await;
+                    match write {
+                        "invalidate" => store.invalidate(&key).await.unwrap(),
+                        _ => (store
+                            .set(&key, Entry::negative(), Duration::from_secs(60))
+                            .await)
+                            .unwrap(),
+                    }
+                });
+            });
+        });
+    }
+    assert_eq!(
+        noticed(&mut events, 2).await,
+        vec![invalidated.as_str(), set.as_str()]
+    );
+}
+
+/// Writes in a burst send their notices with the write at most once a
+/// millisecond and queue the others for the publishing task: every key is
+/// noticed, inline and batched notices mixed, and none failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_of_a_burst_is_noticed() {
+    use cachet_core::Entry;
+    use std::collections::HashSet;
+
+    let server = RedisServer::start();
+    let layout = KeyLayout::new("cachet:", "burst").unwrap();
+    let store = store_on(&server).await;
+    let mut events = listening(&store, &layout).await;
+
+    let keys: Vec<StoreKey> = (0..400).map(|i| layout.key(&i.to_string())).collect();
+    let writes = keys.iter().enumerate().map(|(i, key)| {
+        let store = store.clone();
+        async move {
+            if i % 2 == 0 {
+                store.invalidate(key).await
+            } else {
+                store
+                    .set(key, Entry::negative(), Duration::from_secs(60))
+                    .await
+            }
+        }
+    });
+    for written in futures::future::join_all(writes).await {
+        written.unwrap();
+    }
+    assert_eq!(store.flush().await.unwrap(), 0, "no notice failed");
+
+    let noticed: HashSet<String> = noticed(&mut events, keys.len()).await.into_iter().collect();
+    let expected: HashSet<String> = keys.iter().map(|k| k.as_str().to_owned()).collect();
+    assert_eq!(noticed, expected);
 }

@@ -280,7 +280,10 @@
 //! the lease (or finds the value), the load, and one `EVALSHA` that fills (value
 //! and TTL in one `SET … PX`) and consumes the lease: one round trip more than
 //! naive cache-aside. [`invalidate`](Cache::invalidate) is one `DEL` of the entry and its
-//! lease; [`set`](Cache::set) one `EVALSHA`.
+//! lease; [`set`](Cache::set) one `EVALSHA`; with the invalidation bus on,
+//! either sends its notice in the same round trip after a quiet millisecond
+//! (a `PUBLISH` pipelined after the `DEL`, or from the script), and queues it
+//! for the bus's batching task otherwise.
 //! [`get_many`](Cache::get_many) sends one `MGET` (which a cluster
 //! connection splits by node; keys with groups are read by one script each);
 //! [`get_or_load_many`](Cache::get_or_load_many) adds one lease script per hash

@@ -20,9 +20,10 @@
 //! A read is *stale* when it returns a version older than the last write that
 //! had completed (UPDATE committed and `invalidate` returned) before the read
 //! started; reads that overlap a write may return either version. The bus
-//! delivers its notices after `invalidate` returns (batched for a millisecond,
-//! then one `PUBLISH`), so even a coherent near cache can serve the old value
-//! for that long: the rows count stale reads, those that began later than a
+//! delivers a notice with its `invalidate` (a lone one) or after it returns
+//! (in a burst: batched for a millisecond, then one `PUBLISH`), and a reader
+//! gets it some time later, so even a coherent near cache can serve the old
+//! value for that long: the rows count stale reads, those that began later than a
 //! delivery window (`--near-bus-window-ms`) after their write, and the longest
 //! such delay. The rows also show read latency, the share of reads L1
 //! answered, the bus messages per write (`PUBLISH` calls in `INFO
