@@ -217,3 +217,43 @@ async fn every_write_of_a_burst_is_noticed() {
     let expected: HashSet<String> = keys.iter().map(|k| k.as_str().to_owned()).collect();
     assert_eq!(noticed, expected);
 }
+
+/// A notice the server refuses (here, an ACL user without `PUBLISH`) does not
+/// fail the write it goes with, in the `DEL`'s pipeline or in the `SET`
+/// script alike: the write is done, and the next flush counts the notice as
+/// not published.
+#[tokio::test]
+async fn a_refused_notice_does_not_fail_its_write() {
+    use cachet_core::{Entry, Read};
+
+    let server = RedisServer::start();
+    let acl = [
+        "ACL", "SETUSER", "nopub", "on", ">pw", "~*", "&*", "+@all", "-publish",
+    ];
+    assert_eq!(server.command(&acl), "OK");
+    let url = format!("redis://nopub:pw@127.0.0.1:{}/", server.port());
+    let layout = KeyLayout::new("cachet:", "refused").unwrap();
+    let (invalidated, set) = (layout.key("invalidated"), layout.key("set"));
+    server.command(&["SET", invalidated.as_str(), "old"]);
+    // Each write on a store of its own: both send their notice inline.
+    for key in [&invalidated, &set] {
+        let store = RedisStore::builder(&url)
+            .eviction_check(false)
+            .connect()
+            .await
+            .unwrap();
+        if key == &invalidated {
+            store.invalidate(key).await.unwrap();
+        } else {
+            (store
+                .set(key, Entry::negative(), Duration::from_secs(60))
+                .await)
+                .unwrap();
+        }
+        assert_eq!(store.flush().await.unwrap(), 1, "{key}: one notice refused");
+        assert_eq!(store.flush().await.unwrap(), 0, "{key}: counted once");
+    }
+    assert_eq!(server.command(&["EXISTS", invalidated.as_str()]), "0");
+    let store = store_on(&server).await;
+    assert!(matches!(store.get(&set).await.unwrap(), Read::Hit(_)));
+}
