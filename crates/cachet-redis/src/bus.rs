@@ -8,13 +8,13 @@
 //! worker alike. Notices are one line each (`k <entry key>`, `g <group
 //! generation key>` or `t <tag generation key>`).
 //!
-//! On one server (or behind Sentinel), an `invalidate` or `set` that finds no
-//! other notice sent with its write in the last millisecond sends its own in
-//! the same round trip: a `PUBLISH` pipelined after the `DEL`, or published by
-//! the `SET` script after the write. A lone write's notice is out when the
-//! write returns, and costs no task wake-up. Every other notice (those of a
-//! burst, of group and tag invalidations, of version-checked writes, and all
-//! of them on a cluster, whose pipelines route by key) is queued for a
+//! On one server (or behind Sentinel), an `invalidate` or a write (`set`,
+//! `set_versioned`) that finds no other notice sent with a write in the last
+//! millisecond sends its own in the same round trip: a `PUBLISH` pipelined
+//! after the `DEL`, or published by the write's script after it wrote. A lone
+//! write's notice is out when the write returns, and costs no task wake-up.
+//! Every other notice (those of a burst, of group and tag invalidations, and
+//! all of them on a cluster, whose pipelines route by key) is queued for a
 //! background task that batches them, one `PUBLISH` per channel and batch (at
 //! most 512 notices): a notice after a quiet millisecond goes out at once,
 //! with whatever is already queued; while notices keep coming, batches go out

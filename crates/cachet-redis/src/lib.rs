@@ -55,10 +55,10 @@
 //! `invalidate_tag` —
 //! whoever calls it: a `Cache`, an outbox relay, a deferred-invalidation worker —
 //! also sends a notice to the near caches of that cache in every process, on
-//! the cache's channel (`{prefix}{namespace}:sys:bus`). An `invalidate` or
-//! `set` after a quiet millisecond sends its notice in its own round trip (a
-//! `PUBLISH` pipelined after the `DEL`, or from the `SET` script; not on a
-//! cluster); the others are queued for a background task that batches them
+//! the cache's channel (`{prefix}{namespace}:sys:bus`). An `invalidate`,
+//! `set` or `set_versioned` after a quiet millisecond sends its notice in its
+//! own round trip (a `PUBLISH` pipelined after the `DEL`, or from the write's
+//! script; not on a cluster); the others are queued for a background task that batches them
 //! (what arrives within 1 ms, at most 512) into one `PUBLISH` per channel. So
 //! no operation pays an extra round trip, a lone write's notice is out when
 //! the write returns, a write burst costs a few messages, and while notices
@@ -834,6 +834,37 @@ impl RedisStore {
         Some((publisher, publisher.inline_key(key)?))
     }
 
+    /// Runs a write's script, which publishes `inline`'s notice after the
+    /// write, if there is one.
+    async fn invoke_write<T: redis::FromRedisValue>(
+        &self,
+        script: &mut redis::ScriptInvocation<'_>,
+        inline: &Option<(&bus::Publisher, bus::InlineNotice<'_>)>,
+    ) -> Result<T, StoreError> {
+        if let Some((_, notice)) = inline {
+            script.arg(notice.channel()).arg(notice.line());
+        }
+        (script.invoke_async(&mut self.conn()).await).map_err(|e| self.err(e))
+    }
+
+    /// After a write's script: queues the notice of `key` if the script wrote
+    /// and did not send it, or counts it if the server refused it.
+    fn noticed(
+        &self,
+        key: &StoreKey,
+        inline: Option<(&bus::Publisher, bus::InlineNotice<'_>)>,
+        wrote: bool,
+        refused: bool,
+    ) {
+        match inline {
+            None if wrote => self.notify_key(key),
+            Some((publisher, notice)) if refused => {
+                publisher.inline_failed(&notice, &"PUBLISH refused in the write's script");
+            }
+            _ => {}
+        }
+    }
+
     /// Tells near caches that `key` changed.
     fn notify_key(&self, key: &StoreKey) {
         if let Some(publisher) = &self.inner.publisher {
@@ -1172,17 +1203,18 @@ fn parse_acquire(reply: redis::Value, token: LeaseToken) -> Result<Acquire, Stor
     }
 }
 
-fn parse_versioned(reply: &redis::Value) -> Result<Versioned, StoreError> {
+/// A version-checked write's reply, and whether its notice was refused.
+fn parse_versioned(reply: &redis::Value) -> Result<(Versioned, bool), StoreError> {
     use redis::Value;
     match reply {
         Value::Array(items) => match items.as_slice() {
-            [Value::Int(1)] => Ok(Versioned::Written),
+            [Value::Int(1)] => Ok((Versioned::Written, false)),
+            [Value::Int(1), Value::Int(0)] => Ok((Versioned::Written, true)),
             [Value::Int(0), Value::BulkString(v)] if v.len() == 8 => {
                 let mut b = [0; 8];
                 b.copy_from_slice(v);
-                Ok(Versioned::Stale {
-                    current: u64::from_be_bytes(b),
-                })
+                let current = u64::from_be_bytes(b);
+                Ok((Versioned::Stale { current }, false))
             }
             _ => Err(protocol("set_versioned", reply)),
         },
@@ -1481,19 +1513,8 @@ impl Store for RedisStore {
             };
             script.arg(bytes).arg(ttl_millis(ttl));
             let inline = self.inline_notice(key);
-            if let Some((_, notice)) = &inline {
-                // The script publishes it, after the write.
-                script.arg(notice.channel()).arg(notice.line());
-            }
-            let published: i64 =
-                (script.invoke_async(&mut self.conn()).await).map_err(|e| self.err(e))?;
-            match &inline {
-                None => self.notify_key(key),
-                Some((publisher, notice)) if published != 1 => {
-                    publisher.inline_failed(notice, &"PUBLISH refused in the write's script");
-                }
-                Some(_) => {}
-            }
+            let published: i64 = self.invoke_write(&mut script, &inline).await?;
+            self.noticed(key, inline, true, published != 1);
             Ok(())
         })
     }
@@ -1746,16 +1767,11 @@ impl VersionedSet for RedisStore {
                     s
                 }
             };
-            let reply: redis::Value = script
-                .arg(bytes)
-                .arg(ttl_millis(ttl))
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(|e| self.err(e))?;
-            let versioned = parse_versioned(&reply)?;
-            if versioned == Versioned::Written {
-                self.notify_key(key);
-            }
+            script.arg(bytes).arg(ttl_millis(ttl));
+            let inline = self.inline_notice(key);
+            let reply: redis::Value = self.invoke_write(&mut script, &inline).await?;
+            let (versioned, refused) = parse_versioned(&reply)?;
+            self.noticed(key, inline, versioned == Versioned::Written, refused);
             Ok(versioned)
         })
     }

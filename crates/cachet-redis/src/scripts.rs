@@ -126,22 +126,24 @@ return 0
 /// refused (the write stands).
 pub(crate) static SET: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{}{PUBLISH_AFTER}",
+        "{NOTICE}{}",
         r"
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
+if notice_refused() then return 0 end
+return 1
 "
     ))
 });
 
-/// The end of a write's script: publishes `ARGV[4]` on channel `ARGV[3]`, if
-/// given; returns 1, or 0 if the server refused it.
-const PUBLISH_AFTER: &str = r"
-if ARGV[3] then
+/// `notice_refused()`, for the end of a write's script: publishes `ARGV[4]` on
+/// channel `ARGV[3]`, if given; true if the server refused it.
+const NOTICE: &str = r"
+local function notice_refused()
+  if not ARGV[3] then return false end
   local sent = redis.pcall('PUBLISH', ARGV[3], ARGV[4])
-  if type(sent) == 'table' and sent.err then return 0 end
+  return type(sent) == 'table' and sent.err ~= nil
 end
-return 1
 ";
 
 /// Queue a deferred invalidation.
@@ -278,12 +280,14 @@ return 0
 /// bytes, `ARGV[2]` TTL in ms; `ARGV[3]` and `ARGV[4]` as for [`SET`].
 pub(crate) static SET_GROUPED: LazyLock<Script> = LazyLock::new(|| {
     with_generation(&format!(
-        "{ENVELOPE_LUA}{}{PUBLISH_AFTER}",
+        "{ENVELOPE_LUA}{NOTICE}{}",
         r"
 local g = generation(KEYS[3])
 local v = envelope_stamp(ARGV[1], struct.pack('>I8', tonumber(g)))
 redis.call('SET', KEYS[1], v, 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
+if notice_refused() then return 0 end
+return 1
 "
     ))
 });
@@ -454,10 +458,12 @@ end
 /// Version-checked set: [`SET`], unless the entry there is at least as new.
 ///
 /// `KEYS[1]` entry, `KEYS[2]` lease; `ARGV[1]` entry bytes, `ARGV[2]` TTL in
-/// ms. Returns `{1}` when written, `{0, current version bytes}` when not.
+/// ms; `ARGV[3]` and `ARGV[4]` as for [`SET`], published only if written.
+/// Returns `{1}` when written (`{1, 0}` if the notice was refused),
+/// `{0, current version bytes}` when not.
 pub(crate) static SET_VERSIONED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{ENVELOPE_LUA}{NEWER}{}",
+        "{ENVELOPE_LUA}{NEWER}{NOTICE}{}",
         r"
 local current = redis.call('GET', KEYS[1])
 if envelope(current) and at_least_as_new(current, ARGV[1]) then
@@ -465,6 +471,7 @@ if envelope(current) and at_least_as_new(current, ARGV[1]) then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
+if notice_refused() then return {1, 0} end
 return {1}
 "
     ))
@@ -473,10 +480,11 @@ return {1}
 /// [`SET_VERSIONED`] for a grouped key: an entry of an older generation does not
 /// count, and the written entry gets the current generation.
 ///
-/// `KEYS[1]` entry, `KEYS[2]` lease, `KEYS[3]` generation.
+/// `KEYS[1]` entry, `KEYS[2]` lease, `KEYS[3]` generation; `ARGV` and the reply
+/// as for [`SET_VERSIONED`].
 pub(crate) static SET_VERSIONED_GROUPED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{GENERATION}{ENVELOPE_LUA}{NEWER}{}",
+        "{GENERATION}{ENVELOPE_LUA}{NEWER}{NOTICE}{}",
         r"
 local g = generation(KEYS[3])
 local current = redis.call('GET', KEYS[1])
@@ -488,6 +496,7 @@ end
 local v = envelope_stamp(ARGV[1], struct.pack('>I8', tonumber(g)))
 redis.call('SET', KEYS[1], v, 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
+if notice_refused() then return {1, 0} end
 return {1}
 "
     ))

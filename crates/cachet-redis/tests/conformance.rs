@@ -141,14 +141,12 @@ async fn noticed(
     keys
 }
 
-/// A lone write's notice leaves in the write's own round trip: it is out
-/// once the write returns, even if its process stops right then (here, its
+/// A lone write's notice (`invalidate`, `set`, `set_versioned`) leaves in the
+/// write's own round trip: it is out once the write returns, even if its process stops right then (here, its
 /// runtime, with the task that publishes queued notices). Before, the notice
 /// waited in that task's queue and was lost with it.
 #[tokio::test]
 async fn a_lone_writes_notice_is_out_when_the_write_returns() {
-    use cachet_core::Entry;
-
     let server = RedisServer::start();
     let layout = KeyLayout::new("cachet:", "inline").unwrap();
     let listener = store_on(&server).await;
@@ -156,7 +154,13 @@ async fn a_lone_writes_notice_is_out_when_the_write_returns() {
 
     // Each write on a store and runtime of its own, dropped as the write returns.
     let (invalidated, set) = (layout.key("invalidated"), layout.key("set"));
-    for (key, write) in [(invalidated.clone(), "invalidate"), (set.clone(), "set")] {
+    let versioned = layout.key("versioned");
+    let writes = [
+        (invalidated.clone(), "invalidate"),
+        (set.clone(), "set"),
+        (versioned.clone(), "set_versioned"),
+    ];
+    for (key, write) in writes {
         std::thread::scope(|scope| {
             scope.spawn(|| {
                 let rt = tokio::runtime::Builder::new_current_thread()
@@ -165,21 +169,36 @@ async fn a_lone_writes_notice_is_out_when_the_write_returns() {
                     .unwrap();
                 rt.block_on(async {
                     let store = store_on(&server).await;
-                    match write {
-                        "invalidate" => store.invalidate(&key).await.unwrap(),
-                        _ => (store
-                            .set(&key, Entry::negative(), Duration::from_secs(60))
-                            .await)
-                            .unwrap(),
-                    }
+                    write_once(&store, &key, write).await;
                 });
             });
         });
     }
     assert_eq!(
-        noticed(&mut events, 2).await,
-        vec![invalidated.as_str(), set.as_str()]
+        noticed(&mut events, 3).await,
+        vec![invalidated.as_str(), set.as_str(), versioned.as_str()]
     );
+}
+
+/// One write of `key`: `invalidate`, `set` or `set_versioned` (version 1).
+async fn write_once(store: &RedisStore, key: &StoreKey, write: &str) {
+    use cachet_core::{Entry, Meta, Payload, VersionedSet as _};
+    let ttl = Duration::from_secs(60);
+    match write {
+        "invalidate" => store.invalidate(key).await.unwrap(),
+        "set" => store.set(key, Entry::negative(), ttl).await.unwrap(),
+        _ => {
+            let entry = Entry {
+                meta: Meta {
+                    version: 1,
+                    ..Meta::default()
+                },
+                payload: Payload::Bytes(bytes::Bytes::from_static(b"v1")),
+            };
+            let written = store.set_versioned(key, entry, ttl).await.unwrap();
+            assert_eq!(written, cachet_core::Versioned::Written);
+        }
+    }
 }
 
 /// Writes in a burst send their notices with the write at most once a
@@ -224,7 +243,7 @@ async fn every_write_of_a_burst_is_noticed() {
 /// not published.
 #[tokio::test]
 async fn a_refused_notice_does_not_fail_its_write() {
-    use cachet_core::{Entry, Read};
+    use cachet_core::Read;
 
     let server = RedisServer::start();
     let acl = [
@@ -234,26 +253,33 @@ async fn a_refused_notice_does_not_fail_its_write() {
     let url = format!("redis://nopub:pw@127.0.0.1:{}/", server.port());
     let layout = KeyLayout::new("cachet:", "refused").unwrap();
     let (invalidated, set) = (layout.key("invalidated"), layout.key("set"));
+    let versioned = layout.key("versioned");
     server.command(&["SET", invalidated.as_str(), "old"]);
-    // Each write on a store of its own: both send their notice inline.
-    for key in [&invalidated, &set] {
+    // Each write on a store of its own: each sends its notice inline.
+    for (key, write) in [
+        (&invalidated, "invalidate"),
+        (&set, "set"),
+        (&versioned, "set_versioned"),
+    ] {
         let store = RedisStore::builder(&url)
             .eviction_check(false)
             .connect()
             .await
             .unwrap();
-        if key == &invalidated {
-            store.invalidate(key).await.unwrap();
-        } else {
-            (store
-                .set(key, Entry::negative(), Duration::from_secs(60))
-                .await)
-                .unwrap();
-        }
-        assert_eq!(store.flush().await.unwrap(), 1, "{key}: one notice refused");
-        assert_eq!(store.flush().await.unwrap(), 0, "{key}: counted once");
+        write_once(&store, key, write).await;
+        assert_eq!(
+            store.flush().await.unwrap(),
+            1,
+            "{write}: one notice refused"
+        );
+        assert_eq!(store.flush().await.unwrap(), 0, "{write}: counted once");
     }
     assert_eq!(server.command(&["EXISTS", invalidated.as_str()]), "0");
     let store = store_on(&server).await;
-    assert!(matches!(store.get(&set).await.unwrap(), Read::Hit(_)));
+    for key in [&set, &versioned] {
+        assert!(
+            matches!(store.get(key).await.unwrap(), Read::Hit(_)),
+            "{key}"
+        );
+    }
 }

@@ -281,7 +281,7 @@
 //! and TTL in one `SET … PX`) and consumes the lease: one round trip more than
 //! naive cache-aside. [`invalidate`](Cache::invalidate) is one `DEL` of the entry and its
 //! lease; [`set`](Cache::set) one `EVALSHA`; with the invalidation bus on,
-//! either sends its notice in the same round trip after a quiet millisecond
+//! each (and [`write_through`](Cache::write_through)) sends its notice in the same round trip after a quiet millisecond
 //! (a `PUBLISH` pipelined after the `DEL`, or from the script), and queues it
 //! for the bus's batching task otherwise.
 //! [`get_many`](Cache::get_many) sends one `MGET` (which a cluster
