@@ -1090,9 +1090,16 @@ pub fn redact_url(url: &str) -> String {
         return url.to_owned();
     };
     let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let at = match rest[..authority_end].rfind('@') {
+        Some(at) => at,
+        // An `@` past the host belongs to the path or the query, unless the
+        // URL is malformed: a password with an unescaped `/`, `?` or `#`
+        // ends the host early, and its rest would show.
+        None => match rest.rfind('@') {
+            Some(at) if !valid_without_password(url) => at,
+            _ => return url.to_owned(),
+        },
     };
     match rest[..at].find(':') {
         Some(colon) => format!(
@@ -1103,6 +1110,12 @@ pub fn redact_url(url: &str) -> String {
         ),
         None => url.to_owned(),
     }
+}
+
+/// Whether `url` is a valid Redis URL without a password.
+fn valid_without_password(url: &str) -> bool {
+    redis::IntoConnectionInfo::into_connection_info(url)
+        .is_ok_and(|info| info.redis_settings().password().is_none())
 }
 
 fn encode(entry: &Entry) -> Result<Vec<u8>, StoreError> {
@@ -2111,6 +2124,24 @@ mod tests {
             "redis://127.0.0.1:6379/"
         );
         assert_eq!(redact_url("not a url"), "not a url");
+        // A password with an unescaped `/`, `?` or `#`: the URL is malformed,
+        // and the host seems to end inside the password.
+        for url in [
+            "redis://user:pa/ss@127.0.0.1:6379/",
+            "redis://user:pa?ss@127.0.0.1:6379/",
+            "redis://:pa#ss@127.0.0.1:6379/0",
+            "redis://user:12/ss@host:6379/",
+        ] {
+            let shown = redact_url(url);
+            assert!(
+                !shown.contains("ss") && shown.contains(":***@"),
+                "{url} shown as {shown}"
+            );
+        }
+        assert_eq!(
+            redact_url("redis://user:pa/ss@127.0.0.1:6379/"),
+            "redis://user:***@127.0.0.1:6379/"
+        );
     }
 
     #[test]
