@@ -128,6 +128,13 @@ async fn foreign_types_and_ttl_less_leases_are_replaced() {
         move || async move { Res::Ok(Some(v)) }
     };
     assert_eq!(cache.get(&1).await.unwrap(), None, "a list is no entry");
+    let garbage = cache.store_key(&3);
+    assert_eq!(server.command(&["SET", garbage.as_str(), "x"]), "OK");
+    // Keys without a TTL, which cachet never writes: no entry's TTL either.
+    for key in [1, 3] {
+        assert_eq!(cache.ttl(&key).await.unwrap(), None, "key {key}");
+    }
+    assert_eq!(grouped.ttl(&(7, 1)).await.unwrap(), None);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     for (key, value) in [(1, "one"), (2, "two")] {
         let got = tokio::time::timeout_at(deadline, cache.get_or_load(&key, load(value)));

@@ -217,6 +217,12 @@ where
         self.s.layout.namespace()
     }
 
+    /// Whether a batch load fills its keys one at a time: the typed table
+    /// never waits, and with tags each fill claims its own keys' tags.
+    pub(crate) fn fills_key_by_key(&self) -> bool {
+        self.local.is_some() || self.tags.is_some()
+    }
+
     #[inline]
     pub(crate) fn group_of(&self, key: &K) -> Option<String> {
         self.group.as_ref().map(|g| g(key))
@@ -600,7 +606,8 @@ where
         }
         let skey = self.key_of(key);
         match self.s.store.ttl(&skey).await {
-            Ok(ttls) => Ok(ttls.entry),
+            // A key without a TTL (`Duration::MAX`) is not an entry cachet wrote.
+            Ok(ttls) => Ok(ttls.entry.filter(|ttl| *ttl != Duration::MAX)),
             Err(e) => Err(self.store_error(&skey, e)),
         }
     }

@@ -417,8 +417,7 @@ where
         loaded: Vec<(&K, &StoreKey, LeaseToken, &Option<V>)>,
         load_time: Duration,
     ) {
-        // A local table never waits; with tags, each fill claims its tags.
-        if self.local.is_some() || self.tags.is_some() {
+        if self.fills_key_by_key() {
             for (key, skey, token, value) in loaded {
                 self.fill_loaded(key, skey, token, value, load_time).await;
             }

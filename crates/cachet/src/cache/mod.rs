@@ -479,7 +479,8 @@ where
         Err(Error::shutdown(self.namespace(), left.join("; ")))
     }
 
-    /// The remaining TTL of `key`'s entry in the store, `None` if there is none.
+    /// The remaining TTL of `key`'s entry in the store, `None` if there is none
+    /// (or the key holds something without a TTL, which cachet never writes).
     /// With stale-while-revalidate or fail-safe this includes the time the entry
     /// is kept past its soft expiry.
     ///
