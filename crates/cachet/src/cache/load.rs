@@ -19,13 +19,24 @@ use crate::flight::{Leader, Outcome, Role};
 use crate::metrics::Histogram;
 use tracing::Instrument as _;
 
-/// Upper bound on acquire attempts in one load, on top of the `lease_wait` deadline.
-const MAX_ACQUIRE_ROUNDS: usize = 64;
+/// Acquire attempts in one load that may come without a pause (after a
+/// corrupt entry, the next one replaces it), on top of one a millisecond,
+/// the shortest pause, for the whole `lease_wait` (see [`max_acquire_rounds`]).
+const ROUNDS_WITHOUT_PAUSE: usize = 64;
 /// First and largest pause while another process holds the lease. The
 /// largest is small: a waiter sees the holder's fill at most this long after
 /// it lands, and only one caller per key and process polls.
 const FIRST_BACKOFF: Duration = Duration::from_millis(2);
 const MAX_BACKOFF: Duration = Duration::from_millis(8);
+
+/// The most acquire attempts in one load: the wait for another process's
+/// lease ends at the `lease_wait` deadline, and a round that waits pauses at
+/// least a millisecond, so the bound only stops a store that misbehaves.
+fn max_acquire_rounds(lease_wait: Duration) -> usize {
+    usize::try_from(lease_wait.as_millis())
+        .unwrap_or(usize::MAX)
+        .saturating_add(ROUNDS_WITHOUT_PAUSE)
+}
 
 /// A value the cache may serve instead of a failed load, and how far past its
 /// soft expiry it is.
@@ -187,7 +198,7 @@ where
             histogram: &self.histograms.lease_wait,
             since: None,
         };
-        for _ in 0..MAX_ACQUIRE_ROUNDS {
+        for _ in 0..max_acquire_rounds(self.s.lease_wait) {
             let claim = match self.acquire(key, skey, mode).await {
                 Ok(claim) => claim,
                 Err(e) => {
@@ -243,7 +254,8 @@ where
             }
         }
         if wait.since.is_some() {
-            // Out of rounds before the deadline: as much a wait that gave up.
+            // Out of rounds (a store whose leases keep expiring at once): as
+            // much a wait that gave up.
             self.counters.lease_wait_timeouts.inc();
         }
         wait.end();
