@@ -76,6 +76,16 @@ impl TlsOptions {
                 redact_url(url)
             )));
         }
+        if let Some(ca) = &self.root_ca
+            && !holds_certificates(ca)
+        {
+            // Else redis-rs would trust no certificate at all, and every
+            // handshake would fail with an unknown issuer.
+            return Err(StoreError::config(
+                "the CA given to tls_ca_pem holds no PEM certificate (a \
+                 `-----BEGIN CERTIFICATE-----` block) or one that does not decode",
+            ));
+        }
         ensure_provider();
         let info = url.into_connection_info().map_err(|e| {
             StoreError::config(format!("invalid Redis URL {:?}", redact_url(url))).with_source(e)
@@ -124,6 +134,14 @@ impl TlsOptions {
     }
 }
 
+/// Whether `pem` holds at least one PEM certificate, and every certificate
+/// block in it decodes.
+pub(crate) fn holds_certificates(pem: &[u8]) -> bool {
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    let mut certs = CertificateDer::pem_slice_iter(pem).peekable();
+    certs.peek().is_some() && certs.all(|cert| cert.is_ok())
+}
+
 /// Makes rustls's `ring` provider the process default unless one is already
 /// installed, so that a second provider elsewhere in the program (which makes
 /// rustls unable to choose on its own) does not break connecting.
@@ -151,4 +169,37 @@ pub(crate) fn is_handshake_failure(e: &redis::RedisError) -> bool {
     ["certificate", "tls", "handshake", "alert"]
         .iter()
         .any(|w| text.contains(w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_without_a_certificate_is_refused() {
+        let cert: &[u8] = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let key: &[u8] = b"-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n";
+        let broken: &[u8] = b"-----BEGIN CERTIFICATE-----\nMIIB\n";
+        for (ca, ok) in [
+            (cert, true),
+            (&[b"# roots\n", cert, cert].concat()[..], true),
+            (b"garbage\n", false),
+            (key, false),
+            (broken, false),
+            (b"", false),
+        ] {
+            let tls = TlsOptions {
+                root_ca: Some(Arc::from(ca)),
+                ..TlsOptions::default()
+            };
+            let got = tls.connection_info("rediss://127.0.0.1:6380/");
+            match got {
+                Ok(_) => assert!(ok, "{:?} accepted", String::from_utf8_lossy(ca)),
+                Err(e) => {
+                    assert!(!ok, "{:?} refused: {e}", String::from_utf8_lossy(ca));
+                    assert!(e.to_string().contains("holds no PEM certificate"), "{e}");
+                }
+            }
+        }
+    }
 }
