@@ -5,7 +5,7 @@
 //! `--key` (and `--group`) the way the library builds it. The command reads
 //! the key's type, its TTL and its lease's (`Store::ttl`), the stored bytes
 //! (`GET`) and, for a grouped key, the group's generation (`GET` of
-//! `StoreKey::group_key`); it decodes the envelope with
+//! `StoreKey::group_key`, and its `TYPE` when it holds another type); it decodes the envelope with
 //! `cachet::store::envelope::decode` and says whether the entry is current or
 //! orphaned. It writes nothing, and prints the payload only with `--payload`.
 
@@ -17,6 +17,7 @@ use bytes::Bytes;
 use cachet::store::envelope::{self, DecodeError};
 use cachet::store::{Meta, Ttls};
 use cachet::{KeyLayout, Store as _, StoreKey};
+use cachet_redis::RedisConnection;
 use clap::Args;
 use serde_json::{Value, json};
 
@@ -102,8 +103,65 @@ struct Found {
     ttls: Ttls,
     bytes: Option<Bytes>,
     /// For a grouped key: the group's generation key and what it holds.
-    generation: Option<(String, Option<String>)>,
+    generation: Option<(String, Generation)>,
     now_ms: u64,
+}
+
+/// What a group's generation key holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Generation {
+    /// No key.
+    Missing,
+    /// A string: a number when cachet wrote it.
+    Value(String),
+    /// A key of another type, as `TYPE` names it (`hash`, `list`, …).
+    Foreign(String),
+}
+
+impl Generation {
+    /// `TYPE` of the key.
+    fn kind(&self) -> &str {
+        match self {
+            Self::Missing => "none",
+            Self::Value(_) => "string",
+            Self::Foreign(kind) => kind,
+        }
+    }
+
+    /// The string the key holds, if it holds one.
+    fn raw(&self) -> Option<&str> {
+        match self {
+            Self::Value(v) => Some(v),
+            Self::Missing | Self::Foreign(_) => None,
+        }
+    }
+}
+
+/// Reads a group's generation key. A key of another type is reported, not an
+/// error: the cache counts it as no generation, as it does a string that is
+/// not a number.
+async fn read_generation(conn: &mut RedisConnection, key: &str) -> Result<Generation> {
+    let cannot = || format!("cannot read the generation {key}");
+    match redis::cmd("GET")
+        .arg(key)
+        .query_async::<redis::Value>(conn)
+        .await
+    {
+        Ok(redis::Value::Nil) => Ok(Generation::Missing),
+        Ok(redis::Value::BulkString(b)) => {
+            Ok(Generation::Value(String::from_utf8_lossy(&b).into_owned()))
+        }
+        Ok(other) => Ok(Generation::Value(format!("{other:?}"))),
+        Err(e) if e.code() == Some("WRONGTYPE") => {
+            let kind: String = redis::cmd("TYPE")
+                .arg(key)
+                .query_async(conn)
+                .await
+                .with_context(cannot)?;
+            Ok(Generation::Foreign(kind))
+        }
+        Err(e) => Err(e).with_context(cannot),
+    }
 }
 
 /// Runs `cachet inspect`.
@@ -131,19 +189,10 @@ pub(crate) async fn run(args: InspectArgs) -> Result<()> {
         None
     };
     let generation = match key.group_key() {
-        Some(group) => {
-            let value: redis::Value = redis::cmd("GET")
-                .arg(group.as_str())
-                .query_async(&mut conn)
-                .await
-                .with_context(|| format!("cannot read the generation {}", group.as_str()))?;
-            let value = match value {
-                redis::Value::BulkString(b) => Some(String::from_utf8_lossy(&b).into_owned()),
-                redis::Value::Nil => None,
-                other => Some(format!("{other:?}")),
-            };
-            Some((group.as_str().to_owned(), value))
-        }
+        Some(group) => Some((
+            group.as_str().to_owned(),
+            read_generation(&mut conn, group.as_str()).await?,
+        )),
         None => None,
     };
     let now_ms = SystemTime::now()
@@ -197,7 +246,7 @@ impl Found {
 
     /// The group's current generation, if the key has a group and it is a number.
     fn current_generation(&self) -> Option<u64> {
-        self.generation.as_ref()?.1.as_ref()?.parse().ok()
+        self.generation.as_ref()?.1.raw()?.parse().ok()
     }
 
     fn state(&self) -> State {
@@ -209,20 +258,28 @@ impl Found {
         };
         match &self.generation {
             None => State::Current,
-            Some((_, None)) => State::Orphaned(format!(
+            Some((_, Generation::Missing)) => State::Orphaned(format!(
                 "filled under generation {}, and the group's generation key is gone (it comes \
                  back as a value it never had, so this entry is never read again)",
                 meta.generation
             )),
-            Some((_, Some(_))) => match self.current_generation() {
+            Some((_, Generation::Foreign(kind))) => State::Orphaned(format!(
+                "the group's generation key holds a {kind}, not a number: the cache counts it \
+                 as no generation and replaces it with a value it never had, so this entry is \
+                 never read again"
+            )),
+            Some((_, Generation::Value(_))) => match self.current_generation() {
                 Some(g) if g == meta.generation => State::Current,
                 Some(g) => State::Orphaned(format!(
                     "filled under generation {}, the group is at {g}: a miss, left to its TTL",
                     meta.generation
                 )),
-                None => {
-                    State::Orphaned("the group's generation key does not hold a number".to_owned())
-                }
+                None => State::Orphaned(
+                    "the group's generation key does not hold a number: the cache counts it as \
+                     no generation and replaces it with a value it never had, so this entry is \
+                     never read again"
+                        .to_owned(),
+                ),
             },
         }
     }
@@ -254,13 +311,7 @@ impl Found {
             ),
         }
         line("ttl", &ttl_text(self.ttls.entry));
-        line(
-            "lease",
-            &self.ttls.lease.map_or_else(
-                || "none (no load in progress)".to_owned(),
-                |t| format!("held, expires in {} (a load is in progress)", human(t)),
-            ),
-        );
+        line("lease", &lease_text(self.ttls.lease));
         match self.decoded() {
             None => {}
             Some(Err(e)) => line(
@@ -321,13 +372,16 @@ impl Found {
         if let Some((gen_key, value)) = &self.generation {
             let group = self.key.group().unwrap_or_default();
             let value = match value {
-                None => "missing".to_owned(),
-                Some(v) => match v.parse::<u64>() {
-                    Ok(g) => g.to_string(),
-                    Err(_) => format!("{v:?} (not a number)"),
+                Generation::Missing => "generation missing".to_owned(),
+                Generation::Value(v) => match v.parse::<u64>() {
+                    Ok(g) => format!("generation {g}"),
+                    Err(_) => format!("generation {v:?} (not a number)"),
                 },
+                Generation::Foreign(kind) => {
+                    format!("no generation: the key holds a {kind}, not a number (a string)")
+                }
             };
-            line("group", &format!("{group} ({gen_key}): generation {value}"));
+            line("group", &format!("{group} ({gen_key}): {value}"));
         }
         let state = match self.state() {
             State::Missing => "missing".to_owned(),
@@ -390,7 +444,8 @@ impl Found {
                 "group": self.key.group(),
                 "generation_key": gen_key,
                 "generation": self.current_generation(),
-                "generation_raw": value,
+                "generation_raw": value.raw(),
+                "generation_type": value.kind(),
             })
         });
         let mut v = json!({
@@ -400,6 +455,7 @@ impl Found {
             "ttl_ms": ms(self.ttls.entry),
             "persistent": self.ttls.entry == Some(Duration::MAX),
             "lease_ttl_ms": ms(self.ttls.lease),
+            "lease_persistent": self.ttls.lease == Some(Duration::MAX),
             "size_bytes": self.bytes.as_ref().map(Bytes::len),
             "envelope": envelope,
             "decode_error": decode_error,
@@ -420,6 +476,16 @@ fn ttl_text(ttl: Option<Duration>) -> String {
         None => "none (no entry)".to_owned(),
         Some(Duration::MAX) => "none: the key has no TTL, so cachet did not write it".to_owned(),
         Some(t) => human(t),
+    }
+}
+
+fn lease_text(lease: Option<Duration>) -> String {
+    match lease {
+        None => "none (no load in progress)".to_owned(),
+        Some(Duration::MAX) => "not cachet's: the lease key has no TTL, so cachet did not write \
+            it (the cache takes it over on its next load)"
+            .to_owned(),
+        Some(t) => format!("held, expires in {} (a load is in progress)", human(t)),
     }
 }
 
@@ -509,18 +575,19 @@ mod tests {
     }
 
     fn found(bytes: Option<&[u8]>, generation: Option<Option<&str>>) -> Found {
+        let generation =
+            generation.map(|g| g.map_or(Generation::Missing, |g| Generation::Value(g.to_owned())));
+        found_in_group(bytes, generation)
+    }
+
+    fn found_in_group(bytes: Option<&[u8]>, generation: Option<Generation>) -> Found {
         let layout = KeyLayout::new("cachet:", "users").unwrap();
         let key = match generation {
             Some(_) => layout.grouped_key("acme", "42"),
             None => layout.key("42"),
         };
         Found {
-            generation: generation.map(|g| {
-                (
-                    key.group_key().unwrap().as_str().to_owned(),
-                    g.map(str::to_owned),
-                )
-            }),
+            generation: generation.map(|g| (key.group_key().unwrap().as_str().to_owned(), g)),
             key,
             kind: if bytes.is_some() { "string" } else { "none" }.to_owned(),
             ttls: Ttls {
@@ -561,5 +628,23 @@ mod tests {
         assert_eq!(v["payload_bytes"], 2);
         assert_eq!(v["payload_hex"], "7879");
         assert_eq!(v["state"], "current");
+
+        // A generation key of another type counts as none.
+        let foreign = found_in_group(Some(&entry), Some(Generation::Foreign("hash".into())));
+        assert!(matches!(foreign.state(), State::Orphaned(_)));
+        let text = foreign.text(false);
+        assert!(text.contains("the key holds a hash"), "{text}");
+        let v = foreign.json(false);
+        assert_eq!(v["group"]["generation_type"], "hash");
+        assert!(v["group"]["generation"].is_null());
+    }
+
+    #[test]
+    fn leases() {
+        assert_eq!(lease_text(None), "none (no load in progress)");
+        assert!(lease_text(Some(Duration::from_secs(5))).starts_with("held, expires in 5.0 s"));
+        let foreign = lease_text(Some(Duration::MAX));
+        assert!(foreign.contains("the lease key has no TTL"), "{foreign}");
+        assert!(!foreign.contains("held"), "{foreign}");
     }
 }

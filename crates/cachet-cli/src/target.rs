@@ -168,7 +168,17 @@ impl Tls {
         let ca = args
             .redis_ca
             .as_deref()
-            .map(|p| read("--redis-ca", p))
+            .map(|p| {
+                let pem = read("--redis-ca", p)?;
+                if !holds_pem_certificate(&pem) {
+                    bail!(
+                        "--redis-ca {} holds no PEM certificate (no `-----BEGIN CERTIFICATE-----` \
+                         block): give the CA certificate(s) to verify the server with",
+                        p.display()
+                    );
+                }
+                Ok(pem)
+            })
             .transpose()?;
         let client = match (&args.redis_cert, &args.redis_key) {
             (Some(cert), Some(key)) => {
@@ -221,6 +231,15 @@ impl Tls {
             root_cert: self.ca.as_ref().map(|ca| ca.to_vec()),
         })
     }
+}
+
+/// Whether `pem` holds at least one PEM certificate, and every certificate
+/// block in it decodes: without one, redis-rs trusts no certificate at all
+/// and every handshake fails with an unknown issuer.
+fn holds_pem_certificate(pem: &[u8]) -> bool {
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    let mut certs = CertificateDer::pem_slice_iter(pem).peekable();
+    certs.peek().is_some() && certs.all(|cert| cert.is_ok())
 }
 
 /// `url` without its password, for messages; an error if it has a fragment,
@@ -991,6 +1010,23 @@ fn with_credentials(url: &str, auth: Option<&NodeAuth>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ca_files_must_hold_a_certificate() {
+        let cert = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        assert!(holds_pem_certificate(cert));
+        let crlf = b"-----BEGIN CERTIFICATE-----\r\nMIIB\r\n-----END CERTIFICATE-----\r\n";
+        assert!(holds_pem_certificate(crlf));
+        let bundle = [&b"# roots\n"[..], cert, cert].concat();
+        assert!(holds_pem_certificate(&bundle));
+        assert!(!holds_pem_certificate(b""));
+        assert!(!holds_pem_certificate(b"not a certificate\n"));
+        let key = b"-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
+        assert!(!holds_pem_certificate(key));
+        assert!(!holds_pem_certificate(
+            b"-----BEGIN CERTIFICATE-----\nMIIB\n"
+        ));
+    }
 
     #[test]
     fn flags_name_one_target() {

@@ -180,6 +180,87 @@ async fn inspect_shows_entries_as_the_cache_wrote_them() {
     .unwrap();
 }
 
+#[test]
+fn inspect_reports_a_lease_key_without_a_ttl_as_not_cachets() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    redis.command(&["SET", "cachet:users:l:{noexp}", "tok"]);
+    redis.command(&["SET", "cachet:users:v:{noexp}", "abc"]);
+    redis.command(&["SET", "cachet:users:l:{held}", "tok", "PX", "60000"]);
+
+    let text = inspect_text(&url, &["cachet:users:v:{noexp}"]);
+    assert!(
+        text.contains("lease         not cachet's: the lease key has no TTL"),
+        "{text}"
+    );
+    assert!(!text.contains("held"), "{text}");
+    let v = inspect(&url, &["cachet:users:v:{noexp}"]);
+    assert!(v["lease_ttl_ms"].is_null(), "{v}");
+    assert_eq!(v["lease_persistent"], true, "{v}");
+
+    // A lease cachet took: held, with its TTL.
+    let text = inspect_text(&url, &["cachet:users:v:{held}"]);
+    assert!(text.contains("lease         held, expires in"), "{text}");
+    let v = inspect(&url, &["cachet:users:v:{held}"]);
+    let lease = v["lease_ttl_ms"].as_u64().unwrap();
+    assert!(lease > 0 && lease <= 60_000, "{v}");
+    assert_eq!(v["lease_persistent"], false, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn inspect_reports_a_generation_key_of_another_type() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    write_entries(&url).await;
+    // The generation of the group of `cachet:orders:v:{0}4`, a current entry,
+    // replaced by a hash; and one of a group without entries.
+    redis.command(&["DEL", "cachet:orders:sys:gen:{0}"]);
+    redis.command(&["HSET", "cachet:orders:sys:gen:{0}", "a", "b"]);
+    redis.command(&["HSET", "cachet:users:sys:gen:{g2}", "a", "b"]);
+    redis.command(&["SET", "cachet:users:sys:gen:{g3}", "abc"]);
+
+    tokio::task::spawn_blocking(move || {
+        let url = url.as_str();
+        // The cache counts a generation of another type as none and replaces
+        // it: the entry is never read again.
+        let v = inspect(url, &["cachet:orders:v:{0}4"]);
+        assert_eq!(v["state"], "orphaned", "{v}");
+        assert!(v["envelope"]["generation"].as_u64().unwrap() > 0, "{v}");
+        let group = &v["group"];
+        assert_eq!(group["generation_key"], "cachet:orders:sys:gen:{0}", "{v}");
+        assert!(group["generation"].is_null(), "{v}");
+        assert!(group["generation_raw"].is_null(), "{v}");
+        assert_eq!(group["generation_type"], "hash", "{v}");
+        let text = inspect_text(url, &["cachet:orders:v:{0}4"]);
+        for line in [
+            "group         0 (cachet:orders:sys:gen:{0}): no generation: the key holds a hash",
+            "state         orphaned: the group's generation key holds a hash",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+
+        // No entry, a foreign generation: still looked at, exit 0.
+        let text = inspect_text(url, &["cachet:users:v:{g2}k"]);
+        assert!(text.contains("the key holds a hash"), "{text}");
+        assert!(text.contains("state         missing"), "{text}");
+        let v = inspect(url, &["cachet:users:v:{g2}k"]);
+        assert_eq!(v["group"]["generation_type"], "hash", "{v}");
+        assert_eq!(v["state"], "missing", "{v}");
+
+        // A string that is not a number, and a group whose key is gone.
+        let v = inspect(url, &["cachet:users:v:{g3}k"]);
+        assert_eq!(v["group"]["generation_raw"], "abc", "{v}");
+        assert_eq!(v["group"]["generation_type"], "string", "{v}");
+        let text = inspect_text(url, &["cachet:users:v:{g3}k"]);
+        assert!(text.contains("generation \"abc\" (not a number)"), "{text}");
+        let v = inspect(url, &["cachet:users:v:{g4}k"]);
+        assert_eq!(v["group"]["generation_type"], "none", "{v}");
+        assert!(v["group"]["generation_raw"].is_null(), "{v}");
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn stats_show_memory_eviction_and_hits() {
     let redis = RedisServer::start();

@@ -75,6 +75,28 @@ fn a_wrong_ca_or_an_insecure_fragment_is_refused() {
 }
 
 #[test]
+fn a_ca_file_without_a_certificate_is_refused_before_connecting() {
+    let pki = TestPki::generate();
+    let server = RedisServer::start_tls(&pki, ClientAuth::Optional);
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    // A private key is PEM, but no certificate.
+    for ca in [garbage, pki.client.key_file.clone()] {
+        let ca = ca.display().to_string();
+        let stderr = Cachet::command("stats")
+            .args(["--redis-url", &server.tls_url()])
+            .args(["--redis-ca", &ca])
+            .failure();
+        assert!(
+            stderr.contains(&format!("--redis-ca {ca} holds no PEM certificate")),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("TLS handshake"), "{stderr}");
+    }
+}
+
+#[test]
 fn lab_child_processes_get_the_tls_settings() {
     let pki = TestPki::generate();
     // Mutual TLS required: a child without the client certificate fails.
