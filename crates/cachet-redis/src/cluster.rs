@@ -37,6 +37,18 @@ impl fmt::Debug for Target {
 }
 
 impl Target {
+    /// The target in words, without passwords, for error messages.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Self::Server(url) => format!("the Redis server at {}", redact_url(url)),
+            Self::Cluster(urls) => {
+                let urls: Vec<String> = urls.iter().map(|u| redact_url(u)).collect();
+                format!("the Redis Cluster at {}", urls.join(", "))
+            }
+            Self::Sentinel(target) => format!("the primary of Sentinel master {:?}", target.master),
+        }
+    }
+
     /// The same target with passwords taken out of the URLs, for logs.
     pub(crate) fn redacted(&self) -> Self {
         match self {

@@ -507,7 +507,10 @@ impl RedisStoreBuilder {
             .invalidation_bus
             .then(|| bus::Publisher::spawn(conn.clone()));
         let eviction_check = self.eviction_check;
-        let server_limit = bulk_limit(&conn).await - ENVELOPE_ROOM;
+        let server_limit = bulk_limit(&conn)
+            .await
+            .map_err(|e| e.context(self.target.describe()))?
+            - ENVELOPE_ROOM;
         let max_payload = self
             .max_payload
             .map_or(server_limit, |ours| ours.min(server_limit));
@@ -548,10 +551,7 @@ impl RedisStoreBuilder {
                     &self.tls,
                 )
                 .await
-                .map_err(|e| {
-                    let urls: Vec<String> = urls.iter().map(|u| redact_url(u)).collect();
-                    naming(e, &format!("the Redis Cluster at {}", urls.join(", ")))
-                })?,
+                .map_err(|e| naming(e, &self.target.describe()))?,
                 sentinel::Nodes::Fixed(Box::new(
                     self.tls.client(urls.first().map_or("", String::as_str))?,
                 )),
@@ -603,19 +603,30 @@ async fn managed(
 const ENVELOPE_ROOM: usize = 1024;
 
 /// The server's `proto-max-bulk-len`: the largest string a command may carry;
-/// Redis's default when `CONFIG` is not allowed or the reply is odd.
-async fn bulk_limit(conn: &RedisConnection) -> usize {
+/// Redis's default when `CONFIG` is not allowed or the reply is odd. An
+/// error if the server wants a password that the URL does not give: every
+/// call would fail.
+async fn bulk_limit(conn: &RedisConnection) -> Result<usize, StoreError> {
     const REDIS_DEFAULT: usize = 512 * 1024 * 1024;
     let mut conn = conn.clone();
-    let reply: Result<Vec<String>, _> = redis::cmd("CONFIG")
+    let reply: Result<Vec<String>, redis::RedisError> = redis::cmd("CONFIG")
         .arg("GET")
         .arg("proto-max-bulk-len")
         .query_async(&mut conn)
         .await;
+    if let Err(e) = &reply
+        && e.code() == Some("NOAUTH")
+    {
+        return Err(StoreError::config(
+            "it requires authentication (NOAUTH), and the URL gives no password: \
+             redis://user:password@host:port/, or redis://:password@host:port/ for the \
+             default user",
+        ));
+    }
     let limit = reply
         .ok()
         .and_then(|kv| kv.into_iter().nth(1)?.parse().ok());
-    limit.unwrap_or(REDIS_DEFAULT).max(ENVELOPE_ROOM * 2)
+    Ok(limit.unwrap_or(REDIS_DEFAULT).max(ENVELOPE_ROOM * 2))
 }
 
 impl RedisStore {

@@ -283,3 +283,27 @@ async fn a_refused_notice_does_not_fail_its_write() {
         );
     }
 }
+
+/// A server that wants a password the URL does not give fails `connect`,
+/// saying so and naming the server, instead of a store whose every call
+/// fails; with the password, the store connects and works.
+#[tokio::test]
+async fn a_missing_password_fails_connect() {
+    let server = RedisServer::start();
+    assert_eq!(
+        server.command(&["CONFIG", "SET", "requirepass", "hunter2"]),
+        "OK"
+    );
+    let e = RedisStore::connect(&server.url()).await.unwrap_err();
+    let text = e.to_string();
+    assert_eq!(e.kind(), cachet_core::StoreErrorKind::Config, "{text}");
+    assert!(text.contains("NOAUTH"), "{text}");
+    assert!(text.contains(&server.url()), "{text}");
+    let url = format!("redis://:hunter2@127.0.0.1:{}/", server.port());
+    let store = RedisStore::connect(&url).await.unwrap();
+    let key = KeyLayout::new("cachet:", "auth").unwrap().key("1");
+    assert!(matches!(
+        store.get(&key).await.unwrap(),
+        cachet_core::Read::Miss
+    ));
+}
