@@ -168,7 +168,8 @@ pub struct Ttls {
     /// The entry's remaining TTL; `None` when there is no entry (or, for a key
     /// written by something else without a TTL, [`Duration::MAX`]).
     pub entry: Option<Duration>,
-    /// The lease's remaining TTL; `None` when no lease is held.
+    /// The lease's remaining TTL; `None` when no lease is held (or, for a
+    /// lease key written by something else without a TTL, [`Duration::MAX`]).
     pub lease: Option<Duration>,
 }
 

@@ -566,8 +566,9 @@ where
                 clock,
                 version_of: self.version_of,
                 max_value_bytes: match (self.max_value_bytes, store.max_payload_bytes()) {
-                    (Some(ours), Some(store)) => Some(ours.min(store)),
-                    (ours, store) => ours.or(store),
+                    (Some(ours), Some(store)) if store < ours => Some((store, true)),
+                    (Some(ours), _) => Some((ours, false)),
+                    (None, store) => store.map(|store| (store, true)),
                 },
                 store,
                 codec: Arc::new(self.codec),

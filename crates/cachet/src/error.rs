@@ -107,13 +107,22 @@ impl Error {
         Self::new(ErrorKind::Codec, cache, Some(key), Some(source))
     }
 
-    pub(crate) fn too_large(cache: &str, key: &str, size: usize, limit: usize) -> Self {
+    /// A value over `limit` bytes, which the store's own limit sets (on
+    /// Redis, the server's `proto-max-bulk-len` less room for the envelope)
+    /// or else the builder's `max_value_bytes`.
+    pub(crate) fn too_large(cache: &str, key: &str, size: usize, limit: (usize, bool)) -> Self {
+        let (limit, by_store) = limit;
+        let set_by = if by_store {
+            "the store's limit: on Redis, the server's proto-max-bulk-len less room for the envelope"
+        } else {
+            "max_value_bytes"
+        };
         Self::with_message(
             ErrorKind::TooLarge,
             cache,
             Some(key),
             format!(
-                "the encoded value is {size} bytes, over the limit of {limit} bytes (max_value_bytes); it was not sent"
+                "the encoded value is {size} bytes, over the limit of {limit} bytes ({set_by}); it was not sent"
             ),
         )
     }

@@ -416,6 +416,9 @@ async fn an_oversized_value_is_refused_before_it_is_sent_and_disturbs_no_other_k
         let text = e.to_string();
         assert!(text.contains("key `99`"), "{text}");
         assert!(text.contains("bytes, over the limit of"), "{text}");
+        // The server's limit, not one given to the builder.
+        assert!(text.contains("proto-max-bulk-len"), "{text}");
+        assert!(!text.contains("max_value_bytes"), "{text}");
         let size: usize = (text.split("the encoded value is ").nth(1))
             .and_then(|rest| rest.split(' ').next()?.parse().ok())
             .expect("the size");
@@ -443,7 +446,8 @@ async fn an_oversized_value_is_refused_before_it_is_sent_and_disturbs_no_other_k
     small.set(&1, vec![0; 900]).await.unwrap();
     let e = small.set(&1, vec![0; 1000]).await.unwrap_err();
     assert!(
-        e.to_string().contains("over the limit of 1000 bytes"),
+        e.to_string()
+            .contains("over the limit of 1000 bytes (max_value_bytes)"),
         "{e}"
     );
 }
