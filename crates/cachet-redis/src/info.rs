@@ -68,7 +68,9 @@ impl ServerInfo {
                     out.push(format!(
                         "maxmemory-policy noeviction: when memory is full, fills, leases and \
                          invalidations fail instead of old entries being evicted ({headroom}); \
-                         use allkeys-lru or allkeys-lfu for a cache"
+                         use volatile-lru or volatile-lfu (every cachet entry has a TTL, and the \
+                         durable :sys: structures are kept), or allkeys-lru or allkeys-lfu if \
+                         neither the deferred queue nor write-behind is used"
                     ));
                 } else if policy.starts_with("volatile-") {
                     out.push(format!(
@@ -138,6 +140,13 @@ mod tests {
         assert_eq!(w.len(), 1);
         assert!(
             w[0].contains("noeviction") && w[0].contains("100 of 1073741824 bytes used"),
+            "{w:?}"
+        );
+        // Its advice agrees with the other policies' warnings: allkeys-* only
+        // without the durable structures.
+        assert!(
+            w[0].contains("use volatile-lru or volatile-lfu")
+                && w[0].contains("allkeys-lru or allkeys-lfu if neither"),
             "{w:?}"
         );
         assert!(info(1 << 30, "volatile-lru").warnings()[0].contains("volatile-lru"));
