@@ -419,6 +419,12 @@ impl RedisStoreBuilder {
 
     /// How long to wait for a connection (default 1 s): `connect` fails once
     /// this has passed, however many attempts the client made meanwhile.
+    ///
+    /// On a [Sentinel](crate#redis-sentinel) store it bounds the whole
+    /// lookup of the primary; within it, redis-rs asks each sentinel with
+    /// limits of its own that cannot be set (1 s to connect, 500 ms to
+    /// answer), so a longer timeout does not wait longer for one slow
+    /// sentinel.
     pub fn connection_timeout(mut self, timeout: Duration) -> Self {
         self.connection_timeout = timeout;
         self

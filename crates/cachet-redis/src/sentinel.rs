@@ -450,7 +450,13 @@ impl Shared {
                 .await?;
             Ok(Some((client, found, conn)))
         })
-        .await?
+        .await
+        .map_err(|e| {
+            e.context(format_args!(
+                "no primary for Sentinel master {:?}",
+                self.master
+            ))
+        })?
         .map_err(|e: RedisError| self.resolve_err(e))?;
         if let Some((client, found, conn)) = found {
             if epoch > 0 {

@@ -72,6 +72,24 @@ async fn unreachable_sentinels_fail_within_the_connection_timeout() {
     assert!(!shown.contains("secret"), "{shown}");
 }
 
+/// A sentinel that accepts connections and never answers: past the
+/// connection timeout, the error names the master it was asked for.
+#[tokio::test]
+async fn a_silent_sentinel_fails_naming_the_master() {
+    // Connections complete in the listener's backlog; nothing reads them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://127.0.0.1:{}/", silent.local_addr().unwrap().port());
+    let e = RedisStore::sentinel_builder([url], "mymaster")
+        .connection_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains("\"mymaster\""), "{text}");
+    assert!(text.contains("300ms"), "{text}");
+}
+
 #[tokio::test]
 async fn sentinel_settings_are_checked() {
     let none: [&str; 0] = [];
