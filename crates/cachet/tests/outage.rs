@@ -429,3 +429,57 @@ async fn an_idle_breaker_leaves_its_runtime_asleep() {
     }
     assert_eq!(metrics.num_alive_tasks(), tasks);
 }
+
+/// A store that stalls once a load has begun: its fill fails (as one that
+/// timed out does) and anything after it never answers.
+#[derive(Debug, Default)]
+struct StallAfterLoad {
+    stalled: AtomicBool,
+}
+
+impl cachet::store::StoreLayer for StallAfterLoad {
+    fn call<'a, T: Send + 'a>(
+        &'a self,
+        op: cachet::store::Op<'a>,
+        call: cachet::store::StoreFuture<'a, T>,
+    ) -> cachet::store::StoreFuture<'a, T> {
+        if !self.stalled.load(Ordering::SeqCst) {
+            return call;
+        }
+        match op {
+            cachet::store::Op::Fill(_) => Box::pin(std::future::ready(Err(
+                cachet::StoreError::timeout(Duration::from_millis(500)),
+            ))),
+            _ => Box::pin(std::future::pending()),
+        }
+    }
+}
+
+/// The loaded value of a fill that failed is returned at once: the lease's
+/// release goes on in the background (or the lease expires), the caller does
+/// not wait on a store that just failed a second time.
+#[tokio::test]
+async fn a_failed_fill_returns_the_value_without_waiting_for_the_release() {
+    let store = Arc::new(cachet::store::Layered::new(
+        StallAfterLoad::default(),
+        cachet::MemoryStore::new(100),
+    ));
+    let cache: Cache<u64, String> = Cache::builder("stall")
+        .store(Arc::clone(&store))
+        .circuit_breaker(None)
+        .build()
+        .unwrap();
+    let stalling = Arc::clone(&store);
+    let got = tokio::time::timeout(
+        Duration::from_secs(10),
+        cache.get_or_load(&1, move || async move {
+            stalling.layer().stalled.store(true, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(Some("loaded".to_owned()))
+        }),
+    )
+    .await
+    .expect("the caller waits on the release of its lease")
+    .unwrap();
+    assert_eq!(got.as_deref(), Some("loaded"));
+    assert_eq!(cache.stats().store_errors, 1);
+}

@@ -416,7 +416,9 @@ where
                 // on leaves it in place: other loads would wait it out.
                 self.release(key, skey, &token).await;
             }
-            Err(()) => self.release(key, skey, &token).await,
+            // The store just failed: the caller has its value, and does not
+            // wait on the store again for the release.
+            Err(()) => self.release_soon(key, skey, token),
         }
     }
 
