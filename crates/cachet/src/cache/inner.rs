@@ -898,9 +898,8 @@ where
     }
 
     /// Releases a lease without waiting (from a destructor, or after a fill
-    /// the store failed): at once in
-    /// process, in a task on a shared store (without a runtime the lease simply
-    /// expires).
+    /// the store failed): at once in process, in a task on a shared store
+    /// (without a runtime the lease simply expires).
     pub(crate) fn release_soon(&self, key: &K, skey: &StoreKey, token: LeaseToken) {
         if let Some(local) = &self.local {
             local.release(key, &token);
