@@ -263,14 +263,17 @@ pub(crate) async fn connect(
         .min_retry_wait(5)
         .max_retry_wait(500)
         .build()
-        .map_err(|e| StoreError::config("invalid Redis Cluster configuration").with_source(e))?;
+        .map_err(|e| {
+            StoreError::config("invalid Redis Cluster configuration")
+                .with_source(crate::RedisCause(e))
+        })?;
     let connecting = client.get_async_connection();
     let connected = crate::within_connect_timeout(connection_timeout, connecting).await?;
     let conn = connected.map_err(|e| {
         if e.to_string().contains("cluster support disabled") {
             let urls: Vec<String> = urls.iter().map(|u| redact_url(u)).collect();
             StoreError::config(format!("{} is not a Redis Cluster node", urls.join(", ")))
-                .with_source(e)
+                .with_source(crate::RedisCause(e))
         } else {
             crate::connect_err(e, connection_timeout)
         }

@@ -1035,6 +1035,26 @@ pub(crate) fn command(name: &'static str, args: usize, bytes: usize) -> redis::C
 
 /// A failed call as a store error: a timeout names `timeout`, the response
 /// timeout of the connection that made the call.
+/// A redis-rs error as the cause of a [`StoreError`]. redis-rs shows an I/O
+/// error's text in its own and also returns that error as its source; as a
+/// cause here, a source the text already shows is left out, so that a chain
+/// printed cause by cause (as `anyhow`'s `{:#}` does) shows it once.
+#[derive(Debug)]
+pub(crate) struct RedisCause(pub(crate) redis::RedisError);
+
+impl std::fmt::Display for RedisCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for RedisCause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        let source = std::error::Error::source(&self.0)?;
+        (!self.0.to_string().contains(&source.to_string())).then_some(source)
+    }
+}
+
 fn map_err(e: redis::RedisError, timeout: Duration) -> StoreError {
     if e.is_timeout() {
         StoreError::new(
@@ -1042,15 +1062,15 @@ fn map_err(e: redis::RedisError, timeout: Duration) -> StoreError {
             format!("no reply within the response timeout ({timeout:?})"),
         )
     } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
-        StoreError::unavailable(e)
+        StoreError::unavailable(RedisCause(e))
     } else if e.kind() == redis::ErrorKind::AuthenticationFailed {
         StoreError::new(
             cachet_core::StoreErrorKind::Other,
             "Redis refused the credentials (user name and password)",
         )
-        .with_source(e)
+        .with_source(RedisCause(e))
     } else {
-        StoreError::other(e)
+        StoreError::other(RedisCause(e))
     }
 }
 
@@ -1062,7 +1082,7 @@ fn connect_err(e: redis::RedisError, timeout: Duration) -> StoreError {
             "TLS handshake with Redis failed: check the CA certificate (server certificate \
              verification) and the client certificate",
         )
-        .with_source(e)
+        .with_source(RedisCause(e))
     } else {
         map_err(e, timeout)
     }

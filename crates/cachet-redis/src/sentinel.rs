@@ -167,7 +167,7 @@ impl SentinelTarget {
                 "invalid Sentinel configuration for master {:?}",
                 self.master
             ))
-            .with_source(e)
+            .with_source(crate::RedisCause(e))
         };
         let addrs = infos.iter().map(|i| i.addr().clone());
         let mut builder =
@@ -554,7 +554,7 @@ impl Shared {
         } else {
             StoreErrorKind::Unavailable
         };
-        StoreError::new(kind, what).with_source(e)
+        StoreError::new(kind, what).with_source(crate::RedisCause(e))
     }
 }
 

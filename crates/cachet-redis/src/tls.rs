@@ -61,7 +61,7 @@ impl TlsOptions {
         };
         client.map_err(|e| {
             StoreError::config(format!("invalid TLS settings for {:?}", redact_url(url)))
-                .with_source(e)
+                .with_source(crate::RedisCause(e))
         })
     }
 
@@ -88,7 +88,8 @@ impl TlsOptions {
         }
         ensure_provider();
         let info = url.into_connection_info().map_err(|e| {
-            StoreError::config(format!("invalid Redis URL {:?}", redact_url(url))).with_source(e)
+            StoreError::config(format!("invalid Redis URL {:?}", redact_url(url)))
+                .with_source(crate::RedisCause(e))
         })?;
         match info.addr().clone() {
             ConnectionAddr::TcpTls {

@@ -307,3 +307,31 @@ async fn a_missing_password_fails_connect() {
         cachet_core::Read::Miss
     ));
 }
+
+/// Each level of an error's chain says something of its own: printed cause
+/// by cause (as `anyhow`'s `{:#}` does), no cause is shown twice.
+#[tokio::test]
+async fn an_error_chain_shows_each_cause_once() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let e = RedisStore::connect(&format!("redis://127.0.0.1:{port}/"))
+        .await
+        .unwrap_err();
+    let mut levels = vec![e.to_string()];
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        levels.push(s.to_string());
+        source = s.source();
+    }
+    assert!(levels.len() >= 2, "{levels:?}");
+    for pair in levels.windows(2) {
+        assert!(
+            !pair[0].contains(&pair[1]),
+            "{:?} shows its cause {:?} again",
+            pair[0],
+            pair[1]
+        );
+    }
+}
