@@ -14,6 +14,19 @@ const CHILD_ENV: &str = "CACHET_TEST_CHILD";
 /// The longest [`TestChild::wait_for`] waits.
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Sends signal `name` (`STOP`, `CONT`, …) to process `pid`.
+///
+/// # Panics
+/// If the signal cannot be sent.
+pub(crate) fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
 /// The role and arguments given to this process by [`TestChild::spawn`], or
 /// `None` when it is not such a child (a normal test run of the entry point).
 pub fn child_args() -> Option<HashMap<String, String>> {

@@ -186,6 +186,27 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server (`SIGSTOP`): its connections stay open and it answers
+    /// nothing, however long, until [`resume`](Self::resume).
+    ///
+    /// # Panics
+    /// If the server is not running or the signal cannot be sent.
+    pub fn pause(&self) {
+        crate::child::signal(self.pid(), "STOP");
+    }
+
+    /// Lets a server stopped by [`pause`](Self::pause) run again (`SIGCONT`).
+    ///
+    /// # Panics
+    /// If the server is not running or the signal cannot be sent.
+    pub fn resume(&self) {
+        crate::child::signal(self.pid(), "CONT");
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("a running redis-server").id()
+    }
+
     /// Whether the server process is running.
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {

@@ -285,12 +285,7 @@ impl Sentinel {
 
     fn signal(&self, name: &str) {
         let pid = self.child.as_ref().expect("a running sentinel").id();
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} {pid}");
+        crate::child::signal(pid, name);
     }
 
     fn kill(&mut self) {
