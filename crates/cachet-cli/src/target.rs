@@ -24,7 +24,8 @@ use anyhow::{Context as _, Result, bail};
 use cachet::{RedisStore, RedisStoreBuilder};
 use cachet_redis::RedisConnection;
 pub(crate) use cachet_redis::redact_url;
-use clap::Args;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, FromArgMatches};
 
 /// The variable that gives `--redis-url`.
 pub(crate) const REDIS_URL_ENV: &str = "CACHET_REDIS_URL";
@@ -242,13 +243,16 @@ fn holds_pem_certificate(pem: &[u8]) -> bool {
     certs.peek().is_some() && certs.all(|cert| cert.is_ok())
 }
 
-/// `url` without its password, for messages; an error if it has a fragment,
-/// which cannot turn off certificate verification here.
+/// `url` without its password, for messages; an error if it has a fragment
+/// (a part after `#`), which a Redis URL cannot carry: it cannot turn off
+/// certificate verification, and in a password it is a `#` left unescaped.
 fn no_fragment(url: &str) -> Result<String> {
     let shown = redact_url(url);
     if url.contains('#') {
         bail!(
-            "the Redis URL {shown} has a fragment; a URL cannot turn off certificate verification"
+            "the Redis URL {shown} has a fragment (a part after `#`), which a Redis URL cannot \
+             carry (it cannot turn off certificate verification either); a `#` in a password \
+             must be written %23"
         );
     }
     Ok(shown)
@@ -281,9 +285,11 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// `--redis-url`, `--redis-cluster` or `--redis-sentinel`, one of them
 /// required: for the commands that only make sense against Redis (`stats`,
-/// `inspect`, the lab's child processes).
+/// `inspect`, the lab's child processes). Which one when several are given
+/// (a flag, say, and another target's variable) is for [`RedisArgs`] to
+/// say: the group cannot tell a flag from a variable.
 #[derive(Clone, Debug, Args)]
-#[group(required = true, multiple = false)]
+#[group(required = true, multiple = true)]
 pub(crate) struct RedisUrlArgs {
     /// The Redis server (rediss:// for TLS)
     #[arg(long, value_name = "URL", env = REDIS_URL_ENV, hide_env_values = true)]
@@ -312,15 +318,222 @@ pub(crate) struct RedisUrlArgs {
 }
 
 /// `--redis-url`, `--redis-cluster` or `--redis-sentinel` ([`RedisUrlArgs`]),
-/// the Sentinel flags, and the TLS flags.
+/// the Sentinel flags, and the TLS flags, as parsed.
 #[derive(Clone, Debug, Args)]
-pub(crate) struct RedisArgs {
+#[group(id = "RedisArgs")]
+struct RedisFlags {
     #[command(flatten)]
     at: RedisUrlArgs,
     #[command(flatten)]
     sentinel: SentinelArgs,
     #[command(flatten)]
     tls: RedisTlsArgs,
+}
+
+/// A kind of target: its argument, flag and variable.
+#[derive(Debug)]
+struct TargetKind {
+    id: &'static str,
+    flag: &'static str,
+    env: &'static str,
+}
+
+/// The kinds of target, in the order of [`RedisUrlArgs`].
+const TARGET_KINDS: [TargetKind; 3] = [
+    TargetKind {
+        id: "redis_url",
+        flag: "--redis-url",
+        env: REDIS_URL_ENV,
+    },
+    TargetKind {
+        id: "redis_cluster",
+        flag: "--redis-cluster",
+        env: REDIS_CLUSTER_ENV,
+    },
+    TargetKind {
+        id: "redis_sentinel",
+        flag: "--redis-sentinel",
+        env: REDIS_SENTINEL_ENV,
+    },
+];
+
+/// The arguments of [`SentinelArgs`], which apply to a Sentinel target only.
+const SENTINEL_IDS: [&str; 4] = [
+    "sentinel_master",
+    "sentinel_db",
+    "sentinel_node_user",
+    "sentinel_node_password",
+];
+
+/// Where an argument's value came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// The command line.
+    Typed,
+    /// Its environment variable.
+    Env,
+    /// Its environment variable, set to nothing but blanks: as if unset.
+    BlankEnv,
+}
+
+/// Where the value of argument `id` came from; `None` when it has none.
+fn source_of(matches: &ArgMatches, id: &str) -> Option<Source> {
+    match matches.value_source(id)? {
+        ValueSource::CommandLine => Some(Source::Typed),
+        ValueSource::EnvVariable => {
+            let blank = matches
+                .get_raw(id)
+                .is_none_or(|mut values| values.all(|v| v.to_string_lossy().trim().is_empty()));
+            Some(if blank { Source::BlankEnv } else { Source::Env })
+        }
+        _ => None,
+    }
+}
+
+/// Where each target argument's value came from, read before parsing takes
+/// the values out of the matches.
+#[derive(Debug)]
+struct Sources {
+    kinds: [Option<Source>; 3],
+    sentinel: [Option<Source>; 4],
+}
+
+impl Sources {
+    fn of(matches: &ArgMatches) -> Self {
+        Self {
+            kinds: TARGET_KINDS.each_ref().map(|k| source_of(matches, k.id)),
+            sentinel: SENTINEL_IDS.map(|id| source_of(matches, id)),
+        }
+    }
+}
+
+/// `--redis-url`, `--redis-cluster` or `--redis-sentinel` ([`RedisUrlArgs`]),
+/// the Sentinel flags, and the TLS flags, each of them also given by a
+/// variable. A flag on the command line wins over the environment: a
+/// variable of another kind of target is ignored, and so are the Sentinel
+/// variables when the target is not a Sentinel one. Two kinds typed, or two
+/// from the environment and none typed, are refused.
+#[derive(Clone, Debug)]
+pub(crate) struct RedisArgs {
+    flags: RedisFlags,
+    /// How the target was given, for messages: its flag or its variable.
+    named: Option<&'static str>,
+}
+
+impl Args for RedisArgs {
+    fn group_id() -> Option<clap::Id> {
+        RedisFlags::group_id()
+    }
+
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        RedisFlags::augment_args(cmd)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        RedisFlags::augment_args_for_update(cmd)
+    }
+}
+
+impl FromArgMatches for RedisArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Self::from_arg_matches_mut(&mut matches.clone())
+    }
+
+    fn from_arg_matches_mut(matches: &mut ArgMatches) -> Result<Self, clap::Error> {
+        let sources = Sources::of(matches);
+        let mut args = Self {
+            flags: RedisFlags::from_arg_matches_mut(matches)?,
+            named: None,
+        };
+        args.resolve(&sources)?;
+        Ok(args)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        self.update_from_arg_matches_mut(&mut matches.clone())
+    }
+
+    fn update_from_arg_matches_mut(&mut self, matches: &mut ArgMatches) -> Result<(), clap::Error> {
+        let sources = Sources::of(matches);
+        self.flags.update_from_arg_matches_mut(matches)?;
+        self.resolve(&sources)
+    }
+}
+
+impl RedisArgs {
+    /// Keeps the one target the command line and the environment name, and
+    /// drops the variables that do not apply to it.
+    fn resolve(&mut self, sources: &Sources) -> Result<(), clap::Error> {
+        let given = |wanted: Source| -> Vec<usize> {
+            (0..TARGET_KINDS.len())
+                .filter(|&i| sources.kinds[i] == Some(wanted))
+                .collect()
+        };
+        let (typed, from_env) = (given(Source::Typed), given(Source::Env));
+        let chosen = match (typed.as_slice(), from_env.as_slice()) {
+            ([one], _) => Some((*one, TARGET_KINDS[*one].flag)),
+            ([], [one]) => Some((*one, TARGET_KINDS[*one].env)),
+            ([], []) => None,
+            ([], several) => {
+                let names: Vec<&str> = several.iter().map(|&i| TARGET_KINDS[i].env).collect();
+                let (names, all, one) = match names.as_slice() {
+                    [first, second] => (format!("{first} and {second}"), "both", "one"),
+                    [rest @ .., last] => (
+                        format!("{}, and {last}", rest.join(", ")),
+                        "all",
+                        "all but one",
+                    ),
+                    [] => unreachable!("several variables"),
+                };
+                return Err(clap::Error::raw(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!(
+                        "{names} are {all} set, and each names a Redis to use: unset {one}, or \
+                         give the target with a flag, which overrides them"
+                    ),
+                ));
+            }
+            (several, _) => {
+                let names: Vec<&str> = several.iter().map(|&i| TARGET_KINDS[i].flag).collect();
+                return Err(clap::Error::raw(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!(
+                        "{} cannot be used together: give one of --redis-url, --redis-cluster \
+                         and --redis-sentinel",
+                        names.join(" and ")
+                    ),
+                ));
+            }
+        };
+        // What is left: variables of the other kinds, and blank ones.
+        let at = &mut self.flags.at;
+        for (i, kind) in TARGET_KINDS.iter().enumerate() {
+            if chosen.is_some_and(|(c, _)| c == i) || sources.kinds[i] == Some(Source::Typed) {
+                continue;
+            }
+            match kind.id {
+                "redis_url" => at.redis_url = None,
+                "redis_cluster" => at.redis_cluster.clear(),
+                _ => at.redis_sentinel.clear(),
+            }
+        }
+        if chosen.is_none_or(|(c, _)| TARGET_KINDS[c].id != "redis_sentinel") {
+            let sentinel = &mut self.flags.sentinel;
+            for (id, source) in SENTINEL_IDS.iter().zip(sources.sentinel) {
+                if source == Some(Source::Typed) {
+                    continue;
+                }
+                match *id {
+                    "sentinel_master" => sentinel.sentinel_master = None,
+                    "sentinel_db" => sentinel.sentinel_db = None,
+                    "sentinel_node_user" => sentinel.sentinel_node_user = None,
+                    _ => sentinel.sentinel_node_password = None,
+                }
+            }
+        }
+        self.named = chosen.map(|(_, name)| name);
+        Ok(())
+    }
 }
 
 /// The flags of a command that asks Redis and waits for its answers
@@ -380,32 +593,42 @@ pub(crate) struct SentinelArgs {
 impl RedisArgs {
     /// The target these flags name.
     pub(crate) fn target(&self) -> Result<RedisTarget> {
-        self.given()?
-            .context("give --redis-url, --redis-cluster or --redis-sentinel")
+        self.given()?.with_context(|| {
+            format!(
+                "give --redis-url, --redis-cluster or --redis-sentinel (or set {REDIS_URL_ENV}, \
+                 {REDIS_CLUSTER_ENV} or {REDIS_SENTINEL_ENV})"
+            )
+        })
     }
 
     /// The target these flags name, if they name one (`lab` and `bench`,
     /// which flatten them with their URL group made optional).
     pub(crate) fn given(&self) -> Result<Option<RedisTarget>> {
+        let RedisFlags { at, sentinel, tls } = &self.flags;
         RedisTarget::from_all_flags(
-            self.at.redis_url.as_deref(),
-            &self.at.redis_cluster,
-            &self.at.redis_sentinel,
-            &self.sentinel,
-            &self.tls,
+            at.redis_url.as_deref(),
+            &at.redis_cluster,
+            &at.redis_sentinel,
+            sentinel,
+            tls,
+            self.named.unwrap_or("--redis-sentinel"),
         )
     }
 }
 
 impl SentinelArgs {
-    /// The target of `sentinels` (given with `--redis-sentinel`), or, with
-    /// none, a check that no Sentinel flag was given.
-    fn target(&self, sentinels: &[SecretUrl], tls: &RedisTlsArgs) -> Result<Option<RedisTarget>> {
+    /// The target of `sentinels` (given with `named`, `--redis-sentinel` or
+    /// its variable), or, with none, a check that no Sentinel flag was given.
+    fn target(
+        &self,
+        sentinels: &[SecretUrl],
+        tls: &RedisTlsArgs,
+        named: &str,
+    ) -> Result<Option<RedisTarget>> {
         if !sentinels.is_empty() {
-            let master = self
-                .sentinel_master
-                .as_deref()
-                .context("give --sentinel-master with --redis-sentinel")?;
+            let master = self.sentinel_master.as_deref().with_context(|| {
+                format!("give --sentinel-master (or {SENTINEL_MASTER_ENV}) with {named}")
+            })?;
             let db = self.sentinel_db.unwrap_or(0);
             let node_auth = match (&self.sentinel_node_user, &self.sentinel_node_password) {
                 (user, Some(password)) => Some(NodeAuth {
@@ -504,19 +727,21 @@ impl RedisTarget {
     }
 
     /// The target of `--redis-url`, `--redis-cluster` or `--redis-sentinel`
-    /// (at most one of them) with the Sentinel and TLS flags; `None` when
-    /// none is given.
+    /// (at most one of them; the sentinels given with `named`, the flag or
+    /// its variable) with the Sentinel and TLS flags; `None` when none is
+    /// given.
     pub(crate) fn from_all_flags(
         url: Option<&str>,
         cluster: &[SecretUrl],
         sentinels: &[SecretUrl],
         sentinel: &SentinelArgs,
         tls: &RedisTlsArgs,
+        named: &str,
     ) -> Result<Option<Self>> {
         if !sentinels.is_empty() && (url.is_some() || !cluster.is_empty()) {
             bail!("give one of --redis-url, --redis-cluster and --redis-sentinel");
         }
-        match sentinel.target(sentinels, tls)? {
+        match sentinel.target(sentinels, tls, named)? {
             Some(target) => Ok(Some(target)),
             None => Self::from_flags(url, cluster, tls),
         }
@@ -544,6 +769,11 @@ impl RedisTarget {
             }
             (None, true) => return Ok(None),
         };
+        match &endpoint {
+            Endpoint::Server(url) => no_fragment(url).map(drop)?,
+            Endpoint::Cluster(urls) => urls.iter().try_for_each(|u| no_fragment(u).map(drop))?,
+            Endpoint::Sentinel { .. } => {}
+        }
         Ok(Some(Self {
             endpoint,
             tls: Tls::load(tls)?,
@@ -572,6 +802,9 @@ impl RedisTarget {
             bail!(
                 "--redis-sentinel needs the URL of at least one sentinel, and --sentinel-master a name"
             );
+        }
+        for url in &sentinels {
+            no_fragment(url)?;
         }
         Ok(Self {
             endpoint: Endpoint::Sentinel {
@@ -1129,6 +1362,39 @@ mod tests {
             timeout: ADMIN_TIMEOUT,
         };
         assert!(!format!("{node:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_url_with_a_fragment_is_refused_in_terms_of_the_url() {
+        let e = no_fragment("redis://:pa#ss@h:1/").unwrap_err().to_string();
+        assert!(e.contains("fragment") && e.contains("%23"), "{e}");
+        assert!(
+            !e.contains("RedisStoreBuilder") && !e.contains("ss@"),
+            "{e}"
+        );
+        let tls = RedisTlsArgs::default();
+        for (url, nodes) in [
+            (Some("redis://h:1/#insecure"), vec![]),
+            (
+                None,
+                vec!["redis://a:1/".to_owned(), "redis://b:1/#x".to_owned()],
+            ),
+        ] {
+            let e = RedisTarget::from_flags(url, &nodes, &tls).unwrap_err();
+            assert!(e.to_string().contains("%23"), "{e}");
+        }
+        let sentinels = [SecretUrl("redis://s:26379/#insecure".into())];
+        let e = RedisTarget::sentinel(&sentinels, "m", 0, None, &tls).unwrap_err();
+        assert!(e.to_string().contains("%23"), "{e}");
+    }
+
+    #[test]
+    fn two_target_flags_typed_are_refused() {
+        let e = parse(&["--redis-url", "redis://h/", "--redis-cluster", "redis://c/"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("--redis-url and --redis-cluster"), "{e}");
     }
 
     /// A command line of the Redis flags alone.

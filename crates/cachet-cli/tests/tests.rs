@@ -9,6 +9,7 @@ mod bloom;
 mod chaos;
 mod cluster;
 mod durability;
+mod environment;
 mod fail_safe;
 mod groups;
 mod inspect;
