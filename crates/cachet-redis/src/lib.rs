@@ -1033,8 +1033,6 @@ pub(crate) fn command(name: &'static str, args: usize, bytes: usize) -> redis::C
     cmd
 }
 
-/// A failed call as a store error: a timeout names `timeout`, the response
-/// timeout of the connection that made the call.
 /// A redis-rs error as the cause of a [`StoreError`]. redis-rs shows an I/O
 /// error's text in its own and also returns that error as its source; as a
 /// cause here, a source the text already shows is left out, so that a chain
@@ -1055,6 +1053,8 @@ impl std::error::Error for RedisCause {
     }
 }
 
+/// A failed call as a store error: a timeout names `timeout`, the response
+/// timeout of the connection that made the call.
 fn map_err(e: redis::RedisError, timeout: Duration) -> StoreError {
     if e.is_timeout() {
         StoreError::new(

@@ -565,10 +565,13 @@ where
                 hard_timeout: self.hard_timeout,
                 clock,
                 version_of: self.version_of,
-                max_value_bytes: match (self.max_value_bytes, store.max_payload_bytes()) {
-                    (Some(ours), Some(store)) if store < ours => Some((store, true)),
-                    (Some(ours), _) => Some((ours, false)),
-                    (None, store) => store.map(|store| (store, true)),
+                max_value_bytes: {
+                    let limit = |bytes, by_store| crate::error::ValueLimit { bytes, by_store };
+                    match (self.max_value_bytes, store.max_payload_bytes()) {
+                        (Some(ours), Some(store)) if store < ours => Some(limit(store, true)),
+                        (Some(ours), _) => Some(limit(ours, false)),
+                        (None, store) => store.map(|store| limit(store, true)),
+                    }
                 },
                 store,
                 codec: Arc::new(self.codec),

@@ -53,6 +53,16 @@ struct Inner {
     source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
+/// The largest encoded value a cache sends to its store: the store's own
+/// limit (on Redis, the server's `proto-max-bulk-len` less room for the
+/// envelope) or the builder's `max_value_bytes`, whichever is lower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ValueLimit {
+    pub(crate) bytes: usize,
+    /// Whether the store's limit is the lower one.
+    pub(crate) by_store: bool,
+}
+
 impl Error {
     pub(crate) fn new(
         kind: ErrorKind,
@@ -107,11 +117,12 @@ impl Error {
         Self::new(ErrorKind::Codec, cache, Some(key), Some(source))
     }
 
-    /// A value over `limit` bytes, which the store's own limit sets (on
-    /// Redis, the server's `proto-max-bulk-len` less room for the envelope)
-    /// or else the builder's `max_value_bytes`.
-    pub(crate) fn too_large(cache: &str, key: &str, size: usize, limit: (usize, bool)) -> Self {
-        let (limit, by_store) = limit;
+    /// A value of `size` bytes, over `limit`.
+    pub(crate) fn too_large(cache: &str, key: &str, size: usize, limit: ValueLimit) -> Self {
+        let ValueLimit {
+            bytes: limit,
+            by_store,
+        } = limit;
         let set_by = if by_store {
             "the store's limit: on Redis, the server's proto-max-bulk-len less room for the envelope"
         } else {

@@ -41,9 +41,8 @@ pub(crate) struct Settings<V> {
     pub(crate) version_of: Option<VersionFn<V>>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) codec: Arc<dyn Codec<V>>,
-    /// The largest encoded value sent to a byte store, and whether the
-    /// store's own limit (lower than `max_value_bytes`, if given) sets it.
-    pub(crate) max_value_bytes: Option<(usize, bool)>,
+    /// The largest encoded value sent to a byte store.
+    pub(crate) max_value_bytes: Option<crate::error::ValueLimit>,
 }
 
 /// A value's version in the source of truth.
@@ -670,11 +669,11 @@ where
         let checked = |buf: &[u8], encoded: Result<(), CodecError>| {
             encoded.map_err(|e| Error::codec(self.namespace(), key.user_key(), e))?;
             match self.s.max_value_bytes {
-                Some((limit, by_store)) if buf.len() > limit => Err(Error::too_large(
+                Some(limit) if buf.len() > limit.bytes => Err(Error::too_large(
                     self.namespace(),
                     key.user_key(),
                     buf.len(),
-                    (limit, by_store),
+                    limit,
                 )),
                 _ => Ok(Bytes::copy_from_slice(buf)),
             }
